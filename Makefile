@@ -1,0 +1,49 @@
+# Everything a newcomer runs goes through this file. See README.md.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+# CPU torch is 50-200x slower with more than one OpenMP thread on small machines;
+# no model hub is reachable in tests.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test test-fast crds lint lock clean
+
+## demo: install the trainer into .venv and run a real local DreamBooth job on the embedded default
+demo: $(VENV)/.trainer
+	$(BIN)/dreambooth demo
+
+## test: install everything into .venv and run the whole test suite
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+## test-fast: the suite without tests marked slow
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "not slow"
+
+## crds: regenerate crds/ and the chart's CRD copy from dreambooth/api
+crds: $(VENV)/.dev
+	$(BIN)/dreambooth crd --write
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check dreambooth tests bench
+
+## lock: re-pin constraints.txt from what is installed in .venv
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^dreambooth' | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.trainer: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) -e '.[trainer]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.trainer
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

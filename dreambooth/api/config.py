@@ -1,0 +1,93 @@
+"""TrainerConfig: what the trainer runs, derived from a DreamBoothJob by one pure function.
+
+The operator renders it as JSON into a ConfigMap; ``dreambooth train job.yaml`` builds it
+locally. It holds the *effective* spec (preset applied, every default filled), so the
+trainer never needs to know about presets, plus where things go. It never holds secrets:
+S3 credentials reach the trainer only as environment variables from a Secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from dreambooth.api.job import API_VERSION, DreamBoothJob
+from dreambooth.api.resolve import effective_spec
+from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
+from dreambooth.api.uris import Scheme, parse_uri
+
+DEFAULT_METRICS_PORT = 9090
+
+
+class JobRef(ApiModel):
+    namespace: str = Field("default", description="Namespace of the DreamBoothJob.")
+    name: str = Field(description="Name of the DreamBoothJob.")
+    uid: str | None = Field(None, description="UID of the DreamBoothJob.")
+
+
+class StorageEndpoint(ApiModel):
+    endpoint: str | None = Field(None, description="host[:port] of the S3 API.")
+    secure: bool = Field(True, description="Use TLS.")
+    region: str = Field("us-east-1", description="S3 region.")
+
+
+class TrainerConfig(ApiModel):
+    api_version: Literal["dreambooth.io/v1alpha1"] = API_VERSION
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
+    job: JobRef
+    spec: DreamBoothJobSpec = Field(description="The effective spec: preset applied, defaults filled.")
+    output_uri: str = Field(description="Prefix of this job's checkpoints, samples and model.")
+    class_cache_uri: str = Field(description="Prefix under which generated class images are cached.")
+    storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, description="0: no metrics server.")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the operator (or the local CLI) supplies where the spec is silent."""
+
+    #: outputs go to ``<output_root>/<namespace>/<name>/`` unless spec.output.uri is set
+    output_root: str
+    s3_endpoint: str | None = None
+    s3_secure: bool = True
+    metrics_port: int = DEFAULT_METRICS_PORT
+
+
+def output_uri_for(job: DreamBoothJob, defaults: Defaults) -> str:
+    if job.spec.output.uri:
+        return job.spec.output.uri.rstrip("/") + "/"
+    namespace = job.metadata.namespace or "default"
+    return f"{defaults.output_root.rstrip('/')}/{namespace}/{job.metadata.name}/"
+
+
+def class_cache_uri_for(output_uri: str) -> str:
+    """Class images are shared by every job writing to the same bucket (or local root)."""
+    uri = parse_uri(output_uri, allowed=set(Scheme))
+    if uri.scheme is Scheme.S3:
+        return f"s3://{uri.authority}/.cache/class-images/"
+    return output_uri.rstrip("/") + "/.cache/class-images/"
+
+
+def build_trainer_config(job: DreamBoothJob, defaults: Defaults) -> TrainerConfig:
+    """The TrainerConfig for ``job``. Pure: same job and defaults, same config."""
+    spec = effective_spec(job.spec)
+    output_uri = output_uri_for(job, defaults)
+    storage = StorageEndpoint(
+        endpoint=spec.storage.endpoint or defaults.s3_endpoint,
+        secure=defaults.s3_secure if spec.storage.secure is None else spec.storage.secure,
+        region=spec.storage.region,
+    )
+    return TrainerConfig(
+        job=JobRef(
+            namespace=job.metadata.namespace or "default",
+            name=job.metadata.name,
+            uid=job.metadata.uid,
+        ),
+        spec=spec,
+        output_uri=output_uri,
+        class_cache_uri=class_cache_uri_for(output_uri),
+        storage=storage,
+        metrics_port=defaults.metrics_port,
+    )

@@ -1,0 +1,41 @@
+"""Trainer exit codes: the contract between the trainer and the operator's podFailurePolicy.
+
+A pod that exits with a code in :data:`DO_NOT_RETRY` fails the whole Job at once (retrying
+cannot help: the input is wrong). Any other non-zero code is retried up to ``backoffLimit``
+and the trainer resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    #: an unexpected error (a bug, a CUDA fault): retried
+    UNEXPECTED = 1
+    #: the trainer config or job spec is invalid
+    INVALID_CONFIG = 10
+    #: instance/class data is unusable: no images, an unreadable image, a bad resolution
+    BAD_DATA = 11
+    #: storage refused our credentials or denied access
+    STORAGE_AUTH = 12
+    #: a bucket, prefix or model that the job names does not exist
+    NOT_FOUND = 13
+    #: the base model is not a diffusers Stable Diffusion layout we can train
+    BAD_MODEL = 14
+    #: storage or the model hub is unreachable or failed mid-transfer: retried
+    STORAGE_UNAVAILABLE = 20
+    #: stopped by SIGTERM (preemption, suspend, node drain) after saving state: retried
+    PREEMPTED = 21
+
+
+DO_NOT_RETRY: frozenset[ExitCode] = frozenset(
+    {
+        ExitCode.INVALID_CONFIG,
+        ExitCode.BAD_DATA,
+        ExitCode.STORAGE_AUTH,
+        ExitCode.NOT_FOUND,
+        ExitCode.BAD_MODEL,
+    }
+)

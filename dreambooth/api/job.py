@@ -1,0 +1,149 @@
+"""The DreamBoothJob resource and its validation with messages that say what to fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dreambooth.api.rules import violations
+from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
+from dreambooth.api.status import DreamBoothJobStatus
+
+GROUP = "dreambooth.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DreamBoothJob"
+PLURAL = "dreamboothjobs"
+SINGULAR = "dreambooth" + "job"
+SHORT_NAMES = ["dbj"]
+CATEGORIES = ["all", "dreambooth"]
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metav1.ObjectMeta we read; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    generation: int | None = None
+
+
+class DreamBoothJob(ApiModel):
+    api_version: Literal["dreambooth.io/v1alpha1"] = API_VERSION
+    kind: Literal["DreamBoothJob"] = KIND
+    metadata: ObjectMeta
+    spec: DreamBoothJobSpec
+    status: DreamBoothJobStatus | None = None
+
+
+@dataclass(frozen=True)
+class FieldIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SpecError(ValueError):
+    """An invalid job: every issue names a field and says what is allowed."""
+
+    def __init__(self, issues: list[FieldIssue], *, what: str = "DreamBoothJob") -> None:
+        self.issues = issues
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"invalid {what} ({len(issues)} problem(s)):\n{lines}")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Wire names of the fields of the model found at ``loc`` below ``model``."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for n, f in model.model_fields.items() if (f.alias or n) == part), None
+        )
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -> list[FieldIssue]:
+    """Turn pydantic's errors into :class:`FieldIssue` s with wire paths."""
+    issues = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "cross_field":
+            loc = loc + tuple(e["ctx"]["path"].split("."))
+            message = e["ctx"]["message"]
+        elif e["type"] == "missing":
+            message = "required"
+        elif e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(root, loc[:-1])
+            message = "unknown field (check the spelling)"
+            if allowed:
+                message += "; allowed here: " + ", ".join(allowed)
+        elif isinstance(e.get("input"), str | int | float | bool) and e["type"] != "value_error":
+            message += f" (got {e['input']!r})"
+        path = _path(loc)
+        issues.append(FieldIssue(f"{prefix}.{path}" if prefix and path else prefix or path, message))
+    return issues
+
+
+def validate_spec(data: Any, *, cluster: bool = False, prefix: str = "spec") -> DreamBoothJobSpec:
+    """Validate a spec; raise :class:`SpecError` with every problem found.
+
+    ``cluster=True`` checks it for a Kubernetes cluster (no file:// URIs).
+    """
+    try:
+        spec = DreamBoothJobSpec.model_validate(
+            data, context={"cluster": cluster, "skip_rules": True}
+        )
+    except ValidationError as err:
+        raise SpecError(issues_from(err, DreamBoothJobSpec, prefix)) from None
+    found = violations(spec)
+    if found:
+        raise SpecError([FieldIssue(f"{prefix}.{v.path}", v.message) for v in found])
+    return spec
+
+
+def validate_job(data: Any, *, cluster: bool = False) -> DreamBoothJob:
+    """Validate a whole DreamBoothJob object (as read from YAML or the API)."""
+    if not isinstance(data, dict):
+        raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, "
+                                    "metadata and spec")])
+    try:
+        job = DreamBoothJob.model_validate(data, context={"cluster": cluster, "skip_rules": True})
+    except ValidationError as err:
+        raise SpecError(issues_from(err, DreamBoothJob)) from None
+    found = violations(job.spec)
+    if found:
+        raise SpecError([FieldIssue(f"spec.{v.path}", v.message) for v in found])
+    return job

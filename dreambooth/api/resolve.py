@@ -1,0 +1,79 @@
+"""Pure resolution of a spec into its effective values: preset first, explicit fields win.
+
+:func:`effective_spec` returns a spec in which every preset-controlled or derived field is
+filled in, so that the trainer never has to know about presets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dreambooth.api.presets import preset_value
+from dreambooth.api.spec import (
+    DreamBoothJobSpec,
+    LoraSpec,
+    Method,
+    OutputFormat,
+)
+
+#: checkpointing.everySteps when nothing else is said (capped at training.steps)
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+def _fill(section: Any, section_name: str, preset: Any) -> dict[str, Any]:
+    """Values the preset (or BASE) gives to the fields of ``section`` left unset (None)."""
+    updates: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        if getattr(section, name) is None:
+            value = preset_value(preset, section_name, field.alias or name)
+            if value is not None:
+                updates[name] = value
+    return updates
+
+
+def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
+    """``spec`` with preset values and derived defaults filled in. Pure; does not validate."""
+    training = spec.training.model_copy(update=_fill(spec.training, "training", spec.preset))
+    prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset))
+
+    t_updates: dict[str, Any] = {}
+    if training.text_encoder_learning_rate is None and training.train_text_encoder:
+        t_updates["text_encoder_learning_rate"] = training.learning_rate
+    if training.method is Method.LORA:
+        lora = training.lora or LoraSpec()
+        if lora.alpha is None:
+            lora = lora.model_copy(update={"alpha": float(lora.rank)})
+        t_updates["lora"] = lora
+    training = training.model_copy(update=t_updates)
+
+    checkpointing = spec.checkpointing
+    if checkpointing.every_steps is None:
+        every = min(DEFAULT_CHECKPOINT_EVERY, training.steps or DEFAULT_CHECKPOINT_EVERY)
+        checkpointing = checkpointing.model_copy(update={"every_steps": every})
+
+    validation = spec.validation
+    v_updates: dict[str, Any] = {}
+    if not validation.prompts:
+        v_updates["prompts"] = [spec.instance.prompt]
+    if validation.every_steps is None:
+        v_updates["every_steps"] = checkpointing.every_steps
+    validation = validation.model_copy(update=v_updates)
+
+    output = spec.output
+    if output.formats is None:
+        formats = (
+            [OutputFormat.LORA]
+            if training.method is Method.LORA
+            else [OutputFormat.DIFFUSERS, OutputFormat.SAFETENSORS]
+        )
+        output = output.model_copy(update={"formats": formats})
+
+    return spec.model_copy(
+        update={
+            "training": training,
+            "prior": prior,
+            "checkpointing": checkpointing,
+            "validation": validation,
+            "output": output,
+        }
+    )

@@ -1,0 +1,519 @@
+"""The DreamBoothJob spec: the one typed definition shared by the CRD, operator and trainer.
+
+Field names are snake_case in Python and camelCase on the wire. Every field carries a
+description (it becomes ``kubectl explain``), bounds and a default. Fields whose default
+depends on the preset are ``None`` until :func:`dreambooth.api.resolve.effective_spec`
+fills them. Cross-field rules live in :mod:`dreambooth.api.rules`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from dreambooth.api.presets import Preset, describe
+from dreambooth.api.uris import Scheme, UriError, parse_uri
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML/JSON: camelCase, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Reusable field types
+# ---------------------------------------------------------------------------------------
+
+Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+Quantity = Annotated[
+    str,
+    Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
+]
+
+_S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
+_PVC = r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?"
+_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s/]+)?"
+DATA_URI_PATTERN = f"^({_S3}|{_PVC})$"
+MODEL_URI_PATTERN = f"^({_S3}|{_PVC}|{_HF})$"
+
+
+def _uri_validator(schemes: frozenset[Scheme]):
+    def check(value: str, info: ValidationInfo) -> str:
+        allowed = set(schemes)
+        if not (info.context or {}).get("cluster"):
+            allowed.add(Scheme.FILE)
+        try:
+            parse_uri(value, allowed=allowed)
+        except UriError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    return AfterValidator(check)
+
+
+#: Instance/class images and outputs: S3 or a PVC (and local files outside a cluster).
+DataUri = Annotated[
+    str,
+    Field(max_length=1024, json_schema_extra={"pattern": DATA_URI_PATTERN}),
+    _uri_validator(frozenset({Scheme.S3, Scheme.PVC})),
+]
+#: Base models may also come from the Hugging Face Hub.
+ModelUri = Annotated[
+    str,
+    Field(max_length=1024, json_schema_extra={"pattern": MODEL_URI_PATTERN}),
+    _uri_validator(frozenset({Scheme.S3, Scheme.PVC, Scheme.HF})),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Enumerations
+# ---------------------------------------------------------------------------------------
+
+
+class Method(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+
+
+class MixedPrecision(StrEnum):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw8bit"
+
+
+class LRScheduler(StrEnum):
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class Sampler(StrEnum):
+    DDIM = "ddim"
+    PNDM = "pndm"
+    LMS = "lms"
+    DPM = "dpm"
+
+
+class OutputFormat(StrEnum):
+    DIFFUSERS = "diffusers"
+    SAFETENSORS = "safetensors"
+    LORA = "lora"
+
+
+# ---------------------------------------------------------------------------------------
+# Spec sections
+# ---------------------------------------------------------------------------------------
+
+
+class BaseModelSpec(ApiModel):
+    """The Stable Diffusion model to fine-tune (a diffusers folder, SD 1.x or 2.x)."""
+
+    uri: ModelUri = Field(
+        description="Where the base model is: s3://bucket/prefix/ or pvc://claim/path holding a "
+        "diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/), or hf://org/name for a Hugging Face Hub repository."
+    )
+    revision: str | None = Field(
+        None,
+        max_length=128,
+        description="Hub revision (branch, tag or commit) for hf:// models. Default: the one "
+        "given as hf://org/name@revision, else main.",
+    )
+
+
+class InstanceSpec(ApiModel):
+    """The subject to teach: a few photos and the prompt that names it."""
+
+    uri: DataUri = Field(
+        description="Prefix holding the instance photos (png, jpg, jpeg, webp), e.g. "
+        "s3://training-data/toy-cat/. A same-named .txt file next to a photo is its caption."
+    )
+    prompt: Prompt = Field(
+        description="Prompt with the identifier of the subject, e.g. 'a photo of zwx toy cat'. "
+        "The identifier need not be rare like 'sks'; natural words work."
+    )
+    use_captions: bool = Field(
+        True, description="Use a photo's same-named .txt file as its prompt when present."
+    )
+
+
+class PriorSpec(ApiModel):
+    """Prior preservation: also train on images of the subject's class so it is not forgotten."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Train with class images next to the instance photos. Essential for faces,"
+        " little difference for objects." + describe("prior", "enabled"),
+    )
+    class_prompt: Prompt | None = Field(
+        None,
+        description="Prompt for the class, without the identifier, e.g. 'a photo of a cat'. "
+        "Required when prior preservation is on." + describe("prior", "classPrompt"),
+    )
+    num_images: int | None = Field(
+        None,
+        ge=1,
+        le=10000,
+        description="How many class images to train with; missing ones are generated with the "
+        "base model and cached." + describe("prior", "numImages"),
+    )
+    loss_weight: float = Field(1.0, ge=0.0, le=10.0, description="Weight of the class-image loss.")
+    uri: DataUri | None = Field(
+        None,
+        description="Prefix holding your own class images. Default: generated by the base model "
+        "and cached under s3://<output bucket>/.cache/class-images/.",
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (only with training.method lora)."""
+
+    rank: int = Field(4, ge=1, le=256, description="Rank of the LoRA update matrices.")
+    alpha: float | None = Field(
+        None, gt=0, le=1024, description="LoRA scaling alpha. Default: the rank."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        max_length=32,
+        description="UNet module names that get adapters.",
+    )
+    text_encoder: bool = Field(
+        False, description="Also train LoRA adapters on the text encoder's attention."
+    )
+
+
+class TextualInversionSpec(ApiModel):
+    """Textual inversion before DreamBooth: first learn a new token's embedding, then fine-tune."""
+
+    steps: int = Field(2000, ge=1, le=100000, description="Steps of the embedding-only phase.")
+    placeholder_token: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S+$",
+        description="The new token, e.g. '<zwx>'; it must appear in instance.prompt.",
+    )
+    initializer_token: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S+$",
+        description="An existing single token the new embedding starts from, e.g. 'cat'.",
+    )
+    learning_rate: float = Field(
+        5e-4, gt=0, le=1.0, description="Learning rate of the embedding-only phase."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """How to fine-tune. Prefer a low learning rate and more steps: DreamBooth overfits fast."""
+
+    steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Optimizer steps." + describe("training", "steps")
+    )
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1e-2,
+        description="Peak learning rate." + describe("training", "learningRate"),
+    )
+    text_encoder_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1e-2,
+        description="Learning rate of the text encoder. Default: training.learningRate.",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Images per optimizer step over all GPUs and accumulation steps; each "
+        "GPU processes batchSize / (processes x gradientAccumulationSteps) at a time."
+        + describe("training", "batchSize"),
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=128, description="Micro-batches accumulated per optimizer step (saves memory)."
+    )
+    resolution: int = Field(
+        512,
+        ge=64,
+        le=2048,
+        multiple_of=8,
+        description="Training image size in pixels (photos are resized and center-cropped). "
+        "512 for SD 1.x, 768 for SD 2.x 768-v.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
+    method: Method = Field(
+        Method.FULL, description="full: fine-tune the weights; lora: train small adapters."
+    )
+    lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
+    train_text_encoder: bool | None = Field(
+        None,
+        description="Fine-tune the text encoder with the UNet: the best results by far, "
+        "especially for faces, at the cost of memory." + describe("training", "trainTextEncoder"),
+    )
+    text_encoder_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Freeze the text encoder after this many steps. Default: train it "
+        "for all steps.",
+    )
+    lr_scheduler: LRScheduler = Field(LRScheduler.CONSTANT, description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Warmup steps of the learning-rate schedule."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="Gradient clipping norm.")
+    mixed_precision: MixedPrecision = Field(
+        MixedPrecision.NO,
+        description="no, fp16 or bf16 (bf16 on A100/H100). Mixed precision needs GPUs.",
+    )
+    optimizer: Optimizer = Field(
+        Optimizer.ADAMW,
+        description="adamw, or adamw8bit (bitsandbytes) to fit text-encoder training in 16 GB.",
+    )
+    weight_decay: float = Field(1e-2, ge=0, le=1, description="AdamW weight decay.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, slower."
+    )
+    ema: bool = Field(
+        False,
+        description="Keep an exponential moving average of the trained weights and export it "
+        "(the blog saw similar results with and without).",
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, le=100, description="Min-SNR loss weighting gamma (5.0 is common). Default: off."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0, le=1, description="Offset noise strength (0.05-0.1 helps very dark/bright images)."
+    )
+    textual_inversion: TextualInversionSpec | None = Field(
+        None,
+        description="Run textual inversion first (the blog's TI + DreamBooth recipe, good for "
+        "16 GB GPUs). Default: off.",
+    )
+
+
+class ValidationSpec(ApiModel):
+    """Sample images during training: the way a person judges a DreamBooth run."""
+
+    enabled: bool = Field(True, description="Generate sample grids during and after training.")
+    prompts: list[Prompt] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Prompts to sample (rows of the grid). Default: instance.prompt.",
+    )
+    negative_prompt: str | None = Field(None, max_length=1000, description="Negative prompt.")
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Sample every this many steps. Default: checkpointing.everySteps.",
+    )
+    scheduler: Sampler = Field(
+        Sampler.DDIM,
+        description="Sampling scheduler. DDIM beat PNDM and LMS clearly on overfit models.",
+    )
+    inference_steps: int = Field(
+        100, ge=1, le=1000, description="Inference steps per image (100 worked well with DDIM)."
+    )
+    images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+
+
+class CheckpointingSpec(ApiModel):
+    """Checkpoints make a killed or preempted run resume where it left off."""
+
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Checkpoint every this many steps: at most this much work is lost when a "
+        "pod dies. Default: 100, or the number of steps if fewer.",
+    )
+    keep: int = Field(3, ge=1, le=100, description="Complete checkpoints to keep (older ones are pruned).")
+
+
+class OutputSpec(ApiModel):
+    """Where the results go and in which formats."""
+
+    uri: DataUri | None = Field(
+        None,
+        description="Prefix for checkpoints, samples and the final model. Default: "
+        "s3://<operator's default bucket>/<namespace>/<name>/.",
+    )
+    formats: list[OutputFormat] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="diffusers (a folder for StableDiffusionPipeline.from_pretrained), "
+        "safetensors (one file), lora (pytorch_lora_weights.safetensors). Default: diffusers "
+        "and safetensors for method full, lora for method lora.",
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A Secret in the job's namespace holding S3 credentials."""
+
+    name: Name = Field(description="Name of the Secret.")
+    access_key_key: str = Field(
+        "AWS_ACCESS_KEY_ID", min_length=1, max_length=253, description="Key of the access key."
+    )
+    secret_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253, description="Key of the secret key."
+    )
+
+
+class StorageSpec(ApiModel):
+    """The S3/MinIO endpoint for every s3:// URI of the job."""
+
+    endpoint: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the "
+        "operator's.",
+    )
+    secure: bool | None = Field(None, description="Use TLS. Default: the operator's (true).")
+    region: str = Field("us-east-1", min_length=1, max_length=64, description="S3 region.")
+    credentials_secret: SecretKeyRef | None = Field(
+        None,
+        description="Secret with the access and secret key. Default: the operator's. "
+        "Credentials are never put in a spec.",
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration (as in a Pod spec)."""
+
+    key: str | None = Field(None, max_length=253, description="Taint key; empty matches all.")
+    operator: str = Field("Equal", pattern=r"^(Equal|Exists)$", description="Equal or Exists.")
+    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    effect: str | None = Field(
+        None,
+        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class GpuSpec(ApiModel):
+    resource_name: str = Field(
+        "nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
+        description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
+        "profile such as nvidia.com/mig-3g.20gb).",
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on what the trainer pods run."""
+
+    nodes: int = Field(1, ge=1, le=64, description="Trainer pods (one per node).")
+    gpus_per_node: int = Field(
+        1, ge=0, le=16, description="GPUs per pod; one training process per GPU (0: one CPU process)."
+    )
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPU resource settings.")
+    cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. '8'.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. '64Gi'.")
+    shared_memory: Quantity = Field(
+        "8Gi", description="Size of /dev/shm (data loaders and NCCL need more than the default)."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
+    )
+    image: str | None = Field(
+        None, max_length=512, description="Trainer image. Default: the operator's."
+    )
+    priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
+
+    @property
+    def num_processes(self) -> int:
+        return self.nodes * max(1, self.gpus_per_node)
+
+
+class RunPolicySpec(ApiModel):
+    """Lifecycle of the run; only suspend may change once the job exists."""
+
+    suspend: bool = Field(
+        False,
+        description="Stop the pods and keep the checkpoints; set back to false to resume "
+        "(Kueue uses this).",
+    )
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Pod failures retried (each resumes from a checkpoint)."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="Fail the job after this many seconds. Default: none."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Delete the finished job after this many seconds. Default: keep it.",
+    )
+
+
+class DreamBoothJobSpec(ApiModel):
+    """A DreamBooth fine-tuning run: base model + a few photos + prompt -> a new model."""
+
+    preset: Preset = Field(
+        Preset.CUSTOM,
+        description="Recommended settings: object (400 steps, LR 2e-6, batch 4), face (1,200 "
+        "steps, LR 1e-6, batch 2, prior preservation, text encoder), style, or custom. "
+        "Fields you set always win.",
+    )
+    base_model: BaseModelSpec = Field(description="The model to fine-tune.")
+    instance: InstanceSpec = Field(description="The subject's photos and prompt.")
+    prior: PriorSpec = Field(default_factory=PriorSpec, description="Prior preservation.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec, description="Sample grids during training."
+    )
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec, description="Checkpoints for resuming."
+    )
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Results.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3/MinIO access.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Pods, GPUs and scheduling."
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Suspend, retries, deadlines, cleanup."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self, info: ValidationInfo) -> DreamBoothJobSpec:
+        from dreambooth.api.rules import first_violation
+
+        if (info.context or {}).get("skip_rules"):  # validate_job() reports them all at once
+            return self
+        violation = first_violation(self)
+        if violation is not None:
+            raise PydanticCustomError(
+                "cross_field",
+                "{path}: {message}",
+                {"path": violation.path, "message": violation.message},
+            )
+        return self

@@ -1,0 +1,126 @@
+"""The ``dreambooth`` command: validate, render and train jobs locally, generate the CRD.
+
+Sub-commands that need no GPU stack (validate, render, crd) import neither torch nor kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreambooth.api import Defaults, DreamBoothJob, SpecError, build_trainer_config, validate_job
+from dreambooth.api.exitcodes import ExitCode
+
+
+class UsageError(Exception):
+    """A problem with the command line or an input file; printed without a traceback."""
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from None
+    if not docs:
+        raise UsageError(f"{path} holds no YAML document")
+    return docs
+
+
+def load_job(path: Path, *, cluster: bool = False) -> DreamBoothJob:
+    """The one DreamBoothJob in ``path`` (other kinds, e.g. Secrets, are skipped)."""
+    jobs = [d for d in load_documents(path) if isinstance(d, dict) and d.get("kind") == "DreamBoothJob"]
+    if len(jobs) != 1:
+        raise UsageError(f"{path} must hold exactly one DreamBoothJob, found {len(jobs)}")
+    try:
+        return validate_job(jobs[0], cluster=cluster)
+    except SpecError as err:
+        raise UsageError(f"{path}: {err}") from None
+
+
+def local_defaults(output_root: str | None) -> Defaults:
+    root = output_root or (Path.cwd() / "runs").as_uri()
+    return Defaults(output_root=root)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        for doc in load_documents(path):
+            if not isinstance(doc, dict) or doc.get("kind") != "DreamBoothJob":
+                continue
+            name = (doc.get("metadata") or {}).get("name", "?")
+            try:
+                validate_job(doc, cluster=args.cluster)
+                print(f"{path}: DreamBoothJob {name}: valid")
+            except SpecError as err:
+                failed += 1
+                print(f"{path}: DreamBoothJob {name}: {err}", file=sys.stderr)
+    return ExitCode.INVALID_CONFIG if failed else ExitCode.OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    job = load_job(args.file, cluster=args.cluster)
+    config = build_trainer_config(job, local_defaults(args.output_root))
+    print(json.dumps(config.wire(), indent=2))
+    return ExitCode.OK
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from dreambooth.api import crd
+
+    if args.write:
+        for path in crd.write(args.root):
+            print(f"wrote {path}")
+    else:
+        sys.stdout.write(crd.render())
+    return ExitCode.OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion, on Kubernetes or locally."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check DreamBoothJob manifests and explain every problem")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--cluster", action="store_true", help="check for a cluster (no file:// URIs)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print the effective TrainerConfig of a job (presets applied)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--cluster", action="store_true", help="check for a cluster (no file:// URIs)")
+    p.add_argument("--output-root", help="where outputs go when spec.output.uri is unset")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API types")
+    p.add_argument("--write", action="store_true", help="write crds/ and the chart's copy instead")
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
+    p.set_defaults(func=cmd_crd)
+
+    from dreambooth import local
+
+    local.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return ExitCode.INVALID_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
