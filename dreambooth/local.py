@@ -1,23 +1,76 @@
-"""Local runs without a cluster: ``dreambooth train`` and ``dreambooth demo``."""
+"""Local runs without a cluster: ``dreambooth train job.yaml`` and ``dreambooth demo``.
+
+Both render the same TrainerConfig the operator would put in a ConfigMap and run the same
+entry point a trainer pod runs (``python -m dreambooth.trainer``), in this process.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 from dreambooth.api import build_trainer_config, validate_job
+from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
-from dreambooth.demo import demo_job_document
+
+
+def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int) -> int:
+    from dreambooth.cli import local_defaults
+    from dreambooth.trainer.__main__ import main as trainer_main
+
+    defaults = local_defaults(output_root)
+    config = build_trainer_config(job, defaults).model_copy(update={"metrics_port": metrics_port})
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "trainer-config.json"
+    config_path.write_text(json.dumps(config.wire(), indent=2))
+    summary = workdir / "summary.json"
+    code = trainer_main(["--config", str(config_path), "--workdir", str(workdir),
+                         "--termination-log", str(summary)])
+    if summary.is_file():
+        print(summary.read_text())
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dreambooth.cli import load_job
+
+    job = load_job(args.file)
+    workdir = args.workdir or Path("runs") / ".work" / job.metadata.name
+    return train_job(job, output_root=args.output_root, workdir=workdir, metrics_port=args.metrics_port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dreambooth.cli import local_defaults
+    from dreambooth.demo import prepare_demo
 
-    job = validate_job(demo_job_document())
-    print(json.dumps(build_trainer_config(job, local_defaults(None)).wire(), indent=2))
-    return ExitCode.OK
+    root = args.root.resolve()
+    job = validate_job(prepare_demo(root))
+    print(f"demo: tiny Stable-Diffusion-shaped model and 4 instance photos in {root}")
+    code = train_job(job, output_root=None, workdir=root / "work", metrics_port=args.metrics_port)
+    if code == ExitCode.OK:
+        print(
+            f"\nDone. The trained model is in {root / 'output' / 'model'} (diffusers), the single "
+            f"file in {root / 'output' / 'model.safetensors'}, sample grids in "
+            f"{root / 'output' / 'samples'}.\nTry: dreambooth train examples/local-toy-cat.yaml "
+            "with your own photos and a real base model."
+        )
+    return code
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a small local DreamBooth job on an embedded default")
+    port = int(os.environ.get("DREAMBOOTH_METRICS_PORT", "0"))
+
+    p = sub.add_parser("train", help="train a DreamBoothJob manifest on this machine (no cluster)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--output-root", help="where outputs go when spec.output.uri is unset "
+                   "(default: file://$PWD/runs; an s3:// prefix works too)")
+    p.add_argument("--workdir", type=Path, help="scratch folder (default: runs/.work/<name>)")
+    p.add_argument("--metrics-port", type=int, default=port,
+                   help=f"serve Prometheus metrics on this port (0: off; pods use {DEFAULT_METRICS_PORT})")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="a real DreamBooth run on a tiny embedded model (CPU, ~1 min)")
+    p.add_argument("--root", type=Path, default=Path("runs/demo"), help="folder for everything")
+    p.add_argument("--metrics-port", type=int, default=port, help="serve Prometheus metrics (0: off)")
     p.set_defaults(func=cmd_demo)

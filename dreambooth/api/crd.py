@@ -73,8 +73,8 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "gpusPerNode) x gradientAccumulationSteps",
             },
             {
-                "rule": f"!has(self.prior.uri) || {prior_presets} || "
-                "(has(self.prior.enabled) && self.prior.enabled)",
+                "rule": "!has(self.prior.uri) || (has(self.prior.enabled) ? self.prior.enabled : "
+                f"({prior_presets}))",
                 "message": "prior.uri is only used when prior.enabled is true",
             },
         ],

@@ -33,7 +33,12 @@ def _fill(section: Any, section_name: str, preset: Any) -> dict[str, Any]:
 
 def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
     """``spec`` with preset values and derived defaults filled in. Pure; does not validate."""
-    training = spec.training.model_copy(update=_fill(spec.training, "training", spec.preset))
+    t_fill = _fill(spec.training, "training", spec.preset)
+    if spec.training.method is Method.LORA and "train_text_encoder" in t_fill:
+        # A preset's trainTextEncoder means full fine-tuning of the text encoder; a LoRA run
+        # trains text-encoder adapters only when training.lora.textEncoder says so.
+        t_fill["train_text_encoder"] = False
+    training = spec.training.model_copy(update=t_fill)
     prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset))
 
     t_updates: dict[str, Any] = {}

@@ -41,8 +41,8 @@ Quantity = Annotated[
 ]
 
 _S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-_PVC = r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?"
-_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s/]+)?"
+_PVC = r"pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^\s]*)?"
+_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s]+)?"
 DATA_URI_PATTERN = f"^({_S3}|{_PVC})$"
 MODEL_URI_PATTERN = f"^({_S3}|{_PVC}|{_HF})$"
 

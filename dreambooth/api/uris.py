@@ -98,8 +98,8 @@ def parse_uri(text: str, *, allowed: frozenset[Scheme] | set[Scheme]) -> Uri:
                 "letters, digits, '-' and '.' (e.g. pvc://training-data/photos)"
             )
         return Uri(kind, authority, path)
-    repo, _, revision = rest.partition("@")
-    if not _HF_REPO_RE.match(repo):
+    repo, at, revision = rest.partition("@")
+    if not _HF_REPO_RE.match(repo) or (at and not revision):
         raise UriError(
             f"{text!r} is not a Hugging Face repository URI: use hf://org/name or "
             "hf://org/name@revision (e.g. hf://runwayml/stable-diffusion-v1-5@main)"

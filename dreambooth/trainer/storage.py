@@ -12,6 +12,7 @@ say what is wrong and what to do, and never contain credentials. Transient S3 fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -49,7 +50,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 SHA256_META = "sha256"  # S3 user metadata key: sent and returned as x-amz-meta-sha256
-DEFAULT_PART_SIZE = 64 * 1024 * 1024  # multipart part size; the S3 minimum is 5 MiB
+# Multipart part size (the S3 minimum is 5 MiB; 10,000 parts make a 160 GB object at most).
+# An upload holds about 4 parts in memory (minio uploads 3 in parallel), times the workers.
+DEFAULT_PART_SIZE = 16 * 1024 * 1024
 DEFAULT_WORKERS = 8
 SECRET_HINT = "check the Secret named in spec.storage.credentialsSecret"
 _XATTR = "user.dreambooth.sha256"
@@ -187,14 +190,7 @@ class Storage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def read_bytes(self, key: str) -> bytes: ...
-
-    @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def download(self, key: str, local_path: Path) -> Path:
-        """Copy ``key`` to ``local_path`` atomically, verifying size and recorded sha256."""
 
     @abstractmethod
     def upload_file(self, local_path: Path, key: str) -> None:
@@ -204,11 +200,27 @@ class Storage(ABC):
     def delete_prefix(self, prefix: str = "") -> int:
         """Delete everything under ``prefix``; return how many objects were deleted."""
 
+    @abstractmethod
+    def _read_into(self, key: str, out: BinaryIO) -> None:
+        """Write the content of ``key`` to ``out``, verifying size and recorded sha256."""
+
+    def read_bytes(self, key: str) -> bytes:
+        buffer = io.BytesIO()
+        self._read_into(key, buffer)
+        return buffer.getvalue()
+
+    def download(self, key: str, local_path: Path) -> Path:
+        """Copy ``key`` to ``local_path`` atomically (nothing appears there on failure)."""
+        with _atomic_write(Path(local_path)) as out:
+            self._read_into(key, out)
+        return Path(local_path)
+
     def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
         """Recreate the tree under ``prefix`` in ``local_dir`` (parallel, verified)."""
         prefix = _norm_prefix(prefix)
         objects = self.list(prefix)
         if not objects:
+            self._require_root()
             raise NotFoundError(
                 f"nothing found under {self.uri(prefix)}: check the path in the job spec "
                 "and that the data was uploaded there"
@@ -216,13 +228,17 @@ class Storage(ABC):
         jobs = [(o.key, Path(local_dir, o.key[len(prefix):])) for o in objects]
         return _parallel(lambda job: self.download(*job), jobs, self.workers)
 
+    def _require_root(self) -> None:
+        """Raise NotFoundError if the root itself is missing (S3 cannot tell: no-op)."""
+        return
+
     def upload_dir(self, local_dir: Path, prefix: str = "") -> list[str]:
         """Upload every file under ``local_dir`` to ``prefix``; return the keys."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise NotFoundError(f"local directory {local_dir} does not exist")
         prefix = _norm_prefix(prefix)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and _TMP_MARK not in p.name)
         jobs = [(p, prefix + p.relative_to(local_dir).as_posix()) for p in files]
         _parallel(lambda job: self.upload_file(*job), jobs, self.workers)
         return [key for _, key in jobs]
@@ -298,17 +314,11 @@ class S3Storage(Storage):
 
         return self._call(f"HEAD {self.uri(key)}", stat)
 
-    def read_bytes(self, key: str) -> bytes:
-        buffer = io.BytesIO()
-        self._call(f"GET {self.uri(key)}", lambda: self._fetch(key, buffer))
-        return buffer.getvalue()
-
-    def download(self, key: str, local_path: Path) -> Path:
-        with _atomic_write(Path(local_path)) as out:
-            self._call(f"GET {self.uri(key)}", lambda: self._fetch(key, out))
-        return Path(local_path)
+    def _read_into(self, key: str, out: BinaryIO) -> None:
+        self._call(f"GET {self.uri(key)}", lambda: self._fetch(key, out))
 
     def _fetch(self, key: str, out: BinaryIO) -> None:
+        """One GET attempt: restart ``out``, stream into it, verify."""
         out.seek(0)
         out.truncate()
         response = self._client.get_object(self.bucket, self._name(key))
@@ -363,7 +373,7 @@ class S3Storage(Storage):
                     raise
                 if attempt == self.retry.attempts:
                     raise self._give_up(exc, what, attempt, problem) from exc
-                log.warning("%s failed (%s), attempt %d/%d; retrying in %.1f s",
+                log.warning("%s failed (%s), attempt %d/%d; retrying in %.2f s",
                             what, problem, attempt, self.retry.attempts, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry.max_delay_s)
@@ -385,7 +395,8 @@ class S3Storage(Storage):
                     "create it or fix the bucket name in the storage URI"
                 ) from exc
             if exc.code == "NoSuchKey":
-                raise NotFoundError(f"{what}: the object does not exist") from exc
+                raise NotFoundError(f"{what}: no such object; check the path in the job spec") \
+                    from exc
             if exc.code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return exc.code
             raise TrainerError(
@@ -395,7 +406,7 @@ class S3Storage(Storage):
             status = exc.status_code
         elif isinstance(exc, InvalidResponseError):
             status = getattr(exc, "_code", 0)  # minio keeps the HTTP status private here
-        elif isinstance(exc, (_Corrupt, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+        elif isinstance(exc, (_CorruptError, urllib3.exceptions.HTTPError, ConnectionError)):
             return f"{type(exc).__name__}: {exc}"
         else:
             return None
@@ -411,7 +422,7 @@ class S3Storage(Storage):
         )
 
     def _give_up(self, exc: Exception, what: str, attempts: int, problem: str) -> TrainerError:
-        if isinstance(exc, _Corrupt):
+        if isinstance(exc, _CorruptError):
             return DataError(
                 f"{what}: {exc} on each of {attempts} attempts: the stored object is corrupt; "
                 "upload it again"
@@ -433,7 +444,7 @@ class LocalStorage(Storage):
         return f"LocalStorage({self.uri()!r})"
 
     def uri(self, key: str = "") -> str:
-        return "file://" + (self.root / key).as_posix()
+        return f"file://{self.root.as_posix().rstrip('/')}/{key}"
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -446,7 +457,8 @@ class LocalStorage(Storage):
             )
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        self._require_root()
+        # A missing root lists as empty, like an S3 prefix: a new job's output directory
+        # appears on first write. Reading from it raises NotFoundError.
         base = self.root / _norm_prefix(prefix)
         found = (p for p in base.rglob("*") if p.is_file() and _TMP_MARK not in p.name)
         return sorted(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size)
@@ -455,17 +467,7 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def read_bytes(self, key: str) -> bytes:
-        buffer = io.BytesIO()
-        self._copy_verified(key, buffer)
-        return buffer.getvalue()
-
-    def download(self, key: str, local_path: Path) -> Path:
-        with _atomic_write(Path(local_path)) as out:
-            self._copy_verified(key, out)
-        return Path(local_path)
-
-    def _copy_verified(self, key: str, out: BinaryIO) -> None:
+    def _read_into(self, key: str, out: BinaryIO) -> None:
         path = self._path(key)
         if not path.is_file():
             self._require_root()
@@ -476,7 +478,7 @@ class LocalStorage(Storage):
             size, digest = _copy(iter(lambda: source.read(_CHUNK), b""), out)
         try:
             _verify(size, digest, expected, recorded)
-        except _Corrupt as exc:
+        except _CorruptError as exc:
             raise DataError(f"{self.uri(key)}: {exc}: the file is corrupt; write it again") \
                 from None
 
@@ -497,6 +499,8 @@ class LocalStorage(Storage):
     def delete_prefix(self, prefix: str = "") -> int:
         count = len(self.list(prefix))
         prefix = _norm_prefix(prefix)
+        if not self.root.is_dir():
+            return 0
         targets = [self.root / prefix] if prefix else list(self.root.iterdir())
         for target in targets:
             if target.is_dir() and not target.is_symlink():
@@ -522,15 +526,15 @@ def open_storage(
                      part_size=part_size, workers=workers)
 
 
-class _Corrupt(Exception):
+class _CorruptError(Exception):
     """A transfer whose size or sha256 does not match what was recorded."""
 
 
 def _verify(size: int, digest: str, expected_size: int | None, recorded: str | None) -> None:
     if expected_size is not None and size != expected_size:
-        raise _Corrupt(f"got {size} bytes, expected {expected_size}")
+        raise _CorruptError(f"got {size} bytes, expected {expected_size}")
     if recorded and digest != recorded.strip().lower():
-        raise _Corrupt(f"sha256 {digest} does not match the recorded {recorded}")
+        raise _CorruptError(f"sha256 {digest} does not match the recorded {recorded}")
 
 
 def _copy(chunks: Iterable[bytes], out: BinaryIO) -> tuple[int, str]:
@@ -564,10 +568,8 @@ def _atomic_write(path: Path) -> Iterator[BinaryIO]:
 
 
 def _set_xattr(fd: int, digest: str) -> None:
-    try:
+    with contextlib.suppress(AttributeError, OSError):  # no xattrs on this platform or fs
         os.setxattr(fd, _XATTR, digest.encode())
-    except (AttributeError, OSError):  # no xattrs on this platform or filesystem
-        pass
 
 
 def _get_xattr(fd: int) -> str | None:

@@ -1,0 +1,30 @@
+"""Names of the trainer's Prometheus metrics: the contract between the trainer (which
+exports them), the operator (which reads rank 0's endpoint for status) and the dashboards.
+"""
+
+from __future__ import annotations
+
+PREFIX = "dreambooth_trainer_"
+
+STEP = PREFIX + "step"
+TOTAL_STEPS = PREFIX + "total_steps"
+LOSS = PREFIX + "loss"
+INSTANCE_LOSS = PREFIX + "instance_loss"
+PRIOR_LOSS = PREFIX + "prior_loss"
+LEARNING_RATE = PREFIX + "learning_rate"
+IMAGES_PER_SECOND = PREFIX + "images_per_second"
+LAST_CHECKPOINT_STEP = PREFIX + "last_checkpoint_step"
+CHECKPOINT_UPLOAD_SECONDS = PREFIX + "checkpoint_upload_seconds"
+CHECKPOINT_UPLOAD_FAILURES = PREFIX + "checkpoint_upload_failures"
+GPU_MEMORY_BYTES = PREFIX + "gpu_memory_bytes"
+PHASE = PREFIX + "phase"
+
+#: values of the phase metric's label, in the order a run goes through them
+TRAINER_PHASES = (
+    "initializing",
+    "generating_class_images",
+    "training",
+    "exporting",
+    "succeeded",
+    "failed",
+)

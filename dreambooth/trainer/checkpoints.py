@@ -1,0 +1,131 @@
+"""Checkpoints in storage: written atomically, found after a crash, pruned to ``keep``.
+
+A checkpoint is the folder ``checkpoints/checkpoint-<step>/`` of the job's output prefix.
+Its ``manifest.json`` (sizes and sha256 of every other file) is written *last*: a folder
+without a valid manifest is debris of an interrupted upload and never counts. At start the
+trainer resumes from the newest complete checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreambooth.trainer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+ROOT = "checkpoints/"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^checkpoints/checkpoint-(\d+)/")
+
+
+@dataclass(frozen=True, order=True)
+class Checkpoint:
+    step: int
+    prefix: str  # e.g. "checkpoints/checkpoint-200/"
+
+
+def prefix_for(step: int) -> str:
+    return f"{ROOT}checkpoint-{step}/"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(folder: Path, step: int) -> dict:
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    return {"step": step, "files": files}
+
+
+def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
+    """Upload ``folder`` as the checkpoint of ``step``, manifest last, then prune."""
+    checkpoint = Checkpoint(step, prefix_for(step))
+    storage.delete_prefix(checkpoint.prefix)  # debris of an earlier, interrupted attempt
+    manifest = build_manifest(folder, step)
+    for name in manifest["files"]:
+        storage.upload_file(folder / name, checkpoint.prefix + name)
+    storage.write_bytes(checkpoint.prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
+    prune(storage, keep=keep)
+    return checkpoint
+
+
+def _groups(storage: Storage) -> dict[int, dict[str, int]]:
+    """Object sizes by relative name, grouped by checkpoint step."""
+    groups: dict[int, dict[str, int]] = {}
+    for obj in storage.list(ROOT):
+        match = _NAME.match(obj.key)
+        if match:
+            step = int(match.group(1))
+            groups.setdefault(step, {})[obj.key[match.end():]] = obj.size
+    return groups
+
+
+def _manifest(storage: Storage, step: int, present: dict[str, int]) -> dict | None:
+    """The checkpoint's manifest if it is complete: every listed file there, sizes right."""
+    if MANIFEST not in present:
+        return None
+    try:
+        manifest = json.loads(storage.read_bytes(prefix_for(step) + MANIFEST))
+        files = manifest["files"]
+        complete = manifest["step"] == step and all(
+            present.get(name) == meta["size"] for name, meta in files.items()
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    return manifest if complete else None
+
+
+def complete(storage: Storage) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first."""
+    return sorted(
+        Checkpoint(step, prefix_for(step))
+        for step, present in _groups(storage).items()
+        if _manifest(storage, step, present) is not None
+    )
+
+
+def prune(storage: Storage, *, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints, and incomplete debris."""
+    groups = _groups(storage)
+    good = sorted(s for s, present in groups.items() if _manifest(storage, s, present) is not None)
+    doomed = [s for s in groups if s not in good[-keep:]]
+    for step in doomed:
+        storage.delete_prefix(prefix_for(step))
+    if doomed:
+        log.info("pruned checkpoints at steps %s", sorted(doomed))
+    return sorted(doomed)
+
+
+def download_latest(storage: Storage, dest: Path) -> tuple[Checkpoint, Path] | None:
+    """Fetch the newest complete checkpoint whose files verify; ``None`` if there is none."""
+    for checkpoint in reversed(complete(storage)):
+        folder = dest / f"checkpoint-{checkpoint.step}"
+        shutil.rmtree(folder, ignore_errors=True)
+        manifest = json.loads(storage.read_bytes(checkpoint.prefix + MANIFEST))
+        storage.download_prefix(checkpoint.prefix, folder)
+        bad = [
+            name
+            for name, meta in manifest["files"].items()
+            if not (folder / name).is_file() or _sha256(folder / name) != meta["sha256"]
+        ]
+        if not bad:
+            return checkpoint, folder
+        log.warning(
+            "checkpoint at step %d is corrupt (%s); trying an older one", checkpoint.step, ", ".join(bad)
+        )
+    return None

@@ -1,0 +1,108 @@
+"""Instance (and class) images: found, checked, resized and center-cropped.
+
+No torchvision: PIL and numpy do the few transforms DreamBooth needs. Every problem with
+the input ends in a :class:`DataError` that names the object and says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dreambooth.trainer.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+CAPTION_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: pixels in [-1, 1], shape (3, H, W), and its prompt."""
+
+    pixels: torch.Tensor
+    prompt: str
+    name: str
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files below ``folder`` in a stable order (hidden files skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def load_pixels(path: Path, resolution: int, *, where: str) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, center-crop, scale to [-1, 1]."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(
+            f"{where} is not a readable image ({err.__class__.__name__}): replace or delete it"
+        ) from None
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_examples(
+    folder: Path,
+    *,
+    prompt: str,
+    resolution: int,
+    use_captions: bool,
+    source_uri: str,
+) -> list[Example]:
+    """Every image below ``folder`` (downloaded from ``source_uri``) as an :class:`Example`.
+
+    A same-named ``.txt`` next to an image is its prompt when ``use_captions`` is on.
+    """
+    paths = find_images(folder)
+    if not paths:
+        raise DataError(
+            f"no images (png, jpg, jpeg, webp) found under {source_uri}: upload 3-10 photos "
+            "of the subject there, or fix the URI"
+        )
+    examples = []
+    for path in paths:
+        rel = path.relative_to(folder).as_posix()
+        where = source_uri.rstrip("/") + "/" + rel
+        caption = path.with_suffix(CAPTION_SUFFIX)
+        text = prompt
+        if use_captions and caption.is_file():
+            text = caption.read_text(encoding="utf-8", errors="replace").strip() or prompt
+        examples.append(Example(load_pixels(path, resolution, where=where), text, rel))
+    return examples
+
+
+def sample_indices(step: int, micro: int, rank: int, *, per_device: int, processes: int,
+                   accumulation: int, dataset_size: int, seed: int) -> list[int]:
+    """Indices of the examples that ``rank`` trains on in micro-batch ``micro`` of ``step``.
+
+    The data order is a pure function of (seed, position): epoch ``e`` visits the dataset in
+    a permutation drawn from ``seed + e``. Resuming at any step therefore continues with
+    exactly the images an uninterrupted run would have used, and ranks never overlap.
+    """
+    per_step = per_device * processes * accumulation
+    start = step * per_step + (micro * processes + rank) * per_device
+    out = []
+    for position in range(start, start + per_device):
+        epoch, offset = divmod(position, dataset_size)
+        out.append(_permutation(seed + epoch, dataset_size)[offset])
+    return out
+
+
+@lru_cache(maxsize=8)
+def _permutation(seed: int, size: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist())

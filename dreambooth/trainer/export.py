@@ -1,0 +1,44 @@
+"""Export the trained model: a diffusers folder and/or one .safetensors file, to storage.
+
+``model/``             loads with ``StableDiffusionPipeline.from_pretrained`` (safetensors; its
+                       scheduler is the validation sampler, DDIM by default)
+``model.safetensors``  the original Stable Diffusion checkpoint layout (AUTOMATIC1111,
+                       ComfyUI, ``StableDiffusionPipeline.from_single_file``)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from dreambooth.api.spec import OutputFormat
+from dreambooth.trainer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+MODEL_PREFIX = "model/"
+SINGLE_FILE = "model.safetensors"
+LORA_PREFIX = "lora/"
+
+
+def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path) -> dict[str, str]:
+    """Write ``pipeline`` in every format asked for; returns {format: uri}."""
+    out: dict[str, str] = {}
+    if OutputFormat.DIFFUSERS in formats:
+        folder = workdir / "model"
+        shutil.rmtree(folder, ignore_errors=True)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        storage.delete_prefix(MODEL_PREFIX)
+        storage.upload_dir(folder, MODEL_PREFIX)
+        out[OutputFormat.DIFFUSERS] = storage.uri(MODEL_PREFIX)
+    if OutputFormat.SAFETENSORS in formats:
+        from dreambooth.trainer.single_file import save_single_file
+
+        path = workdir / SINGLE_FILE
+        save_single_file(pipeline, path)
+        storage.upload_file(path, SINGLE_FILE)
+        out[OutputFormat.SAFETENSORS] = storage.uri(SINGLE_FILE)
+    for fmt, uri in out.items():
+        log.info("exported %s to %s", fmt, uri)
+    return out

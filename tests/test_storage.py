@@ -1,0 +1,379 @@
+"""dreambooth.trainer.storage against a real S3 server (weed mini) and a local directory.
+
+The behavioural tests run against both backends; error-mapping tests that only make sense
+for S3 (credentials, buckets, an unreachable endpoint) run against S3 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from dreambooth.api.exitcodes import ExitCode
+from dreambooth.trainer.errors import (
+    ConfigError,
+    DataError,
+    NotFoundError,
+    StorageAuthError,
+    StorageUnavailableError,
+)
+from dreambooth.trainer.storage import (
+    LocalStorage,
+    ObjectInfo,
+    RetryPolicy,
+    S3Settings,
+    Storage,
+    open_storage,
+    parse_uri,
+)
+from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
+from tests.support.s3server import S3Server
+
+MiB = 1024 * 1024
+PART_SIZE = 5 * MiB  # the S3 minimum: a 12 MiB file takes 3 parts
+FAST = RetryPolicy(attempts=3, initial_delay_s=0.01, max_delay_s=0.05, connect_timeout_s=1)
+TREE = {
+    "a.txt": b"alpha\n",
+    "empty": b"",
+    "sub/b.bin": os.urandom(70_000),
+    "sub/deeper/c.json": b'{"c": 1}',
+}
+
+
+@dataclass
+class Backend:
+    name: str
+    storage: Storage
+    corrupt: Callable[[str], None]  # flip a byte of a stored key, keeping its recorded sha256
+    etag: Callable[[str], str] | None = None  # S3 only: the ETag of a stored key
+
+
+def _write_tree(root: Path, tree: dict[str, bytes]) -> None:
+    for rel, data in tree.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def _flip(data: bytes) -> bytes:
+    return bytes([data[0] ^ 0xFF]) + data[1:]
+
+
+@pytest.fixture(params=["s3", "local"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "local":
+        storage = open_storage(f"file://{tmp_path}/store/jobs/run-1")
+
+        def corrupt_local(key: str) -> None:
+            assert isinstance(storage, LocalStorage)
+            try:
+                os.getxattr(storage.root / key, "user.dreambooth.sha256")
+            except OSError:
+                pytest.skip("this filesystem keeps no user xattrs: nothing records the sha256")
+            with open(storage.root / key, "r+b") as f:  # in place: the xattr stays stale
+                first = f.read(1)
+                f.seek(0)
+                f.write(_flip(first))
+
+        return Backend("local", storage, corrupt_local)
+
+    server: S3Server = request.getfixturevalue("s3_server")
+    settings, bucket = request.getfixturevalue("s3_bucket")
+    storage = open_storage(f"s3://{bucket}/jobs/run-1", settings, retry=FAST, part_size=PART_SIZE)
+    client = server.client()
+
+    def corrupt_s3(key: str) -> None:
+        name = f"jobs/run-1/{key}"
+        stale = client.stat_object(bucket, name).metadata["x-amz-meta-sha256"]
+        response = client.get_object(bucket, name)
+        data = _flip(response.read())
+        response.close()
+        response.release_conn()
+        client.put_object(bucket, name, io.BytesIO(data), len(data), metadata={"sha256": stale})
+
+    def etag(key: str) -> str:
+        return client.stat_object(bucket, f"jobs/run-1/{key}").etag or ""
+
+    return Backend("s3", storage, corrupt_s3, etag)
+
+
+def test_round_trip_nested_prefix(backend: Backend, tmp_path: Path) -> None:
+    storage = backend.storage
+    _write_tree(tmp_path / "src", TREE)
+
+    keys = storage.upload_dir(tmp_path / "src", "data/instance")
+
+    assert keys == sorted(f"data/instance/{rel}" for rel in TREE)
+    for rel, data in TREE.items():
+        assert storage.read_bytes(f"data/instance/{rel}") == data
+        assert storage.exists(f"data/instance/{rel}")
+    assert not storage.exists("data/instance/missing")
+    assert storage.uri("data/instance/a.txt").endswith("/jobs/run-1/data/instance/a.txt")
+    assert storage.uri("x").startswith(f"{backend.name.replace('local', 'file')}://")
+
+
+def test_multipart_upload_of_a_large_file(backend: Backend, tmp_path: Path) -> None:
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(os.urandom(12 * MiB))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+
+    backend.storage.upload_file(big, "checkpoints/step-10/model.safetensors")
+    out = backend.storage.download(
+        "checkpoints/step-10/model.safetensors", tmp_path / "back" / "model.safetensors"
+    )
+
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    if backend.etag:  # a multipart upload's ETag ends in -<number of parts>
+        assert backend.etag("checkpoints/step-10/model.safetensors").endswith("-3")
+
+
+def test_listing_is_recursive_sorted_and_prefix_is_a_directory(backend: Backend) -> None:
+    storage = backend.storage
+    for key in ["b/2", "a/x/1", "a/0", "ab/not-under-a", "top"]:
+        storage.write_bytes(key, key.encode())
+
+    assert storage.list() == [
+        ObjectInfo(k, len(k)) for k in ["a/0", "a/x/1", "ab/not-under-a", "b/2", "top"]
+    ]
+    assert [o.key for o in storage.list("a")] == ["a/0", "a/x/1"]
+    assert [o.key for o in storage.list("/a/")] == ["a/0", "a/x/1"]
+    assert storage.list("nothing-here") == []
+
+
+def test_download_prefix_recreates_the_tree(backend: Backend, tmp_path: Path) -> None:
+    _write_tree(tmp_path / "src", TREE)
+    backend.storage.upload_dir(tmp_path / "src", "instance")
+    backend.storage.write_bytes("other/z", b"not part of it")
+
+    paths = backend.storage.download_prefix("instance", tmp_path / "dst")
+
+    assert sorted(paths) == sorted(tmp_path / "dst" / rel for rel in TREE)
+    got = {p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes()
+           for p in (tmp_path / "dst").rglob("*") if p.is_file()}
+    assert got == TREE  # no stray temporary files either
+
+
+def test_download_of_an_empty_prefix_is_not_found(backend: Backend, tmp_path: Path) -> None:
+    backend.storage.write_bytes("somewhere/else", b"x")
+    with pytest.raises(NotFoundError, match=r"nothing found under .*/jobs/run-1/instance/"):
+        backend.storage.download_prefix("instance", tmp_path / "dst")
+
+
+def test_corrupted_object_is_detected(backend: Backend, tmp_path: Path) -> None:
+    storage = backend.storage
+    storage.write_bytes("instance/img.png", os.urandom(4096))
+    backend.corrupt("instance/img.png")
+
+    with pytest.raises(DataError, match=r"sha256 .* does not match the recorded") as info:
+        storage.download_prefix("instance", tmp_path / "dst")
+    assert info.value.exit_code == ExitCode.BAD_DATA
+    assert storage.uri("instance/img.png") in str(info.value)
+    assert not list((tmp_path / "dst").rglob("*.png*"))  # nothing half-written left behind
+    with pytest.raises(DataError):
+        storage.read_bytes("instance/img.png")
+
+
+def test_delete_prefix(backend: Backend) -> None:
+    storage = backend.storage
+    for key in ["ckpt/1/a", "ckpt/1/b", "ckpt/2/a", "ckptx/keep", "keep"]:
+        storage.write_bytes(key, b"x")
+
+    assert storage.delete_prefix("ckpt/1") == 2
+    assert [o.key for o in storage.list()] == ["ckpt/2/a", "ckptx/keep", "keep"]
+    assert storage.delete_prefix("ckpt") == 1
+    assert storage.delete_prefix("ckpt") == 0
+    assert storage.delete_prefix() == 2
+    assert storage.list() == []
+
+
+def test_missing_object_is_not_found(backend: Backend, tmp_path: Path) -> None:
+    backend.storage.write_bytes("present", b"x")
+    with pytest.raises(NotFoundError, match="jobs/run-1/absent"):
+        backend.storage.read_bytes("absent")
+    with pytest.raises(NotFoundError):
+        backend.storage.download("absent", tmp_path / "absent")
+
+
+# --- S3 only: credentials, buckets, reachability ---------------------------------------
+
+
+def _s3(settings: S3Settings, bucket: str, **changes: object) -> Storage:
+    return open_storage(f"s3://{bucket}/p", S3Settings(**{**vars(settings), **changes}),
+                        retry=FAST)
+
+
+def test_wrong_secret_is_an_auth_error_without_the_secret(
+    s3_bucket: tuple[S3Settings, str],  # noqa: F811
+) -> None:
+    settings, bucket = s3_bucket
+    wrong = "wrong-" + "s" * 30
+    storage = _s3(settings, bucket, secret_key=wrong)
+
+    for operation in (storage.list, lambda: storage.read_bytes("k"),
+                      lambda: storage.write_bytes("k", b"x"), lambda: storage.exists("k")):
+        with pytest.raises(StorageAuthError) as info:
+            operation()
+        message = str(info.value)
+        assert "rejected the credentials" in message
+        assert "spec.storage.credentialsSecret" in message
+        assert settings.endpoint in message
+        chain = [info.value, info.value.__cause__, info.value.__context__]
+        for text in (message, *map(str, chain), *map(repr, chain)):
+            assert wrong not in text and settings.secret_key not in text  # type: ignore[operator]
+        assert info.value.exit_code == ExitCode.STORAGE_AUTH
+    assert wrong not in repr(storage) and wrong not in repr(replace(settings, secret_key=wrong))
+
+
+def test_unknown_access_key_is_an_auth_error(s3_bucket: tuple[S3Settings, str]) -> None:  # noqa: F811
+    settings, bucket = s3_bucket
+    with pytest.raises(StorageAuthError, match="InvalidAccessKeyId"):
+        _s3(settings, bucket, access_key="nobody").list()
+
+
+def test_missing_bucket_is_not_found(s3_bucket: tuple[S3Settings, str], tmp_path: Path) -> None:  # noqa: F811
+    settings, _ = s3_bucket
+    storage = _s3(settings, "no-such-bucket-here")
+    for operation in (storage.list, lambda: storage.download_prefix("", tmp_path),
+                      lambda: storage.write_bytes("k", b"x")):
+        with pytest.raises(NotFoundError, match="bucket 'no-such-bucket-here' does not exist"):
+            operation()
+
+
+def test_unreachable_endpoint_is_unavailable_quickly(s3_bucket: tuple[S3Settings, str]) -> None:  # noqa: F811
+    settings, bucket = s3_bucket
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"
+    storage = _s3(settings, bucket, endpoint=endpoint)
+
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError) as info:
+        storage.list()
+    assert time.monotonic() - started < 5
+    assert f"storage at {endpoint} is unavailable" in str(info.value)
+    assert "failed 3 times" in str(info.value)
+    assert info.value.exit_code == ExitCode.STORAGE_UNAVAILABLE
+
+
+class _FlakyS3(http.server.BaseHTTPRequestHandler):
+    """Answers 503 SlowDown ``failures`` times, then an empty object listing."""
+
+    failures = 0
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).requests.append(self.path)
+        failing = len(self.requests) <= self.failures
+        body = (b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>" if failing
+                else b"<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>"
+                     b"</ListBucketResult>")
+        self.send_response(503 if failing else 200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("failures", "recovers"), [(2, True), (99, False)])
+def test_server_errors_are_retried(failures: int, recovers: bool) -> None:
+    handler = type("Handler", (_FlakyS3,), {"failures": failures, "requests": []})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        storage = open_storage("s3://bucket/p", S3Settings(endpoint, secure=False), retry=FAST)
+        try:
+            if recovers:
+                assert storage.list() == []
+            else:
+                with pytest.raises(StorageUnavailableError, match="failed 3 times, last with Slow"):
+                    storage.list()
+        finally:
+            server.shutdown()
+    assert len(handler.requests) == 3
+
+
+# --- local only ---------------------------------------------------------------------------
+
+
+def test_local_missing_directory_is_not_found(tmp_path: Path) -> None:
+    storage = open_storage(f"file://{tmp_path}/nope")
+    for read in (lambda: storage.download_prefix("", tmp_path / "dst"),
+                 lambda: storage.read_bytes("k")):
+        with pytest.raises(NotFoundError, match=f"directory {tmp_path}/nope does not exist"):
+            read()
+    assert storage.list() == []  # like an empty S3 prefix: a new output directory
+    assert storage.delete_prefix() == 0
+    storage.write_bytes("created/on/write", b"x")  # writing creates the directory
+    assert storage.read_bytes("created/on/write") == b"x"
+
+
+# --- URIs and settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b", ("s3", "bucket", "a/b/")),
+        ("s3://my.bucket-1", ("s3", "my.bucket-1", "")),
+        ("s3://bucket/a//b/", ("s3", "bucket", "a/b/")),
+        ("file:///data/x/", ("file", "/data/x", "")),
+        ("file://localhost/data", ("file", "/data", "")),
+    ],
+)
+def test_parse_uri(uri: str, expected: tuple[str, str, str]) -> None:
+    assert parse_uri(uri) == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("gs://bucket/x", "unsupported storage URI 'gs://bucket/x': use s3://"),
+        ("/data/x", "unsupported storage URI"),
+        ("s3://Bad_Bucket/x", "invalid bucket name 'Bad_Bucket'"),
+        ("s3://ab/x", "invalid bucket name 'ab'"),
+        ("file://data/x", "must be absolute"),
+        ("s3://bucket/a/../b", r"must not contain '\.' or '\.\.'"),
+        ("s3://bucket/x?versionId=1", "must not have a query"),
+    ],
+)
+def test_parse_uri_rejects(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_uri(uri)
+    assert info.value.exit_code == ExitCode.INVALID_CONFIG
+
+
+def test_parse_uri_never_echoes_credentials() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_uri("s3://AKIA:topsecret@bucket/x")
+    assert "topsecret" not in str(info.value) and "credentialsSecret" in str(info.value)
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.storage:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+    settings = S3Settings.from_env()
+
+    assert settings == S3Settings("minio.storage:9000", False, "eu-west-1",
+                                  "AKIAEXAMPLE", "very-secret")
+    assert "very-secret" not in repr(settings)
+    assert S3Settings.from_env(endpoint="s3.example.com", secure=True).secure
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ConfigError, match="only one of AWS_ACCESS_KEY_ID"):
+        S3Settings.from_env()
