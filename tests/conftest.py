@@ -6,3 +6,27 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-1.5-shaped model with random weights (built once)."""
+    from dreambooth.trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", resolution=64)
+
+
+@pytest.fixture(scope="session")
+def toy_cat_dir(tmp_path_factory) -> Path:
+    """Four synthetic instance photos of one toy cat."""
+    from dreambooth.demo import draw_toy_cats
+
+    folder = tmp_path_factory.mktemp("photos") / "toy-cat"
+    draw_toy_cats(folder)
+    return folder

@@ -16,16 +16,16 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors import safe_open
 
-from dreambooth.trainer.single_file import (  # noqa: E402
+from dreambooth.trainer.single_file import (
     SingleFileExportError,
     save_single_file,
     to_original_state_dict,
 )
-from dreambooth.trainer.tiny import build_tiny_model  # noqa: E402
+from dreambooth.trainer.tiny import build_tiny_model
 
 PARTS = ("unet", "vae", "text_encoder")
 

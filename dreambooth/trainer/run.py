@@ -22,7 +22,7 @@ from dreambooth.api.spec import DreamBoothJobSpec, MixedPrecision, Optimizer
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.data import Example, load_examples
-from dreambooth.trainer.errors import ConfigError, Preempted
+from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
 from dreambooth.trainer.export import export
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
@@ -104,15 +104,19 @@ def s3_settings(config: TrainerConfig) -> S3Settings | None:
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
 
 
-def fetch_prefix(uri: str, s3: S3Settings | None, dest: Path) -> Path:
+def fetch_prefix(uri: str, s3: S3Settings | None, dest: Path, *, what: str,
+                 empty: type[TrainerError] = DataError) -> Path:
     """A local folder with the objects below ``uri`` (file:// URIs are used in place)."""
     parsed = parse_uri(uri, allowed={Scheme.S3, Scheme.FILE, Scheme.HF, Scheme.PVC})
     if parsed.scheme is Scheme.PVC:
         raise ConfigError(f"{uri}: pvc:// volumes are mounted by the operator; locally use file://")
     if parsed.scheme is Scheme.FILE:
         return Path(parsed.path)
+    storage = open_storage(uri, s3)
+    if not storage.list():
+        raise empty(f"no {what} found under {uri}: upload them there, or fix the URI")
     shutil.rmtree(dest, ignore_errors=True)
-    open_storage(uri, s3).download_prefix("", dest)
+    storage.download_prefix("", dest)
     return dest
 
 
@@ -121,7 +125,8 @@ def fetch_base_model(ctx: Context) -> Path:
     parsed = parse_uri(model.uri, allowed=set(Scheme))
     if parsed.scheme is Scheme.HF:
         return fetch_from_hub(parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub")
-    return fetch_prefix(model.uri, ctx.s3, ctx.workdir / "base-model")
+    return fetch_prefix(model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files",
+                        empty=NotFoundError)
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -134,7 +139,7 @@ def load_instance_examples(ctx: Context, components: Components) -> list[Example
             f"{max(multiple, training.resolution // multiple * multiple)}"
         )
     with ctx.accelerator.local_main_process_first():
-        folder = fetch_prefix(ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance")
+        folder = fetch_prefix(ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos")
     return load_examples(
         folder,
         prompt=ctx.spec.instance.prompt,

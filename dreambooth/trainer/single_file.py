@@ -38,39 +38,23 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 
 _PARAMS = {"weight": "weight", "bias": "bias"}
-_UNET_FIXED = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_VAE_FIXED = {
-    **{f"{part}.{name}": f"{part}.{name}" for part in ("encoder", "decoder")
-       for name in ("conv_in", "conv_out")},
-    "encoder.conv_norm_out": "encoder.norm_out",
-    "decoder.conv_norm_out": "decoder.norm_out",
-    "quant_conv": "quant_conv",
-    "post_quant_conv": "post_quant_conv",
-}
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "conv_shortcut": "skip_connection"}
+_VAE_FIXED = {"encoder.conv_norm_out": "encoder.norm_out",
+              "decoder.conv_norm_out": "decoder.norm_out",
+              **{name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in",
+                                         "decoder.conv_out", "quant_conv", "post_quant_conv")}}
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                "conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
                   "to_out.0": "proj_out",  # and the names diffusers used before 0.15:
                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_OPENCLIP_FIXED: dict[str, tuple[str, Mapping[str, str] | None]] = {
-    "embeddings.token_embedding": ("token_embedding", _PARAMS),
-    "embeddings.position_embedding": ("", {"weight": "positional_embedding"}),
-    "final_layer_norm": ("ln_final", _PARAMS),
-}
+_OPENCLIP_FIXED: Rules = {"embeddings.token_embedding": ("token_embedding", _PARAMS),
+                          "embeddings.position_embedding": ("", {"weight": "positional_embedding"}),
+                          "final_layer_norm": ("ln_final", _PARAMS)}
 _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
                    "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                    "self_attn.in_proj": "attn"}  # q, k, v stacked by _openclip
@@ -155,7 +139,7 @@ def unet_rules(sd: StateDict) -> Rules:
             rules[f"{up}.resnets.{layer}"] = (f"output_blocks.{index}.0", _UNET_RESNET)
             rules[f"{up}.attentions.{layer}"] = (f"output_blocks.{index}.1", None)
             index += 1
-        slot = 1 if any(k.startswith(f"{up}.attentions.") for k in sd) else 1  # after attention
+        slot = 2 if any(k.startswith(f"{up}.attentions.") for k in sd) else 1  # after attention
         rules[f"{up}.upsamplers.0.conv"] = (f"output_blocks.{index - 1}.{slot}.conv", _PARAMS)
     return rules
 
@@ -212,11 +196,11 @@ def _clip(sd: StateDict) -> dict[str, torch.Tensor]:
 def _openclip(sd: StateDict) -> dict[str, torch.Tensor]:
     """SD 2.x: OpenCLIP's layout, with q/k/v stacked into one ``in_proj`` per layer.
 
-    A diffusers SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers (SD 2 reads the
-    penultimate one); readers build the 24th themselves and never use it.
+    A diffusers SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers: SD 2 reads the
+    penultimate layer's output, so readers that build all 24 leave the last one unused.
     """
     flat = _text_model(sd)
-    for name in {k.rsplit(".", 2)[0] for k in flat if re.search(r"\.[qkv]_proj\.", k)}:
+    for name in {k.rsplit(".", 2)[0] for k in flat if re.search(r"\.[qkv]_proj\.(weight|bias)$", k)}:
         for param in ("weight", "bias"):
             parts = [flat.pop(f"{name}.{p}_proj.{param}", None) for p in "qkv"]
             if any(part is None for part in parts):

@@ -1,0 +1,126 @@
+"""Helpers for running the trainer as a pod would: a TrainerConfig file and a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreambooth.api import Defaults, build_trainer_config, validate_job
+from dreambooth.api.config import TrainerConfig
+from dreambooth.trainer.storage import S3Settings, open_storage
+
+
+def job_document(model_uri: str, instance_uri: str, output_uri: str, *, name: str = "toy-cat",
+                 steps: int = 30, every: int = 10, training: dict[str, Any] | None = None,
+                 **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {
+            "preset": "object",
+            "baseModel": {"uri": model_uri},
+            "instance": {"uri": instance_uri, "prompt": "a photo of zwx toy cat"},
+            "training": {"steps": steps, "batchSize": 2, "resolution": 64, "learningRate": 1e-3,
+                         **(training or {})},
+            "validation": {"inferenceSteps": 4, "imagesPerPrompt": 2, "everySteps": steps},
+            "checkpointing": {"everySteps": every, "keep": 2},
+            "output": {"uri": output_uri},
+            "resources": {"gpusPerNode": 0},
+            **spec,
+        },
+    }
+
+
+def trainer_config(doc: dict[str, Any], *, endpoint: str | None = None, metrics_port: int = 0) -> TrainerConfig:
+    job = validate_job(doc)
+    return build_trainer_config(
+        job, Defaults(output_root="file:///unused", s3_endpoint=endpoint, s3_secure=False,
+                      metrics_port=metrics_port)
+    )
+
+
+def write_config(config: TrainerConfig, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "trainer-config.json"
+    path.write_text(json.dumps(config.wire()))
+    return path
+
+
+def trainer_env(s3: S3Settings | None = None, secret_key: str | None = None) -> dict[str, str]:
+    """The environment the operator gives a trainer pod (credentials from a Secret)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if s3 is not None:
+        env.update(AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=secret_key or s3.secret_key,
+                   AWS_ENDPOINT_URL_S3=f"http://{s3.endpoint}")
+    return env
+
+
+def start_trainer(config_path: Path, workdir: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dreambooth.trainer", "--config", str(config_path),
+         "--workdir", str(workdir), "--termination-log", str(workdir / "termination-log")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def run_trainer(config_path: Path, workdir: Path, env: dict[str, str], timeout: float = 300):
+    """Run to the end; returns (exit code, log text, termination summary or None)."""
+    proc = start_trainer(config_path, workdir, env)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out, termination_summary(workdir)
+
+
+def termination_summary(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / "termination-log"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def upload(settings: S3Settings, uri: str, folder: Path) -> None:
+    open_storage(uri, settings).upload_dir(folder)
+
+
+def download(settings: S3Settings | None, uri: str, dest: Path) -> Path:
+    open_storage(uri, settings).download_prefix("", dest)
+    return dest
+
+
+@torch.no_grad()
+def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int = 48, seed: int = 1234) -> float:
+    """Mean noise-prediction error of ``model_dir`` on the photos, over fixed noise draws.
+
+    The same (timestep, noise) draws are used for every model compared, and averaged over
+    many draws and all photos, so the random timestep that makes per-step training losses
+    jumpy cancels out: a drop in this number is learning, not luck.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from dreambooth.trainer.data import load_examples
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    examples = load_examples(images_dir, prompt=prompt, resolution=64, use_captions=False, source_uri="test")
+    pixels = torch.stack([e.pixels for e in examples])
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0].expand(len(examples), -1, -1)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, cond).sample
+        total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / draws

@@ -1,0 +1,150 @@
+"""Nothing is lost on a crash: kill -9 or SIGTERM at a random step, restart, same result."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
+
+from dreambooth.trainer.storage import open_storage
+from tests.support.trainer import (
+    download,
+    job_document,
+    run_trainer,
+    start_trainer,
+    termination_summary,
+    trainer_config,
+    trainer_env,
+    upload,
+    write_config,
+)
+
+STEPS, EVERY = 40, 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def metric(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return None
+
+
+def wait_for_step(proc: subprocess.Popen, port: int, at_least: int, timeout: float = 120) -> tuple[float, str]:
+    """Poll the trainer's metrics until its step reaches ``at_least``; returns (step, text)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        text = scrape(port)
+        step = metric(text, "dreambooth_trainer_step") if text else None
+        if step is not None and step >= at_least:
+            return step, text
+        time.sleep(0.01)
+    raise AssertionError(f"the trainer never reached step {at_least}")
+
+
+@pytest.fixture
+def bucket_with_inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
+    settings, bucket = s3_bucket
+    upload(settings, f"s3://{bucket}/models/tiny/", tiny_model_dir)
+    upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
+    return settings, bucket
+
+
+def config_for(settings, bucket, output: str, port: int = 0):
+    doc = job_document(f"s3://{bucket}/models/tiny/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
+                       steps=STEPS, every=EVERY)
+    return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
+
+
+def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(bucket_with_inputs, tmp_path):
+    settings, bucket = bucket_with_inputs
+    env = trainer_env(settings)
+
+    code, log, _ = run_trainer(write_config(config_for(settings, bucket, "straight"), tmp_path / "a"),
+                               tmp_path / "a" / "work", env)
+    assert code == 0, log
+
+    port = free_port()
+    config_path = write_config(config_for(settings, bucket, "killed", port), tmp_path / "b")
+    kill_at = random.Random().randint(EVERY + 1, STEPS - EVERY)
+    proc = start_trainer(config_path, tmp_path / "b" / "work", env)
+    seen, _ = wait_for_step(proc, port, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # Debris a crash can leave: a checkpoint without a manifest and one whose manifest lies.
+    out = open_storage(f"s3://{bucket}/killed/", settings)
+    out.write_bytes("checkpoints/checkpoint-9999/trainable.safetensors", b"half an upload")
+    out.write_bytes("checkpoints/checkpoint-9998/trainable.safetensors", b"short")
+    out.write_bytes("checkpoints/checkpoint-9998/manifest.json",
+                    json.dumps({"step": 9998, "files": {"trainable.safetensors": {"size": 999, "sha256": "0"}}}).encode())
+
+    code, log, summary = run_trainer(config_path, tmp_path / "b" / "work", env)
+    assert code == 0, log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert resumed % EVERY == 0 and seen - EVERY <= resumed <= seen + EVERY, (seen, resumed)
+    assert summary["step"] == STEPS
+    remaining = {o.key.split("/")[1] for o in out.list("checkpoints/")}
+    assert remaining == {f"checkpoint-{STEPS - EVERY}", f"checkpoint-{STEPS}"}  # debris pruned
+
+    straight = download(settings, f"s3://{bucket}/straight/model/unet/", tmp_path / "u1")
+    killed = download(settings, f"s3://{bucket}/killed/model/unet/", tmp_path / "u2")
+    a = load_file(straight / "diffusion_pytorch_model.safetensors")
+    b = load_file(killed / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not (a[k] == b[k]).all()]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_metrics_advance_pass_promtool_and_sigterm_saves_a_checkpoint(bucket_with_inputs, tmp_path):
+    settings, bucket = bucket_with_inputs
+    port = free_port()
+    config_path = write_config(config_for(settings, bucket, "preempted", port), tmp_path)
+    proc = start_trainer(config_path, tmp_path / "work", trainer_env(settings))
+    first, _ = wait_for_step(proc, port, 2)
+    later, text = wait_for_step(proc, port, first + 3)
+    assert later > first
+    assert metric(text, "dreambooth_trainer_total_steps") == STEPS
+    assert metric(text, "dreambooth_trainer_phase") is not None
+
+    promtool = shutil.which("promtool")
+    if promtool:  # Debian's prometheus package; .ci/run installs it
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on preemption, suspend or drain
+    proc.wait(timeout=60)
+    log = proc.stdout.read()
+    assert proc.returncode == 21, log
+    summary = termination_summary(tmp_path / "work")
+    assert summary["reason"] == "Preempted"
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", summary["message"]).group(1))
+    keys = {o.key for o in open_storage(f"s3://{bucket}/preempted/", settings).list("checkpoints/")}
+    assert f"checkpoints/checkpoint-{stopped}/manifest.json" in keys
+    if not promtool:
+        pytest.skip("promtool not installed: metrics text not linted (apt-get install prometheus)")
