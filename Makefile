@@ -15,8 +15,9 @@ export HF_HUB_OFFLINE ?= 1
 demo: $(VENV)/.trainer
 	$(BIN)/dreambooth demo
 
-## test: install everything into .venv and run the whole test suite
+## test: install everything into .venv (and promtool, where apt can) and run the whole test suite
 test: $(VENV)/.dev
+	@scripts/install-system-tools.sh
 	$(BIN)/python -m pytest
 
 ## test-fast: the suite without tests marked slow

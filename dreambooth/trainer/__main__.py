@@ -49,7 +49,12 @@ def setup_logging() -> None:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    """The operator reads this as the container's termination message (max 4 KiB)."""
+    """The operator reads this as the container's termination message (max 4 KiB).
+
+    All processes of a pod share the file: the pod's first process (LOCAL_RANK 0) writes it.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
     if path.parent.is_dir() and (path.exists() or path.parent != Path("/dev")):
         try:
             path.write_text(json.dumps(summary)[:4000])

@@ -1,0 +1,126 @@
+"""Bad inputs end with the documented exit code and a message that says what to fix."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
+from dreambooth.trainer.__main__ import main as trainer_main
+from dreambooth.trainer.storage import open_storage
+from tests.support.trainer import job_document, trainer_config, upload, write_config
+
+
+@pytest.fixture
+def run_in_process(tmp_path, monkeypatch, caplog):
+    """Run the trainer's entry point here (imports are warm) with a pod's environment."""
+
+    def run(config, s3=None, secret_key=None):
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(key, raising=False)
+        if s3 is not None:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key or s3.secret_key)
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{s3.endpoint}")
+        path = config if not hasattr(config, "wire") else write_config(config, tmp_path)
+        summary_path = tmp_path / "termination-log"
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = trainer_main(["--config", str(path), "--workdir", str(tmp_path / "work"),
+                                 "--termination-log", str(summary_path)])
+        summary = json.loads(summary_path.read_text())
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors and "Traceback" not in errors[-1].getMessage(), "a traceback is no explanation"
+        assert summary["exitCode"] == code
+        return ExitCode(code), summary["message"]
+
+    return run
+
+
+@pytest.fixture
+def inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
+    settings, bucket = s3_bucket
+    upload(settings, f"s3://{bucket}/models/tiny/", tiny_model_dir)
+    upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
+    return settings, bucket
+
+
+def doc(bucket, *, model="models/tiny/", data="data/cat/", out="out/", **kw):
+    return job_document(f"s3://{bucket}/{model}", f"s3://{bucket}/{data}", f"s3://{bucket}/{out}", steps=2, every=2, **kw)
+
+
+def test_empty_instance_prefix(inputs, run_in_process):
+    s3, bucket = inputs
+    code, message = run_in_process(trainer_config(doc(bucket, data="nothing/"), endpoint=s3.endpoint), s3)
+    assert code is ExitCode.BAD_DATA
+    assert f"no instance photos found under s3://{bucket}/nothing/" in message
+
+
+def test_broken_image_is_named(inputs, run_in_process):
+    s3, bucket = inputs
+    open_storage(f"s3://{bucket}/data/cat/", s3).write_bytes("broken.png", b"\x89PNG not really")
+    code, message = run_in_process(trainer_config(doc(bucket), endpoint=s3.endpoint), s3)
+    assert code is ExitCode.BAD_DATA
+    assert f"s3://{bucket}/data/cat/broken.png is not a readable image" in message
+
+
+def test_wrong_credentials(inputs, run_in_process):
+    s3, bucket = inputs
+    code, message = run_in_process(trainer_config(doc(bucket), endpoint=s3.endpoint), s3,
+                                   secret_key="not-the-secret-123")
+    assert code is ExitCode.STORAGE_AUTH
+    assert "credentialsSecret" in message and "not-the-secret-123" not in message
+
+
+def test_missing_bucket(inputs, run_in_process):
+    s3, bucket = inputs
+    config = trainer_config(job_document(f"s3://{bucket}/models/tiny/", f"s3://no-such-bucket-here/cat/",
+                                         f"s3://{bucket}/out/", steps=2, every=2), endpoint=s3.endpoint)
+    code, message = run_in_process(config, s3)
+    assert code is ExitCode.NOT_FOUND
+    assert "no-such-bucket-here" in message
+
+
+def test_unknown_model_layout(inputs, run_in_process):
+    s3, bucket = inputs
+    store = open_storage(f"s3://{bucket}/models/sdxl/", s3)
+    for name in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+        store.write_bytes(name, b"{}")
+    store.write_bytes("model_index.json", json.dumps({"_class_name": "StableDiffusionXLPipeline"}).encode())
+    code, message = run_in_process(trainer_config(doc(bucket, model="models/sdxl/"), endpoint=s3.endpoint), s3)
+    assert code is ExitCode.BAD_MODEL
+    assert "StableDiffusionXLPipeline" in message and "Stable Diffusion 1.x/2.x" in message
+
+
+def test_not_a_model_folder(toy_cat_dir, tmp_path, run_in_process):
+    config = trainer_config(job_document(toy_cat_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2))
+    code, message = run_in_process(config)
+    assert code is ExitCode.BAD_MODEL
+    assert "missing model_index.json" in message
+
+
+def test_resolution_the_model_cannot_take(tiny_model_dir, toy_cat_dir, tmp_path, run_in_process):
+    config = trainer_config(job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(),
+                                         steps=2, every=2, training={"resolution": 72}))
+    code, message = run_in_process(config)
+    assert code is ExitCode.INVALID_CONFIG
+    assert "training.resolution 72" in message and "multiple of 16" in message
+
+
+def test_invalid_config_file(tmp_path, run_in_process):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"apiVersion": "dreambooth.io/v1alpha1", "kind": "TrainerConfig",
+                                "job": {"name": "x"}, "outputUri": "file:///tmp/x/", "classCacheUri": "file:///tmp/c/",
+                                "spec": {"baseModel": {"uri": "file:///m"}, "instance": {"uri": "file:///i", "prompt": "p"},
+                                         "training": {"steps": 0}}}))
+    code, message = run_in_process(path)
+    assert code is ExitCode.INVALID_CONFIG
+    assert "spec.training.steps" in message
+
+
+def test_do_not_retry_codes_are_the_input_errors():
+    assert {c.name for c in DO_NOT_RETRY} == {"INVALID_CONFIG", "BAD_DATA", "STORAGE_AUTH", "NOT_FOUND", "BAD_MODEL"}
+    assert ExitCode.STORAGE_UNAVAILABLE not in DO_NOT_RETRY and ExitCode.PREEMPTED not in DO_NOT_RETRY
