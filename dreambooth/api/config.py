@@ -63,11 +63,13 @@ def output_uri_for(job: DreamBoothJob, defaults: Defaults) -> str:
 
 
 def class_cache_uri_for(output_uri: str) -> str:
-    """Class images are shared by every job writing to the same bucket (or local root)."""
+    """Where generated class images are cached: shared by every job writing to the same
+    bucket, or (local runs) by sibling output folders."""
     uri = parse_uri(output_uri, allowed=set(Scheme))
     if uri.scheme is Scheme.S3:
         return f"s3://{uri.authority}/.cache/class-images/"
-    return output_uri.rstrip("/") + "/.cache/class-images/"
+    parent = output_uri.rstrip("/").rsplit("/", 1)[0]
+    return parent + "/.cache/class-images/"
 
 
 def build_trainer_config(job: DreamBoothJob, defaults: Defaults) -> TrainerConfig:

@@ -1,0 +1,115 @@
+"""Prior preservation: class images from the user, or generated once and shared.
+
+Generated class images depend only on (base model, revision, class prompt, resolution,
+count, sampler settings), so they are cached under
+``<classCacheUri>/<sha256 of those>/`` with a ``manifest.json`` written last; any later
+job asking for the same set reuses them without generating anything. Generation is
+spread over all processes (image ``i`` is drawn by rank ``i % processes`` from seed ``i``,
+so the set is the same whatever the number of GPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from dreambooth.api.spec import Sampler, ValidationSpec
+from dreambooth.trainer.data import Example, find_images, load_examples
+from dreambooth.trainer.errors import DataError
+from dreambooth.trainer.sampling import build_pipeline, generate
+from dreambooth.trainer.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+#: how class images are drawn (part of the cache key): the seed's DDIM, a common CFG scale
+SAMPLER = {"scheduler": Sampler.DDIM.value, "inferenceSteps": 50, "guidanceScale": 7.5, "seed": 0}
+GENERATION_BATCH = 4
+
+
+def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int) -> str:
+    facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
+             "count": count, **SAMPLER}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _complete(store: Storage, count: int) -> bool:
+    if not store.exists(MANIFEST):
+        return False
+    try:
+        files = json.loads(store.read_bytes(MANIFEST))["files"]
+    except (ValueError, KeyError):
+        return False
+    present = {o.key: o.size for o in store.list()}
+    return len(files) == count and all(present.get(k) == size for k, size in files.items())
+
+
+def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) -> None:
+    """Draw this rank's share of the class images and upload them."""
+    a, prior, resolution = ctx.accelerator, ctx.spec.prior, ctx.spec.training.resolution
+    mine = list(range(a.process_index, count, a.num_processes))
+    pipeline = build_pipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler_config=components.noise_scheduler.config,
+        sampler=Sampler(SAMPLER["scheduler"]),
+    ).to(a.device)
+    settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
+                              guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for index in mine:
+        with a.autocast():
+            [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
+                                 device=a.device)
+        path = workdir / f"class-{index:05d}.png"
+        image.save(path)
+        store.upload_file(path, path.name)
+        if ctx.main and (index // a.num_processes) % 10 == 0:
+            log.info("class image %d/%d", index + 1, count)
+
+
+def class_examples(ctx, components) -> list[Example]:
+    """The class images of this run (generated and cached if needed), as examples."""
+    a, prior, training = ctx.accelerator, ctx.spec.prior, ctx.spec.training
+    count, prompt = prior.num_images, prior.class_prompt
+    folder = ctx.workdir / "class-images"
+    if prior.uri:
+        source = prior.uri
+        store = open_storage(source, ctx.s3)
+    else:
+        key = cache_key(model=ctx.spec.base_model.uri, revision=ctx.spec.base_model.revision, prompt=prompt,
+                        resolution=training.resolution, count=count)
+        source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
+        store = open_storage(source, ctx.s3)
+        if not _complete(store, count):
+            if ctx.metrics:
+                ctx.metrics.phase.state("generating_class_images")
+            log.info("generating %d class images for %r into %s", count, prompt, source)
+            _generate_share(ctx, components, store, count, ctx.workdir / "class-generated")
+            a.wait_for_everyone()
+            if ctx.main:
+                files = {o.key: o.size for o in store.list() if o.key != MANIFEST}
+                store.write_bytes(MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
+            a.wait_for_everyone()
+        else:
+            log.info("reusing %d cached class images from %s", count, source)
+    with a.local_main_process_first():
+        if a.is_local_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            if store.list():
+                store.download_prefix("", folder)
+    paths = find_images(folder)
+    if not paths:
+        raise DataError(f"no class images found under {source}: upload some there or drop prior.uri "
+                        "to have them generated")
+    if len(paths) < count:
+        log.warning("only %d class images under %s (prior.numImages is %d): training with those",
+                    len(paths), source, count)
+    examples = load_examples(folder, prompt=prompt, resolution=training.resolution, use_captions=False,
+                             source_uri=source)
+    torch.manual_seed(training.seed)  # generation consumed random numbers; training starts afresh
+    return examples[:count]
