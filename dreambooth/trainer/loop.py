@@ -144,6 +144,9 @@ class Loop:
     text_encoder_steps: int = 0  # train the text encoder while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+
     @property
     def per_device(self) -> int:
         a = self.accelerator
@@ -191,8 +194,9 @@ class Loop:
                 loss.total.detach(), loss.instance.detach(),
                 loss.prior.detach() if loss.prior is not None else torch.zeros((), device=a.device),
             ]).float()
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        a.clip_grad_norm_(params, self.training.max_grad_norm)
+        if a.scaler is not None:
+            a.unscale_gradients(self.optimizer)  # fp16: clip the true gradients
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.training.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

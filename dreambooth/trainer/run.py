@@ -158,7 +158,8 @@ def build_optimizer(spec: DreamBoothJobSpec, groups: list[dict]) -> torch.optim.
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=training.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=training.weight_decay)
+    # foreach: one kernel per op over all tensors, several times faster than a loop on CPU
+    return torch.optim.AdamW(groups, weight_decay=training.weight_decay, foreach=True)
 
 
 def build_loop(ctx: Context, components: Components, instances: list[Example],

@@ -432,7 +432,7 @@ def test_model_dump_stands_in_for_api_server_defaulting(changes):
 
 # The API server must never refuse a job that the typed models accept: whatever the rules
 # read, a CEL rejection implies a python rejection.
-_maybe_int = lambda lo, hi: st.none() | st.integers(lo, hi)  # noqa: E731
+_maybe_int = lambda lo, hi: st.none() | st.integers(lo, hi)
 
 
 @st.composite

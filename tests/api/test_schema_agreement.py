@@ -200,7 +200,7 @@ def _filler(pattern: str | None):
     if pattern is None:
         return lambda n: "x" * n
     for prefix, char in [("", "a"), ("", "1"), ("", "x"), ("a/", "b"), ("s3://bucket/", "a")]:
-        make = lambda n, p=prefix, c=char: p + c * max(0, n - len(p))  # noqa: E731
+        make = lambda n, p=prefix, c=char: p + c * max(0, n - len(p))
         if all(re.fullmatch(pattern, make(n)) for n in (len(prefix) + 1, len(prefix) + 5, 300)):
             return make
     return None

@@ -1,0 +1,146 @@
+"""Training throughput and memory of the trainer's loop against a bare optimizer step.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py [--steps 30]
+
+For each config (tiny SD-shaped model, resolution 64 and 128, batch 1) it runs, in a fresh
+process each: the bare UNet forward + backward + AdamW step on fixed inputs, and the
+trainer's own ``Loop.run_step`` (data sampling, latent sampling, text embeddings, noise,
+loss, clipping, LR schedule, loss reduction). It prints steps/s, images/s, the loop's
+overhead over the bare step, and peak RSS next to what the weights and AdamW state need.
+Results and the command are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def measure(resolution: int, steps: int, warmup: int = 3) -> dict:
+    import torch
+
+    from dreambooth.api import Defaults, build_trainer_config, validate_job
+    from dreambooth.demo import demo_job_document, draw_toy_cats
+    from dreambooth.trainer.metrics import TrainerMetrics
+    from dreambooth.trainer.models import load_components
+    from dreambooth.trainer.run import (
+        Context,
+        build_loop,
+        build_optimizer,
+        load_instance_examples,
+        make_accelerator,
+    )
+    from dreambooth.trainer.storage import open_storage
+    from dreambooth.trainer.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="bench-"))
+    build_tiny_model(root / "base-model", resolution=resolution)
+    draw_toy_cats(root / "instance", size=resolution * 2)
+    doc = demo_job_document(root)
+    doc["spec"]["training"].update(steps=steps + warmup, batchSize=1, resolution=resolution)
+    doc["spec"]["checkpointing"] = {"everySteps": steps + warmup}
+    doc["spec"]["validation"] = {"enabled": False}
+    config = build_trainer_config(validate_job(doc), Defaults(output_root=root.as_uri()))
+    baseline_rss = peak_rss()
+
+    # --- the bare step: UNet fwd+bwd+AdamW on fixed latents and embeddings --------------
+    components = load_components(root / "base-model", "bench")
+    unet = components.unet.train()
+    opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])  # as the trainer's
+    latent_side = resolution // 8
+    latents = torch.randn(1, 4, latent_side, latent_side)
+    cond = torch.randn(1, components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
+    t = torch.tensor([500])
+
+    def bare() -> None:
+        loss = torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    bare_s = timed(bare, steps, warmup)
+    del bare, unet, opt, components
+    gc.collect()
+
+    # --- the trainer's loop (fresh model and optimizer) ----------------------------------
+    accelerator = make_accelerator(config.spec)
+    ctx = Context(config, root / "work", accelerator, None, open_storage(config.output_uri), TrainerMetrics(),
+                  threading.Event())
+    components = load_components(root / "base-model", "bench")
+    loop = build_loop(ctx, components, load_instance_examples(ctx, components), None)
+    step = iter(range(10**6))
+    loop_s = timed(lambda: loop.run_step(next(step)), steps, warmup)
+
+    trainable = sum(p.numel() * p.element_size() for p in loop.unet.parameters())
+    frozen = sum(p.numel() * p.element_size() for m in (components.vae, components.text_encoder)
+                 for p in m.parameters())
+    adam_state = 2 * trainable
+    return {
+        "resolution": resolution,
+        "steps": steps,
+        "bare_step_ms": 1000 * bare_s,
+        "loop_step_ms": 1000 * loop_s,
+        "steps_per_s": 1 / loop_s,
+        "images_per_s": 1 / loop_s,  # batch 1
+        "overhead_pct": 100 * (loop_s - bare_s) / bare_s,
+        "peak_rss_mb": peak_rss() / 2**20,
+        "baseline_rss_mb": baseline_rss / 2**20,
+        "weights_and_adam_mb": (2 * trainable + frozen + 2 * adam_state + trainable) / 2**20,
+    }
+
+
+def timed(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    samples.sort()
+    return samples[len(samples) // 2]  # median: robust to a stray slow step
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps)))
+        return
+    rows = []
+    for resolution in (64, 128):
+        out = subprocess.run([sys.executable, __file__, "--one", str(resolution), "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"torch threads: {os.environ['OMP_NUM_THREADS']}, batch 1, {args.steps} timed steps (median)")
+    header = ("resolution", "bare step ms", "loop step ms", "overhead", "steps/s", "images/s",
+              "peak RSS MB", "RSS after imports MB", "weights+grads+AdamW MB")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['resolution']} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
+              f"| {r['steps_per_s']:.1f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+              f"| {r['baseline_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
