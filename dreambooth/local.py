@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 from dreambooth.api import build_trainer_config, validate_job
@@ -46,14 +47,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     root = args.root.resolve()
     job = validate_job(prepare_demo(root))
+    for stale in ("output", "work"):  # a demo always trains from scratch
+        shutil.rmtree(root / stale, ignore_errors=True)
     print(f"demo: tiny Stable-Diffusion-shaped model and 4 instance photos in {root}")
     code = train_job(job, output_root=None, workdir=root / "work", metrics_port=args.metrics_port)
     if code == ExitCode.OK:
         print(
             f"\nDone. The trained model is in {root / 'output' / 'model'} (diffusers), the single "
             f"file in {root / 'output' / 'model.safetensors'}, sample grids in "
-            f"{root / 'output' / 'samples'}.\nTry: dreambooth train examples/local-toy-cat.yaml "
-            "with your own photos and a real base model."
+            f"{root / 'output' / 'samples'}.\nNext: .venv/bin/dreambooth train "
+            "examples/local/toy-cat.yaml with your own photos and a real base model."
         )
     return code
 

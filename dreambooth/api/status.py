@@ -59,6 +59,12 @@ class Progress(ApiModel):
     updated_at: Timestamp | None = Field(
         None, description="When progress was last read.", json_schema_extra={"format": "date-time"}
     )
+    step_changed_at: Timestamp | None = Field(
+        None,
+        description="When step last changed; a job whose step stays put longer than the "
+        "operator's stall timeout gets the Stalled condition.",
+        json_schema_extra={"format": "date-time"},
+    )
 
 
 class CheckpointRef(ApiModel):

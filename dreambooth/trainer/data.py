@@ -86,18 +86,21 @@ def load_examples(
     return examples
 
 
-def sample_indices(step: int, micro: int, rank: int, *, per_device: int, processes: int,
-                   accumulation: int, dataset_size: int, seed: int) -> list[int]:
-    """Indices of the examples that ``rank`` trains on in micro-batch ``micro`` of ``step``.
-
-    The data order is a pure function of (seed, position): epoch ``e`` visits the dataset in
-    a permutation drawn from ``seed + e``. Resuming at any step therefore continues with
-    exactly the images an uninterrupted run would have used, and ranks never overlap.
-    """
+def sample_positions(step: int, micro: int, rank: int, *, per_device: int, processes: int,
+                     accumulation: int) -> range:
+    """Global positions (in the run's stream of samples) that ``rank`` trains on in
+    micro-batch ``micro`` of ``step``; ranks never overlap."""
     per_step = per_device * processes * accumulation
     start = step * per_step + (micro * processes + rank) * per_device
+    return range(start, start + per_device)
+
+
+def dataset_indices(positions: range, dataset_size: int, seed: int) -> list[int]:
+    """The example at each position. The data order is a pure function of (seed, position):
+    epoch ``e`` visits the dataset in a permutation drawn from ``seed + e``, so a resumed run
+    continues with exactly the images an uninterrupted one would have used."""
     out = []
-    for position in range(start, start + per_device):
+    for position in positions:
         epoch, offset = divmod(position, dataset_size)
         out.append(_permutation(seed + epoch, dataset_size)[offset])
     return out

@@ -39,6 +39,32 @@ def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Pat
         save_single_file(pipeline, path)
         storage.upload_file(path, SINGLE_FILE)
         out[OutputFormat.SAFETENSORS] = storage.uri(SINGLE_FILE)
+    if OutputFormat.LORA in formats:
+        folder = workdir / "lora"
+        shutil.rmtree(folder, ignore_errors=True)
+        save_lora(pipeline, folder)
+        storage.delete_prefix(LORA_PREFIX)
+        storage.upload_dir(folder, LORA_PREFIX)
+        out[OutputFormat.LORA] = storage.uri(LORA_PREFIX)
     for fmt, uri in out.items():
         log.info("exported %s to %s", fmt, uri)
     return out
+
+
+def save_lora(pipeline, folder: Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(folder)``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers(module):
+        if not getattr(module, "peft_config", None):
+            return None
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+    type(pipeline).save_lora_weights(
+        folder,
+        unet_lora_layers=layers(pipeline.unet),
+        text_encoder_lora_layers=layers(pipeline.text_encoder),
+        safe_serialization=True,
+    )
+    return folder / "pytorch_lora_weights.safetensors"

@@ -21,13 +21,33 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth.api.spec import TrainingSpec
-from dreambooth.trainer.data import Example, sample_indices
+from dreambooth.trainer.data import Example, dataset_indices, sample_positions
 
 log = logging.getLogger(__name__)
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+#: class images draw from their own streams, far from any instance sample's position
+CLASS_STREAM = 1 << 40
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The seed of everything random about the sample at global ``position`` of the run."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+def dropout_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Dropout (e.g. LoRA's) draws from torch's global generator: seeded per micro-batch."""
+    return int(np.random.SeedSequence([seed, step, micro, rank, 1]).generate_state(1)[0])
+
+
+def generators(seed: int, positions: range, device, offset: int = 0) -> list[torch.Generator]:
+    """One generator per sample, seeded by its position in the run, not by the rank that
+    draws it: the same job gives the same result on 1 GPU or 8."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, offset + p)) for p in positions]
+
+
+def randn(shape, gens: list[torch.Generator], device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
 
 
 class LatentCache:
@@ -52,10 +72,9 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    def sample(self, indices: list[int], gens: list[torch.Generator]) -> torch.Tensor:
         mean, std = self.mean[indices], self.std[indices]
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + std * noise) * self.scaling
+        return (mean + std * randn(mean.shape[1:], gens, mean.device)) * self.scaling
 
 
 class PromptEncoder:
@@ -101,16 +120,16 @@ class StepLoss:
     prior: torch.Tensor | None
 
 
-def diffusion_loss(unet, scheduler, latents, cond, generator, *, training: TrainingSpec,
+def diffusion_loss(unet, scheduler, latents, cond, gens: list[torch.Generator], *, training: TrainingSpec,
                    prediction_type: str, n_prior: int, prior_weight: float) -> StepLoss:
-    """Noise ``latents``, predict with ``unet``; the last ``n_prior`` rows are class images."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    """Noise ``latents``, predict with ``unet``; the last ``n_prior`` rows are class images.
+    ``gens`` holds one generator per row."""
+    device = latents.device
+    noise = randn(latents.shape[1:], gens, device)
     if training.noise_offset:
-        shape = (latents.shape[0], latents.shape[1], 1, 1)
-        noise = noise + training.noise_offset * torch.randn(shape, generator=generator, device=latents.device)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+        noise = noise + training.noise_offset * randn((latents.shape[1], 1, 1), gens, device)
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in gens])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, cond).sample.float()
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
@@ -143,6 +162,7 @@ class Loop:
     prior_weight: float = 1.0
     text_encoder_steps: int = 0  # train the text encoder while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
+    ema: object | None = None  # diffusers EMAModel of the UNet's weights
 
     def __post_init__(self) -> None:
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -152,18 +172,23 @@ class Loop:
         a = self.accelerator
         return self.training.batch_size // (a.num_processes * self.training.gradient_accumulation_steps)
 
-    def _micro_batch(self, step: int, micro: int, generator: torch.Generator):
-        a = self.accelerator
-        common = dict(per_device=self.per_device, processes=a.num_processes,
-                      accumulation=self.training.gradient_accumulation_steps, seed=self.training.seed)
-        idx = sample_indices(step, micro, a.process_index, dataset_size=len(self.instances), **common)
-        latents = [self.instances.sample(idx, generator)]
+    def _micro_batch(self, step: int, micro: int):
+        """Latents, prompts and per-sample generators of this rank's share of a micro-batch."""
+        a, seed = self.accelerator, self.training.seed
+        positions = sample_positions(step, micro, a.process_index, per_device=self.per_device,
+                                     processes=a.num_processes,
+                                     accumulation=self.training.gradient_accumulation_steps)
+        idx = dataset_indices(positions, len(self.instances), seed)
+        gens = generators(seed, positions, a.device)
+        latents = [self.instances.sample(idx, gens)]
         prompts = [self.instances.prompts[i] for i in idx]
-        if self.classes is not None:
-            cidx = sample_indices(step, micro, a.process_index, dataset_size=len(self.classes), **common)
-            latents.append(self.classes.sample(cidx, generator))
-            prompts += [self.classes.prompts[i] for i in cidx]
-        return torch.cat(latents), prompts, len(idx) if self.classes is not None else 0
+        if self.classes is None:
+            return latents[0], prompts, gens, 0
+        cidx = dataset_indices(positions, len(self.classes), seed)
+        class_gens = generators(seed, positions, a.device, offset=CLASS_STREAM)
+        latents.append(self.classes.sample(cidx, class_gens))
+        prompts += [self.classes.prompts[i] for i in cidx]
+        return torch.cat(latents), prompts, gens + class_gens, len(idx)
 
     def run_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all micro-batches); returns losses averaged over processes."""
@@ -174,10 +199,8 @@ class Loop:
         accumulation = self.training.gradient_accumulation_steps
         sums = torch.zeros(3, device=a.device)
         for micro in range(accumulation):
-            seed = step_seed(self.training.seed, step, micro, a.process_index)
-            torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
-            generator = torch.Generator(device=a.device).manual_seed(seed)
-            latents, prompts, n_prior = self._micro_batch(step, micro, generator)
+            latents, prompts, gens, n_prior = self._micro_batch(step, micro)
+            torch.manual_seed(dropout_seed(self.training.seed, step, micro, a.process_index))
             last = micro == accumulation - 1
             with contextlib.ExitStack() as stack:
                 if not last:
@@ -186,7 +209,7 @@ class Loop:
                 with a.autocast():
                     cond = self.prompts(prompts, training=train_te)
                     loss = diffusion_loss(
-                        self.unet, self.scheduler, latents, cond, generator, training=self.training,
+                        self.unet, self.scheduler, latents, cond, gens, training=self.training,
                         prediction_type=self.prediction_type, n_prior=n_prior, prior_weight=self.prior_weight,
                     )
                 a.backward(loss.total / accumulation)
@@ -200,6 +223,8 @@ class Loop:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(a.unwrap_model(self.unet).parameters())
         total, instance, prior = (a.reduce(sums, reduction="mean") / accumulation).tolist()
         out = {"loss": total, "instance_loss": instance, "lr": self.lr_scheduler.get_last_lr()[0]}
         if self.classes is not None:

@@ -7,8 +7,10 @@ serves metrics and samples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -20,7 +22,7 @@ import torch
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.spec import DreamBoothJobSpec, MixedPrecision, Optimizer
 from dreambooth.api.uris import Scheme, parse_uri
-from dreambooth.trainer import checkpoints, state
+from dreambooth.trainer import checkpoints, state, trainables
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
 from dreambooth.trainer.export import export
@@ -28,7 +30,7 @@ from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import Components, fetch_from_hub, load_components
 from dreambooth.trainer.progress import Progress
-from dreambooth.trainer.sampling import build_pipeline, generate, grid
+from dreambooth.trainer.sampling import build_pipeline, generate, grid, progression
 from dreambooth.trainer.storage import S3Settings, Storage, open_storage
 
 log = logging.getLogger("dreambooth.trainer")
@@ -168,31 +170,24 @@ def build_loop(ctx: Context, components: Components, instances: list[Example],
 
     a, training = ctx.accelerator, ctx.spec.training
     dtype = weight_dtype(a)
-    unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-    te_steps = (training.text_encoder_steps or training.steps) if training.train_text_encoder else 0
+    vae = components.vae
     vae.requires_grad_(False).to(a.device).eval()
     if dtype != torch.float32:
         vae.to(dtype=dtype)
-    unet.requires_grad_(True).train()
-    text_encoder.requires_grad_(te_steps > 0).to(a.device, torch.float32 if te_steps else dtype)
-    text_encoder.train(te_steps > 0)
-    if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if te_steps:
-            text_encoder.gradient_checkpointing_enable()
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": training.learning_rate}]
-    if te_steps:
-        groups.append({"params": list(text_encoder.parameters()), "lr": training.text_encoder_learning_rate})
-    optimizer = build_optimizer(ctx.spec, groups)
+    chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device, dtype=dtype)
+    optimizer = build_optimizer(ctx.spec, chosen.groups)
     lr_scheduler = get_scheduler(
         training.lr_scheduler.value, optimizer,
         num_warmup_steps=training.lr_warmup_steps, num_training_steps=training.steps,
     )
-    trained = [unet, text_encoder] if te_steps else [unet]
-    prepared = a.prepare(*trained, optimizer)
+    ema = None
+    if training.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(chosen.unet.parameters(), foreach=True)
+    prepared = a.prepare(*chosen.modules, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    if te_steps:
-        text_encoder = prepared[1]
+    text_encoder = prepared[1] if chosen.text_encoder_steps else chosen.text_encoder
     return Loop(
         accelerator=a,
         training=training,
@@ -206,14 +201,34 @@ def build_loop(ctx: Context, components: Components, instances: list[Example],
         lr_scheduler=lr_scheduler,
         prediction_type=components.prediction_type,
         prior_weight=ctx.spec.prior.loss_weight,
-        text_encoder_steps=te_steps,
+        text_encoder_steps=chosen.text_encoder_steps,
         trained=prepared[:-1],
+        ema=ema,
     )
 
 
 def modules_of(ctx: Context, loop: Loop) -> dict[str, torch.nn.Module]:
     a = ctx.accelerator
     return {"unet": a.unwrap_model(loop.unet), "text_encoder": a.unwrap_model(loop.text_encoder)}
+
+
+def extras_of(loop: Loop) -> dict:
+    return {"ema": loop.ema} if loop.ema is not None else {}
+
+
+@contextlib.contextmanager
+def ema_weights(ctx: Context, loop: Loop):
+    """Sample and export with the EMA weights when EMA is on."""
+    if loop.ema is None:
+        yield
+        return
+    params = list(ctx.accelerator.unwrap_model(loop.unet).parameters())
+    loop.ema.store(params)
+    loop.ema.copy_to(params)
+    try:
+        yield
+    finally:
+        loop.ema.restore(params)
 
 
 def run_facts(ctx: Context) -> dict:
@@ -241,7 +256,7 @@ def resume(ctx: Context, loop: Loop) -> int:
         log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(checkpoints.ROOT))
         return 0
     step = state.read(Path(folder), modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                      lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx))
+                      lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx), extras=extras_of(loop))
     log.info("resumed from %s at step %d", ctx.output.uri(checkpoints.prefix_for(step)), step)
     if ctx.metrics:
         ctx.metrics.last_checkpoint_step.set(step)
@@ -256,7 +271,7 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int) -> str | None:
         folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
         try:
             state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                        lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx))
+                        lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx), extras=extras_of(loop))
             with ctx.metrics.checkpoint_upload_seconds.time():
                 saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
         except Exception:
@@ -288,7 +303,7 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
         unet, te = modules_of(ctx, loop).values()
         was_training = unet.training, te.training
         unet.eval(), te.eval()
-        with a.autocast():
+        with a.autocast(), ema_weights(ctx, loop):
             rows = generate(pipeline_of(ctx, components, loop), validation,
                             resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
                             device=a.device)
@@ -299,6 +314,28 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
         ctx.output.upload_file(path, f"{SAMPLES}step-{step}.png")
         path.unlink()
     a.wait_for_everyone()
+
+
+def save_progression(ctx: Context) -> None:
+    """samples/progression.png from every step-<step>.png, also those of earlier pods."""
+    from PIL import Image
+
+    found = sorted(
+        (int(m.group(1)), o.key)
+        for o in ctx.output.list(SAMPLES)
+        if (m := re.fullmatch(r"samples/step-(\d+)\.png", o.key))
+    )
+    grids = []
+    for step, key in found:
+        path = ctx.workdir / f"grid-{step}.png"
+        ctx.output.download(key, path)
+        with Image.open(path) as image:
+            grids.append((step, image.convert("RGB")))
+    if grids:
+        out = ctx.workdir / "progression.png"
+        validation = ctx.spec.validation
+        progression(grids, validation.prompts, ctx.spec.training.resolution).save(out)
+        ctx.output.upload_file(out, f"{SAMPLES}progression.png")
 
 
 # --- 5. the run -----------------------------------------------------------------------
@@ -351,9 +388,11 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
         ctx.metrics.phase.state("exporting")
     a.wait_for_everyone()
     if ctx.main:
-        pipeline = pipeline_of(ctx, components, loop)
-        outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
+        with ema_weights(ctx, loop):
+            pipeline = pipeline_of(ctx, components, loop)
+            outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
         if ctx.spec.validation.enabled:
+            save_progression(ctx)
             outcome.outputs["samples"] = ctx.output.uri(SAMPLES)
         result = {"step": outcome.step, "totalSteps": ctx.spec.training.steps, "outputs": outcome.outputs}
         ctx.output.write_bytes(RESULT, json.dumps(result, indent=1).encode())

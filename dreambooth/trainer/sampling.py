@@ -91,3 +91,19 @@ def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str], *, title:
         for c, image in enumerate(images):
             canvas.paste(image.convert("RGB").resize((w, h)), (c * w, y + LABEL_HEIGHT))
     return canvas
+
+
+def first_images(sample_grid: Image.Image, prompts: int, size: int) -> list[Image.Image]:
+    """The first image of every row of a grid made by :func:`grid` with a title."""
+    cells = []
+    for r in range(prompts):
+        y = LABEL_HEIGHT + r * (size + LABEL_HEIGHT) + LABEL_HEIGHT
+        cells.append(sample_grid.crop((0, y, size, y + size)))
+    return cells
+
+
+def progression(grids: Sequence[tuple[int, Image.Image]], prompts: Sequence[str], size: int) -> Image.Image:
+    """Rows = sampled steps (oldest first), columns = prompts: under- and overfitting at a glance."""
+    rows = [first_images(g, len(prompts), size) for _, g in grids]
+    labels = [f"step {step}" for step, _ in grids]
+    return grid(rows, labels, title="columns: " + " | ".join(prompts))

@@ -35,12 +35,16 @@ def trained_parameters(modules: dict[str, torch.nn.Module], optimizer: torch.opt
                 yield f"{prefix}.{name}", param
 
 
-def write(folder: Path, *, step: int, modules, optimizer, lr_scheduler, facts: dict[str, Any]) -> None:
+def write(folder: Path, *, step: int, modules, optimizer, lr_scheduler, facts: dict[str, Any],
+          extras: dict[str, Any] | None = None) -> None:
+    """Write the state; ``extras`` are further objects with ``state_dict()`` (e.g. EMA)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in trained_parameters(modules, optimizer)}
     save_file(tensors, str(folder / TRAINABLE), metadata={"step": str(step)})
     torch.save(optimizer.state_dict(), folder / OPTIMIZER)
     torch.save(lr_scheduler.state_dict(), folder / LR_SCHEDULER)
+    for name, obj in (extras or {}).items():
+        torch.save(obj.state_dict(), folder / f"{name}.pt")
     torch.save(
         {
             "python": random.getstate(),
@@ -53,7 +57,8 @@ def write(folder: Path, *, step: int, modules, optimizer, lr_scheduler, facts: d
     (folder / STATE).write_text(json.dumps({"step": step, **facts}, indent=1))
 
 
-def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any]) -> int:
+def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any],
+         extras: dict[str, Any] | None = None) -> int:
     """Restore everything from ``folder``; returns the step to continue from.
 
     ``facts`` must match what the checkpoint was written with (e.g. the number of
@@ -81,6 +86,8 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
             param.copy_(tensors[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=False))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER, weights_only=False))
+    for name, obj in (extras or {}).items():
+        obj.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False))
     rng = torch.load(folder / RNG, weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
