@@ -12,7 +12,6 @@ values never overwrite what the status already shows.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -62,7 +61,7 @@ def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
@@ -93,7 +92,7 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
                         phase = sample.labels[names.PHASE]
                 elif sample.name == family.name and not sample.labels:
                     gauges[sample.name] = sample.value
-    except Exception as err:  # the parser raises ValueError, IndexError, TypeError, ...
+    except Exception as err:  # noqa: BLE001 - the parser raises ValueError, IndexError, ...
         log.debug("unparseable metrics: %s", err)
         return None
     if not found:
@@ -166,7 +165,7 @@ async def scrape(
             async with aiohttp.ClientSession(timeout=client_timeout) as own:
                 return await _get(own, url, client_timeout)
         return await _get(session, url, client_timeout)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError, ValueError) as err:
+    except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError, ValueError) as err:
         log.debug("scrape %s failed: %r", url, err)
         return None
 

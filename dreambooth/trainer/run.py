@@ -170,10 +170,7 @@ def build_loop(ctx: Context, components: Components, instances: list[Example],
 
     a, training = ctx.accelerator, ctx.spec.training
     dtype = weight_dtype(a)
-    vae = components.vae
-    vae.requires_grad_(False).to(a.device).eval()
-    if dtype != torch.float32:
-        vae.to(dtype=dtype)
+    vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
     chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device, dtype=dtype)
     optimizer = build_optimizer(ctx.spec, chosen.groups)
     lr_scheduler = get_scheduler(

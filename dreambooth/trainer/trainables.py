@@ -45,22 +45,32 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device)
+    if dtype != torch.float32:  # .to(float32) makes diffusers warn about nothing
+        module.to(dtype=dtype)
+    return module
+
+
 def select(spec: DreamBoothJobSpec, unet, text_encoder, *, device, dtype) -> Trainables:
     """Freeze, adapt and place the models for ``spec``'s method; returns what trains."""
     t = spec.training
     te_lr = t.text_encoder_learning_rate or t.learning_rate
     if t.method is Method.LORA:
-        unet.requires_grad_(False).to(device, dtype)
+        place(unet.requires_grad_(False), device, dtype)
         unet.add_adapter(_lora_config(spec, t.lora.target_modules))
-        text_encoder.requires_grad_(False).to(device, dtype)
+        place(text_encoder.requires_grad_(False), device, dtype)
         te_steps = t.steps if t.lora.text_encoder else 0
         if te_steps:
-            text_encoder.add_adapter(_lora_config(spec, TEXT_ENCODER_LORA_TARGETS))
+            # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(_lora_config(spec, TEXT_ENCODER_LORA_TARGETS), text_encoder)
         groups = [{"params": _trainable(unet), "lr": t.learning_rate}]
     else:
-        unet.requires_grad_(True).to(device, torch.float32)
+        place(unet.requires_grad_(True), device, torch.float32)
         te_steps = (t.text_encoder_steps or t.steps) if t.train_text_encoder else 0
-        text_encoder.requires_grad_(te_steps > 0).to(device, torch.float32 if te_steps else dtype)
+        place(text_encoder.requires_grad_(te_steps > 0), device, torch.float32 if te_steps else dtype)
         groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
     if te_steps:
         groups.append({"params": _trainable(text_encoder), "lr": te_lr})

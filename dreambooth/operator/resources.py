@@ -1,0 +1,386 @@
+"""The children of a DreamBoothJob, built by pure functions of one :class:`TrainerInputs`.
+
+``config_map`` (the TrainerConfig JSON), ``service`` (headless, for the rendezvous) and
+``job`` (an Indexed batch/v1 Job, one pod per node) return plain dicts ready for the API:
+no I/O, no clock, same input -> same output. Every child is owned by the DreamBoothJob,
+so deleting the job deletes them. Credentials reach the pod only as ``secretKeyRef``s.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dreambooth.api.config import TrainerConfig, build_trainer_config
+from dreambooth.api.exitcodes import DO_NOT_RETRY
+from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
+from dreambooth.api.spec import SecretKeyRef
+from dreambooth.api.uris import Scheme, parse_uri
+from dreambooth.operator import naming
+from dreambooth.operator.settings import OperatorSettings
+
+CONTAINER = "trainer"
+TRAINER_MODULE = "dreambooth.trainer"
+CONFIG_DIR = "/etc/dreambooth"
+CONFIG_KEY = "config.json"
+WORKDIR = "/tmp/dreambooth"
+CACHE_DIR = "/var/cache/dreambooth"
+PVC_ROOT = "/mnt/pvc"
+TERMINATION_LOG = "/dev/termination-log"
+RUN_AS = 1000
+
+#: Multi-process pods run this. ``accelerate launch`` exits 1 whatever code a worker exits
+#: with, so the pod's exit code is taken back from the trainer's termination summary
+#: (``{"exitCode": N, ...}``, written by local rank 0) for the podFailurePolicy to see. The
+#: shell is PID 1: it passes SIGTERM on, and waits while the workers checkpoint. No ``$(``
+#: or ``$$`` here: Kubernetes would treat them as its own variable references.
+LAUNCH_SCRIPT = """\
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+{launch} &
+child=$!
+wait "$child"; rc=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
+code=`sed -n 's/.*"exitCode": *\\([0-9][0-9]*\\).*/\\1/p' {log} 2>/dev/null`
+if [ "$rc" -ne 0 ] && [ -n "$code" ] && [ "$code" -ne 0 ]; then rc=$code; fi
+exit "$rc"
+"""
+
+
+@dataclass(frozen=True)
+class TrainerInputs:
+    """Everything the builders read: a validated job (with name, namespace and uid, as the
+    API server returns it) and the operator's settings."""
+
+    job: DreamBoothJob
+    settings: OperatorSettings
+
+    def __post_init__(self) -> None:
+        meta = self.job.metadata
+        missing = [f for f in ("name", "namespace", "uid") if not getattr(meta, f)]
+        if missing:
+            raise ValueError(f"DreamBoothJob metadata lacks {', '.join(missing)}: build children "
+                             "from the object the API server returned")
+
+    @property
+    def name(self) -> str:
+        return self.job.metadata.name
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    claim: str
+    read_only: bool
+    volume: str
+
+    @property
+    def mount_path(self) -> str:
+        return f"{PVC_ROOT}/{self.claim}"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def local_uri(uri: str) -> str:
+    """``pvc://claim/path`` -> ``file:///mnt/pvc/claim/path``; other URIs unchanged."""
+    parsed = parse_uri(uri, allowed=set(Scheme))
+    if parsed.scheme is Scheme.FILE:
+        raise ValueError(f"{uri}: file:// URIs are for local runs, not for a cluster")
+    if parsed.scheme is not Scheme.PVC:
+        return uri
+    return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path}"
+
+
+def _resolved(inputs: TrainerInputs) -> TrainerConfig:
+    return build_trainer_config(inputs.job, inputs.settings.defaults())
+
+
+def _uses(config: TrainerConfig) -> list[tuple[str, bool]]:
+    """(URI, written to) for every storage URI the trainer reads or writes."""
+    spec = config.spec
+    uris = [(spec.base_model.uri, False), (spec.instance.uri, False), (config.output_uri, True)]
+    return uris + ([(spec.prior.uri, False)] if spec.prior.uri else [])
+
+
+def claim_mounts(inputs: TrainerInputs) -> list[ClaimMount]:
+    """The PersistentVolumeClaims the job names: read-write if written to, else read-only."""
+    writable: dict[str, bool] = {}
+    for uri, written in _uses(_resolved(inputs)):
+        parsed = parse_uri(uri, allowed=set(Scheme))
+        if parsed.scheme is Scheme.PVC:
+            writable[parsed.authority] = writable.get(parsed.authority, False) or written
+    return [
+        ClaimMount(claim, read_only=not writable[claim], volume=f"pvc-{i}")
+        for i, claim in enumerate(sorted(writable))
+    ]
+
+
+def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
+    """The TrainerConfig the pods read, pvc:// URIs rewritten to their mount paths."""
+    config = _resolved(inputs)
+    spec = config.spec
+    output = parse_uri(config.output_uri, allowed=set(Scheme))
+    class_cache = (
+        f"file://{PVC_ROOT}/{output.authority}/.cache/class-images/"
+        if output.scheme is Scheme.PVC
+        else config.class_cache_uri
+    )
+    prior = spec.prior
+    if prior.uri:
+        prior = prior.model_copy(update={"uri": local_uri(prior.uri)})
+    spec = spec.model_copy(update={
+        "base_model": spec.base_model.model_copy(update={"uri": local_uri(spec.base_model.uri)}),
+        "instance": spec.instance.model_copy(update={"uri": local_uri(spec.instance.uri)}),
+        "prior": prior,
+        "output": spec.output.model_copy(update={"uri": local_uri(config.output_uri)}),
+    })
+    return config.model_copy(update={
+        "spec": spec,
+        "output_uri": local_uri(config.output_uri),
+        "class_cache_uri": class_cache,
+    })
+
+
+# --------------------------------------------------------------------------- common
+
+
+def owner_reference(job: DreamBoothJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(inputs: TrainerInputs, name: str, extra_labels: dict[str, str] | None = None):
+    return {
+        "name": name,
+        "namespace": inputs.job.metadata.namespace,
+        "labels": naming.labels(inputs.name) | (extra_labels or {}),
+        "ownerReferences": [owner_reference(inputs.job)],
+    }
+
+
+def config_map(inputs: TrainerInputs) -> dict[str, Any]:
+    text = json.dumps(trainer_config(inputs).wire(), indent=2, sort_keys=True) + "\n"
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(inputs, naming.config_map_name(inputs.name)),
+        "data": {CONFIG_KEY: text},
+    }
+
+
+def service(inputs: TrainerInputs) -> dict[str, Any]:
+    """Headless: gives pod ``i`` the DNS name ``<job>-<i>.<service>``, even before it is ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(inputs, naming.service_name(inputs.name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": naming.selector(inputs.name),
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rendezvous", "port": naming.RENDEZVOUS_PORT, "protocol": "TCP",
+                 "targetPort": naming.RENDEZVOUS_PORT},
+                {"name": "metrics", "port": inputs.settings.trainer_metrics_port,
+                 "protocol": "TCP", "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- the Job
+
+
+def command(inputs: TrainerInputs) -> list[str]:
+    """One process: the trainer itself; more: ``accelerate launch`` (see LAUNCH_SCRIPT)."""
+    res = inputs.job.spec.resources
+    if res.num_processes == 1:
+        return ["python", "-m", TRAINER_MODULE]
+    lines = [["accelerate", "launch", "--multi_gpu"],
+             ["--num_processes", str(res.num_processes), "--num_machines", str(res.nodes)]]
+    if res.nodes > 1:
+        lines += [["--machine_rank", '"${JOB_COMPLETION_INDEX:?}"'],
+                  ["--main_process_ip", naming.rendezvous_host(inputs.name),
+                   "--main_process_port", str(naming.RENDEZVOUS_PORT)]]
+    lines += [["--mixed_precision", str(inputs.job.spec.training.mixed_precision),
+               "--dynamo_backend", "no"], ["-m", TRAINER_MODULE]]
+    launch = " \\\n  ".join(" ".join(line) for line in lines)
+    return ["/bin/sh", "-c", LAUNCH_SCRIPT.format(launch=" ".join(launch), log=TERMINATION_LOG)]
+
+
+def credentials(inputs: TrainerInputs) -> SecretKeyRef | None:
+    """The job's Secret, else the operator's default Secret, else none."""
+    ref = inputs.job.spec.storage.credentials_secret
+    if ref is None and inputs.settings.credentials_secret:
+        ref = SecretKeyRef(name=inputs.settings.credentials_secret)
+    return ref
+
+
+def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
+    storage = trainer_config(inputs).storage
+    env = [
+        {"name": "DREAMBOOTH_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "DREAMBOOTH_WORKDIR", "value": WORKDIR},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/.cache"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX_ANNOTATION}']"}}},
+    ]
+    if inputs.job.spec.resources.num_processes > 1:  # torchrun's wait for workers on SIGTERM
+        env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                    "value": str(inputs.settings.termination_grace_seconds)})
+    if storage.endpoint:
+        scheme = "https" if storage.secure else "http"
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": f"{scheme}://{storage.endpoint}"})
+    env.append({"name": "AWS_REGION", "value": storage.region})
+    ref = credentials(inputs)
+    if ref is not None:
+        for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key),
+                         ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    return env
+
+
+def _resources(inputs: TrainerInputs) -> dict[str, Any]:
+    res = inputs.job.spec.resources
+    amounts = {res.gpu.resource_name: str(res.gpus_per_node)} if res.gpus_per_node else {}
+    amounts |= {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+    return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
+
+
+def _volumes(inputs: TrainerInputs) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, the trainer's volume mounts)."""
+    volumes = [
+        {"name": "config", "configMap": {"name": naming.config_map_name(inputs.name)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                      "sizeLimit": inputs.job.spec.resources.shared_memory}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for claim in claim_mounts(inputs):
+        volumes.append({"name": claim.volume, "persistentVolumeClaim": {
+            "claimName": claim.claim, "readOnly": claim.read_only}})
+        mounts.append({"name": claim.volume, "mountPath": claim.mount_path,
+                       "readOnly": claim.read_only})
+    return volumes, mounts
+
+
+def _container(inputs: TrainerInputs, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    container = {
+        "name": CONTAINER,
+        "image": inputs.job.spec.resources.image or inputs.settings.trainer_image,
+        "command": command(inputs),
+        "env": _env(inputs),
+        "ports": [
+            {"name": "metrics", "containerPort": inputs.settings.trainer_metrics_port,
+             "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": naming.RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(inputs),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if not container["resources"]:
+        del container["resources"]
+    return container
+
+
+def pod_template(inputs: TrainerInputs) -> dict[str, Any]:
+    res = inputs.job.spec.resources
+    volumes, mounts = _volumes(inputs)
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # required by podFailurePolicy; the Job makes new pods
+        "subdomain": naming.service_name(inputs.name),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": inputs.settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(inputs, mounts)],
+        "volumes": volumes,
+    }
+    if res.node_selector:
+        spec["nodeSelector"] = dict(sorted(res.node_selector.items()))
+    if res.tolerations:
+        spec["tolerations"] = [t.wire() for t in res.tolerations]
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    return {
+        "metadata": {
+            "labels": naming.labels(inputs.name),
+            "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER},
+        },
+        "spec": spec,
+    }
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Disruptions (preemption, eviction, drain) do not count against backoffLimit; the
+    trainer's do-not-retry exit codes fail the Job at once; anything else is retried."""
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In",
+            "values": sorted(int(code) for code in DO_NOT_RETRY)}},
+    ]}
+
+
+def job(inputs: TrainerInputs) -> dict[str, Any]:
+    """The Indexed Job. A job with a Kueue queue label starts suspended: Kueue unsuspends it
+    when it admits the workload (and owns ``spec.suspend`` from then on)."""
+    res, run = inputs.job.spec.resources, inputs.job.spec.run_policy
+    kueue = naming.kueue_labels(inputs.job.metadata.labels)
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        "suspend": run.suspend or naming.QUEUE_LABEL in kueue,
+        "backoffLimit": run.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(),
+        "podReplacementPolicy": "Failed",  # a rank's new pod waits for the old one to be gone
+        "template": pod_template(inputs),
+    }
+    if run.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = run.active_deadline_seconds
+    if run.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = run.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(inputs, naming.trainer_name(inputs.name), kueue),
+        "spec": spec,
+    }
+
+
+def children(inputs: TrainerInputs) -> list[dict[str, Any]]:
+    """Every child, in creation order (the Job last: its pods mount the ConfigMap)."""
+    return [config_map(inputs), service(inputs), job(inputs)]

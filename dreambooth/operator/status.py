@@ -1,0 +1,719 @@
+"""The DreamBoothJob's phase machine: what the operator saw -> the whole ``.status``.
+
+Pure functions, no API calls. Each reconcile pass the handler gathers an
+:class:`Observation` (the spec's few relevant fields, the batch/v1 Job, its pods, rank 0's
+metrics) and calls :func:`compute_status` with the previous status; it writes the result
+in one patch (a merge patch replaces lists, so the full condition list is always computed)
+and emits the :func:`transition_events`.
+
+Phases, in precedence order:
+
+1. The Job's ``Complete``/``SuccessCriteriaMet`` -> Succeeded; ``Failed``/``FailureTarget``
+   -> Failed, reason: the trainer's own (``BadData``, ``StorageAuth``, ... from the
+   termination message) when the podFailurePolicy failed the Job, ``OOMKilled`` when the
+   retries ran out on out-of-memory kills, else the Job's (``BackoffLimitExceeded``,
+   ``DeadlineExceeded``). A finished job stays finished (even once its Job is deleted).
+2. ``spec.runPolicy.suspend`` -> Suspended (``SuspendRequested``); a Job suspended by
+   someone else (Kueue queueing it) -> Suspended (``JobSuspended``).
+3. A pod that cannot start -> Pending with the cause: ``Unschedulable`` (and any other
+   PodScheduled reason), ``ImagePullBackOff`` (also for ``ErrImagePull``),
+   ``SecretNotFound``/``SecretKeyNotFound``/``ConfigMapNotFound`` (from
+   ``CreateContainerConfigError``: the kubelet retries, so creating the Secret unblocks the
+   job, and nothing crash-loops), or the container's waiting reason verbatim. The benign
+   ``Creating``, ``WaitingForPods``, ``Scheduling``, ``ContainerCreating`` and
+   ``Restarting`` (a pod failed, the Job controller makes a new one) say it is on its way.
+4. All pods running -> the trainer's phase from its metrics (Initializing,
+   GeneratingClassImages, Training, Exporting); unreadable metrics keep the last one.
+
+Conditions (metav1.Condition, always all six): ``Ready`` (True once the results are
+ready; while False its reason and message are the headline: ``Training``, "step 120/400
+(30.0%), loss 0.1234, ETA 4m10s", ``Unschedulable``, ...), ``Running`` (True while the
+trainer runs), ``Succeeded``, ``Failed``, ``Suspended``, and ``Stalled`` (True when the
+step has not moved for ``stall_timeout`` while training). A condition's
+lastTransitionTime changes only when its status does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
+from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
+from dreambooth.api.status import (
+    CheckpointRef,
+    Condition,
+    DreamBoothJobStatus,
+    Outputs,
+    Phase,
+    Progress,
+)
+from dreambooth.operator.progress import (
+    TrainerSnapshot,
+    format_duration,
+    images_per_step,
+    is_stalled,
+    progress_from,
+    rfc3339,
+    stalled_for,
+)
+
+DEFAULT_STALL_TIMEOUT = timedelta(minutes=20)
+
+READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED = (
+    "Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled",
+)
+CONDITION_TYPES = (READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED)
+
+RUNNING_PHASES = (Phase.INITIALIZING, Phase.GENERATING_CLASS_IMAGES, Phase.TRAINING, Phase.EXPORTING)
+#: the trainer's phase metric label -> our phase ("succeeded": the pod is still finishing)
+TRAINER_PHASE = {
+    "initializing": Phase.INITIALIZING,
+    "generating_class_images": Phase.GENERATING_CLASS_IMAGES,
+    "training": Phase.TRAINING,
+    "exporting": Phase.EXPORTING,
+    "succeeded": Phase.EXPORTING,
+}
+#: Pending reasons that mean "on its way", not "needs you"
+BENIGN_PENDING = frozenset(
+    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting"}
+)
+INVALID_SPEC = "InvalidSpec"
+STALLED_REASON = "NoProgress"
+
+#: where the trainer writes (see dreambooth.trainer.export / checkpoints / run)
+MODEL_PREFIX, SINGLE_FILE, LORA_PREFIX, SAMPLES_PREFIX = "model/", "model.safetensors", "lora/", "samples/"
+CHECKPOINT_PREFIX = "checkpoints/checkpoint-{step}/"
+
+_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+_MAX_MESSAGE = 32768
+
+
+# --- inputs and outputs ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the handler saw in one pass. Job and pods are API dicts (camelCase, as the API
+    server sends them); pods are those of this job's Job, in any order."""
+
+    generation: int
+    output_uri: str  # e.g. s3://bucket/ns/name/ (a trailing slash is added when missing)
+    total_steps: int
+    formats: tuple[OutputFormat, ...] = (OutputFormat.DIFFUSERS, OutputFormat.SAFETENSORS)
+    suspend: bool = False
+    samples: bool = True  # validation.enabled: sample grids are written during training
+    images_per_step: int = 1  # batch size, x2 with prior preservation (for the ETA)
+    job: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    snapshot: TrainerSnapshot | None = None
+    stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT
+
+    @classmethod
+    def of(
+        cls,
+        spec: DreamBoothJobSpec,
+        *,
+        generation: int,
+        output_uri: str,
+        job: Mapping[str, Any] | None,
+        pods: Sequence[Mapping[str, Any]] = (),
+        snapshot: TrainerSnapshot | None = None,
+        stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
+    ) -> Observation:
+        """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
+        t = spec.training
+        return cls(
+            generation=generation,
+            output_uri=output_uri,
+            total_steps=t.steps or 0,
+            formats=tuple(spec.output.formats or ()),
+            suspend=spec.run_policy.suspend,
+            samples=spec.validation.enabled,
+            images_per_step=images_per_step(t.batch_size or 1, bool(spec.prior.enabled)),
+            job=job,
+            pods=tuple(pods),
+            snapshot=snapshot,
+            stall_timeout=stall_timeout,
+        )
+
+    @property
+    def out(self) -> str:
+        return self.output_uri.rstrip("/") + "/"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event for the DreamBoothJob (``kopf.event(body, type=, reason=, message=)``)."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: Phase
+    reason: str
+    message: str = ""
+
+
+# --- reading Job and pod dicts ----------------------------------------------------------
+
+
+def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _true_condition(obj: Mapping[str, Any] | None, ctype: str) -> Mapping[str, Any] | None:
+    for cond in _get(obj, "status", "conditions") or ():
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return _get(obj, "metadata", "name") or "?"
+
+
+def _active(pod: Mapping[str, Any]) -> bool:
+    return _get(pod, "status", "phase") in (None, "Pending", "Running", "Unknown") and not _get(
+        pod, "metadata", "deletionTimestamp"
+    )
+
+
+def camel_reason(text: str | None, fallback: str) -> str:
+    """``text`` if it is a valid condition reason, else its words joined in CamelCase."""
+    if text and _REASON.match(text):
+        return text
+    words = re.split(r"[^A-Za-z0-9]+", text or "")
+    joined = "".join(w[:1].upper() + w[1:] for w in words if w)
+    return joined if joined and _REASON.match(joined) else fallback
+
+
+def _exit_reason(code: int | None) -> str | None:
+    """``BadData`` for exit code 11: the trainer's own reason names (see TrainerError)."""
+    try:
+        member = ExitCode(code)
+    except ValueError:
+        return None
+    return "".join(part.capitalize() for part in member.name.split("_"))
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How one finished pod ended: the container's terminated state and the trainer's
+    one-line JSON summary (its termination message)."""
+
+    pod: str
+    exit_code: int | None
+    k8s_reason: str | None  # OOMKilled, Error, Completed, Evicted, ...
+    trainer_reason: str | None
+    message: str
+    finished_at: str = ""
+    disruption: str | None = None  # the pod's DisruptionTarget reason: preempted, evicted
+    summary: Mapping[str, Any] | None = None
+
+    @property
+    def oom(self) -> bool:
+        return self.k8s_reason == "OOMKilled" or (self.exit_code == 137 and self.k8s_reason is None)
+
+    @property
+    def do_not_retry(self) -> bool:
+        return self.exit_code in DO_NOT_RETRY
+
+    @property
+    def reason(self) -> str:
+        if self.oom:
+            return "OOMKilled"
+        if self.trainer_reason == "Unexpected" and "OutOfMemoryError" in self.message:
+            return "CUDAOutOfMemory"
+        return (
+            camel_reason(self.trainer_reason, "")
+            or _exit_reason(self.exit_code)
+            or camel_reason(self.k8s_reason, "Error")
+        )
+
+    def describe(self) -> str:
+        text = f"pod {self.pod}: {self.reason}"
+        if self.exit_code not in (None, 0):
+            text += f" (exit {self.exit_code})"
+        if self.disruption:
+            text += f", disrupted ({self.disruption})"
+        if self.oom:
+            return text + (
+                ": the trainer ran out of memory; raise resources.memory, lower "
+                "training.batchSize or turn on training.gradientCheckpointing"
+            )
+        return text + (f": {self.message}" if self.message else "")
+
+
+def _parse_summary(message: str | None) -> Mapping[str, Any] | None:
+    if not message:
+        return None
+    try:
+        summary = json.loads(message)
+    except ValueError:
+        return None
+    return summary if isinstance(summary, Mapping) else None
+
+
+def termination(pod: Mapping[str, Any]) -> Termination | None:
+    """How ``pod`` ended, or None while it has not."""
+    if _get(pod, "status", "phase") not in ("Failed", "Succeeded"):
+        return None
+    terminated = [
+        t
+        for cs in _get(pod, "status", "containerStatuses") or ()
+        for t in (_get(cs, "state", "terminated"), _get(cs, "lastState", "terminated"))
+        if t
+    ]
+    terminated.sort(key=lambda t: t.get("exitCode") == 0)  # a failing container first
+    disruption = _true_condition(pod, "DisruptionTarget")
+    disrupted = camel_reason(disruption.get("reason"), "Disrupted") if disruption else None
+    if not terminated:  # evicted, or deleted before it started
+        return Termination(
+            pod=_name(pod), exit_code=None, k8s_reason=_get(pod, "status", "reason"),
+            trainer_reason=None, message=_get(pod, "status", "message") or "",
+            disruption=disrupted,
+        )
+    t = terminated[0]
+    raw = (t.get("message") or "").strip()
+    summary = _parse_summary(raw)
+    return Termination(
+        pod=_name(pod),
+        exit_code=t.get("exitCode"),
+        k8s_reason=t.get("reason"),
+        trainer_reason=str(summary.get("reason")) if summary and summary.get("reason") else None,
+        message=str(summary.get("message") or "") if summary else raw,
+        finished_at=t.get("finishedAt") or "",
+        disruption=disrupted,
+        summary=summary,
+    )
+
+
+def _terminations(pods: Sequence[Mapping[str, Any]]) -> list[Termination]:
+    found = [t for t in map(termination, pods) if t is not None]
+    return sorted(found, key=lambda t: (t.finished_at, t.pod))
+
+
+# --- the verdict: phase + headline reason -------------------------------------------------
+
+
+def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termination]) -> Verdict:
+    job_reason = cond.get("reason") or ""
+    job_message = cond.get("message") or ""
+    failures = [t for t in ended if t.exit_code != 0]
+    latest = failures[-1] if failures else None
+    if job_reason == "PodFailurePolicy":
+        culprit = next((t for t in reversed(failures) if t.do_not_retry), latest)
+        if culprit is not None:
+            return Verdict(Phase.FAILED, culprit.reason, f"{culprit.describe()} (not retried)")
+        return Verdict(Phase.FAILED, "PodFailurePolicy", job_message)
+    if job_reason == "DeadlineExceeded":
+        limit = _get(obs.job, "spec", "activeDeadlineSeconds")
+        text = "the job ran longer than runPolicy.activeDeadlineSeconds"
+        text += f" ({limit}s)" if limit else ""
+        return Verdict(Phase.FAILED, "DeadlineExceeded", f"{text}: {job_message}".rstrip(": "))
+    if job_reason == "BackoffLimitExceeded":
+        count = _get(obs.job, "status", "failed") or len(failures)
+        limit = _get(obs.job, "spec", "backoffLimit")
+        text = f"the trainer failed {count} times" + (f" (backoffLimit {limit})" if limit is not None else "")
+        if latest is not None:
+            text += f"; last failure: {latest.describe()}"
+        return Verdict(Phase.FAILED, "OOMKilled" if latest and latest.oom else "BackoffLimitExceeded", text)
+    text = job_message
+    if latest is not None:
+        text = f"{text}; last failure: {latest.describe()}" if text else latest.describe()
+    return Verdict(Phase.FAILED, camel_reason(job_reason, "JobFailed"), text)
+
+
+_SECRET = re.compile(r'secret "([^"]+)" not found', re.IGNORECASE)
+_SECRET_KEY = re.compile(r"couldn't find key (\S+) in Secret (\S+)", re.IGNORECASE)
+_CONFIGMAP = re.compile(r'configmap "([^"]+)" not found', re.IGNORECASE)
+
+
+def _waiting_verdict(pod: Mapping[str, Any], reason: str, message: str) -> Verdict:
+    namespace = _get(pod, "metadata", "namespace") or "the job's namespace"
+    where = f"pod {_name(pod)}: {message}" if message else f"pod {_name(pod)}: {reason}"
+    if reason in ("ErrImagePull", "ImagePullBackOff"):
+        return Verdict(Phase.PENDING, "ImagePullBackOff", where + " (check resources.image and pull secrets)")
+    if reason == "CreateContainerConfigError":
+        if m := _SECRET.search(message):
+            return Verdict(Phase.PENDING, "SecretNotFound",
+                           f'{where}: create Secret "{m.group(1)}" in {namespace}, or point '
+                           "spec.storage.credentialsSecret at one that exists")
+        if m := _SECRET_KEY.search(message):
+            return Verdict(Phase.PENDING, "SecretKeyNotFound",
+                           f"{where}: add key {m.group(1)} to that Secret, or set "
+                           "spec.storage.credentialsSecret's accessKeyKey/secretKeyKey")
+        if _CONFIGMAP.search(message):
+            return Verdict(Phase.PENDING, "ConfigMapNotFound", where)
+    return Verdict(Phase.PENDING, camel_reason(reason, "ContainerWaiting"), where)
+
+
+def _pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
+    """Why ``pod`` (not yet running the trainer) waits, or None if it runs."""
+    scheduled = next(
+        (c for c in _get(pod, "status", "conditions") or () if c.get("type") == "PodScheduled"), None
+    )
+    if scheduled is not None and scheduled.get("status") == "False":
+        reason = camel_reason(scheduled.get("reason"), "Unschedulable")
+        message = scheduled.get("message") or ""
+        return Verdict(Phase.PENDING, reason, f"pod {_name(pod)}: {message}" if message else f"pod {_name(pod)}")
+    statuses = [
+        *(_get(pod, "status", "initContainerStatuses") or ()),
+        *(_get(pod, "status", "containerStatuses") or ()),
+    ]
+    benign: Verdict | None = None
+    for cs in statuses:
+        waiting = _get(cs, "state", "waiting")
+        if not waiting:
+            continue
+        reason, message = waiting.get("reason") or "ContainerCreating", waiting.get("message") or ""
+        if reason in BENIGN_PENDING:
+            benign = benign or Verdict(Phase.PENDING, reason, f"pod {_name(pod)}: starting containers")
+            continue
+        return _waiting_verdict(pod, reason, message)
+    if benign is not None:
+        return benign
+    if _get(pod, "status", "phase") in (None, "Pending"):
+        if scheduled is None:
+            return Verdict(Phase.PENDING, "Scheduling", f"pod {_name(pod)}: waiting for a node")
+        return Verdict(Phase.PENDING, "ContainerCreating", f"pod {_name(pod)}: starting containers")
+    return None
+
+
+def _running_message(phase: Phase, progress: Progress | None) -> str:
+    if phase is Phase.TRAINING and progress is not None and progress.total_steps:
+        parts = [f"step {progress.summary} ({progress.percent:.1f}%)"]
+        if progress.loss is not None:
+            parts.append(f"loss {progress.loss:.4g}")
+        if progress.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(progress.eta_seconds)}")
+        return ", ".join(parts)
+    return {
+        Phase.INITIALIZING: "fetching the base model and instance images, resuming from a checkpoint if any",
+        Phase.GENERATING_CLASS_IMAGES: "generating class images for prior preservation (cached for later jobs)",
+        Phase.TRAINING: "training",
+        Phase.EXPORTING: "exporting the final model",
+    }[phase]
+
+
+def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
+    """The phase and headline reason of ``obs`` (messages of running phases are filled in
+    by :func:`compute_status`, which knows the progress)."""
+    job, ended = obs.job, _terminations(obs.pods)
+    if job is not None:
+        for ctype in ("Complete", "SuccessCriteriaMet"):
+            if _true_condition(job, ctype):
+                return Verdict(Phase.SUCCEEDED, "Succeeded")
+        for ctype in ("Failed", "FailureTarget"):
+            if cond := _true_condition(job, ctype):
+                return _failed_verdict(cond, obs, ended)
+    if obs.suspend:
+        return Verdict(Phase.SUSPENDED, "SuspendRequested",
+                       "spec.runPolicy.suspend is true: pods are stopped, checkpoints kept; "
+                       "set it to false to resume")
+    if job is not None and (_get(job, "spec", "suspend") or _true_condition(job, "Suspended")):
+        return Verdict(Phase.SUSPENDED, "JobSuspended",
+                       "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
+                       "from its newest checkpoint when unsuspended")
+    if job is None:
+        return Verdict(Phase.PENDING, "Creating", "creating the trainer Job")
+    active = sorted((p for p in obs.pods if _active(p)), key=_name)
+    blocked = [v for v in map(_pod_blocked, active) if v is not None]
+    problem = next((v for v in blocked if v.reason not in BENIGN_PENDING), None)
+    if problem or blocked:
+        return problem or blocked[0]
+    if not active:
+        if any(t.exit_code == 0 for t in ended):
+            return Verdict(Phase.EXPORTING, "Exporting", "the trainer finished; the Job completes")
+        failures = [t for t in ended if t.exit_code != 0]
+        if failures:
+            latest = failures[-1]
+            reason = "Preempted" if latest.disruption else "Restarting"
+            return Verdict(Phase.PENDING, reason, f"{latest.describe()}; a new pod resumes from the newest checkpoint")
+        return Verdict(Phase.PENDING, "WaitingForPods", "waiting for the Job controller to create pods")
+    if obs.snapshot is not None and obs.snapshot.phase in TRAINER_PHASE:
+        phase = TRAINER_PHASE[obs.snapshot.phase]
+    elif previous is not None and previous.phase in RUNNING_PHASES:
+        phase = previous.phase
+    else:
+        phase = Phase.INITIALIZING
+    return Verdict(phase, phase.value)
+
+
+# --- conditions ---------------------------------------------------------------------------
+
+
+def _condition(
+    ctype: str, status: str, reason: str, message: str,
+    previous: DreamBoothJobStatus | None, generation: int, now: datetime,
+) -> Condition:
+    old = next((c for c in (previous.conditions if previous else ()) if c.type == ctype), None)
+    keep = old is not None and old.status == status
+    return Condition(
+        type=ctype,
+        status=status,
+        reason=camel_reason(reason, "Unknown"),
+        message=message[:_MAX_MESSAGE],
+        last_transition_time=old.last_transition_time if keep else rfc3339(now),
+        observed_generation=generation,
+    )
+
+
+def conditions_for(
+    v: Verdict, stalled: tuple[str, str, str],
+    previous: DreamBoothJobStatus | None, generation: int, now: datetime,
+) -> list[Condition]:
+    """All six conditions for verdict ``v``; ``stalled`` is (status, reason, message)."""
+    def make(ctype: str, true: bool, reason: str | None = None, message: str | None = None) -> Condition:
+        return _condition(ctype, "True" if true else "False", reason or v.reason,
+                          v.message if message is None else message, previous, generation, now)
+
+    return [
+        make(READY, v.phase is Phase.SUCCEEDED),
+        make(RUNNING, v.phase in RUNNING_PHASES),
+        make(SUCCEEDED, v.phase is Phase.SUCCEEDED),
+        make(FAILED, v.phase is Phase.FAILED),
+        make(SUSPENDED, v.phase is Phase.SUSPENDED),
+        _condition(STALLED, *stalled, previous, generation, now),
+    ]
+
+
+# --- the status ---------------------------------------------------------------------------
+
+
+def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
+             ended: list[Termination]) -> Outputs | None:
+    out = obs.out
+    prev = previous.outputs if previous and previous.outputs else Outputs()
+    samples = prev.samples
+    if obs.samples and v.phase in (Phase.TRAINING, Phase.EXPORTING, Phase.SUCCEEDED):
+        samples = out + SAMPLES_PREFIX
+    if v.phase is not Phase.SUCCEEDED:
+        result = prev.model_copy(update={"samples": samples})
+    else:
+        written = next(
+            (t.summary["outputs"] for t in reversed(ended)
+             if t.exit_code == 0 and t.summary and isinstance(t.summary.get("outputs"), Mapping)
+             and t.summary["outputs"]),
+            None,
+        )
+        if written:  # what the trainer reports it wrote
+            result = Outputs(
+                model=written.get(OutputFormat.DIFFUSERS.value),
+                single_file=written.get(OutputFormat.SAFETENSORS.value),
+                lora=written.get(OutputFormat.LORA.value),
+                samples=written.get("samples") or samples,
+            )
+        elif prev.model or prev.single_file or prev.lora:
+            result = prev
+        else:  # the layout the trainer writes, for the formats asked for
+            f = set(obs.formats)
+            result = Outputs(
+                model=out + MODEL_PREFIX if OutputFormat.DIFFUSERS in f else None,
+                single_file=out + SINGLE_FILE if OutputFormat.SAFETENSORS in f else None,
+                lora=out + LORA_PREFIX if OutputFormat.LORA in f else None,
+                samples=samples,
+            )
+    return result if any(result.model_dump().values()) else None
+
+
+def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
+              ended: list[Termination], now: datetime) -> Progress | None:
+    before = previous.progress if previous else None
+    progress = progress_from(obs.snapshot, before, now, obs.images_per_step, obs.total_steps)
+    if v.phase is Phase.TRAINING and progress is not None and (
+        previous is None or previous.phase is not Phase.TRAINING
+    ):  # (re)entering training: the stall clock starts now, not at the last step seen
+        progress = progress.model_copy(update={"step_changed_at": rfc3339(now)})
+    if v.phase is Phase.SUCCEEDED:
+        steps = [t.summary.get("step") for t in ended if t.exit_code == 0 and t.summary]
+        total = (progress.total_steps if progress else 0) or obs.total_steps
+        step = max([s for s in steps if isinstance(s, int)] or [total])
+        if progress is not None and progress.step == step and progress.eta_seconds == 0:
+            return progress
+        base = progress or Progress()
+        stamp = rfc3339(now)
+        return base.model_copy(update={
+            "step": step, "total_steps": total or step, "percent": 100.0 if step >= total else
+            round(100.0 * step / total, 1), "summary": f"{step}/{total or step}", "eta_seconds": 0,
+            "updated_at": stamp,
+            "step_changed_at": stamp if base.step != step else base.step_changed_at,
+        })
+    if v.phase not in RUNNING_PHASES and progress is not None and progress.eta_seconds is not None:
+        progress = progress.model_copy(update={"eta_seconds": None})
+    return progress
+
+
+def _stalled(v: Verdict, obs: Observation, progress: Progress | None, now: datetime) -> tuple[str, str, str]:
+    if v.phase is not Phase.TRAINING:
+        return "False", v.reason, ""
+    if progress is None:
+        return "Unknown", "MetricsUnavailable", "rank 0's metrics endpoint has not been read yet"
+    if is_stalled(progress, now, obs.stall_timeout):
+        idle = stalled_for(progress, now) or timedelta(0)
+        text = f"step {progress.summary} has not changed for {format_duration(idle.total_seconds())}"
+        if obs.snapshot is None:
+            text += f"; rank 0's metrics endpoint is unreachable (last read {progress.updated_at})"
+        return "True", STALLED_REASON, text
+    return "False", "Progressing", f"step {progress.summary}"
+
+
+def compute_status(
+    obs: Observation, previous: DreamBoothJobStatus | None, now: datetime
+) -> DreamBoothJobStatus:
+    """The whole status for ``obs``. Pure: same inputs, same status."""
+    ended = _terminations(obs.pods)
+    v = verdict(obs, previous)
+    if (
+        previous is not None
+        and previous.phase.finished
+        and not v.phase.finished
+        and _ready_reason(previous) != INVALID_SPEC
+    ):  # finished is final: the Job may be gone (ttlSecondsAfterFinished)
+        ready = _ready(previous)
+        v = Verdict(previous.phase, ready.reason if ready else previous.phase.value,
+                    ready.message if ready else "")
+    progress = _progress(v, obs, previous, ended, now)
+    outputs = _outputs(v, obs, previous, ended)
+    if v.phase in RUNNING_PHASES and not v.message:
+        v = Verdict(v.phase, v.reason, _running_message(v.phase, progress))
+    if v.phase is Phase.SUCCEEDED and not v.message:
+        v = Verdict(v.phase, v.reason, _success_message(progress, outputs))
+
+    checkpoint = previous.last_checkpoint if previous else None
+    snap = obs.snapshot
+    if snap is not None and snap.last_checkpoint_step and (
+        checkpoint is None or checkpoint.step != snap.last_checkpoint_step
+    ):
+        checkpoint = CheckpointRef(
+                step=snap.last_checkpoint_step,
+                uri=obs.out + CHECKPOINT_PREFIX.format(step=snap.last_checkpoint_step),
+            )
+
+    job_status = _get(obs.job, "status") or {}
+    restarts = max(previous.restarts if previous else 0, int(job_status.get("failed") or 0))
+    start_time = (previous.start_time if previous else None) or job_status.get("startTime")
+    if start_time is None and (obs.pods or v.phase in RUNNING_PHASES):
+        start_time = rfc3339(now)
+    completion_time = previous.completion_time if previous else None
+    if v.phase.finished and completion_time is None:
+        finished = _true_condition(obs.job, "Failed") or _true_condition(obs.job, "FailureTarget")
+        completion_time = (
+            job_status.get("completionTime")
+            or (finished or {}).get("lastTransitionTime")
+            or rfc3339(now)
+        )
+
+    return DreamBoothJobStatus(
+        phase=v.phase,
+        conditions=conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now),
+        progress=progress,
+        last_checkpoint=checkpoint,
+        outputs=outputs,
+        restarts=restarts,
+        start_time=start_time,
+        completion_time=completion_time,
+        observed_generation=obs.generation,
+    )
+
+
+def _success_message(progress: Progress | None, outputs: Outputs | None) -> str:
+    text = f"trained {progress.step} steps" if progress else "training finished"
+    if outputs is not None:
+        where = [f"{k} {u}" for k, u in (("model", outputs.model), ("single file", outputs.single_file),
+                                         ("LoRA", outputs.lora), ("samples", outputs.samples)) if u]
+        text += "; " + ", ".join(where)
+    return text
+
+
+def _ready(status: DreamBoothJobStatus | None) -> Condition | None:
+    return next((c for c in (status.conditions if status else ()) if c.type == READY), None)
+
+
+def _ready_reason(status: DreamBoothJobStatus | None) -> str | None:
+    ready = _ready(status)
+    return ready.reason if ready else None
+
+
+def invalid_spec_status(
+    issues: Sequence[str], generation: int, now: datetime,
+    previous: DreamBoothJobStatus | None = None,
+) -> DreamBoothJobStatus:
+    """Failed with reason InvalidSpec: the spec cannot run as written (no Job is created)."""
+    message = "the spec is invalid: " + "; ".join(issues or ["(no details)"])
+    v = Verdict(Phase.FAILED, INVALID_SPEC, message)
+    keep = previous is not None and previous.phase is Phase.FAILED
+    return DreamBoothJobStatus(
+        phase=Phase.FAILED,
+        conditions=conditions_for(v, ("False", INVALID_SPEC, ""), previous, generation, now),
+        progress=previous.progress if previous else None,
+        last_checkpoint=previous.last_checkpoint if previous else None,
+        outputs=previous.outputs if previous else None,
+        restarts=previous.restarts if previous else 0,
+        start_time=previous.start_time if previous else None,
+        completion_time=(previous.completion_time if keep else None) or rfc3339(now),
+        observed_generation=generation,
+    )
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+def transition_events(
+    previous: DreamBoothJobStatus | None, current: DreamBoothJobStatus,
+    obs: Observation | None = None,
+) -> list[Event]:
+    """The Events to emit for going from ``previous`` to ``current`` (empty: nothing new).
+
+    A new phase -> Normal, reason = the phase; Failed -> Warning with the failure's reason
+    and message; a Pending cause that needs the user (Unschedulable, SecretNotFound, ...)
+    -> Warning; more restarts -> Warning ``Restarted`` with the last failure; Stalled ->
+    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); a newer checkpoint
+    -> Normal ``CheckpointSaved``.
+    """
+    events: list[Event] = []
+    ready, before = _ready(current), _ready(previous)
+    reason = ready.reason if ready else current.phase.value
+    message = ready.message if ready else ""
+    phase_changed = previous is None or previous.phase is not current.phase
+    problem = current.phase is Phase.PENDING and reason not in BENIGN_PENDING
+    if phase_changed or (before is not None and before.reason != reason):
+        if current.phase is Phase.FAILED or problem:
+            events.append(Event("Warning", reason, message))
+        elif phase_changed:
+            events.append(Event("Normal", current.phase.value, message))
+    if previous is not None and current.restarts > previous.restarts:
+        failures = [t for t in _terminations(obs.pods) if t.exit_code != 0] if obs else []
+        text = f"the trainer was restarted ({current.restarts} so far)"
+        if failures:
+            text += f"; {failures[-1].describe()}"
+        events.append(Event("Warning", "Restarted", text))
+    stalled = _by_type(current, STALLED)
+    was_stalled = _by_type(previous, STALLED)
+    if stalled is not None and stalled.status == "True" and (was_stalled is None or was_stalled.status != "True"):
+        events.append(Event("Warning", "Stalled", stalled.message))
+    elif was_stalled is not None and was_stalled.status == "True" and current.phase is Phase.TRAINING and (
+        stalled is None or stalled.status == "False"
+    ):
+        events.append(Event("Normal", "Progressing", stalled.message if stalled else ""))
+    old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
+    if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
+        events.append(Event("Normal", "CheckpointSaved",
+                            f"step {current.last_checkpoint.step}: {current.last_checkpoint.uri}"))
+    return events
+
+
+def _by_type(status: DreamBoothJobStatus | None, ctype: str) -> Condition | None:
+    return next((c for c in (status.conditions if status else ()) if c.type == ctype), None)

@@ -1,0 +1,164 @@
+"""The seed's recipe: text encoder, LoRA, 8-bit Adam, EMA, sample grids, v-prediction,
+and several processes giving the same result as one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth.trainer.metrics import TrainerMetrics
+from dreambooth.trainer.run import run
+from dreambooth.trainer.sampling import LABEL_HEIGHT
+from tests.support.trainer import job_document, trainer_config, write_config
+
+
+def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):
+    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every,
+                       training=training, **spec)
+    if "validation" not in spec:
+        doc["spec"]["validation"] = {"enabled": False}
+    return doc
+
+
+def train(doc, workdir):
+    config = trainer_config(doc)
+    return run(config, workdir, metrics=TrainerMetrics()), config
+
+
+def checkpoint_tensors(out, step):
+    return load_file(out / "checkpoints" / f"checkpoint-{step}" / "trainable.safetensors")
+
+
+def test_text_encoder_trains_until_text_encoder_steps_then_freezes(tiny_model_dir, toy_cat_dir, tmp_path):
+    out = tmp_path / "out"
+    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=1,
+                    training={"trainTextEncoder": True, "textEncoderSteps": 3, "textEncoderLearningRate": 5e-4})
+    doc["spec"]["checkpointing"]["keep"] = 10
+    train(doc, tmp_path / "w")
+    te = {s: {k: v for k, v in checkpoint_tensors(out, s).items() if k.startswith("text_encoder.")} for s in (1, 3, 6)}
+    assert te[1] and te[1].keys() == te[3].keys()
+    assert any(not torch.equal(te[1][k], te[3][k]) for k in te[1]), "the text encoder did not train"
+    assert all(torch.equal(te[3][k], te[6][k]) for k in te[3]), "the text encoder trained after textEncoderSteps"
+    unet = {s: checkpoint_tensors(out, s)["unet.conv_in.weight"] for s in (3, 6)}
+    assert not torch.equal(unet[3], unet[6]), "the UNet must keep training"
+
+
+def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=3,
+                    training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True}})
+    outcome, _ = train(doc, tmp_path / "w")
+    assert set(outcome.outputs) == {"lora"}
+    saved = checkpoint_tensors(out, 6)
+    assert saved and all("lora" in k for k in saved), "a LoRA checkpoint holds only the adapters"
+    assert any(k.startswith("text_encoder.") for k in saved)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "model").exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    ids = pipe.tokenizer(["a photo of zwx toy cat"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.unet(latents, 10, cond).sample, pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(out / "lora")
+        after = pipe.unet(latents, 10, cond).sample, pipe.text_encoder(ids)[0]
+    assert not torch.allclose(before[0], after[0]), "loading the LoRA must change the UNet"
+    assert not torch.allclose(before[1], after[1]), "loading the LoRA must change the text encoder"
+    image = pipe("a photo of zwx toy cat", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_dir, toy_cat_dir, tmp_path):
+    doc = local_job(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=3, every=3,
+                    training={"optimizer": "adamw8bit", "gradientCheckpointing": True, "snrGamma": 5.0,
+                              "noiseOffset": 0.1, "lrScheduler": "cosine", "lrWarmupSteps": 1})
+    metrics = TrainerMetrics()
+    run(trainer_config(doc), tmp_path / "w", metrics=metrics)
+    assert metrics.step._value.get() == 3
+    assert torch.isfinite(torch.tensor(metrics.loss._value.get()))
+    state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=False)
+    # bitsandbytes keeps tensors of >= 4096 elements in 8 bits (small ones stay 32-bit)
+    def dtypes(node):
+        if torch.is_tensor(node):
+            return {node.dtype}
+        return set().union(*map(dtypes, node.values())) if isinstance(node, dict) else set()
+
+    dtypes = dtypes(state["state"])
+    assert torch.uint8 in dtypes, f"no 8-bit optimizer state: {dtypes}"
+
+
+def test_ema_weights_are_exported(tiny_model_dir, toy_cat_dir, tmp_path):
+    out = tmp_path / "out"
+    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=4, training={"ema": True})
+    train(doc, tmp_path / "w")
+    assert (out / "checkpoints" / "checkpoint-4" / "ema.pt").is_file()
+    raw = checkpoint_tensors(out, 4)["unet.conv_in.weight"]
+    exported = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert not torch.equal(raw, exported), "the export must carry the EMA weights, not the raw ones"
+
+
+def test_sample_grids_and_progression(tiny_model_dir, toy_cat_dir, tmp_path):
+    out = tmp_path / "out"
+    prompts = ["a photo of zwx toy cat", "a photo of zwx toy cat in a box", "zwx toy cat, watercolor"]
+    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=2,
+                    validation={"prompts": prompts, "imagesPerPrompt": 2, "inferenceSteps": 3, "everySteps": 2})
+    train(doc, tmp_path / "w")
+    for step in (2, 4):
+        with Image.open(out / "samples" / f"step-{step}.png") as grid:
+            assert grid.size == (2 * 64, LABEL_HEIGHT + 3 * (64 + LABEL_HEIGHT))  # rows prompts, columns images
+    with Image.open(out / "samples" / "progression.png") as prog:
+        assert prog.size == (3 * 64, LABEL_HEIGHT + 2 * (64 + LABEL_HEIGHT))  # rows steps, columns prompts
+
+
+def test_v_prediction_model_trains(toy_cat_dir, tmp_path):
+    from dreambooth.trainer.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "v-model", prediction_type="v_prediction")
+    outcome, _ = train(local_job(model, toy_cat_dir, tmp_path / "out", steps=2, every=2), tmp_path / "w")
+    assert outcome.step == 2
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
+    """accelerate launch with 2 processes (gloo on the CPU) gives the weights one process
+    gives: data sharded, UNet and text-encoder gradients synchronised, also with gradient
+    accumulation; only rank 0 writes."""
+    training = {"batchSize": 4, "gradientAccumulationSteps": 2, "trainTextEncoder": True}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out-{processes}"
+        doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=4, training=training)
+        doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
+        config_path = write_config(trainer_config(doc), tmp_path / f"c{processes}")
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if processes > 1:
+            launch += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", "29517"]
+        proc = subprocess.run(launch + ["-m", "dreambooth.trainer", "--config", str(config_path),
+                                        "--workdir", str(tmp_path / f"w{processes}")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        if processes > 1:
+            assert "rank1" in proc.stderr
+        results[processes] = load_file(out / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
+    one, two = results[1], results[2]
+    assert one.keys() == two.keys() and any(k.startswith("text_encoder.") for k in one)
+    base = {f"{part}.{k}": v for part in ("unet", "text_encoder")
+            for k, v in load_file(next((tiny_model_dir / part).glob("*.safetensors"))).items()}
+    # Adam normalises updates, so float-rounding differences of the gradient all-reduce show
+    # up as tiny differences in a few weights; a wrong data shard or unsynchronised gradients
+    # would make the two runs differ by about as much as they moved.
+    drift = sum((one[k] - two[k]).abs().sum().item() for k in one)
+    moved = sum((one[k] - base[k]).abs().sum().item() for k in one)
+    assert moved > 0 and drift / moved < 0.01, f"2 processes drifted from 1 process by {drift / moved:.2%}"
