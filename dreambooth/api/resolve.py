@@ -82,3 +82,9 @@ def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
             "output": output,
         }
     )
+
+
+def total_steps(spec: DreamBoothJobSpec) -> int:
+    """Optimizer steps of the whole run: textual inversion (if any), then DreamBooth."""
+    ti = spec.training.textual_inversion
+    return (ti.steps if ti else 0) + (spec.training.steps or 0)

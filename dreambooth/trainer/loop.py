@@ -163,6 +163,11 @@ class Loop:
     text_encoder_steps: int = 0  # train the text encoder while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
     ema: object | None = None  # diffusers EMAModel of the UNet's weights
+    phase: str = "dreambooth"
+    #: further state for checkpoints, by name: objects with state_dict()/load_state_dict()
+    extras: dict[str, object] = field(default_factory=dict)
+    before_optimizer_step: Callable[[], None] | None = None
+    after_optimizer_step: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -217,6 +222,8 @@ class Loop:
                 loss.total.detach(), loss.instance.detach(),
                 loss.prior.detach() if loss.prior is not None else torch.zeros((), device=a.device),
             ]).float()
+        if self.before_optimizer_step is not None:
+            self.before_optimizer_step()
         if a.scaler is not None:
             a.unscale_gradients(self.optimizer)  # fp16: clip the true gradients
         torch.nn.utils.clip_grad_norm_(self.parameters, self.training.max_grad_norm, foreach=True)
@@ -225,6 +232,8 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(a.unwrap_model(self.unet).parameters())
+        if self.after_optimizer_step is not None:
+            self.after_optimizer_step()
         total, instance, prior = (a.reduce(sums, reduction="mean") / accumulation).tolist()
         out = {"loss": total, "instance_loss": instance, "lr": self.lr_scheduler.get_last_lr()[0]}
         if self.classes is not None:

@@ -86,8 +86,7 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
             param.copy_(tensors[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=False))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER, weights_only=False))
-    for name, obj in (extras or {}).items():
-        obj.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False))
+    read_extras(folder, extras or {})
     rng = torch.load(folder / RNG, weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -95,3 +94,11 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])
+
+
+def read_extras(folder: Path, extras: dict[str, Any]) -> None:
+    """Load every extra state the checkpoint has (e.g. a learned token across phases)."""
+    for name, obj in extras.items():
+        path = folder / f"{name}.pt"
+        if path.is_file():
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

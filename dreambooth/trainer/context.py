@@ -1,0 +1,43 @@
+"""What every step of a run shares, and what a run reports when it ends."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dreambooth.api.config import TrainerConfig
+from dreambooth.api.resolve import total_steps
+from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.trainer.metrics import TrainerMetrics
+from dreambooth.trainer.storage import S3Settings, Storage
+
+
+@dataclass
+class Outcome:
+    step: int
+    outputs: dict[str, str] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+
+
+@dataclass
+class Context:
+    config: TrainerConfig
+    workdir: Path
+    accelerator: object
+    s3: S3Settings | None
+    output: Storage
+    metrics: TrainerMetrics | None
+    stop: threading.Event
+
+    @property
+    def spec(self) -> DreamBoothJobSpec:
+        return self.config.spec
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.config.spec)
