@@ -228,7 +228,8 @@ class Termination:
 
     @property
     def do_not_retry(self) -> bool:
-        return self.exit_code in DO_NOT_RETRY
+        said = self.summary.get("exitCode") if self.summary else None
+        return self.exit_code in DO_NOT_RETRY or said in DO_NOT_RETRY
 
     @property
     def reason(self) -> str:
@@ -475,13 +476,16 @@ def conditions_for(
     v: Verdict, stalled: tuple[str, str, str],
     previous: DreamBoothJobStatus | None, generation: int, now: datetime,
 ) -> list[Condition]:
-    """All six conditions for verdict ``v``; ``stalled`` is (status, reason, message)."""
-    def make(ctype: str, true: bool, reason: str | None = None, message: str | None = None) -> Condition:
-        return _condition(ctype, "True" if true else "False", reason or v.reason,
-                          v.message if message is None else message, previous, generation, now)
+    """All six conditions for verdict ``v``; ``stalled`` is (status, reason, message).
+
+    Every condition's reason is the headline reason; the message goes on Ready and on the
+    conditions that are True (``kubectl describe`` says it once)."""
+    def make(ctype: str, true: bool, always: bool = False) -> Condition:
+        message = v.message if true or always else ""
+        return _condition(ctype, "True" if true else "False", v.reason, message, previous, generation, now)
 
     return [
-        make(READY, v.phase is Phase.SUCCEEDED),
+        make(READY, v.phase is Phase.SUCCEEDED, always=True),
         make(RUNNING, v.phase in RUNNING_PHASES),
         make(SUCCEEDED, v.phase is Phase.SUCCEEDED),
         make(FAILED, v.phase is Phase.FAILED),
