@@ -28,7 +28,39 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def measure(resolution: int, steps: int, warmup: int = 3) -> dict:
+VARIANTS: dict[str, dict] = {
+    "default (UNet, cached latents)": {},
+    "+ text encoder": {"trainTextEncoder": True},
+    "latents encoded every step": {"_encode_every_step": True},
+    "LoRA rank 4": {"method": "lora", "learningRate": 1e-4},
+    "+ gradient checkpointing": {"gradientCheckpointing": True},
+    "8-bit AdamW": {"optimizer": "adamw8bit"},
+}
+
+
+class EncodeEveryStep:
+    """What the loop would do without the latent cache: run the VAE encoder every step."""
+
+    def __init__(self, vae, examples, cached) -> None:
+        import torch
+
+        self.vae, self.prompts, self.scaling = vae, cached.prompts, cached.scaling
+        self.pixels = torch.stack([e.pixels for e in examples])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, indices, gens):
+        import torch
+
+        from dreambooth.trainer.loop import randn
+
+        with torch.no_grad():
+            dist = self.vae.encode(self.pixels[indices]).latent_dist
+            return (dist.mean + dist.std * randn(dist.mean.shape[1:], gens, dist.mean.device)) * self.scaling
+
+
+def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = None) -> dict:
     import torch
 
     from dreambooth.api import Defaults, build_trainer_config, validate_job
@@ -50,7 +82,9 @@ def measure(resolution: int, steps: int, warmup: int = 3) -> dict:
     build_tiny_model(root / "base-model", resolution=resolution)
     draw_toy_cats(root / "instance", size=resolution * 2)
     doc = demo_job_document(root)
-    doc["spec"]["training"].update(steps=steps + warmup, batchSize=1, resolution=resolution)
+    options = dict(VARIANTS.get(variant or "", {}))
+    encode_every_step = options.pop("_encode_every_step", False)
+    doc["spec"]["training"].update(steps=steps + warmup, batchSize=1, resolution=resolution, **options)
     doc["spec"]["checkpointing"] = {"everySteps": steps + warmup}
     doc["spec"]["validation"] = {"enabled": False}
     config = build_trainer_config(validate_job(doc), Defaults(output_root=root.as_uri()))
@@ -80,15 +114,19 @@ def measure(resolution: int, steps: int, warmup: int = 3) -> dict:
     ctx = Context(config, root / "work", accelerator, None, open_storage(config.output_uri), TrainerMetrics(),
                   threading.Event())
     components = load_components(root / "base-model", "bench")
-    loop = build_loop(ctx, components, load_instance_examples(ctx, components), None)
+    examples = load_instance_examples(ctx, components)
+    loop = build_loop(ctx, components, examples, None)
+    if encode_every_step:
+        loop.instances = EncodeEveryStep(components.vae, examples, loop.instances)
     step = iter(range(10**6))
     loop_s = timed(lambda: loop.run_step(next(step)), steps, warmup)
 
-    trainable = sum(p.numel() * p.element_size() for p in loop.unet.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in loop.parameters)
     frozen = sum(p.numel() * p.element_size() for m in (components.vae, components.text_encoder)
                  for p in m.parameters())
     adam_state = 2 * trainable
     return {
+        "variant": variant,
         "resolution": resolution,
         "steps": steps,
         "bare_step_ms": 1000 * bare_s,
@@ -118,28 +156,42 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def one(resolution: int, steps: int, variant: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(resolution), "--steps", str(steps)]
+    if variant:
+        cmd += ["--variant", variant]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps)))
+        print(json.dumps(measure(args.one, args.steps, variant=args.variant)))
         return
-    rows = []
-    for resolution in (64, 128):
-        out = subprocess.run([sys.executable, __file__, "--one", str(resolution), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"torch threads: {os.environ['OMP_NUM_THREADS']}, batch 1, {args.steps} timed steps (median)")
+    print(f"torch threads: {os.environ['OMP_NUM_THREADS']}, batch 1, {args.steps} timed steps (median)\n")
     header = ("resolution", "bare step ms", "loop step ms", "overhead", "steps/s", "images/s",
               "peak RSS MB", "RSS after imports MB", "weights+grads+AdamW MB")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for r in rows:
+    for resolution in (64, 128):
+        r = one(resolution, args.steps)
         print(f"| {r['resolution']} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
               f"| {r['steps_per_s']:.1f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
               f"| {r['baseline_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
+    print("\nrecipe options at resolution 128:\n")
+    print("| variant | loop step ms | vs default | steps/s | peak RSS MB | trained+AdamW MB |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for variant in VARIANTS:
+        r = one(128, args.steps, variant)
+        base = base or r["loop_step_ms"]
+        print(f"| {variant} | {r['loop_step_ms']:.1f} | {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} "
+              f"| {r['peak_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,13 @@ def _complete(store: Storage, count: int) -> bool:
 def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) -> None:
     """Draw this rank's share of the class images and upload them."""
     a, prior, resolution = ctx.accelerator, ctx.spec.prior, ctx.spec.training.resolution
-    mine = list(range(a.process_index, count, a.num_processes))
+    done = {o.key for o in store.list()}  # drawn by an earlier, interrupted pod: keep them
+    mine = [i for i in range(a.process_index, count, a.num_processes) if _name(i) not in done]
+    if ctx.main:
+        log.info("generating %d class images for %r into %s (%d already there)",
+                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done))
+    if not mine:
+        return
     pipeline = build_pipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, scheduler_config=components.noise_scheduler.config,
@@ -65,11 +71,15 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
         with a.autocast():
             [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
                                  device=a.device)
-        path = workdir / f"class-{index:05d}.png"
+        path = workdir / _name(index)
         image.save(path)
         store.upload_file(path, path.name)
         if ctx.main and (index // a.num_processes) % 10 == 0:
             log.info("class image %d/%d", index + 1, count)
+
+
+def _name(index: int) -> str:
+    return f"class-{index:05d}.png"
 
 
 def class_examples(ctx, components) -> list[Example]:
@@ -88,7 +98,6 @@ def class_examples(ctx, components) -> list[Example]:
         if not _complete(store, count):
             if ctx.metrics:
                 ctx.metrics.phase.state("generating_class_images")
-            log.info("generating %d class images for %r into %s", count, prompt, source)
             _generate_share(ctx, components, store, count, ctx.workdir / "class-generated")
             a.wait_for_everyone()
             if ctx.main:

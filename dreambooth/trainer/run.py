@@ -8,6 +8,7 @@ serves metrics and samples.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -232,6 +233,8 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
             progress.update(done, values, speed)
+            if CHECKSUMS:
+                log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
             stopping = bool(a.reduce(torch.tensor([float(ctx.stop.is_set())], device=a.device), "max").item())
             if done % spec.checkpointing.every_steps == 0 or done == end or stopping:
                 outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done)
@@ -243,6 +246,16 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
     finally:
         progress.close()
     return outcome
+
+
+#: diagnostics: every process logs a checksum of its trained weights after each step, so
+#: that ranks can be compared (they must be identical under DDP)
+CHECKSUMS = os.environ.get("DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS") == "1"
+
+
+def weights_checksum(loop: Loop) -> str:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in loop.parameters)).hex()
 
 
 def report(m: TrainerMetrics, step: int, values: dict[str, float], speed: float | None) -> None:

@@ -124,3 +124,14 @@ def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int
         pred = unet(scheduler.add_noise(latents, noise, t), t, cond).sample
         total += torch.nn.functional.mse_loss(pred, noise).item()
     return total / draws
+
+
+class StopAfter:
+    """Stands in for SIGTERM in an in-process run: asks the trainer to stop (checkpoint,
+    exit as preempted) once it has finished step ``n``."""
+
+    def __init__(self, metrics, n: int) -> None:
+        self.metrics, self.n = metrics, n
+
+    def is_set(self) -> bool:
+        return self.metrics.step._value.get() >= self.n

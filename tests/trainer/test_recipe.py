@@ -4,6 +4,7 @@ and several processes giving the same result as one."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dreambooth.trainer.errors import Preempted
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
-from tests.support.trainer import job_document, trainer_config, write_config
+from tests.support.trainer import StopAfter, job_document, trainer_config, write_config
 
 
 def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):
@@ -128,13 +130,42 @@ def test_v_prediction_model_trains(toy_cat_dir, tmp_path):
     assert outcome.step == 2
 
 
+RESUMABLE = {
+    "8-bit AdamW": ({"optimizer": "adamw8bit"}, "model/unet/diffusion_pytorch_model.safetensors"),
+    "EMA": ({"ema": True}, "model/unet/diffusion_pytorch_model.safetensors"),
+    "text encoder": ({"trainTextEncoder": True, "textEncoderSteps": 3},
+                     "model/text_encoder/model.safetensors"),
+    "LoRA": ({"method": "lora", "learningRate": 1e-2, "lora": {"textEncoder": True}},
+             "lora/pytorch_lora_weights.safetensors"),
+}
+
+
+@pytest.mark.parametrize("option", RESUMABLE)
+def test_stopped_runs_resume_to_the_same_weights(tiny_model_dir, toy_cat_dir, tmp_path, option):
+    training, artifact = RESUMABLE[option]
+    results = []
+    for stop_at in (None, 3):
+        out = tmp_path / f"out-{stop_at}"
+        config = trainer_config(local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=1, training=training))
+        if stop_at:
+            metrics = TrainerMetrics()
+            with pytest.raises(Preempted):
+                run(config, tmp_path / "w1", metrics=metrics, stop=StopAfter(metrics, stop_at))
+        run(config, tmp_path / "w2", metrics=TrainerMetrics())
+        results.append(load_file(out / artifact))
+    straight, resumed = results
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"{option}: resumed run differs"
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
     """accelerate launch with 2 processes (gloo on the CPU) gives the weights one process
     gives: data sharded, UNet and text-encoder gradients synchronised, also with gradient
     accumulation; only rank 0 writes."""
     training = {"batchSize": 4, "gradientAccumulationSteps": 2, "trainTextEncoder": True}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
@@ -150,7 +181,15 @@ def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         if processes > 1:
-            assert "rank1" in proc.stderr
+            # both ranks hold identical weights after every step
+            sums = {}
+            for rank, step, checksum in re.findall(r"rank(\d) INFO \S+ weights step=(\d+) checksum=(\S+)", proc.stderr):
+                sums.setdefault(int(step), {})[rank] = checksum
+            assert sorted(sums) == [1, 2, 3, 4]
+            assert all(len(set(by_rank.values())) == 1 and len(by_rank) == 2 for by_rank in sums.values()), sums
+            # only rank 0 writes checkpoints (once per checkpoint)
+            uploads = re.findall(r"rank(\d) INFO \S+ checkpoint (\S+)", proc.stderr)
+            assert uploads == [("0", (out / "checkpoints" / "checkpoint-4").as_uri() + "/")], uploads
         results[processes] = load_file(out / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
     one, two = results[1], results[2]
     assert one.keys() == two.keys() and any(k.startswith("text_encoder.") for k in one)

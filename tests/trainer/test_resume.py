@@ -148,3 +148,50 @@ def test_metrics_advance_pass_promtool_and_sigterm_saves_a_checkpoint(bucket_wit
     assert f"checkpoints/checkpoint-{stopped}/manifest.json" in keys
     if not promtool:
         pytest.skip("promtool not installed: metrics text not linted (apt-get install prometheus)")
+
+
+def local_doc(model, photos, out, **kw):
+    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), **kw)
+    doc["spec"]["validation"] = {"enabled": False}
+    return doc
+
+
+def test_kill_9_during_class_image_generation_keeps_the_images_already_drawn(tiny_model_dir, toy_cat_dir, tmp_path):
+    count = 12
+    doc = local_doc(tiny_model_dir, toy_cat_dir, tmp_path / "jobs" / "face", steps=2, every=2,
+                    prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": count})
+    config_path = write_config(trainer_config(doc), tmp_path)
+    cache = tmp_path / "jobs" / ".cache" / "class-images"
+    proc = start_trainer(config_path, tmp_path / "work", trainer_env())
+    deadline = time.monotonic() + 120
+    while len(list(cache.rglob("*.png"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    drawn = len(list(cache.rglob("*.png")))
+    assert drawn < count, "generation finished before the kill: make it slower"
+
+    code, log, _ = run_trainer(config_path, tmp_path / "work", trainer_env())
+    assert code == 0, log
+    kept = int(re.search(r"generating (\d+) class images .* \((\d+) already there\)", log).group(2))
+    assert kept >= drawn and f"generating {count - kept} class images" in log
+    assert len(list(cache.rglob("*.png"))) == count and len(list(cache.rglob("manifest.json"))) == 1
+
+
+def test_kill_9_during_textual_inversion_resumes_in_phase_one(tiny_model_dir, toy_cat_dir, tmp_path):
+    port = free_port()
+    doc = local_doc(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=4, every=2,
+                    training={"textualInversion": {"steps": 40, "placeholderToken": "<zwx>", "initializerToken": "cat"}})
+    doc["spec"]["instance"]["prompt"] = "a photo of <zwx> toy cat"
+    config = trainer_config(doc, metrics_port=port)
+    config_path = write_config(config, tmp_path)
+    proc = start_trainer(config_path, tmp_path / "work", trainer_env())
+    seen, _ = wait_for_step(proc, port, 8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, log, summary = run_trainer(config_path, tmp_path / "work", trainer_env())
+    assert code == 0, log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert seen - 2 <= resumed < 40, (seen, resumed)  # phase 1 went on where it stopped
+    assert summary["step"] == 44

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from dreambooth.trainer.errors import Preempted
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
-from tests.support.trainer import job_document, trainer_config
+from tests.support.trainer import StopAfter, job_document, trainer_config
 
 TI_STEPS, DB_STEPS = 4, 4
 
@@ -23,16 +23,6 @@ def ti_config(model, photos, out):
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["checkpointing"]["keep"] = 10
     return trainer_config(doc)
-
-
-class StopAfter:
-    """Stands in for SIGTERM: asks the trainer to stop once it finished step ``n``."""
-
-    def __init__(self, metrics: TrainerMetrics, n: int) -> None:
-        self.metrics, self.n = metrics, n
-
-    def is_set(self) -> bool:
-        return self.metrics.step._value.get() >= self.n
 
 
 @pytest.fixture(scope="module")
