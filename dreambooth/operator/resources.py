@@ -88,6 +88,8 @@ def local_uri(uri: str) -> str:
         raise ValueError(f"{uri}: file:// URIs are for local runs, not for a cluster")
     if parsed.scheme is not Scheme.PVC:
         return uri
+    if ".." in parsed.path.split("/"):
+        raise ValueError(f"{uri}: '..' may not appear in a pvc:// path")
     return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path}"
 
 
@@ -125,14 +127,15 @@ def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
         if output.scheme is Scheme.PVC
         else config.class_cache_uri
     )
-    prior = spec.prior
-    if prior.uri:
-        prior = prior.model_copy(update={"uri": local_uri(prior.uri)})
+
+    def rewritten(section: Any) -> Any:
+        return section.model_copy(update={"uri": local_uri(section.uri)}) if section.uri else section
+
     spec = spec.model_copy(update={
-        "base_model": spec.base_model.model_copy(update={"uri": local_uri(spec.base_model.uri)}),
-        "instance": spec.instance.model_copy(update={"uri": local_uri(spec.instance.uri)}),
-        "prior": prior,
-        "output": spec.output.model_copy(update={"uri": local_uri(config.output_uri)}),
+        "base_model": rewritten(spec.base_model),
+        "instance": rewritten(spec.instance),
+        "prior": rewritten(spec.prior),
+        "output": rewritten(spec.output),
     })
     return config.model_copy(update={
         "spec": spec,
@@ -211,7 +214,7 @@ def command(inputs: TrainerInputs) -> list[str]:
     lines += [["--mixed_precision", str(inputs.job.spec.training.mixed_precision),
                "--dynamo_backend", "no"], ["-m", TRAINER_MODULE]]
     launch = " \\\n  ".join(" ".join(line) for line in lines)
-    return ["/bin/sh", "-c", LAUNCH_SCRIPT.format(launch=" ".join(launch), log=TERMINATION_LOG)]
+    return ["/bin/sh", "-c", LAUNCH_SCRIPT.format(launch=launch, log=TERMINATION_LOG)]
 
 
 def credentials(inputs: TrainerInputs) -> SecretKeyRef | None:

@@ -34,6 +34,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class OperatorSettings:
+    """Field ``x`` is read from ``DREAMBOOTH_X`` (e.g. ``DREAMBOOTH_TRAINER_IMAGE``)."""
+
     #: trainer image for jobs that do not name one (spec.resources.image)
     trainer_image: str = "ghcr.io/dreambooth-operator/trainer:0.1.0"
     #: job outputs go to ``<output_root>/<namespace>/<name>/`` unless spec.output.uri is set
@@ -51,6 +53,8 @@ class OperatorSettings:
     trainer_metrics_port: int = 9090
     #: the operator's own /metrics
     metrics_port: int = 8080
+    #: the operator's liveness endpoint (/healthz)
+    health_port: int = 8081
     #: the trainer checkpoints on SIGTERM, which takes time
     termination_grace_seconds: int = 300
 
@@ -73,6 +77,11 @@ class OperatorSettings:
         if values.get("trainer_metrics_port") == RENDEZVOUS_PORT:
             problems.append(f"{PREFIX}TRAINER_METRICS_PORT={RENDEZVOUS_PORT}: the trainer's "
                             "rendezvous uses that port; pick another")
+        ports = (values.get("metrics_port", cls.metrics_port),
+                 values.get("health_port", cls.health_port))
+        if ports[0] == ports[1]:
+            problems.append(f"{PREFIX}METRICS_PORT and {PREFIX}HEALTH_PORT are both {ports[0]}: "
+                            "the operator serves them separately; use two ports")
         if problems:
             raise SettingsError(problems)
         return cls(**values)
@@ -162,5 +171,6 @@ _PARSERS: tuple[tuple[str, Callable[[str], Any], bool], ...] = (
     ("stall_timeout_seconds", _int_between(10, 7 * 24 * 3600), False),
     ("trainer_metrics_port", _int_between(1, 65535), False),
     ("metrics_port", _int_between(1, 65535), False),
+    ("health_port", _int_between(1, 65535), False),
     ("termination_grace_seconds", _int_between(0, 24 * 3600), False),
 )

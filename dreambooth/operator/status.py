@@ -43,6 +43,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
+from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
 from dreambooth.api.status import (
     CheckpointRef,
@@ -130,7 +131,7 @@ class Observation:
         return cls(
             generation=generation,
             output_uri=output_uri,
-            total_steps=t.steps or 0,
+            total_steps=total_steps(spec),
             formats=tuple(spec.output.formats or ()),
             suspend=spec.run_policy.suspend,
             samples=spec.validation.enabled,

@@ -1,0 +1,192 @@
+"""kopf handlers: thin. Validate the body into the typed job, build the children with pure
+functions, ensure they exist, observe Job + pods + rank 0's metrics, and write the whole
+status once per pass. The operator is the only writer of ``.status``.
+
+    kopf run -m dreambooth.operator --standalone --all-namespaces   (or: dreambooth-operator)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import kopf
+
+from dreambooth.api import SpecError, effective_spec, validate_job
+from dreambooth.api.config import output_uri_for
+from dreambooth.api.job import GROUP, PLURAL, VERSION, DreamBoothJob
+from dreambooth.api.status import DreamBoothJobStatus
+from dreambooth.operator import naming, resources
+from dreambooth.operator.kube import Kube
+from dreambooth.operator.metrics import OperatorMetrics
+from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
+from dreambooth.operator.settings import OperatorSettings
+from dreambooth.operator.status import Observation, compute_status, invalid_spec_status, transition_events
+
+log = logging.getLogger("dreambooth.operator")
+
+#: read once at start; an invalid setting stops the operator with a message naming it
+SETTINGS = OperatorSettings.from_env()
+RESOURCE = (GROUP, VERSION, PLURAL)
+ANNOTATION_PREFIX = "dreambooth.io"
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf keeps its own bookkeeping in annotations, never in .status (ours alone)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # only warnings of kopf itself become Events
+    memo.kube = await Kube.connect()
+    memo.http = aiohttp.ClientSession()
+    memo.metrics = OperatorMetrics()
+    if SETTINGS.metrics_port:
+        memo.metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.http.close()
+    await memo.kube.close()
+
+
+def _previous(status: dict[str, Any] | None) -> DreamBoothJobStatus | None:
+    try:
+        return DreamBoothJobStatus.model_validate(status) if status else None
+    except ValueError:  # someone else wrote garbage: we rewrite it whole
+        return None
+
+
+def _typed(body: kopf.Body) -> DreamBoothJob:
+    return validate_job(
+        {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body["metadata"]),
+         "spec": dict(body.get("spec") or {})},
+        cluster=True,
+    )
+
+
+def _write(patch: kopf.Patch, body: kopf.Body, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
+           status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
+    """The whole status in one patch (nulls clear fields), plus the Events it implies."""
+    new = status.model_dump(mode="json", by_alias=True)
+    old = previous.model_dump(mode="json", by_alias=True) if previous else None
+    if new != old:
+        patch["status"] = new
+    for event in transition_events(previous, status, obs):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], status.phase)
+
+
+async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo: kopf.Memo) -> tuple[
+        DreamBoothJobStatus, Observation]:
+    """Read the Job, its pods and rank 0's metrics; compute the status (pure)."""
+    meta, kube = job.metadata, memo.kube
+    batch_job = await kube.job(meta.namespace, naming.trainer_name(meta.name))
+    pods = await kube.pods(meta.namespace, naming.selector(meta.name)) if batch_job else []
+    snapshot = None
+    pod = rank0_pod(pods)
+    if pod is not None and (pod.get("status") or {}).get("phase") == "Running":
+        url = metrics_url(pod, SETTINGS.trainer_metrics_port)
+        if url:
+            snapshot = await scrape(url, session=memo.http)
+    obs = Observation.of(
+        effective_spec(job.spec), generation=meta.generation or 0,
+        output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=pods,
+        snapshot=snapshot, stall_timeout=timedelta(seconds=SETTINGS.stall_timeout_seconds),
+    )
+    return compute_status(obs, previous, datetime.now(UTC)), obs
+
+
+async def _sync_suspend(job: DreamBoothJob, batch_job: dict[str, Any] | None, memo: kopf.Memo) -> None:
+    """spec.runPolicy.suspend drives the Job's suspend. Under Kueue (a queue label on the
+    job) Kueue alone suspends and admits the Job, so the operator stays out of it."""
+    if naming.QUEUE_LABEL in job.metadata.labels:
+        return
+    wanted = job.spec.run_policy.suspend
+    if batch_job is not None and bool((batch_job.get("spec") or {}).get("suspend")) != wanted:
+        await memo.kube.suspend_job(job.metadata.namespace, naming.trainer_name(job.metadata.name), wanted)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+async def reconcile(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Create (idempotently) the ConfigMap, headless Service and Indexed Job of a job."""
+    started = time.perf_counter()
+    previous = _previous(status)
+    try:
+        job = _typed(body)
+    except SpecError as err:
+        issues = [str(issue) for issue in err.issues]
+        now = datetime.now(UTC)
+        _write(patch, body, memo, previous, invalid_spec_status(issues, body["metadata"].get("generation", 0),
+                                                                now, previous))
+        return  # permanent until the spec changes: no retry loop
+    if previous is not None and previous.phase.finished:
+        return  # a finished job is never re-run (its Job may be gone: ttl)
+    inputs = resources.TrainerInputs(job, SETTINGS)
+    try:
+        for child in resources.children(inputs):  # owned by the job: deleting it deletes them
+            await memo.kube.ensure(child)
+        current, obs = await observe(job, previous, memo)
+        await _sync_suspend(job, obs.job, memo)
+    except Exception:
+        memo.metrics.errors.labels("reconcile").inc()
+        raise  # kopf retries with backoff
+    _write(patch, body, memo, previous, current, obs)
+    memo.metrics.reconcile_seconds.labels("reconcile").observe(time.perf_counter() - started)
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+async def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+    """Only runPolicy.suspend may change once a job exists (the CRD's CEL rules refuse the
+    rest on a real API server; this says so if something slipped through)."""
+    ignored = sorted({".".join(str(p) for p in field) for _, field, _, _ in diff
+                      if tuple(field[:2]) != ("runPolicy", "suspend")})
+    if ignored:
+        kopf.event(body, type="Warning", reason="SpecChangeIgnored",
+                   message=f"changes to spec.{', spec.'.join(ignored)} after the job was created are "
+                   "ignored: only spec.runPolicy.suspend may change; delete and re-create the job")
+
+
+@kopf.timer(*RESOURCE, interval=SETTINGS.poll_interval_seconds, initial_delay=1)
+async def poll(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Every few seconds: progress from the trainer, Job/pod states, suspend, ttl cleanup."""
+    started = time.perf_counter()
+    previous = _previous(status)
+    if previous is not None and previous.phase.finished:
+        await _expire(body, previous, memo)
+        return
+    try:
+        job = _typed(body)
+    except SpecError:
+        return  # reconcile reported it
+    try:
+        current, obs = await observe(job, previous, memo)
+        await _sync_suspend(job, obs.job, memo)
+    except Exception:
+        memo.metrics.errors.labels("poll").inc()
+        raise
+    _write(patch, body, memo, previous, current, obs)
+    memo.metrics.reconcile_seconds.labels("poll").observe(time.perf_counter() - started)
+
+
+async def _expire(body: kopf.Body, previous: DreamBoothJobStatus, memo: kopf.Memo) -> None:
+    """runPolicy.ttlSecondsAfterFinished: delete a finished job (its children follow)."""
+    ttl = (body.get("spec") or {}).get("runPolicy", {}).get("ttlSecondsAfterFinished")
+    finished = parse_time(previous.completion_time)
+    if ttl is None or finished is None:
+        return
+    if datetime.now(UTC) >= finished + timedelta(seconds=int(ttl)):
+        meta = body["metadata"]
+        log.info("deleting %s/%s: finished %ss ago (ttlSecondsAfterFinished)", meta["namespace"], meta["name"], ttl)
+        await memo.kube.delete_dreambooth_job(meta["namespace"], meta["name"])
+        memo.metrics.jobs.forget(meta["namespace"], meta["name"])
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+async def forget(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.metrics.jobs.forget(body["metadata"]["namespace"], body["metadata"]["name"])

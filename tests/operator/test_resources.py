@@ -1,0 +1,730 @@
+"""The children of a DreamBoothJob: golden YAML for every shipped example, schema-valid for
+Kubernetes 1.29-1.33, Pod Security "restricted", no credentials in the open, pvc:// mounts,
+the multi-node rendezvous, the podFailurePolicy contract, name lengths, determinism, Kueue.
+
+Regenerate the golden files after an intended change with
+``UPDATE_GOLDEN=1 python -m pytest tests/operator/test_resources.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from dreambooth.api import validate_job
+from dreambooth.api.config import TrainerConfig
+from dreambooth.api.exitcodes import DO_NOT_RETRY
+from dreambooth.api.spec import ResourcesSpec
+from dreambooth.operator import naming, resources
+from dreambooth.operator.resources import TrainerInputs
+from dreambooth.operator.settings import OperatorSettings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+UID = "3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50"
+NAMESPACE = "team-a"
+SETTINGS = OperatorSettings(
+    trainer_image="ghcr.io/dreambooth-operator/trainer:0.1.0",
+    output_root="s3://dreambooth",
+    s3_endpoint="minio.minio.svc:9000",
+    s3_secure=False,
+    credentials_secret="dreambooth-s3",
+)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def job_doc(path: Path) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    (doc,) = [d for d in docs if d.get("kind") == "DreamBoothJob"]
+    doc["metadata"].update(namespace=NAMESPACE, uid=UID)
+    return doc
+
+
+def minimal_doc(**spec: Any) -> dict[str, Any]:
+    doc = {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": "toy-cat", "namespace": NAMESPACE, "uid": UID},
+        "spec": {
+            "preset": "object",
+            "baseModel": {"uri": "s3://models/sd15/"},
+            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
+        },
+    }
+    doc["spec"].update(spec)
+    return doc
+
+
+def inputs_for(doc: dict[str, Any], settings: OperatorSettings = SETTINGS) -> TrainerInputs:
+    return TrainerInputs(validate_job(copy.deepcopy(doc), cluster=True), settings)
+
+
+def example_inputs() -> list[tuple[str, TrainerInputs]]:
+    return [(path.stem, inputs_for(job_doc(path))) for path in EXAMPLES]
+
+
+def pvc_doc() -> dict[str, Any]:
+    return minimal_doc(
+        baseModel={"uri": "pvc://models/sd15"},
+        instance={"uri": "pvc://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
+        prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": "pvc://training-data/cats/"},
+        output={"uri": "pvc://results/toy-cat/"},
+    )
+
+
+def long_name_doc() -> dict[str, Any]:
+    doc = minimal_doc(resources={"nodes": naming.MAX_NODES, "gpusPerNode": 8},
+                      training={"batchSize": 512})
+    doc["metadata"]["name"] = "a" * 40 + "-" + "b" * 22  # 63 characters
+    return doc
+
+
+def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]
+
+
+def trainer(job: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod_spec(job)["containers"]
+    return container
+
+
+def env_of(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in trainer(job)["env"]}
+
+
+# ------------------------------------------------------------------------------ golden
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the config JSON, the launch script) as readable block literals."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render(inputs: TrainerInputs) -> str:
+    return yaml.dump_all(resources.children(inputs), Dumper=_Dumper, sort_keys=False, width=100)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in EXAMPLES])
+def test_golden(name: str):
+    inputs = dict(example_inputs())[name]
+    rendered = render(inputs)
+    path = GOLDEN / f"{name}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(rendered)
+    assert path.exists(), f"no golden file {path}: run with UPDATE_GOLDEN=1 to create it"
+    expected = path.read_text()
+    if rendered != expected:
+        diff = "".join(difflib.unified_diff(
+            expected.splitlines(True), rendered.splitlines(True), str(path), "rendered"))
+        pytest.fail(f"rendered children of examples/{name}.yaml differ from {path}.\nIf the "
+                    "change is intended, regenerate with UPDATE_GOLDEN=1 python -m pytest "
+                    f"tests/operator/test_resources.py and review the diff.\n{diff[:6000]}")
+    # the golden file round-trips to the same objects (block literals lose nothing)
+    assert list(yaml.safe_load_all(expected)) == resources.children(inputs)
+
+
+def test_examples_covered():
+    assert {p.stem for p in EXAMPLES} >= {"toy-cat", "multi-gpu", "multi-node", "lora", "face"}
+    assert {p.stem for p in GOLDEN.glob("*.yaml")} == {p.stem for p in EXAMPLES}, (
+        "stale or missing golden files: run with UPDATE_GOLDEN=1")
+
+
+# ------------------------------------------------------------------------------ schema
+
+
+def all_cases() -> list[tuple[str, TrainerInputs]]:
+    gpu0 = minimal_doc(resources={"gpusPerNode": 0})
+    digit = minimal_doc(resources={"nodes": 2, "gpusPerNode": 1}, training={"batchSize": 4})
+    digit["metadata"]["name"] = "2024-cat"
+    return example_inputs() + [
+        ("pvc", inputs_for(pvc_doc())),
+        ("long-name", inputs_for(long_name_doc())),
+        ("cpu-only", inputs_for(gpu0)),
+        ("no-endpoint-no-secret", inputs_for(minimal_doc(), OperatorSettings())),
+        ("digit-name", inputs_for(digit)),
+    ]
+
+
+CASES = all_cases()
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", [c for c, _ in CASES])
+def test_valid_for_kubernetes(case: str, version: str):
+    for obj in resources.children(dict(CASES)[case]):
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(map(str, err.absolute_path))
+            pytest.fail(f"{case}: {obj['kind']} invalid for Kubernetes {version} at {path}: "
+                        f"{err.message}", pytrace=False)
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+@pytest.mark.parametrize("case", [c for c, _ in CASES])
+def test_names_and_labels_the_api_server_accepts(case: str):
+    """What the OpenAPI schema does not say but the API server checks."""
+    inputs = dict(CASES)[case]
+    cm, svc, job = resources.children(inputs)
+    assert DNS_SUBDOMAIN.match(cm["metadata"]["name"]) and len(cm["metadata"]["name"]) <= 253
+    assert DNS_1035.match(svc["metadata"]["name"]) and len(svc["metadata"]["name"]) <= 63
+    assert DNS_LABEL.match(job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
+    pod = pod_spec(job)
+    labels = [o["metadata"]["labels"] for o in (cm, svc, job)] + [
+        job["spec"]["template"]["metadata"]["labels"], svc["spec"]["selector"]]
+    for value in (v for group in labels for v in group.values()):
+        assert len(value) <= 63 and LABEL_VALUE.match(value), value
+    for volume in pod["volumes"]:
+        assert DNS_LABEL.match(volume["name"]) and len(volume["name"]) <= 63
+    assert {m["name"] for m in trainer(job)["volumeMounts"]} == {v["name"] for v in pod["volumes"]}
+    for port in trainer(job)["ports"] + svc["spec"]["ports"]:
+        assert len(port["name"]) <= 15 and PORT_NAME.match(port["name"])
+    container_ports = {p["name"] for p in trainer(job)["ports"]}
+    for port in svc["spec"]["ports"]:
+        assert port["targetPort"] in container_ports | {p["containerPort"] for p in trainer(job)["ports"]}
+    names = [e["name"] for e in trainer(job)["env"]]
+    assert len(names) == len(set(names)), "duplicate env vars"
+    codes = job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"]
+    assert codes == sorted(set(codes)) and 0 not in codes  # ordered, unique, no 0 with In
+
+
+# ------------------------------------------------------------------------------ security
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(template: dict[str, Any]) -> list[str]:
+    """The Pod Security Standards' "restricted" profile (which includes "baseline") for the
+    fields a pod template can set, plus our own rules: read-only root filesystem and no
+    service-account token."""
+    spec, meta = template["spec"], template.get("metadata", {})
+    psc = spec.get("securityContext", {})
+    found: list[str] = []
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            found.append(f"{flag} is set")
+    for volume in spec.get("volumes", []):
+        kind = next(k for k in volume if k != "name")
+        if kind not in RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: type {kind} is not allowed")
+    for sysctl in psc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']} is not allowed")
+    if psc.get("runAsUser") == 0:
+        found.append("pod runAsUser is 0")
+    if psc.get("seccompProfile", {}).get("type") == "Unconfined":
+        found.append("pod seccomp profile is Unconfined")
+    if psc.get("appArmorProfile", {}).get("type") == "Unconfined":
+        found.append("pod AppArmor profile is Unconfined")
+    if any(v == "unconfined" for k, v in meta.get("annotations", {}).items()
+           if k.startswith("container.apparmor.security.beta.kubernetes.io/")):
+        found.append("AppArmor annotation is unconfined")
+    if spec.get("automountServiceAccountToken") is not False:
+        found.append("automountServiceAccountToken is not false")
+    containers = [(k, c) for k in ("initContainers", "containers", "ephemeralContainers")
+                  for c in spec.get(k, [])]
+    for kind, c in containers:
+        where = f"{kind} {c['name']}"
+        sc = c.get("securityContext", {})
+        if sc.get("privileged"):
+            found.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            found.append(f"{where}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: adds capabilities {caps['add']}")
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        if non_root is not True:
+            found.append(f"{where}: runAsNonRoot is not true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            found.append(f"{where}: runs as UID 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: seccomp profile is {seccomp!r}, not RuntimeDefault/Localhost")
+        if sc.get("procMount", "Default") != "Default":
+            found.append(f"{where}: procMount is {sc['procMount']}")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            found.append(f"{where}: Windows hostProcess")
+        se = {**psc.get("seLinuxOptions", {}), **sc.get("seLinuxOptions", {})}
+        if se.get("user") or se.get("role") or se.get("type", "") not in (
+                "", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+            found.append(f"{where}: seLinuxOptions {se}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{where}: uses a hostPort")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{where}: root filesystem is writable")
+    return found
+
+
+@pytest.mark.parametrize("case", [c for c, _ in CASES])
+def test_pod_security_restricted(case: str):
+    job = resources.job(dict(CASES)[case])
+    assert restricted_violations(job["spec"]["template"]) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda s: s["securityContext"].pop("runAsNonRoot") and
+     s["containers"][0]["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    (lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+     "allowPrivilegeEscalation"),
+    (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=[]), "drop ALL"),
+    (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+     "adds capabilities"),
+    (lambda s: s["securityContext"].pop("seccompProfile"), "seccomp"),
+    (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda s: s.update(hostNetwork=True), "hostNetwork"),
+    (lambda s: s["containers"][0]["ports"][0].update(hostPort=9090), "hostPort"),
+    (lambda s: s["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+     "writable"),
+    (lambda s: s.pop("automountServiceAccountToken"), "automountServiceAccountToken"),
+    (lambda s: s["securityContext"].update(runAsUser=0), "UID 0"),
+])
+def test_restricted_checker_catches(change, expected):
+    """The checker is only worth something if it fails on what it should."""
+    template = copy.deepcopy(resources.job(dict(CASES)["toy-cat"])["spec"]["template"])
+    change(template["spec"])
+    assert any(expected in v for v in restricted_violations(template)), expected
+
+
+CREDENTIAL_NAME = re.compile(r"(?i)(secret|password|token|access_?key|credential)")
+
+
+@pytest.mark.parametrize("case", [c for c, _ in CASES])
+def test_credentials_only_as_secret_refs(case: str):
+    inputs = dict(CASES)[case]
+    job, cm = resources.job(inputs), resources.config_map(inputs)
+    for var in trainer(job)["env"]:
+        if CREDENTIAL_NAME.search(var["name"]):
+            assert "value" not in var, f"{var['name']} has a literal value"
+            assert set(var["valueFrom"]) == {"secretKeyRef"}, var
+    # The config JSON names Secrets at most (the user's reference), never holds key values.
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if path.endswith("credentialsSecret"):
+                    assert key in {"name", "accessKeyKey", "secretKeyKey"}, f"{path}.{key}"
+                elif CREDENTIAL_NAME.search(key) and key != "credentialsSecret":
+                    pytest.fail(f"credential-like field {path}.{key} in the trainer config")
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+    walk(json.loads(cm["data"]["config.json"]), "")
+
+
+def test_secret_from_spec_else_settings_else_none():
+    with_spec = env_of(resources.job(inputs_for(job_doc(ROOT / "examples/toy-cat.yaml"))))
+    assert with_spec["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "minio-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    assert with_spec["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "minio-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert with_spec["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio.svc:9000"
+    from_settings = env_of(resources.job(inputs_for(minimal_doc())))
+    assert from_settings["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "dreambooth-s3"
+    custom_keys = minimal_doc(storage={"credentialsSecret": {
+        "name": "s3", "accessKeyKey": "user", "secretKeyKey": "password"}, "secure": True})
+    env = env_of(resources.job(inputs_for(custom_keys)))
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "password"}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "https://minio.minio.svc:9000"
+    bare = env_of(resources.job(inputs_for(minimal_doc(), OperatorSettings())))
+    assert "AWS_ACCESS_KEY_ID" not in bare and "AWS_ENDPOINT_URL_S3" not in bare
+    assert bare["AWS_REGION"]["value"] == "us-east-1"
+
+
+# ------------------------------------------------------------------------------ pvc://
+
+
+def test_pvc_uris_are_mounted_and_rewritten():
+    inputs = inputs_for(pvc_doc())
+    config = resources.trainer_config(inputs)
+    assert config.spec.base_model.uri == "file:///mnt/pvc/models/sd15"
+    assert config.spec.instance.uri == "file:///mnt/pvc/training-data/toy-cat/"
+    assert config.spec.prior.uri == "file:///mnt/pvc/training-data/cats/"
+    assert config.output_uri == "file:///mnt/pvc/results/toy-cat/"
+    assert config.spec.output.uri == config.output_uri
+    assert config.class_cache_uri == "file:///mnt/pvc/results/.cache/class-images/"
+    assert "pvc://" not in json.dumps(config.wire())
+
+    job = resources.job(inputs)
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod_spec(job)["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert {c: v["persistentVolumeClaim"]["readOnly"] for c, v in claims.items()} == {
+        "models": True, "training-data": True, "results": False}
+    mounts = {m["name"]: m for m in trainer(job)["volumeMounts"]}
+    for claim, volume in claims.items():
+        mount = mounts[volume["name"]]
+        assert mount["mountPath"] == f"/mnt/pvc/{claim}"
+        assert mount["readOnly"] is volume["persistentVolumeClaim"]["readOnly"]
+    # every local path the trainer gets lies on a mount, written ones on a writable one
+    for uri, written in [(config.spec.base_model.uri, False), (config.spec.instance.uri, False),
+                         (config.spec.prior.uri, False), (config.output_uri, True),
+                         (config.class_cache_uri, True)]:
+        path = uri.removeprefix("file://")
+        (mount,) = [m for m in mounts.values() if path.startswith(m["mountPath"] + "/")]
+        assert not (written and mount.get("readOnly")), uri
+
+
+def test_pvc_claim_read_and_written_is_writable_and_settings_root_may_be_a_pvc():
+    doc = minimal_doc(instance={"uri": "pvc://shared/photos/", "prompt": "a photo of zwx cat"})
+    inputs = inputs_for(doc, OperatorSettings(output_root="pvc://shared/runs"))
+    assert resources.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
+    assert resources.claim_mounts(inputs) == [
+        resources.ClaimMount("shared", read_only=False, volume="pvc-0")]
+
+
+def test_config_map_is_what_the_trainer_parses():
+    for _, inputs in CASES:
+        text = resources.config_map(inputs)["data"]["config.json"]
+        parsed = TrainerConfig.model_validate(json.loads(text))  # as dreambooth.trainer does
+        assert parsed == resources.trainer_config(inputs)
+        assert parsed.job.uid == UID and parsed.job.namespace == NAMESPACE
+
+
+def test_pvc_paths_stay_on_their_claim():
+    assert resources.local_uri("pvc://data/a/b/") == "file:///mnt/pvc/data/a/b/"
+    assert resources.local_uri("s3://bucket/x/") == "s3://bucket/x/"
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        resources.local_uri("pvc://data/../etc/")
+
+
+def test_no_pvc_no_claims():
+    job = resources.job(dict(CASES)["toy-cat"])
+    assert not any("persistentVolumeClaim" in v for v in pod_spec(job)["volumes"])
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_single_process_runs_the_trainer_directly():
+    for case in ("toy-cat", "face", "lora", "cpu-only"):
+        job = resources.job(dict(CASES)[case])
+        assert trainer(job)["command"] == ["python", "-m", "dreambooth.trainer"], case
+        assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in env_of(job)
+
+
+def test_multi_node_rendezvous():
+    inputs = dict(CASES)["multi-node"]
+    job, svc = resources.job(inputs), resources.service(inputs)
+    script = trainer(job)["command"][2]
+    assert trainer(job)["command"][:2] == ["/bin/sh", "-c"]
+    flags = " ".join(script.replace("\\\n", " ").split())
+    assert "accelerate launch --multi_gpu --num_processes 16 --num_machines 2" in flags
+    assert '--machine_rank "${JOB_COMPLETION_INDEX:?}"' in flags
+    host = f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert f"--main_process_ip {host} --main_process_port 29500" in flags
+    assert "--mixed_precision bf16 --dynamo_backend no -m dreambooth.trainer &" in flags
+    assert pod_spec(job)["subdomain"] == svc["metadata"]["name"] == job["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(
+        SETTINGS.termination_grace_seconds)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    ports = {p["name"]: p["containerPort"] for p in trainer(job)["ports"]}
+    assert ports == {"metrics": 9090, "rendezvous": 29500}
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "rendezvous"}
+    assert trainer(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_single_node_multi_gpu_needs_no_dns():
+    script = trainer(resources.job(dict(CASES)["multi-gpu"]))["command"][2]
+    assert "--num_processes 2 --num_machines 1" in script
+    assert "--main_process_ip" not in script and "JOB_COMPLETION_INDEX" not in script
+
+
+def test_launch_script_has_no_kubernetes_variable_references():
+    """Kubernetes rewrites ``$(NAME)`` and ``$$`` in commands; the script relies on neither."""
+    script = trainer(resources.job(dict(CASES)["multi-node"]))["command"][2]
+    assert "$(" not in script and "$$" not in script
+
+
+def _run_launch(tmp_path: Path, mode: str, *, term_after_ready: bool = False) -> int:
+    """Run the multi-GPU pod's script with a stub trainer, 2 CPU processes (gloo)."""
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(
+        "import json, os, pathlib, signal, sys, time\n"
+        "local = os.environ.get('LOCAL_RANK', '0')\n"
+        "def finish(code):\n"
+        "    if local == '0':  # like the trainer: local rank 0 writes the summary\n"
+        "        pathlib.Path(os.environ['STUB_LOG']).write_text(json.dumps(\n"
+        "            {'exitCode': code, 'reason': 'r', 'message': 'not \"exitCode\": 99'}))\n"
+        "    sys.exit(code)\n"
+        "if os.environ['STUB_MODE'] == 'fail':\n"
+        "    finish(11 if local == '0' else 0)\n"
+        "stop = []\n"
+        "signal.signal(signal.SIGTERM, lambda *_: stop.append(1))\n"
+        "pathlib.Path(os.environ['STUB_LOG'] + '.ready' + local).write_text('')\n"
+        "while not stop:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(1)  # 'checkpointing'\n"
+        "finish(21)\n"
+    )
+    log = tmp_path / "termination-log"
+    script = trainer(resources.job(dict(CASES)["multi-gpu"]))["command"][2]
+    script = script.replace("--mixed_precision bf16", "--mixed_precision no")
+    script = script.replace("-m dreambooth.trainer", "-m stub_trainer")
+    script = script.replace(resources.TERMINATION_LOG, str(log))
+    env = {**os.environ, "STUB_MODE": mode, "STUB_LOG": str(log), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if term_after_ready:
+        deadline = time.monotonic() + 90
+        while len(list(tmp_path.glob("termination-log.ready*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode not in (0, 11, 21):
+        print(out.decode()[-3000:])
+    return proc.returncode
+
+
+accelerate_missing = pytest.mark.skipif(
+    not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate not installed")
+
+
+@accelerate_missing
+def test_launch_passes_on_the_trainers_exit_code(tmp_path: Path):
+    """``accelerate launch`` itself exits 1; the pod must exit 11 for the podFailurePolicy."""
+    assert _run_launch(tmp_path, "fail") == 11
+
+
+@accelerate_missing
+def test_launch_passes_sigterm_on_and_waits_for_the_checkpoint(tmp_path: Path):
+    assert _run_launch(tmp_path, "term", term_after_ready=True) == 21
+
+
+# ------------------------------------------------------------------------------ the Job
+
+
+def test_pod_failure_policy_lists_exactly_the_do_not_retry_codes():
+    for case, inputs in CASES:
+        job = resources.job(inputs)
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert len(fail) == 1, case
+        codes = fail[0]["onExitCodes"]
+        assert codes["operator"] == "In" and codes["containerName"] == trainer(job)["name"]
+        assert codes["values"] == sorted(int(c) for c in DO_NOT_RETRY)
+        assert {"action": "Ignore", "onPodConditions": [
+            {"type": "DisruptionTarget", "status": "True"}]} in rules
+        assert pod_spec(job)["restartPolicy"] == "Never"
+
+
+def test_run_policy_and_scheduling():
+    job = resources.job(dict(CASES)["multi-node"])
+    spec, pod = job["spec"], pod_spec(job)
+    assert spec["backoffLimit"] == 6 and spec["activeDeadlineSeconds"] == 86400
+    assert "ttlSecondsAfterFinished" not in spec
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "training"
+    assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
+    dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert trainer(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    ttl = resources.job(inputs_for(minimal_doc(runPolicy={"ttlSecondsAfterFinished": 60,
+                                                          "suspend": True})))
+    assert ttl["spec"]["ttlSecondsAfterFinished"] == 60 and ttl["spec"]["suspend"] is True
+
+
+def test_gpus_and_image():
+    cpu = resources.job(dict(CASES)["cpu-only"])
+    assert "resources" not in trainer(cpu)
+    custom = minimal_doc(resources={"gpusPerNode": 1, "gpu": {"resourceName": "amd.com/gpu"},
+                                    "image": "registry.local/trainer:dev", "memory": "32Gi"})
+    c = trainer(resources.job(inputs_for(custom)))
+    assert c["image"] == "registry.local/trainer:dev"
+    assert c["resources"] == {"limits": {"amd.com/gpu": "1", "memory": "32Gi"},
+                              "requests": {"amd.com/gpu": "1", "memory": "32Gi"}}
+    assert trainer(resources.job(dict(CASES)["toy-cat"]))["image"] == SETTINGS.trainer_image
+
+
+def test_every_child_is_owned_and_labelled():
+    for case, inputs in CASES:
+        for obj in resources.children(inputs):
+            assert obj["metadata"]["ownerReferences"] == [{
+                "apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
+                "name": inputs.name, "uid": UID, "controller": True, "blockOwnerDeletion": True,
+            }], case
+            assert obj["metadata"]["namespace"] == NAMESPACE
+            assert naming.labels(inputs.name).items() <= obj["metadata"]["labels"].items()
+        pod_labels = resources.job(inputs)["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels == naming.labels(inputs.name)  # what a PodMonitor selects on
+
+
+def test_kueue_labels_copied_and_job_created_suspended():
+    job = resources.job(dict(CASES)["multi-node"])
+    assert job["metadata"]["labels"][naming.QUEUE_LABEL] == "a100-queue"
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission
+    assert naming.QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+    plain = resources.job(dict(CASES)["toy-cat"])
+    assert naming.QUEUE_LABEL not in plain["metadata"]["labels"]
+    assert plain["spec"]["suspend"] is False
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def test_names_fit_for_a_63_character_job_name():
+    inputs = dict(CASES)["long-name"]
+    assert len(inputs.name) == 63
+    job, svc, cm = resources.job(inputs), resources.service(inputs), resources.config_map(inputs)
+    assert DNS_1035.match(svc["metadata"]["name"]) and len(svc["metadata"]["name"]) <= 63
+    assert job["spec"]["completions"] == naming.MAX_NODES
+    hostname = naming.pod_hostname(inputs.name, job["spec"]["completions"] - 1)
+    assert hostname == f"{job['metadata']['name']}-63"
+    assert len(hostname) <= 63 and DNS_LABEL.match(hostname)
+    assert len(cm["metadata"]["name"]) <= 253
+    for value in job["metadata"]["labels"].values():
+        assert len(value) <= 63
+
+
+def test_names_are_stable_distinct_and_valid():
+    assert naming.trainer_name("toy-cat") == "toy-cat-trainer"
+    assert naming.config_map_name("toy-cat") == "toy-cat-trainer-config"
+    long_a, long_b = "x" * 60 + "-aa", "x" * 60 + "-bb"
+    assert naming.trainer_name(long_a) != naming.trainer_name(long_b)
+    assert naming.trainer_name(long_a) == naming.trainer_name(long_a)
+    for name in [long_a, long_b, "7-cats", "1", "a", "a" * 52, "a" * 53, "a-" * 31 + "a"]:
+        trainer_name = naming.trainer_name(name)
+        assert DNS_1035.match(trainer_name), trainer_name
+        assert len(naming.pod_hostname(name, naming.MAX_NODES - 1)) <= 63, name
+
+
+def test_max_nodes_matches_the_api_bound():
+    bound = next(m.le for m in ResourcesSpec.model_fields["nodes"].metadata if hasattr(m, "le"))
+    assert bound == naming.MAX_NODES
+
+
+# ------------------------------------------------------------------------------ purity
+
+
+def test_same_input_same_output():
+    for path in EXAMPLES:
+        first = resources.children(inputs_for(job_doc(path)))
+        again = resources.children(inputs_for(job_doc(path)))
+        assert first == again
+        assert render(inputs_for(job_doc(path))) == render(inputs_for(job_doc(path)))
+
+
+def test_inputs_need_the_api_servers_metadata():
+    doc = minimal_doc()
+    del doc["metadata"]["uid"]
+    with pytest.raises(ValueError, match="uid"):
+        inputs_for(doc)
+
+
+def test_file_uris_are_refused():
+    doc = minimal_doc(output={"uri": "file:///tmp/out"})
+    inputs = TrainerInputs(validate_job(doc), SETTINGS)  # validated without cluster=True
+    with pytest.raises(ValueError, match="file://"):
+        resources.trainer_config(inputs)
+
+
+def test_operator_modules_do_not_import_torch():
+    code = ("import sys, dreambooth.operator.resources, dreambooth.operator.settings\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', "
+            "'accelerate', 'transformers') or m.startswith('dreambooth.trainer')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def test_settings_defaults():
+    s = OperatorSettings.from_env({})
+    assert s == OperatorSettings()
+    assert (s.trainer_image, s.output_root, s.s3_secure) == (
+        "ghcr.io/dreambooth-operator/trainer:0.1.0", "s3://dreambooth", True)
+    assert (s.poll_interval_seconds, s.stall_timeout_seconds, s.trainer_metrics_port,
+            s.metrics_port, s.health_port, s.termination_grace_seconds) == (
+        10, 900, 9090, 8080, 8081, 300)
+    assert s.namespaces == () and s.credentials_secret is None and s.s3_endpoint is None
+
+
+def test_settings_from_env():
+    s = OperatorSettings.from_env({
+        "DREAMBOOTH_TRAINER_IMAGE": "registry.local/trainer:1",
+        "DREAMBOOTH_OUTPUT_ROOT": "s3://outputs/",
+        "DREAMBOOTH_S3_ENDPOINT": "minio.minio.svc:9000",
+        "DREAMBOOTH_S3_SECURE": "false",
+        "DREAMBOOTH_CREDENTIALS_SECRET": "minio-credentials",
+        "DREAMBOOTH_NAMESPACES": " team-b, team-a ,,",
+        "DREAMBOOTH_POLL_INTERVAL_SECONDS": "5",
+        "DREAMBOOTH_TERMINATION_GRACE_SECONDS": "600",
+    })
+    assert s.namespaces == ("team-a", "team-b") and s.s3_secure is False
+    assert s.output_root == "s3://outputs" and s.poll_interval_seconds == 5
+    d = s.defaults()
+    assert (d.output_root, d.s3_endpoint, d.s3_secure, d.metrics_port) == (
+        "s3://outputs", "minio.minio.svc:9000", False, 9090)
+
+
+def test_settings_errors_name_every_bad_variable():
+    with pytest.raises(SettingsError) as err:
+        OperatorSettings.from_env({
+            "DREAMBOOTH_OUTPUT_ROOT": "gs://bucket",
+            "DREAMBOOTH_S3_ENDPOINT": "http://minio:9000",
+            "DREAMBOOTH_S3_SECURE": "maybe",
+            "DREAMBOOTH_CREDENTIALS_SECRET": "Bad_Name",
+            "DREAMBOOTH_NAMESPACES": "ok,NOT OK",
+            "DREAMBOOTH_POLL_INTERVAL_SECONDS": "0",
+            "DREAMBOOTH_TRAINER_METRICS_PORT": "nine",
+        })
+    message = str(err.value)
+    for var in ("OUTPUT_ROOT", "S3_ENDPOINT", "S3_SECURE", "CREDENTIALS_SECRET", "NAMESPACES",
+                "POLL_INTERVAL_SECONDS", "TRAINER_METRICS_PORT"):
+        assert f"DREAMBOOTH_{var}=" in message, var
+    assert len(err.value.problems) == 7
+    with pytest.raises(SettingsError, match="rendezvous"):
+        OperatorSettings.from_env({"DREAMBOOTH_TRAINER_METRICS_PORT": "29500"})
+    with pytest.raises(SettingsError, match="DREAMBOOTH_HEALTH_PORT are both 8080"):
+        OperatorSettings.from_env({"DREAMBOOTH_HEALTH_PORT": "8080"})
