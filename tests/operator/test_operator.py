@@ -1,0 +1,258 @@
+"""The real operator (``python -m dreambooth.operator``, kopf unmodified) against the API
+emulator over HTTP. The test plays the Job controller and the kubelet explicitly
+(tests/support/kube_controllers.py) and serves a real trainer metrics endpoint on
+127.0.0.2, as a trainer pod would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreambooth.api.config import TrainerConfig
+from dreambooth.trainer.metrics import TrainerMetrics
+from tests.support.kube import kube  # noqa: F401
+from tests.support.kube_controllers import GarbageCollector, JobController, Kubelet
+
+ROOT = Path(__file__).resolve().parents[2]
+POD_IP = "127.0.0.2"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    """The operator as a process, restartable, with its log kept for failure messages."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log, self.proc = env, log, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "dreambooth.operator"], env=self.env,
+                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def operator(kube, tmp_path):  # noqa: F811
+    trainer_port = free_port(POD_IP)
+    env = {
+        **kube.env,
+        "DREAMBOOTH_POLL_INTERVAL_SECONDS": "1",
+        "DREAMBOOTH_METRICS_PORT": str(free_port()),
+        "DREAMBOOTH_HEALTH_PORT": str(free_port()),
+        "DREAMBOOTH_TRAINER_METRICS_PORT": str(trainer_port),
+        "DREAMBOOTH_OUTPUT_ROOT": "s3://dreambooth",
+        "DREAMBOOTH_S3_ENDPOINT": "minio.minio.svc:9000",
+        "DREAMBOOTH_CREDENTIALS_SECRET": "minio-credentials",
+    }
+    op = Operator(env, tmp_path / "operator.log")
+    op.trainer_port = trainer_port
+    op.start()
+    # kopf is ready once it watches the resource (its second GET after the initial list)
+    kube.wait_for(lambda: sum(1 for m, p in kube.requests if m == "GET" and "dreamboothjobs" in p) >= 2,
+                  timeout=30, what=f"the operator to watch dreamboothjobs\n{op.output()}")
+    yield op
+    op.stop()
+
+
+def example(name: str, **spec_changes) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    doc["metadata"]["namespace"] = "default"
+    for section, values in spec_changes.items():
+        doc["spec"].setdefault(section, {}).update(values)
+    return doc
+
+
+def status_of(kube, name):  # noqa: F811
+    return (kube.find("dbj", "default", name) or {}).get("status") or {}
+
+
+def wait_phase(kube, op, name, phase, timeout=20, **progress):  # noqa: F811
+    def reached():
+        status = status_of(kube, name)
+        return status.get("phase") == phase and all(
+            (status.get("progress") or {}).get(k) == v for k, v in progress.items())
+
+    kube.wait_for(reached, timeout=timeout,
+                  what=f"{name} in phase {phase} {progress or ''}: {status_of(kube, name)}\n{op.output()[-3000:]}")
+    return status_of(kube, name)
+
+
+def trainer_endpoint(op, step, total=400, loss=0.25, phase="training"):
+    """A trainer's real metrics endpoint on the pod IP (what rank 0 serves)."""
+    metrics = TrainerMetrics()
+    metrics.phase.state(phase)
+    metrics.total_steps.set(total)
+    metrics.step.set(step)
+    metrics.loss.set(loss)
+    metrics.learning_rate.set(2e-6)
+    metrics.images_per_second.set(8.0)
+    metrics.serve(op.trainer_port, addr=POD_IP)
+    return metrics
+
+
+def first_pod(kube, jc):  # noqa: F811
+    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
+    jc.reconcile()
+    return kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"})[0]
+
+
+def test_a_job_runs_to_success_with_progress_and_outputs(kube, operator):  # noqa: F811
+    dbj = kube.create(example("toy-cat"))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+
+    pod = first_pod(kube, jc)
+    job = kube.get("jobs", "default", "toy-cat-trainer")
+    config_map = kube.get("configmaps", "default", "toy-cat-trainer-config")
+    service = kube.get("services", "default", "toy-cat-trainer")
+    for child in (job, config_map, service):
+        assert child["metadata"]["ownerReferences"][0]["uid"] == dbj["metadata"]["uid"]
+    config = TrainerConfig.model_validate(json.loads(config_map["data"]["config.json"]))
+    assert config.output_uri == "s3://dreambooth/default/toy-cat/"
+    assert config.spec.training.steps == 400 and config.spec.training.batch_size == 4  # the object preset
+    assert service["spec"]["clusterIP"] == "None" and job["spec"]["completionMode"] == "Indexed"
+    assert wait_phase(kube, operator, "toy-cat", "Pending")
+
+    metrics = trainer_endpoint(operator, step=120)
+    kubelet.run(pod, ip=POD_IP)
+    status = wait_phase(kube, operator, "toy-cat", "Training", step=120)
+    assert status["progress"]["summary"] == "120/400" and status["progress"]["loss"] == 0.25
+    assert status["progress"]["etaSeconds"] > 0
+
+    metrics.step.set(400)
+    metrics.last_checkpoint_step.set(400)
+    kubelet.succeed(pod, message=json.dumps({"exitCode": 0, "reason": "Succeeded", "step": 400}))
+    jc.reconcile()
+    status = wait_phase(kube, operator, "toy-cat", "Succeeded")
+    assert status["outputs"]["model"] == "s3://dreambooth/default/toy-cat/model/"
+    assert status["completionTime"] and status["restarts"] == 0
+    reasons = {e.get("reason") for e in kube.events(dbj)}
+    assert {"Training", "Succeeded"} <= reasons
+    assert any(m == "PATCH" and p.endswith("/dreamboothjobs/toy-cat/status") for m, p in kube.requests)
+
+
+def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat", runPolicy={"backoffLimit": 0}))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    pod = first_pod(kube, jc)
+    kubelet.run(pod, ip=POD_IP)
+    kubelet.oom_kill(pod)
+    jc.reconcile()
+    status = wait_phase(kube, operator, "toy-cat", "Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "OOMKilled"
+
+
+def test_a_trainer_input_error_surfaces_its_own_reason(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    pod = first_pod(kube, jc)
+    kubelet.run(pod, ip=POD_IP)
+    message = "no instance photos found under s3://training-data/toy-cat/: upload them there, or fix the URI"
+    kubelet.fail(pod, exit_code=11, message=json.dumps({"exitCode": 11, "reason": "BadData", "message": message}))
+    jc.reconcile()  # the podFailurePolicy's FailJob rule matches exit code 11
+    status = wait_phase(kube, operator, "toy-cat", "Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "BadData" and "no instance photos" in ready["message"]
+
+
+def test_an_invalid_spec_fails_with_invalid_spec_and_an_event(kube, operator):  # noqa: F811
+    doc = example("toy-cat")
+    doc["spec"]["preset"] = "custom"
+    doc["spec"]["prior"] = {"enabled": True}  # no class prompt
+    dbj = kube.create(doc)
+    status = wait_phase(kube, operator, "toy-cat", "Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "spec.prior.classPrompt" in ready["message"]
+    events = kube.events(dbj)
+    assert any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec" for e in events), events
+    assert kube.find("jobs", "default", "toy-cat-trainer") is None
+
+
+def test_a_missing_credentials_secret_is_a_clear_pending_reason(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    pod = first_pod(kube, jc)
+    kubelet.pending(pod, reason="CreateContainerConfigError", message='secret "minio-credentials" not found')
+    status = wait_phase(kube, operator, "toy-cat", "Pending")
+    kube.wait_for(lambda: next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")["reason"]
+                  == "SecretNotFound", what="reason SecretNotFound")
+    ready = next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")
+    assert "minio-credentials" in ready["message"]
+
+
+def test_suspend_removes_the_pods_and_resume_brings_them_back(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    kubelet.run(first_pod(kube, jc), ip=POD_IP)
+    trainer_endpoint(operator, step=50)
+    wait_phase(kube, operator, "toy-cat", "Training", step=50)
+
+    kube.patch("dbj", "default", "toy-cat", {"spec": {"runPolicy": {"suspend": True}}})
+    kube.wait_for(lambda: kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend") is True,
+                  what="the Job suspended")
+    jc.reconcile()
+    assert kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"}) == []
+    wait_phase(kube, operator, "toy-cat", "Suspended")
+
+    kube.patch("dbj", "default", "toy-cat", {"spec": {"runPolicy": {"suspend": False}}})
+    kube.wait_for(lambda: not kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend"),
+                  what="the Job resumed")
+    jc.reconcile()
+    pods = kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"})
+    assert len(pods) == 1
+    kubelet.run(pods[0], ip=POD_IP)
+    wait_phase(kube, operator, "toy-cat", "Training")
+
+
+def test_an_operator_restart_mid_job_makes_no_duplicates_and_status_continues(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    kubelet.run(first_pod(kube, jc), ip=POD_IP)
+    metrics = trainer_endpoint(operator, step=100)
+    wait_phase(kube, operator, "toy-cat", "Training", step=100)
+
+    operator.stop()
+    metrics.step.set(250)
+    operator.start()
+    wait_phase(kube, operator, "toy-cat", "Training", step=250)
+    for kind in ("jobs", "configmaps", "services"):
+        assert len(kube.list(kind, "default")) == 1, kind
+    assert kube.get("jobs", "default", "toy-cat-trainer")["metadata"]["generation"] == 1
+
+
+def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    jc = JobController(kube)
+    first_pod(kube, jc)
+    kube.delete("dbj", "default", "toy-cat")
+    # kopf's timer holds a finalizer: the operator releases it, then the object is gone
+    kube.wait_for(lambda: kube.find("dbj", "default", "toy-cat") is None, what=f"deletion\n{operator.output()}")
+    GarbageCollector(kube).collect()  # what the cluster's garbage collector does with ownerReferences
+    jc.reconcile()
+    for kind in ("jobs", "configmaps", "services", "pods"):
+        assert kube.list(kind, "default") == [], kind
+
+
+assert os  # the fixture's environment is built from kube.env
