@@ -33,7 +33,7 @@ lint: $(VENV)/.dev
 
 ## lock: re-pin constraints.txt from what is installed in .venv
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v '^dreambooth' | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt
+	(head -2 constraints.txt; $(BIN)/pip freeze --all --exclude-editable | grep -v -e '^dreambooth' -e '^pip==' | sed 's/+cpu$$//') > constraints.new && mv constraints.new constraints.txt
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

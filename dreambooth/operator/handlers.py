@@ -7,6 +7,9 @@ status once per pass. The operator is the only writer of ``.status``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -34,8 +37,15 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 ANNOTATION_PREFIX = "dreambooth.io"
 
 
+@kopf.index(*RESOURCE)
+def dreambooth_jobs(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    """Every DreamBoothJob the operator sees, as a plain copy, for the poller."""
+    return {(namespace, name): copy.deepcopy(dict(body))}
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, dreambooth_jobs: kopf.Index,
+                  **_: Any) -> None:
     # kopf keeps its own bookkeeping in annotations, never in .status (ours alone)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -46,10 +56,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.metrics = OperatorMetrics()
     if SETTINGS.metrics_port:
         memo.metrics.serve(SETTINGS.metrics_port)
+    memo.poller = asyncio.create_task(poll_forever(dreambooth_jobs, memo))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.poller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.poller
     await memo.http.close()
     await memo.kube.close()
 
@@ -69,15 +83,21 @@ def _typed(body: kopf.Body) -> DreamBoothJob:
     )
 
 
-def _write(patch: kopf.Patch, body: kopf.Body, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
-           status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
+async def _write(patch: kopf.Patch, body: kopf.Body, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
+                 status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
     """The whole status in one patch (nulls clear fields), plus the Events it implies."""
     new = status.model_dump(mode="json", by_alias=True)
     old = previous.model_dump(mode="json", by_alias=True) if previous else None
     if new != old:
         patch["status"] = new
+    await _announce(body, memo, previous, status, obs)
+
+
+async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
+                    status: DreamBoothJobStatus, obs: Observation | None) -> None:
+    """The Events a status change implies, and the jobs-by-phase metric."""
     for event in transition_events(previous, status, obs):
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        await memo.kube.post_event(dict(body), event.type, event.reason, event.message)
     memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], status.phase)
 
 
@@ -93,8 +113,13 @@ async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo
         url = metrics_url(pod, SETTINGS.trainer_metrics_port)
         if url:
             snapshot = await scrape(url, session=memo.http)
+    return _status(job, previous, batch_job, pods, snapshot)
+
+
+def _status(job: DreamBoothJob, previous: DreamBoothJobStatus | None, batch_job: dict[str, Any] | None,
+            pods: list[dict[str, Any]], snapshot: Any) -> tuple[DreamBoothJobStatus, Observation]:
     obs = Observation.of(
-        effective_spec(job.spec), generation=meta.generation or 0,
+        effective_spec(job.spec), generation=job.metadata.generation or 0,
         output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=pods,
         snapshot=snapshot, stall_timeout=timedelta(seconds=SETTINGS.stall_timeout_seconds),
     )
@@ -122,21 +147,27 @@ async def reconcile(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf
     except SpecError as err:
         issues = [str(issue) for issue in err.issues]
         now = datetime.now(UTC)
-        _write(patch, body, memo, previous, invalid_spec_status(issues, body["metadata"].get("generation", 0),
+        await _write(patch, body, memo, previous, invalid_spec_status(issues, body["metadata"].get("generation", 0),
                                                                 now, previous))
         return  # permanent until the spec changes: no retry loop
     if previous is not None and previous.phase.finished:
+        memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], previous.phase)
         return  # a finished job is never re-run (its Job may be gone: ttl)
     inputs = resources.TrainerInputs(job, SETTINGS)
     try:
-        for child in resources.children(inputs):  # owned by the job: deleting it deletes them
-            await memo.kube.ensure(child)
-        current, obs = await observe(job, previous, memo)
-        await _sync_suspend(job, obs.job, memo)
+        # owned by the job (deleting it deletes them); the Job last: its pods mount the rest
+        *first, trainer = resources.children(inputs)
+        await asyncio.gather(*(memo.kube.ensure(child) for child in first))
+        created = await memo.kube.ensure(trainer)
+        if created is not None:  # a new Job has no pods yet: nothing else to read
+            current, obs = _status(job, previous, created, [], None)
+        else:
+            current, obs = await observe(job, previous, memo)
+            await _sync_suspend(job, obs.job, memo)
     except Exception:
         memo.metrics.errors.labels("reconcile").inc()
         raise  # kopf retries with backoff
-    _write(patch, body, memo, previous, current, obs)
+    await _write(patch, body, memo, previous, current, obs)
     memo.metrics.reconcile_seconds.labels("reconcile").observe(time.perf_counter() - started)
 
 
@@ -147,34 +178,58 @@ async def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: A
     ignored = sorted({".".join(str(p) for p in field) for _, field, _, _ in diff
                       if tuple(field[:2]) != ("runPolicy", "suspend")})
     if ignored:
-        kopf.event(body, type="Warning", reason="SpecChangeIgnored",
-                   message=f"changes to spec.{', spec.'.join(ignored)} after the job was created are "
+        await memo.kube.post_event(dict(body), "Warning", "SpecChangeIgnored",
+                                   f"changes to spec.{', spec.'.join(ignored)} after the job was created are "
                    "ignored: only spec.runPolicy.suspend may change; delete and re-create the job")
 
 
-@kopf.timer(*RESOURCE, interval=SETTINGS.poll_interval_seconds, initial_delay=1)
-async def poll(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Every few seconds: progress from the trainer, Job/pod states, suspend, ttl cleanup."""
+async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
+    """Every poll interval, refresh the status of every job the operator sees.
+
+    One loop for all jobs instead of a kopf timer per job: timers need a finalizer on every
+    object, which slows down creating jobs and makes deleting them wait for the operator."""
+    limit = asyncio.Semaphore(32)
+
+    async def one(body: dict) -> None:
+        async with limit:
+            try:
+                await refresh(body, memo)
+            except Exception as err:  # one job's trouble never stops the others
+                memo.metrics.errors.labels("poll").inc()
+                log.warning("refreshing %s/%s failed: %s", body["metadata"].get("namespace"),
+                            body["metadata"].get("name"), err)
+
+    while True:
+        started = time.monotonic()
+        bodies = [body for store in list(index.values()) for body in store]
+        await asyncio.gather(*(one(body) for body in bodies))
+        await asyncio.sleep(max(0.0, SETTINGS.poll_interval_seconds - (time.monotonic() - started)))
+
+
+async def refresh(body: dict, memo: kopf.Memo) -> None:
+    """Progress from the trainer, Job/pod states, suspend, ttl cleanup: for one job."""
     started = time.perf_counter()
-    previous = _previous(status)
+    previous = _previous(body.get("status"))
     if previous is not None and previous.phase.finished:
         await _expire(body, previous, memo)
         return
+    if previous is None:
+        return  # not reconciled yet: the create handler comes first
     try:
         job = _typed(body)
     except SpecError:
         return  # reconcile reported it
-    try:
-        current, obs = await observe(job, previous, memo)
-        await _sync_suspend(job, obs.job, memo)
-    except Exception:
-        memo.metrics.errors.labels("poll").inc()
-        raise
-    _write(patch, body, memo, previous, current, obs)
+    current, obs = await observe(job, previous, memo)
+    await _sync_suspend(job, obs.job, memo)
+    new = current.model_dump(mode="json", by_alias=True)
+    if new != previous.model_dump(mode="json", by_alias=True):
+        meta = body["metadata"]
+        await memo.kube.patch_status(meta["namespace"], meta["name"], new)
+    await _announce(body, memo, previous, current, obs)
     memo.metrics.reconcile_seconds.labels("poll").observe(time.perf_counter() - started)
 
 
-async def _expire(body: kopf.Body, previous: DreamBoothJobStatus, memo: kopf.Memo) -> None:
+async def _expire(body: dict, previous: DreamBoothJobStatus, memo: kopf.Memo) -> None:
     """runPolicy.ttlSecondsAfterFinished: delete a finished job (its children follow)."""
     ttl = (body.get("spec") or {}).get("runPolicy", {}).get("ttlSecondsAfterFinished")
     finished = parse_time(previous.completion_time)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from dreambooth.api.config import TrainerConfig, build_trainer_config
@@ -66,6 +67,11 @@ class TrainerInputs:
     def name(self) -> str:
         return self.job.metadata.name
 
+    @cached_property
+    def resolved(self) -> TrainerConfig:
+        """The job's TrainerConfig before pvc:// rewriting (computed once per input)."""
+        return build_trainer_config(self.job, self.settings.defaults())
+
 
 @dataclass(frozen=True)
 class ClaimMount:
@@ -94,7 +100,7 @@ def local_uri(uri: str) -> str:
 
 
 def _resolved(inputs: TrainerInputs) -> TrainerConfig:
-    return build_trainer_config(inputs.job, inputs.settings.defaults())
+    return inputs.resolved
 
 
 def _uses(config: TrainerConfig) -> list[tuple[str, bool]]:

@@ -694,6 +694,8 @@ def transition_events(
     message = ready.message if ready else ""
     phase_changed = previous is None or previous.phase is not current.phase
     problem = current.phase is Phase.PENDING and reason not in BENIGN_PENDING
+    if previous is None and current.phase is Phase.PENDING and not problem:
+        return events  # a job that was just created and waits: nothing to tell yet
     if phase_changed or (before is not None and before.reason != reason):
         if current.phase is Phase.FAILED or problem:
             events.append(Event("Warning", reason, message))

@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="TrainerConfig JSON (default: $DREAMBOOTH_CONFIG or /etc/dreambooth/config.json)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")),
                    help="scratch space for downloads and exports (default: $DREAMBOOTH_WORKDIR or /tmp/dreambooth)")
-    p.add_argument("--termination-log", type=Path, default=TERMINATION_LOG,
-                   help="where to write the one-line JSON summary, if that file's folder exists")
+    p.add_argument("--termination-log", type=Path,
+                   default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", str(TERMINATION_LOG))),
+                   help="where to write the one-line JSON summary, if that file's folder exists "
+                   "(default: $DREAMBOOTH_TERMINATION_LOG or /dev/termination-log)")
     return p.parse_args(argv)
 
 

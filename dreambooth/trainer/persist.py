@@ -17,6 +17,7 @@ import torch
 
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.context import Context, Outcome
+from dreambooth.trainer.errors import StorageUnavailableError
 from dreambooth.trainer.export import export
 from dreambooth.trainer.loop import Loop
 from dreambooth.trainer.models import Components
@@ -85,7 +86,10 @@ def restore(ctx: Context, loop: Loop, found: Found | None, phase_start: int) -> 
         ctx.metrics.last_checkpoint_step.set(found.step)
 
 
-def save_checkpoint(ctx: Context, loop: Loop, step: int) -> str | None:
+def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -> str | None:
+    """Write the checkpoint of ``step`` (main process). With ``must=False`` (a periodic
+    checkpoint) storage that stays unavailable through the retries is reported (metric,
+    log) and training goes on: the next checkpoint tries again."""
     a = ctx.accelerator
     a.wait_for_everyone()
     uri = None
@@ -96,14 +100,19 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int) -> str | None:
                         lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
             with ctx.metrics.checkpoint_upload_seconds.time():
                 saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
+            ctx.metrics.last_checkpoint_step.set(step)
+            uri = ctx.output.uri(saved.prefix)
+            log.info("checkpoint %s", uri)
+        except StorageUnavailableError as err:
+            ctx.metrics.checkpoint_upload_failures.inc()
+            if must:
+                raise
+            log.warning("checkpoint at step %d not saved, trying again at the next one: %s", step, err)
         except Exception:
             ctx.metrics.checkpoint_upload_failures.inc()
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        ctx.metrics.last_checkpoint_step.set(step)
-        uri = ctx.output.uri(saved.prefix)
-        log.info("checkpoint %s", uri)
     a.wait_for_everyone()
     return uri
 

@@ -237,7 +237,9 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
                 log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
             stopping = bool(a.reduce(torch.tensor([float(ctx.stop.is_set())], device=a.device), "max").item())
             if done % spec.checkpointing.every_steps == 0 or done == end or stopping:
-                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done)
+                periodic = not (done == end or stopping)
+                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=not periodic) \
+                    or outcome.last_checkpoint
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
                                 "the next pod resumes from it")

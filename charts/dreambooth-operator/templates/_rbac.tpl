@@ -1,0 +1,41 @@
+{{/*
+The operator's permissions: exactly dreambooth/operator/rbac.py (tests/chart/test_rbac.py
+renders the chart and compares these rules with it, and checks rbac.py against the API
+calls in the operator's code). These rules do not depend on values.
+*/}}
+
+{{/* rbac.OPERATOR: in each watched namespace (or cluster-wide). */}}
+{{- define "dreambooth-operator.rules.operator" -}}
+- apiGroups: [""]
+  resources: [configmaps, events, services]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, create, patch, delete]
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs]
+  verbs: [list, watch, patch, delete]
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs/status]
+  verbs: [patch]
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs/finalizers]
+  verbs: [update]
+{{- end }}
+
+{{/* rbac.KOPF_CLUSTER: kopf follows CRD changes (cluster-scoped, read-only). */}}
+{{- define "dreambooth-operator.rules.kopfCluster" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- end }}
+
+{{/* rbac.KOPF_NAMESPACES: kopf follows the watched namespaces (only with a list of them). */}}
+{{- define "dreambooth-operator.rules.kopfNamespaces" -}}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
