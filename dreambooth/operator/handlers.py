@@ -171,16 +171,26 @@ async def reconcile(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf
     memo.metrics.reconcile_seconds.labels("reconcile").observe(time.perf_counter() - started)
 
 
+def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Dotted paths of the leaves that differ between two specs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [p for key in sorted(set(old) | set(new), key=str)
+                for p in changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")]
+    if isinstance(old, dict) or isinstance(new, dict):
+        return changed_paths(old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}, prefix)
+    return [] if old == new else [prefix]
+
+
 @kopf.on.update(*RESOURCE, field="spec")
-async def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **_: Any) -> None:
+async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_: Any) -> None:
     """Only runPolicy.suspend may change once a job exists (the CRD's CEL rules refuse the
     rest on a real API server; this says so if something slipped through)."""
-    ignored = sorted({".".join(str(p) for p in field) for _, field, _, _ in diff
-                      if tuple(field[:2]) != ("runPolicy", "suspend")})
+    ignored = [p for p in changed_paths(old or {}, new or {}) if p != "spec.runPolicy.suspend"]
     if ignored:
-        await memo.kube.post_event(dict(body), "Warning", "SpecChangeIgnored",
-                                   f"changes to spec.{', spec.'.join(ignored)} after the job was created are "
-                   "ignored: only spec.runPolicy.suspend may change; delete and re-create the job")
+        await memo.kube.post_event(
+            dict(body), "Warning", "SpecChangeIgnored",
+            f"changes to {', '.join(ignored)} after the job was created are ignored: only "
+            "spec.runPolicy.suspend may change; delete and re-create the job")
 
 
 async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:

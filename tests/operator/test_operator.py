@@ -256,3 +256,27 @@ def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811
 
 
 assert os  # the fixture's environment is built from kube.env
+
+
+def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811
+    kube.create(example("toy-cat", runPolicy={"ttlSecondsAfterFinished": 1}))
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    pod = first_pod(kube, jc)
+    kubelet.run(pod, ip=POD_IP)
+    kubelet.succeed(pod)
+    jc.reconcile()
+    wait_phase(kube, operator, "toy-cat", "Succeeded")
+    kube.wait_for(lambda: kube.find("dbj", "default", "toy-cat") is None, timeout=15,
+                  what=f"the job deleted after its TTL\n{operator.output()[-2000:]}")
+
+
+def test_spec_changes_after_creation_are_refused_with_an_event(kube, operator):  # noqa: F811
+    dbj = kube.create(example("toy-cat"))
+    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
+    kube.patch("dbj", "default", "toy-cat", {"spec": {"training": {"steps": 999}}})
+    kube.wait_for(lambda: any(e.get("reason") == "SpecChangeIgnored" for e in kube.events(dbj)),
+                  what=f"a SpecChangeIgnored event\n{operator.output()[-2000:]}")
+    (event,) = [e for e in kube.events(dbj) if e.get("reason") == "SpecChangeIgnored"]
+    assert "spec.training.steps" in event["message"] and event["type"] == "Warning"
+    config = json.loads(kube.get("configmaps", "default", "toy-cat-trainer-config")["data"]["config.json"])
+    assert config["spec"]["training"]["steps"] == 400  # the running job keeps its spec
