@@ -35,14 +35,11 @@ lastTransitionTime changes only when its status does.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
 from dreambooth.api.status import (
@@ -52,6 +49,18 @@ from dreambooth.api.status import (
     Outputs,
     Phase,
     Progress,
+)
+from dreambooth.operator.pods import (
+    BENIGN_PENDING,
+    Termination,
+    Verdict,
+    camel_reason,
+    get,
+    is_active,
+    pod_blocked,
+    pod_name,
+    terminations,
+    true_condition,
 )
 from dreambooth.operator.progress import (
     TrainerSnapshot,
@@ -80,9 +89,6 @@ TRAINER_PHASE = {
     "succeeded": Phase.EXPORTING,
 }
 #: Pending reasons that mean "on its way", not "needs you"
-BENIGN_PENDING = frozenset(
-    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting"}
-)
 INVALID_SPEC = "InvalidSpec"
 STALLED_REASON = "NoProgress"
 
@@ -90,7 +96,6 @@ STALLED_REASON = "NoProgress"
 MODEL_PREFIX, SINGLE_FILE, LORA_PREFIX, SAMPLES_PREFIX = "model/", "model.safetensors", "lora/", "samples/"
 CHECKPOINT_PREFIX = "checkpoints/checkpoint-{step}/"
 
-_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 _MAX_MESSAGE = 32768
 
 
@@ -156,156 +161,6 @@ class Event:
     message: str
 
 
-@dataclass(frozen=True)
-class Verdict:
-    phase: Phase
-    reason: str
-    message: str = ""
-
-
-# --- reading Job and pod dicts ----------------------------------------------------------
-
-
-def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
-    for key in path:
-        if not isinstance(obj, Mapping):
-            return None
-        obj = obj.get(key)
-    return obj
-
-
-def _true_condition(obj: Mapping[str, Any] | None, ctype: str) -> Mapping[str, Any] | None:
-    for cond in _get(obj, "status", "conditions") or ():
-        if cond.get("type") == ctype and cond.get("status") == "True":
-            return cond
-    return None
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return _get(obj, "metadata", "name") or "?"
-
-
-def _active(pod: Mapping[str, Any]) -> bool:
-    return _get(pod, "status", "phase") in (None, "Pending", "Running", "Unknown") and not _get(
-        pod, "metadata", "deletionTimestamp"
-    )
-
-
-def camel_reason(text: str | None, fallback: str) -> str:
-    """``text`` if it is a valid condition reason, else its words joined in CamelCase."""
-    if text and _REASON.match(text):
-        return text
-    words = re.split(r"[^A-Za-z0-9]+", text or "")
-    joined = "".join(w[:1].upper() + w[1:] for w in words if w)
-    return joined if joined and _REASON.match(joined) else fallback
-
-
-def _exit_reason(code: int | None) -> str | None:
-    """``BadData`` for exit code 11: the trainer's own reason names (see TrainerError)."""
-    try:
-        member = ExitCode(code)
-    except ValueError:
-        return None
-    return "".join(part.capitalize() for part in member.name.split("_"))
-
-
-@dataclass(frozen=True)
-class Termination:
-    """How one finished pod ended: the container's terminated state and the trainer's
-    one-line JSON summary (its termination message)."""
-
-    pod: str
-    exit_code: int | None
-    k8s_reason: str | None  # OOMKilled, Error, Completed, Evicted, ...
-    trainer_reason: str | None
-    message: str
-    finished_at: str = ""
-    disruption: str | None = None  # the pod's DisruptionTarget reason: preempted, evicted
-    summary: Mapping[str, Any] | None = None
-
-    @property
-    def oom(self) -> bool:
-        return self.k8s_reason == "OOMKilled" or (self.exit_code == 137 and self.k8s_reason is None)
-
-    @property
-    def do_not_retry(self) -> bool:
-        said = self.summary.get("exitCode") if self.summary else None
-        return self.exit_code in DO_NOT_RETRY or said in DO_NOT_RETRY
-
-    @property
-    def reason(self) -> str:
-        if self.oom:
-            return "OOMKilled"
-        if self.trainer_reason == "Unexpected" and "OutOfMemoryError" in self.message:
-            return "CUDAOutOfMemory"
-        return (
-            camel_reason(self.trainer_reason, "")
-            or _exit_reason(self.exit_code)
-            or camel_reason(self.k8s_reason, "Error")
-        )
-
-    def describe(self) -> str:
-        text = f"pod {self.pod}: {self.reason}"
-        if self.exit_code not in (None, 0):
-            text += f" (exit {self.exit_code})"
-        if self.disruption:
-            text += f", disrupted ({self.disruption})"
-        if self.oom:
-            return text + (
-                ": the trainer ran out of memory; raise resources.memory, lower "
-                "training.batchSize or turn on training.gradientCheckpointing"
-            )
-        return text + (f": {self.message}" if self.message else "")
-
-
-def _parse_summary(message: str | None) -> Mapping[str, Any] | None:
-    if not message:
-        return None
-    try:
-        summary = json.loads(message)
-    except ValueError:
-        return None
-    return summary if isinstance(summary, Mapping) else None
-
-
-def termination(pod: Mapping[str, Any]) -> Termination | None:
-    """How ``pod`` ended, or None while it has not."""
-    if _get(pod, "status", "phase") not in ("Failed", "Succeeded"):
-        return None
-    terminated = [
-        t
-        for cs in _get(pod, "status", "containerStatuses") or ()
-        for t in (_get(cs, "state", "terminated"), _get(cs, "lastState", "terminated"))
-        if t
-    ]
-    terminated.sort(key=lambda t: t.get("exitCode") == 0)  # a failing container first
-    disruption = _true_condition(pod, "DisruptionTarget")
-    disrupted = camel_reason(disruption.get("reason"), "Disrupted") if disruption else None
-    if not terminated:  # evicted, or deleted before it started
-        return Termination(
-            pod=_name(pod), exit_code=None, k8s_reason=_get(pod, "status", "reason"),
-            trainer_reason=None, message=_get(pod, "status", "message") or "",
-            disruption=disrupted,
-        )
-    t = terminated[0]
-    raw = (t.get("message") or "").strip()
-    summary = _parse_summary(raw)
-    return Termination(
-        pod=_name(pod),
-        exit_code=t.get("exitCode"),
-        k8s_reason=t.get("reason"),
-        trainer_reason=str(summary.get("reason")) if summary and summary.get("reason") else None,
-        message=str(summary.get("message") or "") if summary else raw,
-        finished_at=t.get("finishedAt") or "",
-        disruption=disrupted,
-        summary=summary,
-    )
-
-
-def _terminations(pods: Sequence[Mapping[str, Any]]) -> list[Termination]:
-    found = [t for t in map(termination, pods) if t is not None]
-    return sorted(found, key=lambda t: (t.finished_at, t.pod))
-
 
 # --- the verdict: phase + headline reason -------------------------------------------------
 
@@ -321,13 +176,13 @@ def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termi
             return Verdict(Phase.FAILED, culprit.reason, f"{culprit.describe()} (not retried)")
         return Verdict(Phase.FAILED, "PodFailurePolicy", job_message)
     if job_reason == "DeadlineExceeded":
-        limit = _get(obs.job, "spec", "activeDeadlineSeconds")
+        limit = get(obs.job, "spec", "activeDeadlineSeconds")
         text = "the job ran longer than runPolicy.activeDeadlineSeconds"
         text += f" ({limit}s)" if limit else ""
         return Verdict(Phase.FAILED, "DeadlineExceeded", f"{text}: {job_message}".rstrip(": "))
     if job_reason == "BackoffLimitExceeded":
-        count = _get(obs.job, "status", "failed") or len(failures)
-        limit = _get(obs.job, "spec", "backoffLimit")
+        count = get(obs.job, "status", "failed") or len(failures)
+        limit = get(obs.job, "spec", "backoffLimit")
         text = f"the trainer failed {count} times" + (f" (backoffLimit {limit})" if limit is not None else "")
         if latest is not None:
             text += f"; last failure: {latest.describe()}"
@@ -336,62 +191,6 @@ def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termi
     if latest is not None:
         text = f"{text}; last failure: {latest.describe()}" if text else latest.describe()
     return Verdict(Phase.FAILED, camel_reason(job_reason, "JobFailed"), text)
-
-
-_SECRET = re.compile(r'secret "([^"]+)" not found', re.IGNORECASE)
-_SECRET_KEY = re.compile(r"couldn't find key (\S+) in Secret (\S+)", re.IGNORECASE)
-_CONFIGMAP = re.compile(r'configmap "([^"]+)" not found', re.IGNORECASE)
-
-
-def _waiting_verdict(pod: Mapping[str, Any], reason: str, message: str) -> Verdict:
-    namespace = _get(pod, "metadata", "namespace") or "the job's namespace"
-    where = f"pod {_name(pod)}: {message}" if message else f"pod {_name(pod)}: {reason}"
-    if reason in ("ErrImagePull", "ImagePullBackOff"):
-        return Verdict(Phase.PENDING, "ImagePullBackOff", where + " (check resources.image and pull secrets)")
-    if reason == "CreateContainerConfigError":
-        if m := _SECRET.search(message):
-            return Verdict(Phase.PENDING, "SecretNotFound",
-                           f'{where}: create Secret "{m.group(1)}" in {namespace}, or point '
-                           "spec.storage.credentialsSecret at one that exists")
-        if m := _SECRET_KEY.search(message):
-            return Verdict(Phase.PENDING, "SecretKeyNotFound",
-                           f"{where}: add key {m.group(1)} to that Secret, or set "
-                           "spec.storage.credentialsSecret's accessKeyKey/secretKeyKey")
-        if _CONFIGMAP.search(message):
-            return Verdict(Phase.PENDING, "ConfigMapNotFound", where)
-    return Verdict(Phase.PENDING, camel_reason(reason, "ContainerWaiting"), where)
-
-
-def _pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
-    """Why ``pod`` (not yet running the trainer) waits, or None if it runs."""
-    scheduled = next(
-        (c for c in _get(pod, "status", "conditions") or () if c.get("type") == "PodScheduled"), None
-    )
-    if scheduled is not None and scheduled.get("status") == "False":
-        reason = camel_reason(scheduled.get("reason"), "Unschedulable")
-        message = scheduled.get("message") or ""
-        return Verdict(Phase.PENDING, reason, f"pod {_name(pod)}: {message}" if message else f"pod {_name(pod)}")
-    statuses = [
-        *(_get(pod, "status", "initContainerStatuses") or ()),
-        *(_get(pod, "status", "containerStatuses") or ()),
-    ]
-    benign: Verdict | None = None
-    for cs in statuses:
-        waiting = _get(cs, "state", "waiting")
-        if not waiting:
-            continue
-        reason, message = waiting.get("reason") or "ContainerCreating", waiting.get("message") or ""
-        if reason in BENIGN_PENDING:
-            benign = benign or Verdict(Phase.PENDING, reason, f"pod {_name(pod)}: starting containers")
-            continue
-        return _waiting_verdict(pod, reason, message)
-    if benign is not None:
-        return benign
-    if _get(pod, "status", "phase") in (None, "Pending"):
-        if scheduled is None:
-            return Verdict(Phase.PENDING, "Scheduling", f"pod {_name(pod)}: waiting for a node")
-        return Verdict(Phase.PENDING, "ContainerCreating", f"pod {_name(pod)}: starting containers")
-    return None
 
 
 def _running_message(phase: Phase, progress: Progress | None) -> str:
@@ -413,26 +212,26 @@ def _running_message(phase: Phase, progress: Progress | None) -> str:
 def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
     """The phase and headline reason of ``obs`` (messages of running phases are filled in
     by :func:`compute_status`, which knows the progress)."""
-    job, ended = obs.job, _terminations(obs.pods)
+    job, ended = obs.job, terminations(obs.pods)
     if job is not None:
         for ctype in ("Complete", "SuccessCriteriaMet"):
-            if _true_condition(job, ctype):
+            if true_condition(job, ctype):
                 return Verdict(Phase.SUCCEEDED, "Succeeded")
         for ctype in ("Failed", "FailureTarget"):
-            if cond := _true_condition(job, ctype):
+            if cond := true_condition(job, ctype):
                 return _failed_verdict(cond, obs, ended)
     if obs.suspend:
         return Verdict(Phase.SUSPENDED, "SuspendRequested",
                        "spec.runPolicy.suspend is true: pods are stopped, checkpoints kept; "
                        "set it to false to resume")
-    if job is not None and (_get(job, "spec", "suspend") or _true_condition(job, "Suspended")):
+    if job is not None and (get(job, "spec", "suspend") or true_condition(job, "Suspended")):
         return Verdict(Phase.SUSPENDED, "JobSuspended",
                        "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
                        "from its newest checkpoint when unsuspended")
     if job is None:
         return Verdict(Phase.PENDING, "Creating", "creating the trainer Job")
-    active = sorted((p for p in obs.pods if _active(p)), key=_name)
-    blocked = [v for v in map(_pod_blocked, active) if v is not None]
+    active = sorted((p for p in obs.pods if is_active(p)), key=pod_name)
+    blocked = [v for v in map(pod_blocked, active) if v is not None]
     problem = next((v for v in blocked if v.reason not in BENIGN_PENDING), None)
     if problem or blocked:
         return problem or blocked[0]
@@ -579,7 +378,7 @@ def compute_status(
     obs: Observation, previous: DreamBoothJobStatus | None, now: datetime
 ) -> DreamBoothJobStatus:
     """The whole status for ``obs``. Pure: same inputs, same status."""
-    ended = _terminations(obs.pods)
+    ended = terminations(obs.pods)
     v = verdict(obs, previous)
     if (
         previous is not None
@@ -607,14 +406,14 @@ def compute_status(
                 uri=obs.out + CHECKPOINT_PREFIX.format(step=snap.last_checkpoint_step),
             )
 
-    job_status = _get(obs.job, "status") or {}
+    job_status = get(obs.job, "status") or {}
     restarts = max(previous.restarts if previous else 0, int(job_status.get("failed") or 0))
     start_time = (previous.start_time if previous else None) or job_status.get("startTime")
     if start_time is None and (obs.pods or v.phase in RUNNING_PHASES):
         start_time = rfc3339(now)
     completion_time = previous.completion_time if previous else None
     if v.phase.finished and completion_time is None:
-        finished = _true_condition(obs.job, "Failed") or _true_condition(obs.job, "FailureTarget")
+        finished = true_condition(obs.job, "Failed") or true_condition(obs.job, "FailureTarget")
         completion_time = (
             job_status.get("completionTime")
             or (finished or {}).get("lastTransitionTime")
@@ -702,7 +501,7 @@ def transition_events(
         elif phase_changed:
             events.append(Event("Normal", current.phase.value, message))
     if previous is not None and current.restarts > previous.restarts:
-        failures = [t for t in _terminations(obs.pods) if t.exit_code != 0] if obs else []
+        failures = [t for t in terminations(obs.pods) if t.exit_code != 0] if obs else []
         text = f"the trainer was restarted ({current.restarts} so far)"
         if failures:
             text += f"; {failures[-1].describe()}"
