@@ -70,7 +70,7 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     from dreambooth.trainer.run import (
         Context,
         build_loop,
-        build_optimizer,
+        shared_parts,
         load_instance_examples,
         make_accelerator,
     )
@@ -90,23 +90,7 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     config = build_trainer_config(validate_job(doc), Defaults(output_root=root.as_uri()))
     baseline_rss = peak_rss()
 
-    # --- the bare step: UNet fwd+bwd+AdamW on fixed latents and embeddings --------------
-    components = load_components(root / "base-model", "bench")
-    unet = components.unet.train()
-    opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])  # as the trainer's
-    latent_side = resolution // 8
-    latents = torch.randn(1, 4, latent_side, latent_side)
-    cond = torch.randn(1, components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
-    t = torch.tensor([500])
-
-    def bare() -> None:
-        loss = torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    bare_s = timed(bare, steps, warmup)
-    del bare, unet, opt, components
+    bare_s = bare_step_seconds(root / "base-model", config, resolution, steps, warmup)
     gc.collect()
 
     # --- the trainer's loop (fresh model and optimizer) ----------------------------------
@@ -115,7 +99,7 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
                   threading.Event())
     components = load_components(root / "base-model", "bench")
     examples = load_instance_examples(ctx, components)
-    loop = build_loop(ctx, components, examples, None)
+    loop = build_loop(ctx, components, shared_parts(ctx, components, examples, None))
     if encode_every_step:
         loop.instances = EncodeEveryStep(components.vae, examples, loop.instances)
     step = iter(range(10**6))
@@ -138,6 +122,30 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
         "baseline_rss_mb": baseline_rss / 2**20,
         "weights_and_adam_mb": (2 * trainable + frozen + 2 * adam_state + trainable) / 2**20,
     }
+
+
+def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: int) -> float:
+    """The UNet forward + backward + AdamW step (the trainer's optimizer) on fixed inputs."""
+    import torch
+
+    from dreambooth.trainer.models import load_components
+    from dreambooth.trainer.run import build_optimizer
+
+    components = load_components(model, "bench")
+    unet = components.unet.train()
+    opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side)
+    cond = torch.randn(1, components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
+    t = torch.tensor([500])
+
+    def bare() -> None:
+        loss = torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(bare, steps, warmup)
 
 
 def timed(fn, steps: int, warmup: int) -> float:

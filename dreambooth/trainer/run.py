@@ -132,13 +132,29 @@ def build_optimizer(spec: DreamBoothJobSpec, groups: list[dict]) -> torch.optim.
     return torch.optim.AdamW(groups, weight_decay=training.weight_decay, foreach=True)
 
 
-def build_loop(ctx: Context, components: Components, instances: list[Example],
-               classes: list[Example] | None, token: TokenEmbedding | None = None) -> Loop:
+def shared_parts(ctx: Context, components: Components, instances: list[Example],
+                 classes: list[Example] | None) -> dict:
+    """What every phase's loop shares; the VAE encodes the photos once, here."""
+    a = ctx.accelerator
+    dtype = weight_dtype(a)
+    vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
+    return dict(
+        accelerator=a,
+        training=ctx.spec.training,
+        scheduler=components.noise_scheduler,
+        instances=LatentCache(vae, instances, device=a.device, dtype=dtype),
+        classes=LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
+        prediction_type=components.prediction_type,
+        prior_weight=ctx.spec.prior.loss_weight,
+    )
+
+
+def build_loop(ctx: Context, components: Components, shared: dict,
+               token: TokenEmbedding | None = None) -> Loop:
     from diffusers.optimization import get_scheduler
 
     a, training = ctx.accelerator, ctx.spec.training
     dtype = weight_dtype(a)
-    vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
     chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device, dtype=dtype)
     optimizer = build_optimizer(ctx.spec, chosen.groups)
     lr_scheduler = get_scheduler(
@@ -154,18 +170,12 @@ def build_loop(ctx: Context, components: Components, instances: list[Example],
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if chosen.text_encoder_steps else chosen.text_encoder
     return Loop(
-        accelerator=a,
-        training=training,
+        **shared,
         unet=unet,
         text_encoder=text_encoder,
-        scheduler=components.noise_scheduler,
         prompts=PromptEncoder(components.tokenizer, text_encoder, a.device),
-        instances=LatentCache(vae, instances, device=a.device, dtype=dtype),
-        classes=LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        prediction_type=components.prediction_type,
-        prior_weight=ctx.spec.prior.loss_weight,
         text_encoder_steps=chosen.text_encoder_steps,
         trained=prepared[:-1],
         ema=ema,
@@ -173,8 +183,7 @@ def build_loop(ctx: Context, components: Components, instances: list[Example],
     )
 
 
-def build_ti_loop(ctx: Context, components: Components, instances: list[Example],
-                  classes: list[Example] | None, token: TokenEmbedding) -> Loop:
+def build_ti_loop(ctx: Context, components: Components, shared: dict, token: TokenEmbedding) -> Loop:
     """Phase 1 of textual inversion + DreamBooth: only the new token's embedding learns.
 
     No DDP wrapper here: the one gradient that matters is averaged by hand."""
@@ -182,7 +191,6 @@ def build_ti_loop(ctx: Context, components: Components, instances: list[Example]
 
     a, ti = ctx.accelerator, ctx.spec.training.textual_inversion
     dtype = weight_dtype(a)
-    vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
     params = textual_inversion.train_only_the_embedding(components.unet, components.text_encoder, token,
                                                         device=a.device, dtype=dtype)
     optimizer = build_optimizer(ctx.spec, [{"params": params, "lr": ti.learning_rate}])
@@ -193,18 +201,12 @@ def build_ti_loop(ctx: Context, components: Components, instances: list[Example]
             token.weight.grad = a.reduce(token.weight.grad, reduction="mean")
 
     return Loop(
-        accelerator=a,
-        training=ctx.spec.training,
+        **shared,
         unet=components.unet,
         text_encoder=components.text_encoder,
-        scheduler=components.noise_scheduler,
         prompts=PromptEncoder(components.tokenizer, components.text_encoder, a.device),
-        instances=LatentCache(vae, instances, device=a.device, dtype=dtype),
-        classes=LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        prediction_type=components.prediction_type,
-        prior_weight=ctx.spec.prior.loss_weight,
         text_encoder_steps=ti.steps,
         phase=textual_inversion.PHASE,
         extras={"token": token},
@@ -303,12 +305,13 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
     found = persist.fetch_checkpoint(ctx)
     start = found.step if found else 0
     ti_end = ctx.total_steps - config.spec.training.steps
+    shared = shared_parts(ctx, components, instances, classes)
     if token is not None and start < ti_end:
-        loop = build_ti_loop(ctx, components, instances, classes, token)
+        loop = build_ti_loop(ctx, components, shared, token)
         persist.restore(ctx, loop, found, phase_start=0)
         train(ctx, components, loop, start, ti_end)
         start = ti_end
-    loop = build_loop(ctx, components, instances, classes, token)
+    loop = build_loop(ctx, components, shared, token)
     persist.restore(ctx, loop, found, phase_start=ti_end)
     outcome = train(ctx, components, loop, start, ctx.total_steps)
     persist.finish(ctx, components, loop, outcome)
