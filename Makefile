@@ -9,11 +9,17 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast crds lint lock clean
+.PHONY: demo demo-cluster test test-fast crds lint lock clean
 
 ## demo: install the trainer into .venv and run a real local DreamBooth job on the embedded default
 demo: $(VENV)/.trainer
 	$(BIN)/dreambooth demo
+
+## demo-cluster: the toy-cat example on a simulated cluster: the real operator, trainer, S3
+## (SeaweedFS) and Prometheus, the test suite's Kubernetes API and controller stand-ins (~1 min)
+demo-cluster: $(VENV)/.dev
+	@scripts/install-system-tools.sh
+	$(BIN)/python -m tests.e2e.demo
 
 ## test: install everything into .venv (and promtool, where apt can) and run the whole test suite
 test: $(VENV)/.dev
