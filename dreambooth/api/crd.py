@@ -54,6 +54,7 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             *(_immutable(DreamBoothJobSpec.model_fields[n].alias or n) for n in spec_fields),
             {
                 "rule": "!has(self.validation.everySteps) || !has(self.training.steps) || "
+                "(has(self.validation.enabled) && !self.validation.enabled) || "
                 "self.validation.everySteps <= self.training.steps",
                 "message": "validation.everySteps must be at most training.steps",
             },

@@ -94,10 +94,10 @@ def _lora_settings(spec, eff):
 @rule
 def _steps_bounds(spec, eff):
     steps = eff.training.steps
-    for path, value in (
-        ("validation.everySteps", spec.validation.every_steps),
-        ("checkpointing.everySteps", spec.checkpointing.every_steps),
-    ):
+    checks = [("checkpointing.everySteps", spec.checkpointing.every_steps)]
+    if spec.validation.enabled:  # a disabled validation's cadence does not matter
+        checks.insert(0, ("validation.everySteps", spec.validation.every_steps))
+    for path, value in checks:
         if value is not None and value > steps:
             yield Violation(path, f"must be at most training.steps ({steps}), got {value}")
     if eff.training.lr_warmup_steps >= steps and eff.training.lr_warmup_steps > 0:

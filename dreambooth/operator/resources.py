@@ -42,7 +42,7 @@ trap 'kill -TERM "$child" 2>/dev/null' TERM INT
 child=$!
 wait "$child"; rc=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
-code=`sed -n 's/.*"exitCode": *\\([0-9][0-9]*\\).*/\\1/p' {log} 2>/dev/null`
+code=`sed -n 's/.*"exitCode": *\\([0-9][0-9]*\\).*/\\1/p' "${{DREAMBOOTH_TERMINATION_LOG:-{log}}}" 2>/dev/null`
 if [ "$rc" -ne 0 ] && [ -n "$code" ] && [ "$code" -ne 0 ]; then rc=$code; fi
 exit "$rc"
 """

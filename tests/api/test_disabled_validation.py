@@ -1,0 +1,46 @@
+"""A job with sample grids turned off is not held to their cadence (models and CRD agree)."""
+
+import celpy
+
+from dreambooth.api import validate_spec
+from dreambooth.api.crd import spec_schema
+
+SPEC = {
+    "baseModel": {"uri": "s3://models/sd15/"},
+    "instance": {"uri": "s3://data/cat/", "prompt": "a photo of zwx cat"},
+    "training": {"steps": 20},
+    "validation": {"enabled": False, "everySteps": 100},
+}
+
+
+def cel_messages(spec: dict) -> list[str]:
+    env = celpy.Environment()
+    failed = []
+    for rule in spec_schema()["x-kubernetes-validations"]:
+        if "oldSelf" in rule["rule"]:
+            continue
+        program = env.program(env.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(spec)}):
+            failed.append(rule["message"])
+    return failed
+
+
+def test_disabled_validation_may_name_any_cadence():
+    # the API server applies defaults before CEL: feed it the defaulted spec
+    spec = validate_spec(SPEC, cluster=True)
+    assert not cel_messages(spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def test_enabled_validation_is_held_to_its_cadence():
+    enabled = {**SPEC, "validation": {"everySteps": 100}}
+    try:
+        validate_spec(enabled, cluster=True)
+    except ValueError as err:
+        assert "spec.validation.everySteps" in str(err)
+    else:
+        raise AssertionError("validation.everySteps > training.steps must be refused")
+    defaulted = {**SPEC, "validation": {"enabled": True, "everySteps": 100}}
+    assert "validation.everySteps must be at most training.steps" in cel_messages(
+        {**defaulted, "preset": "custom", "training": {"steps": 20, "gradientAccumulationSteps": 1,
+                                                        "mixedPrecision": "no"},
+         "checkpointing": {}, "prior": {}, "resources": {"nodes": 1, "gpusPerNode": 1}})
