@@ -12,9 +12,29 @@ import os
 import shutil
 from pathlib import Path
 
-from dreambooth.api import build_trainer_config, validate_job
+from dreambooth.api import DreamBoothJob, build_trainer_config, validate_job
 from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
+
+
+def absolute_file_uris(job: DreamBoothJob, base: Path) -> DreamBoothJob:
+    """``file://./photos`` means ``./photos`` from where the command runs: the trainer gets
+    absolute ``file:///...`` URIs (it may run elsewhere, e.g. under accelerate)."""
+
+    def fix(uri: str | None) -> str | None:
+        if not uri or not uri.startswith("file://") or uri.startswith("file:///"):
+            return uri
+        absolute = (base / uri.removeprefix("file://")).resolve().as_uri()
+        return absolute + "/" if uri.endswith("/") else absolute
+
+    spec = job.spec
+    updates = {
+        "base_model": spec.base_model.model_copy(update={"uri": fix(spec.base_model.uri)}),
+        "instance": spec.instance.model_copy(update={"uri": fix(spec.instance.uri)}),
+        "prior": spec.prior.model_copy(update={"uri": fix(spec.prior.uri)}),
+        "output": spec.output.model_copy(update={"uri": fix(spec.output.uri)}),
+    }
+    return job.model_copy(update={"spec": spec.model_copy(update=updates)})
 
 
 def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int) -> int:
@@ -22,7 +42,7 @@ def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int)
     from dreambooth.trainer.__main__ import main as trainer_main
 
     defaults = local_defaults(output_root)
-    config = build_trainer_config(job, defaults).model_copy(update={"metrics_port": metrics_port})
+    config = build_trainer_config(absolute_file_uris(job, Path.cwd()), defaults).model_copy(update={"metrics_port": metrics_port})
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "trainer-config.json"
     config_path.write_text(json.dumps(config.wire(), indent=2))
