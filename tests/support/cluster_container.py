@@ -279,12 +279,15 @@ class _Setup:
     def command(self, env: Mapping[str, str], mounts: Mapping[str, str]) -> list[str]:
         c = self.container
         argv = [expand(a, env) for a in [*c["command"], *(c.get("args") or ())]]
-        if argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
         replacements = [(_path_pattern(path), mounts[path].rstrip("/"))
                         for path in sorted(mounts, key=len, reverse=True)]
         replacements += self.dns(" ".join(argv)) + self.ports()
-        return rewrite(argv, replacements)
+        argv = rewrite(argv, replacements)
+        # the image's python is this venv's; set after rewriting the pod's mount paths, which
+        # must not touch this machine's paths (the venv may well live below /tmp)
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        return argv
 
     def dns(self, text: str) -> list[tuple[str, str]]:
         """``<hostname>.<subdomain>[.<ns>.svc[.cluster.local]]`` -> pod IPs (the pod's own
