@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.kube import running_kube  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 JOB = {
     "apiVersion": "dreambooth.io/v1alpha1",
@@ -38,12 +38,6 @@ JOB = {
         "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -70,9 +70,9 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     from dreambooth.trainer.run import (
         Context,
         build_loop,
-        shared_parts,
         load_instance_examples,
         make_accelerator,
+        shared_parts,
     )
     from dreambooth.trainer.storage import open_storage
     from dreambooth.trainer.tiny import build_tiny_model

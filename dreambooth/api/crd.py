@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from dreambooth.api.job import API_VERSION, CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
-from dreambooth.api.presets import PRESETS, Preset, preset_value
+from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from dreambooth.api.presets import Preset, preset_value
 from dreambooth.api.spec import DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
 
@@ -297,5 +297,3 @@ def write(root: Path) -> list[Path]:
         written.append(path)
     return written
 
-
-assert API_VERSION and PRESETS  # re-exported names used by the docs generator

@@ -27,7 +27,12 @@ from dreambooth.operator.kube import Kube
 from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.settings import OperatorSettings
-from dreambooth.operator.status import Observation, compute_status, invalid_spec_status, transition_events
+from dreambooth.operator.status import (
+    Observation,
+    compute_status,
+    invalid_spec_status,
+    transition_events,
+)
 
 log = logging.getLogger("dreambooth.operator")
 

@@ -257,5 +257,3 @@ class Throughput:
         self.value = rate if self.value is None else self.smoothing * self.value + (1 - self.smoothing) * rate
         return self.value
 
-
-StepHook = Callable[[int, dict[str, float]], None]

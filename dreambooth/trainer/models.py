@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dreambooth.trainer.errors import ModelError, NotFoundError, StorageAuthError, StorageUnavailableError
+from dreambooth.trainer.errors import (
+    ModelError,
+    NotFoundError,
+    StorageAuthError,
+    StorageUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 

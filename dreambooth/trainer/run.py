@@ -26,8 +26,8 @@ from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import Components, fetch_from_hub, load_components
 from dreambooth.trainer.progress import Progress
-from dreambooth.trainer.textual_inversion import TokenEmbedding
 from dreambooth.trainer.storage import S3Settings, open_storage
+from dreambooth.trainer.textual_inversion import TokenEmbedding
 
 log = logging.getLogger("dreambooth.trainer")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from tests.chart.support import (
     rule_groups,
     variable_queries,
 )
+from tests.support.net import free_port
 from tests.support.trainer import (
     job_document,
     trainer_config,
@@ -54,18 +54,6 @@ TRAINER_SCRAPE_JOB = f"podMonitor/{NAMESPACE}/{RELEASE}-trainers/0"
 
 
 _TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 that no earlier call of this test handed out (the trainer
-    binds its port seconds after it is chosen: the OS could offer it again meanwhile)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _TAKEN:
-            _TAKEN.add(port)
-            return port
 
 
 def _meta(prefix: str, key: str) -> str:

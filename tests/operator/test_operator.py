@@ -6,8 +6,6 @@ emulator over HTTP. The test plays the Job controller and the kubelet explicitly
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +17,10 @@ from dreambooth.api.config import TrainerConfig
 from dreambooth.trainer.metrics import TrainerMetrics
 from tests.support.kube import kube  # noqa: F401
 from tests.support.kube_controllers import GarbageCollector, JobController, Kubelet
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_IP = "127.0.0.2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Operator:
@@ -88,7 +81,7 @@ def status_of(kube, name):  # noqa: F811
     return (kube.find("dbj", "default", name) or {}).get("status") or {}
 
 
-def wait_phase(kube, op, name, phase, timeout=20, **progress):  # noqa: F811
+def wait_phase(kube, op, name, phase, timeout=45, **progress):  # noqa: F811
     def reached():
         status = status_of(kube, name)
         return status.get("phase") == phase and all(
@@ -195,7 +188,7 @@ def test_a_missing_credentials_secret_is_a_clear_pending_reason(kube, operator):
     jc, kubelet = JobController(kube), Kubelet(kube)
     pod = first_pod(kube, jc)
     kubelet.pending(pod, reason="CreateContainerConfigError", message='secret "minio-credentials" not found')
-    status = wait_phase(kube, operator, "toy-cat", "Pending")
+    wait_phase(kube, operator, "toy-cat", "Pending")
     kube.wait_for(lambda: next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")["reason"]
                   == "SecretNotFound", what="reason SecretNotFound")
     ready = next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")
@@ -254,8 +247,6 @@ def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811
     for kind in ("jobs", "configmaps", "services", "pods"):
         assert kube.list(kind, "default") == [], kind
 
-
-assert os  # the fixture's environment is built from kube.env
 
 
 def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811

@@ -36,7 +36,6 @@ import contextlib
 import copy
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +52,7 @@ from tests.support.cluster_kubelet import PodProcess, ProcessKubelet, describe
 from tests.support.cluster_prometheus import Prometheus, prometheus_binary
 from tests.support.kube import Kube, running_kube
 from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
+from tests.support.net import free_port
 from tests.support.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,17 +72,6 @@ TINY: dict[str, Any] = {
 }
 
 _TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 not handed out before in this process."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _TAKEN:
-            _TAKEN.add(port)
-            return port
 
 
 def _b64(text: str) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +54,7 @@ from tests.support.cluster_container import (
 from tests.support.kube import Kube, NotFound
 from tests.support.kube_api import ApiError
 from tests.support.kube_controllers import INDEX, Kubelet
+from tests.support.net import free_port
 
 FINALIZER = "e2e.dreambooth.io/process-kubelet"
 MESSAGE_BYTES = 4096  # a real kubelet keeps at most 4096 bytes of the termination message
@@ -123,12 +123,6 @@ def _die_with_parent() -> None:
     """In the child: SIGKILL it if the thread that started it ends (no orphans)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -209,7 +203,7 @@ class ProcessKubelet:
         return None
 
     def _host_port(self, job_uid: str, port_name: str) -> int:
-        return self._ports.setdefault((job_uid, port_name), _free_port())
+        return self._ports.setdefault((job_uid, port_name), free_port())
 
     # -- one pod ----------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def test_wrong_credentials(inputs, run_in_process):
 
 def test_missing_bucket(inputs, run_in_process):
     s3, bucket = inputs
-    config = trainer_config(job_document(f"s3://{bucket}/models/tiny/", f"s3://no-such-bucket-here/cat/",
+    config = trainer_config(job_document(f"s3://{bucket}/models/tiny/", "s3://no-such-bucket-here/cat/",
                                          f"s3://{bucket}/out/", steps=2, every=2), endpoint=s3.endpoint)
     code, message = run_in_process(config, s3)
     assert code is ExitCode.NOT_FOUND

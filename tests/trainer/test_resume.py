@@ -7,7 +7,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from dreambooth.trainer.storage import open_storage
+from tests.support.net import free_port
 from tests.support.trainer import (
     download,
     job_document,
@@ -30,12 +30,6 @@ from tests.support.trainer import (
 )
 
 STEPS, EVERY = 40, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str | None:
