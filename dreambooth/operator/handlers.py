@@ -21,10 +21,11 @@ import kopf
 from dreambooth.api import SpecError, effective_spec, validate_job
 from dreambooth.api.config import output_uri_for
 from dreambooth.api.job import GROUP, PLURAL, VERSION, DreamBoothJob
-from dreambooth.api.status import DreamBoothJobStatus
+from dreambooth.api.status import DreamBoothJobStatus, Phase
 from dreambooth.operator import naming, resources
 from dreambooth.operator.kube import Kube
 from dreambooth.operator.metrics import OperatorMetrics
+from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.settings import OperatorSettings
 from dreambooth.operator.status import (
@@ -106,12 +107,16 @@ async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | 
     memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], status.phase)
 
 
-async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo: kopf.Memo) -> tuple[
-        DreamBoothJobStatus, Observation]:
-    """Read the Job, its pods and rank 0's metrics; compute the status (pure)."""
+async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo: kopf.Memo,
+                  view: NamespaceView | None = None) -> tuple[DreamBoothJobStatus, Observation]:
+    """The Job and its pods (from the poll cycle's ``view``, else read now), rank 0's
+    metrics; the status computed from them (pure)."""
     meta, kube = job.metadata, memo.kube
-    batch_job = await kube.job(meta.namespace, naming.trainer_name(meta.name))
-    pods = await kube.pods(meta.namespace, naming.selector(meta.name)) if batch_job else []
+    if view is not None:
+        batch_job, pods = view.trainer_job(meta.name), view.trainer_pods(meta.name)
+    else:
+        batch_job = await kube.job(meta.namespace, naming.trainer_name(meta.name))
+        pods = await kube.pods(meta.namespace, naming.selector(meta.name)) if batch_job else []
     snapshot = None
     pod = rank0_pod(pods)
     if pod is not None and (pod.get("status") or {}).get("phase") == "Running":
@@ -202,13 +207,14 @@ async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
     """Every poll interval, refresh the status of every job the operator sees.
 
     One loop for all jobs instead of a kopf timer per job: timers need a finalizer on every
-    object, which slows down creating jobs and makes deleting them wait for the operator."""
+    object, which slows down creating jobs and makes deleting them wait for the operator.
+    Each cycle lists the trainer Jobs and pods of a namespace once, for all its jobs."""
     limit = asyncio.Semaphore(32)
 
-    async def one(body: dict) -> None:
+    async def one(body: dict, views: dict[str, NamespaceView | None]) -> None:
         async with limit:
             try:
-                await refresh(body, memo)
+                await refresh(body, memo, views)
             except Exception as err:  # one job's trouble never stops the others
                 memo.metrics.errors.labels("poll").inc()
                 log.warning("refreshing %s/%s failed: %s", body["metadata"].get("namespace"),
@@ -217,11 +223,36 @@ async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
     while True:
         started = time.monotonic()
         bodies = [body for store in list(index.values()) for body in store]
-        await asyncio.gather(*(one(body) for body in bodies))
+        views = await namespace_views({b["metadata"]["namespace"] for b in bodies if _in_progress(b)}, memo)
+        await asyncio.gather(*(one(body, views) for body in bodies))
         await asyncio.sleep(max(0.0, SETTINGS.poll_interval_seconds - (time.monotonic() - started)))
 
 
-async def refresh(body: dict, memo: kopf.Memo) -> None:
+def _in_progress(body: dict) -> bool:
+    """Reconciled and not finished: the jobs whose Job and pods a poll cycle reads."""
+    phase = (body.get("status") or {}).get("phase")
+    return phase in Phase.__members__.values() and not Phase(phase).finished
+
+
+async def namespace_views(namespaces: set[str], memo: kopf.Memo) -> dict[str, NamespaceView | None]:
+    """Every trainer Job and pod of each namespace, two lists per namespace. A namespace
+    that cannot be listed maps to None: its jobs keep their status until the next cycle."""
+    managed = {naming.MANAGED_BY_LABEL: naming.MANAGER}
+
+    async def view(namespace: str) -> NamespaceView | None:
+        try:
+            jobs, pods = await asyncio.gather(memo.kube.jobs(namespace, managed), memo.kube.pods(namespace, managed))
+        except Exception as err:
+            memo.metrics.errors.labels("poll").inc()
+            log.warning("listing the trainer Jobs and pods of namespace %s failed: %s", namespace, err)
+            return None
+        return NamespaceView.of(jobs, pods)
+
+    ordered = sorted(namespaces)
+    return dict(zip(ordered, await asyncio.gather(*(view(ns) for ns in ordered)), strict=True))
+
+
+async def refresh(body: dict, memo: kopf.Memo, views: dict[str, NamespaceView | None]) -> None:
     """Progress from the trainer, Job/pod states, suspend, ttl cleanup: for one job."""
     started = time.perf_counter()
     previous = _previous(body.get("status"))
@@ -230,11 +261,14 @@ async def refresh(body: dict, memo: kopf.Memo) -> None:
         return
     if previous is None:
         return  # not reconciled yet: the create handler comes first
+    view = views.get(body["metadata"]["namespace"])
+    if view is None:
+        return  # its namespace could not be listed this cycle (logged)
     try:
         job = _typed(body)
     except SpecError:
         return  # reconcile reported it
-    current, obs = await observe(job, previous, memo)
+    current, obs = await observe(job, previous, memo, view)
     await _sync_suspend(job, obs.job, memo)
     new = current.model_dump(mode="json", by_alias=True)
     if new != previous.model_dump(mode="json", by_alias=True):

@@ -83,10 +83,16 @@ class Kube:
             raise
 
     async def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        return await self._list(self.core.list_namespaced_pod, namespace, labels)
+
+    async def jobs(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        return await self._list(self.batch.list_namespaced_job, namespace, labels)
+
+    async def _list(self, call: Any, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        items = (await self._raw(self.core.list_namespaced_pod, namespace, label_selector=selector))["items"]
+        items = (await self._raw(call, namespace, label_selector=selector))["items"]
         # label selectors are filtered here too: not every API (e.g. a test emulator) does
-        return [p for p in items if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())]
+        return [o for o in items if all((o["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())]
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the DreamBoothJob's status (a merge patch on the status subresource;

@@ -133,6 +133,14 @@ def test_a_job_runs_to_success_with_progress_and_outputs(kube, operator):  # noq
     assert status["progress"]["summary"] == "120/400" and status["progress"]["loss"] == 0.25
     assert status["progress"]["etaSeconds"] > 0
 
+    # each poll cycle lists a namespace's trainer Jobs and pods once, for all its jobs
+    kube.clear_requests()
+    metrics.step.set(121)
+    wait_phase(kube, operator, "toy-cat", "Training", step=121)
+    gets = {p for m, p in kube.requests if m == "GET"}
+    assert {"/apis/batch/v1/namespaces/default/jobs", "/api/v1/namespaces/default/pods"} <= gets
+    assert "/apis/batch/v1/namespaces/default/jobs/toy-cat-trainer" not in gets
+
     metrics.step.set(400)
     metrics.last_checkpoint_step.set(400)
     kubelet.succeed(pod, message=json.dumps({"exitCode": 0, "reason": "Succeeded", "step": 400}))

@@ -14,7 +14,7 @@ calls in the operator's code). These rules do not depend on values.
   verbs: [list]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, create, patch, delete]
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs]
   verbs: [list, watch, patch, delete]
