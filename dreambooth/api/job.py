@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,14 +119,20 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
     return issues
 
 
+def _as_json(data: Any) -> str:
+    """The document as the API server sees it: JSON. Validated strictly, as the CRD's
+    schema is: ``steps: "400"`` is a string, not a number (YAML dates become strings)."""
+    return json.dumps(data, default=str)
+
+
 def validate_spec(data: Any, *, cluster: bool = False, prefix: str = "spec") -> DreamBoothJobSpec:
     """Validate a spec; raise :class:`SpecError` with every problem found.
 
     ``cluster=True`` checks it for a Kubernetes cluster (no file:// URIs).
     """
     try:
-        spec = DreamBoothJobSpec.model_validate(
-            data, context={"cluster": cluster, "skip_rules": True}
+        spec = DreamBoothJobSpec.model_validate_json(
+            _as_json(data), strict=True, context={"cluster": cluster, "skip_rules": True}
         )
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothJobSpec, prefix)) from None
@@ -140,7 +148,8 @@ def validate_job(data: Any, *, cluster: bool = False) -> DreamBoothJob:
         raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, "
                                     "metadata and spec")])
     try:
-        job = DreamBoothJob.model_validate(data, context={"cluster": cluster, "skip_rules": True})
+        job = DreamBoothJob.model_validate_json(_as_json(data), strict=True,
+                                                context={"cluster": cluster, "skip_rules": True})
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothJob)) from None
     found = violations(job.spec)

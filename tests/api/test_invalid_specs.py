@@ -72,6 +72,13 @@ SINGLE_FIELD = [
          "spec.training.resolution", "multiple of 8 (got 513)"),
     Case("resolution-too-small", {"spec.training.resolution": 32}, "spec.training.resolution",
          "greater than or equal to 64"),
+    # types are checked as strictly as the API server's schema does: YAML quotes matter
+    Case("steps-quoted", {"spec.training.steps": "400"}, "spec.training.steps",
+         "valid integer (got '400')"),
+    Case("lr-quoted", {"spec.training.learningRate": "1e-6"}, "spec.training.learningRate",
+         "valid number (got '1e-6')"),
+    Case("flag-quoted", {"spec.training.trainTextEncoder": "true"}, "spec.training.trainTextEncoder",
+         "valid boolean (got 'true')"),
     Case("unknown-preset", {"spec.preset": "portrait"}, "spec.preset",
          "'object', 'face', 'style' or 'custom' (got 'portrait')"),
     Case("typo-learningrate", {"spec.training.learningrate": 1e-6},
