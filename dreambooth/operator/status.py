@@ -35,6 +35,7 @@ lastTransitionTime changes only when its status does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -342,17 +343,20 @@ def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None
     ):  # (re)entering training: the stall clock starts now, not at the last step seen
         progress = progress.model_copy(update={"step_changed_at": rfc3339(now)})
     if v.phase is Phase.SUCCEEDED:
-        steps = [t.summary.get("step") for t in ended if t.exit_code == 0 and t.summary]
+        summaries = [t.summary for t in ended if t.exit_code == 0 and t.summary]
         total = (progress.total_steps if progress else 0) or obs.total_steps
-        step = max([s for s in steps if isinstance(s, int)] or [total])
-        if progress is not None and progress.step == step and progress.eta_seconds == 0:
+        step = max([s["step"] for s in summaries if isinstance(s.get("step"), int)] or [total])
+        # the trainer's own last loss; the last scrape may be a few steps older
+        losses = [s["loss"] for s in summaries if isinstance(s.get("loss"), int | float) and math.isfinite(s["loss"])]
+        loss = losses[-1] if losses else (progress.loss if progress else None)
+        if progress is not None and progress.step == step and progress.eta_seconds == 0 and progress.loss == loss:
             return progress
         base = progress or Progress()
         stamp = rfc3339(now)
         return base.model_copy(update={
             "step": step, "total_steps": total or step, "percent": 100.0 if step >= total else
             round(100.0 * step / total, 1), "summary": f"{step}/{total or step}", "eta_seconds": 0,
-            "updated_at": stamp,
+            "loss": loss, "updated_at": stamp,
             "step_changed_at": stamp if base.step != step else base.step_changed_at,
         })
     if v.phase not in RUNNING_PHASES and progress is not None and progress.eta_seconds is not None:

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(config, args.workdir, stop=stop)
         step = outcome.step
         summary = {"exitCode": 0, "reason": "Succeeded", "step": step, "outputs": outcome.outputs}
+        if outcome.loss is not None:  # the last step's loss (not run when resumed after it)
+            summary["loss"] = outcome.loss
         code = ExitCode.OK
     except TrainerError as err:
         log.error("%s", err)

@@ -17,6 +17,8 @@ from dreambooth.trainer.storage import S3Settings, Storage
 class Outcome:
     step: int
     outputs: dict[str, str] = field(default_factory=dict)
+    #: the loss of the last optimizer step this process ran (None: it ran none)
+    loss: float | None = None
     last_checkpoint: str | None = None
 
 

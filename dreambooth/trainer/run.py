@@ -230,7 +230,7 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
         for step in range(start, end):
             values = loop.run_step(step)
             done = step + 1
-            outcome.step = done
+            outcome.step, outcome.loss = done, float(values["loss"])
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)

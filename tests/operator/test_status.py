@@ -96,8 +96,8 @@ def failed_pod(code: int, reason: str = "Error", message: str = "", name: str = 
                finished=finished, conditions=conditions)
 
 
-def succeeded_pod(outputs: dict[str, str] | None = None, step: int = 400) -> dict[str, Any]:
-    message = summary(0, "Succeeded", step=step, outputs=outputs or {})
+def succeeded_pod(outputs: dict[str, str] | None = None, step: int = 400, **extra) -> dict[str, Any]:
+    message = summary(0, "Succeeded", step=step, outputs=outputs or {}, **extra)
     return pod("toy-cat-trainer-0-ok", phase="Succeeded",
                terminated={"exitCode": 0, "reason": "Completed", "message": message})
 
@@ -452,8 +452,15 @@ def test_success_completes_the_progress():
     s2 = compute_status(obs(COMPLETE, [succeeded_pod(step=400)]), s1, at(1))
     p = s2.progress
     assert (p.step, p.percent, p.summary, p.eta_seconds) == (400, 100.0, "400/400", 0)
-    assert p.loss == s1.progress.loss
+    assert p.loss == s1.progress.loss  # the trainer's summary has no loss: the last scraped one
     assert compute_status(obs(COMPLETE, []), s2, at(2)) == s2  # stable once done
+
+
+def test_success_shows_the_trainers_final_loss_not_the_last_scraped_one():
+    s1 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=390, loss=0.3)), None, at(0))
+    s2 = compute_status(obs(COMPLETE, [succeeded_pod(step=400, loss=0.05)]), s1, at(1))
+    assert (s2.progress.step, s2.progress.loss) == (400, 0.05)
+    assert compute_status(obs(COMPLETE, [succeeded_pod(step=400, loss=0.05)]), s2, at(2)) == s2
 
 
 def test_no_eta_when_not_running():

@@ -39,6 +39,7 @@ def test_s3_to_s3_run_learns_and_exports_a_loadable_model(s3_job, tiny_model_dir
     code, log, summary = run_trainer(write_config(config, tmp_path), tmp_path / "work", trainer_env(settings))
     assert code == 0, log
     assert summary["reason"] == "Succeeded" and summary["step"] == 60
+    assert 0 < summary["loss"] < 10  # the last step's loss, for the job's final status
 
     out = f"s3://{bucket}/jobs/toy-cat/"
     result = json.loads(download(settings, out, tmp_path / "out").joinpath("result.json").read_text())
