@@ -38,11 +38,13 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -76,7 +78,7 @@ TOTAL_STEPS = 10**8  # never reached: every job stays in training
 CONTROL_IP = "127.0.0.1"
 WARMUP_CYCLES = 2
 MEASURE_CYCLES = 3
-SAMPLES = 7  # spread over MEASURE_CYCLES cycles: different phases of the poll cycle
+SAMPLES = 11  # over MEASURE_CYCLES cycles: phases of the poll cycle ~0.9 s apart
 
 
 # --- small helpers -----------------------------------------------------------------------
@@ -149,13 +151,14 @@ def stop(proc: subprocess.Popen) -> None:
 # --- arrival: create -> trainer Job, create -> status ------------------------------------
 
 
-def create_jobs(kube: Kube, n: int, rate: float, created: dict[str, float]) -> None:
-    """Create N jobs, job ``i`` at ``i / rate`` s (``rate`` 0: all at once); ``created``
-    gets each job's create time (filled as it goes: another thread reads it)."""
+def create_jobs(kube: Kube, n: int, rate: float, created: dict[str, float],
+                stopped: threading.Event) -> None:
+    """Create N jobs, job ``i`` at ``i / rate`` s (``rate`` 0: all at once), until
+    ``stopped``; ``created`` gets each job's create time (another thread reads it)."""
     start = time.monotonic()
     for i in range(n):
-        if rate > 0:
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        if stopped.wait(max(0.0, start + i / rate - time.monotonic()) if rate > 0 else 0):
+            return
         job = copy.deepcopy(JOB)
         job["metadata"]["name"] = job_name(i)
         kube.create(job)
@@ -186,13 +189,17 @@ def measure_arrival(kube: Kube, proc: subprocess.Popen, n: int, rate: float) -> 
     rss_idle = peak_rss_mb(proc.pid)
     cpu_before = cpu_seconds(proc.pid)
     created: dict[str, float] = {}
+    stopped = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        creating = pool.submit(create_jobs, kube, n, rate, created)
-        job_seen, status_seen = watch_arrival(kube, n, max(120, n * 0.5) + (n / rate if rate else 0))
+        creating = pool.submit(create_jobs, kube, n, rate, created, stopped)
+        try:
+            job_seen, status_seen = watch_arrival(kube, n, max(120, n * 0.5) + (n / rate if rate else 0))
+        finally:
+            stopped.set()  # on an error or ^C; otherwise all jobs were created already
         creating.result()
     operator_cpu = cpu_seconds(proc.pid) - cpu_before
-    to_job = [job_seen[k] - created[k] for k in job_seen]
-    to_status = [status_seen[k] - created[k] for k in status_seen]
+    to_job = [job_seen[k] - created[k] for k in job_seen if k in created]
+    to_status = [status_seen[k] - created[k] for k in status_seen if k in created]
     first, last = min(created.values()), max(created.values())
     return {
         "jobs": n,
@@ -409,6 +416,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve_trainers:
         return serve_trainers()
+    # SIGTERM unwinds like ^C: the operator and the trainers' server are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("| jobs | arrival | create -> Job p50 s | p99 s | create -> status p50 s | p99 s "
           "| all converged s | operator CPU s | operator RSS idle MB | peak MB |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)

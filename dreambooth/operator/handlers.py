@@ -104,6 +104,7 @@ async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | 
     """The Events a status change implies, and the jobs-by-phase metric."""
     for event in transition_events(previous, status, obs):
         await memo.kube.post_event(dict(body), event.type, event.reason, event.message)
+    memo.metrics.entered(previous.phase if previous else None, status.phase)
     memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], status.phase)
 
 

@@ -15,6 +15,8 @@ from dreambooth.api.status import Phase
 JOBS = "dreambooth_operator_jobs"
 RECONCILE_SECONDS = "dreambooth_operator_reconcile_seconds"
 ERRORS = "dreambooth_operator_errors"
+#: exported with prometheus_client's ``_total`` suffix
+TRANSITIONS = "dreambooth_operator_job_phase_transitions"
 
 
 class PhaseCollector(Collector):
@@ -49,6 +51,16 @@ class OperatorMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
         )
         self.errors = Counter(ERRORS, "Handler errors (retried by kopf).", ["handler"], registry=self.registry)
+        self.transitions = Counter(
+            TRANSITIONS, "DreamBoothJobs that entered each phase (counted when the operator writes it).",
+            ["phase"], registry=self.registry)
+        for phase in Phase:  # every series exists from the start: increase() sees the first one
+            self.transitions.labels(phase.value)
+
+    def entered(self, previous: Phase | None, phase: Phase) -> None:
+        """Count a job's phase change (a job seen again in the phase it had is not one)."""
+        if previous is not phase:
+            self.transitions.labels(phase.value).inc()
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

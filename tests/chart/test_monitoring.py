@@ -73,6 +73,7 @@ def exported(registry: CollectorRegistry) -> dict[str, set[str]]:
     return out
 
 
+TRANSITIONS = "dreambooth_operator_job_phase_transitions_total"
 EXPORTED = exported(TrainerMetrics().registry) | exported(OperatorMetrics().registry)
 
 
@@ -98,7 +99,8 @@ def all_queries() -> list[tuple[str, str]]:
 def test_the_registries_export_what_the_contract_names():
     for name in (telemetry.STEP, telemetry.LOSS, telemetry.IMAGES_PER_SECOND, telemetry.GPU_MEMORY_BYTES,
                  telemetry.CHECKPOINT_UPLOAD_SECONDS + "_bucket", telemetry.CHECKPOINT_UPLOAD_FAILURES + "_total",
-                 telemetry.PHASE, "dreambooth_operator_jobs", "dreambooth_operator_reconcile_seconds_bucket"):
+                 telemetry.PHASE, "dreambooth_operator_jobs", "dreambooth_operator_reconcile_seconds_bucket",
+                 TRANSITIONS):
         assert name in EXPORTED, name
     assert EXPORTED[telemetry.PHASE] == {telemetry.PHASE}
     assert EXPORTED["dreambooth_operator_jobs"] == {"phase"}
@@ -246,17 +248,20 @@ def test_promtool_unit_tests_the_alerts(tmp_path):
                  "exp_alerts": [_stalled("fresh"), _stalled("stuck")]},
             ],
         },
-        {   # DreamBoothJobFailed: a job enters phase Failed at minute 11
+        {   # DreamBoothJobFailed: a job enters phase Failed at minute 11; the operator
+            # restarts at minute 30 (its counter starts again at 0) and two more fail at 32
             "interval": "1m",
             "input_series": [
-                _series("dreambooth_operator_jobs", "0x10 1x30", phase="Failed", **OPERATOR_UP, pod="op-0"),
-                _series("dreambooth_operator_jobs", "1+1x40", phase="Succeeded", **OPERATOR_UP, pod="op-0"),
+                _series(TRANSITIONS, "0x10 1x18 _ 0 2x15", phase="Failed", **OPERATOR_UP, pod="op-0"),
+                _series(TRANSITIONS, "0+1x47", phase="Succeeded", **OPERATOR_UP, pod="op-0"),
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "DreamBoothJobFailed", "exp_alerts": []},
                 {"eval_time": "15m", "alertname": "DreamBoothJobFailed", "exp_alerts": [
                     _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "1")]},
                 {"eval_time": "25m", "alertname": "DreamBoothJobFailed", "exp_alerts": []},
+                {"eval_time": "35m", "alertname": "DreamBoothJobFailed", "exp_alerts": [
+                    _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "2")]},
             ],
         },
         {   # DreamBoothOperatorDown: scrapes fail from minute 11; 5 minutes later it fires

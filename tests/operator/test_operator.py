@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from dreambooth.api.config import TrainerConfig
 from dreambooth.trainer.metrics import TrainerMetrics
@@ -105,6 +108,16 @@ def trainer_endpoint(op, step, total=400, loss=0.25, phase="training"):
     return metrics
 
 
+def operator_metrics(op) -> dict[str, float]:
+    """The operator's own /metrics, as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{op.env['DREAMBOOTH_METRICS_PORT']}/metrics", timeout=5).read()
+    def key(sample) -> str:
+        labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+        return f"{sample.name}{{{labels}}}" if labels else sample.name
+
+    return {key(s): s.value for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
 def first_pod(kube, jc):  # noqa: F811
     kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
     jc.reconcile()
@@ -163,6 +176,12 @@ def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operato
     status = wait_phase(kube, operator, "toy-cat", "Failed")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "OOMKilled"
+    # the operator's metrics count the failure once (what the DreamBoothJobFailed alert reads)
+    failed = 'dreambooth_operator_job_phase_transitions_total{phase="Failed"}'
+    assert operator_metrics(operator)[failed] == 1.0
+    time.sleep(2.5)  # two more poll cycles see the job Failed again: not a new failure
+    assert operator_metrics(operator)[failed] == 1.0
+    assert operator_metrics(operator)['dreambooth_operator_jobs{phase="Failed"}'] == 1.0
 
 
 def test_a_trainer_input_error_surfaces_its_own_reason(kube, operator):  # noqa: F811
