@@ -259,6 +259,7 @@ def serve_trainers() -> None:
 
     from dreambooth.trainer.metrics import TrainerMetrics
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the bench stops it
     started: dict[str, float] = {}
     scrapes: collections.Counter[str] = collections.Counter()
     metrics = TrainerMetrics()  # one registry, its step set per request (one thread)

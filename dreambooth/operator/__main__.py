@@ -17,7 +17,7 @@ def main() -> int:
         return 2
     import kopf
 
-    import dreambooth.operator.handlers  # noqa: F401  (registers the handlers)
+    import dreambooth.operator  # noqa: F401  (its import registers the handlers)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kopf.run(

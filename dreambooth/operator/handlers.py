@@ -2,7 +2,7 @@
 functions, ensure they exist, observe Job + pods + rank 0's metrics, and write the whole
 status once per pass. The operator is the only writer of ``.status``.
 
-    kopf run -m dreambooth.operator --standalone --all-namespaces   (or: dreambooth-operator)
+    kopf run --standalone --all-namespaces -m dreambooth.operator   (or: dreambooth-operator)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dreambooth.operator.kube import Kube
 from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
-from dreambooth.operator.settings import OperatorSettings
+from dreambooth.operator.settings import OperatorSettings, SettingsError
 from dreambooth.operator.status import (
     Observation,
     compute_status,
@@ -37,8 +37,12 @@ from dreambooth.operator.status import (
 
 log = logging.getLogger("dreambooth.operator")
 
-#: read once at start; an invalid setting stops the operator with a message naming it
-SETTINGS = OperatorSettings.from_env()
+#: read once, when kopf imports the handlers; an invalid setting stops the operator at
+#: startup with a message naming it (importing this module never fails on one)
+try:
+    SETTINGS, SETTINGS_ERROR = OperatorSettings.from_env(), None
+except SettingsError as _err:
+    SETTINGS, SETTINGS_ERROR = OperatorSettings(), _err
 RESOURCE = (GROUP, VERSION, PLURAL)
 ANNOTATION_PREFIX = "dreambooth.io"
 
@@ -52,6 +56,8 @@ def dreambooth_jobs(body: kopf.Body, namespace: str, name: str, **_: Any) -> dic
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, dreambooth_jobs: kopf.Index,
                   **_: Any) -> None:
+    if SETTINGS_ERROR is not None:
+        raise kopf.PermanentError(str(SETTINGS_ERROR))
     # kopf keeps its own bookkeeping in annotations, never in .status (ours alone)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -29,12 +29,15 @@ POD_IP = "127.0.0.2"
 class Operator:
     """The operator as a process, restartable, with its log kept for failure messages."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log, self.proc = env, log, None
+    MAIN = [sys.executable, "-m", "dreambooth.operator"]
+    #: what the issue and docs/operator.md name: kopf's own command on the package
+    KOPF = [str(Path(sys.executable).with_name("kopf")), "run", "--standalone", "-A", "-m", "dreambooth.operator"]
+
+    def __init__(self, env: dict[str, str], log: Path, argv: list[str] = MAIN) -> None:
+        self.env, self.log, self.proc, self.argv = env, log, None, argv
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dreambooth.operator"], env=self.env,
-                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -49,8 +52,18 @@ class Operator:
         return self.log.read_text()
 
 
+@pytest.fixture(params=["python -m", "kopf run -m"])
+def any_operator(request, kube, tmp_path):  # noqa: F811
+    """The operator started either way."""
+    yield from _operator(kube, tmp_path, Operator.MAIN if request.param == "python -m" else Operator.KOPF)
+
+
 @pytest.fixture
 def operator(kube, tmp_path):  # noqa: F811
+    yield from _operator(kube, tmp_path, Operator.MAIN)
+
+
+def _operator(kube, tmp_path, argv):  # noqa: F811
     trainer_port = free_port(POD_IP)
     env = {
         **kube.env,
@@ -62,7 +75,7 @@ def operator(kube, tmp_path):  # noqa: F811
         "DREAMBOOTH_S3_ENDPOINT": "minio.minio.svc:9000",
         "DREAMBOOTH_CREDENTIALS_SECRET": "minio-credentials",
     }
-    op = Operator(env, tmp_path / "operator.log")
+    op = Operator(env, tmp_path / "operator.log", argv)
     op.trainer_port = trainer_port
     op.start()
     # kopf is ready once it watches the resource (its second GET after the initial list)
@@ -164,6 +177,20 @@ def test_a_job_runs_to_success_with_progress_and_outputs(kube, operator):  # noq
     reasons = {e.get("reason") for e in kube.events(dbj)}
     assert {"Training", "Succeeded"} <= reasons
     assert any(m == "PATCH" and p.endswith("/dreamboothjobs/toy-cat/status") for m, p in kube.requests)
+
+
+def test_kopf_run_on_the_package_and_the_command_both_run_the_operator(kube, any_operator):  # noqa: F811
+    kube.create(example("toy-cat"))
+    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what=f"the trainer Job\n{any_operator.output()}")
+    assert wait_phase(kube, any_operator, "toy-cat", "Pending")
+
+
+@pytest.mark.parametrize("argv", [Operator.MAIN, Operator.KOPF], ids=["python -m", "kopf run -m"])
+def test_an_invalid_setting_stops_the_operator_with_a_message_naming_it(kube, tmp_path, argv):  # noqa: F811
+    env = {**kube.env, "DREAMBOOTH_POLL_INTERVAL_SECONDS": "often"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "DREAMBOOTH_POLL_INTERVAL_SECONDS='often': use a whole number" in done.stdout + done.stderr
 
 
 def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operator):  # noqa: F811
