@@ -22,9 +22,11 @@ real metrics (dreambooth/trainer/metrics.py) with phase training and a step that
 with wall time (STEPS_PER_SECOND), so the step in a job's ``.status.progress`` says when
 it was read. After WARMUP_CYCLES poll cycles it samples every job's status SAMPLES times
 over MEASURE_CYCLES cycles and prints the age of the progress shown (now - when the shown
-step was current: what a user of ``kubectl get`` sees) p50/p99/max, the jobs that lacked
-progress in a sample, the poll cycle's length (from the scrapes the server counted) and
-the operator's CPU seconds per cycle.
+step was current, rounded up to 1 / STEPS_PER_SECOND: what ``kubectl get`` shows)
+p50/p99/max, the jobs that lacked progress in any sample, the poll cycle's length (from
+the scrapes the server counted) and the operator's CPU seconds per cycle.
+
+Times on the arrival side are rounded up to the bench's 0.2 s polling of the emulator.
 
 Results and the commands are in docs/benchmarks.md.
 """

@@ -7,11 +7,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: E402,F401
+from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")

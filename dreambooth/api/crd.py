@@ -149,9 +149,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
                     converted["default"] = {}
                 props[name] = converted
             out[key] = props
-        elif key == "additionalProperties":
-            out[key] = _structural(value, defs)
-        elif key == "items":
+        elif key == "additionalProperties" or key == "items":
             out[key] = _structural(value, defs)
         else:
             out[key] = value

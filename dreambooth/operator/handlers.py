@@ -222,7 +222,7 @@ async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
         async with limit:
             try:
                 await refresh(body, memo, views)
-            except Exception as err:  # one job's trouble never stops the others
+            except Exception as err:  # noqa: BLE001  (one job's trouble never stops the others)
                 memo.metrics.errors.labels("poll").inc()
                 log.warning("refreshing %s/%s failed: %s", body["metadata"].get("namespace"),
                             body["metadata"].get("name"), err)
@@ -249,7 +249,7 @@ async def namespace_views(namespaces: set[str], memo: kopf.Memo) -> dict[str, Na
     async def view(namespace: str) -> NamespaceView | None:
         try:
             jobs, pods = await asyncio.gather(memo.kube.jobs(namespace, managed), memo.kube.pods(namespace, managed))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (logged; the next cycle tries again)
             memo.metrics.errors.labels("poll").inc()
             log.warning("listing the trainer Jobs and pods of namespace %s failed: %s", namespace, err)
             return None

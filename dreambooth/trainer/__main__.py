@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         code = err.exit_code
         summary = {"exitCode": int(code), "reason": err.reason, "message": str(err)}
-    except Exception as err:  # a bug: keep the traceback, retry the pod
+    except Exception as err:  # noqa: BLE001  (a bug: keep the traceback, retry the pod)
         log.error("unexpected error: %s\n%s", err, traceback.format_exc())
         code = ExitCode.UNEXPECTED
         summary = {"exitCode": int(code), "reason": "Unexpected", "message": f"{type(err).__name__}: {err}"}

@@ -138,15 +138,15 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
     a = ctx.accelerator
     dtype = weight_dtype(a)
     vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
-    return dict(
-        accelerator=a,
-        training=ctx.spec.training,
-        scheduler=components.noise_scheduler,
-        instances=LatentCache(vae, instances, device=a.device, dtype=dtype),
-        classes=LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
-        prediction_type=components.prediction_type,
-        prior_weight=ctx.spec.prior.loss_weight,
-    )
+    return {
+        "accelerator": a,
+        "training": ctx.spec.training,
+        "scheduler": components.noise_scheduler,
+        "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
+        "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
+        "prediction_type": components.prediction_type,
+        "prior_weight": ctx.spec.prior.loss_weight,
+    }
 
 
 def build_loop(ctx: Context, components: Components, shared: dict,

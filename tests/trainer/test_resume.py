@@ -128,7 +128,8 @@ def test_metrics_advance_pass_promtool_and_sigterm_saves_a_checkpoint(bucket_wit
 
     promtool = shutil.which("promtool")
     if promtool:  # Debian's prometheus package; .ci/run installs it
-        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        check = subprocess.run([promtool, "check", "metrics"], check=False, input=text, capture_output=True,
+                               text=True)
         assert check.returncode == 0, check.stdout + check.stderr
 
     proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on preemption, suspend or drain
