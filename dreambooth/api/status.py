@@ -29,7 +29,8 @@ class Phase(StrEnum):
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled.")
+    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
+                      "SpecChangeIgnored while the spec differs from what the running job follows.")
     status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(
         max_length=1024,

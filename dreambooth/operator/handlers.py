@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.settings import OperatorSettings, SettingsError
+from dreambooth.operator.specchange import ignored_changes
 from dreambooth.operator.status import (
     Observation,
     compute_status,
@@ -44,31 +44,46 @@ try:
 except SettingsError as _err:
     SETTINGS, SETTINGS_ERROR = OperatorSettings(), _err
 RESOURCE = (GROUP, VERSION, PLURAL)
-ANNOTATION_PREFIX = "dreambooth.io"
 
 
-@kopf.index(*RESOURCE)
-def dreambooth_jobs(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-    """Every DreamBoothJob the operator sees, as a plain copy, for the poller."""
-    return {(namespace, name): copy.deepcopy(dict(body))}
+Key = tuple[str, str]
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, dreambooth_jobs: kopf.Index,
-                  **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     if SETTINGS_ERROR is not None:
         raise kopf.PermanentError(str(SETTINGS_ERROR))
-    # kopf keeps its own bookkeeping in annotations, never in .status (ours alone)
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    # Only a raw-event handler: kopf keeps no state on the objects (no annotations, no
+    # finalizers, no extra write per job); .status is ours alone.
     settings.posting.level = logging.WARNING  # only warnings of kopf itself become Events
+    # kopf logs "Handler 'watched' succeeded" for every watch event (each status write of
+    # each job): our own log says what happened; kopf's per-object warnings still show
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    memo.jobs = {}  # (namespace, name) -> the newest DreamBoothJob seen
+    memo.busy = set()  # keys being reconciled now (the poller leaves them alone)
     memo.kube = await Kube.connect()
     memo.http = aiohttp.ClientSession()
     memo.metrics = OperatorMetrics()
     if SETTINGS.metrics_port:
         memo.metrics.serve(SETTINGS.metrics_port)
-    memo.poller = asyncio.create_task(poll_forever(dreambooth_jobs, memo))
+    memo.poller = asyncio.create_task(poll_forever(memo))
+
+
+@kopf.on.event(*RESOURCE)
+async def watched(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event of a DreamBoothJob: keep the newest copy for the poller; reconcile
+    a job seen for the first time since the operator started (kopf's initial listing has
+    no event type) or one without a status yet (just created)."""
+    body = event["object"]  # a fresh dict per event, which kopf does not change
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if event["type"] == "DELETED":
+        memo.jobs.pop(key, None)
+        memo.metrics.jobs.forget(*key)
+        return
+    memo.jobs[key] = body
+    if event["type"] is None or not (body.get("status") or {}).get("phase"):
+        await reconcile(body, memo)
 
 
 @kopf.on.cleanup()
@@ -93,16 +108,6 @@ def _typed(body: kopf.Body) -> DreamBoothJob:
          "spec": dict(body.get("spec") or {})},
         cluster=True,
     )
-
-
-async def _write(patch: kopf.Patch, body: kopf.Body, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
-                 status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
-    """The whole status in one patch (nulls clear fields), plus the Events it implies."""
-    new = status.model_dump(mode="json", by_alias=True)
-    old = previous.model_dump(mode="json", by_alias=True) if previous else None
-    if new != old:
-        patch["status"] = new
-    await _announce(body, memo, previous, status, obs)
 
 
 async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
@@ -139,6 +144,7 @@ def _status(job: DreamBoothJob, previous: DreamBoothJobStatus | None, batch_job:
         effective_spec(job.spec), generation=job.metadata.generation or 0,
         output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=pods,
         snapshot=snapshot, stall_timeout=timedelta(seconds=SETTINGS.stall_timeout_seconds),
+        ignored_changes=ignored_changes(batch_job, job.spec),
     )
     return compute_status(obs, previous, datetime.now(UTC)), obs
 
@@ -153,70 +159,71 @@ async def _sync_suspend(job: DreamBoothJob, batch_job: dict[str, Any] | None, me
         await memo.kube.suspend_job(job.metadata.namespace, naming.trainer_name(job.metadata.name), wanted)
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-async def reconcile(body: kopf.Body, status: dict, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Create (idempotently) the ConfigMap, headless Service and Indexed Job of a job."""
+async def reconcile(body: dict, memo: kopf.Memo) -> None:
+    """Create (idempotently) the ConfigMap, headless Service and Indexed Job of a job and
+    write its status. A failure is logged and counted; the next poll cycle tries again."""
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if key in memo.busy:
+        return
+    memo.busy.add(key)
     started = time.perf_counter()
-    previous = _previous(status)
+    try:
+        await _reconcile(body, memo)
+    except Exception as err:  # noqa: BLE001  (retried by the poller, every poll interval)
+        memo.metrics.errors.labels("reconcile").inc()
+        log.warning("reconciling %s/%s failed (retried in %ss): %s", *key, SETTINGS.poll_interval_seconds, err)
+    else:
+        memo.metrics.reconcile_seconds.labels("reconcile").observe(time.perf_counter() - started)
+    finally:
+        memo.busy.discard(key)
+
+
+async def _reconcile(body: dict, memo: kopf.Memo) -> None:
+    previous = _previous(body.get("status"))
     try:
         job = _typed(body)
     except SpecError as err:
-        issues = [str(issue) for issue in err.issues]
         now = datetime.now(UTC)
-        await _write(patch, body, memo, previous, invalid_spec_status(issues, body["metadata"].get("generation", 0),
-                                                                now, previous))
+        status = invalid_spec_status([str(i) for i in err.issues], body["metadata"].get("generation", 0), now,
+                                     previous)
+        await _write(body, memo, previous, status)
         return  # permanent until the spec changes: no retry loop
     if previous is not None and previous.phase.finished:
-        memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], previous.phase)
+        memo.metrics.jobs.set(job.metadata.namespace, job.metadata.name, previous.phase)
         return  # a finished job is never re-run (its Job may be gone: ttl)
-    inputs = resources.TrainerInputs(job, SETTINGS)
-    try:
-        # owned by the job (deleting it deletes them); the Job last: its pods mount the rest
-        *first, trainer = resources.children(inputs)
-        await asyncio.gather(*(memo.kube.ensure(child) for child in first))
-        created = await memo.kube.ensure(trainer)
-        if created is not None:  # a new Job has no pods yet: nothing else to read
-            current, obs = _status(job, previous, created, [], None)
-        else:
-            current, obs = await observe(job, previous, memo)
-            await _sync_suspend(job, obs.job, memo)
-    except Exception:
-        memo.metrics.errors.labels("reconcile").inc()
-        raise  # kopf retries with backoff
-    await _write(patch, body, memo, previous, current, obs)
-    memo.metrics.reconcile_seconds.labels("reconcile").observe(time.perf_counter() - started)
+    # owned by the job (deleting it deletes them); the Job last: its pods mount the rest
+    *first, trainer = resources.children(resources.TrainerInputs(job, SETTINGS))
+    await asyncio.gather(*(memo.kube.ensure(child) for child in first))
+    created = await memo.kube.ensure(trainer)
+    if created is not None:  # a new Job has no pods yet: nothing else to read
+        current, obs = _status(job, previous, created, [], None)
+    else:
+        current, obs = await observe(job, previous, memo)
+        await _sync_suspend(job, obs.job, memo)
+    await _write(body, memo, previous, current, obs)
 
 
-def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
-    """Dotted paths of the leaves that differ between two specs."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [p for key in sorted(set(old) | set(new), key=str)
-                for p in changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")]
-    if isinstance(old, dict) or isinstance(new, dict):
-        return changed_paths(old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}, prefix)
-    return [] if old == new else [prefix]
+async def _write(body: dict, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
+                 status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
+    """The whole status in one merge patch when it changed (nulls clear fields), then the
+    Events it implies. The poller's copy of the job gets the new status at once."""
+    new = status.model_dump(mode="json", by_alias=True)
+    if previous is None or new != previous.model_dump(mode="json", by_alias=True):
+        meta = body["metadata"]
+        await memo.kube.patch_status(meta["namespace"], meta["name"], new)
+        body["status"] = new
+    await _announce(body, memo, previous, status, obs)
 
 
-@kopf.on.update(*RESOURCE, field="spec")
-async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_: Any) -> None:
-    """Only runPolicy.suspend may change once a job exists (the CRD's CEL rules refuse the
-    rest on a real API server; this says so if something slipped through)."""
-    ignored = [p for p in changed_paths(old or {}, new or {}) if p != "spec.runPolicy.suspend"]
-    if ignored:
-        await memo.kube.post_event(
-            dict(body), "Warning", "SpecChangeIgnored",
-            f"changes to {', '.join(ignored)} after the job was created are ignored: only "
-            "spec.runPolicy.suspend may change; delete and re-create the job")
+async def poll_forever(memo: kopf.Memo) -> None:
+    """Every poll interval, bring every job the operator sees up to date.
 
-
-async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
-    """Every poll interval, refresh the status of every job the operator sees.
-
-    One loop for all jobs instead of a kopf timer per job: timers need a finalizer on every
-    object, which slows down creating jobs and makes deleting them wait for the operator.
-    Each cycle lists the trainer Jobs and pods of a namespace once, for all its jobs."""
-    limit = asyncio.Semaphore(32)
+    One loop for all jobs instead of a kopf timer per job (timers need a finalizer on every
+    object: an extra write per job, and deletions that wait for the operator). Each cycle
+    lists the trainer Jobs and pods of a namespace once, for all its jobs, and retries any
+    job whose reconcile failed."""
+    limit = asyncio.Semaphore(64)  # mostly waiting on scrapes (3 s timeout) and API calls
 
     async def one(body: dict, views: dict[str, NamespaceView | None]) -> None:
         async with limit:
@@ -229,7 +236,7 @@ async def poll_forever(index: kopf.Index, memo: kopf.Memo) -> None:
 
     while True:
         started = time.monotonic()
-        bodies = [body for store in list(index.values()) for body in store]
+        bodies = [body for key, body in list(memo.jobs.items()) if key not in memo.busy]
         views = await namespace_views({b["metadata"]["namespace"] for b in bodies if _in_progress(b)}, memo)
         await asyncio.gather(*(one(body, views) for body in bodies))
         await asyncio.sleep(max(0.0, SETTINGS.poll_interval_seconds - (time.monotonic() - started)))
@@ -267,21 +274,21 @@ async def refresh(body: dict, memo: kopf.Memo, views: dict[str, NamespaceView | 
         await _expire(body, previous, memo)
         return
     if previous is None:
-        return  # not reconciled yet: the create handler comes first
+        await reconcile(body, memo)  # its first reconcile failed: again
+        return
     view = views.get(body["metadata"]["namespace"])
     if view is None:
         return  # its namespace could not be listed this cycle (logged)
+    if view.trainer_job(body["metadata"]["name"]) is None:
+        await reconcile(body, memo)  # its Job is gone (deleted by hand?): created again, it resumes
+        return
     try:
         job = _typed(body)
     except SpecError:
         return  # reconcile reported it
     current, obs = await observe(job, previous, memo, view)
     await _sync_suspend(job, obs.job, memo)
-    new = current.model_dump(mode="json", by_alias=True)
-    if new != previous.model_dump(mode="json", by_alias=True):
-        meta = body["metadata"]
-        await memo.kube.patch_status(meta["namespace"], meta["name"], new)
-    await _announce(body, memo, previous, current, obs)
+    await _write(body, memo, previous, current, obs)
     memo.metrics.reconcile_seconds.labels("poll").observe(time.perf_counter() - started)
 
 
@@ -296,8 +303,3 @@ async def _expire(body: dict, previous: DreamBoothJobStatus, memo: kopf.Memo) ->
         log.info("deleting %s/%s: finished %ss ago (ttlSecondsAfterFinished)", meta["namespace"], meta["name"], ttl)
         await memo.kube.delete_dreambooth_job(meta["namespace"], meta["name"])
         memo.metrics.jobs.forget(meta["namespace"], meta["name"])
-
-
-@kopf.on.delete(*RESOURCE, optional=True)
-async def forget(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.metrics.jobs.forget(body["metadata"]["namespace"], body["metadata"]["name"])

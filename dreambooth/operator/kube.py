@@ -71,7 +71,7 @@ class Kube:
             if err.status == 409:
                 return None
             raise
-        log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+        log.log(logging.INFO if kind == "Job" else logging.DEBUG, "created %s %s/%s", kind, ns, obj["metadata"]["name"])
         return created
 
     async def job(self, namespace: str, name: str) -> dict[str, Any] | None:

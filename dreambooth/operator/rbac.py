@@ -10,8 +10,9 @@ it also renders the chart and compares its rules with :func:`policy_rules`.
 What kopf 1.45 itself needs, read from its source (``kopf/_core/reactor/observation.py``,
 ``kopf/_core/engines/posting.py``, ``kopf/_cogs/clients/patching.py``):
 
-- the served resource: list + watch (cluster-wide or per namespace), patch of the object
-  (its own annotations) and of ``/status`` when the CRD has that subresource;
+- the served resource: list + watch (cluster-wide or per namespace); with change handlers
+  (on.create/update/resume, timers) also patch of the object for its annotations and
+  finalizers, which the operator avoids: it has a raw-event handler only;
 - Events: core v1 ``events`` (``references.EVENTS``), create (POST) only;
 - ``customresourcedefinitions`` list + watch, cluster-wide, to notice CRD changes (without
   it kopf logs a warning and only scans resources at start);
@@ -46,8 +47,9 @@ class Permission:
 
 #: In every watched namespace (a Role per namespace, or the ClusterRole when cluster-wide).
 OPERATOR: tuple[Permission, ...] = (
-    Permission(GROUP, PLURAL, ("list", "watch", "patch", "delete"),
-               "kopf watches and annotates jobs; the operator deletes a job after ttlSecondsAfterFinished"),
+    Permission(GROUP, PLURAL, ("list", "watch", "delete"),
+               "kopf watches jobs (raw events only: it never patches them); the operator deletes a job "
+               "after ttlSecondsAfterFinished"),
     Permission(GROUP, f"{PLURAL}/status", ("patch",), "the operator is the only writer of .status"),
     Permission(GROUP, f"{PLURAL}/finalizers", ("update",),
                "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"),

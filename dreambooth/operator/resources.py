@@ -20,6 +20,7 @@ from dreambooth.api.spec import SecretKeyRef
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.operator import naming
 from dreambooth.operator.settings import OperatorSettings
+from dreambooth.operator.specchange import SPEC_ANNOTATION, spec_record
 
 CONTAINER = "trainer"
 TRAINER_MODULE = "dreambooth.trainer"
@@ -380,14 +381,11 @@ def job(inputs: TrainerInputs) -> dict[str, Any]:
     }
     if run.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = run.active_deadline_seconds
-    if run.ttl_seconds_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = run.ttl_seconds_after_finished
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(inputs, naming.trainer_name(inputs.name), kueue),
-        "spec": spec,
-    }
+    # no ttlSecondsAfterFinished on the Job: the operator deletes the DreamBoothJob after
+    # its ttl and the Job follows; until then a missing Job means someone deleted it
+    metadata = _metadata(inputs, naming.trainer_name(inputs.name), kueue)
+    metadata["annotations"] = {SPEC_ANNOTATION: spec_record(inputs.job.spec)}  # see specchange.py
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def children(inputs: TrainerInputs) -> list[dict[str, Any]]:

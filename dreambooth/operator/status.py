@@ -72,6 +72,7 @@ from dreambooth.operator.progress import (
     rfc3339,
     stalled_for,
 )
+from dreambooth.operator.specchange import ignored_message
 
 DEFAULT_STALL_TIMEOUT = timedelta(minutes=20)
 
@@ -79,6 +80,8 @@ READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED = (
     "Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled",
 )
 CONDITION_TYPES = (READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED)
+#: present (True) only while the spec differs from what the running job was built from
+SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
 
 RUNNING_PHASES = (Phase.INITIALIZING, Phase.GENERATING_CLASS_IMAGES, Phase.TRAINING, Phase.EXPORTING)
 #: the trainer's phase metric label -> our phase ("succeeded": the pod is still finishing)
@@ -119,6 +122,8 @@ class Observation:
     pods: Sequence[Mapping[str, Any]] = ()
     snapshot: TrainerSnapshot | None = None
     stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT
+    #: spec paths changed since the Job was built that it does not follow (specchange.py)
+    ignored_changes: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -131,6 +136,7 @@ class Observation:
         pods: Sequence[Mapping[str, Any]] = (),
         snapshot: TrainerSnapshot | None = None,
         stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
+        ignored_changes: tuple[str, ...] = (),
     ) -> Observation:
         """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
         t = spec.training
@@ -146,6 +152,7 @@ class Observation:
             pods=tuple(pods),
             snapshot=snapshot,
             stall_timeout=stall_timeout,
+            ignored_changes=ignored_changes,
         )
 
     @property
@@ -424,9 +431,13 @@ def compute_status(
             or rfc3339(now)
         )
 
+    conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
+    if obs.ignored_changes:
+        conditions.append(_condition(SPEC_CHANGE_IGNORED, "True", "ImmutableFields",
+                                     ignored_message(obs.ignored_changes), previous, obs.generation, now))
     return DreamBoothJobStatus(
         phase=v.phase,
-        conditions=conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now),
+        conditions=conditions,
         progress=progress,
         last_checkpoint=checkpoint,
         outputs=outputs,
@@ -488,8 +499,9 @@ def transition_events(
     A new phase -> Normal, reason = the phase; Failed -> Warning with the failure's reason
     and message; a Pending cause that needs the user (Unschedulable, SecretNotFound, ...)
     -> Warning; more restarts -> Warning ``Restarted`` with the last failure; Stalled ->
-    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); a newer checkpoint
-    -> Normal ``CheckpointSaved``.
+    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); spec edits the
+    running job ignores (new or more of them) -> Warning ``SpecChangeIgnored``; a newer
+    checkpoint -> Normal ``CheckpointSaved``.
     """
     events: list[Event] = []
     ready, before = _ready(current), _ready(previous)
@@ -518,6 +530,9 @@ def transition_events(
         stalled is None or stalled.status == "False"
     ):
         events.append(Event("Normal", "Progressing", stalled.message if stalled else ""))
+    ignored, was_ignored = _by_type(current, SPEC_CHANGE_IGNORED), _by_type(previous, SPEC_CHANGE_IGNORED)
+    if ignored is not None and (was_ignored is None or was_ignored.message != ignored.message):
+        events.append(Event("Warning", SPEC_CHANGE_IGNORED, ignored.message))
     old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
     if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
         events.append(Event("Normal", "CheckpointSaved",

@@ -139,14 +139,17 @@ def kube_calls() -> Iterator[tuple[str, Triple]]:
 def handler_needs() -> set[Triple]:
     """What kopf does for the handlers registered in handlers.py."""
     registry = kopf.get_default_registry()
-    selectors = {h.selector for h in registry._changing.get_all_handlers()} | {
+    # handlers that make kopf keep state on the object (annotations, finalizers)
+    stateful = {h.selector for h in registry._changing.get_all_handlers()} | {
         h.selector for h in registry._spawning.get_all_handlers()}
-    assert selectors, "no kopf handlers registered"
+    watching = {h.selector for h in registry._watching.get_all_handlers()}
+    assert stateful | watching, "no kopf handlers registered"
     needs: set[Triple] = set()
-    for selector in selectors:
+    for selector in stateful | watching:
         assert (selector.group, selector.plural or selector.any_name) == (GROUP, PLURAL), selector
-        # kopf lists + watches what it serves, and patches its own annotations on it
-        needs |= {(GROUP, PLURAL, "list"), (GROUP, PLURAL, "watch"), (GROUP, PLURAL, "patch")}
+        needs |= {(GROUP, PLURAL, "list"), (GROUP, PLURAL, "watch")}  # kopf lists + watches what it serves
+    if stateful:
+        needs.add((GROUP, PLURAL, "patch"))  # kopf patches its own annotations on it
     source = inspect.getsource(handlers)
     has_status = "status" in crd.crd()["spec"]["versions"][0]["subresources"]
     if re.search(r"""patch\[["']status["']\]""", source) and has_status:

@@ -315,13 +315,46 @@ def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811
                   what=f"the job deleted after its TTL\n{operator.output()[-2000:]}")
 
 
-def test_spec_changes_after_creation_are_refused_with_an_event(kube, operator):  # noqa: F811
+def condition(kube, name, ctype):  # noqa: F811
+    return next((c for c in status_of(kube, name).get("conditions", []) if c["type"] == ctype), None)
+
+
+def test_spec_changes_after_creation_are_refused_with_a_condition_and_an_event(kube, operator):  # noqa: F811
+    """What the CRD's CEL rules refuse on a real API server (the emulator runs no CEL)."""
     dbj = kube.create(example("toy-cat"))
-    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
-    kube.patch("dbj", "default", "toy-cat", {"spec": {"training": {"steps": 999}}})
-    kube.wait_for(lambda: any(e.get("reason") == "SpecChangeIgnored" for e in kube.events(dbj)),
-                  what=f"a SpecChangeIgnored event\n{operator.output()[-2000:]}")
+    wait_phase(kube, operator, "toy-cat", "Pending")
+    steps = kube.get("dbj", "default", "toy-cat")["spec"].get("training", {}).get("steps")
+    kube.patch("dbj", "default", "toy-cat", {"spec": {"training": {"steps": 999},
+                                                      "runPolicy": {"ttlSecondsAfterFinished": 60}}})
+    kube.wait_for(lambda: condition(kube, "toy-cat", "SpecChangeIgnored"),
+                  what=f"a SpecChangeIgnored condition\n{operator.output()[-2000:]}")
+    ignored = condition(kube, "toy-cat", "SpecChangeIgnored")
+    assert ignored["status"] == "True" and ignored["reason"] == "ImmutableFields"
+    assert "spec.training.steps" in ignored["message"] and "ttlSecondsAfterFinished after" not in ignored["message"]
     (event,) = [e for e in kube.events(dbj) if e.get("reason") == "SpecChangeIgnored"]
-    assert "spec.training.steps" in event["message"] and event["type"] == "Warning"
+    assert event["type"] == "Warning" and event["message"] == ignored["message"]
     config = json.loads(kube.get("configmaps", "default", "toy-cat-trainer-config")["data"]["config.json"])
     assert config["spec"]["training"]["steps"] == 400  # the running job keeps its spec
+
+    # reverted: the condition goes away, and no second Event
+    kube.patch("dbj", "default", "toy-cat", {"spec": {"training": {"steps": steps}}})
+    kube.wait_for(lambda: condition(kube, "toy-cat", "SpecChangeIgnored") is None, what="the condition cleared")
+    assert len([e for e in kube.events(dbj) if e.get("reason") == "SpecChangeIgnored"]) == 1
+
+
+def test_the_operator_keeps_no_state_on_the_job_and_retries_what_failed(kube, operator):  # noqa: F811
+    """No kopf annotations or finalizers on the user's object; a failed create is retried
+    by the next poll cycle; a trainer Job deleted by hand is created again."""
+    kube.fail_next("POST", "/namespaces/default/jobs", status=500, times=1)
+    kube.create(example("toy-cat"))
+    wait_phase(kube, operator, "toy-cat", "Pending")  # the second try, a poll cycle later
+    assert "reconciling default/toy-cat failed" in operator.output()
+    dbj = kube.get("dbj", "default", "toy-cat")
+    assert not dbj["metadata"].get("finalizers")
+    assert not [k for k in dbj["metadata"].get("annotations") or {} if "kopf" in k or k.startswith("dreambooth.io/")]
+    assert not [p for m, p in kube.requests if m == "PATCH" and p.endswith("/dreamboothjobs/toy-cat")]
+
+    uid = kube.get("jobs", "default", "toy-cat-trainer")["metadata"]["uid"]
+    kube.delete("jobs", "default", "toy-cat-trainer")
+    kube.wait_for(lambda: (kube.find("jobs", "default", "toy-cat-trainer") or {}).get("metadata", {}).get("uid")
+                  not in (None, uid), what=f"the trainer Job created again\n{operator.output()[-2000:]}")

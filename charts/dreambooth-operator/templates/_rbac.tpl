@@ -17,7 +17,7 @@ calls in the operator's code). These rules do not depend on values.
   verbs: [get, list, create, patch, delete]
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs]
-  verbs: [list, watch, patch, delete]
+  verbs: [list, watch, delete]
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs/status]
   verbs: [patch]
