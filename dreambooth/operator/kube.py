@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,12 @@ class Kube:
             configuration = client.Configuration()
             await config.load_kube_config(client_configuration=configuration)
             api = client.ApiClient(configuration)
+        if not urllib.request.getproxies():
+            # kubernetes_asyncio's session trusts the environment, so aiohttp looks up
+            # proxies and ~/.netrc in a worker thread before every request: ~1 ms of CPU
+            # per request, a quarter of the operator's work per new job. With no proxy
+            # variables set there is nothing to find (API credentials never come from netrc).
+            api.rest_client.pool_manager._trust_env = False
         return cls(api)
 
     async def close(self) -> None:

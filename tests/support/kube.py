@@ -240,6 +240,14 @@ class Kube:
     def clear_requests(self) -> None:
         self._server.call(self.emulator.request_log.clear)
 
+    def on_change(self, hook: Callable[[tuple[str, str, str], str, dict[str, Any], dict[str, Any] | None], None]
+                  ) -> Callable[[], None]:
+        """Call ``hook(resource, event type, new object, old object)`` after every change,
+        on the emulator's loop (keep it quick; it must not call back into the emulator).
+        Returns the function that removes it."""
+        self._server.call(self.emulator.change_hooks.append, hook)
+        return lambda: self._server.call(self.emulator.change_hooks.remove, hook)
+
     def fail_next(self, method: str, path: str, status: int = 500, times: int = 1,
                   reason: str = "InternalError", message: str = "injected by the test") -> None:
         """Make the next ``times`` HTTP requests with ``method`` and ``path`` in their path

@@ -95,6 +95,9 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         self.request_log: deque[RecordedRequest] = deque(maxlen=20_000)
         self.faults: list[Fault] = []
         self.listeners: list[Callable[[int], None]] = []  # called after every change
+        #: called after every change with (resource, ADDED/MODIFIED/DELETED, new, old), on
+        #: the server's loop: for timing what clients do without polling (bench/)
+        self.change_hooks: list[Callable[[Key, str, dict[str, Any], dict[str, Any] | None], None]] = []
         self.internal_errors: list[str] = []  # emulator bugs: the fixture fails the test
         self.max_history = 10_000  # watch events kept per resource
         self.bookmark_interval = 30.0  # kopf reconnects after 70 s without any event
@@ -399,4 +402,6 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             waiter.set()
         for listener in self.listeners:
             listener(self.rv)
+        for hook in self.change_hooks:
+            hook(key, kind, obj, old)
         return obj
