@@ -412,8 +412,8 @@ def arrival_row(r: dict) -> str:
         notes.append(f"created at only {r['achieved_rate']:.0f}/s")
     if r["missing"]:
         notes.append(f"{r['missing']} never got a status")
-    return (f"| {r['jobs']} | {arrival} | {r['children_p50']:.2f} | {r['children_p99']:.2f} "
-            f"| {r['status_p50']:.2f} | {r['status_p99']:.2f} | {r['converged_s']:.1f} "
+    return (f"| {r['jobs']} | {arrival} | {r['children_p50']:.3f} | {r['children_p99']:.3f} "
+            f"| {r['status_p50']:.3f} | {r['status_p99']:.3f} | {r['converged_s']:.1f} "
             f"| {r['operator_cpu_s']:.1f} | {r['rss_idle_mb']:.0f} | {r['rss_peak_mb']:.0f} |"
             + (f" ({'; '.join(notes)})" if notes else ""))
 

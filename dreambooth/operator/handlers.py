@@ -195,9 +195,8 @@ async def _reconcile(body: dict, memo: kopf.Memo) -> None:
     # owned by the job (deleting it deletes them); the Job last: its pods mount the rest
     *first, trainer = resources.children(resources.TrainerInputs(job, SETTINGS))
     await asyncio.gather(*(memo.kube.ensure(child) for child in first))
-    created = await memo.kube.ensure(trainer)
-    if created is not None:  # a new Job has no pods yet: nothing else to read
-        current, obs = _status(job, previous, created, [], None)
+    if await memo.kube.ensure(trainer):  # a new Job has no pods and no status yet: as built
+        current, obs = _status(job, previous, trainer, [], None)
     else:
         current, obs = await observe(job, previous, memo)
         await _sync_suspend(job, obs.job, memo)

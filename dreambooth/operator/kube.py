@@ -51,21 +51,28 @@ class Kube:
         await self.api.close()
 
     @staticmethod
-    async def _raw(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Call an API method and return the JSON body as a dict: the client's own model
-        classes cost milliseconds per object to build, which 1,000 jobs feel."""
+    async def _raw(call: Any, *args: Any, read: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+        """Call an API method and return the JSON body as a dict (``read=False``: None): the
+        client's own model classes cost milliseconds per object to build, which 1,000 jobs
+        feel. Unread, the client checks no status: an error response raises ApiException
+        here, as it would there."""
         response = await call(*args, _preload_content=False, **kwargs)
         try:
-            return await response.json()
+            if not 200 <= response.status <= 299:
+                err = ApiException(status=response.status, reason=response.reason)
+                err.body = await response.text()
+                raise err
+            return await response.json() if read else None
         finally:
             response.release()
 
     # --- children -------------------------------------------------------------------
 
-    async def ensure(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """Create ``obj`` unless it exists (names are deterministic). Returns the created
-        object, or None when it already existed (it is never changed: a Job's template is
-        immutable, and Kueue may have edited its scheduling fields)."""
+    async def ensure(self, obj: dict[str, Any]) -> bool:
+        """Create ``obj`` unless it exists (names are deterministic). True: created; False:
+        it already existed (it is never changed: a Job's template is immutable, and Kueue may
+        have edited its scheduling fields). The server's copy is not read back: it is
+        ``obj`` plus server fields, and parsing it costs more than the rest of the call."""
         ns, kind = obj["metadata"]["namespace"], obj["kind"]
         create = {
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -73,13 +80,13 @@ class Kube:
             "Job": self.batch.create_namespaced_job,
         }[kind]
         try:
-            created = await self._raw(create, ns, obj)
+            await self._raw(create, ns, obj, read=False)
         except ApiException as err:
             if err.status == 409:
-                return None
+                return False
             raise
         log.log(logging.INFO if kind == "Job" else logging.DEBUG, "created %s %s/%s", kind, ns, obj["metadata"]["name"])
-        return created
+        return True
 
     async def job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
