@@ -20,6 +20,14 @@ from dreambooth.api.job import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 
+class _JsonApiClient(client.ApiClient):
+    """The operator sends plain JSON values (dicts from the pure builders), never the
+    client's model classes: its deep walk converting those is skipped for dicts."""
+
+    def sanitize_for_serialization(self, obj: Any) -> Any:
+        return obj if isinstance(obj, dict) else super().sanitize_for_serialization(obj)
+
+
 class Kube:
     """A small facade over the API groups the operator uses (see the chart's RBAC)."""
 
@@ -34,11 +42,11 @@ class Kube:
         """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
         try:
             config.load_incluster_config()
-            api = client.ApiClient()
+            api = _JsonApiClient()
         except config.ConfigException:
             configuration = client.Configuration()
             await config.load_kube_config(client_configuration=configuration)
-            api = client.ApiClient(configuration)
+            api = _JsonApiClient(configuration)
         if not urllib.request.getproxies():
             # kubernetes_asyncio's session trusts the environment, so aiohttp looks up
             # proxies and ~/.netrc in a worker thread before every request: ~1 ms of CPU
