@@ -1,6 +1,9 @@
-"""kopf handlers: thin. Validate the body into the typed job, build the children with pure
-functions, ensure they exist, observe Job + pods + rank 0's metrics, and write the whole
-status once per pass. The operator is the only writer of ``.status``.
+"""kopf handlers: thin. One raw-event handler keeps the newest copy of every DreamBoothJob
+and reconciles new ones (validate into the typed job, build the children with pure
+functions, ensure they exist, write the status); one poll loop observes the rest (Job +
+pods + rank 0's metrics) and retries whatever failed: level-triggered. The whole status is
+written once per pass; the operator is the only writer of ``.status`` and writes nothing
+else on a DreamBoothJob.
 
     kopf run --standalone --all-namespaces -m dreambooth.operator   (or: dreambooth-operator)
 """
@@ -44,9 +47,6 @@ try:
 except SettingsError as _err:
     SETTINGS, SETTINGS_ERROR = OperatorSettings(), _err
 RESOURCE = (GROUP, VERSION, PLURAL)
-
-
-Key = tuple[str, str]
 
 
 @kopf.on.startup()
@@ -102,7 +102,7 @@ def _previous(status: dict[str, Any] | None) -> DreamBoothJobStatus | None:
         return None
 
 
-def _typed(body: kopf.Body) -> DreamBoothJob:
+def _typed(body: dict[str, Any]) -> DreamBoothJob:
     return validate_job(
         {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body["metadata"]),
          "spec": dict(body.get("spec") or {})},
