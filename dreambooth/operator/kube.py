@@ -119,9 +119,9 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the DreamBoothJob's status (a merge patch on the status subresource;
         lists such as conditions are replaced whole, nulls clear fields)."""
-        await self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-            _content_type="application/merge-patch+json")
+        await self._raw(self.custom.patch_namespaced_custom_object_status,
+                        GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+                        _content_type="application/merge-patch+json", read=False)
 
     async def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj`` (what ``kubectl describe`` shows). Best effort: an
@@ -138,24 +138,17 @@ class Kube:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            await self.core.create_namespaced_event(meta["namespace"], event)
+            await self._raw(self.core.create_namespaced_event, meta["namespace"], event, read=False)
         except ApiException as err:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason)
 
     async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
-        await self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
-
-    async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete a trainer Job and its pods (foreground: the pods go first)."""
-        try:
-            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        await self._raw(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}}, read=False)
 
     async def delete_dreambooth_job(self, namespace: str, name: str) -> None:
         try:
-            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            await self._raw(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                            read=False)
         except ApiException as err:
             if err.status != 404:
                 raise
