@@ -70,7 +70,10 @@ class Kube:
                 err = ApiException(status=response.status, reason=response.reason)
                 err.body = await response.text()
                 raise err
-            return await response.json() if read else None
+            if not read:
+                await response.read()  # unparsed, but read: an unread body closes the connection
+                return None
+            return await response.json()
         finally:
             response.release()
 
