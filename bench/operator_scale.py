@@ -61,6 +61,7 @@ from dreambooth.operator.naming import JOB_NAME_LABEL
 from tests.support.kube import Kube, running_kube
 from tests.support.kube_controllers import INDEX, JobController, Kubelet
 from tests.support.net import free_port
+from tests.support.procs import stop_process
 
 JOB = {
     "apiVersion": "dreambooth.io/v1alpha1",
@@ -143,12 +144,7 @@ def operator_process(kube: Kube, workdir: Path, poll_interval: int,
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, timeout=30)
 
 
 # --- arrival: create -> trainer Job, create -> status ------------------------------------

@@ -21,6 +21,7 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from tests.support.kube import kube  # noqa: F401
 from tests.support.kube_controllers import GarbageCollector, JobController, Kubelet
 from tests.support.net import free_port
+from tests.support.procs import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_IP = "127.0.0.2"
@@ -40,13 +41,7 @@ class Operator:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def output(self) -> str:
         return self.log.read_text()

@@ -53,6 +53,7 @@ from tests.support.cluster_prometheus import Prometheus, prometheus_binary
 from tests.support.kube import Kube, running_kube
 from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
 from tests.support.net import free_port
+from tests.support.procs import stop_process
 from tests.support.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,13 +127,7 @@ class Operator:
                     self.on_line(raw.decode(errors="replace").rstrip("\n"))
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self._pump is not None:
             self._pump.join(5)
 

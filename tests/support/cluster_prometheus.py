@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from tests.support.kube import Kube
+from tests.support.procs import stop_process
 
 TRAINER_JOB = "dreambooth-trainers"  # scrape job of the trainer pods (the PodMonitor's)
 OPERATOR_JOB = "dreambooth-operator"  # the ServiceMonitor's
@@ -153,13 +154,7 @@ class Prometheus:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
     def _write_targets(self, groups: list[dict[str, Any]]) -> None:
         tmp = self.targets_file.with_suffix(".tmp")
