@@ -140,11 +140,7 @@ def operator_process(kube: Kube, workdir: Path, poll_interval: int,
                 time.sleep(0.05)
             yield proc
         finally:
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    stop_process(proc, timeout=30)
+            stop_process(proc, timeout=30)
 
 
 # --- arrival: create -> trainer Job, create -> status ------------------------------------
@@ -243,7 +239,7 @@ class TrainerEndpoints:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # its port, once it listens
         if not line.strip().isdigit():
-            stop(self.proc)
+            stop_process(self.proc, timeout=30)
             raise SystemExit("the trainers' metrics server did not start")
         self.port = int(line)
 
@@ -262,7 +258,7 @@ class TrainerEndpoints:
 
     def close(self) -> None:
         self.proc.stdin.close()  # it exits on EOF (also when this process dies)
-        stop(self.proc)
+        stop_process(self.proc, timeout=30)
 
 
 def serve_trainers() -> None:

@@ -92,6 +92,14 @@ def status_of(kube, name):  # noqa: F811
     return (kube.find("dbj", "default", name) or {}).get("status") or {}
 
 
+def condition_in(status, ctype):
+    return next((c for c in status.get("conditions", []) if c["type"] == ctype), None)
+
+
+def condition(kube, name, ctype):  # noqa: F811
+    return condition_in(status_of(kube, name), ctype)
+
+
 def wait_phase(kube, op, name, phase, timeout=45, **progress):  # noqa: F811
     def reached():
         status = status_of(kube, name)
@@ -196,7 +204,7 @@ def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operato
     kubelet.oom_kill(pod)
     jc.reconcile()
     status = wait_phase(kube, operator, "toy-cat", "Failed")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    ready = condition_in(status, "Ready")
     assert ready["reason"] == "OOMKilled"
     # the operator's metrics count the failure once (what the DreamBoothJobFailed alert reads)
     failed = 'dreambooth_operator_job_phase_transitions_total{phase="Failed"}'
@@ -215,7 +223,7 @@ def test_a_trainer_input_error_surfaces_its_own_reason(kube, operator):  # noqa:
     kubelet.fail(pod, exit_code=11, message=json.dumps({"exitCode": 11, "reason": "BadData", "message": message}))
     jc.reconcile()  # the podFailurePolicy's FailJob rule matches exit code 11
     status = wait_phase(kube, operator, "toy-cat", "Failed")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    ready = condition_in(status, "Ready")
     assert ready["reason"] == "BadData" and "no instance photos" in ready["message"]
 
 
@@ -225,7 +233,7 @@ def test_an_invalid_spec_fails_with_invalid_spec_and_an_event(kube, operator):  
     doc["spec"]["prior"] = {"enabled": True}  # no class prompt
     dbj = kube.create(doc)
     status = wait_phase(kube, operator, "toy-cat", "Failed")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    ready = condition_in(status, "Ready")
     assert ready["reason"] == "InvalidSpec" and "spec.prior.classPrompt" in ready["message"]
     events = kube.events(dbj)
     assert any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec" for e in events), events
@@ -238,9 +246,9 @@ def test_a_missing_credentials_secret_is_a_clear_pending_reason(kube, operator):
     pod = first_pod(kube, jc)
     kubelet.pending(pod, reason="CreateContainerConfigError", message='secret "minio-credentials" not found')
     wait_phase(kube, operator, "toy-cat", "Pending")
-    kube.wait_for(lambda: next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")["reason"]
-                  == "SecretNotFound", what="reason SecretNotFound")
-    ready = next(c for c in status_of(kube, "toy-cat")["conditions"] if c["type"] == "Ready")
+    kube.wait_for(lambda: condition(kube, "toy-cat", "Ready")["reason"] == "SecretNotFound",
+                  what="reason SecretNotFound")
+    ready = condition(kube, "toy-cat", "Ready")
     assert "minio-credentials" in ready["message"]
 
 
@@ -308,10 +316,6 @@ def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811
     wait_phase(kube, operator, "toy-cat", "Succeeded")
     kube.wait_for(lambda: kube.find("dbj", "default", "toy-cat") is None, timeout=15,
                   what=f"the job deleted after its TTL\n{operator.output()[-2000:]}")
-
-
-def condition(kube, name, ctype):  # noqa: F811
-    return next((c for c in status_of(kube, name).get("conditions", []) if c["type"] == ctype), None)
 
 
 def test_spec_changes_after_creation_are_refused_with_a_condition_and_an_event(kube, operator):  # noqa: F811
