@@ -26,18 +26,14 @@ from dreambooth.api.config import output_uri_for
 from dreambooth.api.job import GROUP, PLURAL, VERSION, DreamBoothJob
 from dreambooth.api.status import DreamBoothJobStatus, Phase
 from dreambooth.operator import naming, resources
+from dreambooth.operator.events import transition_events
 from dreambooth.operator.kube import Kube
 from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.settings import OperatorSettings, SettingsError
 from dreambooth.operator.specchange import ignored_changes
-from dreambooth.operator.status import (
-    Observation,
-    compute_status,
-    invalid_spec_status,
-    transition_events,
-)
+from dreambooth.operator.status import Observation, compute_status, invalid_spec_status
 
 log = logging.getLogger("dreambooth.operator")
 

@@ -4,7 +4,7 @@ Pure functions, no API calls. Each reconcile pass the handler gathers an
 :class:`Observation` (the spec's few relevant fields, the batch/v1 Job, its pods, rank 0's
 metrics) and calls :func:`compute_status` with the previous status; it writes the result
 in one patch (a merge patch replaces lists, so the full condition list is always computed)
-and emits the :func:`transition_events`.
+and posts the Events that :func:`dreambooth.operator.events.transition_events` derives.
 
 Phases, in precedence order:
 
@@ -39,7 +39,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
@@ -158,16 +158,6 @@ class Observation:
     @property
     def out(self) -> str:
         return self.output_uri.rstrip("/") + "/"
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event for the DreamBoothJob (``kopf.event(body, type=, reason=, message=)``)."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
 
 
 # --- the verdict: phase + headline reason -------------------------------------------------
@@ -457,8 +447,13 @@ def _success_message(progress: Progress | None, outputs: Outputs | None) -> str:
     return text
 
 
+def condition_of(status: DreamBoothJobStatus | None, ctype: str) -> Condition | None:
+    """The condition of type ``ctype`` (None: no status, or no such condition)."""
+    return next((c for c in (status.conditions if status else ()) if c.type == ctype), None)
+
+
 def _ready(status: DreamBoothJobStatus | None) -> Condition | None:
-    return next((c for c in (status.conditions if status else ()) if c.type == READY), None)
+    return condition_of(status, READY)
 
 
 def _ready_reason(status: DreamBoothJobStatus | None) -> str | None:
@@ -485,60 +480,3 @@ def invalid_spec_status(
         completion_time=(previous.completion_time if keep else None) or rfc3339(now),
         observed_generation=generation,
     )
-
-
-# --- events -------------------------------------------------------------------------------
-
-
-def transition_events(
-    previous: DreamBoothJobStatus | None, current: DreamBoothJobStatus,
-    obs: Observation | None = None,
-) -> list[Event]:
-    """The Events to emit for going from ``previous`` to ``current`` (empty: nothing new).
-
-    A new phase -> Normal, reason = the phase; Failed -> Warning with the failure's reason
-    and message; a Pending cause that needs the user (Unschedulable, SecretNotFound, ...)
-    -> Warning; more restarts -> Warning ``Restarted`` with the last failure; Stalled ->
-    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); spec edits the
-    running job ignores (new or more of them) -> Warning ``SpecChangeIgnored``; a newer
-    checkpoint -> Normal ``CheckpointSaved``.
-    """
-    events: list[Event] = []
-    ready, before = _ready(current), _ready(previous)
-    reason = ready.reason if ready else current.phase.value
-    message = ready.message if ready else ""
-    phase_changed = previous is None or previous.phase is not current.phase
-    problem = current.phase is Phase.PENDING and reason not in BENIGN_PENDING
-    if previous is None and current.phase is Phase.PENDING and not problem:
-        return events  # a job that was just created and waits: nothing to tell yet
-    if phase_changed or (before is not None and before.reason != reason):
-        if current.phase is Phase.FAILED or problem:
-            events.append(Event("Warning", reason, message))
-        elif phase_changed:
-            events.append(Event("Normal", current.phase.value, message))
-    if previous is not None and current.restarts > previous.restarts:
-        failures = [t for t in terminations(obs.pods) if t.exit_code != 0] if obs else []
-        text = f"the trainer was restarted ({current.restarts} so far)"
-        if failures:
-            text += f"; {failures[-1].describe()}"
-        events.append(Event("Warning", "Restarted", text))
-    stalled = _by_type(current, STALLED)
-    was_stalled = _by_type(previous, STALLED)
-    if stalled is not None and stalled.status == "True" and (was_stalled is None or was_stalled.status != "True"):
-        events.append(Event("Warning", "Stalled", stalled.message))
-    elif was_stalled is not None and was_stalled.status == "True" and current.phase is Phase.TRAINING and (
-        stalled is None or stalled.status == "False"
-    ):
-        events.append(Event("Normal", "Progressing", stalled.message if stalled else ""))
-    ignored, was_ignored = _by_type(current, SPEC_CHANGE_IGNORED), _by_type(previous, SPEC_CHANGE_IGNORED)
-    if ignored is not None and (was_ignored is None or was_ignored.message != ignored.message):
-        events.append(Event("Warning", SPEC_CHANGE_IGNORED, ignored.message))
-    old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
-    if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
-        events.append(Event("Normal", "CheckpointSaved",
-                            f"step {current.last_checkpoint.step}: {current.last_checkpoint.uri}"))
-    return events
-
-
-def _by_type(status: DreamBoothJobStatus | None, ctype: str) -> Condition | None:
-    return next((c for c in (status.conditions if status else ()) if c.type == ctype), None)

@@ -14,15 +14,14 @@ from dreambooth.api import crd, effective_spec
 from dreambooth.api.exitcodes import ExitCode
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
 from dreambooth.api.status import Condition, DreamBoothJobStatus, Phase
+from dreambooth.operator.events import Event, transition_events
 from dreambooth.operator.progress import TrainerSnapshot
 from dreambooth.operator.status import (
     BENIGN_PENDING,
     CONDITION_TYPES,
-    Event,
     Observation,
     compute_status,
     invalid_spec_status,
-    transition_events,
 )
 
 T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
