@@ -114,11 +114,12 @@ def _typed(body: dict[str, Any]) -> DreamBoothJob:
 
 async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
                     status: DreamBoothJobStatus, obs: Observation | None) -> None:
-    """The Events a status change implies, and the jobs-by-phase metric."""
-    for event in transition_events(previous, status, obs):
-        await memo.kube.post_event(dict(body), event.type, event.reason, event.message)
+    """The phase metrics (first: they follow the status at once), then the Events a status
+    change implies."""
     memo.metrics.entered(previous.phase if previous else None, status.phase)
     memo.metrics.jobs.set(body["metadata"]["namespace"], body["metadata"]["name"], status.phase)
+    for event in transition_events(previous, status, obs):
+        await memo.kube.post_event(dict(body), event.type, event.reason, event.message)
 
 
 async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo: kopf.Memo,

@@ -208,6 +208,8 @@ def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operato
     assert ready["reason"] == "OOMKilled"
     # the operator's metrics count the failure once (what the DreamBoothJobFailed alert reads)
     failed = 'dreambooth_operator_job_phase_transitions_total{phase="Failed"}'
+    kube.wait_for(lambda: operator_metrics(operator)[failed] == 1.0, timeout=10,
+                  what="the failure counted")  # just after the status write
     assert operator_metrics(operator)[failed] == 1.0
     time.sleep(2.5)  # two more poll cycles see the job Failed again: not a new failure
     assert operator_metrics(operator)[failed] == 1.0

@@ -136,27 +136,28 @@ class Operator:
 
 
 class StatusRecorder:
-    """Keeps every distinct ``.status`` each DreamBoothJob had (run in the ControllerLoop:
-    it sees every status write). ``on_change(name, status)`` is called for each."""
+    """Keeps every distinct ``.status`` each DreamBoothJob had: the emulator calls it as it
+    stores each write (``Kube.on_change``), so none is missed, the last one included.
+    ``on_change(name, status)`` is called for each (on the emulator's loop: keep it quick)."""
 
     def __init__(self, kube: Kube, on_change: Callable[[str, dict[str, Any]], None] | None = None):
         self.kube, self.on_change = kube, on_change
         self.history: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def step(self) -> None:
-        for job in self.kube.list("dbj"):
-            status = job.get("status")
-            if not status:
-                continue
-            name = job["metadata"]["name"]
-            with self._lock:
-                seen = self.history.setdefault(name, [])
-                if seen and seen[-1] == status:
-                    continue
-                seen.append(status)
-            if self.on_change is not None:
-                self.on_change(name, status)
+    def __call__(self, resource: tuple[str, str, str], kind: str, obj: dict[str, Any],
+                 old: dict[str, Any] | None) -> None:
+        status = obj.get("status")
+        if resource[2] != "dreamboothjobs" or kind == "DELETED" or not status:
+            return
+        name, status = obj["metadata"]["name"], copy.deepcopy(status)
+        with self._lock:
+            seen = self.history.setdefault(name, [])
+            if seen and seen[-1] == status:
+                return
+            seen.append(status)
+        if self.on_change is not None:
+            self.on_change(name, status)
 
     def of(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -230,8 +231,8 @@ class LocalCluster:
                                       on_line=lambda pod, line: self._say(pod, line))
         self.jobs = JobController(self.kube)
         self.recorder = StatusRecorder(self.kube)
-        controllers: list[Any] = [self.jobs, GarbageCollector(self.kube), self.kubelet,
-                                  self.recorder]
+        self._stack.callback(self.kube.on_change(self.recorder))
+        controllers: list[Any] = [self.jobs, GarbageCollector(self.kube), self.kubelet]
         binary = prometheus_binary() if self.want_prometheus is not False else None
         if self.want_prometheus and binary is None:
             raise RuntimeError("prometheus is not installed (scripts/install-system-tools.sh)")
