@@ -98,6 +98,8 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             _immutable("backoffLimit"),
             _immutable("activeDeadlineSeconds", optional=True),
             _immutable("ttlSecondsAfterFinished", optional=True),
+            _immutable("rendezvousTimeoutSeconds"),
+            _immutable("collectiveTimeoutSeconds"),
         ],
     }
 

@@ -24,6 +24,9 @@ class ExitCode(IntEnum):
     NOT_FOUND = 13
     #: the base model is not a diffusers Stable Diffusion layout we can train
     BAD_MODEL = 14
+    #: the job asks for GPUs but the pod sees no CUDA device (driver, container runtime or
+    #: device plugin on the node; or a CPU-only torch in the image)
+    GPU_UNAVAILABLE = 15
     #: storage or the model hub is unreachable or failed mid-transfer: retried
     STORAGE_UNAVAILABLE = 20
     #: stopped by SIGTERM (preemption, suspend, node drain) after saving state: retried
@@ -37,5 +40,6 @@ DO_NOT_RETRY: frozenset[ExitCode] = frozenset(
         ExitCode.STORAGE_AUTH,
         ExitCode.NOT_FOUND,
         ExitCode.BAD_MODEL,
+        ExitCode.GPU_UNAVAILABLE,
     }
 )

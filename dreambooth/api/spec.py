@@ -473,6 +473,22 @@ class RunPolicySpec(ApiModel):
         le=2**31 - 1,
         description="Delete the finished job after this many seconds. Default: keep it.",
     )
+    rendezvous_timeout_seconds: int = Field(
+        1800,
+        ge=1,
+        le=86400,
+        description="How long the pods of a multi-node job wait for each other to start "
+        "(scheduling, image pulls) before the attempt fails and all pods restart together. "
+        "Longer than the slowest image pull on a fresh node.",
+    )
+    collective_timeout_seconds: int = Field(
+        1800,
+        ge=1,
+        le=86400,
+        description="How long a training process waits for the others in a collective "
+        "operation (NCCL on GPUs, gloo on CPUs) before the run fails and is retried. NCCL's "
+        "own default is 10 minutes; keep this well above the slowest step.",
+    )
 
 
 class DreamBoothJobSpec(ApiModel):

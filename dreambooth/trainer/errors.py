@@ -33,6 +33,10 @@ class ModelError(TrainerError):
     exit_code = ExitCode.BAD_MODEL
 
 
+class GpuUnavailableError(TrainerError):
+    exit_code = ExitCode.GPU_UNAVAILABLE
+
+
 class StorageAuthError(TrainerError):
     exit_code = ExitCode.STORAGE_AUTH
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from dreambooth.api.config import TrainerConfig
-from dreambooth.api.spec import DreamBoothJobSpec, MixedPrecision, Optimizer
+from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.trainer import persist, textual_inversion, trainables
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
+from dreambooth.trainer.devices import make_accelerator, weight_dtype
 from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
@@ -33,34 +34,6 @@ log = logging.getLogger("dreambooth.trainer")
 
 RESULT = "result.json"
 SAMPLES = "samples/"
-
-
-# --- 1. processes and devices ---------------------------------------------------------
-
-
-def make_accelerator(spec: DreamBoothJobSpec):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
-    if cpu and spec.training.mixed_precision is MixedPrecision.FP16:
-        raise ConfigError("training.mixedPrecision fp16 needs a GPU, and none is visible: use no or bf16")
-    accelerator = Accelerator(mixed_precision=spec.training.mixed_precision.value, cpu=cpu)
-    expected = spec.resources.num_processes
-    if accelerator.num_processes not in (1, expected):
-        raise ConfigError(
-            f"the trainer runs as {accelerator.num_processes} processes but the job asks for "
-            f"{expected} (resources.nodes x gpusPerNode): launch it with accelerate launch "
-            f"--num_processes {expected}"
-        )
-    if accelerator.num_processes != expected:
-        log.warning("running as 1 process although the job asks for %d; the batch is unchanged", expected)
-    set_seed(spec.training.seed)
-    return accelerator
-
-
-def weight_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 # --- 2. storage and inputs ------------------------------------------------------------

@@ -121,6 +121,19 @@ def test_invalid_config_file(tmp_path, run_in_process):
     assert "spec.training.steps" in message
 
 
+def test_a_gpu_pod_without_cuda_fails_instead_of_training_on_the_cpu(tiny_model_dir, toy_cat_dir, tmp_path,
+                                                                      run_in_process):
+    """Defect: a job asking for GPUs on a node whose driver or device plugin is broken trained
+    on the pod's CPU, silently and for days. Now it stops at once with a reason to act on."""
+    config = trainer_config(job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(),
+                                         steps=2, every=2, resources={"gpusPerNode": 1}))
+    code, message = run_in_process(config)  # this machine's torch is a CPU build
+    assert code is ExitCode.GPU_UNAVAILABLE and code in DO_NOT_RETRY
+    assert "resources.gpusPerNode is 1" in message and "CPU-only build" in message
+    assert not (tmp_path / "o" / "checkpoints").exists(), "nothing may train"
+
+
 def test_do_not_retry_codes_are_the_input_errors():
-    assert {c.name for c in DO_NOT_RETRY} == {"INVALID_CONFIG", "BAD_DATA", "STORAGE_AUTH", "NOT_FOUND", "BAD_MODEL"}
+    assert {c.name for c in DO_NOT_RETRY} == {"INVALID_CONFIG", "BAD_DATA", "STORAGE_AUTH", "NOT_FOUND", "BAD_MODEL",
+                                              "GPU_UNAVAILABLE"}
     assert ExitCode.STORAGE_UNAVAILABLE not in DO_NOT_RETRY and ExitCode.PREEMPTED not in DO_NOT_RETRY
