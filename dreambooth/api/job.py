@@ -36,8 +36,8 @@ class ObjectMeta(BaseModel):
 
 
 class DreamBoothJob(ApiModel):
-    api_version: Literal["dreambooth.io/v1alpha1"] = API_VERSION
-    kind: Literal["DreamBoothJob"] = KIND
+    api_version: Literal["dreambooth.io/v1alpha1"]
+    kind: Literal["DreamBoothJob"]
     metadata: ObjectMeta
     spec: DreamBoothJobSpec
     status: DreamBoothJobStatus | None = None
@@ -59,6 +59,17 @@ class SpecError(ValueError):
         self.issues = issues
         lines = "\n".join(f"  - {issue}" for issue in issues)
         super().__init__(f"invalid {what} ({len(issues)} problem(s)):\n{lines}")
+
+
+#: pydantic error types of a string or enum field given something else
+_STRING_ERRORS = frozenset({"string_type", "enum", "literal_error", "str_type"})
+_SHOWN_CHARS = 60
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: never a huge value whole."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -111,8 +122,12 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
             message = "unknown field (check the spelling)"
             if allowed:
                 message += "; allowed here: " + ", ".join(allowed)
+        elif isinstance(e.get("input"), bool) and e["type"] in _STRING_ERRORS:
+            word = "yes/on/true" if e["input"] else "no/off/false"
+            message += (f" (got {str(e['input']).lower()}: YAML reads an unquoted {word} as a boolean; "
+                        "quote the value, e.g. 'no')")
         elif isinstance(e.get("input"), str | int | float | bool) and e["type"] != "value_error":
-            message += f" (got {e['input']!r})"
+            message += f" (got {_shown(e['input'])})"
         path = _path(loc)
         issues.append(FieldIssue(f"{prefix}.{path}" if prefix and path else prefix or path, message))
     return issues

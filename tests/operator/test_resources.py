@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dreambooth.api import validate_job
+from dreambooth.api import manifest, validate_job
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.spec import ResourcesSpec
@@ -54,8 +54,7 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def job_doc(path: Path) -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    (doc,) = [d for d in docs if d.get("kind") == "DreamBoothJob"]
+    (doc,) = [d.data for d in manifest.read(path) if d.kind == "DreamBoothJob"]
     doc["metadata"].update(namespace=NAMESPACE, uid=UID)
     return doc
 
