@@ -5,7 +5,6 @@ line; ``dreambooth validate`` never shows a traceback."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
