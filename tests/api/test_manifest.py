@@ -131,3 +131,14 @@ def test_kubectl_numbers_validate_and_other_documents_are_named(tmp_path, capsys
     assert f"{path}, document 1: Secret minio is not a DreamBoothJob: not checked" in err
     assert main(["render", str(path)]) == ExitCode.OK
     assert '"learningRate": 2e-06' in capsys.readouterr().out
+
+
+def test_snake_case_names_are_unknown_fields_as_in_the_crd(tmp_path, capsys):
+    """The models used to accept learning_rate next to learningRate and call a spec valid
+    that kubectl apply refuses (or, with validation off, ran it with the preset's value)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(with_spec("training: {learning_rate: 1e-6}").replace("baseModel:", "base_model:"))
+    assert main(["validate", str(path)]) == ExitCode.INVALID_CONFIG
+    err = capsys.readouterr().err
+    assert "spec.training.learning_rate: unknown field: the CRD's names are camelCase, use learningRate" in err
+    assert "spec.base_model: unknown field: the CRD's names are camelCase, use baseModel" in err
