@@ -151,3 +151,34 @@ def test_pods_of_an_indexed_job_find_pod_zero_by_its_dns_name(kube, node):
     port = zero.log().split(":")[-1].strip()
     assert zero.log() == one.log() == f"rendezvous at {zero.ip}:{port}\n"
     assert port != "29500" and zero.ip != one.ip
+
+
+
+def test_a_held_image_pull_starts_one_index_late(kube, node):
+    """What a test uses to start pod 1 of a multi-node job late (a slow pull on a fresh node)."""
+    hold = 2.0
+    node.hold_pull(hold, index=1)
+    template = pod("unused", "echo started")
+    kube.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "late"},
+                 "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2,
+                          "template": {"spec": template["spec"]}}})
+    kube.wait_for(lambda: len(node.history) == 1, what="pod 0 started")
+    (held,) = [p for p in kube.list("pods", "default")
+               if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
+    status = kube.wait_for(lambda: kube.get("pods", "default", held["metadata"]["name"]).get("status"),
+                           what="pod 1's status")
+    assert status["phase"] == "Pending"
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
+    kube.wait_for(lambda: any(c["type"] == "Complete" for c in (kube.get(
+        "jobs", "default", "late").get("status") or {}).get("conditions") or ()),
+        what="the Job complete")
+    zero, one = sorted(node.history, key=lambda r: r.index)
+    assert one.started_at - zero.started_at >= hold
+    assert zero.ended_at is not None and one.ended_at >= one.started_at
+
+    # the hold applied once: the next pod of index 1 starts at once
+    again = pod("index-1-again", "echo quick")
+    again["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = "1"
+    kube.create(again)
+    kube.wait_for(lambda: phase(kube, "index-1-again") == "Succeeded", timeout=hold * 0.75,
+                  what="a pod of index 1 started without waiting")

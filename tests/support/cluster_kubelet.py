@@ -12,6 +12,10 @@ difference from a real cluster is listed in docs/testing.md.
   ``CreateContainerConfigError`` and the kubelet's message; every pass retries it, so
   creating the Secret starts it. A pod of a Job index whose previous pod's processes are
   still stopping waits (what ``podReplacementPolicy: Failed`` ensures in a cluster).
+* **Late starts**: :meth:`ProcessKubelet.hold_pull` holds the image pull of the next pods
+  (of one Job index, or any): such a pod stays Pending, its container waiting with
+  ``ContainerCreating`` as while a kubelet pulls an image, for the given seconds after the
+  kubelet first sees it, then starts. A test starts one pod of a job late this way.
 * **Processes**: ``command`` + ``args`` run in a new session (its process group is the
   container: when the main process ends, the rest of the group is killed). Output goes to
   ``<pod folder>/log`` (and to ``on_line``). Exit code: the process's, or 128 + signal.
@@ -76,6 +80,8 @@ class PodProcess:
     folder: Path
     container: Container
     proc: subprocess.Popen[bytes]
+    started_at: float = 0.0  # time.monotonic() when the process started
+    ended_at: float | None = None  # ... and when it was seen to have ended (reaped)
     term_sent_at: float | None = None
     exit_code: int | None = None
     reported: bool = False
@@ -129,6 +135,20 @@ def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
     return obj["metadata"]["namespace"], obj["metadata"]["name"]
 
 
+@dataclass
+class PullHold:
+    """The next ``times`` pods (of Job completion index ``index``, or any) wait ``seconds``
+    for their image."""
+
+    seconds: float
+    index: str | None
+    times: int
+
+    def takes(self, pod: Mapping[str, Any]) -> bool:
+        index = (pod["metadata"].get("annotations") or {}).get(INDEX)
+        return self.times > 0 and self.index in (None, index)
+
+
 class ProcessKubelet:
     """Runs every pod of the emulator as a local process (see the module's docstring).
 
@@ -147,6 +167,8 @@ class ProcessKubelet:
         self.history: list[PodProcess] = []  # every process ever started, in order
         self.network = Network(resolve=self._resolve, host_port=self._host_port)
         self._waiting: dict[str, tuple[str, str]] = {}  # pod uid -> Pending reason written
+        self._holds: list[PullHold] = []
+        self._pulling: dict[str, float] = {}  # pod uid -> when its held image pull ends
         self._next_ip = 2
         self._ports: dict[tuple[str, str], int] = {}  # (job uid, port name) -> host port
         self._lock = threading.RLock()
@@ -160,6 +182,8 @@ class ProcessKubelet:
             for pod in sorted(pods, key=self._order):
                 self._sync(pod)
             live = {p["metadata"]["uid"] for p in pods}
+            for uid in self._pulling.keys() - live:
+                del self._pulling[uid]
             for uid, run in list(self.processes.items()):
                 if uid not in live:  # the pod is gone (after its finalizer was removed)
                     if run.running:  # only without our finalizer: never, but be safe
@@ -178,6 +202,15 @@ class ProcessKubelet:
         """Processes still running, of pods whose name starts with ``prefix``."""
         with self._lock:
             return [r for r in self.history if r.name.startswith(prefix) and r.running]
+
+    def hold_pull(self, seconds: float, *, index: int | str | None = None,
+                  times: int = 1) -> None:
+        """Start the next ``times`` pods of Job completion index ``index`` (None: any pod)
+        ``seconds`` late: each stays Pending with its container waiting in
+        ``ContainerCreating`` (a slow image pull on a fresh node) from when this kubelet
+        first sees it."""
+        with self._lock:
+            self._holds.append(PullHold(seconds, None if index is None else str(index), times))
 
     def kill(self, run: PodProcess, sig: int = signal.SIGKILL) -> None:
         """What ``kill -9 <pid>`` does to a container's main process: it dies, the pod
@@ -228,10 +261,25 @@ class ProcessKubelet:
             if run.exit_code is not None and not run.reported:
                 self._report(pod, run)
         elif status.get("phase") not in ("Succeeded", "Failed"):
+            if self._pull_held(pod):
+                self._pending(pod, "ContainerCreating", "")
+                return
             try:
                 self._start(pod)
             except ContainerConfigError as err:
                 self._pending(pod, err.reason, err.message)
+
+    def _pull_held(self, pod: Mapping[str, Any]) -> bool:
+        """Whether ``pod``'s image pull is held (a hold applies to a pod once, when first seen)."""
+        uid = pod["metadata"]["uid"]
+        if uid not in self._pulling:
+            hold = next((h for h in self._holds if h.takes(pod)), None)
+            if hold is None:
+                self._pulling[uid] = 0.0
+                return False
+            hold.times -= 1
+            self._pulling[uid] = time.monotonic() + hold.seconds
+        return time.monotonic() < self._pulling[uid]
 
     def _pending(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
         uid = pod["metadata"]["uid"]
@@ -264,6 +312,7 @@ class ProcessKubelet:
             return  # deleted meanwhile: nothing to run
         self._next_ip += 1
         container.materialise()
+        started = time.monotonic()
         proc = subprocess.Popen(
             container.argv, env=container.env, cwd=container.workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -272,7 +321,7 @@ class ProcessKubelet:
         run = PodProcess(
             namespace=ns, name=name, uid=meta["uid"], index=index, job_uid=job_uid,
             hostname=(spec.get("hostname") or name, spec.get("subdomain") or ""),
-            ip=ip, folder=folder, container=container, proc=proc)
+            ip=ip, folder=folder, container=container, proc=proc, started_at=started)
         run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True,
                                       name=f"log-{name}")
         run.reader.start()
@@ -295,6 +344,7 @@ class ProcessKubelet:
     def _exited(self, run: PodProcess) -> None:
         self._kill_group(run)  # the container's other processes end with its main one
         code = run.proc.wait()  # reaped only now: the group id stayed ours until here
+        run.ended_at = time.monotonic()
         run.exit_code = code if code >= 0 else 128 - code
         if run.reader is not None:
             run.reader.join(10)
@@ -357,4 +407,4 @@ def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
         f"{' '.join(r.argv)[:400]}\n{r.log()[-tail:]}" for r in runs)
 
 
-__all__ = ["FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "describe"]
+__all__ = ["FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "PullHold", "describe"]
