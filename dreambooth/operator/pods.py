@@ -16,7 +16,8 @@ from dreambooth.api.status import Phase
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 #: waiting reasons that mean "on its way", not "stuck"
 BENIGN_PENDING = frozenset(
-    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting"}
+    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting",
+     "Recreating"}
 )
 
 
