@@ -49,6 +49,20 @@ def pod_name(obj: Mapping[str, Any]) -> str:
     return get(obj, "metadata", "name") or "?"
 
 
+def _job_uid(pod: Mapping[str, Any]) -> str | None:
+    labels = get(pod, "metadata", "labels") or {}
+    named = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    owners = [r.get("uid") for r in get(pod, "metadata", "ownerReferences") or () if r.get("kind") == "Job"]
+    return named or (owners[0] if owners else None)
+
+
+def of_job(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods of ``job`` (all of them without one): a pod that names another Job (its
+    controller-uid) belongs to an earlier attempt that is still going away."""
+    uid = get(job, "metadata", "uid")
+    return [p for p in pods if not uid or _job_uid(p) in (None, uid)]
+
+
 def is_active(pod: Mapping[str, Any]) -> bool:
     return get(pod, "status", "phase") in (None, "Pending", "Running", "Unknown") and not get(
         pod, "metadata", "deletionTimestamp"
