@@ -5,13 +5,14 @@ trainer; the Job controller and garbage collector stand-ins run beside it."""
 from __future__ import annotations
 
 import base64
+import os
 import signal
 
 import pytest
 
 from tests.support import kube as kube_harness
 from tests.support.cluster import sleep_until
-from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet
+from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet, container_pids
 from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
 
 kube = kube_harness.kube
@@ -182,3 +183,18 @@ def test_a_held_image_pull_starts_one_index_late(kube, node):
     kube.create(again)
     kube.wait_for(lambda: phase(kube, "index-1-again") == "Succeeded", timeout=hold * 0.75,
                   what="a pod of index 1 started without waiting")
+
+
+def test_killing_the_main_process_ends_every_process_of_the_container(kube, node):
+    """As a container's PID namespace goes with its PID 1: torchrun starts its workers in
+    sessions of their own, and a killed pod's workers must not train on."""
+    kube.create(pod("tree", "setsid sleep 300 & setsid sh -c 'sleep 300' & sleep 300"))
+    run = sleep_until(lambda: node.process("tree"), 10)
+
+    def own_sessions() -> list[int]:
+        return [p for p in container_pids(run.uid) if os.getsid(p) != run.pid]
+
+    assert sleep_until(lambda: len(own_sessions()) >= 2, 10), container_pids(run.uid)
+    node.kill(run)
+    kube.wait_for(lambda: phase(kube, "tree") == "Failed", what="the killed pod")
+    assert sleep_until(lambda: not container_pids(run.uid), 5), container_pids(run.uid)

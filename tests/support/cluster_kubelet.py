@@ -16,8 +16,11 @@ difference from a real cluster is listed in docs/testing.md.
   (of one Job index, or any): such a pod stays Pending, its container waiting with
   ``ContainerCreating`` as while a kubelet pulls an image, for the given seconds after the
   kubelet first sees it, then starts. A test starts one pod of a job late this way.
-* **Processes**: ``command`` + ``args`` run in a new session (its process group is the
-  container: when the main process ends, the rest of the group is killed). Output goes to
+* **Processes**: ``command`` + ``args`` run in a new session. The container is every
+  process that inherits its marker variable (:data:`CONTAINER_MARKER`): when the main
+  process ends, the rest are killed, as a container's PID namespace goes with its PID 1
+  (torchrun starts each worker in a session of its own: a process group alone would let a
+  killed pod's workers train on). Output goes to
   ``<pod folder>/log`` (and to ``on_line``). Exit code: the process's, or 128 + signal.
   Termination message: the file's first 4096 bytes, else, with ``FallbackToLogsOnError``
   and a non-zero exit, the log's last 80 lines / 2048 bytes, as a kubelet does. Reason
@@ -61,6 +64,8 @@ from tests.support.kube_controllers import INDEX, Kubelet
 from tests.support.net import free_port
 
 FINALIZER = "e2e.dreambooth.io/process-kubelet"
+#: in every container's environment (value: the pod's uid): how its processes are found
+CONTAINER_MARKER = "E2E_POD_UID"
 MESSAGE_BYTES = 4096  # a real kubelet keeps at most 4096 bytes of the termination message
 FALLBACK_LINES, FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError: the log's tail
 _PR_SET_PDEATHSIG = 1
@@ -312,6 +317,7 @@ class ProcessKubelet:
             return  # deleted meanwhile: nothing to run
         self._next_ip += 1
         container.materialise()
+        container.env[CONTAINER_MARKER] = meta["uid"]
         started = time.monotonic()
         proc = subprocess.Popen(
             container.argv, env=container.env, cwd=container.workdir, stdin=subprocess.DEVNULL,
@@ -385,10 +391,21 @@ class ProcessKubelet:
 
     @staticmethod
     def _kill_group(run: PodProcess) -> None:
+        """SIGKILL for every process of the container: its process group, and whatever else
+        carries its marker (processes that started sessions of their own)."""
         try:
             os.killpg(run.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for _ in range(5):  # again, for what forked meanwhile
+            left = [pid for pid in container_pids(run.uid) if pid != run.pid]
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _release(self, pod: Mapping[str, Any]) -> None:
         finalizers = pod["metadata"].get("finalizers") or []
@@ -400,6 +417,27 @@ class ProcessKubelet:
                 pass
 
 
+def container_pids(pod_uid: str) -> list[int]:
+    """The live processes (not zombies) whose environment carries the container marker of
+    pod ``pod_uid``."""
+    marker = f"{CONTAINER_MARKER}={pod_uid}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as env:
+                if marker not in env.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        found.append(int(entry.name))
+    return found
+
+
 def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
     """The processes and the ends of their logs, for assertion messages."""
     return "\n".join(
@@ -407,4 +445,5 @@ def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
         f"{' '.join(r.argv)[:400]}\n{r.log()[-tail:]}" for r in runs)
 
 
-__all__ = ["FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "PullHold", "describe"]
+__all__ = ["CONTAINER_MARKER", "FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "PullHold",
+           "container_pids", "describe"]
