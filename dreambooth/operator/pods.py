@@ -136,6 +136,15 @@ class Termination:
         return text + (f": {self.message}" if self.message else "")
 
 
+#: torch's static rendezvous giving up (in the log tail when the trainer never started):
+#: pod 0 waiting for the others, or another pod waiting for pod 0
+_RENDEZVOUS_TIMEOUT = re.compile(
+    r"Timed out after \d+ seconds waiting for clients\. \d+/\d+ clients joined\."
+    r"|The client socket has timed out after \d+ms while trying to connect to \([^)]*\)")
+RENDEZVOUS_HINT = ("the pods did not all start within runPolicy.rendezvousTimeoutSeconds: raise it above "
+                   "the slowest scheduling and image pull, or let Kueue admit the pods together")
+
+
 def parse_summary(message: str | None) -> Mapping[str, Any] | None:
     if not message:
         return None
@@ -168,12 +177,16 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
     t = terminated[0]
     raw = (t.get("message") or "").strip()
     summary = parse_summary(raw)
+    reason = str(summary.get("reason")) if summary and summary.get("reason") else None
+    message = str(summary.get("message") or "") if summary else raw
+    if summary is None and t.get("exitCode") and (found := _RENDEZVOUS_TIMEOUT.search(raw)):
+        reason, message = "RendezvousTimeout", f"{found.group(0)} ({RENDEZVOUS_HINT})"
     return Termination(
         pod=pod_name(pod),
         exit_code=t.get("exitCode"),
         k8s_reason=t.get("reason"),
-        trainer_reason=str(summary.get("reason")) if summary and summary.get("reason") else None,
-        message=str(summary.get("message") or "") if summary else raw,
+        trainer_reason=reason,
+        message=message,
         finished_at=t.get("finishedAt") or "",
         disruption=disrupted,
         summary=summary,

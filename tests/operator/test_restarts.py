@@ -11,6 +11,7 @@ import pytest
 from dreambooth.api.exitcodes import ExitCode
 from dreambooth.api.status import Phase
 from dreambooth.operator.events import transition_events
+from dreambooth.operator.pods import termination
 from dreambooth.operator.restarts import Step, active_seconds_left, next_step
 from dreambooth.operator.status import compute_status
 from tests.operator.test_status import (
@@ -109,6 +110,14 @@ CASES = [
                                      failed_pod(1, name=POD1, index=1, message="Traceback: ValueError: nan loss")]),
      0, Phase.PENDING, "Restarting", f"pod {POD1}: Unexpected (exit 1): Traceback: ValueError: nan loss", 1,
      Step.DELETE_JOB),
+    ("torch's rendezvous timed out: said so, with what to do",
+     two_nodes(failed_job(BACKOFF), [failed_pod(1, name=POD0, message=(
+         "Traceback (most recent call last):\n  ...\ntorch.distributed.DistStoreError: Timed out after 11 "
+         "seconds waiting for clients. 1/2 clients joined.")), pod(POD1, index=1, phase="Pending", deleting=True,
+                                                                   waiting=("ContainerCreating", ""))]), 0,
+     Phase.PENDING, "Restarting",
+     (f"pod {POD0}: RendezvousTimeout (exit 1): Timed out after 11 seconds waiting for clients. 1/2 clients "
+      "joined. (the pods did not all start within runPolicy.rendezvousTimeoutSeconds"), 1, Step.DELETE_JOB),
     ("a single-node Job's failure stays final (its own backoffLimit retried the pod)",
      obs(job(conditions=[BACKOFF], failed=4), [failed_pod(1)]), 3,
      Phase.FAILED, "BackoffLimitExceeded", "failed 4 times (backoffLimit 3)", 4, Step.NONE),
@@ -197,3 +206,17 @@ def test_a_new_jobs_deadline_counts_from_the_first_start():
     assert active_seconds_left(7200, None, T0) == 7200
     assert active_seconds_left(7200, "2026-11-24T09:00:00Z", T0) == 3600
     assert active_seconds_left(3600, "2026-11-24T08:00:00Z", T0) == 1
+
+
+def test_a_rendezvous_timeout_is_named_on_either_side():
+    pod0 = termination(failed_pod(1, message="torch.distributed.DistStoreError: Timed out after 1801 seconds "
+                                  "waiting for clients. 1/2 clients joined."))
+    pod1 = termination(failed_pod(1, name=POD1, index=1, message=(
+        "torch.distributed.DistNetworkError: The client socket has timed out after 1800000ms while trying "
+        "to connect to (toy-cat-trainer-0.toy-cat-trainer, 29500).")))
+    for t in (pod0, pod1):
+        assert t.reason == "RendezvousTimeout" and "raise it above the slowest" in t.message
+    assert "(toy-cat-trainer-0.toy-cat-trainer, 29500)" in pod1.message
+    assert termination(failed_pod(1, message="ValueError: nan loss")).reason == "Unexpected"
+    said = summary(1, "Unexpected", "DistStoreError: Timed out after 5 seconds waiting for clients. 1/2 clients joined.")
+    assert termination(failed_pod(1, message=said)).reason == "Unexpected"  # the trainer's own word wins
