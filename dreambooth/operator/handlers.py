@@ -137,7 +137,7 @@ async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo
         if pods is None:
             pods = await kube.pods(meta.namespace, naming.selector(meta.name))
     snapshot = None
-    pod = rank0_pod(pods)
+    pod = rank0_pod(of_job(batch_job, pods))  # not an earlier attempt's pod 0
     if pod is not None and (pod.get("status") or {}).get("phase") == "Running":
         url = metrics_url(pod, SETTINGS.trainer_metrics_port)
         if url:
