@@ -582,5 +582,26 @@ def test_controller_loop_and_garbage_collection(kube):
         for pod in made:
             kubelet.succeed(pod)
         kube.wait_for(lambda: condition(kube.get("Job", "default", "toy-trainer"), "Complete"))
-        kube.delete("Job", "default", "toy-trainer")
+        kube.delete("Job", "default", "toy-trainer", propagation="Background")  # kubectl's default
         kube.wait_for(lambda: pods(kube) == [], what="pods collected")
+
+
+def test_a_job_deleted_through_the_api_orphans_its_pods_unless_told_otherwise(kube):
+    """batch/v1 keeps Orphan as its default propagationPolicy: a controller that deletes a
+    Job and means its pods to go too must say Background (or Foreground)."""
+    collector = GarbageCollector(kube)
+    kube.create(indexed_job())
+    JobController(kube).reconcile()
+    uid = kube.get("Job", "default", "toy-trainer")["metadata"]["uid"]
+    kube.delete("Job", "default", "toy-trainer")
+    collector.collect()
+    left = pods(kube)
+    assert len(left) == 2 and all(not p["metadata"].get("ownerReferences") for p in left)
+    assert all(p["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] == uid for p in left)
+    for p in left:
+        kube.delete("Pod", "default", p["metadata"]["name"])
+    kube.create(indexed_job())
+    JobController(kube).reconcile()
+    kube.delete("Job", "default", "toy-trainer", propagation="Background")
+    collector.collect()
+    assert pods(kube) == []
