@@ -84,15 +84,16 @@ def env_name_problem(name: str) -> str | None:
 # --------------------------------------------------------------------------- resources
 
 #: ``<DNS subdomain>/<name>`` as device plugins advertise them (e.g. rdma/rdma_shared_device_a,
-#: nvidia.com/hostdev), or a hugepages size (hugepages-2Mi, hugepages-1Gi)
+#: nvidia.com/hostdev); hugepages have names of their own (hugepages-2Mi, hugepages-1Gi)
 EXTENDED_RESOURCE_PATTERN = (
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
     r"/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 HUGEPAGES_PATTERN = r"^hugepages-[0-9]+(Ki|Mi|Gi)$"
 HUGEPAGES_PREFIX = "hugepages-"
-#: whole GPUs and MIG slices have their own fields, wherever they appear
+#: a MIG slice's resource name: one CUDA device per process
 MIG_PREFIX = "nvidia.com/mig-"
+#: resources with a field of their own in spec.resources
 OWN_FIELDS = {"cpu": "resources.cpu", "memory": "resources.memory"}
 
 _EXTENDED_RE = re.compile(EXTENDED_RESOURCE_PATTERN)
