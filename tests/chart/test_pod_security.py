@@ -131,7 +131,7 @@ def test_trainer_pods_stay_restricted_with_nccl_variables_and_rdma_devices():
                           "extraResources": {"rdma/rdma_shared_device_a": 1}}}
     deployment = one(objects(values), "Deployment")
     settings = OperatorSettings.from_env(container_env(deployment["spec"]["template"]["spec"]["containers"][0]))
-    doc = yaml.safe_load((ROOT / "examples" / "multi-node.yaml").read_text())
+    (doc,) = [d.data for d in manifest.read(ROOT / "examples" / "multi-node.yaml") if d.kind == "DreamBoothJob"]
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
     doc["spec"]["resources"]["env"] = [{"name": "NCCL_DEBUG", "value": "INFO"}]
     doc["spec"]["resources"]["extraResources"] = {"nvidia.com/hostdev": "8", "hugepages-2Mi": "2Gi"}
