@@ -21,6 +21,7 @@ from typing import Any
 from dreambooth.api.config import TrainerConfig, build_trainer_config
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
+from dreambooth.api.pod import is_zero
 from dreambooth.api.spec import SecretKeyRef
 from dreambooth.api.termination import STOP_FILE, VERDICTS_DIR
 from dreambooth.api.uris import Scheme, parse_uri
@@ -287,13 +288,34 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
         for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key),
                          ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
-    return env
+    return env + extra_env(inputs)
+
+
+def extra_env(inputs: TrainerInputs) -> list[dict[str, Any]]:
+    """The operator's defaults (trainer.env) with the job's spec.resources.env over them, per
+    name, after the operator's own variables. Values are literal: Kubernetes would expand
+    ``$(NAME)`` in them, so every ``$`` is written as ``$$`` (which it reads back as ``$``)."""
+    merged = dict(inputs.settings.trainer_env)
+    merged.update((var.name, var.value) for var in inputs.job.spec.resources.env)
+    return [{"name": name, "value": value.replace("$", "$$")} for name, value in merged.items()]
+
+
+def extra_resources(inputs: TrainerInputs) -> dict[str, str]:
+    """The operator's defaults (trainer.extraResources) with the job's over them, per name;
+    a zero drops the request. Never the job's GPU, which gpusPerNode requests."""
+    res = inputs.job.spec.resources
+    merged = dict(inputs.settings.trainer_extra_resources) | res.extra_resources
+    return {name: amount for name, amount in sorted(merged.items())
+            if name != res.gpu.resource_name and not is_zero(amount)}
 
 
 def _resources(inputs: TrainerInputs) -> dict[str, Any]:
+    """Requests = limits, as Kubernetes requires for extended resources (the GPU, RDMA
+    devices) and hugepages; cpu and memory follow the same rule."""
     res = inputs.job.spec.resources
     amounts = {res.gpu.resource_name: str(res.gpus_per_node)} if res.gpus_per_node else {}
     amounts |= {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+    amounts |= extra_resources(inputs)
     return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
 
 

@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,14 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
 kube = kube_harness.kube  # the fixture
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored(monkeypatch):
+    """kopf's file loader (``kopf run path.py``) puts the file's folder first on sys.path and
+    leaves it there; a later test that hands sys.path to a subprocess (PYTHONPATH) would make
+    it import that folder's operator.py instead of the standard library's ``operator``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 OPERATOR = '''
 import pathlib

@@ -160,6 +160,23 @@ def test_examples_covered():
 # ------------------------------------------------------------------------------ schema
 
 
+#: what a real GPU cluster adds: NCCL variables and RDMA devices from the operator's
+#: settings (the chart's trainer.env / trainer.extraResources) and from the job
+CLUSTER_SETTINGS = OperatorSettings(
+    s3_endpoint="minio.minio.svc:9000", credentials_secret="dreambooth-s3",
+    trainer_env=(("NCCL_SOCKET_IFNAME", "eth0"), ("NCCL_DEBUG", "WARN")),
+    trainer_extra_resources=(("rdma/rdma_shared_device_a", "1"),),
+)
+
+
+def cluster_extras_doc() -> dict[str, Any]:
+    return minimal_doc(resources={
+        "nodes": 2, "gpusPerNode": 4, "memory": "256Gi",
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
+        "extraResources": {"nvidia.com/hostdev": "4", "hugepages-2Mi": "1Gi"},
+    }, training={"batchSize": 8})
+
+
 def all_cases() -> list[tuple[str, TrainerInputs]]:
     gpu0 = minimal_doc(resources={"gpusPerNode": 0})
     digit = minimal_doc(resources={"nodes": 2, "gpusPerNode": 1}, training={"batchSize": 4})
@@ -170,6 +187,7 @@ def all_cases() -> list[tuple[str, TrainerInputs]]:
         ("cpu-only", inputs_for(gpu0)),
         ("no-endpoint-no-secret", inputs_for(minimal_doc(), OperatorSettings())),
         ("digit-name", inputs_for(digit)),
+        ("cluster-extras", inputs_for(cluster_extras_doc(), CLUSTER_SETTINGS)),
     ]
 
 
