@@ -77,14 +77,15 @@ class TerminationSummary(BaseModel):
             return None
 
 
-def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int,
-                launcher_exit_code: int) -> TerminationSummary:
+def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int) -> TerminationSummary | None:
     """The verdict of a pod whose ``processes`` training processes left ``verdicts``.
 
     In order: the first do-not-retry failure; else the first other failure that is not a
     stop (a stop is what the others do once one process failed); a process that ended
     without a verdict (killed: the out-of-memory killer, a signal); the first stop; all
-    succeeded: the first process's summary."""
+    succeeded: the first process's summary. None when no process reported: the launcher
+    failed before (e.g. a rendezvous timeout), and the pod's log says what it saw (the
+    kubelet takes its tail as the termination message)."""
     def first(found: list[TerminationSummary]) -> TerminationSummary | None:
         return min(found, key=lambda v: (v.finished_at or 0.0, v.rank or 0), default=None)
 
@@ -93,13 +94,10 @@ def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int,
     cause = first([v for v in failed if v.do_not_retry]) or first([v for v in failed if v not in stopped])
     if cause is not None:
         return cause
+    if not verdicts:
+        return None
     ranks = {v.rank for v in verdicts}
     if len(ranks) < processes:
-        if not verdicts:
-            return TerminationSummary(
-                exit_code=launcher_exit_code or ExitCode.UNEXPECTED, reason="LaunchFailed",
-                message=f"the launcher exited with {launcher_exit_code} before any of the {processes} "
-                "training processes reported: see the pod's log")
         missing = processes - len(ranks)
         return TerminationSummary(
             exit_code=ExitCode.UNEXPECTED, reason="ProcessLost",

@@ -5,7 +5,8 @@ launch`` returns (which exits 1 whatever its processes exited with). It reads ev
 process's verdict from ``<workdir>/verdicts/``, picks the pod's
 (:func:`dreambooth.api.termination.pod_verdict`: a do-not-retry failure of any process
 wins), writes it as the termination message and exits with its code, so that the Job's
-podFailurePolicy and the operator see what really happened. Imports no torch: it must be
+podFailurePolicy and the operator see what really happened. When no process reported, it
+writes nothing: the kubelet then takes the log's tail, where the launcher said why. Imports no torch: it must be
 quick, it runs while the pod terminates.
 """
 
@@ -16,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from dreambooth.api.exitcodes import ExitCode
 from dreambooth.api.termination import VERDICTS_DIR, TerminationSummary, pod_verdict
 
 
@@ -32,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--termination-log", type=Path,
                    default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", "/dev/termination-log")))
     args = p.parse_args(argv)
-    verdict = pod_verdict(read_verdicts(args.workdir / VERDICTS_DIR), args.processes, args.launcher_exit_code)
+    verdict = pod_verdict(read_verdicts(args.workdir / VERDICTS_DIR), args.processes)
+    if verdict is None:  # the launcher failed before any process reported: its log says why
+        print(f"dreambooth: no training process reported; accelerate launch exited with "
+              f"{args.launcher_exit_code}", file=sys.stderr)
+        return args.launcher_exit_code or ExitCode.UNEXPECTED
     try:
         args.termination_log.write_text(verdict.dumps())
     except OSError as err:
