@@ -15,7 +15,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-wheels="$root/.gpu-wheels"
+wheels="${GPU_WHEELS_DIR:-$root/.gpu-wheels}"
+wheel_python="${GPU_WHEELS_PYTHON:-3.12}"  # the lent machines' python3 (KINDS.md)
 if [[ -n "${PYTHON:-}" ]]; then py="$PYTHON"
 elif [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"
 else py="$(command -v python3)"
@@ -34,7 +35,7 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
     pins+=("$pin")
   done
   rm -rf "$wheels" && mkdir -p "$wheels"
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$wheel_python" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$wheels" "${pins[@]}"
@@ -47,16 +48,20 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [[ " $* " == *" --cpu-smoke "* ]]; then export OMP_NUM_THREADS=1; fi
 
-if ! "$py" -c "import diffusers, pydantic, minio, bitsandbytes" 2>/dev/null; then
+# find_spec: whether they are there, without the seconds that importing them takes
+all_there() { "$py" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+  ('diffusers', 'pydantic', 'pydantic_core', 'minio', 'argon2', 'Crypto', 'bitsandbytes', 'torch')))"; }
+if ! all_there; then
   if compgen -G "$wheels/*.whl" >/dev/null; then
-    site="${TMPDIR:-/tmp}/gpu-bench-site"
+    site="$(mktemp -d "${TMPDIR:-/tmp}/gpu-bench-site.XXXXXX")"
     echo "gpu.sh: installing $(ls "$wheels" | wc -l) carried wheels into $site"
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "$wheels"/*.whl
     export PYTHONPATH="$PYTHONPATH:$site"
   fi
-  "$py" -c "import diffusers, pydantic, minio, bitsandbytes" || {
+  all_there || {
     echo "gpu.sh: packages missing; run 'bash bench/gpu.sh --prepare-wheels' where PyPI is reachable" \
          "and carry .gpu-wheels" >&2; exit 1; }
 fi
-exec "$py" "$root/bench/gpu_bench.py" "$@"
+if [[ -n "${site:-}" ]]; then trap 'rm -rf "$site"' EXIT; fi
+"$py" "$root/bench/gpu_bench.py" "$@"

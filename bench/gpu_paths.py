@@ -54,7 +54,7 @@ class Path_:
 PATHS = [
     Path_("gpu1", "gpusPerNode 1: trains on the GPU (fp32, TF32)", {"mixedPrecision": "no"},
           needs_cuda="no CUDA device: a gpusPerNode 1 job fails with GPU_UNAVAILABLE on a CPU",
-          checks=("on_gpu",)),
+          checks=("on_gpu", "tf32")),
     Path_("bf16", "bf16 autocast", {"mixedPrecision": "bf16"}, checks=("bf16",)),
     Path_("fp16", "fp16 with loss scaling", {"mixedPrecision": "fp16"},
           needs_cuda="fp16 needs CUDA: the trainer refuses fp16 on a CPU", checks=("scaler",)),
@@ -164,8 +164,9 @@ def probe_main(config: Path, workdir: Path, probe: Path) -> int:
     return int(code)
 
 
-def judge(path: Path_, record: dict, *, cuda: bool) -> tuple[bool, str, list[str]]:
-    """``(passed, key figure, problems)`` of a single-process run's probe record."""
+def judge(path: Path_, record: dict, *, cuda: bool, log: str = "") -> tuple[bool, str, list[str]]:
+    """``(passed, key figure, problems)`` of a single-process run, from its probe record
+    (and its log)."""
     problems: list[str] = []
     steps = record.get("steps", [])
     if record.get("exit_code") != 0:
@@ -184,6 +185,11 @@ def judge(path: Path_, record: dict, *, cuda: bool) -> tuple[bool, str, list[str
     figures = []
     if "on_gpu" in path.checks:
         figures.append(f"weights on {','.join(record.get('devices', []))}")
+    if "tf32" in path.checks:
+        if "TF32 allowed for fp32 matmuls" not in log:
+            problems.append("the trainer did not allow TF32")
+        else:
+            figures.append("TF32 allowed")
     if "bf16" in path.checks:
         if record.get("mixed_precision") != "bf16":
             problems.append(f"mixed precision {record.get('mixed_precision')}, not bf16")
@@ -233,7 +239,7 @@ def run_single(path: Path_, root: Path, *, cuda: bool, smoke: bool, timeout: flo
     if not probe.is_file():
         return {"status": f"FAIL: exit {code}, no probe record: {last_error(output)}", "seconds": seconds}
     record = json.loads(probe.read_text())
-    passed, figure, problems = judge(path, record, cuda=cuda)
+    passed, figure, problems = judge(path, record, cuda=cuda, log=output)
     losses = [s["loss"] for s in record["steps"]]
     return {"status": "pass" if passed else "FAIL: " + "; ".join(problems)[:300],
             "steps": len(losses), "final_loss": losses[-1] if losses else None, "figure": figure,
@@ -285,12 +291,12 @@ def shims(folder: Path) -> Path:
     """``python`` and ``accelerate`` for the launch script: this interpreter's, as the
     trainer image's are on its PATH."""
     folder.mkdir(parents=True, exist_ok=True)
-    python = folder / "python"
-    if not python.exists():
-        python.symlink_to(sys.executable)
-    accelerate = folder / "accelerate"
-    accelerate.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m accelerate.commands.accelerate_cli "$@"\n')
-    accelerate.chmod(0o755)
+    # scripts, not symlinks: a symlink to a virtualenv's python starts the base interpreter
+    # without the virtualenv's packages (python finds pyvenv.cfg beside the path it was run by)
+    for name, args in (("python", ""), ("accelerate", " -m accelerate.commands.accelerate_cli")):
+        shim = folder / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}"{args} "$@"\n')
+        shim.chmod(0o755)
     return folder
 
 

@@ -168,6 +168,16 @@ def test_judging_the_fp16_runs():
     assert "exit code 1" in gpu_paths.judge(path("fp16-ti"), crashed, cuda=True)[2]
 
 
+def test_judging_the_gpu_run():
+    steps = [{"step": 0, "phase": "dreambooth", "loss": 0.5}]
+    log = "rank0 INFO dreambooth.trainer: TF32 allowed for fp32 matmuls and convolutions on NVIDIA H200\n"
+    assert gpu_paths.judge(path("gpu1"), record(steps), cuda=True, log=log) == (
+        True, "weights on cuda; TF32 allowed", [])
+    assert gpu_paths.judge(path("gpu1"), record(steps), cuda=True, log="")[2] == ["the trainer did not allow TF32"]
+    assert gpu_paths.judge(path("gpu1"), record(steps, devices=("cpu",)), cuda=True, log=log)[2] == [
+        "trained weights on ['cpu'], not cuda"]
+
+
 def test_judging_the_8bit_optimizer_run():
     steps = [{"step": 0, "phase": "dreambooth", "loss": 0.5}]
     good = record(steps, optimizer="bitsandbytes.optim.adamw.AdamW8bit", uint8_states=12, state_devices=["cuda"])
