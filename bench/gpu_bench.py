@@ -118,8 +118,8 @@ class Report:
                  "|---|---|---|---|---|---|---|"]
         for key in self.path_keys:
             r = self.paths.get(key, {"status": "pending"})
-            lines.append(f"| {self.path_labels[key]} | {r['status']} | {r.get('steps', '')} | "
-                         f"{_num(r.get('final_loss'), '.4f')} | {r.get('figure', '')} | "
+            lines.append(f"| {self.path_labels[key]} | {_cell(r['status'])} | {r.get('steps', '')} | "
+                         f"{_num(r.get('final_loss'), '.4f')} | {_cell(r.get('figure', ''))} | "
                          f"{_num(_gb(r.get('peak_memory_bytes')), '.2f')} | {_num(r.get('seconds'), '.1f')} |")
         return lines + [""]
 
@@ -137,7 +137,7 @@ class Report:
             of_matmul = f"{100 * tflops / self.info['matmul_tflops']:.1f}%" if ok else ""
             lines.append(
                 f"| {m.label} | {m.pixels} | {row.batch} | {row.method} | {row.optimizer} | {row.compile} | "
-                f"{'on' if row.checkpointing else 'off'} | {r['status']} | {_num(r.get('steps_per_s'), '.2f')} | "
+                f"{'on' if row.checkpointing else 'off'} | {_cell(r['status'])} | {_num(r.get('steps_per_s'), '.2f')} | "
                 f"{_num(r.get('images_per_s'), '.2f')} | {_num(r.get('first_step_s'), '.2f')} | "
                 f"{_num(r['flops_per_step'] / 1e12 if ok else None, '.4g')} | {_num(tflops, '.4g')} | {mfu} | "
                 f"{of_matmul} | {_num(_gb(r.get('peak_memory_bytes')), '.2f')} | "
@@ -174,6 +174,11 @@ class Report:
 
     def text(self) -> str:
         return self.out.read_text()
+
+
+def _cell(text: str) -> str:
+    """Text for a table cell: one line, no column separators."""
+    return " ".join(str(text).split()).replace("|", "/")
 
 
 def _num(value, fmt: str) -> str:

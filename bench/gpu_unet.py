@@ -355,7 +355,8 @@ def run_group(rows: list[Row], *, smoke: bool, warmup: int, steps: int) -> None:
             first = str(err).split("\n")[0]
             result = {"status": "OOM", "detail": first[:200]}
         except Exception as err:  # noqa: BLE001  (a row's failure is a result; the next row runs)
-            result = {"status": f"error: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+            message = " ".join(str(err).split())  # one line for the table
+            result = {"status": f"error: {type(err).__name__}: {message}"[:240]}
             import traceback
 
             traceback.print_exc(file=sys.stderr)

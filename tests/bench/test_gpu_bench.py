@@ -205,3 +205,39 @@ def test_bitsandbytes_wheel_keeps_only_the_cpu_and_cuda13_libraries(tmp_path):
     assert kept == ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
                     "bitsandbytes/libbitsandbytes_cuda130.so"]
     assert listed == [*kept, record_name]
+
+
+def test_a_row_that_fails_is_reported_and_the_next_one_runs(capsys):
+    gpu_unet.run_group([gpu_unet.Row("sd15", 1, optimizer="adamw16"), gpu_unet.Row("nope", 1)],
+                       smoke=True, warmup=1, steps=1)
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["row"]["model"] for r in results] == ["sd15", "nope"]
+    assert results[0]["status"].startswith("error: SpecError: invalid DreamBoothJob")
+    assert "training.optimizer" in results[0]["status"] and "\n" not in results[0]["status"]
+    assert results[1]["status"] == "error: KeyError: 'nope'"
+
+
+def test_mfu_is_model_flops_per_second_over_the_named_peak(tmp_path):
+    import argparse
+
+    import gpu_bench
+
+    args = argparse.Namespace(cpu_smoke=False, peak_tflops=None, warmup=3, steps=10, budget=450.0, argv=[])
+    info = {"kind": "cuda", "name": "NVIDIA H200", "count": 1, "memory_gb": 139.8, "capability": "9.0",
+            "cuda": "13.0", "host": "h", "python": "3.12.3", "versions": {"torch": "2.11.0"},
+            "matmul_tflops": 790.0, "matmul_how": "8192x8192x8192 bf16, median of 10"}
+    report = gpu_bench.Report(tmp_path / "gpu.md", args, info)
+    first, second, *rest = report.rows
+    report.row(first.key, {"status": "ok", "steps_per_s": 40.0, "images_per_s": 40.0, "first_step_s": 0.5,
+                           "flops_per_step": 2.4e12, "peak_memory_bytes": 20 * 2**30, "params": 859_520_964,
+                           "trainable": 859_520_964})
+    report.row(second.key, {"status": "OOM"})
+    rows = table((tmp_path / "gpu.md").read_text(), "UNet training step")
+    assert rows[0]["TFLOP/s"] == "96" and rows[0]["MFU"] == "9.7%" and rows[0]["of matmul"] == "12.2%"
+    assert rows[0]["peak mem GB"] == "20.00" and rows[0]["trainable M"] == "859.52"
+    assert rows[1]["result"] == "OOM" and rows[1]["MFU"] == "" and rows[1]["steps/s"] == ""
+    assert all(r["result"] == "pending" for r in rows[2:])
+    assert "MFU peak: 989.5 TFLOP/s dense bf16 (NVIDIA H200 datasheet" in (tmp_path / "gpu.md").read_text()
+    assert report.failed() == []
+    report.row(rest[0].key, {"status": "error: RuntimeError: boom"})
+    assert report.failed() == [f"row {rest[0].key}: error: RuntimeError: boom"]
