@@ -91,7 +91,8 @@ class Report:
         i, a = self.info, self.args
         versions = ", ".join(f"{k} {v}" for k, v in i["versions"].items())
         device = (f"{i['count']} x {i['name']} ({i['memory_gb']:.0f} GiB, compute capability {i['capability']}, "
-                  f"CUDA {i['cuda']})" if i["kind"] == "cuda" else f"CPU: {i['name']} (no CUDA device)")
+                  f"CUDA {i['cuda']}; nvidia-smi {i.get('driver') or 'not available'})" if i["kind"] == "cuda"
+                  else f"CPU: {i['name']} (no CUDA device)")
         peak = (f"{self.peak:g} TFLOP/s dense bf16 ({self.peak_source})" if self.peak
                 else f"n/a: {self.peak_source}")
         mode = ("--cpu-smoke: tiny UNets at 64 px, compile with the dynamo-only 'eager' backend (inductor "

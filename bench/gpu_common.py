@@ -126,8 +126,22 @@ def device_info(smoke: bool) -> dict:
     else:
         info.update(kind="cpu", name=platform.processor() or cpu_model(), count=0, memory_gb=None,
                     capability=None)
+        info["driver"] = nvidia_smi("driver_version,clocks.max.sm,power.limit")
     info["matmul_tflops"], info["matmul_how"] = matmul_tflops(smoke)
     return info
+
+
+def nvidia_smi(fields: str) -> str | None:
+    """The first GPU's ``fields`` as nvidia-smi reports them (read only), if it is there."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return f"{fields}: {lines[0]}" if done.returncode == 0 and lines else None
 
 
 def cpu_model() -> str:
