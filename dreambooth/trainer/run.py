@@ -262,6 +262,14 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
     s3 = s3_settings(config)
     ctx = Context(config, workdir, accelerator, s3, open_storage(config.output_uri, s3), metrics,
                   stop or threading.Event())
+    try:
+        return _run(ctx)
+    finally:
+        ctx.background.close()  # an upload still in flight lands before the process exits
+
+
+def _run(ctx: Context) -> Outcome:
+    config, accelerator, metrics = ctx.config, ctx.accelerator, ctx.metrics
     if metrics:
         metrics.phase.state("initializing")
         metrics.total_steps.set(ctx.total_steps)
