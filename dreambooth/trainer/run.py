@@ -211,9 +211,11 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if CHECKSUMS:
                 log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
             stopping = bool(a.reduce(torch.tensor([float(ctx.stop.is_set())], device=a.device), "max").item())
-            if done % spec.checkpointing.every_steps == 0 or done == end or stopping:
-                periodic = not (done == end or stopping)
-                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=not periodic) \
+            # no checkpoint of the last step: the export follows at once; a phase's last
+            # step and SIGTERM's checkpoint must land, periodic ones upload in the background
+            must = stopping or (done == end and done < ctx.total_steps)
+            if must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps):
+                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) \
                     or outcome.last_checkpoint
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
