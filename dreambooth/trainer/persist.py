@@ -110,22 +110,26 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -
     together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
              what="uploading the previous checkpoint")
     upload = None
-    if ctx.main:
-        folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
-        try:
-            state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                        lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            ctx.metrics.checkpoint_upload_failures.inc()
-            raise
-        if must:
-            upload = ctx.background.submit(upload_checkpoint, ctx, folder, step, True)
-        else:
-            ctx.background.post(upload_checkpoint, ctx, folder, step, False)
+    if ctx.main and not must:
+        ctx.background.post(upload_checkpoint, ctx, write_checkpoint(ctx, loop, step), step, False)
+    elif ctx.main:  # training stops here: the storage thread writes too, and a failure reaches all
+        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step, True))
     if not must:
         return None
-    return together(a, upload, poll_s=ctx.poll_s, what=f"uploading the checkpoint of step {step}")
+    return together(a, upload, poll_s=ctx.poll_s, what=f"saving the checkpoint of step {step}")
+
+
+def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
+    """The checkpoint of ``step`` in a new folder of the workdir (main process)."""
+    folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
+    try:
+        state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
+                    lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        ctx.metrics.checkpoint_upload_failures.inc()
+        raise
+    return folder
 
 
 def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str | None:

@@ -85,7 +85,8 @@ def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(bucket_w
 
     port = free_port()
     config_path = write_config(config_for(settings, bucket, "killed", port), tmp_path / "b")
-    kill_at = random.Random().randint(EVERY + 1, STEPS - EVERY)
+    # past the second checkpoint: the first has landed then (one upload in flight at most)
+    kill_at = random.Random().randint(2 * EVERY + 1, STEPS - EVERY)
     proc = start_trainer(config_path, tmp_path / "b" / "work", env)
     seen, _ = wait_for_step(proc, port, kill_at)
     proc.send_signal(signal.SIGKILL)
