@@ -9,41 +9,57 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from dreambooth.api import Defaults, DreamBoothJob, SpecError, build_trainer_config, validate_job
+from dreambooth.api import (
+    API_VERSION,
+    KIND,
+    Defaults,
+    DreamBoothJob,
+    SpecError,
+    build_trainer_config,
+    manifest,
+    validate_job,
+)
 from dreambooth.api.exitcodes import ExitCode
+from dreambooth.api.manifest import Document, ManifestError
 
 
 class UsageError(Exception):
     """A problem with the command line or an input file; printed without a traceback."""
 
 
-def load_documents(path: Path) -> list[dict[str, Any]]:
+def load_documents(path: Path) -> list[Document]:
+    """Every document of a manifest file, read as kubectl reads it (dreambooth/api/manifest.py)."""
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML: {err}") from None
-    if not docs:
-        raise UsageError(f"{path} holds no YAML document")
-    return docs
+        return manifest.read(path)
+    except ManifestError as err:
+        raise UsageError(str(err)) from None
+
+
+def job_documents(path: Path) -> list[Document]:
+    """The DreamBoothJobs of ``path``; every other document is named on stderr, not skipped
+    silently; a document without ``kind`` is an error."""
+    jobs = []
+    for doc in load_documents(path):
+        if doc.kind == KIND:
+            jobs.append(doc)
+        elif doc.kind is None:
+            raise UsageError(f"{doc.where}: no kind: add kind: {KIND} and apiVersion: {API_VERSION}")
+        else:
+            print(f"{doc.where}: {doc.kind} {doc.name} is not a {KIND}: not checked", file=sys.stderr)
+    return jobs
 
 
 def load_job(path: Path, *, cluster: bool = False) -> DreamBoothJob:
-    """The one DreamBoothJob in ``path`` (other kinds, e.g. Secrets, are skipped)."""
-    jobs = [d for d in load_documents(path) if isinstance(d, dict) and d.get("kind") == "DreamBoothJob"]
+    """The one DreamBoothJob in ``path``."""
+    jobs = job_documents(path)
     if len(jobs) != 1:
-        raise UsageError(f"{path} must hold exactly one DreamBoothJob, found {len(jobs)}")
+        found = ", ".join(f"{d.where} ({d.name})" for d in jobs) or "none"
+        raise UsageError(f"{path} must hold exactly one {KIND}; found {len(jobs)}: {found}")
     try:
-        return validate_job(jobs[0], cluster=cluster)
+        return validate_job(jobs[0].data, cluster=cluster)
     except SpecError as err:
-        raise UsageError(f"{path}: {err}") from None
+        raise UsageError(f"{jobs[0].where}: {err}") from None
 
 
 def local_defaults(output_root: str | None) -> Defaults:
@@ -54,16 +70,22 @@ def local_defaults(output_root: str | None) -> Defaults:
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
-        for doc in load_documents(path):
-            if not isinstance(doc, dict) or doc.get("kind") != "DreamBoothJob":
-                continue
-            name = (doc.get("metadata") or {}).get("name", "?")
+        try:
+            docs = job_documents(path)
+        except UsageError as err:
+            failed += 1
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        if not docs:
+            failed += 1
+            print(f"error: {path} holds no {KIND}", file=sys.stderr)
+        for doc in docs:
             try:
-                validate_job(doc, cluster=args.cluster)
-                print(f"{path}: DreamBoothJob {name}: valid")
+                validate_job(doc.data, cluster=args.cluster)
+                print(f"{doc.where}: {KIND} {doc.name}: valid")
             except SpecError as err:
                 failed += 1
-                print(f"{path}: DreamBoothJob {name}: {err}", file=sys.stderr)
+                print(f"{doc.where}: {KIND} {doc.name}: {err}", file=sys.stderr)
     return ExitCode.INVALID_CONFIG if failed else ExitCode.OK
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 from dreambooth.api.rules import violations
 from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
@@ -36,8 +37,8 @@ class ObjectMeta(BaseModel):
 
 
 class DreamBoothJob(ApiModel):
-    api_version: Literal["dreambooth.io/v1alpha1"] = API_VERSION
-    kind: Literal["DreamBoothJob"] = KIND
+    api_version: Literal["dreambooth.io/v1alpha1"]
+    kind: Literal["DreamBoothJob"]
     metadata: ObjectMeta
     spec: DreamBoothJobSpec
     status: DreamBoothJobStatus | None = None
@@ -59,6 +60,17 @@ class SpecError(ValueError):
         self.issues = issues
         lines = "\n".join(f"  - {issue}" for issue in issues)
         super().__init__(f"invalid {what} ({len(issues)} problem(s)):\n{lines}")
+
+
+#: pydantic error types of a string or enum field given something else
+_STRING_ERRORS = frozenset({"string_type", "enum", "literal_error", "str_type"})
+_SHOWN_CHARS = 60
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: never a huge value whole."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -108,11 +120,19 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
             message = "required"
         elif e["type"] == "extra_forbidden":
             allowed = _allowed_fields(root, loc[:-1])
-            message = "unknown field (check the spelling)"
-            if allowed:
-                message += "; allowed here: " + ", ".join(allowed)
+            camel = to_camel(str(loc[-1])) if loc else ""
+            if allowed and camel in allowed and camel != loc[-1]:
+                message = f"unknown field: the CRD's names are camelCase, use {camel}"
+            else:
+                message = "unknown field (check the spelling)"
+                if allowed:
+                    message += "; allowed here: " + ", ".join(allowed)
+        elif isinstance(e.get("input"), bool) and e["type"] in _STRING_ERRORS:
+            word = "yes/on/true" if e["input"] else "no/off/false"
+            message += (f" (got {str(e['input']).lower()}: YAML reads an unquoted {word} as a boolean; "
+                        "quote the value, e.g. 'no')")
         elif isinstance(e.get("input"), str | int | float | bool) and e["type"] != "value_error":
-            message += f" (got {e['input']!r})"
+            message += f" (got {_shown(e['input'])})"
         path = _path(loc)
         issues.append(FieldIssue(f"{prefix}.{path}" if prefix and path else prefix or path, message))
     return issues
@@ -120,7 +140,8 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
 
 def _as_json(data: Any) -> str:
     """The document as the API server sees it: JSON. Validated strictly, as the CRD's
-    schema is: ``steps: "400"`` is a string, not a number (YAML dates become strings)."""
+    schema is: ``steps: "400"`` is a string, not a number (YAML dates become strings), and
+    only the CRD's camelCase names are fields (``learning_rate`` is an unknown field)."""
     return json.dumps(data, default=str)
 
 
@@ -131,7 +152,8 @@ def validate_spec(data: Any, *, cluster: bool = False, prefix: str = "spec") -> 
     """
     try:
         spec = DreamBoothJobSpec.model_validate_json(
-            _as_json(data), strict=True, context={"cluster": cluster, "skip_rules": True}
+            _as_json(data), strict=True, by_alias=True, by_name=False,
+            context={"cluster": cluster, "skip_rules": True},
         )
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothJobSpec, prefix)) from None
@@ -147,7 +169,7 @@ def validate_job(data: Any, *, cluster: bool = False) -> DreamBoothJob:
         raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, "
                                     "metadata and spec")])
     try:
-        job = DreamBoothJob.model_validate_json(_as_json(data), strict=True,
+        job = DreamBoothJob.model_validate_json(_as_json(data), strict=True, by_alias=True, by_name=False,
                                                 context={"cluster": cluster, "skip_rules": True})
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothJob)) from None

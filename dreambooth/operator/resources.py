@@ -17,6 +17,7 @@ from dreambooth.api.config import TrainerConfig, build_trainer_config
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
 from dreambooth.api.spec import SecretKeyRef
+from dreambooth.api.termination import STOP_FILE, VERDICTS_DIR
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.operator import naming
 from dreambooth.operator.settings import OperatorSettings
@@ -24,6 +25,7 @@ from dreambooth.operator.specchange import SPEC_ANNOTATION, spec_record
 
 CONTAINER = "trainer"
 TRAINER_MODULE = "dreambooth.trainer"
+VERDICT_MODULE = "dreambooth.trainer.verdict"
 CONFIG_DIR = "/etc/dreambooth"
 CONFIG_KEY = "config.json"
 WORKDIR = "/tmp/dreambooth"
@@ -32,21 +34,36 @@ PVC_ROOT = "/mnt/pvc"
 TERMINATION_LOG = "/dev/termination-log"
 RUN_AS = 1000
 
-#: Multi-process pods run this. ``accelerate launch`` exits 1 whatever code a worker exits
-#: with, so the pod's exit code is taken back from the trainer's termination summary
-#: (``{"exitCode": N, ...}``, written by local rank 0) for the podFailurePolicy to see. The
-#: shell is PID 1: it passes SIGTERM on, and waits while the workers checkpoint. No ``$(``
-#: or ``$$`` here: Kubernetes would treat them as its own variable references.
+#: Multi-process pods run this shell as PID 1. It takes the pod's SIGTERM and asks the
+#: training processes to stop by creating ``STOP`` in their work folder (they checkpoint and
+#: exit "preempted"): torchrun never sees the signal, so it never kills a process that is
+#: still writing a checkpoint, and its own shutdown timeout can stay short
+#: (:data:`SHUTDOWN_TIMEOUT_SECONDS`: when one process fails, the others may be blocked in a
+#: collective for good). ``accelerate launch`` exits 1 whatever its processes exit with: the
+#: pod's verdict comes from every process's own (``python -m dreambooth.trainer.verdict``,
+#: see dreambooth/api/termination.py), so a do-not-retry failure of any process reaches the
+#: podFailurePolicy. No ``$(`` or ``$$`` here: Kubernetes would treat them as its own
+#: variable references.
 LAUNCH_SCRIPT = """\
-trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+work="${{DREAMBOOTH_WORKDIR:-{workdir}}}"
+rm -rf "$work/{verdicts}" "$work/{stop}"
+mkdir -p "$work"
+trap 'touch "$work/{stop}"' TERM INT
 {launch} &
 child=$!
 wait "$child"; rc=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
-code=`sed -n 's/.*"exitCode": *\\([0-9][0-9]*\\).*/\\1/p' "${{DREAMBOOTH_TERMINATION_LOG:-{log}}}" 2>/dev/null`
-if [ "$rc" -ne 0 ] && [ -n "$code" ] && [ "$code" -ne 0 ]; then rc=$code; fi
-exit "$rc"
+exec python -m {verdict} --processes {processes} --launcher-exit-code "$rc"
 """
+#: how long torchrun waits for the other processes of a pod once one has failed, before it
+#: kills them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torch's default is 30 s)
+SHUTDOWN_TIMEOUT_SECONDS = 15
+
+
+def launch_script(launch: str, processes: int) -> str:
+    """The shell a pod with ``processes`` training processes runs around ``launch``."""
+    return LAUNCH_SCRIPT.format(launch=launch, processes=processes, workdir=WORKDIR,
+                                verdicts=VERDICTS_DIR, stop=STOP_FILE, verdict=VERDICT_MODULE)
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,7 @@ def command(inputs: TrainerInputs) -> list[str]:
     lines += [["--mixed_precision", str(inputs.job.spec.training.mixed_precision),
                "--dynamo_backend", "no"], ["-m", TRAINER_MODULE]]
     launch = " \\\n  ".join(" ".join(line) for line in lines)
-    return ["/bin/sh", "-c", LAUNCH_SCRIPT.format(launch=launch, log=TERMINATION_LOG)]
+    return ["/bin/sh", "-c", launch_script(launch, max(1, res.gpus_per_node))]
 
 
 def credentials(inputs: TrainerInputs) -> SecretKeyRef | None:
@@ -245,9 +262,8 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
         {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX_ANNOTATION}']"}}},
     ]
-    if inputs.job.spec.resources.num_processes > 1:  # torchrun's wait for workers on SIGTERM
-        env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-                    "value": str(inputs.settings.termination_grace_seconds)})
+    if inputs.job.spec.resources.num_processes > 1:  # see LAUNCH_SCRIPT
+        env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_TIMEOUT_SECONDS)})
     if storage.endpoint:
         scheme = "https" if storage.secure else "http"
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": f"{scheme}://{storage.endpoint}"})

@@ -1,20 +1,23 @@
 """``python -m dreambooth.trainer --config trainer-config.json``: what a trainer pod runs
 (under ``accelerate launch``). Exits with a code from :mod:`dreambooth.api.exitcodes` and
-leaves a one-line JSON summary in ``/dev/termination-log`` for the operator."""
+leaves its verdict (:class:`dreambooth.api.termination.TerminationSummary`) in
+``/dev/termination-log`` for the operator and, under a launcher, in the pod's verdicts
+folder for the launch script (:mod:`dreambooth.trainer.verdict`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from dreambooth.api.exitcodes import ExitCode
+from dreambooth.api.termination import STOP_FILE, VERDICTS_DIR, TerminationSummary, verdict_name
 
 TERMINATION_LOG = Path("/dev/termination-log")
 log = logging.getLogger("dreambooth.trainer")
@@ -50,50 +53,77 @@ def setup_logging() -> None:
         pass
 
 
-def write_summary(path: Path, summary: dict) -> None:
-    """The operator reads this as the container's termination message (max 4 KiB).
+class StopRequest:
+    """Set by SIGTERM (a pod with one process) or by the launch script's ``STOP`` file (a
+    pod with several: the script, not torchrun, takes the pod's SIGTERM, so no process is
+    killed while the checkpoint is being written). Checked after every step."""
 
-    All processes of a pod share the file: the pod's first process (LOCAL_RANK 0) writes it.
-    """
+    def __init__(self, stop_file: Path) -> None:
+        self.event, self.stop_file = threading.Event(), stop_file
+
+    def set(self) -> None:
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set() or self.stop_file.exists()
+
+
+def write_summary(path: Path, summary: TerminationSummary) -> None:
+    """The termination message (the operator reads it from the pod's status): written by
+    the pod's first process (LOCAL_RANK 0); the launch script replaces it with the pod's
+    verdict when the pod has several processes."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
     if path.parent.is_dir() and (path.exists() or path.parent != Path("/dev")):
         try:
-            path.write_text(json.dumps(summary)[:4000])
+            path.write_text(summary.dumps())
         except OSError:
             pass
+
+
+def write_verdict(workdir: Path, summary: TerminationSummary) -> None:
+    """Under a launcher (RANK set), this process's verdict for the launch script."""
+    if "RANK" not in os.environ:
+        return
+    folder = workdir / VERDICTS_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{verdict_name(summary.rank or 0)}.tmp"
+        tmp.write_text(summary.dumps())
+        tmp.replace(folder / verdict_name(summary.rank or 0))
+    except OSError as err:
+        log.warning("could not leave this process's verdict in %s: %s", folder, err)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    stop = threading.Event()
+    stop = StopRequest(args.workdir / STOP_FILE)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     from dreambooth.trainer.config import load_config
     from dreambooth.trainer.errors import TrainerError
 
-    step = None
+    rank = int(os.environ["RANK"]) if "RANK" in os.environ else None
     try:
         config = load_config(args.config)
         from dreambooth.trainer.run import run
 
         outcome = run(config, args.workdir, stop=stop)
-        step = outcome.step
-        summary = {"exitCode": 0, "reason": "Succeeded", "step": step, "outputs": outcome.outputs}
-        if outcome.loss is not None:  # the last step's loss (not run when resumed after it)
-            summary["loss"] = outcome.loss
-        code = ExitCode.OK
+        # the last step's loss (none when resumed after it)
+        summary = TerminationSummary(exit_code=ExitCode.OK, reason="Succeeded", step=outcome.step,
+                                     loss=outcome.loss, outputs=outcome.outputs or None)
     except TrainerError as err:
         log.error("%s", err)
-        code = err.exit_code
-        summary = {"exitCode": int(code), "reason": err.reason, "message": str(err)}
+        summary = TerminationSummary(exit_code=err.exit_code, reason=err.reason, message=str(err))
     except Exception as err:  # noqa: BLE001  (a bug: keep the traceback, retry the pod)
         log.error("unexpected error: %s\n%s", err, traceback.format_exc())
-        code = ExitCode.UNEXPECTED
-        summary = {"exitCode": int(code), "reason": "Unexpected", "message": f"{type(err).__name__}: {err}"}
+        summary = TerminationSummary(exit_code=ExitCode.UNEXPECTED, reason="Unexpected",
+                                     message=f"{type(err).__name__}: {err}")
+    summary = summary.model_copy(update={"rank": rank, "finished_at": time.time()})
+    write_verdict(args.workdir, summary)
     write_summary(args.termination_log, summary)
-    return int(code)
+    return summary.exit_code
 
 
 if __name__ == "__main__":

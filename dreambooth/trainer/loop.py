@@ -153,6 +153,7 @@ class Loop:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     scheduler: object
+    vae: torch.nn.Module  # encoded the latents (on the device, compute dtype); samples decode with it
     prompts: PromptEncoder
     instances: LatentCache
     classes: LatentCache | None

@@ -180,12 +180,16 @@ def ema_weights(ctx: Context, loop: Loop):
         swap()
 
 
-def pipeline_of(ctx: Context, components: Components, loop: Loop):
+def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False):
+    """The pipeline of the model being trained: for samples, the parts on the device (frozen
+    ones in the compute dtype); for the export, the float32 originals of the frozen parts."""
     modules = modules_of(ctx, loop)
+    frozen_te = not loop.text_encoder_steps
     return build_pipeline(
-        vae=components.vae, text_encoder=modules["text_encoder"], tokenizer=components.tokenizer,
-        unet=modules["unet"], scheduler_config=components.noise_scheduler.config,
-        sampler=ctx.spec.validation.scheduler,
+        vae=components.vae if export else loop.vae,
+        text_encoder=components.text_encoder if export and frozen_te else modules["text_encoder"],
+        tokenizer=components.tokenizer, unet=modules["unet"],
+        scheduler_config=components.noise_scheduler.config, sampler=ctx.spec.validation.scheduler,
     )
 
 
@@ -266,7 +270,7 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
 
 def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
     with ema_weights(ctx, loop):
-        pipeline = pipeline_of(ctx, components, loop)
+        pipeline = pipeline_of(ctx, components, loop, export=True)
         outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
     if ctx.spec.validation.enabled:
         save_progression(ctx)

@@ -26,6 +26,7 @@ from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Pre
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import Components, fetch_from_hub, load_components
+from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.progress import Progress
 from dreambooth.trainer.storage import S3Settings, open_storage
 from dreambooth.trainer.textual_inversion import TokenEmbedding
@@ -59,17 +60,24 @@ def fetch_prefix(uri: str, s3: S3Settings | None, dest: Path, *, what: str,
     if not storage.list():
         raise empty(f"no {what} found under {uri}: upload them there, or fix the URI")
     shutil.rmtree(dest, ignore_errors=True)
-    storage.download_prefix("", dest)
+    files = storage.download_prefix("", dest)
+    log.info("fetched %d files of %s from %s", len(files), what, uri)
     return dest
+
+
+def fetch_once(ctx: Context, key: str, work) -> Path:
+    """``work()`` (a fetch) by the pod's first process; the folder it returns, on all."""
+    return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
 
 
 def fetch_base_model(ctx: Context) -> Path:
     model = ctx.spec.base_model
     parsed = parse_uri(model.uri, allowed=set(Scheme))
     if parsed.scheme is Scheme.HF:
-        return fetch_from_hub(parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub")
-    return fetch_prefix(model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files",
-                        empty=NotFoundError)
+        return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
+            parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
+    return fetch_once(ctx, "base-model", lambda: fetch_prefix(
+        model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -81,8 +89,8 @@ def load_instance_examples(ctx: Context, components: Components) -> list[Example
             f"multiple of {multiple} (VAE and UNet downsampling), e.g. "
             f"{max(multiple, training.resolution // multiple * multiple)}"
         )
-    with ctx.accelerator.local_main_process_first():
-        folder = fetch_prefix(ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos")
+    folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
+        ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
     return load_examples(
         folder,
         prompt=ctx.spec.instance.prompt,
@@ -105,16 +113,32 @@ def build_optimizer(spec: DreamBoothJobSpec, groups: list[dict]) -> torch.optim.
     return torch.optim.AdamW(groups, weight_decay=training.weight_decay, foreach=True)
 
 
+def optimization(ctx: Context, groups: list[dict], modules: list[torch.nn.Module], *, schedule: str,
+                 warmup: int = 0, steps: int | None = None):
+    """``(prepared modules, optimizer, LR schedule)``: every phase's optimizer goes through
+    accelerate, whose optimizer steps and updates the fp16 loss scaler (an optimizer it does
+    not know would never update it, and the next step's unscale would fail)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = build_optimizer(ctx.spec, groups)
+    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    result = ctx.accelerator.prepare(*modules, optimizer)
+    *prepared, optimizer = result if modules else (result,)  # one object comes back bare
+    return prepared, optimizer, lr_scheduler
+
+
 def shared_parts(ctx: Context, components: Components, instances: list[Example],
                  classes: list[Example] | None) -> dict:
-    """What every phase's loop shares; the VAE encodes the photos once, here."""
+    """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
+    when the export writes the float32 original)."""
     a = ctx.accelerator
     dtype = weight_dtype(a)
-    vae = trainables.place(components.vae.requires_grad_(False).eval(), a.device, dtype)
+    vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
     return {
         "accelerator": a,
         "training": ctx.spec.training,
         "scheduler": components.noise_scheduler,
+        "vae": vae,
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
         "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
         "prediction_type": components.prediction_type,
@@ -124,50 +148,44 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
 
 def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
-    from diffusers.optimization import get_scheduler
-
     a, training = ctx.accelerator, ctx.spec.training
-    dtype = weight_dtype(a)
-    chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device, dtype=dtype)
-    optimizer = build_optimizer(ctx.spec, chosen.groups)
-    lr_scheduler = get_scheduler(
-        training.lr_scheduler.value, optimizer,
-        num_warmup_steps=training.lr_warmup_steps, num_training_steps=training.steps,
-    )
+    chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device,
+                               dtype=weight_dtype(a))
+    if token is not None and chosen.text_encoder is not components.text_encoder:
+        token.follow(chosen.text_encoder)  # a restored token reaches the copy that is read
     ema = None
     if training.ema:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(chosen.unet.parameters(), foreach=True)
-    prepared = a.prepare(*chosen.modules, optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
+    prepared, optimizer, lr_scheduler = optimization(
+        ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
+        warmup=training.lr_warmup_steps, steps=training.steps)
     text_encoder = prepared[1] if chosen.text_encoder_steps else chosen.text_encoder
     return Loop(
         **shared,
-        unet=unet,
+        unet=prepared[0],
         text_encoder=text_encoder,
         prompts=PromptEncoder(components.tokenizer, text_encoder, a.device),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         text_encoder_steps=chosen.text_encoder_steps,
-        trained=prepared[:-1],
+        trained=prepared,
         ema=ema,
         extras={**({"ema": ema} if ema is not None else {}), **({"token": token} if token else {})},
     )
 
 
 def build_ti_loop(ctx: Context, components: Components, shared: dict, token: TokenEmbedding) -> Loop:
-    """Phase 1 of textual inversion + DreamBooth: only the new token's embedding learns.
+    """Phase 1 of textual inversion + DreamBooth: only the new token's embedding learns; the
+    UNet is read from a cast copy (phase 2 trains the float32 original).
 
     No DDP wrapper here: the one gradient that matters is averaged by hand."""
-    from diffusers.optimization import get_scheduler
-
     a, ti = ctx.accelerator, ctx.spec.training.textual_inversion
-    dtype = weight_dtype(a)
-    params = textual_inversion.train_only_the_embedding(components.unet, components.text_encoder, token,
-                                                        device=a.device, dtype=dtype)
-    optimizer = build_optimizer(ctx.spec, [{"params": params, "lr": ti.learning_rate}])
-    lr_scheduler = get_scheduler("constant", optimizer)
+    unet = trainables.frozen(components.unet, a.device, weight_dtype(a), keep_original=True)
+    params = textual_inversion.train_only_the_embedding(components.text_encoder, token, device=a.device)
+    _, optimizer, lr_scheduler = optimization(ctx, [{"params": params, "lr": ti.learning_rate}], [],
+                                              schedule="constant")
 
     def average_gradient() -> None:
         if a.num_processes > 1 and token.weight.grad is not None:
@@ -175,7 +193,7 @@ def build_ti_loop(ctx: Context, components: Components, shared: dict, token: Tok
 
     return Loop(
         **shared,
-        unet=components.unet,
+        unet=unet,
         text_encoder=components.text_encoder,
         prompts=PromptEncoder(components.tokenizer, components.text_encoder, a.device),
         optimizer=optimizer,
@@ -275,8 +293,7 @@ def _run(ctx: Context) -> Outcome:
     if metrics:
         metrics.phase.state("initializing")
         metrics.total_steps.set(ctx.total_steps)
-    with accelerator.local_main_process_first():
-        model_dir = fetch_base_model(ctx)
+    model_dir = fetch_base_model(ctx)
     components = load_components(model_dir, source=config.spec.base_model.uri)
     instances = load_instance_examples(ctx, components)
     classes = None
@@ -298,4 +315,6 @@ def _run(ctx: Context) -> Outcome:
     persist.restore(ctx, loop, found, phase_start=ti_end)
     outcome = train(ctx, components, loop, start, ctx.total_steps)
     persist.finish(ctx, components, loop, outcome)
+    # the process group goes down cleanly; only on success (a failed NCCL group can hang)
+    accelerator.end_training()
     return outcome

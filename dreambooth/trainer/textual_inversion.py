@@ -17,12 +17,18 @@ PHASE = "textual_inversion"
 
 
 class TokenEmbedding:
-    """The new token's row of the input embeddings; checkpointed in every phase."""
+    """The new token's row of the input embeddings; checkpointed in every phase. A restored
+    row goes to the text encoder and to every copy of it that trains (see :meth:`follow`)."""
 
     def __init__(self, text_encoder, token_id: int) -> None:
         self.weight = text_encoder.get_input_embeddings().weight
         self.token_id = token_id
         self.frozen = self.weight.detach().clone()
+        self.copies: list[torch.Tensor] = []
+
+    def follow(self, text_encoder) -> None:
+        """``text_encoder`` is a (cast) copy of the original that phase 2 reads."""
+        self.copies.append(text_encoder.get_input_embeddings().weight)
 
     def state_dict(self) -> dict:
         return {"token_id": self.token_id, "embedding": self.weight[self.token_id].detach().cpu().clone()}
@@ -34,7 +40,8 @@ class TokenEmbedding:
                 f"{self.token_id}: the base model changed; delete the job's checkpoints/ to start over"
             )
         with torch.no_grad():
-            self.weight[self.token_id] = state["embedding"].to(self.weight.device, self.weight.dtype)
+            for weight in (self.weight, *self.copies):
+                weight[self.token_id] = state["embedding"].to(weight.device, weight.dtype)
 
     def keep_others(self) -> None:
         """Undo the optimizer's changes (e.g. weight decay) to every row but the new one."""
@@ -68,11 +75,11 @@ def add_token(spec: DreamBoothJobSpec, tokenizer, text_encoder) -> TokenEmbeddin
     return TokenEmbedding(text_encoder, token_id)
 
 
-def train_only_the_embedding(unet, text_encoder, token: TokenEmbedding, *, device, dtype) -> list[dict]:
-    """Freeze everything but the input embeddings (others are restored after each step)."""
+def train_only_the_embedding(text_encoder, token: TokenEmbedding, *, device) -> list[torch.Tensor]:
+    """Freeze everything but the input embeddings (others are restored after each step);
+    the text encoder stays in float32 (its embedding trains)."""
     from dreambooth.trainer.trainables import place
 
-    place(unet.requires_grad_(False), device, dtype).eval()
     place(text_encoder.requires_grad_(False), device, torch.float32).train()
     token.weight.requires_grad_(True)
     token.frozen = token.frozen.to(device)

@@ -1,12 +1,18 @@
 """What trains: the whole UNet (and text encoder), or LoRA adapters on them.
 
 Frozen parts live on the device in the mixed-precision dtype; everything the optimizer
-updates stays in float32. Only the parameters the optimizer updates go into checkpoints
-(:mod:`dreambooth.trainer.state`), so a LoRA checkpoint holds only the adapters.
+updates stays in float32. A part the export writes whole (full fine-tuning: the VAE, a
+frozen text encoder; the UNet that textual inversion's phase 1 only reads) is never cast
+in place: the device gets a cast copy and the float32 original is what gets exported or
+trained later, so half precision never rounds a base weight. Only the parameters the
+optimizer updates go into checkpoints (:mod:`dreambooth.trainer.state`), so a LoRA
+checkpoint holds only the adapters.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +52,39 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move and cast ``module`` itself (its weights are rounded to ``dtype``)."""
     module.to(device)
-    if dtype != torch.float32:  # .to(float32) makes diffusers warn about nothing
-        module.to(dtype=dtype)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)  # only when needed: diffusers warns on every cast
     return module
+
+
+def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``module`` on ``device`` with its floating-point tensors in ``dtype``;
+    ``module`` is untouched. Each tensor is cast as it is copied, so the copy never exists
+    in float32 (peak memory: the original plus the small copy)."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) in memo:
+            continue
+        cast = tensor.detach().to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+        memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(
+            tensor, torch.nn.Parameter) else cast
+    return copy.deepcopy(module, memo)
+
+
+def frozen(module: torch.nn.Module, device, dtype: torch.dtype, *, keep_original: bool) -> torch.nn.Module:
+    """``module`` frozen on ``device`` in ``dtype``: a cast copy when the float32 original
+    must stay exact (``keep_original``), else the module itself, cast in place."""
+    module.requires_grad_(False).eval()
+    if keep_original and dtype != torch.float32:
+        return cast_copy(module, device, dtype)
+    return place(module, device, dtype)
+
+
+def keeps_originals(spec: DreamBoothJobSpec) -> bool:
+    """Full fine-tuning exports (or later trains) every part whole; LoRA exports adapters."""
+    return spec.training.method is Method.FULL
 
 
 def select(spec: DreamBoothJobSpec, unet, text_encoder, *, device, dtype) -> Trainables:
@@ -70,7 +105,10 @@ def select(spec: DreamBoothJobSpec, unet, text_encoder, *, device, dtype) -> Tra
     else:
         place(unet.requires_grad_(True), device, torch.float32)
         te_steps = (t.text_encoder_steps or t.steps) if t.train_text_encoder else 0
-        place(text_encoder.requires_grad_(te_steps > 0), device, torch.float32 if te_steps else dtype)
+        if te_steps:
+            place(text_encoder.requires_grad_(True), device, torch.float32)
+        else:
+            text_encoder = frozen(text_encoder, device, dtype, keep_original=True)
         groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
     if te_steps:
         groups.append({"params": _trainable(text_encoder), "lr": te_lr})

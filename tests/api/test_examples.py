@@ -11,7 +11,7 @@ import pytest
 import yaml
 from openapi_schema_validator import OAS30Validator
 
-from dreambooth.api import crd, validate_job
+from dreambooth.api import crd, manifest, validate_job
 from dreambooth.api.exitcodes import ExitCode
 from dreambooth.cli import main
 
@@ -20,8 +20,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def jobs_in(path: Path) -> list[dict[str, Any]]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    return [d for d in docs if isinstance(d, dict) and d.get("kind") == "DreamBoothJob"]
+    """As ``kubectl apply -f`` reads the file (dreambooth/api/manifest.py)."""
+    return [d.data for d in manifest.read(path) if d.kind == "DreamBoothJob"]
 
 
 def strict(schema: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from dreambooth.api import validate_job
+from dreambooth.api import manifest, validate_job
 from dreambooth.operator import resources
 from dreambooth.operator.settings import OperatorSettings
 from tests.chart.support import EVERYTHING, ROOT, objects, production_values
@@ -118,8 +117,7 @@ def test_operator_container_is_hardened_beyond_restricted():
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
 def test_trainer_pods_the_operator_creates_meet_it_too(example: Path):
-    docs = [d for d in yaml.safe_load_all(example.read_text()) if d]
-    (doc,) = [d for d in docs if d.get("kind") == "DreamBoothJob"]
+    (doc,) = [d.data for d in manifest.read(example) if d.kind == "DreamBoothJob"]
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
     inputs = resources.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
     assert restricted_violations(resources.job(inputs)["spec"]["template"]["spec"]) == []

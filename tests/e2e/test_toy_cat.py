@@ -117,3 +117,23 @@ def test_kubectl_get_shows_the_job(run: LocalCluster):
     listed = run.kube.kubectl("get", "dbj", "-o", "json")  # skipped where kubectl is missing
     [item] = json.loads(listed.stdout)["items"]
     assert item["metadata"]["name"] == NAME and item["status"]["phase"] == "Succeeded"
+
+
+def test_no_credential_appears_in_any_log_event_status_or_object(run: LocalCluster):
+    """The S3 keys reach the pod only through the Secret: they must not show up in the
+    operator's log, the trainer's log, Events, any status the job had, the termination
+    message, or any object but the Secret itself (raw or base64-encoded)."""
+    import base64
+
+    secrets = [run.s3.access_key, run.s3.secret_key]
+    forms = {s for secret in secrets for s in (secret, base64.b64encode(secret.encode()).decode())}
+    places = {"operator log": run.operator.output(), "trainer logs": run.logs(NAME),
+              "status history": json.dumps(run.history(NAME))}
+    for kind in ("dbj", "configmaps", "jobs", "pods", "services", "events"):
+        for obj in run.kube.list(kind):
+            places[f"{kind}/{obj['metadata']['name']}"] = json.dumps(obj)
+    assert any(name.startswith("pods/") for name in places) and any(n.startswith("events/") for n in places)
+    secret = json.dumps(run.kube.list("secrets", "default"))
+    assert all(base64.b64encode(s.encode()).decode() in secret for s in secrets), "the search finds them"
+    leaks = [(where, form[:4] + "...") for where, text in places.items() for form in forms if form in text]
+    assert not leaks, leaks

@@ -13,9 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from dreambooth.api import manifest
 from dreambooth.api.config import TrainerConfig
 from dreambooth.trainer.metrics import TrainerMetrics
 from tests.support.kube import kube  # noqa: F401
@@ -81,7 +81,7 @@ def _operator(kube, tmp_path, argv):  # noqa: F811
 
 
 def example(name: str, **spec_changes) -> dict:
-    doc = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    (doc,) = [d.data for d in manifest.read(ROOT / "examples" / f"{name}.yaml") if d.kind == "DreamBoothJob"]
     doc["metadata"]["namespace"] = "default"
     for section, values in spec_changes.items():
         doc["spec"].setdefault(section, {}).update(values)

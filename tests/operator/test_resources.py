@@ -24,10 +24,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dreambooth.api import validate_job
+from dreambooth.api import manifest, validate_job
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.spec import ResourcesSpec
+from dreambooth.api.termination import TerminationSummary
 from dreambooth.operator import naming, resources
 from dreambooth.operator.resources import TrainerInputs
 from dreambooth.operator.settings import OperatorSettings, SettingsError
@@ -53,8 +54,7 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def job_doc(path: Path) -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    (doc,) = [d for d in docs if d.get("kind") == "DreamBoothJob"]
+    (doc,) = [d.data for d in manifest.read(path) if d.kind == "DreamBoothJob"]
     doc["metadata"].update(namespace=NAMESPACE, uid=UID)
     return doc
 
@@ -460,7 +460,7 @@ def test_multi_node_rendezvous():
     assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(
-        SETTINGS.termination_grace_seconds)
+        resources.SHUTDOWN_TIMEOUT_SECONDS)
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
     ports = {p["name"]: p["containerPort"] for p in trainer(job)["ports"]}
@@ -481,47 +481,64 @@ def test_launch_script_has_no_kubernetes_variable_references():
     assert "$(" not in script and "$$" not in script
 
 
-def _run_launch(tmp_path: Path, mode: str, *, term_after_ready: bool = False) -> int:
-    """Run the multi-GPU pod's script with a stub trainer, 2 CPU processes (gloo)."""
-    stub = tmp_path / "stub_trainer.py"
-    stub.write_text(
-        "import json, os, pathlib, signal, sys, time\n"
-        "local = os.environ.get('LOCAL_RANK', '0')\n"
-        "def finish(code):\n"
-        "    if local == '0':  # like the trainer: local rank 0 writes the summary\n"
-        "        pathlib.Path(os.environ['STUB_LOG']).write_text(json.dumps(\n"
-        "            {'exitCode': code, 'reason': 'r', 'message': 'not \"exitCode\": 99'}))\n"
-        "    sys.exit(code)\n"
-        "if os.environ['STUB_MODE'] == 'fail':\n"
-        "    finish(11 if local == '0' else 0)\n"
-        "stop = []\n"
-        "signal.signal(signal.SIGTERM, lambda *_: stop.append(1))\n"
-        "pathlib.Path(os.environ['STUB_LOG'] + '.ready' + local).write_text('')\n"
-        "while not stop:\n"
-        "    time.sleep(0.05)\n"
-        "time.sleep(1)  # 'checkpointing'\n"
-        "finish(21)\n"
-    )
-    log = tmp_path / "termination-log"
-    script = trainer(resources.job(dict(CASES)["multi-gpu"]))["command"][2]
+#: a stand-in for the trainer that keeps its contract with the launch script (the real
+#: StopRequest, write_verdict and write_summary of dreambooth.trainer.__main__): STUB_MODES
+#: says, per local rank, what each process does
+STUB = """\
+import os, pathlib, signal, sys, time
+from dreambooth.api.termination import STOP_FILE, TerminationSummary
+from dreambooth.trainer.__main__ import StopRequest, write_summary, write_verdict
+rank, work = int(os.environ["RANK"]), pathlib.Path(os.environ["DREAMBOOTH_WORKDIR"])
+mode = os.environ["STUB_MODES"].split(",")[int(os.environ["LOCAL_RANK"])]
+def finish(code, reason):
+    summary = TerminationSummary(exit_code=code, reason=reason, rank=rank, finished_at=time.time())
+    write_verdict(work, summary)
+    write_summary(pathlib.Path(os.environ["DREAMBOOTH_TERMINATION_LOG"]), summary)
+    sys.exit(code)
+signal.signal(signal.SIGTERM, lambda *_: (work / f"sigterm-{rank}").write_text(""))
+(work / f"ready-{rank}").write_text("")
+if mode == "bad-data":
+    finish(11, "BadData")
+if mode == "ok":
+    finish(0, "Succeeded")
+if mode == "blocked":  # as in a collective whose peer is gone: deaf to SIGTERM
+    while True:
+        time.sleep(1)
+stop = StopRequest(work / STOP_FILE)
+while not stop.is_set():
+    time.sleep(0.05)
+time.sleep(1)  # 'checkpointing'
+finish(21, "Preempted")
+"""
+
+
+def _run_launch(tmp_path: Path, modes: str, *, term_after_ready: bool = False):
+    """Run the multi-GPU pod's script with 2 CPU processes (gloo) of a stub trainer, with
+    the pod's environment; returns (exit code, termination message, seconds taken)."""
+    (tmp_path / "stub_trainer.py").write_text(STUB)
+    log, work = tmp_path / "termination-log", tmp_path / "work"
+    job = resources.job(dict(CASES)["multi-gpu"])
+    script = trainer(job)["command"][2]
     script = script.replace("--mixed_precision bf16", "--mixed_precision no")
-    script = script.replace("-m dreambooth.trainer", "-m stub_trainer")
-    script = script.replace(resources.TERMINATION_LOG, str(log))
-    env = {**os.environ, "STUB_MODE": mode, "STUB_LOG": str(log), "OMP_NUM_THREADS": "1",
+    script = script.replace("-m dreambooth.trainer &", "-m stub_trainer &")
+    pod_env = {e["name"]: e["value"] for e in trainer(job)["env"] if "value" in e}
+    env = {**os.environ, "STUB_MODES": modes, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": pod_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"],
+           "DREAMBOOTH_WORKDIR": str(work), "DREAMBOOTH_TERMINATION_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    started = time.monotonic()
     proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if term_after_ready:
         deadline = time.monotonic() + 90
-        while len(list(tmp_path.glob("termination-log.ready*"))) < 2:
+        while len(list(work.glob("ready-*"))) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # what the kubelet does to the pod's PID 1
     out, _ = proc.communicate(timeout=120)
-    if proc.returncode not in (0, 11, 21):
-        print(out.decode()[-3000:])
-    return proc.returncode
+    message = TerminationSummary.loads(log.read_text()) if log.exists() else None
+    return proc.returncode, message, time.monotonic() - started, out.decode()
 
 
 accelerate_missing = pytest.mark.skipif(
@@ -531,12 +548,28 @@ accelerate_missing = pytest.mark.skipif(
 @accelerate_missing
 def test_launch_passes_on_the_trainers_exit_code(tmp_path: Path):
     """``accelerate launch`` itself exits 1; the pod must exit 11 for the podFailurePolicy."""
-    assert _run_launch(tmp_path, "fail") == 11
+    code, message, _, out = _run_launch(tmp_path, "bad-data,ok")
+    assert code == 11 and message.reason == "BadData" and message.rank == 0, out[-3000:]
 
 
 @accelerate_missing
-def test_launch_passes_sigterm_on_and_waits_for_the_checkpoint(tmp_path: Path):
-    assert _run_launch(tmp_path, "term", term_after_ready=True) == 21
+def test_a_do_not_retry_failure_of_local_rank_1_is_the_pods_verdict(tmp_path: Path):
+    """Defect: only local rank 0 wrote the termination message, so a do-not-retry code of
+    another process became exit 1 and was retried; and torchrun waited a whole grace period
+    for the processes blocked in a collective. Now any process's verdict counts and the
+    blocked ones are stopped within the short shutdown timeout."""
+    code, message, seconds, out = _run_launch(tmp_path, "blocked,bad-data")
+    assert code == 11, out[-3000:]
+    assert (message.exit_code, message.reason, message.rank) == (11, "BadData", 1)
+    assert seconds < resources.SHUTDOWN_TIMEOUT_SECONDS + 30, f"took {seconds:.0f} s"
+
+
+@accelerate_missing
+def test_launch_takes_the_pods_sigterm_and_waits_for_the_checkpoint(tmp_path: Path):
+    code, message, _, out = _run_launch(tmp_path, "stop,stop", term_after_ready=True)
+    assert code == 21 and message.reason == "Preempted", out[-3000:]
+    work = tmp_path / "work"
+    assert not list(work.glob("sigterm-*")), "torchrun must not pass the pod's SIGTERM on"
 
 
 # ------------------------------------------------------------------------------ the Job

@@ -78,6 +78,22 @@ def run_trainer(config_path: Path, workdir: Path, env: dict[str, str], timeout: 
     return proc.returncode, out, termination_summary(workdir)
 
 
+def launch(processes: int, config_path: Path, workdir: Path, env: dict[str, str], *,
+           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch`` of the trainer with ``processes`` CPU processes on this machine
+    (gloo), as a multi-GPU pod runs it; the log lines carry each process's rank."""
+    from tests.support.net import free_port
+
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        argv += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    argv += ["-m", "dreambooth.trainer", "--config", str(config_path), "--workdir", str(workdir),
+             "--termination-log", str(workdir / "termination-log")]
+    env = {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def termination_summary(workdir: Path) -> dict[str, Any] | None:
     path = workdir / "termination-log"
     return json.loads(path.read_text()) if path.is_file() else None

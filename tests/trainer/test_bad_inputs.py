@@ -137,3 +137,19 @@ def test_do_not_retry_codes_are_the_input_errors():
     assert {c.name for c in DO_NOT_RETRY} == {"INVALID_CONFIG", "BAD_DATA", "STORAGE_AUTH", "NOT_FOUND", "BAD_MODEL",
                                               "GPU_UNAVAILABLE"}
     assert ExitCode.STORAGE_UNAVAILABLE not in DO_NOT_RETRY and ExitCode.PREEMPTED not in DO_NOT_RETRY
+
+
+def test_under_a_launcher_every_process_leaves_its_verdict(tmp_path, monkeypatch):
+    """The launch script forms the pod's verdict from every process's own (see
+    tests/operator/test_resources.py); a process other than the pod's first never writes
+    the pod's termination message itself."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    path = tmp_path / "bad.json"
+    path.write_text("{}")
+    log = tmp_path / "termination-log"
+    code = trainer_main(["--config", str(path), "--workdir", str(tmp_path / "work"), "--termination-log", str(log)])
+    verdict = json.loads((tmp_path / "work" / "verdicts" / "rank-3.json").read_text())
+    assert code == verdict["exitCode"] == ExitCode.INVALID_CONFIG and verdict["rank"] == 3
+    assert verdict["reason"] == "InvalidConfig" and verdict["finishedAt"] > 0
+    assert not log.exists()
