@@ -126,12 +126,3 @@ def together(accelerator, work: Future | None, *, poll_s: float, what: str) -> A
                            exit_code=ExitCode(int(flags[1])))
     return work.result() if work is not None else None
 
-
-def run_together(accelerator, fn: Callable[[], Any] | None, *, poll_s: float, what: str) -> Any:
-    """Run ``fn`` (where given: e.g. only on each node's first process) on a thread while every
-    process waits with :func:`together`; return its result."""
-    if fn is None or accelerator.num_processes == 1:
-        return together(accelerator, None, poll_s=poll_s, what=what) if fn is None else fn()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreambooth-together",
-                            initializer=_use_device, initargs=(accelerator.device,)) as pool:
-        return together(accelerator, pool.submit(fn), poll_s=poll_s, what=what)

@@ -6,8 +6,9 @@ does: a checkpoint is written to local disk at its step and uploaded by the main
 storage thread (:class:`~dreambooth.trainer.background.Background`) while training goes on;
 sample grids are drawn by all processes (prompt ``i`` by rank ``i % processes``) and gathered
 to the main process. Waits for slow work (the previous upload before the next checkpoint,
-SIGTERM's checkpoint, the export, the download of a checkpoint to resume from) go through
-:func:`~dreambooth.trainer.background.together`, whose collectives each last about a second."""
+SIGTERM's checkpoint, the export) go through :func:`~dreambooth.trainer.background.together`,
+whose collectives each last about a second; a node's download of the checkpoint to resume
+from, through :func:`~dreambooth.trainer.pernode.once_per_node` (no collective at all)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from pathlib import Path
 import torch
 
 from dreambooth.trainer import checkpoints, state
-from dreambooth.trainer.background import run_together, together
+from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
 from dreambooth.trainer.export import export
 from dreambooth.trainer.loop import Loop
 from dreambooth.trainer.models import Components
+from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.sampling import build_pipeline, generate, grid, progression
 
 log = logging.getLogger("dreambooth.trainer")
@@ -63,18 +65,15 @@ class Found:
 
 def fetch_checkpoint(ctx: Context) -> Found | None:
     """Download the newest complete checkpoint (once per node) or say there is none."""
-    a = ctx.accelerator
-    chosen = ctx.workdir / "resume" / "CHOSEN"
+    root = ctx.workdir / "resume"
 
-    def download() -> None:
-        shutil.rmtree(chosen.parent, ignore_errors=True)
-        chosen.parent.mkdir(parents=True)
-        found = checkpoints.download_latest(ctx.output, chosen.parent)
-        chosen.write_text(str(found[1]) if found else "")
+    def download() -> str:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        found = checkpoints.download_latest(ctx.output, root)
+        return str(found[1]) if found else ""
 
-    run_together(a, download if a.is_local_main_process else None, poll_s=ctx.poll_s,
-                 what="downloading the newest checkpoint")
-    folder = chosen.read_text()
+    folder = once_per_node(ctx.accelerator, ctx.workdir, "checkpoint", download)
     if not folder:
         log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(checkpoints.ROOT))
         return None

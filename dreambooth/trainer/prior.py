@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from dreambooth.api.spec import Sampler, ValidationSpec
-from dreambooth.trainer.background import run_together
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
+from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.sampling import build_pipeline, generate
 from dreambooth.trainer.storage import Storage, open_storage
 
@@ -121,13 +121,13 @@ def class_examples(ctx, components) -> list[Example]:
             a.wait_for_everyone()
         else:
             log.info("reusing %d cached class images from %s", count, source)
-    def download() -> None:
+    def download() -> str:
         shutil.rmtree(folder, ignore_errors=True)
         if store.list():
             store.download_prefix("", folder)
+        return str(folder)
 
-    run_together(a, download if a.is_local_main_process else None, poll_s=ctx.poll_s,
-                 what="downloading the class images")
+    once_per_node(a, ctx.workdir, "class-images", download)
     paths = find_images(folder)
     if not paths:
         raise DataError(f"no class images found under {source}: upload some there or drop prior.uri "

@@ -10,8 +10,6 @@ proxy (tests/support/faultproxy.py), so that uploads take several times a short
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -27,11 +25,11 @@ from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import first_images, generate
 from dreambooth.trainer.storage import S3Settings, open_storage
 from tests.support.faultproxy import FaultProxy
-from tests.support.net import free_port
 from tests.support.trainer import (
     StopAfter,
     download,
     job_document,
+    launch,
     trainer_config,
     trainer_env,
     upload,
@@ -80,15 +78,11 @@ def test_collective_timeout_is_not_tripped_by_uploads_and_exports_longer_than_it
         resources={"nodes": 2, "gpusPerNode": 0}, runPolicy={"collectiveTimeoutSeconds": TIMEOUT_S},
         validation={"prompts": PROMPTS, "imagesPerPrompt": 1, "inferenceSteps": 2, "everySteps": 4})
     doc["spec"]["output"]["formats"] = ["diffusers"]
-    env = {**trainer_env(settings), "CUDA_VISIBLE_DEVICES": "", "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
+    env = {**trainer_env(settings), "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
     with FaultProxy(settings.endpoint) as proxy:
         proxy.limit(upload=600_000)  # the checkpoint: ~10 MB, ~16 s; the export: ~3.6 MB, ~6 s
         config = trainer_config(doc, endpoint=proxy.endpoint)
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                  "--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth.trainer",
-                  "--config", str(write_config(config, tmp_path)), "--workdir", str(tmp_path / "work")]
-        proc = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=300)
+        proc = launch(2, write_config(config, tmp_path), tmp_path / "work", env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
 
