@@ -13,8 +13,10 @@
 # build reads, the users and the entry points (no Docker engine runs in CI).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-# PyTorch's wheel index for the CUDA build of torch (cu128: CUDA 12.8, as CUDA_IMAGE).
+# PyTorch's wheel index for the CUDA build of torch (cu128: CUDA 12.8; the NVIDIA driver it
+# needs: docs/deploy.md, "Drivers"). The wheel brings the CUDA runtime, cuDNN, cuBLAS, NCCL,
+# ... as nvidia-* pip packages: the trainer builds on plain Python, so those libraries ship
+# once (a nvidia/cuda base image would be a second copy that torch never loads).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
 # --------------------------------------------------------------------------- the wheel
@@ -50,29 +52,40 @@ EXPOSE 8080 8081
 ENTRYPOINT ["dreambooth-operator"]
 
 # --------------------------------------------------------------------------- trainer
-# The trainer: CUDA runtime, CUDA torch, diffusers, transformers, accelerate, peft,
-# bitsandbytes (`.[trainer]`).
-FROM ${CUDA_IMAGE} AS trainer
+# The trainer: slim Python, CUDA torch (with its own CUDA libraries), diffusers,
+# transformers, accelerate, peft, bitsandbytes (`.[trainer]`). The NVIDIA driver (libcuda)
+# comes from the node: the NVIDIA container toolkit mounts it when the device plugin gives
+# the pod GPUs.
+FROM ${PYTHON_IMAGE} AS trainer
 ARG TORCH_INDEX_URL
 ENV DEBIAN_FRONTEND=noninteractive
+# What the CUDA wheels still take from the OS: rdma-core's verbs library and its providers
+# (mlx5, ...), which NCCL loads for InfiniBand/RoCE; without them NCCL falls back to TCP.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends libibverbs1 ibverbs-providers \
  && rm -rf /var/lib/apt/lists/*
+# NVIDIA_DRIVER_CAPABILITIES: what of the driver the toolkit mounts (nvidia/cuda images set
+# it; CUDA needs compute, nvidia-smi utility). NVIDIA_VISIBLE_DEVICES is left to the device
+# plugin: an image that says "all" would see every GPU of the node where the runtime allows.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # torch first, from PyTorch's CUDA index (PyPI as the fallback for its dependencies), at
-# the version constraints.txt pins; then the trainer, which keeps that torch.
+# the version constraints.txt pins; then the trainer, which keeps that torch. The build
+# fails on a CPU torch, and if any CUDA library exists outside the venv's nvidia-* packages.
 RUN --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
     --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    python3 -m venv /opt/venv \
+    python -m venv /opt/venv \
  && pip install --constraint /tmp/constraints.txt \
         --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch \
  && pip install --constraint /tmp/constraints.txt "$(ls /wheels/dreambooth_operator-*.whl)[trainer]" \
- && python -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build: ' + torch.__version__"
+ && python -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build: ' + torch.__version__" \
+ && test -n "$(find /opt/venv -name 'libcudart.so*' -print -quit)" \
+ && test -z "$(find / -xdev -path /opt/venv -prune -o \( -name 'libcudart.so*' -o -name 'libcudnn*.so*' -o -name 'libcublas*.so*' -o -name 'libnccl.so*' \) -print)"
 # Writable places for a non-root user with a read-only root filesystem: the operator's pods
 # mount emptyDirs on /tmp and /var/cache/dreambooth (dreambooth/operator/resources.py:
 # WORKDIR, CACHE_DIR); these are the same paths for `docker run`.

@@ -17,6 +17,14 @@ from typing import Any
 import yaml
 
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from dreambooth.api.pod import (
+    CREDENTIAL_PATTERN,
+    CREDENTIAL_WHY,
+    MIG_PREFIX,
+    OWN_FIELDS,
+    RESERVED_ENV,
+    reserved_label,
+)
 from dreambooth.api.presets import Preset, preset_value
 from dreambooth.api.spec import DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
@@ -94,6 +102,8 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "training.lrWarmupSteps must be less than training.steps",
             },
         ],
+        ("resources",): _resources_rules(),
+        ("resources", "env", ITEMS): _env_rules(),
         ("runPolicy",): [
             _immutable("backoffLimit"),
             _immutable("activeDeadlineSeconds", optional=True),
@@ -102,6 +112,59 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             _immutable("collectiveTimeoutSeconds"),
         ],
     }
+
+
+#: a path part of :func:`_cel_rules` that means "each item of this list"
+ITEMS = "[]"
+
+
+def _cel_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _resources_rules() -> list[dict[str, str]]:
+    """dreambooth.api.rules' MIG and extraResources rules that need no string scanning of
+    map keys (whose length a schema cannot bound, so the API server's CEL cost estimate would
+    be huge); the operator checks the rest."""
+    own = " || ".join(f"{_cel_string(n)} in self.extraResources" for n in OWN_FIELDS)
+    return [
+        {
+            "rule": f"!self.gpu.resourceName.startsWith({_cel_string(MIG_PREFIX)}) || "
+            "self.gpusPerNode <= 1",
+            "message": "resources.gpusPerNode must be 1 with a MIG resource (nvidia.com/mig-*): "
+            "a MIG slice is one CUDA device and NCCL does not run between slices of one pod; "
+            "use gpusPerNode: 1, or whole GPUs (nvidia.com/gpu)",
+        },
+        {
+            "rule": "!has(self.extraResources) || !(self.gpu.resourceName in self.extraResources)",
+            "message": "resources.extraResources must not name the job's GPU: request it with "
+            "resources.gpusPerNode (and resources.gpu.resourceName)",
+        },
+        {
+            "rule": f"!has(self.extraResources) || !({own})",
+            "message": "resources.extraResources must not name cpu or memory: use resources.cpu "
+            "and resources.memory",
+        },
+    ]
+
+
+def _env_rules() -> list[dict[str, str]]:
+    """dreambooth.api.pod's reserved names, one rule per group, for each resources.env item."""
+    rules = []
+    for reserved in RESERVED_ENV:
+        tests = [f"self.name.startsWith({_cel_string(p)})" for p in reserved.prefixes]
+        if reserved.names:
+            tests.insert(0, f"self.name in [{', '.join(map(_cel_string, reserved.names))}]")
+        rules.append({
+            "rule": f"!({' || '.join(tests)})",
+            "message": f"resources.env: {reserved_label(reserved)} are reserved ({reserved.why}): "
+            f"{reserved.action}",
+        })
+    rules.append({
+        "rule": f"!self.name.matches({_cel_string(CREDENTIAL_PATTERN)})",
+        "message": f"resources.env: a name that {CREDENTIAL_WHY}",
+    })
+    return rules
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -168,7 +231,7 @@ def _attach_rules(schema: dict[str, Any]) -> None:
     for path, rules in _cel_rules().items():
         node = schema
         for name in path:
-            node = node["properties"][name]
+            node = node["items"] if name == ITEMS else node["properties"][name]
         node["x-kubernetes-validations"] = rules
 
 

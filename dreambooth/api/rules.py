@@ -11,6 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from dreambooth.api.pod import (
+    env_name_problem,
+    is_hugepages,
+    is_mig,
+    is_zero,
+    quantity_problem,
+    resource_name_problem,
+)
 from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, OutputFormat
 from dreambooth.api.uris import Scheme, parse_uri
 
@@ -167,6 +175,47 @@ def _revision_only_for_hub(spec, eff):
     elif parse_uri(spec.base_model.uri, allowed={Scheme.HF}).revision:
         yield Violation(
             "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
+        )
+
+
+@rule
+def _mig_is_one_device(spec, eff):
+    gpu = spec.resources.gpu.resource_name
+    if is_mig(gpu) and spec.resources.gpus_per_node > 1:
+        yield Violation(
+            "resources.gpusPerNode",
+            f"{gpu} is a MIG slice, one CUDA device per process, and NCCL does not run between "
+            f"MIG slices of one pod: use gpusPerNode: 1, or whole GPUs (resources.gpu."
+            f"resourceName: nvidia.com/gpu) for {spec.resources.gpus_per_node} GPUs per pod",
+        )
+
+
+@rule
+def _pod_env(spec, eff):
+    seen: set[str] = set()
+    for i, var in enumerate(spec.resources.env):
+        problem = env_name_problem(var.name)
+        if problem is None and var.name in seen:
+            problem = f"{var.name} is listed twice: keep one"
+        if problem:
+            yield Violation(f"resources.env[{i}].name", problem)
+        seen.add(var.name)
+
+
+@rule
+def _extra_resources(spec, eff):
+    res = spec.resources
+    for name, quantity in res.extra_resources.items():
+        problem = resource_name_problem(name, res.gpu.resource_name) or quantity_problem(
+            name, quantity)
+        if problem:
+            yield Violation(f"resources.extraResources.{name}", problem)
+    hugepages = [n for n, q in res.extra_resources.items() if is_hugepages(n) and not is_zero(q)]
+    if hugepages and not (res.cpu or res.memory):
+        yield Violation(
+            "resources.extraResources",
+            f"{hugepages[0]} needs a CPU or memory request as well (Kubernetes refuses the pod "
+            "otherwise): set resources.memory (or resources.cpu)",
         )
 
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
 from dreambooth.api.presets import Preset, describe
 from dreambooth.api.uris import Scheme, UriError, parse_uri
 
@@ -420,7 +421,27 @@ class GpuSpec(ApiModel):
         max_length=253,
         pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
         description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
-        "profile such as nvidia.com/mig-3g.20gb).",
+        "profile such as nvidia.com/mig-3g.20gb). A MIG slice is one CUDA device: with a MIG "
+        "profile, gpusPerNode must be 1.",
+    )
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer container, with a literal value."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=ENV_NAME_MAX,
+        pattern=ENV_NAME_PATTERN,
+        description="Variable name, e.g. NCCL_SOCKET_IFNAME. Names the operator, the launcher "
+        "or the device plugin set (DREAMBOOTH_*, AWS_*, PYTHON*, HOME, HF_HOME, RANK, "
+        "CUDA_VISIBLE_DEVICES, NVIDIA_*, ...) and names that look like credentials are refused.",
+    )
+    value: str = Field(
+        "",
+        max_length=ENV_VALUE_MAX,
+        description="Literal value ($(VAR) is not expanded). Never a credential: those reach "
+        "the pods only from Secrets.",
     )
 
 
@@ -447,6 +468,22 @@ class ResourcesSpec(ApiModel):
         None, max_length=512, description="Trainer image. Default: the operator's."
     )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Environment variables of the trainer containers, literal values only, "
+        "e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG=INFO. Each wins over the operator's "
+        "default of the same name (the chart's trainer.env).",
+    )
+    extra_resources: dict[str, Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Extended resources each pod requests (requests = limits, as for the GPU), "
+        "e.g. rdma/rdma_shared_device_a: '1' for RDMA, or hugepages-2Mi: 1Gi. Each wins over "
+        "the operator's default of the same name (the chart's trainer.extraResources); '0' drops "
+        "a default. cpu, memory and the GPU have their own fields.",
+    )
 
     @property
     def num_processes(self) -> int:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from dreambooth.api.status import DreamBoothJobStatus, Phase
 from dreambooth.operator.pods import BENIGN_PENDING, terminations
+from dreambooth.operator.restarts import cause
 from dreambooth.operator.status import (
     READY,
     SPEC_CHANGE_IGNORED,
@@ -36,7 +37,8 @@ def transition_events(
 
     A new phase -> Normal, reason = the phase; Failed -> Warning with the failure's reason
     and message; a Pending cause that needs the user (Unschedulable, SecretNotFound, ...)
-    -> Warning; more restarts -> Warning ``Restarted`` with the last failure; Stalled ->
+    -> Warning; more restarts of a job that goes on -> Warning ``Restarted`` with the failure
+    (a multi-node job's: the pod that ended the attempt); Stalled ->
     Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); spec edits the
     running job ignores (new or more of them) -> Warning ``SpecChangeIgnored``; a newer
     checkpoint -> Normal ``CheckpointSaved``.
@@ -54,11 +56,12 @@ def transition_events(
             events.append(Event("Warning", reason, message))
         elif phase_changed:
             events.append(Event("Normal", current.phase.value, message))
-    if previous is not None and current.restarts > previous.restarts:
+    if previous is not None and current.restarts > previous.restarts and not current.phase.finished:
         failures = [t for t in terminations(obs.pods) if t.exit_code != 0] if obs else []
+        culprit = cause(obs.pods) if obs and obs.nodes > 1 else (failures[-1] if failures else None)
         text = f"the trainer was restarted ({current.restarts} so far)"
-        if failures:
-            text += f"; {failures[-1].describe()}"
+        if culprit is not None:
+            text += f"; {culprit.describe()}"
         events.append(Event("Warning", "Restarted", text))
     stalled = condition_of(current, STALLED)
     was_stalled = condition_of(previous, STALLED)

@@ -30,7 +30,9 @@ from dreambooth.operator.events import transition_events
 from dreambooth.operator.kube import Kube
 from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.observed import NamespaceView
+from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
+from dreambooth.operator.restarts import Step, next_step, running_or_stopping
 from dreambooth.operator.settings import OperatorSettings, SettingsError
 from dreambooth.operator.specchange import ignored_changes
 from dreambooth.operator.status import Observation, compute_status, invalid_spec_status
@@ -123,17 +125,19 @@ async def _announce(body: Any, memo: kopf.Memo, previous: DreamBoothJobStatus | 
 
 
 async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo: kopf.Memo,
-                  view: NamespaceView | None = None) -> tuple[DreamBoothJobStatus, Observation]:
-    """The Job and its pods (from the poll cycle's ``view``, else read now), rank 0's
-    metrics; the status computed from them (pure)."""
+                  view: NamespaceView | None = None,
+                  pods: list[dict[str, Any]] | None = None) -> tuple[DreamBoothJobStatus, Observation]:
+    """The Job and the job's pods (from the poll cycle's ``view``, else read now; ``pods``:
+    just listed), rank 0's metrics; the status computed from them (pure)."""
     meta, kube = job.metadata, memo.kube
     if view is not None:
         batch_job, pods = view.trainer_job(meta.name), view.trainer_pods(meta.name)
     else:
         batch_job = await kube.job(meta.namespace, naming.trainer_name(meta.name))
-        pods = await kube.pods(meta.namespace, naming.selector(meta.name)) if batch_job else []
+        if pods is None:
+            pods = await kube.pods(meta.namespace, naming.selector(meta.name))
     snapshot = None
-    pod = rank0_pod(pods)
+    pod = rank0_pod(of_job(batch_job, pods))  # not an earlier attempt's pod 0
     if pod is not None and (pod.get("status") or {}).get("phase") == "Running":
         url = metrics_url(pod, SETTINGS.trainer_metrics_port)
         if url:
@@ -143,9 +147,9 @@ async def observe(job: DreamBoothJob, previous: DreamBoothJobStatus | None, memo
 
 def _status(job: DreamBoothJob, previous: DreamBoothJobStatus | None, batch_job: dict[str, Any] | None,
             pods: list[dict[str, Any]], snapshot: Any) -> tuple[DreamBoothJobStatus, Observation]:
-    obs = Observation.of(
+    obs = Observation.of(  # with a Job: its own pods (an earlier attempt's may be going)
         effective_spec(job.spec), generation=job.metadata.generation or 0,
-        output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=pods,
+        output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=of_job(batch_job, pods),
         snapshot=snapshot, stall_timeout=timedelta(seconds=SETTINGS.stall_timeout_seconds),
         ignored_changes=ignored_changes(batch_job, job.spec),
     )
@@ -162,7 +166,7 @@ async def _sync_suspend(job: DreamBoothJob, batch_job: dict[str, Any] | None, me
         await memo.kube.suspend_job(job.metadata.namespace, naming.trainer_name(job.metadata.name), wanted)
 
 
-async def reconcile(body: dict, memo: kopf.Memo) -> None:
+async def reconcile(body: dict, memo: kopf.Memo, view: NamespaceView | None = None) -> None:
     """Create (idempotently) the ConfigMap, headless Service and Indexed Job of a job and
     write its status. A failure is logged and counted; the next poll cycle tries again."""
     meta = body["metadata"]
@@ -172,7 +176,7 @@ async def reconcile(body: dict, memo: kopf.Memo) -> None:
     memo.busy.add(key)
     started = time.perf_counter()
     try:
-        await _reconcile(body, memo)
+        await _reconcile(body, memo, view)
     except Exception as err:  # noqa: BLE001  (retried by the poller, every poll interval)
         memo.metrics.errors.labels("reconcile").inc()
         log.warning("reconciling %s/%s failed (retried in %ss): %s", *key, SETTINGS.poll_interval_seconds, err)
@@ -182,7 +186,17 @@ async def reconcile(body: dict, memo: kopf.Memo) -> None:
         memo.busy.discard(key)
 
 
-async def _reconcile(body: dict, memo: kopf.Memo) -> None:
+def trainer_inputs(job: DreamBoothJob, previous: DreamBoothJobStatus | None,
+                   now: datetime) -> resources.TrainerInputs:
+    """What a Job created now is built from: the restarts counted so far, and the seconds
+    since the job first started (its activeDeadlineSeconds counts from then)."""
+    started = parse_time(previous.start_time) if previous else None
+    elapsed = int((now - started).total_seconds()) if started else 0
+    return resources.TrainerInputs(job, SETTINGS, restarts=previous.restarts if previous else 0,
+                                   elapsed_seconds=elapsed)
+
+
+async def _reconcile(body: dict, memo: kopf.Memo, view: NamespaceView | None = None) -> None:
     previous = _previous(body.get("status"))
     try:
         job = _typed(body)
@@ -196,14 +210,30 @@ async def _reconcile(body: dict, memo: kopf.Memo) -> None:
         memo.metrics.jobs.set(job.metadata.namespace, job.metadata.name, previous.phase)
         return  # a finished job is never re-run (its Job may be gone: ttl)
     # owned by the job (deleting it deletes them); the Job last: its pods mount the rest
-    *first, trainer = resources.children(resources.TrainerInputs(job, SETTINGS))
+    *first, trainer = resources.children(trainer_inputs(job, previous, datetime.now(UTC)))
     await asyncio.gather(*(memo.kube.ensure(child) for child in first))
-    if await memo.kube.ensure(trainer):  # a new Job has no pods and no status yet: as built
-        current, obs = _status(job, previous, trainer, [], None)
-    else:
-        current, obs = await observe(job, previous, memo)
-        await _sync_suspend(job, obs.job, memo)
+    meta = job.metadata
+    pods = view.trainer_pods(meta.name) if view else await memo.kube.pods(meta.namespace, naming.selector(meta.name))
+    # a new Job only once no pod of the job runs or stops: two generations never train at once
+    if not any(map(running_or_stopping, pods)) and await memo.kube.ensure(trainer):
+        current, obs = _status(job, previous, trainer, [], None)  # a new Job: as built
+        await _write(body, memo, previous, current, obs)
+        return
+    current, obs = await observe(job, previous, memo, view, pods)
+    await _sync_suspend(job, obs.job, memo)
     await _write(body, memo, previous, current, obs)
+    await _act(job, obs, current, memo)
+
+
+async def _act(job: DreamBoothJob, obs: Observation, status: DreamBoothJobStatus, memo: kopf.Memo) -> None:
+    """After the status is written: delete the failed Job of a multi-node job that restarts
+    (its pods stop; a later pass creates the new Job once none is left)."""
+    if obs.job is not None and next_step(obs.job, obs.pods, status) is Step.DELETE_JOB:
+        meta = job.metadata
+        name = naming.trainer_name(meta.name)
+        log.info("deleting the failed Job %s/%s: all %d pods of %s restart together", meta.namespace, name,
+                 obs.nodes, meta.name)
+        await memo.kube.delete_job(meta.namespace, name, obs.job["metadata"]["uid"])
 
 
 async def _write(body: dict, memo: kopf.Memo, previous: DreamBoothJobStatus | None,
@@ -282,7 +312,8 @@ async def refresh(body: dict, memo: kopf.Memo, views: dict[str, NamespaceView | 
     if view is None:
         return  # its namespace could not be listed this cycle (logged)
     if view.trainer_job(body["metadata"]["name"]) is None:
-        await reconcile(body, memo)  # its Job is gone (deleted by hand?): created again, it resumes
+        # its Job is gone (a restart, or deleted by hand): created again once no pod is left
+        await reconcile(body, memo, view)
         return
     try:
         job = _typed(body)
@@ -291,6 +322,7 @@ async def refresh(body: dict, memo: kopf.Memo, views: dict[str, NamespaceView | 
     current, obs = await observe(job, previous, memo, view)
     await _sync_suspend(job, obs.job, memo)
     await _write(body, memo, previous, current, obs)
+    await _act(job, obs, current, memo)
     memo.metrics.reconcile_seconds.labels("poll").observe(time.perf_counter() - started)
 
 

@@ -145,6 +145,17 @@ class Kube:
         except ApiException as err:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason)
 
+    async def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the trainer Job ``uid`` (a newer one of that name stays: 409) and its pods,
+        in the background: batch/v1's default would orphan them. Gone already: fine."""
+        options = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+                   "preconditions": {"uid": uid}}
+        try:
+            await self._raw(self.batch.delete_namespaced_job, name, namespace, body=options, read=False)
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
+
     async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         await self._raw(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}}, read=False)
 

@@ -16,7 +16,8 @@ from dreambooth.api.status import Phase
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 #: waiting reasons that mean "on its way", not "stuck"
 BENIGN_PENDING = frozenset(
-    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting"}
+    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting",
+     "Recreating"}
 )
 
 
@@ -46,6 +47,20 @@ def true_condition(obj: Mapping[str, Any] | None, ctype: str) -> Mapping[str, An
 
 def pod_name(obj: Mapping[str, Any]) -> str:
     return get(obj, "metadata", "name") or "?"
+
+
+def _job_uid(pod: Mapping[str, Any]) -> str | None:
+    labels = get(pod, "metadata", "labels") or {}
+    named = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    owners = [r.get("uid") for r in get(pod, "metadata", "ownerReferences") or () if r.get("kind") == "Job"]
+    return named or (owners[0] if owners else None)
+
+
+def of_job(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods of ``job`` (all of them without one): a pod that names another Job (its
+    controller-uid) belongs to an earlier attempt that is still going away."""
+    uid = get(job, "metadata", "uid")
+    return [p for p in pods if not uid or _job_uid(p) in (None, uid)]
 
 
 def is_active(pod: Mapping[str, Any]) -> bool:
@@ -121,6 +136,15 @@ class Termination:
         return text + (f": {self.message}" if self.message else "")
 
 
+#: torch's static rendezvous giving up (in the log tail when the trainer never started):
+#: pod 0 waiting for the others, or another pod waiting for pod 0
+_RENDEZVOUS_TIMEOUT = re.compile(
+    r"Timed out after \d+ seconds waiting for clients\. \d+/\d+ clients joined\."
+    r"|The client socket has timed out after \d+ms while trying to connect to \([^)]*\)")
+RENDEZVOUS_HINT = ("the pods did not all start within runPolicy.rendezvousTimeoutSeconds: raise it above "
+                   "the slowest scheduling and image pull, or let Kueue admit the pods together")
+
+
 def parse_summary(message: str | None) -> Mapping[str, Any] | None:
     if not message:
         return None
@@ -153,12 +177,16 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
     t = terminated[0]
     raw = (t.get("message") or "").strip()
     summary = parse_summary(raw)
+    reason = str(summary.get("reason")) if summary and summary.get("reason") else None
+    message = str(summary.get("message") or "") if summary else raw
+    if summary is None and t.get("exitCode") and (found := _RENDEZVOUS_TIMEOUT.search(raw)):
+        reason, message = "RendezvousTimeout", f"{found.group(0)} ({RENDEZVOUS_HINT})"
     return Termination(
         pod=pod_name(pod),
         exit_code=t.get("exitCode"),
         k8s_reason=t.get("reason"),
-        trainer_reason=str(summary.get("reason")) if summary and summary.get("reason") else None,
-        message=str(summary.get("message") or "") if summary else raw,
+        trainer_reason=reason,
+        message=message,
         finished_at=t.get("finishedAt") or "",
         disruption=disrupted,
         summary=summary,

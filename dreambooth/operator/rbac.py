@@ -55,9 +55,10 @@ OPERATOR: tuple[Permission, ...] = (
                "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"),
     Permission("", "configmaps", ("create",), "the trainer config of each job"),
     Permission("", "services", ("create",), "the headless Service of each job's pods"),
-    Permission("batch", "jobs", ("create", "get", "list", "patch"),
-               "the Indexed Job: create, observe (all of a namespace's at once), suspend/resume "
-               "(the garbage collector deletes it with its DreamBoothJob)"),
+    Permission("batch", "jobs", ("create", "get", "list", "patch", "delete"),
+               "the Indexed Job: create, observe (all of a namespace's at once), suspend/resume; "
+               "delete a multi-node job's failed Job to restart all its pods together (the garbage "
+               "collector deletes it with its DreamBoothJob)"),
     Permission("", "pods", ("list",), "pod states (reasons such as Unschedulable, OOMKilled) and rank 0's IP"),
     Permission("", "events", ("create",), "kopf posts Events about jobs (core v1 events)"),
 )

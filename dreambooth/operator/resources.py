@@ -4,6 +4,11 @@
 ``job`` (an Indexed batch/v1 Job, one pod per node) return plain dicts ready for the API:
 no I/O, no clock, same input -> same output. Every child is owned by the DreamBoothJob,
 so deleting the job deletes them. Credentials reach the pod only as ``secretKeyRef``s.
+
+A single-node Job retries its pod itself (``backoffLimit``); a multi-node Job fails on the
+first lost pod and the operator starts all pods again together (restarts.py), so a Job may
+be one attempt of several: :class:`TrainerInputs` carries the restarts counted so far and
+the seconds the job has been running.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from typing import Any
 from dreambooth.api.config import TrainerConfig, build_trainer_config
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
+from dreambooth.api.pod import is_zero
 from dreambooth.api.spec import SecretKeyRef
 from dreambooth.api.termination import STOP_FILE, VERDICTS_DIR
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.operator import naming
+from dreambooth.operator.restarts import RESTARTS_ANNOTATION
 from dreambooth.operator.settings import OperatorSettings
 from dreambooth.operator.specchange import SPEC_ANNOTATION, spec_record
 
@@ -69,10 +76,14 @@ def launch_script(launch: str, processes: int) -> str:
 @dataclass(frozen=True)
 class TrainerInputs:
     """Everything the builders read: a validated job (with name, namespace and uid, as the
-    API server returns it) and the operator's settings."""
+    API server returns it), the operator's settings, and for a Job created after an earlier
+    one: the restarts counted so far and the seconds since the job first started (its
+    ``activeDeadlineSeconds`` counts from then)."""
 
     job: DreamBoothJob
     settings: OperatorSettings
+    restarts: int = 0
+    elapsed_seconds: int = 0
 
     def __post_init__(self) -> None:
         meta = self.job.metadata
@@ -232,9 +243,13 @@ def command(inputs: TrainerInputs) -> list[str]:
     lines = [["accelerate", "launch", "--multi_gpu"],
              ["--num_processes", str(res.num_processes), "--num_machines", str(res.nodes)]]
     if res.nodes > 1:
+        # static rendezvous (torchrun's default): pod 0's TCPStore waits this long for the
+        # other pods, and they wait as long for it (without it: 900 s, torchrun's LaunchConfig)
+        timeout = inputs.job.spec.run_policy.rendezvous_timeout_seconds
         lines += [["--machine_rank", '"${JOB_COMPLETION_INDEX:?}"'],
                   ["--main_process_ip", naming.rendezvous_host(inputs.name),
-                   "--main_process_port", str(naming.RENDEZVOUS_PORT)]]
+                   "--main_process_port", str(naming.RENDEZVOUS_PORT)],
+                  ["--rdzv_conf", f"timeout={timeout}"]]
     lines += [["--mixed_precision", str(inputs.job.spec.training.mixed_precision),
                "--dynamo_backend", "no"], ["-m", TRAINER_MODULE]]
     launch = " \\\n  ".join(" ".join(line) for line in lines)
@@ -273,13 +288,34 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
         for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key),
                          ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
-    return env
+    return env + extra_env(inputs)
+
+
+def extra_env(inputs: TrainerInputs) -> list[dict[str, Any]]:
+    """The operator's defaults (trainer.env) with the job's spec.resources.env over them, per
+    name, after the operator's own variables. Values are literal: Kubernetes would expand
+    ``$(NAME)`` in them, so every ``$`` is written as ``$$`` (which it reads back as ``$``)."""
+    merged = dict(inputs.settings.trainer_env)
+    merged.update((var.name, var.value) for var in inputs.job.spec.resources.env)
+    return [{"name": name, "value": value.replace("$", "$$")} for name, value in merged.items()]
+
+
+def extra_resources(inputs: TrainerInputs) -> dict[str, str]:
+    """The operator's defaults (trainer.extraResources) with the job's over them, per name;
+    a zero drops the request. Never the job's GPU, which gpusPerNode requests."""
+    res = inputs.job.spec.resources
+    merged = dict(inputs.settings.trainer_extra_resources) | res.extra_resources
+    return {name: amount for name, amount in sorted(merged.items())
+            if name != res.gpu.resource_name and not is_zero(amount)}
 
 
 def _resources(inputs: TrainerInputs) -> dict[str, Any]:
+    """Requests = limits, as Kubernetes requires for extended resources (the GPU, RDMA
+    devices) and hugepages; cpu and memory follow the same rule."""
     res = inputs.job.spec.resources
     amounts = {res.gpu.resource_name: str(res.gpus_per_node)} if res.gpus_per_node else {}
     amounts |= {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+    amounts |= extra_resources(inputs)
     return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
 
 
@@ -369,11 +405,16 @@ def pod_template(inputs: TrainerInputs) -> dict[str, Any]:
     }
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    """Disruptions (preemption, eviction, drain) do not count against backoffLimit; the
-    trainer's do-not-retry exit codes fail the Job at once; anything else is retried."""
+def pod_failure_policy(nodes: int = 1) -> dict[str, Any]:
+    """One node: disruptions (preemption, eviction, drain) do not count against
+    backoffLimit; the trainer's do-not-retry exit codes fail the Job at once; anything else
+    is retried by a new pod. Several nodes: any lost pod ends the attempt (backoffLimit 0),
+    and a disruption fails the Job through its own rule, so that the Job's failure says it
+    was one (the disrupted pod itself is gone within seconds) and the operator restarts all
+    pods without counting it."""
+    disruption = {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     return {"rules": [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore" if nodes == 1 else "FailJob", **disruption},
         {"action": "FailJob", "onExitCodes": {
             "containerName": CONTAINER, "operator": "In",
             "values": sorted(int(code) for code in DO_NOT_RETRY)}},
@@ -382,7 +423,10 @@ def pod_failure_policy() -> dict[str, Any]:
 
 def job(inputs: TrainerInputs) -> dict[str, Any]:
     """The Indexed Job. A job with a Kueue queue label starts suspended: Kueue unsuspends it
-    when it admits the workload (and owns ``spec.suspend`` from then on)."""
+    when it admits the workload (and owns ``spec.suspend`` from then on). Several nodes:
+    ``backoffLimit`` 0, the operator restarts the whole group (restarts.py) and counts
+    ``runPolicy.backoffLimit`` itself; ``activeDeadlineSeconds`` counts from the job's first
+    start."""
     res, run = inputs.job.spec.resources, inputs.job.spec.run_policy
     kueue = naming.kueue_labels(inputs.job.metadata.labels)
     spec: dict[str, Any] = {
@@ -390,17 +434,18 @@ def job(inputs: TrainerInputs) -> dict[str, Any]:
         "completions": res.nodes,
         "parallelism": res.nodes,
         "suspend": run.suspend or naming.QUEUE_LABEL in kueue,
-        "backoffLimit": run.backoff_limit,
-        "podFailurePolicy": pod_failure_policy(),
+        "backoffLimit": run.backoff_limit if res.nodes == 1 else 0,
+        "podFailurePolicy": pod_failure_policy(res.nodes),
         "podReplacementPolicy": "Failed",  # a rank's new pod waits for the old one to be gone
         "template": pod_template(inputs),
     }
     if run.active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = run.active_deadline_seconds
+        spec["activeDeadlineSeconds"] = max(1, run.active_deadline_seconds - max(0, inputs.elapsed_seconds))
     # no ttlSecondsAfterFinished on the Job: the operator deletes the DreamBoothJob after
     # its ttl and the Job follows; until then a missing Job means someone deleted it
     metadata = _metadata(inputs, naming.trainer_name(inputs.name), kueue)
-    metadata["annotations"] = {SPEC_ANNOTATION: spec_record(inputs.job.spec)}  # see specchange.py
+    metadata["annotations"] = {SPEC_ANNOTATION: spec_record(inputs.job.spec),  # see specchange.py
+                               RESTARTS_ANNOTATION: str(inputs.restarts)}  # see restarts.py
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 

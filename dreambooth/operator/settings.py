@@ -6,6 +6,7 @@ names the variable and says what is allowed (all problems at once).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dreambooth.api.config import Defaults
+from dreambooth.api.pod import env_name_problem, is_hugepages, resource_name_problem
 from dreambooth.api.uris import DNS1123_RE, Scheme, UriError, parse_uri
 from dreambooth.operator.naming import RENDEZVOUS_PORT
 
@@ -57,6 +59,12 @@ class OperatorSettings:
     health_port: int = 8081
     #: the trainer checkpoints on SIGTERM, which takes time
     termination_grace_seconds: int = 300
+    #: (name, literal value) of every trainer container, e.g. NCCL settings; a job's
+    #: spec.resources.env wins per name. JSON: [{"name": "NCCL_DEBUG", "value": "INFO"}]
+    trainer_env: tuple[tuple[str, str], ...] = ()
+    #: (extended resource, whole number) every trainer pod requests (requests = limits); a
+    #: job's spec.resources.extraResources wins per name. JSON: {"rdma/hca": 1}
+    trainer_extra_resources: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -146,6 +154,64 @@ def _namespaces(raw: str) -> tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
+def _json(raw: str, example: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ValueError(f"not JSON: use e.g. {example} (the chart writes it from its values)") from None
+
+
+_ENV_EXAMPLE = '[{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]'
+_RESOURCES_EXAMPLE = '{"rdma/rdma_shared_device_a": 1}'
+
+
+def _trainer_env(raw: str) -> tuple[tuple[str, str], ...]:
+    """A JSON list of {name, value} with literal string values (trainer.env)."""
+    if not raw:
+        return ()
+    data = _json(raw, _ENV_EXAMPLE)
+    if not isinstance(data, list) or not all(
+            isinstance(v, dict) and set(v) <= {"name", "value"} and isinstance(v.get("name"), str)
+            and isinstance(v.get("value", ""), str) for v in data):
+        raise ValueError(f"use a list of {{name, value}} with string values, e.g. {_ENV_EXAMPLE}")
+    problems, seen = [], set()
+    for var in data:
+        problem = env_name_problem(var["name"])
+        if problem is None and var["name"] in seen:
+            problem = f"{var['name']} is listed twice: keep one"
+        if problem:
+            problems.append(problem)
+        seen.add(var["name"])
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple((v["name"], v.get("value", "")) for v in data)
+
+
+def _trainer_extra_resources(raw: str) -> tuple[tuple[str, str], ...]:
+    """A JSON object of extended resource name -> whole number (trainer.extraResources)."""
+    if not raw:
+        return ()
+    data = _json(raw, _RESOURCES_EXAMPLE)
+    if not isinstance(data, dict):  # a ValueError: from_env reports it as the variable's problem
+        raise ValueError(f"use an object of resource name -> number, e.g. {_RESOURCES_EXAMPLE}")  # noqa: TRY004
+    problems, out = [], []
+    for name, amount in data.items():
+        problem = resource_name_problem(name, gpu_resource=None)
+        if problem is None and is_hugepages(name):
+            problem = f"{name}: hugepages need a job's memory request, so set them per job " \
+                "(spec.resources.extraResources with spec.resources.memory)"
+        text = str(amount) if isinstance(amount, int) and not isinstance(amount, bool) else amount
+        if problem is None and not (isinstance(text, str) and text.isdigit()):
+            problem = f"{name}: {amount!r} is not a whole number of devices, e.g. 1"
+        if problem:
+            problems.append(problem)
+        else:
+            out.append((name, text))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(sorted(out))
+
+
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -173,4 +239,6 @@ _PARSERS: tuple[tuple[str, Callable[[str], Any], bool], ...] = (
     ("metrics_port", _int_between(1, 65535), False),
     ("health_port", _int_between(1, 65535), False),
     ("termination_grace_seconds", _int_between(0, 24 * 3600), False),
+    ("trainer_env", _trainer_env, True),
+    ("trainer_extra_resources", _trainer_extra_resources, True),
 )

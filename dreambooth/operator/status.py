@@ -22,6 +22,10 @@ Phases, in precedence order:
    job, and nothing crash-loops), or the container's waiting reason verbatim. The benign
    ``Creating``, ``WaitingForPods``, ``Scheduling``, ``ContainerCreating`` and
    ``Restarting`` (a pod failed, the Job controller makes a new one) say it is on its way.
+   A multi-node job's failed Job is not final while runPolicy.backoffLimit allows: Pending,
+   ``Restarting`` (or ``Preempted`` for a disruption, not counted) until all its pods start
+   again together (restarts.py); ``Recreating`` while a Job deleted by hand leaves pods
+   running or stopping.
 4. All pods running -> the trainer's phase from its metrics (Initializing,
    GeneratingClassImages, Training, Exporting); unreadable metrics keep the last one.
 
@@ -71,6 +75,16 @@ from dreambooth.operator.progress import (
     progress_from,
     rfc3339,
     stalled_for,
+)
+from dreambooth.operator.restarts import (
+    PREEMPTED,
+    RECREATING,
+    RESTARTING,
+    AttemptEnd,
+    attempt_end,
+    attempt_verdict,
+    restarts_before,
+    running_or_stopping,
 )
 from dreambooth.operator.specchange import ignored_message
 
@@ -124,6 +138,9 @@ class Observation:
     stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT
     #: spec paths changed since the Job was built that it does not follow (specchange.py)
     ignored_changes: tuple[str, ...] = ()
+    nodes: int = 1  # resources.nodes: more than one restarts all pods together
+    backoff_limit: int = 3  # runPolicy.backoffLimit
+    deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
 
     @classmethod
     def of(
@@ -153,6 +170,9 @@ class Observation:
             snapshot=snapshot,
             stall_timeout=stall_timeout,
             ignored_changes=ignored_changes,
+            nodes=spec.resources.nodes,
+            backoff_limit=spec.run_policy.backoff_limit,
+            deadline_seconds=spec.run_policy.active_deadline_seconds,
         )
 
     @property
@@ -207,9 +227,30 @@ def _running_message(phase: Phase, progress: Progress | None) -> str:
     }[phase]
 
 
-def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
+def _attempt_verdict(obs: Observation, attempt: AttemptEnd, started_at: str | None) -> Verdict | None:
+    return attempt_verdict(attempt, nodes=obs.nodes, backoff_limit=obs.backoff_limit,
+                           deadline_seconds=obs.deadline_seconds, started_at=started_at)
+
+
+def _without_job(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
+    """No trainer Job: between two attempts of a multi-node job, gone (deleted by hand?)
+    while its pods still stop, or not created yet."""
+    ready = _ready(previous)
+    if previous is not None and previous.phase is Phase.PENDING and ready and ready.reason in (RESTARTING, PREEMPTED):
+        return Verdict(Phase.PENDING, ready.reason, ready.message)
+    left = sum(1 for p in obs.pods if running_or_stopping(p))
+    if left:
+        return Verdict(Phase.PENDING, RECREATING,
+                       f"the trainer Job is gone (deleted by hand?): waiting for its {left} pod(s) to stop "
+                       "before creating a new one, which resumes from the newest checkpoint")
+    return Verdict(Phase.PENDING, "Creating", "creating the trainer Job")
+
+
+def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
+            attempt: AttemptEnd | None = None, started_at: str | None = None) -> Verdict:
     """The phase and headline reason of ``obs`` (messages of running phases are filled in
-    by :func:`compute_status`, which knows the progress)."""
+    by :func:`compute_status`, which knows the progress). ``attempt``: what the failed Job
+    of a multi-node job means (restarts.py)."""
     job, ended = obs.job, terminations(obs.pods)
     if job is not None:
         for ctype in ("Complete", "SuccessCriteriaMet"):
@@ -217,6 +258,8 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
                 return Verdict(Phase.SUCCEEDED, "Succeeded")
         for ctype in ("Failed", "FailureTarget"):
             if cond := true_condition(job, ctype):
+                if attempt is not None and (v := _attempt_verdict(obs, attempt, started_at)):
+                    return v
                 return _failed_verdict(cond, obs, ended)
     if obs.suspend:
         return Verdict(Phase.SUSPENDED, "SuspendRequested",
@@ -227,7 +270,7 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
                        "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
                        "from its newest checkpoint when unsuspended")
     if job is None:
-        return Verdict(Phase.PENDING, "Creating", "creating the trainer Job")
+        return _without_job(obs, previous)
     active = sorted((p for p in obs.pods if is_active(p)), key=pod_name)
     blocked = [v for v in map(pod_blocked, active) if v is not None]
     problem = next((v for v in blocked if v.reason not in BENIGN_PENDING), None)
@@ -239,8 +282,10 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
         failures = [t for t in ended if t.exit_code != 0]
         if failures:
             latest = failures[-1]
-            reason = "Preempted" if latest.disruption else "Restarting"
-            return Verdict(Phase.PENDING, reason, f"{latest.describe()}; a new pod resumes from the newest checkpoint")
+            reason = PREEMPTED if latest.disruption else RESTARTING
+            again = (f"restarting all {obs.nodes} pods from the newest checkpoint" if obs.nodes > 1
+                     else "a new pod resumes from the newest checkpoint")
+            return Verdict(Phase.PENDING, reason, f"{latest.describe()}; {again}")
         return Verdict(Phase.PENDING, "WaitingForPods", "waiting for the Job controller to create pods")
     if obs.snapshot is not None and obs.snapshot.phase in TRAINER_PHASE:
         phase = TRAINER_PHASE[obs.snapshot.phase]
@@ -380,7 +425,14 @@ def compute_status(
 ) -> DreamBoothJobStatus:
     """The whole status for ``obs``. Pure: same inputs, same status."""
     ended = terminations(obs.pods)
-    v = verdict(obs, previous)
+    job_status = get(obs.job, "status") or {}
+    start_time = (previous.start_time if previous else None) or job_status.get("startTime")
+    attempt = attempt_end(
+        obs.job, obs.pods, nodes=obs.nodes, backoff_limit=obs.backoff_limit,
+        previous_restarts=previous.restarts if previous else 0,
+        deadline_seconds=obs.deadline_seconds, started_at=start_time, now=now,
+    )
+    v = verdict(obs, previous, attempt, start_time)
     if (
         previous is not None
         and previous.phase.finished
@@ -407,9 +459,11 @@ def compute_status(
                 uri=obs.out + CHECKPOINT_PREFIX.format(step=snap.last_checkpoint_step),
             )
 
-    job_status = get(obs.job, "status") or {}
-    restarts = max(previous.restarts if previous else 0, int(job_status.get("failed") or 0))
-    start_time = (previous.start_time if previous else None) or job_status.get("startTime")
+    before = previous.restarts if previous else 0
+    if attempt is not None:  # a multi-node attempt ended: counted once, whatever the polls
+        restarts = max(before, attempt.restarts)
+    else:  # the Job's failed pods (each resumed by a new pod), after those of earlier Jobs
+        restarts = max(before, restarts_before(obs.job) + int(job_status.get("failed") or 0))
     if start_time is None and (obs.pods or v.phase in RUNNING_PHASES):
         start_time = rfc3339(now)
     completion_time = previous.completion_time if previous else None

@@ -380,6 +380,25 @@ AGREE = [
     ("warmup-ok", {"training.steps": 100, "training.lrWarmupSteps": 99}, True),
     ("warmup-equal", {"training.steps": 100, "training.lrWarmupSteps": 100}, False),
     ("warmup-none", {"training.steps": 1, "training.lrWarmupSteps": 0}, True),
+    ("mig-one", {"resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"},
+                 "resources.gpusPerNode": 1}, True),
+    ("mig-two", {"resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"},
+                 "resources.gpusPerNode": 2, "training.batchSize": 2}, False),
+    ("gpus-two", {"resources.gpusPerNode": 2, "training.batchSize": 2}, True),
+    ("env-nccl", {"resources.env": [{"name": "NCCL_IB_HCA", "value": "mlx5"},
+                                    {"name": "NCCL_DEBUG", "value": "INFO"}]}, True),
+    *[(f"env-{name.lower()}", {"resources.env": [{"name": "NCCL_DEBUG"}, {"name": name}]}, False)
+      for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "JOB_COMPLETION_INDEX", "DREAMBOOTH_X",
+                   "AWS_REGION", "PYTHONPATH", "RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID",
+                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "ACCELERATE_MIXED_PRECISION",
+                   "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "db_password",
+                   "MY_API_KEY", "AccessKey")],
+    ("extra-rdma", {"resources.extraResources": {"rdma/rdma_shared_device_a": "1"}}, True),
+    ("extra-gpu", {"resources.extraResources": {"nvidia.com/gpu": "1"}}, False),
+    ("extra-own-gpu", {"resources.gpu": {"resourceName": "amd.com/gpu"},
+                       "resources.extraResources": {"amd.com/gpu": "1"}}, False),
+    ("extra-cpu", {"resources.extraResources": {"cpu": "1"}}, False),
+    ("extra-memory", {"resources.extraResources": {"memory": "1Gi"}}, False),
 ]
 
 
@@ -397,6 +416,11 @@ PYTHON_ONLY = [
     ("preset-steps-under-checkpoint", {"preset": "object", "checkpointing.everySteps": 500}),
     ("te-steps-without-te", {"training.textEncoderSteps": 10}),
     ("ema-with-lora", {"training.method": "lora", "training.ema": True}),
+    # extraResources keys are not scanned by CEL (a schema cannot bound a map key's length,
+    # so the API server's cost estimate of a string function on keys would be huge)
+    ("extra-not-extended", {"resources.extraResources": {"ephemeral-storage": "1"}}),
+    ("extra-fraction", {"resources.extraResources": {"rdma/hca": "500m"}}),
+    ("hugepages-without-memory", {"resources.extraResources": {"hugepages-2Mi": "1Gi"}}),
 ]
 
 
@@ -405,6 +429,14 @@ def test_preset_dependent_rules_are_left_to_the_operator(changes):
     raw = with_changes(minimal_spec(), changes)
     assert not python_accepts(raw)
     assert cel_violations(as_stored(raw)) == []
+
+
+def test_env_names_are_a_map_list_so_the_api_server_refuses_duplicates():
+    """cel-python does not see x-kubernetes-list-type; the API server refuses two items with
+    one name, and the python rules say so with the field (tests/api/test_invalid_specs.py)."""
+    env = SPEC_SCHEMA["properties"]["resources"]["properties"]["env"]
+    assert env["x-kubernetes-list-type"] == "map"
+    assert env["x-kubernetes-list-map-keys"] == ["name"] and "name" in env["items"]["required"]
 
 
 def apply_crd_defaults(obj: Any, schema: dict[str, Any]) -> Any:
@@ -457,6 +489,18 @@ def rule_inputs(draw) -> dict[str, Any]:
         "prior.classPrompt": st.none() | st.just("a photo of a cat"),
         "prior.uri": st.none() | st.just("s3://training-data/cats/"),
         "training.lora": st.none() | st.just({"rank": 4}),
+        "resources.gpu": st.none() | st.sampled_from(
+            [{"resourceName": "nvidia.com/mig-3g.20gb"}, {"resourceName": "amd.com/gpu"}]),
+        "resources.env": st.none() | st.lists(st.builds(
+            lambda name: {"name": name, "value": "1"},
+            st.sampled_from(["NCCL_DEBUG", "NCCL_IB_HCA", "HOME", "AWS_REGION", "RANK",
+                             "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "OMP_NUM_THREADS"])),
+            max_size=3, unique_by=lambda v: v["name"]),
+        "resources.extraResources": st.none() | st.dictionaries(
+            st.sampled_from(["rdma/hca", "nvidia.com/gpu", "amd.com/gpu", "cpu", "hugepages-2Mi",
+                             "ephemeral-storage"]), st.sampled_from(["0", "1", "500m", "1Gi"]),
+            max_size=3),
+        "resources.memory": st.none() | st.just("64Gi"),
     }
     for path, strategy in optional.items():
         value = draw(strategy)

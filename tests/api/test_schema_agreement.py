@@ -58,6 +58,7 @@ REQUIRED = {
     ("training", "textualInversion", "placeholderToken"): "<zwx>",
     ("training", "textualInversion", "initializerToken"): "cat",
     ("storage", "credentialsSecret", "name"): "minio-credentials",
+    ("resources", "env", "[]", "name"): "NCCL_DEBUG",
 }
 ITEM, VALUE = "[]", "{}"  # path parts for a list item and a map value
 
@@ -421,7 +422,9 @@ def test_the_walk_finds_every_kind_of_leaf():
         "validation.prompts#size", "validation.prompts.[]", "output.formats.[]",
         "resources.tolerations.[].effect", "resources.nodeSelector#size",
         "resources.nodeSelector.{}", "storage.credentialsSecret.name", "instance.uri",
-        "baseModel.uri", "runPolicy.ttlSecondsAfterFinished",
+        "baseModel.uri", "runPolicy.ttlSecondsAfterFinished", "resources.env.[].name",
+        "resources.env.[].value", "resources.env#size", "resources.extraResources.{}",
+        "resources.extraResources#size",
     ]:
         assert expected in ids
     assert len(LEAVES) >= 70

@@ -239,6 +239,16 @@ def test_values_yaml_and_schema_have_the_same_keys():
     ({"operator": {"extraEnv": [{"name": "DREAMBOOTH_NAMESPACES", "value": "x"}]}},
      "at '/operator/extraEnv/0/name'", "'not' failed"),
     ({"tolerations": [{"key": "gpu", "efect": "NoSchedule"}]}, "at '/tolerations/0'", "'efect' not allowed"),
+    ({"trainer": {"env": [{"name": "HOME", "value": "/root"}]}}, "at '/trainer/env/0/name'", "'not' failed"),
+    ({"trainer": {"env": [{"name": "NCCL DEBUG", "value": "INFO"}]}}, "at '/trainer/env/0/name'",
+     "does not match pattern"),
+    ({"trainer": {"env": [{"name": "NCCL_DEBUG"}]}}, "at '/trainer/env/0'", "missing property 'value'"),
+    ({"trainer": {"env": [{"name": "HF_TOKEN", "valueFrom": {}}]}}, "at '/trainer/env/0'", "'valueFrom' not allowed"),
+    ({"trainer": {"env": {"NCCL_DEBUG": "INFO"}}}, "at '/trainer/env'", "got object, want array"),
+    ({"trainer": {"extraResources": {"cpu": 4}}}, "invalid propertyName 'cpu'", ""),
+    ({"trainer": {"extraResources": {"nvidia.com/gpu": 1}}}, "invalid propertyName 'nvidia.com/gpu'", ""),
+    ({"trainer": {"extraResources": {"rdma/hca": "500m"}}}, "at '/trainer/extraResources/rdma~1hca'",
+     "'oneOf' failed"),
 ])
 def test_schema_rejects_bad_values_naming_the_path(values, path, says):
     from helm_python import HelmValuesError
@@ -313,6 +323,66 @@ def test_production_values_reach_the_operator_settings():
     assert settings.output_root == values["storage"]["outputRoot"]
     assert settings.stall_timeout_seconds == values["operator"]["stallTimeoutSeconds"]
     assert settings.termination_grace_seconds == values["trainer"]["terminationGracePeriodSeconds"]
+    assert settings.trainer_env == (("NCCL_DEBUG", "WARN"),)
+
+
+def test_trainer_env_and_extra_resources_reach_the_operator_settings():
+    values = {"trainer": {
+        "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"}, {"name": "NCCL_DEBUG", "value": "INFO"}],
+        "extraResources": {"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": "8", "example.com/big": 1000000},
+    }}
+    settings = OperatorSettings.from_env(container_env(_operator_container(values)))
+    assert settings.trainer_env == (("NCCL_SOCKET_IFNAME", "^lo,docker"), ("NCCL_DEBUG", "INFO"))
+    assert settings.trainer_extra_resources == (
+        ("example.com/big", "1000000"), ("nvidia.com/hostdev", "8"), ("rdma/rdma_shared_device_a", "1"))
+
+
+#: names the operator's settings refuse and names they accept: the chart's schema must agree,
+#: so that a bad value fails `helm install` instead of crash-looping the operator
+ENV_NAMES = ["HOME", "HF_HOME", "XDG_CACHE_HOME", "JOB_COMPLETION_INDEX", "DREAMBOOTH_X", "AWS_REGION",
+             "PYTHONPATH", "RANK", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_X", "TORCH_ELASTIC_X",
+             "ACCELERATE_X", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "my_password",
+             "S3_SECRET", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG", "NCCL_P2P_DISABLE",
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "_X", "1X", "A-B"]
+RESOURCE_NAMES = ["rdma/rdma_shared_device_a", "nvidia.com/hostdev", "example.com/fpga", "cpu", "memory",
+                  "nvidia.com/gpu", "amd.com/gpu", "nvidia.com/mig-3g.20gb", "hugepages-2Mi",
+                  "ephemeral-storage", "kubernetes.io/x", "node.kubernetes.io/x", "rdma", "Rdma/x"]
+
+
+def _settings_accept(var: str, value: str) -> bool:
+    try:
+        OperatorSettings.from_env({var: value})
+    except ValueError:
+        return False
+    return True
+
+
+def _schema_accepts(values: dict[str, Any]) -> bool:
+    from helm_python import HelmValuesError
+
+    try:
+        chart().validate_schema(values)
+    except HelmValuesError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_schema_and_settings_agree_on_trainer_env_names(name):
+    import json
+
+    by_settings = _settings_accept(f"{PREFIX}TRAINER_ENV", json.dumps([{"name": name, "value": "1"}]))
+    assert _schema_accepts({"trainer": {"env": [{"name": name, "value": "1"}]}}) is by_settings
+    assert by_settings is name.startswith(("NCCL_", "TORCH_NCCL_", "OMP_", "HF_HUB_", "_X"))
+
+
+@pytest.mark.parametrize("name", RESOURCE_NAMES)
+def test_schema_and_settings_agree_on_trainer_extra_resources(name):
+    import json
+
+    by_settings = _settings_accept(f"{PREFIX}TRAINER_EXTRA_RESOURCES", json.dumps({name: 1}))
+    assert _schema_accepts({"trainer": {"extraResources": {name: 1}}}) is by_settings
+    assert by_settings is (name in RESOURCE_NAMES[:3])
 
 
 def test_image_digest_wins_over_the_tag():

@@ -1,8 +1,10 @@
 """The Dockerfile's two images, checked without a Docker engine (none runs here or in CI):
 the pins it installs from, the files it reads (and that .dockerignore lets through), its
 users, writable paths, ports and entry points, against the project's own code and pins.
-What only a build can show (that the CUDA wheels resolve, that the image starts) is not
-checked here: see docs/deploy.md."""
+The trainer builds on slim Python, not a CUDA image: torch's CUDA wheel brings the CUDA
+runtime, cuDNN, cuBLAS and NCCL as nvidia-* pip packages, so the libraries ship once.
+What only a build can show (that the CUDA wheels resolve, that the image starts, that the
+build's own find(1) check of CUDA libraries passes) is not checked here: see docs/deploy.md."""
 
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: what must never be in the operator image
 HEAVY = {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "safetensors",
          "triton", "torchvision"}
-#: Python 3 of the Ubuntu releases a CUDA base image may be built on
-UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
+#: what a second copy of the CUDA libraries looks like in an image: a CUDA base image, or an
+#: OS package of the CUDA runtime, cuDNN, cuBLAS or NCCL
+CUDA_BASE = re.compile(r"(?i)(^|/)(nvidia/cuda|cuda)[:/-]|nvcr\.io/nvidia/(cuda|pytorch)")
+CUDA_PACKAGE = re.compile(r"(?i)^(cuda|libcudnn|cudnn|libnccl|libcublas|libcudart|nvidia-cuda|libnvidia-compute)")
 
 
 @dataclass
@@ -128,16 +132,19 @@ def constraints() -> dict[str, str]:
 
 def test_two_targets_from_the_expected_bases():
     assert {"operator", "trainer"} <= set(STAGES)
-    assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base_image(STAGES["operator"]))
-    trainer = base_image(STAGES["trainer"])
-    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d\d\.\d\d", trainer), trainer
+    for stage in ("operator", "trainer"):
+        assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base_image(STAGES[stage])), stage
+    assert base_image(STAGES["trainer"]) == base_image(STAGES["operator"])  # one Python, as in CI
 
 
 def _python_of(stage: str) -> str:
-    image = base_image(STAGES[stage])
-    if image.startswith("python:"):
-        return re.match(r"python:(3\.\d+)", image).group(1)
-    return UBUNTU_PYTHON[re.search(r"ubuntu(\d\d\.\d\d)", image).group(1)]
+    return re.match(r"python:(3\.\d+)", base_image(STAGES[stage])).group(1)
+
+
+def apt_installs(stage: Stage) -> list[str]:
+    """The packages of every `apt-get install` in the stage."""
+    return [w for run in stage.all("RUN") for words in shell_commands(run)
+            if words[:2] == ["apt-get", "install"] for w in words[2:] if not w.startswith("-")]
 
 
 @pytest.mark.parametrize("stage", ["operator", "trainer"])
@@ -145,10 +152,44 @@ def test_image_python_is_one_the_project_supports(stage):
     assert Version(_python_of(stage)) in SpecifierSet(PYPROJECT["project"]["requires-python"])
 
 
-def test_torch_index_matches_the_cuda_base_image():
-    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)", base_image(STAGES["trainer"]))
-    tag = re.search(r"/whl/(cu\d+)$", ARGS["TORCH_INDEX_URL"]).group(1)
-    assert tag == f"cu{cuda.group(1)}{cuda.group(2)}"
+def test_the_cuda_libraries_ship_once_with_torch():
+    """No CUDA base image and no OS package of CUDA, cuDNN, cuBLAS or NCCL: the CUDA torch
+    wheel's nvidia-* packages are the only copy, and the build fails if it finds another."""
+    for stage in STAGES.values():
+        assert not CUDA_BASE.search(base_image(stage)), f"{stage.name}: {base_image(stage)}"
+    assert not [a for a in ARGS.values() if CUDA_BASE.search(a)], ARGS
+    for stage in ("operator", "trainer"):
+        assert not [p for p in apt_installs(STAGES[stage]) if CUDA_PACKAGE.match(p)], stage
+        assert not [w for words in pip_installs(STAGES[stage]) for w in words if w.startswith("nvidia-")]
+    run = " ".join(STAGES["trainer"].all("RUN"))
+    guard = re.search(r"test -z \"\$\(find / -xdev -path /opt/venv -prune -o (.*?) -print\)\"", run)
+    assert guard, "the trainer build must fail when a CUDA library exists outside the venv"
+    for library in ("libcudart.so*", "libcudnn*.so*", "libcublas*.so*", "libnccl.so*"):
+        assert f"-name '{library}'" in guard.group(1), library
+    assert "test -n \"$(find /opt/venv -name 'libcudart.so*'" in run  # and the wheel's copy is there
+    assert STAGES["trainer"].env()["VIRTUAL_ENV"] == "/opt/venv"
+
+
+def test_the_trainer_takes_from_the_os_only_what_the_wheels_lack():
+    """rdma-core's verbs library for NCCL over InfiniBand/RoCE; no recommends; the driver
+    comes from the node, so the image asks the NVIDIA toolkit for compute but chooses no GPUs."""
+    assert sorted(apt_installs(STAGES["trainer"])) == ["ibverbs-providers", "libibverbs1"]
+    run = " ".join(STAGES["trainer"].all("RUN"))
+    assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists/*" in run
+    env = STAGES["trainer"].env()
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    assert "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin's, from the GPU request
+
+
+def test_the_driver_the_cuda_wheel_needs_is_documented():
+    """docs/deploy.md names the wheel's CUDA version and the driver versions it runs on."""
+    tag = re.search(r"/whl/cu(\d+)(\d)$", ARGS["TORCH_INDEX_URL"])
+    cuda = f"{tag.group(1)}.{tag.group(2)}"
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    drivers = re.split(r"\n#{2,3} ", deploy[deploy.index("### Drivers"):])[0]
+    assert f"cu{tag.group(1)}{tag.group(2)}" in drivers and f"CUDA {cuda}" in drivers
+    assert re.search(r">= ?\d{3}\.\d+", drivers), "a minimum driver version"
+    assert "docs.nvidia.com" in drivers, "the source of the driver table"
 
 
 # --------------------------------------------------------------------------- pins

@@ -13,7 +13,7 @@ import pytest
 from dreambooth.api import manifest, validate_job
 from dreambooth.operator import resources
 from dreambooth.operator.settings import OperatorSettings
-from tests.chart.support import EVERYTHING, ROOT, objects, production_values
+from tests.chart.support import EVERYTHING, ROOT, container_env, objects, one, production_values
 
 _ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                     "persistentVolumeClaim", "projected", "secret"}
@@ -123,6 +123,26 @@ def test_trainer_pods_the_operator_creates_meet_it_too(example: Path):
     assert restricted_violations(resources.job(inputs)["spec"]["template"]["spec"]) == []
 
 
+def test_trainer_pods_stay_restricted_with_nccl_variables_and_rdma_devices():
+    """Env vars and device-plugin resources need no privilege: the chart's trainer defaults
+    (through the operator's settings) and a job's own keep the pods "restricted". RDMA
+    memory pinning (IPC_LOCK) or hostNetwork would not, and the operator adds neither."""
+    values = {"trainer": {"env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}],
+                          "extraResources": {"rdma/rdma_shared_device_a": 1}}}
+    deployment = one(objects(values), "Deployment")
+    settings = OperatorSettings.from_env(container_env(deployment["spec"]["template"]["spec"]["containers"][0]))
+    (doc,) = [d.data for d in manifest.read(ROOT / "examples" / "multi-node.yaml") if d.kind == "DreamBoothJob"]
+    doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
+    doc["spec"]["resources"]["env"] = [{"name": "NCCL_DEBUG", "value": "INFO"}]
+    doc["spec"]["resources"]["extraResources"] = {"nvidia.com/hostdev": "8", "hugepages-2Mi": "2Gi"}
+    pod = resources.job(resources.TrainerInputs(validate_job(doc, cluster=True), settings))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"NCCL_IB_HCA", "NCCL_DEBUG"} <= {e["name"] for e in container["env"]}
+    assert {"rdma/rdma_shared_device_a", "nvidia.com/hostdev", "hugepages-2Mi"} <= set(container["resources"]["limits"])
+    assert restricted_violations(pod) == []
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]} and not pod.get("hostNetwork")
+
+
 @pytest.mark.parametrize(("change", "says"), [
     (lambda p: p.update(hostNetwork=True), "hostNetwork"),
     (lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
@@ -131,6 +151,9 @@ def test_trainer_pods_the_operator_creates_meet_it_too(example: Path):
     (lambda p: p["securityContext"].pop("runAsNonRoot") and p["containers"][0]["securityContext"].pop("runAsNonRoot"),
      "runAsNonRoot"),
     (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    # what RDMA setups often ask for, and why the operator does not add it
+    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["IPC_LOCK"]), "adds capabilities"),
+    (lambda p: p.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet"), "hostNetwork"),
 ])
 def test_the_checker_catches_each_violation(change, says):
     ((_, pod),) = _pod_specs(objects())

@@ -5,13 +5,14 @@ trainer; the Job controller and garbage collector stand-ins run beside it."""
 from __future__ import annotations
 
 import base64
+import os
 import signal
 
 import pytest
 
 from tests.support import kube as kube_harness
 from tests.support.cluster import sleep_until
-from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet
+from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet, container_pids
 from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
 
 kube = kube_harness.kube
@@ -151,3 +152,49 @@ def test_pods_of_an_indexed_job_find_pod_zero_by_its_dns_name(kube, node):
     port = zero.log().split(":")[-1].strip()
     assert zero.log() == one.log() == f"rendezvous at {zero.ip}:{port}\n"
     assert port != "29500" and zero.ip != one.ip
+
+
+
+def test_a_held_image_pull_starts_one_index_late(kube, node):
+    """What a test uses to start pod 1 of a multi-node job late (a slow pull on a fresh node)."""
+    hold = 2.0
+    node.hold_pull(hold, index=1)
+    template = pod("unused", "echo started")
+    kube.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "late"},
+                 "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2,
+                          "template": {"spec": template["spec"]}}})
+    kube.wait_for(lambda: len(node.history) == 1, what="pod 0 started")
+    (held,) = [p for p in kube.list("pods", "default")
+               if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
+    status = kube.wait_for(lambda: kube.get("pods", "default", held["metadata"]["name"]).get("status"),
+                           what="pod 1's status")
+    assert status["phase"] == "Pending"
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
+    kube.wait_for(lambda: any(c["type"] == "Complete" for c in (kube.get(
+        "jobs", "default", "late").get("status") or {}).get("conditions") or ()),
+        what="the Job complete")
+    zero, one = sorted(node.history, key=lambda r: r.index)
+    assert one.started_at - zero.started_at >= hold
+    assert zero.ended_at is not None and one.ended_at >= one.started_at
+
+    # the hold applied once: the next pod of index 1 starts at once
+    again = pod("index-1-again", "echo quick")
+    again["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = "1"
+    kube.create(again)
+    kube.wait_for(lambda: phase(kube, "index-1-again") == "Succeeded", timeout=hold * 0.75,
+                  what="a pod of index 1 started without waiting")
+
+
+def test_killing_the_main_process_ends_every_process_of_the_container(kube, node):
+    """As a container's PID namespace goes with its PID 1: torchrun starts its workers in
+    sessions of their own, and a killed pod's workers must not train on."""
+    kube.create(pod("tree", "setsid sleep 300 & setsid sh -c 'sleep 300' & sleep 300"))
+    run = sleep_until(lambda: node.process("tree"), 10)
+
+    def own_sessions() -> list[int]:
+        return [p for p in container_pids(run.uid) if os.getsid(p) != run.pid]
+
+    assert sleep_until(lambda: len(own_sessions()) >= 2, 10), container_pids(run.uid)
+    node.kill(run)
+    kube.wait_for(lambda: phase(kube, "tree") == "Failed", what="the killed pod")
+    assert sleep_until(lambda: not container_pids(run.uid), 5), container_pids(run.uid)

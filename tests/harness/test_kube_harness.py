@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,14 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
 kube = kube_harness.kube  # the fixture
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored(monkeypatch):
+    """kopf's file loader (``kopf run path.py``) puts the file's folder first on sys.path and
+    leaves it there; a later test that hands sys.path to a subprocess (PYTHONPATH) would make
+    it import that folder's operator.py instead of the standard library's ``operator``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 OPERATOR = '''
 import pathlib
@@ -582,5 +591,26 @@ def test_controller_loop_and_garbage_collection(kube):
         for pod in made:
             kubelet.succeed(pod)
         kube.wait_for(lambda: condition(kube.get("Job", "default", "toy-trainer"), "Complete"))
-        kube.delete("Job", "default", "toy-trainer")
+        kube.delete("Job", "default", "toy-trainer", propagation="Background")  # kubectl's default
         kube.wait_for(lambda: pods(kube) == [], what="pods collected")
+
+
+def test_a_job_deleted_through_the_api_orphans_its_pods_unless_told_otherwise(kube):
+    """batch/v1 keeps Orphan as its default propagationPolicy: a controller that deletes a
+    Job and means its pods to go too must say Background (or Foreground)."""
+    collector = GarbageCollector(kube)
+    kube.create(indexed_job())
+    JobController(kube).reconcile()
+    uid = kube.get("Job", "default", "toy-trainer")["metadata"]["uid"]
+    kube.delete("Job", "default", "toy-trainer")
+    collector.collect()
+    left = pods(kube)
+    assert len(left) == 2 and all(not p["metadata"].get("ownerReferences") for p in left)
+    assert all(p["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] == uid for p in left)
+    for p in left:
+        kube.delete("Pod", "default", p["metadata"]["name"])
+    kube.create(indexed_job())
+    JobController(kube).reconcile()
+    kube.delete("Job", "default", "toy-trainer", propagation="Background")
+    collector.collect()
+    assert pods(kube) == []

@@ -359,3 +359,59 @@ def test_the_operator_keeps_no_state_on_the_job_and_retries_what_failed(kube, op
     kube.delete("jobs", "default", "toy-cat-trainer")
     kube.wait_for(lambda: (kube.find("jobs", "default", "toy-cat-trainer") or {}).get("metadata", {}).get("uid")
                   not in (None, uid), what=f"the trainer Job created again\n{operator.output()[-2000:]}")
+
+
+def test_multi_node_job_restarts_all_pods_together_once_the_old_ones_are_gone(kube, operator):  # noqa: F811
+    """Defect 3: a 2-node job whose pod 1 fails: the Job fails (backoffLimit 0), the operator
+    deletes it (pods in the background), waits until no old pod stops any more, then creates
+    a new Job for all pods; a preemption restarts it again without counting."""
+    dbj = kube.create(example("toy-cat", resources={"nodes": 2}))
+    jc, kubelet, gc = JobController(kube), Kubelet(kube), GarbageCollector(kube)
+    first = kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
+    jc.reconcile()
+    pod0, pod1 = sorted(kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"}),
+                        key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+    # pod 0 takes a while to stop (it checkpoints on SIGTERM): a finalizer keeps it for now
+    kube.patch("pods", "default", pod0["metadata"]["name"], {"metadata": {"finalizers": ["test/stopping"]}})
+    kubelet.run(pod0, ip=POD_IP)
+    kubelet.run(pod1, ip="127.0.0.3")
+    kubelet.fail(pod1, exit_code=137)  # kill -9, the OOM killer
+    jc.reconcile()  # backoffLimit 0: the Job fails and its controller stops pod 0
+
+    status = wait_phase(kube, operator, "toy-cat", "Pending")
+    kube.wait_for(lambda: condition(kube, "toy-cat", "Ready")["reason"] == "Restarting", what="Restarting")
+    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer") is None,
+                  what=f"the failed Job deleted\n{operator.output()[-2000:]}")
+    assert ("DELETE", "/apis/batch/v1/namespaces/default/jobs/toy-cat-trainer") in kube.requests
+    status = status_of(kube, "toy-cat")
+    assert status["restarts"] == 1
+    message = condition_in(status, "Ready")["message"]
+    assert f"pod {pod1['metadata']['name']}: Error (exit 137)" in message
+    assert "restarting all 2 pods from the newest checkpoint (restart 1 of at most 3)" in message
+
+    gc.collect()  # the Job's pods go (background): pod 1 at once, pod 0 is still stopping
+    assert [p["metadata"]["name"] for p in kube.list("pods", "default")] == [pod0["metadata"]["name"]]
+    time.sleep(2.5)  # two poll cycles: no new Job while an old pod may still write
+    assert kube.find("jobs", "default", "toy-cat-trainer") is None
+    kube.patch("pods", "default", pod0["metadata"]["name"], {"metadata": {"finalizers": None}})
+    second = kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"),
+                           what=f"the new Job\n{operator.output()[-2000:]}")
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert second["metadata"]["annotations"]["dreambooth.io/restarts"] == "1"
+    assert second["spec"]["backoffLimit"] == 0
+    jc.reconcile()
+    new_pods = kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"})
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+                  for p in new_pods) == ["0", "1"]  # all pods, a new pod 0 too
+
+    # a preemption ends the attempt too, and restarts it without counting
+    kubelet.preempt(new_pods[1])
+    jc.reconcile()
+    kube.wait_for(lambda: condition(kube, "toy-cat", "Ready")["reason"] == "Preempted", what="Preempted")
+    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer") is None, what="the Job deleted")
+    gc.collect()
+    third = kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the third Job")
+    assert third["metadata"]["annotations"]["dreambooth.io/restarts"] == "1"
+    assert status_of(kube, "toy-cat")["restarts"] == 1
+    reasons = [e.get("reason") for e in kube.events(dbj)]
+    assert reasons.count("Restarted") == 1 and "Preempted" in reasons, reasons

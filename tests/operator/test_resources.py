@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -159,6 +160,23 @@ def test_examples_covered():
 # ------------------------------------------------------------------------------ schema
 
 
+#: what a real GPU cluster adds: NCCL variables and RDMA devices from the operator's
+#: settings (the chart's trainer.env / trainer.extraResources) and from the job
+CLUSTER_SETTINGS = OperatorSettings(
+    s3_endpoint="minio.minio.svc:9000", credentials_secret="dreambooth-s3",
+    trainer_env=(("NCCL_SOCKET_IFNAME", "eth0"), ("NCCL_DEBUG", "WARN")),
+    trainer_extra_resources=(("rdma/rdma_shared_device_a", "1"),),
+)
+
+
+def cluster_extras_doc() -> dict[str, Any]:
+    return minimal_doc(resources={
+        "nodes": 2, "gpusPerNode": 4, "memory": "256Gi",
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
+        "extraResources": {"nvidia.com/hostdev": "4", "hugepages-2Mi": "1Gi"},
+    }, training={"batchSize": 8})
+
+
 def all_cases() -> list[tuple[str, TrainerInputs]]:
     gpu0 = minimal_doc(resources={"gpusPerNode": 0})
     digit = minimal_doc(resources={"nodes": 2, "gpusPerNode": 1}, training={"batchSize": 4})
@@ -169,6 +187,7 @@ def all_cases() -> list[tuple[str, TrainerInputs]]:
         ("cpu-only", inputs_for(gpu0)),
         ("no-endpoint-no-secret", inputs_for(minimal_doc(), OperatorSettings())),
         ("digit-name", inputs_for(digit)),
+        ("cluster-extras", inputs_for(cluster_extras_doc(), CLUSTER_SETTINGS)),
     ]
 
 
@@ -579,20 +598,87 @@ def test_pod_failure_policy_lists_exactly_the_do_not_retry_codes():
     for case, inputs in CASES:
         job = resources.job(inputs)
         rules = job["spec"]["podFailurePolicy"]["rules"]
-        fail = [r for r in rules if r["action"] == "FailJob"]
-        assert len(fail) == 1, case
-        codes = fail[0]["onExitCodes"]
-        assert codes["operator"] == "In" and codes["containerName"] == trainer(job)["name"]
-        assert codes["values"] == sorted(int(c) for c in DO_NOT_RETRY)
-        assert {"action": "Ignore", "onPodConditions": [
-            {"type": "DisruptionTarget", "status": "True"}]} in rules
+        codes = [r["onExitCodes"] for r in rules if "onExitCodes" in r]
+        assert len(codes) == 1 and [r["action"] for r in rules if "onExitCodes" in r] == ["FailJob"], case
+        assert codes[0]["operator"] == "In" and codes[0]["containerName"] == trainer(job)["name"]
+        assert codes[0]["values"] == sorted(int(c) for c in DO_NOT_RETRY)
+        disruption = [r for r in rules if "onPodConditions" in r]
+        assert [r["onPodConditions"] for r in disruption] == [[{"type": "DisruptionTarget", "status": "True"}]]
         assert pod_spec(job)["restartPolicy"] == "Never"
+
+
+def test_multi_node_job_fails_on_the_first_lost_pod_so_that_all_pods_restart_together():
+    """Defect 3: an Indexed Job replaces only the failed index, the other ranks wait in a
+    collective and the new pod meets a stale rendezvous. A multi-node Job ends at the first
+    lost pod (the Job controller stops the others); the operator starts all pods again."""
+    multi = resources.job(dict(CASES)["multi-node"])
+    assert multi["spec"]["backoffLimit"] == 0  # runPolicy.backoffLimit (6) is the operator's
+    rules = multi["spec"]["podFailurePolicy"]["rules"]
+    assert "Ignore" not in [r["action"] for r in rules]
+    # a disruption fails it too, first, so that the Job's failure says it was one
+    assert rules[0] == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    single = resources.job(dict(CASES)["toy-cat"])  # unchanged: the Job retries its one pod
+    assert single["spec"]["backoffLimit"] == 3
+    assert single["spec"]["podFailurePolicy"]["rules"][0]["action"] == "Ignore"
+    for job in (multi, single):
+        assert job["metadata"]["annotations"]["dreambooth.io/restarts"] == "0"
+    again = resources.job(TrainerInputs(dict(CASES)["multi-node"].job, SETTINGS, restarts=2))
+    assert again["metadata"]["annotations"]["dreambooth.io/restarts"] == "2"
+
+
+def test_a_recreated_jobs_deadline_counts_from_the_jobs_first_start():
+    inputs = dict(CASES)["multi-node"]  # activeDeadlineSeconds 86400
+    later = TrainerInputs(inputs.job, SETTINGS, restarts=1, elapsed_seconds=3600)
+    assert resources.job(later)["spec"]["activeDeadlineSeconds"] == 86400 - 3600
+    past = TrainerInputs(inputs.job, SETTINGS, elapsed_seconds=90000)
+    assert resources.job(past)["spec"]["activeDeadlineSeconds"] == 1  # fails at once: DeadlineExceeded
+
+
+def _launch_argv(job: dict[str, Any], index: int) -> list[str]:
+    """The ``accelerate launch`` arguments of pod ``index``, as its shell would pass them."""
+    launch = trainer(job)["command"][2].split("accelerate launch", 1)[1].split(" &", 1)[0]
+    launch = launch.replace("\\\n", " ")  # the shell drops backslash-newlines
+    return shlex.split(launch.replace('"${JOB_COMPLETION_INDEX:?}"', str(index)))
+
+
+@accelerate_missing
+def test_multi_node_rendezvous_timeout_reaches_torchs_static_rendezvous():
+    """runPolicy.rendezvousTimeoutSeconds -> ``--rdzv_conf timeout=<s>`` -> torchrun's static
+    rendezvous: pod 0's TCPStore waits that long for the other pods, and they for it (without
+    the flag: 900 s, torchrun's LaunchConfig default; the static handler's own is 600 s)."""
+    from accelerate.commands.launch import (
+        _filter_args,
+        _validate_launch_command,
+        launch_command_parser,
+    )
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import create_rdzv_handler
+
+    doc = job_doc(ROOT / "examples" / "multi-node.yaml")
+    assert "--rdzv_conf timeout=1800" in trainer(resources.job(inputs_for(doc)))["command"][2]  # the default
+    doc["spec"]["runPolicy"]["rendezvousTimeoutSeconds"] = 3600
+    job = resources.job(inputs_for(doc))
+    # what `accelerate launch` does with pod 1's arguments before handing over to torchrun
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(_launch_argv(job, index=1)))
+    prepare_multi_gpu_env(args)
+    config, _, _ = torchrun.config_from_args(_filter_args(
+        args, torchrun.get_args_parser(), ["--training_script", args.training_script,
+                                           "--training_script_args", args.training_script_args]))
+    assert config.rdzv_backend == "static" and config.rdzv_configs["timeout"] == "3600"
+    handler = create_rdzv_handler(RendezvousParameters(
+        backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+        min_nodes=config.min_nodes, max_nodes=config.max_nodes, **config.rdzv_configs))
+    assert handler.timeout.total_seconds() == 3600 and handler.world_size == 2
+    single = trainer(resources.job(dict(CASES)["multi-gpu"]))["command"][2]
+    assert "--rdzv_conf" not in single  # one node: no rendezvous across pods
 
 
 def test_run_policy_and_scheduling():
     job = resources.job(dict(CASES)["multi-node"])
     spec, pod = job["spec"], pod_spec(job)
-    assert spec["backoffLimit"] == 6 and spec["activeDeadlineSeconds"] == 86400
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 86400
     assert "ttlSecondsAfterFinished" not in spec
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",

@@ -43,7 +43,9 @@ def cond(ctype: str, reason: str = "", message: str = "", status: str = "True",
 
 
 def job(*, conditions=(), failed=0, active=0, succeeded=0, suspended=False, backoff_limit=3,
-        deadline=None, start_time="2026-11-24T09:59:00Z", completion_time=None) -> dict[str, Any]:
+        deadline=None, start_time="2026-11-24T09:59:00Z", completion_time=None,
+        restarts_before: int | None = None) -> dict[str, Any]:
+    """A trainer Job; ``restarts_before``: its dreambooth.io/restarts annotation."""
     status: dict[str, Any] = {"active": active, "failed": failed, "succeeded": succeeded,
                               "conditions": list(conditions)}
     if start_time and not suspended:
@@ -53,8 +55,10 @@ def job(*, conditions=(), failed=0, active=0, succeeded=0, suspended=False, back
     spec: dict[str, Any] = {"suspend": suspended, "backoffLimit": backoff_limit}
     if deadline:
         spec["activeDeadlineSeconds"] = deadline
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": "toy-cat-trainer", "namespace": "team-a"}, "spec": spec, "status": status}
+    meta: dict[str, Any] = {"name": "toy-cat-trainer", "namespace": "team-a"}
+    if restarts_before is not None:
+        meta["annotations"] = {"dreambooth.io/restarts": str(restarts_before)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec, "status": status}
 
 
 def summary(code: ExitCode | int, reason: str | None = None, message: str = "", **extra) -> str:
@@ -90,9 +94,10 @@ def pod(name: str = "toy-cat-trainer-0-x1", *, index: int = 0, phase: str = "Run
 
 
 def failed_pod(code: int, reason: str = "Error", message: str = "", name: str = "toy-cat-trainer-0-f1",
-               finished: str = "2026-11-24T10:30:00Z", conditions=()) -> dict[str, Any]:
-    return pod(name, phase="Failed", terminated={"exitCode": code, "reason": reason, "message": message},
-               finished=finished, conditions=conditions)
+               finished: str = "2026-11-24T10:30:00Z", conditions=(), index: int = 0,
+               deleting: bool = False) -> dict[str, Any]:
+    return pod(name, index=index, phase="Failed", terminated={"exitCode": code, "reason": reason, "message": message},
+               finished=finished, conditions=conditions, deleting=deleting)
 
 
 def succeeded_pod(outputs: dict[str, str] | None = None, step: int = 400, **extra) -> dict[str, Any]:

@@ -12,8 +12,15 @@ difference from a real cluster is listed in docs/testing.md.
   ``CreateContainerConfigError`` and the kubelet's message; every pass retries it, so
   creating the Secret starts it. A pod of a Job index whose previous pod's processes are
   still stopping waits (what ``podReplacementPolicy: Failed`` ensures in a cluster).
-* **Processes**: ``command`` + ``args`` run in a new session (its process group is the
-  container: when the main process ends, the rest of the group is killed). Output goes to
+* **Late starts**: :meth:`ProcessKubelet.hold_pull` holds the image pull of the next pods
+  (of one Job index, or any): such a pod stays Pending, its container waiting with
+  ``ContainerCreating`` as while a kubelet pulls an image, for the given seconds after the
+  kubelet first sees it, then starts. A test starts one pod of a job late this way.
+* **Processes**: ``command`` + ``args`` run in a new session. The container is every
+  process that inherits its marker variable (:data:`CONTAINER_MARKER`): when the main
+  process ends, the rest are killed, as a container's PID namespace goes with its PID 1
+  (torchrun starts each worker in a session of its own: a process group alone would let a
+  killed pod's workers train on). Output goes to
   ``<pod folder>/log`` (and to ``on_line``). Exit code: the process's, or 128 + signal.
   Termination message: the file's first 4096 bytes, else, with ``FallbackToLogsOnError``
   and a non-zero exit, the log's last 80 lines / 2048 bytes, as a kubelet does. Reason
@@ -57,6 +64,8 @@ from tests.support.kube_controllers import INDEX, Kubelet
 from tests.support.net import free_port
 
 FINALIZER = "e2e.dreambooth.io/process-kubelet"
+#: in every container's environment (value: the pod's uid): how its processes are found
+CONTAINER_MARKER = "E2E_POD_UID"
 MESSAGE_BYTES = 4096  # a real kubelet keeps at most 4096 bytes of the termination message
 FALLBACK_LINES, FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError: the log's tail
 _PR_SET_PDEATHSIG = 1
@@ -76,6 +85,8 @@ class PodProcess:
     folder: Path
     container: Container
     proc: subprocess.Popen[bytes]
+    started_at: float = 0.0  # time.monotonic() when the process started
+    ended_at: float | None = None  # ... and when it was seen to have ended (reaped)
     term_sent_at: float | None = None
     exit_code: int | None = None
     reported: bool = False
@@ -129,6 +140,20 @@ def _ref(obj: Mapping[str, Any]) -> tuple[str, str]:
     return obj["metadata"]["namespace"], obj["metadata"]["name"]
 
 
+@dataclass
+class PullHold:
+    """The next ``times`` pods (of Job completion index ``index``, or any) wait ``seconds``
+    for their image."""
+
+    seconds: float
+    index: str | None
+    times: int
+
+    def takes(self, pod: Mapping[str, Any]) -> bool:
+        index = (pod["metadata"].get("annotations") or {}).get(INDEX)
+        return self.times > 0 and self.index in (None, index)
+
+
 class ProcessKubelet:
     """Runs every pod of the emulator as a local process (see the module's docstring).
 
@@ -147,6 +172,8 @@ class ProcessKubelet:
         self.history: list[PodProcess] = []  # every process ever started, in order
         self.network = Network(resolve=self._resolve, host_port=self._host_port)
         self._waiting: dict[str, tuple[str, str]] = {}  # pod uid -> Pending reason written
+        self._holds: list[PullHold] = []
+        self._pulling: dict[str, float] = {}  # pod uid -> when its held image pull ends
         self._next_ip = 2
         self._ports: dict[tuple[str, str], int] = {}  # (job uid, port name) -> host port
         self._lock = threading.RLock()
@@ -160,6 +187,8 @@ class ProcessKubelet:
             for pod in sorted(pods, key=self._order):
                 self._sync(pod)
             live = {p["metadata"]["uid"] for p in pods}
+            for uid in self._pulling.keys() - live:
+                del self._pulling[uid]
             for uid, run in list(self.processes.items()):
                 if uid not in live:  # the pod is gone (after its finalizer was removed)
                     if run.running:  # only without our finalizer: never, but be safe
@@ -178,6 +207,15 @@ class ProcessKubelet:
         """Processes still running, of pods whose name starts with ``prefix``."""
         with self._lock:
             return [r for r in self.history if r.name.startswith(prefix) and r.running]
+
+    def hold_pull(self, seconds: float, *, index: int | str | None = None,
+                  times: int = 1) -> None:
+        """Start the next ``times`` pods of Job completion index ``index`` (None: any pod)
+        ``seconds`` late: each stays Pending with its container waiting in
+        ``ContainerCreating`` (a slow image pull on a fresh node) from when this kubelet
+        first sees it."""
+        with self._lock:
+            self._holds.append(PullHold(seconds, None if index is None else str(index), times))
 
     def kill(self, run: PodProcess, sig: int = signal.SIGKILL) -> None:
         """What ``kill -9 <pid>`` does to a container's main process: it dies, the pod
@@ -228,10 +266,25 @@ class ProcessKubelet:
             if run.exit_code is not None and not run.reported:
                 self._report(pod, run)
         elif status.get("phase") not in ("Succeeded", "Failed"):
+            if self._pull_held(pod):
+                self._pending(pod, "ContainerCreating", "")
+                return
             try:
                 self._start(pod)
             except ContainerConfigError as err:
                 self._pending(pod, err.reason, err.message)
+
+    def _pull_held(self, pod: Mapping[str, Any]) -> bool:
+        """Whether ``pod``'s image pull is held (a hold applies to a pod once, when first seen)."""
+        uid = pod["metadata"]["uid"]
+        if uid not in self._pulling:
+            hold = next((h for h in self._holds if h.takes(pod)), None)
+            if hold is None:
+                self._pulling[uid] = 0.0
+                return False
+            hold.times -= 1
+            self._pulling[uid] = time.monotonic() + hold.seconds
+        return time.monotonic() < self._pulling[uid]
 
     def _pending(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
         uid = pod["metadata"]["uid"]
@@ -264,6 +317,8 @@ class ProcessKubelet:
             return  # deleted meanwhile: nothing to run
         self._next_ip += 1
         container.materialise()
+        container.env[CONTAINER_MARKER] = meta["uid"]
+        started = time.monotonic()
         proc = subprocess.Popen(
             container.argv, env=container.env, cwd=container.workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -272,7 +327,7 @@ class ProcessKubelet:
         run = PodProcess(
             namespace=ns, name=name, uid=meta["uid"], index=index, job_uid=job_uid,
             hostname=(spec.get("hostname") or name, spec.get("subdomain") or ""),
-            ip=ip, folder=folder, container=container, proc=proc)
+            ip=ip, folder=folder, container=container, proc=proc, started_at=started)
         run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True,
                                       name=f"log-{name}")
         run.reader.start()
@@ -295,6 +350,7 @@ class ProcessKubelet:
     def _exited(self, run: PodProcess) -> None:
         self._kill_group(run)  # the container's other processes end with its main one
         code = run.proc.wait()  # reaped only now: the group id stayed ours until here
+        run.ended_at = time.monotonic()
         run.exit_code = code if code >= 0 else 128 - code
         if run.reader is not None:
             run.reader.join(10)
@@ -335,10 +391,21 @@ class ProcessKubelet:
 
     @staticmethod
     def _kill_group(run: PodProcess) -> None:
+        """SIGKILL for every process of the container: its process group, and whatever else
+        carries its marker (processes that started sessions of their own)."""
         try:
             os.killpg(run.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for _ in range(5):  # again, for what forked meanwhile
+            left = [pid for pid in container_pids(run.uid) if pid != run.pid]
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _release(self, pod: Mapping[str, Any]) -> None:
         finalizers = pod["metadata"].get("finalizers") or []
@@ -350,6 +417,27 @@ class ProcessKubelet:
                 pass
 
 
+def container_pids(pod_uid: str) -> list[int]:
+    """The live processes (not zombies) whose environment carries the container marker of
+    pod ``pod_uid``."""
+    marker = f"{CONTAINER_MARKER}={pod_uid}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as env:
+                if marker not in env.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        found.append(int(entry.name))
+    return found
+
+
 def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
     """The processes and the ends of their logs, for assertion messages."""
     return "\n".join(
@@ -357,4 +445,5 @@ def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
         f"{' '.join(r.argv)[:400]}\n{r.log()[-tail:]}" for r in runs)
 
 
-__all__ = ["FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "describe"]
+__all__ = ["CONTAINER_MARKER", "FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "PullHold",
+           "container_pids", "describe"]

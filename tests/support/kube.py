@@ -186,11 +186,14 @@ class Kube:
                           ctype, "status")
 
     def delete(self, kind: str, namespace: str | None, name: str,
-               missing_ok: bool = False) -> dict[str, Any] | None:
+               missing_ok: bool = False, propagation: str | None = None) -> dict[str, Any] | None:
         """Delete (with finalizers: mark for deletion). Owned objects stay until
-        :meth:`~tests.support.kube_controllers.GarbageCollector.collect`."""
+        :meth:`~tests.support.kube_controllers.GarbageCollector.collect`; ``propagation``
+        (``Background``, ``Orphan``): the API's default unless given (batch/v1 Jobs orphan
+        their pods, as ``kubectl delete`` does not)."""
+        options = {"propagationPolicy": propagation} if propagation else None
         try:
-            return self._call(self.emulator.op_delete, self.resource(kind), namespace, name)
+            return self._call(self.emulator.op_delete, self.resource(kind), namespace, name, options)
         except NotFound:
             if missing_ok:
                 return None

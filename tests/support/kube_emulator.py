@@ -14,8 +14,9 @@ replaces it entirely (``__call__``, in :mod:`tests.support.kube_http`), adding:
 * the ``status`` subresource as on a real server: ``/status`` writes change only
   ``.status`` and writes to the object never change ``.status``; ``generation`` grows on
   changes outside ``metadata`` (and ``status``, where it is a subresource);
-* DELETE (finalizers: ``deletionTimestamp`` first, deletion once they are gone),
-  delete-collection, ``labelSelector`` and ``fieldSelector`` on lists and watches;
+* DELETE (finalizers: ``deletionTimestamp`` first, deletion once they are gone;
+  ``propagationPolicy: Orphan``, the default for batch/v1 Jobs, removes the
+  ownerReferences of the dependents), delete-collection, ``labelSelector`` and ``fieldSelector`` on lists and watches;
 * lists with ``kind: <Kind>List``, ``apiVersion`` and the current resourceVersion;
   watches that replay only events newer than ``resourceVersion`` (410 once compacted),
   ``sendInitialEvents``, bookmarks, ``timeoutSeconds``, ``Content-Type: application/json``;
@@ -348,12 +349,39 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         self._check_version(key, old, pre.get("resourceVersion"))
         if old["metadata"].get("deletionTimestamp") or dry_run:
             return old
+        if self._propagation(key, options) == "Orphan":
+            self._orphan(old["metadata"]["uid"])
         if old["metadata"].get("finalizers"):
             new = copy.deepcopy(old)
             new["metadata"].update(deletionTimestamp=now_iso(), deletionGracePeriodSeconds=0,
                                    generation=old["metadata"].get("generation", 0) + 1)
             return self._commit(key, "MODIFIED", new, old)
         return self._commit(key, "DELETED", copy.deepcopy(old), old)
+
+    @staticmethod
+    def _propagation(key: Key, options: Mapping | None) -> str:
+        """The deletion's propagationPolicy. Unset: ``Orphan`` for batch/v1 Jobs (the API
+        server keeps that default for compatibility: their pods stay), else ``Background``."""
+        options = options if isinstance(options, Mapping) else {}
+        if options.get("propagationPolicy"):
+            return str(options["propagationPolicy"])
+        if options.get("orphanDependents") is not None:
+            return "Orphan" if options["orphanDependents"] else "Background"
+        return "Orphan" if key == ("batch", "v1", "jobs") else "Background"
+
+    def _orphan(self, owner_uid: str) -> None:
+        """Remove the ownerReferences to ``owner_uid`` (what the garbage collector does for
+        an orphaning deletion), so that collection leaves the dependents alone."""
+        for key, table in list(self.tables.items()):
+            for obj in list(table.objects.values()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                kept = [r for r in refs if r.get("uid") != owner_uid]
+                if len(kept) != len(refs):
+                    new = copy.deepcopy(obj)
+                    new["metadata"]["ownerReferences"] = kept or None
+                    if not kept:
+                        del new["metadata"]["ownerReferences"]
+                    self._commit(key, "MODIFIED", new, obj)
 
     def op_delete_collection(self, key: Key, namespace: str | None, labels: str | None = None,
                              fields: str | None = None) -> dict[str, Any]:
@@ -377,8 +405,9 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                                    for ref in obj["metadata"]["ownerReferences"])]
             if not orphans:
                 return deleted
-            for key, obj in orphans:
-                self.op_delete(key, obj["metadata"].get("namespace"), obj["metadata"]["name"])
+            for key, obj in orphans:  # a cascade goes on down (a Job's pods go too)
+                self.op_delete(key, obj["metadata"].get("namespace"), obj["metadata"]["name"],
+                               {"propagationPolicy": "Background"})
                 deleted.append((obj["kind"], obj["metadata"].get("namespace"),
                                 obj["metadata"]["name"]))
 

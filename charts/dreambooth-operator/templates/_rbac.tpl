@@ -14,7 +14,7 @@ calls in the operator's code). These rules do not depend on values.
   verbs: [list]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, create, patch]
+  verbs: [get, list, create, patch, delete]
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs]
   verbs: [list, watch, delete]
