@@ -183,6 +183,19 @@ def test_corrupted_object_is_detected(backend: Backend, tmp_path: Path) -> None:
         storage.read_bytes("instance/img.png")
 
 
+def test_a_digest_the_caller_knows_is_recorded_and_downloads_check_the_one_expected(
+        backend: Backend, tmp_path: Path) -> None:
+    storage, data = backend.storage, os.urandom(50_000)
+    (tmp_path / "state.pt").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    storage.upload_file(tmp_path / "state.pt", "ckpt/state.pt", sha256=digest)  # not hashed again
+    storage.download("ckpt/state.pt", tmp_path / "back.pt", sha256=digest)
+    assert (tmp_path / "back.pt").read_bytes() == data
+    with pytest.raises(DataError, match="does not match"):  # e.g. a manifest that says otherwise
+        storage.download("ckpt/state.pt", tmp_path / "other.pt", sha256="0" * 64)
+    assert not (tmp_path / "other.pt").exists()
+
+
 def test_delete_prefix(backend: Backend) -> None:
     storage = backend.storage
     for key in ["ckpt/1/a", "ckpt/1/b", "ckpt/2/a", "ckptx/keep", "keep"]:

@@ -4,6 +4,10 @@ A checkpoint is the folder ``checkpoints/checkpoint-<step>/`` of the job's outpu
 Its ``manifest.json`` (sizes and sha256 of every other file) is written *last*: a folder
 without a valid manifest is debris of an interrupted upload and never counts. At start the
 trainer resumes from the newest complete checkpoint by itself.
+
+Each file is read once to hash it; that digest goes into the manifest and into the upload
+(which records it with the object), and the files of a checkpoint upload in parallel, each
+one hashed just before it goes, so hashing one file overlaps uploading another.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.trainer.storage import Storage
+from dreambooth.trainer.errors import DataError
+from dreambooth.trainer.storage import Storage, parallel
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +48,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(folder: Path, step: int) -> dict:
-    files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    return {"step": step, "files": files}
-
-
 def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
-    """Upload ``folder`` as the checkpoint of ``step``, manifest last, then prune."""
+    """Upload ``folder`` as the checkpoint of ``step`` (files in parallel, each read once to
+    hash it), the manifest last, then prune."""
     checkpoint = Checkpoint(step, prefix_for(step))
     storage.delete_prefix(checkpoint.prefix)  # debris of an earlier, interrupted attempt
-    manifest = build_manifest(folder, step)
-    for name in manifest["files"]:
-        storage.upload_file(folder / name, checkpoint.prefix + name)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != MANIFEST)
+
+    def put(name: str) -> dict:
+        path = folder / name
+        meta = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        storage.upload_file(path, checkpoint.prefix + name, sha256=meta["sha256"])
+        return meta
+
+    manifest = {"step": step, "files": dict(zip(names, parallel(put, names, storage.workers), strict=True))}
     storage.write_bytes(checkpoint.prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
     prune(storage, keep=keep)
     return checkpoint
@@ -116,16 +120,16 @@ def download_latest(storage: Storage, dest: Path) -> tuple[Checkpoint, Path] | N
     for checkpoint in reversed(complete(storage)):
         folder = dest / f"checkpoint-{checkpoint.step}"
         shutil.rmtree(folder, ignore_errors=True)
-        manifest = json.loads(storage.read_bytes(checkpoint.prefix + MANIFEST))
-        storage.download_prefix(checkpoint.prefix, folder)
-        bad = [
-            name
-            for name, meta in manifest["files"].items()
-            if not (folder / name).is_file() or _sha256(folder / name) != meta["sha256"]
-        ]
-        if not bad:
-            return checkpoint, folder
-        log.warning(
-            "checkpoint at step %d is corrupt (%s); trying an older one", checkpoint.step, ", ".join(bad)
-        )
+        files = json.loads(storage.read_bytes(checkpoint.prefix + MANIFEST))["files"]
+
+        def fetch(item: tuple[str, dict], prefix: str = checkpoint.prefix, folder: Path = folder) -> None:
+            name, meta = item  # verified against the manifest as it streams in: no second read
+            storage.download(prefix + name, folder / name, sha256=meta["sha256"])
+
+        try:
+            parallel(fetch, sorted(files.items()), storage.workers)
+        except DataError as err:
+            log.warning("checkpoint at step %d is corrupt (%s); trying an older one", checkpoint.step, err)
+            continue
+        return checkpoint, folder
     return None

@@ -9,6 +9,7 @@ from pathlib import Path
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.trainer.background import Background, poll_seconds
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.storage import S3Settings, Storage
 
@@ -31,6 +32,12 @@ class Context:
     output: Storage
     metrics: TrainerMetrics | None
     stop: threading.Event
+    #: the main process's storage thread (uploads, export); close() it when the run ends
+    background: Background | None = None
+
+    def __post_init__(self) -> None:
+        if self.background is None:
+            self.background = Background(getattr(self.accelerator, "device", None))
 
     @property
     def spec(self) -> DreamBoothJobSpec:
@@ -43,3 +50,8 @@ class Context:
     @property
     def total_steps(self) -> int:
         return total_steps(self.config.spec)
+
+    @property
+    def poll_s(self) -> float:
+        """How long one collective of a wait for slow work lasts (see background.together)."""
+        return poll_seconds(self.spec.run_policy.collective_timeout_seconds)

@@ -1,6 +1,14 @@
 """Everything a run writes to (or reads back from) the job's output prefix: checkpoints,
-resume, sample grids, the progression grid and the final export. The main process writes;
-every process waits for it, so all ranks stay at the same step."""
+resume, sample grids, the progression grid and the final export.
+
+Only the main process writes to storage, and the others never sit in a collective while it
+does: a checkpoint is written to local disk at its step and uploaded by the main process's
+storage thread (:class:`~dreambooth.trainer.background.Background`) while training goes on;
+sample grids are drawn by all processes (prompt ``i`` by rank ``i % processes``) and gathered
+to the main process. Waits for slow work (the previous upload before the next checkpoint,
+SIGTERM's checkpoint, the export) go through :func:`~dreambooth.trainer.background.together`,
+whose collectives each last about a second; a node's download of the checkpoint to resume
+from, through :func:`~dreambooth.trainer.pernode.once_per_node` (no collective at all)."""
 
 from __future__ import annotations
 
@@ -16,11 +24,13 @@ from pathlib import Path
 import torch
 
 from dreambooth.trainer import checkpoints, state
+from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
 from dreambooth.trainer.export import export
 from dreambooth.trainer.loop import Loop
 from dreambooth.trainer.models import Components
+from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.sampling import build_pipeline, generate, grid, progression
 
 log = logging.getLogger("dreambooth.trainer")
@@ -55,15 +65,15 @@ class Found:
 
 def fetch_checkpoint(ctx: Context) -> Found | None:
     """Download the newest complete checkpoint (once per node) or say there is none."""
-    a = ctx.accelerator
-    chosen = ctx.workdir / "resume" / "CHOSEN"
-    with a.local_main_process_first():
-        if a.is_local_main_process:
-            shutil.rmtree(chosen.parent, ignore_errors=True)
-            chosen.parent.mkdir(parents=True)
-            found = checkpoints.download_latest(ctx.output, chosen.parent)
-            chosen.write_text(str(found[1]) if found else "")
-    folder = chosen.read_text()
+    root = ctx.workdir / "resume"
+
+    def download() -> str:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        found = checkpoints.download_latest(ctx.output, root)
+        return str(found[1]) if found else ""
+
+    folder = once_per_node(ctx.accelerator, ctx.workdir, "checkpoint", download)
     if not folder:
         log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(checkpoints.ROOT))
         return None
@@ -80,41 +90,67 @@ def restore(ctx: Context, loop: Loop, found: Found | None, phase_start: int) -> 
         state.read(found.folder, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
                    lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
     else:
-        state.read_extras(found.folder, loop.extras)
+        state.read_extras(found.folder, loop.extras, device=ctx.accelerator.device)
     log.info("resumed from %s at step %d", ctx.output.uri(checkpoints.prefix_for(found.step)), found.step)
     if ctx.metrics:
         ctx.metrics.last_checkpoint_step.set(found.step)
 
 
 def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -> str | None:
-    """Write the checkpoint of ``step`` (main process). With ``must=False`` (a periodic
-    checkpoint) storage that stays unavailable through the retries is reported (metric,
-    log) and training goes on: the next checkpoint tries again."""
+    """Checkpoint ``step``: the main process writes it to local disk here (the state leaves
+    the device) and its storage thread uploads it while training goes on.
+
+    At most one upload is in flight: this first waits for the previous one. With ``must``
+    (SIGTERM, the end of a phase) it also waits for this upload, fails if it fails, and
+    returns its URI. A periodic checkpoint (``must=False``) returns ``None`` at once; if its
+    upload fails for want of storage, that is reported (metric, log) and training goes on:
+    the next checkpoint tries again."""
     a = ctx.accelerator
-    a.wait_for_everyone()
-    uri = None
-    if ctx.main:
-        folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
-        try:
-            state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                        lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
-            with ctx.metrics.checkpoint_upload_seconds.time():
-                saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
-            ctx.metrics.last_checkpoint_step.set(step)
-            uri = ctx.output.uri(saved.prefix)
-            log.info("checkpoint %s", uri)
-        except StorageUnavailableError as err:
-            ctx.metrics.checkpoint_upload_failures.inc()
-            if must:
-                raise
-            log.warning("checkpoint at step %d not saved, trying again at the next one: %s", step, err)
-        except Exception:
-            ctx.metrics.checkpoint_upload_failures.inc()
+    together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
+             what="uploading the previous checkpoint")
+    upload = None
+    if ctx.main and not must:
+        ctx.background.post(upload_checkpoint, ctx, write_checkpoint(ctx, loop, step), step, False)
+    elif ctx.main:  # training stops here: the storage thread writes too, and a failure reaches all
+        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step, True))
+    if not must:
+        return None
+    return together(a, upload, poll_s=ctx.poll_s, what=f"saving the checkpoint of step {step}")
+
+
+def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
+    """The checkpoint of ``step`` in a new folder of the workdir (main process)."""
+    folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
+    try:
+        state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
+                    lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        ctx.metrics.checkpoint_upload_failures.inc()
+        raise
+    return folder
+
+
+def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str | None:
+    """Upload the checkpoint written to ``folder`` (on the storage thread), then delete it."""
+    try:
+        with ctx.metrics.checkpoint_upload_seconds.time():
+            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
+        ctx.metrics.last_checkpoint_step.set(step)
+        uri = ctx.output.uri(saved.prefix)
+        log.info("checkpoint %s", uri)
+        return uri
+    except StorageUnavailableError as err:
+        ctx.metrics.checkpoint_upload_failures.inc()
+        if must:
             raise
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    a.wait_for_everyone()
-    return uri
+        log.warning("checkpoint at step %d not saved, trying again at the next one: %s", step, err)
+        return None
+    except Exception:
+        ctx.metrics.checkpoint_upload_failures.inc()
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- samples and export ---------------------------------------------------------------
@@ -122,17 +158,25 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -
 
 @contextlib.contextmanager
 def ema_weights(ctx: Context, loop: Loop):
-    """Sample and export with the EMA weights when EMA is on."""
+    """Sample and export with the EMA weights when EMA is on. The parameters and the EMA's
+    copies trade storage and trade back: no copy of the UNet is made (every process samples,
+    and EMAModel.store would keep one in each process's CPU memory)."""
     if loop.ema is None:
         yield
         return
     params = list(ctx.accelerator.unwrap_model(loop.unet).parameters())
-    loop.ema.store(params)
-    loop.ema.copy_to(params)
+    shadows = loop.ema.shadow_params
+
+    def swap() -> None:
+        with torch.no_grad():
+            for param, shadow in zip(params, shadows, strict=True):
+                param.data, shadow.data = shadow.data, param.data
+
+    swap()
     try:
         yield
     finally:
-        loop.ema.restore(params)
+        swap()
 
 
 def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False):
@@ -149,25 +193,42 @@ def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: boo
 
 
 def save_samples(ctx: Context, components: Components, loop: Loop, step: int) -> None:
-    """Upload samples/step-<step>.png: rows = prompts, columns = images (main process)."""
+    """samples/step-<step>.png: rows = prompts, columns = images. Prompt ``i`` is drawn by
+    rank ``i % processes`` with the generator it has on one process (the same grid on 1 or
+    N processes); the main process assembles the grid and its storage thread uploads it."""
+    from accelerate.utils import gather_object
+
     a, validation = ctx.accelerator, ctx.spec.validation
-    a.wait_for_everyone()
-    if ctx.main:
+    mine = list(range(a.process_index, len(validation.prompts), a.num_processes))
+    rows: dict[int, list] = {}
+    if mine:
         unet, te = modules_of(ctx, loop).values()
         was_training = unet.training, te.training
         unet.eval(), te.eval()
         with a.autocast(), ema_weights(ctx, loop):
-            rows = generate(pipeline_of(ctx, components, loop), validation,
-                            resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
-                            device=a.device)
+            drawn = generate(pipeline_of(ctx, components, loop), validation,
+                             resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
+                             device=a.device, rows=mine)
         unet.train(was_training[0]), te.train(was_training[1])
+        rows = dict(zip(mine, drawn, strict=True))
+    if a.num_processes > 1:
+        rows = {i: images for part in gather_object([rows]) for i, images in part.items()}
+    if ctx.main:
         path = ctx.workdir / f"step-{step}.png"
         title = (f"step {step}/{ctx.total_steps}, {validation.scheduler.value.upper()} "
                  f"{validation.inference_steps} steps")
-        grid(rows, validation.prompts, title=title).save(path)
-        ctx.output.upload_file(path, f"{SAMPLES}step-{step}.png")
-        path.unlink()
-    a.wait_for_everyone()
+        grid([rows[i] for i in range(len(validation.prompts))], validation.prompts, title=title).save(path)
+        ctx.background.post(upload_sample, ctx, path, f"{SAMPLES}step-{step}.png")
+
+
+def upload_sample(ctx: Context, path: Path, key: str) -> None:
+    """Upload one grid (on the storage thread); a grid storage cannot take is only reported."""
+    try:
+        ctx.output.upload_file(path, key)
+    except StorageUnavailableError as err:
+        log.warning("sample grid %s not saved: %s", key, err)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def save_progression(ctx: Context) -> None:
@@ -192,19 +253,27 @@ def save_progression(ctx: Context) -> None:
 
 
 def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
-    """Export the model (main process) and write result.json last: the run is complete."""
+    """Export the model (the main process's storage thread, once the uploads before it are
+    done) and write result.json last: the run is complete. Every process waits for it in
+    short collectives and they all exit together (see docs/trainer.md, "The end of a run")."""
     a = ctx.accelerator
     if ctx.metrics:
         ctx.metrics.phase.state("exporting")
-    a.wait_for_everyone()
+    together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
+             what="uploading checkpoints and samples")
+    job = None
     if ctx.main:
-        with ema_weights(ctx, loop):
-            pipeline = pipeline_of(ctx, components, loop, export=True)
-            outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
-        if ctx.spec.validation.enabled:
-            save_progression(ctx)
-            outcome.outputs["samples"] = ctx.output.uri(SAMPLES)
-        result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
-        ctx.output.write_bytes(RESULT, json.dumps(result, indent=1).encode())
-        ctx.metrics.phase.state("succeeded")
-    a.wait_for_everyone()
+        job = ctx.background.submit(_export, ctx, components, loop, outcome)
+    together(a, job, poll_s=ctx.poll_s, what="exporting the model")
+
+
+def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
+    with ema_weights(ctx, loop):
+        pipeline = pipeline_of(ctx, components, loop, export=True)
+        outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
+    if ctx.spec.validation.enabled:
+        save_progression(ctx)
+        outcome.outputs["samples"] = ctx.output.uri(SAMPLES)
+    result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
+    ctx.output.write_bytes(RESULT, json.dumps(result, indent=1).encode())
+    ctx.metrics.phase.state("succeeded")

@@ -4,8 +4,9 @@ Generated class images depend only on (base model, revision, class prompt, resol
 count, sampler settings), so they are cached under
 ``<classCacheUri>/<sha256 of those>/`` with a ``manifest.json`` written last; any later
 job asking for the same set reuses them without generating anything. Generation is
-spread over all processes (image ``i`` is drawn by rank ``i % processes`` from seed ``i``,
-so the set is the same whatever the number of GPUs).
+spread over all processes: image ``i`` is always drawn from seed ``i``, so the set is the
+same whatever the number of GPUs, and the images still missing (an interrupted pod keeps
+those it drew) are dealt out round-robin, so no process waits for another's whole share.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from dreambooth.api.spec import Sampler, ValidationSpec
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
+from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.sampling import build_pipeline, generate
 from dreambooth.trainer.storage import Storage, open_storage
 
@@ -49,11 +51,24 @@ def _complete(store: Storage, count: int) -> bool:
     return len(files) == count and all(present.get(k) == size for k, size in files.items())
 
 
+def missing_share(done: set[str], count: int, rank: int, processes: int) -> list[int]:
+    """The indices this rank draws: the images not ``done`` yet, dealt out round-robin."""
+    missing = [i for i in range(count) if _name(i) not in done]
+    return missing[rank::processes]
+
+
 def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) -> None:
     """Draw this rank's share of the class images and upload them."""
+    from accelerate.utils import broadcast_object_list
+
     a, prior, resolution = ctx.accelerator, ctx.spec.prior, ctx.spec.training.resolution
-    done = {o.key for o in store.list()}  # drawn by an earlier, interrupted pod: keep them
-    mine = [i for i in range(a.process_index, count, a.num_processes) if _name(i) not in done]
+    # drawn by an earlier, interrupted pod: keep them. One listing for all ranks, so that
+    # each one deals out the same missing images
+    done = [{o.key for o in store.list()} if ctx.main else None]
+    if a.num_processes > 1:
+        broadcast_object_list(done)
+    done = done[0]
+    mine = missing_share(done, count, a.process_index, a.num_processes)
     if ctx.main:
         log.info("generating %d class images for %r into %s (%d already there)",
                  count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done))
@@ -67,14 +82,14 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
                               guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
     workdir.mkdir(parents=True, exist_ok=True)
-    for index in mine:
+    for n, index in enumerate(mine):
         with a.autocast():
             [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
                                  device=a.device)
         path = workdir / _name(index)
         image.save(path)
         store.upload_file(path, path.name)
-        if ctx.main and (index // a.num_processes) % 10 == 0:
+        if ctx.main and n % 10 == 0:
             log.info("class image %d/%d", index + 1, count)
 
 
@@ -99,18 +114,20 @@ def class_examples(ctx, components) -> list[Example]:
             if ctx.metrics:
                 ctx.metrics.phase.state("generating_class_images")
             _generate_share(ctx, components, store, count, ctx.workdir / "class-generated")
-            a.wait_for_everyone()
+            a.wait_for_everyone()  # the shares differ by one image at most
             if ctx.main:
                 files = {o.key: o.size for o in store.list() if o.key != MANIFEST}
                 store.write_bytes(MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
             a.wait_for_everyone()
         else:
             log.info("reusing %d cached class images from %s", count, source)
-    with a.local_main_process_first():
-        if a.is_local_main_process:
-            shutil.rmtree(folder, ignore_errors=True)
-            if store.list():
-                store.download_prefix("", folder)
+    def download() -> str:
+        shutil.rmtree(folder, ignore_errors=True)
+        if store.list():
+            store.download_prefix("", folder)
+        return str(folder)
+
+    once_per_node(a, ctx.workdir, "class-images", download)
     paths = find_images(folder)
     if not paths:
         raise DataError(f"no class images found under {source}: upload some there or drop prior.uri "

@@ -229,9 +229,11 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if CHECKSUMS:
                 log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
             stopping = bool(a.reduce(torch.tensor([float(ctx.stop.is_set())], device=a.device), "max").item())
-            if done % spec.checkpointing.every_steps == 0 or done == end or stopping:
-                periodic = not (done == end or stopping)
-                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=not periodic) \
+            # no checkpoint of the last step: the export follows at once; a phase's last
+            # step and SIGTERM's checkpoint must land, periodic ones upload in the background
+            must = stopping or (done == end and done < ctx.total_steps)
+            if must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps):
+                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) \
                     or outcome.last_checkpoint
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
@@ -280,6 +282,14 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
     s3 = s3_settings(config)
     ctx = Context(config, workdir, accelerator, s3, open_storage(config.output_uri, s3), metrics,
                   stop or threading.Event())
+    try:
+        return _run(ctx)
+    finally:
+        ctx.background.close()  # an upload still in flight lands before the process exits
+
+
+def _run(ctx: Context) -> Outcome:
+    config, accelerator, metrics = ctx.config, ctx.accelerator, ctx.metrics
     if metrics:
         metrics.phase.state("initializing")
         metrics.total_steps.set(ctx.total_steps)

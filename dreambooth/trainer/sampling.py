@@ -54,10 +54,14 @@ def build_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, samp
 
 
 @torch.no_grad()
-def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int, device) -> list[list[Image.Image]]:
-    """``imagesPerPrompt`` images for each prompt, the same seed every time (comparable grids)."""
-    rows = []
-    for i, prompt in enumerate(validation.prompts):
+def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int, device,
+             rows: Sequence[int] | None = None) -> list[list[Image.Image]]:
+    """``imagesPerPrompt`` images for each prompt (or for the prompts numbered ``rows``), the
+    same seed every time (comparable grids): prompt ``i`` draws from seed ``seed + i``, so a
+    row is the same image whichever process draws it."""
+    out = []
+    for i in range(len(validation.prompts)) if rows is None else rows:
+        prompt = validation.prompts[i]
         generator = torch.Generator(device=device).manual_seed(seed + i)
         result = pipeline(
             prompt,
@@ -69,8 +73,8 @@ def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int
             width=resolution,
             generator=generator,
         )
-        rows.append(list(result.images))
-    return rows
+        out.append(list(result.images))
+    return out
 
 
 def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str], *, title: str = "") -> Image.Image:

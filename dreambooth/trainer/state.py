@@ -4,6 +4,13 @@
 whole UNet for full fine-tuning, only adapters for LoRA), ``optimizer.pt``,
 ``lr_scheduler.pt``, ``rng.pt`` and ``state.json`` (step and run facts). The data order
 and the noise of every step are pure functions of (seed, step), so they need no state.
+
+Reading one back never holds the whole checkpoint in CPU memory (every process of a node
+resumes at once: 8 x 12 GB for a full SD 1.5 fine-tune with its text encoder): trained
+weights are copied into the parameters one tensor at a time from the memory-mapped
+safetensors file, and the optimizer and extra states are memory-mapped (``torch.load(...,
+mmap=True)``), so each tensor reaches its device from the page cache, which all processes
+of a node share.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dreambooth.trainer.errors import TrainerError
 
@@ -72,21 +80,24 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
             f"the checkpoint at step {state['step']} was written by a different setup ({detail}); "
             "restore the job's settings or delete its checkpoints/ to start over"
         )
-    tensors = load_file(str(folder / TRAINABLE))
     params = dict(trained_parameters(modules, optimizer))
-    if set(tensors) != set(params):
-        missing = sorted(set(params) - set(tensors))[:3]
-        raise TrainerError(
-            f"the checkpoint at step {state['step']} does not match the model being trained "
-            f"(e.g. {missing or sorted(set(tensors) - set(params))[:3]}): delete its checkpoints/ "
-            "to start over"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=False))
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    with safe_open(str(folder / TRAINABLE), framework="pt", device=str(device)) as saved:
+        names = set(saved.keys())
+        if names != set(params):
+            missing = sorted(set(params) - names)[:3]
+            raise TrainerError(
+                f"the checkpoint at step {state['step']} does not match the model being trained "
+                f"(e.g. {missing or sorted(names - set(params))[:3]}): delete its checkpoints/ "
+                "to start over"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved.get_tensor(name))
+    # the optimizer moves each state tensor to its parameter's device as it loads it
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", mmap=True, weights_only=False))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER, weights_only=False))
-    read_extras(folder, extras or {})
+    read_extras(folder, extras or {}, device=device)
     rng = torch.load(folder / RNG, weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -96,9 +107,11 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
     return int(state["step"])
 
 
-def read_extras(folder: Path, extras: dict[str, Any]) -> None:
-    """Load every extra state the checkpoint has (e.g. a learned token across phases)."""
+def read_extras(folder: Path, extras: dict[str, Any], *, device=None) -> None:
+    """Load every extra state the checkpoint has (e.g. a learned token across phases) onto
+    ``device`` (the trained parameters'): diffusers' EMAModel keeps the tensors it is given,
+    and its next step would mix CPU copies with CUDA parameters."""
     for name, obj in extras.items():
         path = folder / f"{name}.pt"
         if path.is_file():
-            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            obj.load_state_dict(torch.load(path, map_location=device or "cpu", mmap=True, weights_only=False))

@@ -193,26 +193,29 @@ class Storage(ABC):
     def write_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def upload_file(self, local_path: Path, key: str) -> None:
-        """Store a local file under ``key``, recording its sha256."""
+    def upload_file(self, local_path: Path, key: str, *, sha256: str | None = None) -> None:
+        """Store a local file under ``key``, recording its sha256 (``sha256``, when the
+        caller already knows it, saves reading the file once more to hash it)."""
 
     @abstractmethod
     def delete_prefix(self, prefix: str = "") -> int:
         """Delete everything under ``prefix``; return how many objects were deleted."""
 
     @abstractmethod
-    def _read_into(self, key: str, out: BinaryIO) -> None:
-        """Write the content of ``key`` to ``out``, verifying size and recorded sha256."""
+    def _read_into(self, key: str, out: BinaryIO, sha256: str | None = None) -> None:
+        """Write the content of ``key`` to ``out``, verifying size and recorded sha256
+        (and ``sha256``, the digest the caller expects, e.g. from a manifest)."""
 
     def read_bytes(self, key: str) -> bytes:
         buffer = io.BytesIO()
         self._read_into(key, buffer)
         return buffer.getvalue()
 
-    def download(self, key: str, local_path: Path) -> Path:
-        """Copy ``key`` to ``local_path`` atomically (nothing appears there on failure)."""
+    def download(self, key: str, local_path: Path, *, sha256: str | None = None) -> Path:
+        """Copy ``key`` to ``local_path`` atomically (nothing appears there on failure),
+        verified while it streams in (also against ``sha256`` if given)."""
         with _atomic_write(Path(local_path)) as out:
-            self._read_into(key, out)
+            self._read_into(key, out, sha256)
         return Path(local_path)
 
     def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
@@ -226,7 +229,7 @@ class Storage(ABC):
                 "and that the data was uploaded there"
             )
         jobs = [(o.key, Path(local_dir, o.key[len(prefix):])) for o in objects]
-        return _parallel(lambda job: self.download(*job), jobs, self.workers)
+        return parallel(lambda job: self.download(*job), jobs, self.workers)
 
     def _require_root(self) -> None:
         """Raise NotFoundError if the root itself is missing (S3 cannot tell: no-op)."""
@@ -240,7 +243,7 @@ class Storage(ABC):
         prefix = _norm_prefix(prefix)
         files = sorted(p for p in local_dir.rglob("*") if p.is_file() and _TMP_MARK not in p.name)
         jobs = [(p, prefix + p.relative_to(local_dir).as_posix()) for p in files]
-        _parallel(lambda job: self.upload_file(*job), jobs, self.workers)
+        parallel(lambda job: self.upload_file(*job), jobs, self.workers)
         return [key for _, key in jobs]
 
 
@@ -314,10 +317,10 @@ class S3Storage(Storage):
 
         return self._call(f"HEAD {self.uri(key)}", stat)
 
-    def _read_into(self, key: str, out: BinaryIO) -> None:
-        self._call(f"GET {self.uri(key)}", lambda: self._fetch(key, out))
+    def _read_into(self, key: str, out: BinaryIO, sha256: str | None = None) -> None:
+        self._call(f"GET {self.uri(key)}", lambda: self._fetch(key, out, sha256))
 
-    def _fetch(self, key: str, out: BinaryIO) -> None:
+    def _fetch(self, key: str, out: BinaryIO, sha256: str | None) -> None:
         """One GET attempt: restart ``out``, stream into it, verify."""
         out.seek(0)
         out.truncate()
@@ -326,7 +329,7 @@ class S3Storage(Storage):
             size, digest = _copy(response.stream(_CHUNK), out)
             length = response.headers.get("Content-Length")
             _verify(size, digest, int(length) if length else None,
-                    response.headers.get(f"x-amz-meta-{SHA256_META}"))
+                    response.headers.get(f"x-amz-meta-{SHA256_META}"), sha256)
         finally:
             response.close()
             response.release_conn()
@@ -337,11 +340,13 @@ class S3Storage(Storage):
             self.bucket, self._name(key), io.BytesIO(data), len(data), metadata=meta,
             part_size=self.part_size))
 
-    def upload_file(self, local_path: Path, key: str) -> None:
+    def upload_file(self, local_path: Path, key: str, *, sha256: str | None = None) -> None:
         local_path = Path(local_path)
         if not local_path.is_file():
             raise NotFoundError(f"local file {local_path} does not exist")
-        meta = {SHA256_META: _sha256_file(local_path)}
+        # Over http the SDK hashes every part once more (sha256, for SigV4); over https it
+        # sends UNSIGNED-PAYLOAD and an MD5 of every part instead (minio 7.2 _build_headers).
+        meta = {SHA256_META: sha256 or _sha256_file(local_path)}
         self._call(f"PUT {self.uri(key)}", lambda: self._client.fput_object(
             self.bucket, self._name(key), str(local_path), metadata=meta,
             part_size=self.part_size))
@@ -467,7 +472,7 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def _read_into(self, key: str, out: BinaryIO) -> None:
+    def _read_into(self, key: str, out: BinaryIO, sha256: str | None = None) -> None:
         path = self._path(key)
         if not path.is_file():
             self._require_root()
@@ -477,7 +482,7 @@ class LocalStorage(Storage):
             recorded = _get_xattr(source.fileno())
             size, digest = _copy(iter(lambda: source.read(_CHUNK), b""), out)
         try:
-            _verify(size, digest, expected, recorded)
+            _verify(size, digest, expected, recorded, sha256)
         except _CorruptError as exc:
             raise DataError(f"{self.uri(key)}: {exc}: the file is corrupt; write it again") \
                 from None
@@ -485,15 +490,18 @@ class LocalStorage(Storage):
     def write_bytes(self, key: str, data: bytes) -> None:
         self._write(key, [data])
 
-    def upload_file(self, local_path: Path, key: str) -> None:
+    def upload_file(self, local_path: Path, key: str, *, sha256: str | None = None) -> None:
         if not Path(local_path).is_file():
             raise NotFoundError(f"local file {local_path} does not exist")
         with open(local_path, "rb") as source:
-            self._write(key, iter(lambda: source.read(_CHUNK), b""))
+            self._write(key, iter(lambda: source.read(_CHUNK), b""), sha256)
 
-    def _write(self, key: str, chunks: Iterable[bytes]) -> None:
+    def _write(self, key: str, chunks: Iterable[bytes], sha256: str | None = None) -> None:
         with _atomic_write(self._path(key)) as out:
-            _, digest = _copy(chunks, out)
+            _, digest = _copy(chunks, out)  # the copy hashes anyway: check what we were told
+            if sha256 and digest != sha256:
+                raise DataError(f"{self.uri(key)}: the file changed while it was stored (sha256 "
+                                f"{digest}, expected {sha256}); nothing was written")
             _set_xattr(out.fileno(), digest)
 
     def delete_prefix(self, prefix: str = "") -> int:
@@ -530,11 +538,13 @@ class _CorruptError(Exception):
     """A transfer whose size or sha256 does not match what was recorded."""
 
 
-def _verify(size: int, digest: str, expected_size: int | None, recorded: str | None) -> None:
+def _verify(size: int, digest: str, expected_size: int | None, recorded: str | None,
+            wanted: str | None = None) -> None:
     if expected_size is not None and size != expected_size:
         raise _CorruptError(f"got {size} bytes, expected {expected_size}")
-    if recorded and digest != recorded.strip().lower():
-        raise _CorruptError(f"sha256 {digest} does not match the recorded {recorded}")
+    for known in (recorded, wanted):
+        if known and digest != known.strip().lower():
+            raise _CorruptError(f"sha256 {digest} does not match the recorded {known}")
 
 
 def _copy(chunks: Iterable[bytes], out: BinaryIO) -> tuple[int, str]:
@@ -579,7 +589,7 @@ def _get_xattr(fd: int) -> str | None:
         return None
 
 
-def _parallel(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+def parallel(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
     """``[fn(i) for i in items]`` on a thread pool; the first failure cancels the rest."""
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]

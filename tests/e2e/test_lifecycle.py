@@ -63,7 +63,7 @@ def test_a_killed_trainer_is_retried_and_resumes_from_the_newest_checkpoint(clus
     assert second.exit_code == 0 and second.name != failed.name
     assert status["restarts"] == 1 and status["progress"]["step"] == STEPS
     assert json.loads(cluster.output(NAME).read_bytes("result.json"))["step"] == STEPS
-    assert cluster.checkpoint_steps(NAME) == [STEPS - EVERY, STEPS]
+    assert cluster.checkpoint_steps(NAME) == [STEPS - 2 * EVERY, STEPS - EVERY]  # the last step is exported
     steps_done_twice = int(_last_step(first.log())) - kept[-1]
     assert 0 <= steps_done_twice < EVERY + 5  # at most one checkpoint interval is redone
     reasons = [e["reason"] for e in cluster.kube.events(cluster.kube.get("dbj", "default", NAME))]
@@ -125,16 +125,16 @@ def test_a_two_node_job_trains_with_gloo_and_writes_one_set_of_outputs(cluster: 
     assert "rank1" in rank1.log()
 
     # one set of outputs: only global rank 0 wrote checkpoints, samples and the model
-    uploads0 = _CHECKPOINT.findall(rank0.log())
-    assert uploads0 == [str(s) for s in range(every, steps + 1, every)], rank0.log()[-2000:]
+    uploads0 = _CHECKPOINT.findall(rank0.log())  # the last step is exported, not checkpointed
+    assert uploads0 == [str(s) for s in range(every, steps, every)], rank0.log()[-2000:]
     assert not _CHECKPOINT.findall(rank1.log()) and "exported" not in rank1.log()
     keys = cluster.keys(NAME)
     assert sum(k.endswith("model_index.json") for k in keys) == 1
     assert {"result.json", "model.safetensors", f"samples/step-{steps}.png"} <= keys
     result = json.loads(cluster.output(NAME).read_bytes("result.json"))
     assert result["step"] == steps
-    state = json.loads(cluster.output(NAME).read_bytes(f"checkpoints/checkpoint-{steps}/state.json"))
-    assert state["processes"] == 2 and state["step"] == steps  # trained as 2 processes
+    state = json.loads(cluster.output(NAME).read_bytes(f"checkpoints/checkpoint-{steps - every}/state.json"))
+    assert state["processes"] == 2 and state["step"] == steps - every  # trained as 2 processes
     job = cluster.kube.get("jobs", "default", f"{NAME}-trainer")
     assert job["status"]["succeeded"] == 2 and job["status"]["completedIndexes"] == "0-1"
 

@@ -35,3 +35,13 @@ def test_class_images_are_generated_once_and_shared(tiny_model_dir, toy_cat_dir,
         run(second, tmp_path / "w2", metrics=TrainerMetrics())
     assert "reusing 3 cached class images" in caplog.text
     assert "generating" not in caplog.text
+
+
+def test_after_an_interrupted_pod_the_missing_class_images_are_dealt_out_evenly():
+    from dreambooth.trainer.prior import missing_share
+
+    done = {f"class-{i:05d}.png" for i in range(0, 40, 2)} | {f"class-{i:05d}.png" for i in range(40, 60)}
+    shares = [missing_share(done, 100, rank, 8) for rank in range(8)]
+    drawn = sorted(i for share in shares for i in share)
+    assert drawn == sorted(set(range(100)) - {int(name[6:11]) for name in done})  # each missing one, once
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # nobody waits for another's whole share

@@ -38,8 +38,8 @@ def checkpoint_tensors(out, step):
 
 
 def test_text_encoder_trains_until_text_encoder_steps_then_freezes(tiny_model_dir, toy_cat_dir, tmp_path):
-    out = tmp_path / "out"
-    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=1,
+    out = tmp_path / "out"  # 7 steps: the last one is exported, not checkpointed
+    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=7, every=1,
                     training={"trainTextEncoder": True, "textEncoderSteps": 3, "textEncoderLearningRate": 5e-4})
     doc["spec"]["checkpointing"]["keep"] = 10
     train(doc, tmp_path / "w")
@@ -59,7 +59,7 @@ def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir,
                     training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True}})
     outcome, _ = train(doc, tmp_path / "w")
     assert set(outcome.outputs) == {"lora"}
-    saved = checkpoint_tensors(out, 6)
+    saved = checkpoint_tensors(out, 3)
     assert saved and all("lora" in k for k in saved), "a LoRA checkpoint holds only the adapters"
     assert any(k.startswith("text_encoder.") for k in saved)
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -81,14 +81,14 @@ def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir,
 
 
 def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_dir, toy_cat_dir, tmp_path):
-    doc = local_job(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=3, every=3,
+    doc = local_job(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=3, every=2,
                     training={"optimizer": "adamw8bit", "gradientCheckpointing": True, "snrGamma": 5.0,
                               "noiseOffset": 0.1, "lrScheduler": "cosine", "lrWarmupSteps": 1})
     metrics = TrainerMetrics()
     run(trainer_config(doc), tmp_path / "w", metrics=metrics)
     assert metrics.step._value.get() == 3
     assert torch.isfinite(torch.tensor(metrics.loss._value.get()))
-    state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=False)
+    state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     # bitsandbytes keeps tensors of >= 4096 elements in 8 bits (small ones stay 32-bit)
     def dtypes(node):
         if torch.is_tensor(node):
@@ -100,13 +100,14 @@ def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_
 
 
 def test_ema_weights_are_exported(tiny_model_dir, toy_cat_dir, tmp_path):
-    out = tmp_path / "out"
-    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=4, training={"ema": True})
-    train(doc, tmp_path / "w")
-    assert (out / "checkpoints" / "checkpoint-4" / "ema.pt").is_file()
-    raw = checkpoint_tensors(out, 4)["unet.conv_in.weight"]
-    exported = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
-    assert not torch.equal(raw, exported), "the export must carry the EMA weights, not the raw ones"
+    unet = "model/unet/diffusion_pytorch_model.safetensors"
+    exported = {}
+    for ema in (True, False):  # the EMA does not change how the weights train
+        out = tmp_path / f"out-{ema}"
+        train(local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=2, training={"ema": ema}), tmp_path / "w")
+        exported[ema] = load_file(out / unet)["conv_in.weight"]
+    assert (tmp_path / "out-True" / "checkpoints" / "checkpoint-2" / "ema.pt").is_file()
+    assert not torch.equal(exported[True], exported[False]), "the export must carry the EMA weights, not the raw ones"
 
 
 def test_sample_grids_and_progression(tiny_model_dir, toy_cat_dir, tmp_path):
@@ -158,6 +159,9 @@ def test_stopped_runs_resume_to_the_same_weights(tiny_model_dir, toy_cat_dir, tm
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"{option}: resumed run differs"
 
 
+EXPORTED = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
     """accelerate launch with 2 processes (gloo on the CPU) gives the weights one process
@@ -169,7 +173,7 @@ def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
-        doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=4, training=training)
+        doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=2, training=training)
         doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
         config_path = write_config(trainer_config(doc), tmp_path / f"c{processes}")
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
@@ -187,10 +191,11 @@ def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
                 sums.setdefault(int(step), {})[rank] = checksum
             assert sorted(sums) == [1, 2, 3, 4]
             assert all(len(set(by_rank.values())) == 1 and len(by_rank) == 2 for by_rank in sums.values()), sums
-            # only rank 0 writes checkpoints (once per checkpoint)
+            # only rank 0 writes checkpoints (once per checkpoint; the last step is exported)
             uploads = re.findall(r"rank(\d) INFO \S+ checkpoint (\S+)", proc.stderr)
-            assert uploads == [("0", (out / "checkpoints" / "checkpoint-4").as_uri() + "/")], uploads
-        results[processes] = load_file(out / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
+            assert uploads == [("0", (out / "checkpoints" / "checkpoint-2").as_uri() + "/")], uploads
+        results[processes] = {f"{part}.{k}": v for part, file in EXPORTED.items()
+                              for k, v in load_file(out / "model" / part / file).items()}
     one, two = results[1], results[2]
     assert one.keys() == two.keys() and any(k.startswith("text_encoder.") for k in one)
     base = {f"{part}.{k}": v for part in ("unet", "text_encoder")
