@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from dreambooth.api import layout
 from dreambooth.api.job import API_VERSION, DreamBoothJob
 from dreambooth.api.resolve import effective_spec
 from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
-from dreambooth.api.uris import Scheme, parse_uri
 
 DEFAULT_METRICS_PORT = 9090
 
@@ -62,16 +62,6 @@ def output_uri_for(job: DreamBoothJob, defaults: Defaults) -> str:
     return f"{defaults.output_root.rstrip('/')}/{namespace}/{job.metadata.name}/"
 
 
-def class_cache_uri_for(output_uri: str) -> str:
-    """Where generated class images are cached: shared by every job writing to the same
-    bucket, or (local runs) by sibling output folders."""
-    uri = parse_uri(output_uri, allowed=set(Scheme))
-    if uri.scheme is Scheme.S3:
-        return f"s3://{uri.authority}/.cache/class-images/"
-    parent = output_uri.rstrip("/").rsplit("/", 1)[0]
-    return parent + "/.cache/class-images/"
-
-
 def build_trainer_config(job: DreamBoothJob, defaults: Defaults) -> TrainerConfig:
     """The TrainerConfig for ``job``. Pure: same job and defaults, same config."""
     spec = effective_spec(job.spec)
@@ -89,7 +79,7 @@ def build_trainer_config(job: DreamBoothJob, defaults: Defaults) -> TrainerConfi
         ),
         spec=spec,
         output_uri=output_uri,
-        class_cache_uri=class_cache_uri_for(output_uri),
+        class_cache_uri=layout.class_cache_uri(output_uri),
         storage=storage,
         metrics_port=defaults.metrics_port,
     )

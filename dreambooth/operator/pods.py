@@ -4,7 +4,6 @@ does not run yet waits. Pure functions, used by the phase machine in status.py."
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
 from dreambooth.api.status import Phase
+from dreambooth.api.termination import TerminationSummary
 
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 #: waiting reasons that mean "on its way", not "stuck"
@@ -99,7 +99,7 @@ class Termination:
     message: str
     finished_at: str = ""
     disruption: str | None = None  # the pod's DisruptionTarget reason: preempted, evicted
-    summary: Mapping[str, Any] | None = None
+    summary: TerminationSummary | None = None
 
     @property
     def oom(self) -> bool:
@@ -107,8 +107,7 @@ class Termination:
 
     @property
     def do_not_retry(self) -> bool:
-        said = self.summary.get("exitCode") if self.summary else None
-        return self.exit_code in DO_NOT_RETRY or said in DO_NOT_RETRY
+        return self.exit_code in DO_NOT_RETRY or (self.summary is not None and self.summary.do_not_retry)
 
     @property
     def reason(self) -> str:
@@ -145,16 +144,6 @@ RENDEZVOUS_HINT = ("the pods did not all start within runPolicy.rendezvousTimeou
                    "the slowest scheduling and image pull, or let Kueue admit the pods together")
 
 
-def parse_summary(message: str | None) -> Mapping[str, Any] | None:
-    if not message:
-        return None
-    try:
-        summary = json.loads(message)
-    except ValueError:
-        return None
-    return summary if isinstance(summary, Mapping) else None
-
-
 def termination(pod: Mapping[str, Any]) -> Termination | None:
     """How ``pod`` ended, or None while it has not."""
     if get(pod, "status", "phase") not in ("Failed", "Succeeded"):
@@ -176,9 +165,9 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
         )
     t = terminated[0]
     raw = (t.get("message") or "").strip()
-    summary = parse_summary(raw)
-    reason = str(summary.get("reason")) if summary and summary.get("reason") else None
-    message = str(summary.get("message") or "") if summary else raw
+    summary = TerminationSummary.loads(raw)
+    reason = summary.reason if summary else None
+    message = (summary.message or "") if summary else raw
     if summary is None and t.get("exitCode") and (found := _RENDEZVOUS_TIMEOUT.search(raw)):
         reason, message = "RendezvousTimeout", f"{found.group(0)} ({RENDEZVOUS_HINT})"
     return Termination(

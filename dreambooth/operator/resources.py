@@ -156,12 +156,6 @@ def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
     """The TrainerConfig the pods read, pvc:// URIs rewritten to their mount paths."""
     config = _resolved(inputs)
     spec = config.spec
-    output = parse_uri(config.output_uri, allowed=set(Scheme))
-    class_cache = (
-        f"file://{PVC_ROOT}/{output.authority}/.cache/class-images/"
-        if output.scheme is Scheme.PVC
-        else config.class_cache_uri
-    )
 
     def rewritten(section: Any) -> Any:
         return section.model_copy(update={"uri": local_uri(section.uri)}) if section.uri else section
@@ -175,7 +169,7 @@ def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
     return config.model_copy(update={
         "spec": spec,
         "output_uri": local_uri(config.output_uri),
-        "class_cache_uri": class_cache,
+        "class_cache_uri": local_uri(config.class_cache_uri),
     })
 
 

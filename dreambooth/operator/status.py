@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from dreambooth.api import layout
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
 from dreambooth.api.status import (
@@ -110,9 +111,6 @@ TRAINER_PHASE = {
 INVALID_SPEC = "InvalidSpec"
 STALLED_REASON = "NoProgress"
 
-#: where the trainer writes (see dreambooth.trainer.export / checkpoints / run)
-MODEL_PREFIX, SINGLE_FILE, LORA_PREFIX, SAMPLES_PREFIX = "model/", "model.safetensors", "lora/", "samples/"
-CHECKPOINT_PREFIX = "checkpoints/checkpoint-{step}/"
 
 _MAX_MESSAGE = 32768
 
@@ -346,16 +344,12 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
     prev = previous.outputs if previous and previous.outputs else Outputs()
     samples = prev.samples
     if obs.samples and v.phase in (Phase.TRAINING, Phase.EXPORTING, Phase.SUCCEEDED):
-        samples = out + SAMPLES_PREFIX
+        samples = out + layout.SAMPLES
     if v.phase is not Phase.SUCCEEDED:
         result = prev.model_copy(update={"samples": samples})
     else:
-        written = next(
-            (t.summary["outputs"] for t in reversed(ended)
-             if t.exit_code == 0 and t.summary and isinstance(t.summary.get("outputs"), Mapping)
-             and t.summary["outputs"]),
-            None,
-        )
+        written = next((t.summary.outputs for t in reversed(ended)
+                        if t.exit_code == 0 and t.summary and t.summary.outputs), None)
         if written:  # what the trainer reports it wrote
             result = Outputs(
                 model=written.get(OutputFormat.DIFFUSERS.value),
@@ -368,9 +362,9 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
         else:  # the layout the trainer writes, for the formats asked for
             f = set(obs.formats)
             result = Outputs(
-                model=out + MODEL_PREFIX if OutputFormat.DIFFUSERS in f else None,
-                single_file=out + SINGLE_FILE if OutputFormat.SAFETENSORS in f else None,
-                lora=out + LORA_PREFIX if OutputFormat.LORA in f else None,
+                model=out + layout.MODEL if OutputFormat.DIFFUSERS in f else None,
+                single_file=out + layout.SINGLE_FILE if OutputFormat.SAFETENSORS in f else None,
+                lora=out + layout.LORA if OutputFormat.LORA in f else None,
                 samples=samples,
             )
     return result if any(result.model_dump().values()) else None
@@ -387,9 +381,9 @@ def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None
     if v.phase is Phase.SUCCEEDED:
         summaries = [t.summary for t in ended if t.exit_code == 0 and t.summary]
         total = (progress.total_steps if progress else 0) or obs.total_steps
-        step = max([s["step"] for s in summaries if isinstance(s.get("step"), int)] or [total])
+        step = max([s.step for s in summaries if s.step is not None] or [total])
         # the trainer's own last loss; the last scrape may be a few steps older
-        losses = [s["loss"] for s in summaries if isinstance(s.get("loss"), int | float) and math.isfinite(s["loss"])]
+        losses = [s.loss for s in summaries if s.loss is not None and math.isfinite(s.loss)]
         loss = losses[-1] if losses else (progress.loss if progress else None)
         if progress is not None and progress.step == step and progress.eta_seconds == 0 and progress.loss == loss:
             return progress
@@ -456,7 +450,7 @@ def compute_status(
     ):
         checkpoint = CheckpointRef(
                 step=snap.last_checkpoint_step,
-                uri=obs.out + CHECKPOINT_PREFIX.format(step=snap.last_checkpoint_step),
+                uri=obs.out + layout.checkpoint(snap.last_checkpoint_step),
             )
 
     before = previous.restarts if previous else 0

@@ -15,29 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth.api import layout
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.storage import Storage, parallel
 
 log = logging.getLogger(__name__)
 
-ROOT = "checkpoints/"
-MANIFEST = "manifest.json"
-_NAME = re.compile(r"^checkpoints/checkpoint-(\d+)/")
 
 
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     step: int
     prefix: str  # e.g. "checkpoints/checkpoint-200/"
-
-
-def prefix_for(step: int) -> str:
-    return f"{ROOT}checkpoint-{step}/"
 
 
 def _sha256(path: Path) -> str:
@@ -51,10 +44,10 @@ def _sha256(path: Path) -> str:
 def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
     """Upload ``folder`` as the checkpoint of ``step`` (files in parallel, each read once to
     hash it), the manifest last, then prune."""
-    checkpoint = Checkpoint(step, prefix_for(step))
+    checkpoint = Checkpoint(step, layout.checkpoint(step))
     storage.delete_prefix(checkpoint.prefix)  # debris of an earlier, interrupted attempt
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.name != MANIFEST)
+                   if p.is_file() and p.name != layout.MANIFEST)
 
     def put(name: str) -> dict:
         path = folder / name
@@ -63,7 +56,7 @@ def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
         return meta
 
     manifest = {"step": step, "files": dict(zip(names, parallel(put, names, storage.workers), strict=True))}
-    storage.write_bytes(checkpoint.prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
+    storage.write_bytes(checkpoint.prefix + layout.MANIFEST, json.dumps(manifest, indent=1).encode())
     prune(storage, keep=keep)
     return checkpoint
 
@@ -71,20 +64,20 @@ def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
 def _groups(storage: Storage) -> dict[int, dict[str, int]]:
     """Object sizes by relative name, grouped by checkpoint step."""
     groups: dict[int, dict[str, int]] = {}
-    for obj in storage.list(ROOT):
-        match = _NAME.match(obj.key)
-        if match:
-            step = int(match.group(1))
-            groups.setdefault(step, {})[obj.key[match.end():]] = obj.size
+    for obj in storage.list(layout.CHECKPOINTS):
+        found = layout.checkpoint_step(obj.key)
+        if found:
+            step, name = found
+            groups.setdefault(step, {})[name] = obj.size
     return groups
 
 
 def _manifest(storage: Storage, step: int, present: dict[str, int]) -> dict | None:
     """The checkpoint's manifest if it is complete: every listed file there, sizes right."""
-    if MANIFEST not in present:
+    if layout.MANIFEST not in present:
         return None
     try:
-        manifest = json.loads(storage.read_bytes(prefix_for(step) + MANIFEST))
+        manifest = json.loads(storage.read_bytes(layout.checkpoint(step) + layout.MANIFEST))
         files = manifest["files"]
         complete = manifest["step"] == step and all(
             present.get(name) == meta["size"] for name, meta in files.items()
@@ -97,7 +90,7 @@ def _manifest(storage: Storage, step: int, present: dict[str, int]) -> dict | No
 def complete(storage: Storage) -> list[Checkpoint]:
     """Complete checkpoints, oldest first."""
     return sorted(
-        Checkpoint(step, prefix_for(step))
+        Checkpoint(step, layout.checkpoint(step))
         for step, present in _groups(storage).items()
         if _manifest(storage, step, present) is not None
     )
@@ -109,7 +102,7 @@ def prune(storage: Storage, *, keep: int) -> list[int]:
     good = sorted(s for s, present in groups.items() if _manifest(storage, s, present) is not None)
     doomed = [s for s in groups if s not in good[-keep:]]
     for step in doomed:
-        storage.delete_prefix(prefix_for(step))
+        storage.delete_prefix(layout.checkpoint(step))
     if doomed:
         log.info("pruned checkpoints at steps %s", sorted(doomed))
     return sorted(doomed)
@@ -120,7 +113,7 @@ def download_latest(storage: Storage, dest: Path) -> tuple[Checkpoint, Path] | N
     for checkpoint in reversed(complete(storage)):
         folder = dest / f"checkpoint-{checkpoint.step}"
         shutil.rmtree(folder, ignore_errors=True)
-        files = json.loads(storage.read_bytes(checkpoint.prefix + MANIFEST))["files"]
+        files = json.loads(storage.read_bytes(checkpoint.prefix + layout.MANIFEST))["files"]
 
         def fetch(item: tuple[str, dict], prefix: str = checkpoint.prefix, folder: Path = folder) -> None:
             name, meta = item  # verified against the manifest as it streams in: no second read

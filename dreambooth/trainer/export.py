@@ -12,14 +12,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from dreambooth.api import layout
 from dreambooth.api.spec import OutputFormat
 from dreambooth.trainer.storage import Storage
 
 log = logging.getLogger(__name__)
-
-MODEL_PREFIX = "model/"
-SINGLE_FILE = "model.safetensors"
-LORA_PREFIX = "lora/"
 
 
 def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path) -> dict[str, str]:
@@ -29,23 +26,23 @@ def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Pat
         folder = workdir / "model"
         shutil.rmtree(folder, ignore_errors=True)
         pipeline.save_pretrained(folder, safe_serialization=True)
-        storage.delete_prefix(MODEL_PREFIX)
-        storage.upload_dir(folder, MODEL_PREFIX)
-        out[OutputFormat.DIFFUSERS] = storage.uri(MODEL_PREFIX)
+        storage.delete_prefix(layout.MODEL)
+        storage.upload_dir(folder, layout.MODEL)
+        out[OutputFormat.DIFFUSERS] = storage.uri(layout.MODEL)
     if OutputFormat.SAFETENSORS in formats:
         from dreambooth.trainer.single_file import save_single_file
 
-        path = workdir / SINGLE_FILE
+        path = workdir / layout.SINGLE_FILE
         save_single_file(pipeline, path)
-        storage.upload_file(path, SINGLE_FILE)
-        out[OutputFormat.SAFETENSORS] = storage.uri(SINGLE_FILE)
+        storage.upload_file(path, layout.SINGLE_FILE)
+        out[OutputFormat.SAFETENSORS] = storage.uri(layout.SINGLE_FILE)
     if OutputFormat.LORA in formats:
         folder = workdir / "lora"
         shutil.rmtree(folder, ignore_errors=True)
         save_lora(pipeline, folder)
-        storage.delete_prefix(LORA_PREFIX)
-        storage.upload_dir(folder, LORA_PREFIX)
-        out[OutputFormat.LORA] = storage.uri(LORA_PREFIX)
+        storage.delete_prefix(layout.LORA)
+        storage.upload_dir(folder, layout.LORA)
+        out[OutputFormat.LORA] = storage.uri(layout.LORA)
     for fmt, uri in out.items():
         log.info("exported %s to %s", fmt, uri)
     return out

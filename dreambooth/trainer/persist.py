@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.api import layout
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
@@ -35,8 +35,6 @@ from dreambooth.trainer.sampling import build_pipeline, generate, grid, progress
 
 log = logging.getLogger("dreambooth.trainer")
 
-RESULT = "result.json"
-SAMPLES = "samples/"
 
 
 def modules_of(ctx: Context, loop: Loop) -> dict[str, torch.nn.Module]:
@@ -75,7 +73,7 @@ def fetch_checkpoint(ctx: Context) -> Found | None:
 
     folder = once_per_node(ctx.accelerator, ctx.workdir, "checkpoint", download)
     if not folder:
-        log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(checkpoints.ROOT))
+        log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(layout.CHECKPOINTS))
         return None
     facts = json.loads((Path(folder) / state.STATE).read_text())
     return Found(int(facts["step"]), facts.get("phase", "dreambooth"), Path(folder))
@@ -91,7 +89,7 @@ def restore(ctx: Context, loop: Loop, found: Found | None, phase_start: int) -> 
                    lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
     else:
         state.read_extras(found.folder, loop.extras, device=ctx.accelerator.device)
-    log.info("resumed from %s at step %d", ctx.output.uri(checkpoints.prefix_for(found.step)), found.step)
+    log.info("resumed from %s at step %d", ctx.output.uri(layout.checkpoint(found.step)), found.step)
     if ctx.metrics:
         ctx.metrics.last_checkpoint_step.set(found.step)
 
@@ -218,7 +216,7 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
         title = (f"step {step}/{ctx.total_steps}, {validation.scheduler.value.upper()} "
                  f"{validation.inference_steps} steps")
         grid([rows[i] for i in range(len(validation.prompts))], validation.prompts, title=title).save(path)
-        ctx.background.post(upload_sample, ctx, path, f"{SAMPLES}step-{step}.png")
+        ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step))
 
 
 def upload_sample(ctx: Context, path: Path, key: str) -> None:
@@ -236,9 +234,9 @@ def save_progression(ctx: Context) -> None:
     from PIL import Image
 
     found = sorted(
-        (int(m.group(1)), o.key)
-        for o in ctx.output.list(SAMPLES)
-        if (m := re.fullmatch(r"samples/step-(\d+)\.png", o.key))
+        (step, o.key)
+        for o in ctx.output.list(layout.SAMPLES)
+        if (step := layout.sample_grid_step(o.key)) is not None
     )
     grids = []
     for step, key in found:
@@ -249,7 +247,7 @@ def save_progression(ctx: Context) -> None:
     if grids:
         out = ctx.workdir / "progression.png"
         progression(grids, ctx.spec.validation.prompts, ctx.spec.training.resolution).save(out)
-        ctx.output.upload_file(out, f"{SAMPLES}progression.png")
+        ctx.output.upload_file(out, layout.PROGRESSION)
 
 
 def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
@@ -273,7 +271,7 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
         outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
     if ctx.spec.validation.enabled:
         save_progression(ctx)
-        outcome.outputs["samples"] = ctx.output.uri(SAMPLES)
+        outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
-    ctx.output.write_bytes(RESULT, json.dumps(result, indent=1).encode())
+    ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
     ctx.metrics.phase.state("succeeded")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.api import layout
 from dreambooth.api.spec import Sampler, ValidationSpec
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
@@ -28,7 +29,6 @@ from dreambooth.trainer.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 #: how class images are drawn (part of the cache key): the seed's DDIM, a common CFG scale
 SAMPLER = {"scheduler": Sampler.DDIM.value, "inferenceSteps": 50, "guidanceScale": 7.5, "seed": 0}
 GENERATION_BATCH = 4
@@ -41,10 +41,10 @@ def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int,
 
 
 def _complete(store: Storage, count: int) -> bool:
-    if not store.exists(MANIFEST):
+    if not store.exists(layout.MANIFEST):
         return False
     try:
-        files = json.loads(store.read_bytes(MANIFEST))["files"]
+        files = json.loads(store.read_bytes(layout.MANIFEST))["files"]
     except (ValueError, KeyError):
         return False
     present = {o.key: o.size for o in store.list()}
@@ -116,8 +116,8 @@ def class_examples(ctx, components) -> list[Example]:
             _generate_share(ctx, components, store, count, ctx.workdir / "class-generated")
             a.wait_for_everyone()  # the shares differ by one image at most
             if ctx.main:
-                files = {o.key: o.size for o in store.list() if o.key != MANIFEST}
-                store.write_bytes(MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
+                files = {o.key: o.size for o in store.list() if o.key != layout.MANIFEST}
+                store.write_bytes(layout.MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
             a.wait_for_everyone()
         else:
             log.info("reusing %d cached class images from %s", count, source)

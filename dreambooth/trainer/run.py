@@ -33,9 +33,6 @@ from dreambooth.trainer.textual_inversion import TokenEmbedding
 
 log = logging.getLogger("dreambooth.trainer")
 
-RESULT = "result.json"
-SAMPLES = "samples/"
-
 
 # --- 2. storage and inputs ------------------------------------------------------------
 

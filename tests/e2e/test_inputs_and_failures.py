@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from dreambooth.api.config import class_cache_uri_for
+from dreambooth.api.layout import MANIFEST, class_cache_uri
 from dreambooth.demo import draw_toy_cats
-from dreambooth.trainer.prior import MANIFEST, cache_key
+from dreambooth.trainer.prior import cache_key
 from dreambooth.trainer.storage import open_storage
 from tests.support.cluster import MODEL_URI, LocalCluster, toy_cat_manifest
 
@@ -74,7 +74,7 @@ def test_cached_class_images_are_reused_without_generating(cluster: LocalCluster
     # resolution and count left it: images first, the manifest last.
     output = f"s3://{cluster.bucket}/default/{NAME}/"
     key = cache_key(model=MODEL_URI, revision=None, prompt=prompt, resolution=64, count=count)
-    cache_uri = class_cache_uri_for(output) + key + "/"
+    cache_uri = class_cache_uri(output) + key + "/"
     cache = open_storage(cache_uri, cluster.settings)
     for index, path in enumerate(draw_toy_cats(tmp_path / "class", count=count, seed=7)):
         cache.upload_file(path, f"class-{index:05d}.png")
