@@ -33,6 +33,16 @@ class ExitCode(IntEnum):
     PREEMPTED = 21
 
 
+def exit_reason(code: int | None) -> str | None:
+    """The CamelCase reason of an exit code, e.g. ``BadData`` for 11 (what the trainer puts
+    in its termination summary and the operator shows); None for a code not ours."""
+    try:
+        member = ExitCode(code)
+    except ValueError:
+        return None
+    return "".join(part.capitalize() for part in member.name.split("_"))
+
+
 DO_NOT_RETRY: frozenset[ExitCode] = frozenset(
     {
         ExitCode.INVALID_CONFIG,

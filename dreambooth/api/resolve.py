@@ -84,6 +84,12 @@ def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
     )
 
 
+def images_per_step(batch_size: int, prior_preservation: bool) -> int:
+    """Images one optimizer step processes: ``batchSize`` photos, and as many class images
+    with prior preservation (the trainer's images/s counts both; the ETA divides by it)."""
+    return batch_size * (2 if prior_preservation else 1)
+
+
 def total_steps(spec: DreamBoothJobSpec) -> int:
     """Optimizer steps of the whole run: textual inversion (if any), then DreamBooth."""
     ti = spec.training.textual_inversion

@@ -26,6 +26,81 @@ class Phase(StrEnum):
         return self in (Phase.SUCCEEDED, Phase.FAILED)
 
 
+class ConditionType(StrEnum):
+    """The conditions of a DreamBoothJob's status (all six always, SpecChangeIgnored while it holds)."""
+
+    READY = "Ready"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    STALLED = "Stalled"
+    SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+
+
+class Reason(StrEnum):
+    """The reasons the operator gives in conditions and Events (the trainer's own verdicts,
+    e.g. ``BadData``, come from its termination summary: dreambooth/api/termination.py).
+    A running job's Ready reason is its phase (``Training``, ...)."""
+
+    # on its way (Pending, nothing for the user to do)
+    CREATING = "Creating"
+    WAITING_FOR_PODS = "WaitingForPods"
+    SCHEDULING = "Scheduling"
+    CONTAINER_CREATING = "ContainerCreating"
+    POD_INITIALIZING = "PodInitializing"
+    RESTARTING = "Restarting"
+    RECREATING = "Recreating"
+    # suspended, preempted, done
+    SUSPEND_REQUESTED = "SuspendRequested"
+    JOB_SUSPENDED = "JobSuspended"
+    PREEMPTED = "Preempted"
+    EXPORTING = "Exporting"
+    SUCCEEDED = "Succeeded"
+    # needs someone: Pending
+    INVALID_SPEC = "InvalidSpec"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
+    CONFIG_MAP_NOT_FOUND = "ConfigMapNotFound"
+    CONTAINER_WAITING = "ContainerWaiting"
+    # needs someone: Failed
+    OOM_KILLED = "OOMKilled"
+    CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
+    RENDEZVOUS_TIMEOUT = "RendezvousTimeout"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    POD_FAILURE_POLICY = "PodFailurePolicy"
+    JOB_FAILED = "JobFailed"
+    DISRUPTED = "Disrupted"
+    ERROR = "Error"
+    UNKNOWN = "Unknown"
+    # the Stalled condition
+    NO_PROGRESS = "NoProgress"
+    PROGRESSING = "Progressing"
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+    IMMUTABLE_FIELDS = "ImmutableFields"
+    # Events only
+    RESTARTED = "Restarted"
+    STALLED = "Stalled"
+    CHECKPOINT_SAVED = "CheckpointSaved"
+
+
+#: Pending reasons that mean "on its way", not "needs you"
+BENIGN_PENDING: frozenset[str] = frozenset({
+    Reason.CREATING, Reason.WAITING_FOR_PODS, Reason.SCHEDULING, Reason.CONTAINER_CREATING,
+    Reason.POD_INITIALIZING, Reason.RESTARTING, Reason.RECREATING,
+})
+
+
+def progress_summary(step: int, total: int) -> tuple[float, str]:
+    """``(percent, "step/total")`` of a run, as the status and ``kubectl get`` show them."""
+    if not total:
+        return 0.0, str(step)
+    return round(min(100.0, 100.0 * step / total), 1), f"{step}/{total}"
+
+
 class Condition(ApiModel):
     """A metav1.Condition."""
 

@@ -4,6 +4,8 @@ exports them), the operator (which reads rank 0's endpoint for status) and the d
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 PREFIX = "dreambooth_trainer_"
 
 STEP = PREFIX + "step"
@@ -19,12 +21,15 @@ CHECKPOINT_UPLOAD_FAILURES = PREFIX + "checkpoint_upload_failures"
 GPU_MEMORY_BYTES = PREFIX + "gpu_memory_bytes"
 PHASE = PREFIX + "phase"
 
-#: values of the phase metric's label, in the order a run goes through them
-TRAINER_PHASES = (
-    "initializing",
-    "generating_class_images",
-    "training",
-    "exporting",
-    "succeeded",
-    "failed",
-)
+class TrainerPhase(StrEnum):
+    """Values of the phase metric's label, in the order a run goes through them (a failed
+    run ends in its termination summary, not in a phase)."""
+
+    INITIALIZING = "initializing"
+    GENERATING_CLASS_IMAGES = "generating_class_images"
+    TRAINING = "training"
+    EXPORTING = "exporting"
+    SUCCEEDED = "succeeded"
+
+
+TRAINER_PHASES = tuple(TrainerPhase)

@@ -29,6 +29,11 @@ STOP_FILE = "STOP"
 MAX_BYTES = 4000
 
 
+#: the reasons of verdicts that no exit code names (the others: ``exit_reason(code)``)
+SUCCEEDED = "Succeeded"
+PROCESS_LOST = "ProcessLost"
+
+
 def verdict_name(rank: int) -> str:
     return f"rank-{rank}.json"
 
@@ -100,7 +105,7 @@ def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int) -> Termi
     if len(ranks) < processes:
         missing = processes - len(ranks)
         return TerminationSummary(
-            exit_code=ExitCode.UNEXPECTED, reason="ProcessLost",
+            exit_code=ExitCode.UNEXPECTED, reason=PROCESS_LOST,
             message=f"{missing} of the pod's {processes} training processes ended without a verdict "
             "(killed by a signal, e.g. the out-of-memory killer): see the pod's log")
     if stopped:

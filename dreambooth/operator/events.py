@@ -8,16 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dreambooth.api.status import DreamBoothJobStatus, Phase
-from dreambooth.operator.pods import BENIGN_PENDING, terminations
+from dreambooth.api.status import BENIGN_PENDING, ConditionType, DreamBoothJobStatus, Phase, Reason
+from dreambooth.operator.pods import terminations
 from dreambooth.operator.restarts import cause
-from dreambooth.operator.status import (
-    READY,
-    SPEC_CHANGE_IGNORED,
-    STALLED,
-    Observation,
-    condition_of,
-)
+from dreambooth.operator.status import Observation, condition_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ def transition_events(
     checkpoint -> Normal ``CheckpointSaved``.
     """
     events: list[Event] = []
-    ready, before = condition_of(current, READY), condition_of(previous, READY)
+    ready, before = condition_of(current, ConditionType.READY), condition_of(previous, ConditionType.READY)
     reason = ready.reason if ready else current.phase.value
     message = ready.message if ready else ""
     phase_changed = previous is None or previous.phase is not current.phase
@@ -62,21 +56,22 @@ def transition_events(
         text = f"the trainer was restarted ({current.restarts} so far)"
         if culprit is not None:
             text += f"; {culprit.describe()}"
-        events.append(Event("Warning", "Restarted", text))
-    stalled = condition_of(current, STALLED)
-    was_stalled = condition_of(previous, STALLED)
+        events.append(Event("Warning", Reason.RESTARTED, text))
+    stalled = condition_of(current, ConditionType.STALLED)
+    was_stalled = condition_of(previous, ConditionType.STALLED)
     if stalled is not None and stalled.status == "True" and (was_stalled is None or was_stalled.status != "True"):
-        events.append(Event("Warning", "Stalled", stalled.message))
+        events.append(Event("Warning", Reason.STALLED, stalled.message))
     elif was_stalled is not None and was_stalled.status == "True" and current.phase is Phase.TRAINING and (
         stalled is None or stalled.status == "False"
     ):
-        events.append(Event("Normal", "Progressing", stalled.message if stalled else ""))
-    ignored, was_ignored = condition_of(current, SPEC_CHANGE_IGNORED), condition_of(previous, SPEC_CHANGE_IGNORED)
+        events.append(Event("Normal", Reason.PROGRESSING, stalled.message if stalled else ""))
+    ignored = condition_of(current, ConditionType.SPEC_CHANGE_IGNORED)
+    was_ignored = condition_of(previous, ConditionType.SPEC_CHANGE_IGNORED)
     if ignored is not None and (was_ignored is None or was_ignored.message != ignored.message):
-        events.append(Event("Warning", SPEC_CHANGE_IGNORED, ignored.message))
+        events.append(Event("Warning", ConditionType.SPEC_CHANGE_IGNORED, ignored.message))
     old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
     if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
-        events.append(Event("Normal", "CheckpointSaved",
+        events.append(Event("Normal", Reason.CHECKPOINT_SAVED,
                             f"step {current.last_checkpoint.step}: {current.last_checkpoint.uri}"))
     return events
 

@@ -30,6 +30,8 @@ KUEUE_LABELS = (QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 
 #: Kubernetes sets this annotation on every pod of an Indexed Job.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+#: the environment variable every trainer pod gets it in (the machine rank of multi-node runs)
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
 #: torch.distributed rendezvous on pod 0 (accelerate's --main_process_port)
 RENDEZVOUS_PORT = 29500

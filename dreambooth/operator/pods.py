@@ -9,16 +9,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
-from dreambooth.api.status import Phase
+from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode, exit_reason
+from dreambooth.api.status import BENIGN_PENDING, Phase, Reason
 from dreambooth.api.termination import TerminationSummary
 
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-#: waiting reasons that mean "on its way", not "stuck"
-BENIGN_PENDING = frozenset(
-    {"Creating", "WaitingForPods", "Scheduling", "ContainerCreating", "PodInitializing", "Restarting",
-     "Recreating"}
-)
 
 
 @dataclass(frozen=True)
@@ -78,15 +73,6 @@ def camel_reason(text: str | None, fallback: str) -> str:
     return joined if joined and _REASON.match(joined) else fallback
 
 
-def exit_reason(code: int | None) -> str | None:
-    """``BadData`` for exit code 11: the trainer's own reason names (see TrainerError)."""
-    try:
-        member = ExitCode(code)
-    except ValueError:
-        return None
-    return "".join(part.capitalize() for part in member.name.split("_"))
-
-
 @dataclass(frozen=True)
 class Termination:
     """How one finished pod ended: the container's terminated state and the trainer's
@@ -112,13 +98,13 @@ class Termination:
     @property
     def reason(self) -> str:
         if self.oom:
-            return "OOMKilled"
-        if self.trainer_reason == "Unexpected" and "OutOfMemoryError" in self.message:
-            return "CUDAOutOfMemory"
+            return Reason.OOM_KILLED
+        if self.trainer_reason == exit_reason(ExitCode.UNEXPECTED) and "OutOfMemoryError" in self.message:
+            return Reason.CUDA_OUT_OF_MEMORY
         return (
             camel_reason(self.trainer_reason, "")
             or exit_reason(self.exit_code)
-            or camel_reason(self.k8s_reason, "Error")
+            or camel_reason(self.k8s_reason, Reason.ERROR)
         )
 
     def describe(self) -> str:
@@ -156,7 +142,7 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
     ]
     terminated.sort(key=lambda t: t.get("exitCode") == 0)  # a failing container first
     disruption = true_condition(pod, "DisruptionTarget")
-    disrupted = camel_reason(disruption.get("reason"), "Disrupted") if disruption else None
+    disrupted = camel_reason(disruption.get("reason"), Reason.DISRUPTED) if disruption else None
     if not terminated:  # evicted, or deleted before it started
         return Termination(
             pod=pod_name(pod), exit_code=None, k8s_reason=get(pod, "status", "reason"),
@@ -169,7 +155,7 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
     reason = summary.reason if summary else None
     message = (summary.message or "") if summary else raw
     if summary is None and t.get("exitCode") and (found := _RENDEZVOUS_TIMEOUT.search(raw)):
-        reason, message = "RendezvousTimeout", f"{found.group(0)} ({RENDEZVOUS_HINT})"
+        reason, message = Reason.RENDEZVOUS_TIMEOUT, f"{found.group(0)} ({RENDEZVOUS_HINT})"
     return Termination(
         pod=pod_name(pod),
         exit_code=t.get("exitCode"),
@@ -197,19 +183,19 @@ def waiting_verdict(pod: Mapping[str, Any], reason: str, message: str) -> Verdic
     namespace = get(pod, "metadata", "namespace") or "the job's namespace"
     where = f"pod {pod_name(pod)}: {message}" if message else f"pod {pod_name(pod)}: {reason}"
     if reason in ("ErrImagePull", "ImagePullBackOff"):
-        return Verdict(Phase.PENDING, "ImagePullBackOff", where + " (check resources.image and pull secrets)")
+        return Verdict(Phase.PENDING, Reason.IMAGE_PULL_BACK_OFF, where + " (check resources.image and pull secrets)")
     if reason == "CreateContainerConfigError":
         if m := _SECRET.search(message):
-            return Verdict(Phase.PENDING, "SecretNotFound",
+            return Verdict(Phase.PENDING, Reason.SECRET_NOT_FOUND,
                            f'{where}: create Secret "{m.group(1)}" in {namespace}, or point '
                            "spec.storage.credentialsSecret at one that exists")
         if m := _SECRET_KEY.search(message):
-            return Verdict(Phase.PENDING, "SecretKeyNotFound",
+            return Verdict(Phase.PENDING, Reason.SECRET_KEY_NOT_FOUND,
                            f"{where}: add key {m.group(1)} to that Secret, or set "
                            "spec.storage.credentialsSecret's accessKeyKey/secretKeyKey")
         if _CONFIGMAP.search(message):
-            return Verdict(Phase.PENDING, "ConfigMapNotFound", where)
-    return Verdict(Phase.PENDING, camel_reason(reason, "ContainerWaiting"), where)
+            return Verdict(Phase.PENDING, Reason.CONFIG_MAP_NOT_FOUND, where)
+    return Verdict(Phase.PENDING, camel_reason(reason, Reason.CONTAINER_WAITING), where)
 
 
 def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
@@ -218,7 +204,7 @@ def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
         (c for c in get(pod, "status", "conditions") or () if c.get("type") == "PodScheduled"), None
     )
     if scheduled is not None and scheduled.get("status") == "False":
-        reason = camel_reason(scheduled.get("reason"), "Unschedulable")
+        reason = camel_reason(scheduled.get("reason"), Reason.UNSCHEDULABLE)
         message = scheduled.get("message") or ""
         return Verdict(Phase.PENDING, reason, f"pod {pod_name(pod)}: {message}" if message else f"pod {pod_name(pod)}")
     statuses = [
@@ -230,7 +216,7 @@ def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
         waiting = get(cs, "state", "waiting")
         if not waiting:
             continue
-        reason, message = waiting.get("reason") or "ContainerCreating", waiting.get("message") or ""
+        reason, message = waiting.get("reason") or Reason.CONTAINER_CREATING, waiting.get("message") or ""
         if reason in BENIGN_PENDING:
             benign = benign or Verdict(Phase.PENDING, reason, f"pod {pod_name(pod)}: starting containers")
             continue
@@ -239,8 +225,8 @@ def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
         return benign
     if get(pod, "status", "phase") in (None, "Pending"):
         if scheduled is None:
-            return Verdict(Phase.PENDING, "Scheduling", f"pod {pod_name(pod)}: waiting for a node")
-        return Verdict(Phase.PENDING, "ContainerCreating", f"pod {pod_name(pod)}: starting containers")
+            return Verdict(Phase.PENDING, Reason.SCHEDULING, f"pod {pod_name(pod)}: waiting for a node")
+        return Verdict(Phase.PENDING, Reason.CONTAINER_CREATING, f"pod {pod_name(pod)}: starting containers")
     return None
 
 

@@ -23,14 +23,14 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from dreambooth.api import telemetry as names
-from dreambooth.api.status import Progress, Timestamp
+from dreambooth.api.status import Progress, Timestamp, progress_summary
+from dreambooth.operator import naming
 
 log = logging.getLogger(__name__)
 
 #: how long one scrape may take; the poll interval is ~10 s
 DEFAULT_SCRAPE_TIMEOUT = 3.0
 #: annotation (and label) the Job controller puts on the pods of an Indexed Job
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ def rank0_pod(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The running pod of completion index 0 (the one serving metrics), if any."""
     for pod in pods:
         meta = pod.get("metadata") or {}
-        index = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (
+        index = (meta.get("annotations") or {}).get(naming.COMPLETION_INDEX_ANNOTATION) or (
             meta.get("labels") or {}
-        ).get(COMPLETION_INDEX)
+        ).get(naming.COMPLETION_INDEX_ANNOTATION)
         status = pod.get("status") or {}
         if (
             index in (None, "0")
@@ -181,11 +181,6 @@ async def _get(session: aiohttp.ClientSession, url: str, timeout: aiohttp.Client
 # --- folding a snapshot into the status --------------------------------------------------
 
 
-def images_per_step(batch_size: int, prior_preservation: bool) -> int:
-    """Images one optimizer step processes: the trainer's images/s counts class images too."""
-    return batch_size * (2 if prior_preservation else 1)
-
-
 def progress_from(
     snapshot: TrainerSnapshot | None,
     previous: Progress | None,
@@ -217,11 +212,12 @@ def progress_from(
         eta = None
     stamp = rfc3339(now)
     changed = previous is None or previous.step != step or previous.step_changed_at is None
+    percent, summary = progress_summary(step, total)
     return Progress(
         step=step,
         total_steps=total,
-        percent=round(min(100.0, 100.0 * step / total), 1) if total else 0.0,
-        summary=f"{step}/{total}" if total else str(step),
+        percent=percent,
+        summary=summary,
         loss=loss,
         learning_rate=lr if lr is None or lr >= 0 else None,
         images_per_second=ips,

@@ -240,7 +240,7 @@ def command(inputs: TrainerInputs) -> list[str]:
         # static rendezvous (torchrun's default): pod 0's TCPStore waits this long for the
         # other pods, and they wait as long for it (without it: 900 s, torchrun's LaunchConfig)
         timeout = inputs.job.spec.run_policy.rendezvous_timeout_seconds
-        lines += [["--machine_rank", '"${JOB_COMPLETION_INDEX:?}"'],
+        lines += [["--machine_rank", f'"${{{naming.COMPLETION_INDEX_ENV}:?}}"'],
                   ["--main_process_ip", naming.rendezvous_host(inputs.name),
                    "--main_process_port", str(naming.RENDEZVOUS_PORT)],
                   ["--rdzv_conf", f"timeout={timeout}"]]
@@ -268,7 +268,7 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-        {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+        {"name": naming.COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX_ANNOTATION}']"}}},
     ]
     if inputs.job.spec.resources.num_processes > 1:  # see LAUNCH_SCRIPT

@@ -29,16 +29,12 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from dreambooth.api.status import DreamBoothJobStatus, Phase
+from dreambooth.api.status import ConditionType, DreamBoothJobStatus, Phase, Reason
 from dreambooth.operator.pods import Termination, Verdict, get, terminations, true_condition
 from dreambooth.operator.progress import format_duration, parse_time
 
 #: on every trainer Job: the restarts counted before it was created
 RESTARTS_ANNOTATION = "dreambooth.io/restarts"
-#: Ready reasons while a multi-node job is between two attempts
-RESTARTING, PREEMPTED = "Restarting", "Preempted"
-#: the trainer Job is gone but its pods still run or stop (deleted by hand?)
-RECREATING = "Recreating"
 
 #: the Job controller's message for a FailJob rule matched by a pod condition
 _CONDITION_RULE = re.compile(r"^Pod (?P<ns>[^/\s]+)/(?P<pod>\S+) has condition (?P<type>\S+) matching")
@@ -123,11 +119,11 @@ def attempt_end(
         restarts = max(previous_restarts, restarts_before(job) + 1) if counted else before
         return AttemptEnd(end, restarts, culprit, reason, message)
 
-    if reason == "PodFailurePolicy":
+    if reason == Reason.POD_FAILURE_POLICY:
         if not _disrupted(cond, culprit):
             return ended(End.FINAL, counted=True)  # a do-not-retry exit code
         outcome = ended(End.DISRUPTED, counted=False)
-    elif reason == "BackoffLimitExceeded":  # backoffLimit 0: any pod that failed by itself
+    elif reason == Reason.BACKOFF_LIMIT_EXCEEDED:  # backoffLimit 0: any pod that failed by itself
         outcome = ended(End.RESTART, counted=True)
         if outcome.restarts > backoff_limit:
             return ended(End.SPENT, counted=True)
@@ -155,18 +151,18 @@ def attempt_verdict(attempt: AttemptEnd, *, nodes: int, backoff_limit: int,
     what = describe_cause(attempt)
     again = f"restarting all {nodes} pods from the newest checkpoint"
     if attempt.end is End.RESTART:
-        return Verdict(Phase.PENDING, RESTARTING,
+        return Verdict(Phase.PENDING, Reason.RESTARTING,
                        f"{what}; {again} (restart {attempt.restarts} of at most {backoff_limit})")
     if attempt.end is End.DISRUPTED:
-        return Verdict(Phase.PENDING, PREEMPTED,
+        return Verdict(Phase.PENDING, Reason.PREEMPTED,
                        f"{what}; {again} (a disruption: not counted against runPolicy.backoffLimit)")
     if attempt.end is End.SPENT:
-        reason = "OOMKilled" if attempt.cause is not None and attempt.cause.oom else "BackoffLimitExceeded"
+        reason = Reason.OOM_KILLED if attempt.cause is not None and attempt.cause.oom else Reason.BACKOFF_LIMIT_EXCEEDED
         return Verdict(Phase.FAILED, reason, f"the trainer failed {attempt.restarts} times "
                        f"(runPolicy.backoffLimit {backoff_limit}); last failure: {what}")
     if attempt.end is End.OUT_OF_TIME:
         spent = format_duration(float(deadline_seconds or 0))
-        return Verdict(Phase.FAILED, "DeadlineExceeded",
+        return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                        f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline_seconds}s = "
                        f"{spent}, counted from its first start at {started_at}): not restarted; "
                        f"last failure: {what}")
@@ -198,9 +194,9 @@ def next_step(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
     if status.phase.finished:
         return Step.NONE
     if job is not None:
-        ready = next((c for c in status.conditions if c.type == "Ready"), None)
+        ready = next((c for c in status.conditions if c.type == ConditionType.READY), None)
         if (failed_condition(job) is not None and status.phase is Phase.PENDING
-                and ready is not None and ready.reason in (RESTARTING, PREEMPTED)):
+                and ready is not None and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED)):
             return Step.DELETE_JOB
         return Step.NONE
     return Step.WAIT if any(running_or_stopping(p) for p in pods) else Step.CREATE_JOB

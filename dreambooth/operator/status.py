@@ -46,18 +46,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dreambooth.api import layout
-from dreambooth.api.resolve import total_steps
+from dreambooth.api.resolve import images_per_step, total_steps
 from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
 from dreambooth.api.status import (
+    BENIGN_PENDING,
     CheckpointRef,
     Condition,
+    ConditionType,
     DreamBoothJobStatus,
     Outputs,
     Phase,
     Progress,
+    Reason,
+    progress_summary,
 )
+from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.operator.pods import (
-    BENIGN_PENDING,
     Termination,
     Verdict,
     camel_reason,
@@ -71,16 +75,12 @@ from dreambooth.operator.pods import (
 from dreambooth.operator.progress import (
     TrainerSnapshot,
     format_duration,
-    images_per_step,
     is_stalled,
     progress_from,
     rfc3339,
     stalled_for,
 )
 from dreambooth.operator.restarts import (
-    PREEMPTED,
-    RECREATING,
-    RESTARTING,
     AttemptEnd,
     attempt_end,
     attempt_verdict,
@@ -91,25 +91,20 @@ from dreambooth.operator.specchange import ignored_message
 
 DEFAULT_STALL_TIMEOUT = timedelta(minutes=20)
 
-READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED = (
-    "Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled",
-)
-CONDITION_TYPES = (READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED, STALLED)
-#: present (True) only while the spec differs from what the running job was built from
-SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+#: always all of them, in this order (SpecChangeIgnored only while the spec differs from what
+#: the running job was built from)
+CONDITION_TYPES = (ConditionType.READY, ConditionType.RUNNING, ConditionType.SUCCEEDED,
+                   ConditionType.FAILED, ConditionType.SUSPENDED, ConditionType.STALLED)
 
 RUNNING_PHASES = (Phase.INITIALIZING, Phase.GENERATING_CLASS_IMAGES, Phase.TRAINING, Phase.EXPORTING)
 #: the trainer's phase metric label -> our phase ("succeeded": the pod is still finishing)
 TRAINER_PHASE = {
-    "initializing": Phase.INITIALIZING,
-    "generating_class_images": Phase.GENERATING_CLASS_IMAGES,
-    "training": Phase.TRAINING,
-    "exporting": Phase.EXPORTING,
-    "succeeded": Phase.EXPORTING,
+    TrainerPhase.INITIALIZING: Phase.INITIALIZING,
+    TrainerPhase.GENERATING_CLASS_IMAGES: Phase.GENERATING_CLASS_IMAGES,
+    TrainerPhase.TRAINING: Phase.TRAINING,
+    TrainerPhase.EXPORTING: Phase.EXPORTING,
+    TrainerPhase.SUCCEEDED: Phase.EXPORTING,
 }
-#: Pending reasons that mean "on its way", not "needs you"
-INVALID_SPEC = "InvalidSpec"
-STALLED_REASON = "NoProgress"
 
 
 _MAX_MESSAGE = 32768
@@ -186,27 +181,27 @@ def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termi
     job_message = cond.get("message") or ""
     failures = [t for t in ended if t.exit_code != 0]
     latest = failures[-1] if failures else None
-    if job_reason == "PodFailurePolicy":
+    if job_reason == Reason.POD_FAILURE_POLICY:
         culprit = next((t for t in reversed(failures) if t.do_not_retry), latest)
         if culprit is not None:
             return Verdict(Phase.FAILED, culprit.reason, f"{culprit.describe()} (not retried)")
-        return Verdict(Phase.FAILED, "PodFailurePolicy", job_message)
-    if job_reason == "DeadlineExceeded":
+        return Verdict(Phase.FAILED, Reason.POD_FAILURE_POLICY, job_message)
+    if job_reason == Reason.DEADLINE_EXCEEDED:
         limit = get(obs.job, "spec", "activeDeadlineSeconds")
         text = "the job ran longer than runPolicy.activeDeadlineSeconds"
         text += f" ({limit}s)" if limit else ""
-        return Verdict(Phase.FAILED, "DeadlineExceeded", f"{text}: {job_message}".rstrip(": "))
-    if job_reason == "BackoffLimitExceeded":
+        return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED, f"{text}: {job_message}".rstrip(": "))
+    if job_reason == Reason.BACKOFF_LIMIT_EXCEEDED:
         count = get(obs.job, "status", "failed") or len(failures)
         limit = get(obs.job, "spec", "backoffLimit")
         text = f"the trainer failed {count} times" + (f" (backoffLimit {limit})" if limit is not None else "")
         if latest is not None:
             text += f"; last failure: {latest.describe()}"
-        return Verdict(Phase.FAILED, "OOMKilled" if latest and latest.oom else "BackoffLimitExceeded", text)
+        return Verdict(Phase.FAILED, Reason.OOM_KILLED if latest and latest.oom else Reason.BACKOFF_LIMIT_EXCEEDED, text)
     text = job_message
     if latest is not None:
         text = f"{text}; last failure: {latest.describe()}" if text else latest.describe()
-    return Verdict(Phase.FAILED, camel_reason(job_reason, "JobFailed"), text)
+    return Verdict(Phase.FAILED, camel_reason(job_reason, Reason.JOB_FAILED), text)
 
 
 def _running_message(phase: Phase, progress: Progress | None) -> str:
@@ -234,14 +229,14 @@ def _without_job(obs: Observation, previous: DreamBoothJobStatus | None) -> Verd
     """No trainer Job: between two attempts of a multi-node job, gone (deleted by hand?)
     while its pods still stop, or not created yet."""
     ready = _ready(previous)
-    if previous is not None and previous.phase is Phase.PENDING and ready and ready.reason in (RESTARTING, PREEMPTED):
+    if previous is not None and previous.phase is Phase.PENDING and ready and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED):
         return Verdict(Phase.PENDING, ready.reason, ready.message)
     left = sum(1 for p in obs.pods if running_or_stopping(p))
     if left:
-        return Verdict(Phase.PENDING, RECREATING,
+        return Verdict(Phase.PENDING, Reason.RECREATING,
                        f"the trainer Job is gone (deleted by hand?): waiting for its {left} pod(s) to stop "
                        "before creating a new one, which resumes from the newest checkpoint")
-    return Verdict(Phase.PENDING, "Creating", "creating the trainer Job")
+    return Verdict(Phase.PENDING, Reason.CREATING, "creating the trainer Job")
 
 
 def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
@@ -253,18 +248,18 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
     if job is not None:
         for ctype in ("Complete", "SuccessCriteriaMet"):
             if true_condition(job, ctype):
-                return Verdict(Phase.SUCCEEDED, "Succeeded")
+                return Verdict(Phase.SUCCEEDED, Reason.SUCCEEDED)
         for ctype in ("Failed", "FailureTarget"):
             if cond := true_condition(job, ctype):
                 if attempt is not None and (v := _attempt_verdict(obs, attempt, started_at)):
                     return v
                 return _failed_verdict(cond, obs, ended)
     if obs.suspend:
-        return Verdict(Phase.SUSPENDED, "SuspendRequested",
+        return Verdict(Phase.SUSPENDED, Reason.SUSPEND_REQUESTED,
                        "spec.runPolicy.suspend is true: pods are stopped, checkpoints kept; "
                        "set it to false to resume")
     if job is not None and (get(job, "spec", "suspend") or true_condition(job, "Suspended")):
-        return Verdict(Phase.SUSPENDED, "JobSuspended",
+        return Verdict(Phase.SUSPENDED, Reason.JOB_SUSPENDED,
                        "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
                        "from its newest checkpoint when unsuspended")
     if job is None:
@@ -276,15 +271,15 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
         return problem or blocked[0]
     if not active:
         if any(t.exit_code == 0 for t in ended):
-            return Verdict(Phase.EXPORTING, "Exporting", "the trainer finished; the Job completes")
+            return Verdict(Phase.EXPORTING, Reason.EXPORTING, "the trainer finished; the Job completes")
         failures = [t for t in ended if t.exit_code != 0]
         if failures:
             latest = failures[-1]
-            reason = PREEMPTED if latest.disruption else RESTARTING
+            reason = Reason.PREEMPTED if latest.disruption else Reason.RESTARTING
             again = (f"restarting all {obs.nodes} pods from the newest checkpoint" if obs.nodes > 1
                      else "a new pod resumes from the newest checkpoint")
             return Verdict(Phase.PENDING, reason, f"{latest.describe()}; {again}")
-        return Verdict(Phase.PENDING, "WaitingForPods", "waiting for the Job controller to create pods")
+        return Verdict(Phase.PENDING, Reason.WAITING_FOR_PODS, "waiting for the Job controller to create pods")
     if obs.snapshot is not None and obs.snapshot.phase in TRAINER_PHASE:
         phase = TRAINER_PHASE[obs.snapshot.phase]
     elif previous is not None and previous.phase in RUNNING_PHASES:
@@ -306,7 +301,7 @@ def _condition(
     return Condition(
         type=ctype,
         status=status,
-        reason=camel_reason(reason, "Unknown"),
+        reason=camel_reason(reason, Reason.UNKNOWN),
         message=message[:_MAX_MESSAGE],
         last_transition_time=old.last_transition_time if keep else rfc3339(now),
         observed_generation=generation,
@@ -326,12 +321,12 @@ def conditions_for(
         return _condition(ctype, "True" if true else "False", v.reason, message, previous, generation, now)
 
     return [
-        make(READY, v.phase is Phase.SUCCEEDED, always=True),
-        make(RUNNING, v.phase in RUNNING_PHASES),
-        make(SUCCEEDED, v.phase is Phase.SUCCEEDED),
-        make(FAILED, v.phase is Phase.FAILED),
-        make(SUSPENDED, v.phase is Phase.SUSPENDED),
-        _condition(STALLED, *stalled, previous, generation, now),
+        make(ConditionType.READY, v.phase is Phase.SUCCEEDED, always=True),
+        make(ConditionType.RUNNING, v.phase in RUNNING_PHASES),
+        make(ConditionType.SUCCEEDED, v.phase is Phase.SUCCEEDED),
+        make(ConditionType.FAILED, v.phase is Phase.FAILED),
+        make(ConditionType.SUSPENDED, v.phase is Phase.SUSPENDED),
+        _condition(ConditionType.STALLED, *stalled, previous, generation, now),
     ]
 
 
@@ -389,9 +384,9 @@ def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None
             return progress
         base = progress or Progress()
         stamp = rfc3339(now)
+        percent, summary = progress_summary(step, total or step)
         return base.model_copy(update={
-            "step": step, "total_steps": total or step, "percent": 100.0 if step >= total else
-            round(100.0 * step / total, 1), "summary": f"{step}/{total or step}", "eta_seconds": 0,
+            "step": step, "total_steps": total or step, "percent": percent, "summary": summary, "eta_seconds": 0,
             "loss": loss, "updated_at": stamp,
             "step_changed_at": stamp if base.step != step else base.step_changed_at,
         })
@@ -404,14 +399,14 @@ def _stalled(v: Verdict, obs: Observation, progress: Progress | None, now: datet
     if v.phase is not Phase.TRAINING:
         return "False", v.reason, ""
     if progress is None:
-        return "Unknown", "MetricsUnavailable", "rank 0's metrics endpoint has not been read yet"
+        return "Unknown", Reason.METRICS_UNAVAILABLE, "rank 0's metrics endpoint has not been read yet"
     if is_stalled(progress, now, obs.stall_timeout):
         idle = stalled_for(progress, now) or timedelta(0)
         text = f"step {progress.summary} has not changed for {format_duration(idle.total_seconds())}"
         if obs.snapshot is None:
             text += f"; rank 0's metrics endpoint is unreachable (last read {progress.updated_at})"
-        return "True", STALLED_REASON, text
-    return "False", "Progressing", f"step {progress.summary}"
+        return "True", Reason.NO_PROGRESS, text
+    return "False", Reason.PROGRESSING, f"step {progress.summary}"
 
 
 def compute_status(
@@ -431,7 +426,7 @@ def compute_status(
         previous is not None
         and previous.phase.finished
         and not v.phase.finished
-        and _ready_reason(previous) != INVALID_SPEC
+        and _ready_reason(previous) != Reason.INVALID_SPEC
     ):  # finished is final: the Job may be gone (ttlSecondsAfterFinished)
         ready = _ready(previous)
         v = Verdict(previous.phase, ready.reason if ready else previous.phase.value,
@@ -471,7 +466,7 @@ def compute_status(
 
     conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
     if obs.ignored_changes:
-        conditions.append(_condition(SPEC_CHANGE_IGNORED, "True", "ImmutableFields",
+        conditions.append(_condition(ConditionType.SPEC_CHANGE_IGNORED, "True", Reason.IMMUTABLE_FIELDS,
                                      ignored_message(obs.ignored_changes), previous, obs.generation, now))
     return DreamBoothJobStatus(
         phase=v.phase,
@@ -501,7 +496,7 @@ def condition_of(status: DreamBoothJobStatus | None, ctype: str) -> Condition | 
 
 
 def _ready(status: DreamBoothJobStatus | None) -> Condition | None:
-    return condition_of(status, READY)
+    return condition_of(status, ConditionType.READY)
 
 
 def _ready_reason(status: DreamBoothJobStatus | None) -> str | None:
@@ -515,11 +510,11 @@ def invalid_spec_status(
 ) -> DreamBoothJobStatus:
     """Failed with reason InvalidSpec: the spec cannot run as written (no Job is created)."""
     message = "the spec is invalid: " + "; ".join(issues or ["(no details)"])
-    v = Verdict(Phase.FAILED, INVALID_SPEC, message)
+    v = Verdict(Phase.FAILED, Reason.INVALID_SPEC, message)
     keep = previous is not None and previous.phase is Phase.FAILED
     return DreamBoothJobStatus(
         phase=Phase.FAILED,
-        conditions=conditions_for(v, ("False", INVALID_SPEC, ""), previous, generation, now),
+        conditions=conditions_for(v, ("False", Reason.INVALID_SPEC, ""), previous, generation, now),
         progress=previous.progress if previous else None,
         last_checkpoint=previous.last_checkpoint if previous else None,
         outputs=previous.outputs if previous else None,

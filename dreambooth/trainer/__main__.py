@@ -16,8 +16,14 @@ import time
 import traceback
 from pathlib import Path
 
-from dreambooth.api.exitcodes import ExitCode
-from dreambooth.api.termination import STOP_FILE, VERDICTS_DIR, TerminationSummary, verdict_name
+from dreambooth.api.exitcodes import ExitCode, exit_reason
+from dreambooth.api.termination import (
+    STOP_FILE,
+    SUCCEEDED,
+    VERDICTS_DIR,
+    TerminationSummary,
+    verdict_name,
+)
 
 TERMINATION_LOG = Path("/dev/termination-log")
 log = logging.getLogger("dreambooth.trainer")
@@ -111,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = run(config, args.workdir, stop=stop)
         # the last step's loss (none when resumed after it)
-        summary = TerminationSummary(exit_code=ExitCode.OK, reason="Succeeded", step=outcome.step,
+        summary = TerminationSummary(exit_code=ExitCode.OK, reason=SUCCEEDED, step=outcome.step,
                                      loss=outcome.loss, outputs=outcome.outputs or None)
     except TrainerError as err:
         log.error("%s", err)
         summary = TerminationSummary(exit_code=err.exit_code, reason=err.reason, message=str(err))
     except Exception as err:  # noqa: BLE001  (a bug: keep the traceback, retry the pod)
         log.error("unexpected error: %s\n%s", err, traceback.format_exc())
-        summary = TerminationSummary(exit_code=ExitCode.UNEXPECTED, reason="Unexpected",
+        summary = TerminationSummary(exit_code=ExitCode.UNEXPECTED, reason=exit_reason(ExitCode.UNEXPECTED),
                                      message=f"{type(err).__name__}: {err}")
     summary = summary.model_copy(update={"rank": rank, "finished_at": time.time()})
     write_verdict(args.workdir, summary)

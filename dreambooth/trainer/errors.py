@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreambooth.api.exitcodes import ExitCode
+from dreambooth.api.exitcodes import ExitCode, exit_reason
 
 
 class TrainerError(Exception):
@@ -18,7 +18,7 @@ class TrainerError(Exception):
     @property
     def reason(self) -> str:
         """CamelCase reason for Kubernetes conditions, e.g. ``BadData``."""
-        return "".join(part.capitalize() for part in self.exit_code.name.split("_"))
+        return exit_reason(self.exit_code)
 
 
 class ConfigError(TrainerError):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.api import layout
+from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
@@ -256,7 +257,7 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
     short collectives and they all exit together (see docs/trainer.md, "The end of a run")."""
     a = ctx.accelerator
     if ctx.metrics:
-        ctx.metrics.phase.state("exporting")
+        ctx.metrics.phase.state(TrainerPhase.EXPORTING)
     together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
              what="uploading checkpoints and samples")
     job = None
@@ -274,4 +275,4 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
     ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
-    ctx.metrics.phase.state("succeeded")
+    ctx.metrics.phase.state(TrainerPhase.SUCCEEDED)

@@ -21,6 +21,7 @@ import torch
 
 from dreambooth.api import layout
 from dreambooth.api.spec import Sampler, ValidationSpec
+from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.pernode import once_per_node
@@ -112,7 +113,7 @@ def class_examples(ctx, components) -> list[Example]:
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):
             if ctx.metrics:
-                ctx.metrics.phase.state("generating_class_images")
+                ctx.metrics.phase.state(TrainerPhase.GENERATING_CLASS_IMAGES)
             _generate_share(ctx, components, store, count, ctx.workdir / "class-generated")
             a.wait_for_everyone()  # the shares differ by one image at most
             if ctx.main:

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from dreambooth.api.config import TrainerConfig
+from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
+from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.trainer import persist, textual_inversion, trainables
 from dreambooth.trainer.context import Context, Outcome
@@ -211,9 +213,9 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
     a, spec = ctx.accelerator, ctx.spec
     outcome = Outcome(step=start)
     progress = Progress(ctx.total_steps, start, enabled=ctx.main)
-    throughput = Throughput(images_per_step=spec.training.batch_size * (2 if loop.classes else 1))
+    throughput = Throughput(images_per_step=images_per_step(spec.training.batch_size, loop.classes is not None))
     if ctx.metrics:
-        ctx.metrics.phase.state("training")
+        ctx.metrics.phase.state(TrainerPhase.TRAINING)
     try:
         for step in range(start, end):
             values = loop.run_step(step)
@@ -288,7 +290,7 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
 def _run(ctx: Context) -> Outcome:
     config, accelerator, metrics = ctx.config, ctx.accelerator, ctx.metrics
     if metrics:
-        metrics.phase.state("initializing")
+        metrics.phase.state(TrainerPhase.INITIALIZING)
         metrics.total_steps.set(ctx.total_steps)
     model_dir = fetch_base_model(ctx)
     components = load_components(model_dir, source=config.spec.base_model.uri)

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from dreambooth.api import telemetry as names
+from dreambooth.api.resolve import images_per_step
 from dreambooth.api.status import Progress
 from dreambooth.operator.progress import (
     TrainerSnapshot,
     format_duration,
-    images_per_step,
     is_stalled,
     metrics_url,
     parse_metrics,
