@@ -36,6 +36,7 @@ crds: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check dreambooth tests bench
+	$(BIN)/lint-imports
 
 ## lock: re-pin constraints.txt from what is installed in .venv
 lock:

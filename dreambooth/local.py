@@ -15,6 +15,7 @@ from pathlib import Path
 from dreambooth.api import DreamBoothJob, build_trainer_config, validate_job
 from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
+from dreambooth.jobfiles import load_job, local_defaults
 
 
 def absolute_file_uris(job: DreamBoothJob, base: Path) -> DreamBoothJob:
@@ -38,7 +39,6 @@ def absolute_file_uris(job: DreamBoothJob, base: Path) -> DreamBoothJob:
 
 
 def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int) -> int:
-    from dreambooth.cli import local_defaults
     from dreambooth.trainer.__main__ import main as trainer_main
 
     defaults = local_defaults(output_root)
@@ -55,8 +55,6 @@ def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dreambooth.cli import load_job
-
     job = load_job(args.file)
     workdir = args.workdir or Path("runs") / ".work" / job.metadata.name
     return train_job(job, output_root=args.output_root, workdir=workdir, metrics_port=args.metrics_port)

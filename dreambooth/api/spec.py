@@ -11,9 +11,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
 
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
 from dreambooth.api.presets import Preset, describe
@@ -556,17 +555,3 @@ class DreamBoothJobSpec(ApiModel):
         default_factory=RunPolicySpec, description="Suspend, retries, deadlines, cleanup."
     )
 
-    @model_validator(mode="after")
-    def _cross_field_rules(self, info: ValidationInfo) -> DreamBoothJobSpec:
-        from dreambooth.api.rules import first_violation
-
-        if (info.context or {}).get("skip_rules"):  # validate_job() reports them all at once
-            return self
-        violation = first_violation(self)
-        if violation is not None:
-            raise PydanticCustomError(
-                "cross_field",
-                "{path}: {message}",
-                {"path": violation.path, "message": violation.message},
-            )
-        return self

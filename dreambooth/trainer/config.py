@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dreambooth.api.config import TrainerConfig
-from dreambooth.api.job import SpecError, issues_from
+from dreambooth.api.job import FieldIssue, SpecError, issues_from
+from dreambooth.api.rules import violations
 from dreambooth.trainer.errors import ConfigError
 
 
@@ -20,6 +21,11 @@ def load_config(path: Path) -> TrainerConfig:
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read the trainer config {path}: {err}") from None
     try:
-        return TrainerConfig.model_validate(data)
+        config = TrainerConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(str(SpecError(issues_from(err, TrainerConfig), what="TrainerConfig"))) from None
+    found = violations(config.spec)  # the cross-field rules, as validate_job checks them
+    if found:
+        issues = [FieldIssue(f"spec.{v.path}", v.message) for v in found]
+        raise ConfigError(str(SpecError(issues, what="TrainerConfig")))
+    return config
