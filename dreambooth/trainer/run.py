@@ -17,7 +17,8 @@ import torch
 
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.resolve import images_per_step
-from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
+from dreambooth.api.rules import family_violations
+from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.trainer import persist, textual_inversion, trainables
@@ -78,6 +79,14 @@ def fetch_base_model(ctx: Context) -> Path:
             parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
     return fetch_once(ctx, "base-model", lambda: fetch_prefix(
         model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+
+
+def check_family(spec: DreamBoothJobSpec, family: str) -> None:
+    """What the model's family cannot take (the API checked it already when the job named
+    its family; with ``auto`` it is known only now)."""
+    found = list(family_violations(spec, ModelFamily(family)))
+    if found:
+        raise ConfigError("; ".join(f"spec.{v.path}: {v.message}" for v in found))
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -295,7 +304,8 @@ def _run(ctx: Context) -> Outcome:
         metrics.phase.state(TrainerPhase.INITIALIZING)
         metrics.total_steps.set(ctx.total_steps)
     model_dir = fetch_base_model(ctx)
-    components = load_components(model_dir, source=config.spec.base_model.uri)
+    components = load_components(model_dir, config.spec.base_model.uri, config.spec.base_model.family)
+    check_family(config.spec, components.family.name)
     instances = load_instance_examples(ctx, components)
     classes = None
     if config.spec.prior.enabled:
