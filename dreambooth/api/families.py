@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dreambooth.api.spec import ModelFamily, OutputFormat
+from dreambooth.api.presets import ModelFamily
+from dreambooth.api.spec import OutputFormat
 
 
 @dataclass(frozen=True)

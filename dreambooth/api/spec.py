@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic.alias_generators import to_camel
 
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
-from dreambooth.api.presets import Preset, describe
+from dreambooth.api.presets import ModelFamily, Preset, describe
 from dreambooth.api.uris import Scheme, UriError, parse_uri
 
 
@@ -103,19 +103,12 @@ class LRScheduler(StrEnum):
     LINEAR = "linear"
 
 
-class ModelFamily(StrEnum):
-    """Which Stable Diffusion generation the base model is (dreambooth/trainer/families)."""
-
-    AUTO = "auto"
-    SD = "sd"
-    SDXL = "sdxl"
-
-
 class Sampler(StrEnum):
     DDIM = "ddim"
     PNDM = "pndm"
     LMS = "lms"
     DPM = "dpm"
+    EULER = "euler"
 
 
 class OutputFormat(StrEnum):
@@ -263,17 +256,18 @@ class TrainingSpec(ApiModel):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=128, description="Micro-batches accumulated per optimizer step (saves memory)."
     )
-    resolution: int = Field(
-        512,
+    resolution: int | None = Field(
+        None,
         ge=64,
         le=2048,
         multiple_of=8,
         description="Training image size in pixels (photos are resized and center-cropped). "
-        "512 for SD 1.x, 768 for SD 2.x 768-v.",
+        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
-    method: Method = Field(
-        Method.FULL, description="full: fine-tune the weights; lora: train small adapters."
+    method: Method | None = Field(
+        None, description="full: fine-tune the weights; lora: train small adapters. Default: "
+        "the family's (full for SD 1.x/2.x, lora for SDXL)."
     )
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
     train_text_encoder: bool | None = Field(
@@ -339,12 +333,14 @@ class ValidationSpec(ApiModel):
         le=1_000_000,
         description="Sample every this many steps. Default: checkpointing.everySteps.",
     )
-    scheduler: Sampler = Field(
-        Sampler.DDIM,
-        description="Sampling scheduler. DDIM beat PNDM and LMS clearly on overfit models.",
+    scheduler: Sampler | None = Field(
+        None,
+        description="Sampling scheduler. Default: the family's (SD 1.x/2.x: ddim, which beat PNDM "
+        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with).",
     )
-    inference_steps: int = Field(
-        100, ge=1, le=1000, description="Inference steps per image (100 worked well with DDIM)."
+    inference_steps: int | None = Field(
+        None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
+        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example)."
     )
     images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")

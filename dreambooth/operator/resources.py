@@ -155,19 +155,21 @@ def claim_mounts(inputs: TrainerInputs) -> list[ClaimMount]:
 def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
     """The TrainerConfig the pods read, pvc:// URIs rewritten to their mount paths."""
     config = _resolved(inputs)
-    spec = config.spec
 
     def rewritten(section: Any) -> Any:
         return section.model_copy(update={"uri": local_uri(section.uri)}) if section.uri else section
 
-    spec = spec.model_copy(update={
-        "base_model": rewritten(spec.base_model),
-        "instance": rewritten(spec.instance),
-        "prior": rewritten(spec.prior),
-        "output": rewritten(spec.output),
-    })
+    def rewritten_spec(spec: Any) -> Any:
+        return spec.model_copy(update={
+            "base_model": rewritten(spec.base_model),
+            "instance": rewritten(spec.instance),
+            "prior": rewritten(spec.prior),
+            "output": rewritten(spec.output),
+        })
+
     return config.model_copy(update={
-        "spec": spec,
+        "spec": rewritten_spec(config.spec),
+        "requested": rewritten_spec(config.requested) if config.requested else None,
         "output_uri": local_uri(config.output_uri),
         "class_cache_uri": local_uri(config.class_cache_uri),
     })

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.api.config import TrainerConfig
+from dreambooth.api import telemetry as names
+from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
-from dreambooth.api.rules import family_violations
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, parse_uri
@@ -81,12 +82,18 @@ def fetch_base_model(ctx: Context) -> Path:
         model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
 
 
-def check_family(spec: DreamBoothJobSpec, family: str) -> None:
-    """What the model's family cannot take (the API checked it already when the job named
-    its family; with ``auto`` it is known only now)."""
-    found = list(family_violations(spec, ModelFamily(family)))
-    if found:
-        raise ConfigError("; ".join(f"spec.{v.path}: {v.message}" for v in found))
+def open_model(ctx: Context) -> Components:
+    """Fetch, check and load the base model; a job with ``baseModel.family: auto`` gets the
+    presets and rules of the family found in it from now on (``ctx.config`` changes)."""
+    spec = ctx.spec
+    components = load_components(fetch_base_model(ctx), spec.base_model.uri, spec.base_model.family)
+    try:
+        ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
+    except SpecError as err:
+        raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
+                          + "; ".join(map(str, err.issues))) from None
+    log.info("model family %s (%s)", components.family.name, components.family.title)
+    return components
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -141,7 +148,7 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
     """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
     when the export writes the float32 original)."""
     a = ctx.accelerator
-    dtype = weight_dtype(a)
+    dtype = torch.float32 if components.family.vae_in_fp32 else weight_dtype(a)
     vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
     return {
         "accelerator": a,
@@ -299,13 +306,14 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
 
 
 def _run(ctx: Context) -> Outcome:
-    config, accelerator, metrics = ctx.config, ctx.accelerator, ctx.metrics
+    accelerator, metrics = ctx.accelerator, ctx.metrics
     if metrics:
         metrics.phase.state(TrainerPhase.INITIALIZING)
+    components = open_model(ctx)
+    config = ctx.config
+    if metrics:
         metrics.total_steps.set(ctx.total_steps)
-    model_dir = fetch_base_model(ctx)
-    components = load_components(model_dir, config.spec.base_model.uri, config.spec.base_model.family)
-    check_family(config.spec, components.family.name)
+        metrics.family.info({names.MODEL_FAMILY_LABEL: components.family.name})
     instances = load_instance_examples(ctx, components)
     classes = None
     if config.spec.prior.enabled:

@@ -91,13 +91,13 @@ def test_sdxl_full_fine_tune_learns_and_exports_a_loadable_folder(tiny_sdxl_dir,
 
     out = tmp_path / "out"
     config = sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=60, formats=["diffusers"],
-                      training={"learningRate": 1e-3})
+                      training={"method": "full", "learningRate": 1e-3})
     run(config, tmp_path / "w", metrics=TrainerMetrics())
     before = denoising_loss(tiny_sdxl_dir, toy_cat_dir, PROMPT)
     after = denoising_loss(out / "model", toy_cat_dir, PROMPT)
     assert after < 0.6 * before, (before, after)
     pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # SDXL's validation sampler travels
     assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
 
 
@@ -128,7 +128,8 @@ def test_what_sdxl_cannot_take_is_refused_before_training(tiny_sdxl_dir, toy_cat
     from dreambooth.trainer.errors import ConfigError
 
     doc = job_document(tiny_sdxl_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2,
-                       training={"textualInversion": {"placeholderToken": "<zwx>", "initializerToken": "cat"}})
+                       training={"method": "full",
+                                 "textualInversion": {"placeholderToken": "<zwx>", "initializerToken": "cat"}})
     doc["spec"]["instance"]["prompt"] = "a photo of <zwx> toy cat"
     doc["spec"]["baseModel"]["family"] = "sdxl"
     with pytest.raises(SpecError) as err:
@@ -140,3 +141,21 @@ def test_what_sdxl_cannot_take_is_refused_before_training(tiny_sdxl_dir, toy_cat
     with pytest.raises(ConfigError) as err:
         run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
     assert "spec.training.textualInversion" in str(err.value) and not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_an_auto_job_gets_the_presets_of_the_family_the_trainer_finds(tiny_sdxl_dir, toy_cat_dir, tmp_path):
+    """The operator cannot look into the model, so it renders an auto job with SD 1.x's
+    presets and the spec as written; the trainer re-applies the presets of the family it
+    finds (SDXL: LoRA), and says which family it found."""
+    from prometheus_client import generate_latest
+
+    from dreambooth.api.spec import Method
+
+    doc = job_document(tiny_sdxl_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)
+    doc["spec"]["validation"] = {"enabled": False}
+    config = trainer_config(doc)
+    assert config.spec.training.method is Method.FULL and config.requested is not None  # as assumed
+    metrics = TrainerMetrics()
+    outcome = run(config, tmp_path / "w", metrics=metrics)
+    assert set(outcome.outputs) == {"lora"}, outcome.outputs  # SDXL's presets train LoRA
+    assert 'dreambooth_trainer_model_info{family="sdxl"} 1.0' in generate_latest(metrics.registry).decode()

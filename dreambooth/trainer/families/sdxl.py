@@ -31,6 +31,7 @@ class StableDiffusionXL(Family):
                       "tokenizer_2/tokenizer_config.json", "scheduler/scheduler_config.json")
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    vae_in_fp32 = True  # its VAE overflows in fp16 (diffusers upcasts it too)
 
     def load(self, path: Path, source: str) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
