@@ -194,3 +194,36 @@ def test_schemes_a_place_does_not_take_are_named():
         parse_uri("pvc://claim/x", allowed={Scheme.S3, Scheme.FILE})
     with pytest.raises(UriError, match="file:// is for local runs"):
         parse_uri("file:///x", allowed={Scheme.S3})
+
+
+def test_a_trainer_configs_uris_go_through_the_parser():
+    """The output and class-cache prefixes the trainer writes to are URIs like the spec's."""
+    from pydantic import ValidationError
+
+    from dreambooth.api import build_trainer_config, validate_job
+    from dreambooth.api.config import Defaults, TrainerConfig
+
+    doc = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
+           "metadata": {"name": "toy-cat", "namespace": "team-a"}, "spec": spec_with_model("s3://models/sd15/")}
+    wire = build_trainer_config(validate_job(doc), Defaults(output_root="s3://outputs")).wire()
+    assert TrainerConfig.model_validate(wire).class_cache_uri == "s3://outputs/.cache/class-images/"
+    for field, bad, says in [("outputUri", "s3://outputs/../x/", "'.' or '..' segments"),
+                             ("classCacheUri", "hf://org/cache", "hf:// cannot be used here"),
+                             ("outputUri", "s3://outputs/x/?v=1", "query string")]:
+        with pytest.raises(ValidationError, match=says):
+            TrainerConfig.model_validate({**wire, field: bad})
+
+
+def test_dreambooth_train_makes_relative_file_uris_absolute(tmp_path):
+    from dreambooth.api import validate_job
+    from dreambooth.local import absolute_file_uris
+
+    spec = spec_with_model("file://./models/sd15") | {
+        "instance": {"uri": "file://photos/toy-cat/", "prompt": "a photo of zwx toy cat"},
+        "output": {"uri": "file:///runs/toy-cat/"}}
+    doc = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
+           "metadata": {"name": "toy-cat"}, "spec": spec}
+    fixed = absolute_file_uris(validate_job(doc), tmp_path).spec
+    assert fixed.base_model.uri == (tmp_path / "models" / "sd15").as_uri()
+    assert fixed.instance.uri == (tmp_path / "photos" / "toy-cat").as_uri() + "/"
+    assert fixed.output.uri == "file:///runs/toy-cat/"
