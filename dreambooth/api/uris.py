@@ -140,8 +140,9 @@ def check_revision(revision: str) -> str:
     if not _REVISION_RE.fullmatch(revision):
         raise UriError(
             f"{shown(revision)} is not a branch, tag or commit: use a branch or tag name "
-            "(letters, digits, '_', '-' and '.', parts separated by '/', no '..', no part "
-            "starting or ending with '.') or a commit hash, e.g. main, v1.0 or refs/pr/1"
+            "(letters, digits, '_', '-' and '.', parts separated by '/', not starting with "
+            "'-', no '..', no part starting or ending with '.') or a commit hash, e.g. main, "
+            "v1.0 or refs/pr/1"
         )
     return revision
 
