@@ -288,10 +288,10 @@ def measure(model: Model, row: Row, *, warmup: int, steps: int, smoke: bool, flo
     with device:
         unet = UNet2DConditionModel(**model.config)  # random fp32 weights, built on the device
     params_total = sum(p.numel() for p in unet.parameters())
-    chosen = trainables.select(spec, unet, torch.nn.Identity(), device=device, dtype=torch.bfloat16)
+    chosen = trainables.select(spec, unet, [torch.nn.Identity()], device=device, dtype=torch.bfloat16)
     optimizer = build_optimizer(spec, chosen.groups)
     params = [p for g in chosen.groups for p in g["params"]]
-    module = chosen.unet
+    module = chosen.denoiser
     step = Step(module, module, optimizer, params, Inputs(model, row.batch, device), device.type)
     key = (model.key, row.method)
     if key not in flops_cache:  # counted on the eager module, before any compilation

@@ -65,8 +65,8 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
 
     from dreambooth.api import Defaults, build_trainer_config, validate_job
     from dreambooth.demo import demo_job_document, draw_toy_cats
+    from dreambooth.trainer.families import load_components
     from dreambooth.trainer.metrics import TrainerMetrics
-    from dreambooth.trainer.models import load_components
     from dreambooth.trainer.run import (
         Context,
         build_loop,
@@ -106,7 +106,7 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     loop_s = timed(lambda: loop.run_step(next(step)), steps, warmup)
 
     trainable = sum(p.numel() * p.element_size() for p in loop.parameters)
-    frozen = sum(p.numel() * p.element_size() for m in (components.vae, components.text_encoder)
+    frozen = sum(p.numel() * p.element_size() for m in (components.vae, *components.text_encoders)
                  for p in m.parameters())
     adam_state = 2 * trainable
     return {
@@ -128,15 +128,15 @@ def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: 
     """The UNet forward + backward + AdamW step (the trainer's optimizer) on fixed inputs."""
     import torch
 
-    from dreambooth.trainer.models import load_components
+    from dreambooth.trainer.families import load_components
     from dreambooth.trainer.run import build_optimizer
 
     components = load_components(model, "bench")
-    unet = components.unet.train()
+    unet = components.denoiser.train()
     opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])
     side = resolution // 8
     latents = torch.randn(1, 4, side, side)
-    cond = torch.randn(1, components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
+    cond = torch.randn(1, components.tokenizers[0].model_max_length, components.text_encoders[0].config.hidden_size)
     t = torch.tensor([500])
 
     def bare() -> None:

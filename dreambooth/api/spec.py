@@ -121,6 +121,14 @@ class LRScheduler(StrEnum):
     LINEAR = "linear"
 
 
+class ModelFamily(StrEnum):
+    """Which Stable Diffusion generation the base model is (dreambooth/trainer/families)."""
+
+    AUTO = "auto"
+    SD = "sd"
+    SDXL = "sdxl"
+
+
 class Sampler(StrEnum):
     DDIM = "ddim"
     PNDM = "pndm"
@@ -140,7 +148,7 @@ class OutputFormat(StrEnum):
 
 
 class BaseModelSpec(ApiModel):
-    """The Stable Diffusion model to fine-tune (a diffusers folder, SD 1.x or 2.x)."""
+    """The Stable Diffusion model to fine-tune (a diffusers folder: SD 1.x/2.x or SDXL)."""
 
     uri: ModelUri = Field(
         description="Where the base model is: s3://bucket/prefix/ or pvc://claim/path holding a "
@@ -151,6 +159,12 @@ class BaseModelSpec(ApiModel):
         None,
         description="Hub revision (branch, tag or commit) for hf:// models. Default: the one "
         "given as hf://org/name@revision, else main.",
+    )
+    family: ModelFamily = Field(
+        ModelFamily.AUTO,
+        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, or auto (read "
+        "from its model_index.json when the trainer opens it). A family that does not match "
+        "the folder fails the job with a message.",
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dreambooth.trainer.errors import DataError
+from dreambooth.trainer.families.base import SampleSize
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 CAPTION_SUFFIX = ".txt"
@@ -22,11 +23,13 @@ CAPTION_SUFFIX = ".txt"
 
 @dataclass(frozen=True)
 class Example:
-    """One training image: pixels in [-1, 1], shape (3, H, W), and its prompt."""
+    """One training image: pixels in [-1, 1], shape (3, H, W), its prompt, and where the
+    pixels came from (SDXL conditions on the photo's size and the crop)."""
 
     pixels: torch.Tensor
     prompt: str
     name: str
+    size: SampleSize
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -42,18 +45,24 @@ def find_images(folder: Path) -> list[Path]:
     )
 
 
-def load_pixels(path: Path, resolution: int, *, where: str) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, center-crop, scale to [-1, 1]."""
+def load_pixels(path: Path, resolution: int, *, where: str) -> tuple[torch.Tensor, SampleSize]:
+    """Resize the shorter side to ``resolution``, center-crop, scale to [-1, 1]; and the
+    photo's size and the crop's top-left corner (in resized pixels)."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img).convert("RGB")
+            original = (img.height, img.width)
             img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(
             f"{where} is not a readable image ({err.__class__.__name__}): replace or delete it"
         ) from None
+    scale = resolution / min(original)
+    top = max(0, round((original[0] * scale - resolution) / 2))
+    left = max(0, round((original[1] * scale - resolution) / 2))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    size = SampleSize(original=original, crop_top_left=(top, left), target=(resolution, resolution))
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), size
 
 
 def load_examples(
@@ -82,7 +91,8 @@ def load_examples(
         text = prompt
         if use_captions and caption.is_file():
             text = caption.read_text(encoding="utf-8", errors="replace").strip() or prompt
-        examples.append(Example(load_pixels(path, resolution, where=where), text, rel))
+        pixels, size = load_pixels(path, resolution, where=where)
+        examples.append(Example(pixels, text, rel, size))
     return examples
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from dreambooth.api import layout
 from dreambooth.api.spec import OutputFormat
+from dreambooth.trainer.families import Family
 from dreambooth.trainer.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path) -> dict[str, str]:
+def export(family: Family, pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path) -> dict[str, str]:
     """Write ``pipeline`` in every format asked for; returns {format: uri}."""
     out: dict[str, str] = {}
     if OutputFormat.DIFFUSERS in formats:
@@ -30,38 +31,17 @@ def export(pipeline, formats: list[OutputFormat], storage: Storage, workdir: Pat
         storage.upload_dir(folder, layout.MODEL)
         out[OutputFormat.DIFFUSERS] = storage.uri(layout.MODEL)
     if OutputFormat.SAFETENSORS in formats:
-        from dreambooth.trainer.single_file import save_single_file
-
         path = workdir / layout.SINGLE_FILE
-        save_single_file(pipeline, path)
+        family.save_single_file(pipeline, path)
         storage.upload_file(path, layout.SINGLE_FILE)
         out[OutputFormat.SAFETENSORS] = storage.uri(layout.SINGLE_FILE)
     if OutputFormat.LORA in formats:
         folder = workdir / "lora"
         shutil.rmtree(folder, ignore_errors=True)
-        save_lora(pipeline, folder)
+        family.save_lora(pipeline, folder)
         storage.delete_prefix(layout.LORA)
         storage.upload_dir(folder, layout.LORA)
         out[OutputFormat.LORA] = storage.uri(layout.LORA)
     for fmt, uri in out.items():
         log.info("exported %s to %s", fmt, uri)
     return out
-
-
-def save_lora(pipeline, folder: Path) -> Path:
-    """``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(folder)``."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    def layers(module):
-        if not getattr(module, "peft_config", None):
-            return None
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-
-    type(pipeline).save_lora_weights(
-        folder,
-        unet_lora_layers=layers(pipeline.unet),
-        text_encoder_lora_layers=layers(pipeline.text_encoder),
-        safe_serialization=True,
-    )
-    return folder / "pytorch_lora_weights.safetensors"

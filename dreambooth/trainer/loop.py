@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from dreambooth.api.spec import TrainingSpec
 from dreambooth.trainer.data import Example, dataset_indices, sample_positions
+from dreambooth.trainer.families import Conditioning, Family, SampleSize
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class LatentCache:
         self.std = torch.cat(stds)
         self.scaling = float(vae.config.scaling_factor)
         self.prompts = [e.prompt for e in examples]
+        self.sizes = [e.size for e in examples]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -78,31 +80,23 @@ class LatentCache:
 
 
 class PromptEncoder:
-    """Text embeddings; cached per prompt whenever the text encoder is not training."""
+    """The family's conditioning of prompts; cached per prompt whenever no text encoder trains."""
 
-    def __init__(self, tokenizer, text_encoder, device) -> None:
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self.cache: dict[str, torch.Tensor] = {}
+    def __init__(self, family: Family, tokenizers, text_encoders, device) -> None:
+        self.family, self.tokenizers, self.text_encoders = family, list(tokenizers), list(text_encoders)
+        self.device = device
+        self.cache: dict[str, Conditioning] = {}
 
-    def _ids(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-
-    def __call__(self, prompts: list[str], *, training: bool) -> torch.Tensor:
+    def __call__(self, prompts: list[str], *, training: bool) -> Conditioning:
         if training:
             self.cache.clear()
-            return self.text_encoder(self._ids(prompts))[0]
+            return self.family.encode(self.tokenizers, self.text_encoders, prompts, self.device)
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
             with torch.no_grad():
-                for prompt, emb in zip(missing, self.text_encoder(self._ids(missing))[0]):
-                    self.cache[prompt] = emb
-        return torch.stack([self.cache[p] for p in prompts])
+                encoded = self.family.encode(self.tokenizers, self.text_encoders, missing, self.device)
+                self.cache.update(zip(missing, encoded.rows(), strict=True))
+        return Conditioning.stack([self.cache[p] for p in prompts])
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -120,10 +114,11 @@ class StepLoss:
     prior: torch.Tensor | None
 
 
-def diffusion_loss(unet, scheduler, latents, cond, gens: list[torch.Generator], *, training: TrainingSpec,
-                   prediction_type: str, n_prior: int, prior_weight: float) -> StepLoss:
-    """Noise ``latents``, predict with ``unet``; the last ``n_prior`` rows are class images.
-    ``gens`` holds one generator per row."""
+def diffusion_loss(family: Family, denoiser, scheduler, latents, cond: Conditioning, sizes: list[SampleSize],
+                   gens: list[torch.Generator], *, training: TrainingSpec, prediction_type: str, n_prior: int,
+                   prior_weight: float) -> StepLoss:
+    """Noise ``latents``, predict with the family's ``denoiser``; the last ``n_prior`` rows
+    are class images. ``gens`` holds one generator per row."""
     device = latents.device
     noise = randn(latents.shape[1:], gens, device)
     if training.noise_offset:
@@ -131,7 +126,7 @@ def diffusion_loss(unet, scheduler, latents, cond, gens: list[torch.Generator], 
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in gens])
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, cond).sample.float()
+    pred = family.predict(denoiser, noisy, timesteps, cond, sizes).float()
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
     if training.snr_gamma:
@@ -150,8 +145,9 @@ class Loop:
 
     accelerator: object
     training: TrainingSpec
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    family: Family
+    denoiser: torch.nn.Module  # the UNet
+    text_encoders: list[torch.nn.Module]
     scheduler: object
     vae: torch.nn.Module  # encoded the latents (on the device, compute dtype); samples decode with it
     prompts: PromptEncoder
@@ -161,9 +157,9 @@ class Loop:
     lr_scheduler: object
     prediction_type: str
     prior_weight: float = 1.0
-    text_encoder_steps: int = 0  # train the text encoder while step < this
+    text_encoder_steps: int = 0  # train the text encoders while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
-    ema: object | None = None  # diffusers EMAModel of the UNet's weights
+    ema: object | None = None  # diffusers EMAModel of the denoiser's weights
     phase: str = "dreambooth"
     #: further state for checkpoints, by name: objects with state_dict()/load_state_dict()
     extras: dict[str, object] = field(default_factory=dict)
@@ -188,24 +184,27 @@ class Loop:
         gens = generators(seed, positions, a.device)
         latents = [self.instances.sample(idx, gens)]
         prompts = [self.instances.prompts[i] for i in idx]
+        sizes = [self.instances.sizes[i] for i in idx]
         if self.classes is None:
-            return latents[0], prompts, gens, 0
+            return latents[0], prompts, sizes, gens, 0
         cidx = dataset_indices(positions, len(self.classes), seed)
         class_gens = generators(seed, positions, a.device, offset=CLASS_STREAM)
         latents.append(self.classes.sample(cidx, class_gens))
         prompts += [self.classes.prompts[i] for i in cidx]
-        return torch.cat(latents), prompts, gens + class_gens, len(idx)
+        sizes += [self.classes.sizes[i] for i in cidx]
+        return torch.cat(latents), prompts, sizes, gens + class_gens, len(idx)
 
     def run_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all micro-batches); returns losses averaged over processes."""
         a = self.accelerator
         train_te = step < self.text_encoder_steps
-        if not train_te and self.text_encoder.training:
-            self.text_encoder.requires_grad_(False).eval()  # frozen from now on
+        for text_encoder in self.text_encoders:
+            if not train_te and text_encoder.training:
+                text_encoder.requires_grad_(False).eval()  # frozen from now on
         accumulation = self.training.gradient_accumulation_steps
         sums = torch.zeros(3, device=a.device)
         for micro in range(accumulation):
-            latents, prompts, gens, n_prior = self._micro_batch(step, micro)
+            latents, prompts, sizes, gens, n_prior = self._micro_batch(step, micro)
             torch.manual_seed(dropout_seed(self.training.seed, step, micro, a.process_index))
             last = micro == accumulation - 1
             with contextlib.ExitStack() as stack:
@@ -215,8 +214,9 @@ class Loop:
                 with a.autocast():
                     cond = self.prompts(prompts, training=train_te)
                     loss = diffusion_loss(
-                        self.unet, self.scheduler, latents, cond, gens, training=self.training,
-                        prediction_type=self.prediction_type, n_prior=n_prior, prior_weight=self.prior_weight,
+                        self.family, self.denoiser, self.scheduler, latents, cond, sizes, gens,
+                        training=self.training, prediction_type=self.prediction_type, n_prior=n_prior,
+                        prior_weight=self.prior_weight,
                     )
                 a.backward(loss.total / accumulation)
             sums += torch.stack([
@@ -232,7 +232,7 @@ class Loop:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(a.unwrap_model(self.unet).parameters())
+            self.ema.step(a.unwrap_model(self.denoiser).parameters())
         if self.after_optimizer_step is not None:
             self.after_optimizer_step()
         total, instance, prior = (a.reduce(sums, reduction="mean") / accumulation).tolist()

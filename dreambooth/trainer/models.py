@@ -1,19 +1,12 @@
-"""The base model: fetched from S3, the Hugging Face Hub or a local folder, checked, loaded.
-
-We train Stable Diffusion 1.x/2.x diffusers folders (``StableDiffusionPipeline``). Anything
-else fails early with a :class:`ModelError` that says what was found and what is expected.
-"""
+"""Base models from the Hugging Face Hub. (Checking and loading a model folder is the
+family's: dreambooth/trainer/families.)"""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dreambooth.trainer.errors import (
-    ModelError,
     NotFoundError,
     StorageAuthError,
     StorageUnavailableError,
@@ -21,65 +14,9 @@ from dreambooth.trainer.errors import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
-SUPPORTED_PIPELINES = frozenset({"StableDiffusionPipeline"})
 #: what we download from a hub repository (no .bin duplicates, no fp16/ema variants)
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.model",
-                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors"]
-LAYOUT_HINT = (
-    "expected a diffusers Stable Diffusion 1.x/2.x folder as written by "
-    "StableDiffusionPipeline.save_pretrained (model_index.json, unet/, vae/, text_encoder/, "
-    "tokenizer/, scheduler/) with safetensors weights"
-)
-
-
-@dataclass
-class Components:
-    """The parts of a Stable Diffusion pipeline that training touches."""
-
-    path: Path
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def resolution_multiple(self) -> int:
-        """Image sizes must be a multiple of this: VAE downsampling x UNet downsampling."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        unet_factor = 2 ** (len(self.unet.config.down_block_types) - 1)
-        return vae_factor * unet_factor
-
-
-def check_layout(path: Path, source: str) -> None:
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if missing:
-        raise ModelError(f"{source} is not a model we can train: missing {', '.join(missing)}; {LAYOUT_HINT}")
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except ValueError as err:
-        raise ModelError(f"{source}/model_index.json is not valid JSON ({err})") from None
-    kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ModelError(
-            f"{source} holds a {kind or 'unknown'} model; only Stable Diffusion 1.x/2.x "
-            f"(StableDiffusionPipeline) can be trained: {LAYOUT_HINT}"
-        )
-    if not any((path / "unet").glob("*.safetensors")):
-        raise ModelError(f"{source}/unet has no .safetensors weights; {LAYOUT_HINT}")
+                "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
 
 
 def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path) -> Path:
@@ -112,29 +49,3 @@ def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path) -> Path:
             "allow the trainer pods to reach huggingface.co, or copy the model to S3 "
             "(StableDiffusionPipeline.save_pretrained) and set baseModel.uri to that s3:// prefix"
         ) from None
-
-
-def load_components(path: Path, source: str) -> Components:
-    """Load the trainable parts of the pipeline at ``path`` in float32."""
-    check_layout(path, source)
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        components = Components(
-            path=path,
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"{source} could not be loaded ({err}); {LAYOUT_HINT}") from None
-    if components.prediction_type not in ("epsilon", "v_prediction"):
-        raise ModelError(
-            f"{source}: scheduler prediction_type {components.prediction_type!r} is not supported "
-            "(epsilon or v_prediction)"
-        )
-    log.info("loaded %s (%s prediction)", source, components.prediction_type)
-    return components

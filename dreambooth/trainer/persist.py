@@ -29,18 +29,21 @@ from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
 from dreambooth.trainer.export import export
+from dreambooth.trainer.families import Components
 from dreambooth.trainer.loop import Loop
-from dreambooth.trainer.models import Components
 from dreambooth.trainer.pernode import once_per_node
-from dreambooth.trainer.sampling import build_pipeline, generate, grid, progression
+from dreambooth.trainer.sampling import generate, grid, progression
 
 log = logging.getLogger("dreambooth.trainer")
 
 
 
 def modules_of(ctx: Context, loop: Loop) -> dict[str, torch.nn.Module]:
-    a = ctx.accelerator
-    return {"unet": a.unwrap_model(loop.unet), "text_encoder": a.unwrap_model(loop.text_encoder)}
+    """The denoiser and text encoders being trained, by their names in checkpoints (the
+    family's folder names: unet, text_encoder, text_encoder_2)."""
+    a, family = ctx.accelerator, loop.family
+    names = (family.denoiser_name, *family.text_encoder_names)
+    return dict(zip(names, map(a.unwrap_model, (loop.denoiser, *loop.text_encoders)), strict=True))
 
 
 def run_facts(ctx: Context, loop: Loop) -> dict:
@@ -163,7 +166,7 @@ def ema_weights(ctx: Context, loop: Loop):
     if loop.ema is None:
         yield
         return
-    params = list(ctx.accelerator.unwrap_model(loop.unet).parameters())
+    params = list(ctx.accelerator.unwrap_model(loop.denoiser).parameters())
     shadows = loop.ema.shadow_params
 
     def swap() -> None:
@@ -181,13 +184,15 @@ def ema_weights(ctx: Context, loop: Loop):
 def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False):
     """The pipeline of the model being trained: for samples, the parts on the device (frozen
     ones in the compute dtype); for the export, the float32 originals of the frozen parts."""
-    modules = modules_of(ctx, loop)
+    from dreambooth.trainer.sampling import scheduler_for
+
+    modules = list(modules_of(ctx, loop).values())
     frozen_te = not loop.text_encoder_steps
-    return build_pipeline(
+    return components.family.pipeline(
         vae=components.vae if export else loop.vae,
-        text_encoder=components.text_encoder if export and frozen_te else modules["text_encoder"],
-        tokenizer=components.tokenizer, unet=modules["unet"],
-        scheduler_config=components.noise_scheduler.config, sampler=ctx.spec.validation.scheduler,
+        text_encoders=components.text_encoders if export and frozen_te else modules[1:],
+        tokenizers=components.tokenizers, denoiser=modules[0],
+        scheduler=scheduler_for(ctx.spec.validation.scheduler, components.noise_scheduler.config),
     )
 
 
@@ -201,14 +206,16 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
     mine = list(range(a.process_index, len(validation.prompts), a.num_processes))
     rows: dict[int, list] = {}
     if mine:
-        unet, te = modules_of(ctx, loop).values()
-        was_training = unet.training, te.training
-        unet.eval(), te.eval()
+        modules = list(modules_of(ctx, loop).values())
+        was_training = [m.training for m in modules]
+        for module in modules:
+            module.eval()
         with a.autocast(), ema_weights(ctx, loop):
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
                              device=a.device, rows=mine)
-        unet.train(was_training[0]), te.train(was_training[1])
+        for module, training in zip(modules, was_training, strict=True):
+            module.train(training)
         rows = dict(zip(mine, drawn, strict=True))
     if a.num_processes > 1:
         rows = {i: images for part in gather_object([rows]) for i, images in part.items()}
@@ -269,7 +276,7 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
 def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
     with ema_weights(ctx, loop):
         pipeline = pipeline_of(ctx, components, loop, export=True)
-        outcome.outputs = export(pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
+        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)

@@ -25,7 +25,7 @@ from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.pernode import once_per_node
-from dreambooth.trainer.sampling import build_pipeline, generate
+from dreambooth.trainer.sampling import generate, scheduler_for
 from dreambooth.trainer.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
                  count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done))
     if not mine:
         return
-    pipeline = build_pipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler_config=components.noise_scheduler.config,
-        sampler=Sampler(SAMPLER["scheduler"]),
+    pipeline = components.family.pipeline(
+        vae=components.vae, text_encoders=components.text_encoders, tokenizers=components.tokenizers,
+        denoiser=components.denoiser,
+        scheduler=scheduler_for(Sampler(SAMPLER["scheduler"]), components.noise_scheduler.config),
     ).to(a.device)
     settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
                               guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)

@@ -17,7 +17,8 @@ import torch
 
 from dreambooth.api.config import TrainerConfig
 from dreambooth.api.resolve import images_per_step
-from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
+from dreambooth.api.rules import family_violations
+from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, Uri
 from dreambooth.trainer import persist, textual_inversion, trainables
@@ -25,9 +26,10 @@ from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.devices import make_accelerator, weight_dtype
 from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
+from dreambooth.trainer.families import Components, load_components
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
-from dreambooth.trainer.models import Components, fetch_from_hub, load_components
+from dreambooth.trainer.models import fetch_from_hub
 from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.progress import Progress
 from dreambooth.trainer.storage import S3Settings, open_storage, storage_uri
@@ -79,6 +81,14 @@ def fetch_base_model(ctx: Context) -> Path:
             parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
     return fetch_once(ctx, "base-model", lambda: fetch_prefix(
         parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+
+
+def check_family(spec: DreamBoothJobSpec, family: str) -> None:
+    """What the model's family cannot take (the API checked it already when the job named
+    its family; with ``auto`` it is known only now)."""
+    found = list(family_violations(spec, ModelFamily(family)))
+    if found:
+        raise ConfigError("; ".join(f"spec.{v.path}: {v.message}" for v in found))
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -138,6 +148,7 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
     return {
         "accelerator": a,
         "training": ctx.spec.training,
+        "family": components.family,
         "scheduler": components.noise_scheduler,
         "vae": vae,
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
@@ -150,24 +161,24 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
 def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
-    chosen = trainables.select(ctx.spec, components.unet, components.text_encoder, device=a.device,
+    chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
                                dtype=weight_dtype(a))
-    if token is not None and chosen.text_encoder is not components.text_encoder:
-        token.follow(chosen.text_encoder)  # a restored token reaches the copy that is read
+    if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
+        token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None
     if training.ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(chosen.unet.parameters(), foreach=True)
+        ema = EMAModel(chosen.denoiser.parameters(), foreach=True)
     prepared, optimizer, lr_scheduler = optimization(
         ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
         warmup=training.lr_warmup_steps, steps=training.steps)
-    text_encoder = prepared[1] if chosen.text_encoder_steps else chosen.text_encoder
+    text_encoders = prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders
     return Loop(
         **shared,
-        unet=prepared[0],
-        text_encoder=text_encoder,
-        prompts=PromptEncoder(components.tokenizer, text_encoder, a.device),
+        denoiser=prepared[0],
+        text_encoders=text_encoders,
+        prompts=PromptEncoder(components.family, components.tokenizers, text_encoders, a.device),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         text_encoder_steps=chosen.text_encoder_steps,
@@ -183,8 +194,8 @@ def build_ti_loop(ctx: Context, components: Components, shared: dict, token: Tok
 
     No DDP wrapper here: the one gradient that matters is averaged by hand."""
     a, ti = ctx.accelerator, ctx.spec.training.textual_inversion
-    unet = trainables.frozen(components.unet, a.device, weight_dtype(a), keep_original=True)
-    params = textual_inversion.train_only_the_embedding(components.text_encoder, token, device=a.device)
+    denoiser = trainables.frozen(components.denoiser, a.device, weight_dtype(a), keep_original=True)
+    params = textual_inversion.train_only_the_embedding(components.text_encoders[0], token, device=a.device)
     _, optimizer, lr_scheduler = optimization(ctx, [{"params": params, "lr": ti.learning_rate}], [],
                                               schedule="constant")
 
@@ -194,9 +205,9 @@ def build_ti_loop(ctx: Context, components: Components, shared: dict, token: Tok
 
     return Loop(
         **shared,
-        unet=unet,
-        text_encoder=components.text_encoder,
-        prompts=PromptEncoder(components.tokenizer, components.text_encoder, a.device),
+        denoiser=denoiser,
+        text_encoders=components.text_encoders,
+        prompts=PromptEncoder(components.family, components.tokenizers, components.text_encoders, a.device),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         text_encoder_steps=ti.steps,
@@ -295,14 +306,15 @@ def _run(ctx: Context) -> Outcome:
         metrics.phase.state(TrainerPhase.INITIALIZING)
         metrics.total_steps.set(ctx.total_steps)
     model_dir = fetch_base_model(ctx)
-    components = load_components(model_dir, source=config.spec.base_model.uri)
+    components = load_components(model_dir, config.spec.base_model.uri, config.spec.base_model.family)
+    check_family(config.spec, components.family.name)
     instances = load_instance_examples(ctx, components)
     classes = None
     if config.spec.prior.enabled:
         from dreambooth.trainer.prior import class_examples
 
         classes = class_examples(ctx, components)
-    token = textual_inversion.add_token(config.spec, components.tokenizer, components.text_encoder)
+    token = textual_inversion.add_token(config.spec, components)
     found = persist.fetch_checkpoint(ctx)
     start = found.step if found else 0
     ti_end = ctx.total_steps - config.spec.training.steps

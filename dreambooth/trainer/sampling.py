@@ -36,29 +36,13 @@ def scheduler_for(sampler: Sampler, config) -> object:
     return kinds[Sampler(sampler)].from_config(config)
 
 
-def build_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, sampler: Sampler):
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler_for(sampler, scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 @torch.no_grad()
 def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int, device,
              rows: Sequence[int] | None = None) -> list[list[Image.Image]]:
     """``imagesPerPrompt`` images for each prompt (or for the prompts numbered ``rows``), the
     same seed every time (comparable grids): prompt ``i`` draws from seed ``seed + i``, so a
     row is the same image whichever process draws it."""
+    pipeline.set_progress_bar_config(disable=True)
     out = []
     for i in range(len(validation.prompts)) if rows is None else rows:
         prompt = validation.prompts[i]

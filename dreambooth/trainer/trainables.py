@@ -1,4 +1,4 @@
-"""What trains: the whole UNet (and text encoder), or LoRA adapters on them.
+"""What trains: the whole denoiser (and the text encoders), or LoRA adapters on them.
 
 Frozen parts live on the device in the mixed-precision dtype; everything the optimizer
 updates stays in float32. A part the export writes whole (full fine-tuning: the VAE, a
@@ -25,15 +25,15 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 @dataclass
 class Trainables:
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # those read in training (cast copies when frozen)
     groups: list[dict]  # optimizer parameter groups
-    text_encoder_steps: int  # the text encoder (or its adapters) trains while step < this
+    text_encoder_steps: int  # the text encoders (or their adapters) train while step < this
 
     @property
     def modules(self) -> list[torch.nn.Module]:
         """The modules whose gradients must be synchronised between processes."""
-        return [self.unet, self.text_encoder] if self.text_encoder_steps else [self.unet]
+        return [self.denoiser, *self.text_encoders] if self.text_encoder_steps else [self.denoiser]
 
 
 def _lora_config(spec: DreamBoothJobSpec, targets: list[str]):
@@ -87,35 +87,40 @@ def keeps_originals(spec: DreamBoothJobSpec) -> bool:
     return spec.training.method is Method.FULL
 
 
-def select(spec: DreamBoothJobSpec, unet, text_encoder, *, device, dtype) -> Trainables:
-    """Freeze, adapt and place the models for ``spec``'s method; returns what trains."""
+def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype) -> Trainables:
+    """Freeze, adapt and place the models for ``spec``'s method; returns what trains. The
+    text encoders train together (SDXL's two alike) or not at all."""
     t = spec.training
     te_lr = t.text_encoder_learning_rate or t.learning_rate
     if t.method is Method.LORA:
-        place(unet.requires_grad_(False), device, dtype)
-        unet.add_adapter(_lora_config(spec, t.lora.target_modules))
-        place(text_encoder.requires_grad_(False), device, dtype)
+        place(denoiser.requires_grad_(False), device, dtype)
+        denoiser.add_adapter(_lora_config(spec, t.lora.target_modules))
         te_steps = t.steps if t.lora.text_encoder else 0
-        if te_steps:
-            # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
-            from peft import inject_adapter_in_model
+        for text_encoder in text_encoders:
+            place(text_encoder.requires_grad_(False), device, dtype)
+            if te_steps:
+                # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
+                from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(_lora_config(spec, TEXT_ENCODER_LORA_TARGETS), text_encoder)
-        groups = [{"params": _trainable(unet), "lr": t.learning_rate}]
+                inject_adapter_in_model(_lora_config(spec, TEXT_ENCODER_LORA_TARGETS), text_encoder)
+        groups = [{"params": _trainable(denoiser), "lr": t.learning_rate}]
     else:
-        place(unet.requires_grad_(True), device, torch.float32)
+        place(denoiser.requires_grad_(True), device, torch.float32)
         te_steps = (t.text_encoder_steps or t.steps) if t.train_text_encoder else 0
         if te_steps:
-            place(text_encoder.requires_grad_(True), device, torch.float32)
+            for text_encoder in text_encoders:
+                place(text_encoder.requires_grad_(True), device, torch.float32)
         else:
-            text_encoder = frozen(text_encoder, device, dtype, keep_original=True)
-        groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
+            text_encoders = [frozen(te, device, dtype, keep_original=True) for te in text_encoders]
+        groups = [{"params": list(denoiser.parameters()), "lr": t.learning_rate}]
     if te_steps:
-        groups.append({"params": _trainable(text_encoder), "lr": te_lr})
-    unet.train()
-    text_encoder.train(te_steps > 0)
+        groups.append({"params": [p for te in text_encoders for p in _trainable(te)], "lr": te_lr})
+    denoiser.train()
+    for text_encoder in text_encoders:
+        text_encoder.train(te_steps > 0)
     if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if te_steps:
-            text_encoder.gradient_checkpointing_enable()
-    return Trainables(unet, text_encoder, groups, te_steps)
+            for text_encoder in text_encoders:
+                text_encoder.gradient_checkpointing_enable()
+    return Trainables(denoiser, list(text_encoders), groups, te_steps)
