@@ -9,9 +9,9 @@ S3 credentials reach the trainer only as environment variables from a Secret.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from dreambooth.api import layout
 from dreambooth.api.job import API_VERSION, DreamBoothJob, FieldIssue, SpecError
@@ -19,8 +19,21 @@ from dreambooth.api.presets import ModelFamily
 from dreambooth.api.resolve import effective_spec
 from dreambooth.api.rules import violations
 from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
+from dreambooth.api.uris import Scheme, parse_uri
 
 DEFAULT_METRICS_PORT = 9090
+
+
+#: where a job's outputs go: S3, a PVC (rewritten to file:// for the pods) or a local folder
+STORAGE_SCHEMES = frozenset({Scheme.S3, Scheme.PVC, Scheme.FILE})
+
+
+def _storage_uri(value: str) -> str:
+    parse_uri(value, allowed=STORAGE_SCHEMES)  # a UriError is a ValueError: pydantic reports it
+    return value
+
+
+StorageUri = Annotated[str, AfterValidator(_storage_uri)]
 
 
 class JobRef(ApiModel):
@@ -43,8 +56,8 @@ class TrainerConfig(ApiModel):
     requested: DreamBoothJobSpec | None = Field(
         None, description="The job's spec as written, when its baseModel.family is auto: the trainer "
         "applies the presets again for the family it finds in the model (spec assumes SD 1.x/2.x).")
-    output_uri: str = Field(description="Prefix of this job's checkpoints, samples and model.")
-    class_cache_uri: str = Field(description="Prefix under which generated class images are cached.")
+    output_uri: StorageUri = Field(description="Prefix of this job's checkpoints, samples and model.")
+    class_cache_uri: StorageUri = Field(description="Prefix under which generated class images are cached.")
     storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, description="0: no metrics server.")
 

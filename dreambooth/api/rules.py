@@ -171,9 +171,10 @@ def _textual_inversion_token(spec, eff):
 def _revision_only_for_hub(spec, eff):
     if spec.base_model.revision is None:
         return
-    if not spec.base_model.uri.startswith("hf://"):
+    uri = parse_uri(spec.base_model.uri, allowed=set(Scheme))
+    if uri.scheme is not Scheme.HF:
         yield Violation("baseModel.revision", "only applies to hf:// models")
-    elif parse_uri(spec.base_model.uri, allowed={Scheme.HF}).revision:
+    elif uri.revision:
         yield Violation(
             "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
         )

@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
 from dreambooth.api.presets import ModelFamily, Preset, describe
-from dreambooth.api.uris import Scheme, UriError, parse_uri
+from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
 
 class ApiModel(BaseModel):
@@ -40,11 +40,23 @@ Quantity = Annotated[
     Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
 ]
 
-_S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-_PVC = r"pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^\s]*)?"
-_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s]+)?"
-DATA_URI_PATTERN = f"^({_S3}|{_PVC})$"
-MODEL_URI_PATTERN = f"^({_S3}|{_PVC}|{_HF})$"
+DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
+MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
+REVISION_PATTERN = f"^{REVISION}$"
+
+
+def _words(check):
+    """An AfterValidator running ``check`` (a :mod:`dreambooth.api.uris` check), whose
+    message says what to write instead (pydantic's would quote the regex)."""
+
+    def run(value: str) -> str:
+        try:
+            check(value)
+        except UriError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    return AfterValidator(run)
 
 
 def _uri_validator(schemes: frozenset[Scheme]):
@@ -72,6 +84,12 @@ ModelUri = Annotated[
     str,
     Field(max_length=1024, json_schema_extra={"pattern": MODEL_URI_PATTERN}),
     _uri_validator(frozenset({Scheme.S3, Scheme.PVC, Scheme.HF})),
+]
+#: A Hub revision: a branch or tag name, or a commit hash.
+Revision = Annotated[
+    str,
+    Field(max_length=128, json_schema_extra={"pattern": REVISION_PATTERN}),
+    _words(check_revision),
 ]
 
 
@@ -130,9 +148,8 @@ class BaseModelSpec(ApiModel):
         "diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
         "scheduler/), or hf://org/name for a Hugging Face Hub repository."
     )
-    revision: str | None = Field(
+    revision: Revision | None = Field(
         None,
-        max_length=128,
         description="Hub revision (branch, tag or commit) for hf:// models. Default: the one "
         "given as hf://org/name@revision, else main.",
     )

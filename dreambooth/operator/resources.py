@@ -123,9 +123,8 @@ def local_uri(uri: str) -> str:
         raise ValueError(f"{uri}: file:// URIs are for local runs, not for a cluster")
     if parsed.scheme is not Scheme.PVC:
         return uri
-    if ".." in parsed.path.split("/"):
-        raise ValueError(f"{uri}: '..' may not appear in a pvc:// path")
-    return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path}"
+    # a pvc:// path is literal and a file:// path percent-decoded: keep a '%' a '%'
+    return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path.replace('%', '%25')}"
 
 
 def _resolved(inputs: TrainerInputs) -> TrainerConfig:

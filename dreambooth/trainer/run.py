@@ -21,7 +21,7 @@ from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
-from dreambooth.api.uris import Scheme, parse_uri
+from dreambooth.api.uris import Scheme, Uri
 from dreambooth.trainer import persist, textual_inversion, trainables
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
@@ -33,10 +33,12 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import fetch_from_hub
 from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.progress import Progress
-from dreambooth.trainer.storage import S3Settings, open_storage
+from dreambooth.trainer.storage import S3Settings, open_storage, storage_uri
 from dreambooth.trainer.textual_inversion import TokenEmbedding
 
 log = logging.getLogger("dreambooth.trainer")
+
+ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
 
 
 # --- 2. storage and inputs ------------------------------------------------------------
@@ -44,21 +46,21 @@ log = logging.getLogger("dreambooth.trainer")
 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
-    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri or ""]
-    if not any(u.startswith("s3://") for u in uris):
+    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
         return None
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
 
 
-def fetch_prefix(uri: str, s3: S3Settings | None, dest: Path, *, what: str,
+def fetch_prefix(uri: Uri | str, s3: S3Settings | None, dest: Path, *, what: str,
                  empty: type[TrainerError] = DataError) -> Path:
     """A local folder with the objects below ``uri`` (file:// URIs are used in place)."""
-    parsed = parse_uri(uri, allowed={Scheme.S3, Scheme.FILE, Scheme.HF, Scheme.PVC})
+    parsed = storage_uri(uri, ANY)
     if parsed.scheme is Scheme.PVC:
         raise ConfigError(f"{uri}: pvc:// volumes are mounted by the operator; locally use file://")
     if parsed.scheme is Scheme.FILE:
         return Path(parsed.path)
-    storage = open_storage(uri, s3)
+    storage = open_storage(parsed, s3)
     if not storage.list():
         raise empty(f"no {what} found under {uri}: upload them there, or fix the URI")
     shutil.rmtree(dest, ignore_errors=True)
@@ -74,12 +76,12 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
 
 def fetch_base_model(ctx: Context) -> Path:
     model = ctx.spec.base_model
-    parsed = parse_uri(model.uri, allowed=set(Scheme))
+    parsed = storage_uri(model.uri, ANY)
     if parsed.scheme is Scheme.HF:
         return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
             parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
     return fetch_once(ctx, "base-model", lambda: fetch_prefix(
-        model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+        parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
 
 
 def open_model(ctx: Context) -> Components:
