@@ -23,6 +23,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped model (two text encoders, text_time UNet) with random weights."""
+    from dreambooth.trainer.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def toy_cat_dir(tmp_path_factory) -> Path:
     """Four synthetic instance photos of one toy cat."""
     from dreambooth.demo import draw_toy_cats

@@ -159,6 +159,14 @@ class BaseModelSpec(ApiModel):
         "from its model_index.json when the trainer opens it). A family that does not match "
         "the folder fails the job with a message.",
     )
+    vae: ModelUri | None = Field(
+        None,
+        description="Another VAE to use in place of the model's vae/, e.g. the fp16-fix SDXL VAE: "
+        "s3://, pvc:// or hf://org/name[@revision] of a folder holding an AutoencoderKL "
+        "(config.json and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained "
+        "writes them). It encodes the photos, decodes samples and class images, and is the VAE "
+        "of the exported model. Default: the base model's own.",
+    )
 
 
 class InstanceSpec(ApiModel):

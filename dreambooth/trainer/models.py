@@ -14,9 +14,11 @@ from dreambooth.trainer.errors import (
 
 log = logging.getLogger(__name__)
 
-#: what we download from a hub repository (no .bin duplicates, no fp16/ema variants)
+#: what we download from a hub repository (no .bin duplicates, no fp16/ema variants); the
+#: files at the top are a lone VAE's (baseModel.vae, e.g. an fp16-fix SDXL VAE repository)
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.model",
-                "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+                "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+                "config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path) -> Path:

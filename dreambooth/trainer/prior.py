@@ -1,7 +1,7 @@
 """Prior preservation: class images from the user, or generated once and shared.
 
-Generated class images depend only on (base model, revision, class prompt, resolution,
-count, sampler settings), so they are cached under
+Generated class images depend only on (base model, revision, VAE, class prompt,
+resolution, count, sampler settings), so they are cached under
 ``<classCacheUri>/<sha256 of those>/`` with a ``manifest.json`` written last; any later
 job asking for the same set reuses them without generating anything. Generation is
 spread over all processes: image ``i`` is always drawn from seed ``i``, so the set is the
@@ -35,9 +35,12 @@ SAMPLER = {"scheduler": Sampler.DDIM.value, "inferenceSteps": 50, "guidanceScale
 GENERATION_BATCH = 4
 
 
-def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int) -> str:
+def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int,
+              vae: str | None = None) -> str:
     facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
              "count": count, **SAMPLER}
+    if vae:  # another VAE decodes other images (keys without one stay as they were)
+        facts["vae"] = vae
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -107,8 +110,9 @@ def class_examples(ctx, components) -> list[Example]:
         source = prior.uri
         store = open_storage(source, ctx.s3)
     else:
-        key = cache_key(model=ctx.spec.base_model.uri, revision=ctx.spec.base_model.revision, prompt=prompt,
-                        resolution=training.resolution, count=count)
+        model = ctx.spec.base_model
+        key = cache_key(model=model.uri, revision=model.revision, prompt=prompt, resolution=training.resolution,
+                        count=count, vae=model.vae)
         source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):

@@ -27,7 +27,7 @@ from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.devices import make_accelerator, weight_dtype
 from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
-from dreambooth.trainer.families import Components, load_components
+from dreambooth.trainer.families import VAE_FIELD, Components, load_components, load_vae
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import fetch_from_hub
@@ -46,7 +46,7 @@ ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what 
 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
-    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    uris = [spec.base_model.uri, spec.base_model.vae, spec.instance.uri, config.output_uri, spec.prior.uri]
     if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
         return None
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
@@ -74,21 +74,27 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
     return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
 
 
-def fetch_base_model(ctx: Context) -> Path:
-    model = ctx.spec.base_model
-    parsed = storage_uri(model.uri, ANY)
+def fetch_model(ctx: Context, uri: str, revision: str | None, key: str, what: str) -> Path:
+    """A model folder (the base model, another VAE) fetched once per pod into ``key``."""
+    parsed = storage_uri(uri, ANY)
     if parsed.scheme is Scheme.HF:
-        return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
-            parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
-    return fetch_once(ctx, "base-model", lambda: fetch_prefix(
-        parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+        return fetch_once(ctx, key, lambda: fetch_from_hub(
+            parsed.authority, revision or parsed.revision, ctx.workdir / "hub"))
+    return fetch_once(ctx, key, lambda: fetch_prefix(
+        parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
 
 
 def open_model(ctx: Context) -> Components:
-    """Fetch, check and load the base model; a job with ``baseModel.family: auto`` gets the
-    presets and rules of the family found in it from now on (``ctx.config`` changes)."""
-    spec = ctx.spec
-    components = load_components(fetch_base_model(ctx), spec.base_model.uri, spec.base_model.family)
+    """Fetch, check and load the base model (and the VAE that replaces its own); a job with
+    ``baseModel.family: auto`` gets the presets and rules of the family found in it from now
+    on (``ctx.config`` changes)."""
+    model = ctx.spec.base_model
+    path = fetch_model(ctx, model.uri, model.revision, "base-model", "base model files")
+    components = load_components(path, model.uri, model.family)
+    if model.vae:
+        vae_path = fetch_model(ctx, model.vae, None, "vae", f"VAE files ({VAE_FIELD})")
+        components.vae = load_vae(vae_path, model.vae, components)
+        log.info("the VAE is %s's (%s)", model.vae, VAE_FIELD)
     try:
         ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
     except SpecError as err:

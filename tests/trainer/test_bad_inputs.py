@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -155,3 +156,46 @@ def test_under_a_launcher_every_process_leaves_its_verdict(tmp_path, monkeypatch
     assert code == verdict["exitCode"] == ExitCode.INVALID_CONFIG and verdict["rank"] == 3
     assert verdict["reason"] == "InvalidConfig" and verdict["finishedAt"] > 0
     assert not log.exists()
+
+
+def _vae_without_config(model, folder):
+    folder.mkdir()
+    shutil.copy(model / "vae" / "diffusion_pytorch_model.safetensors", folder)
+
+
+def _a_unet(model, folder):
+    shutil.copytree(model / "unet", folder)
+
+
+def _vae_without_weights(model, folder):
+    folder.mkdir()
+    shutil.copy(model / "vae" / "config.json", folder)
+
+
+NOT_A_VAE = {  # what baseModel.vae points at -> what the message says
+    "no config.json": (_vae_without_config, "is not a VAE: missing config.json"),
+    "a UNet": (_a_unet, "/config.json describes a UNet2DConditionModel, not an AutoencoderKL"),
+    "no weights": (_vae_without_weights, "has no .safetensors weights (diffusion_pytorch_model.safetensors)"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_VAE)
+def test_a_vae_folder_that_is_not_a_vae_is_named(case, tiny_model_dir, toy_cat_dir, tmp_path, run_in_process):
+    build, says = NOT_A_VAE[case]
+    folder = tmp_path / "vae"
+    build(tiny_model_dir, folder)
+    doc = job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)
+    doc["spec"]["baseModel"]["vae"] = folder.as_uri()
+    code, message = run_in_process(trainer_config(doc))
+    assert code is ExitCode.BAD_MODEL
+    assert message.startswith(f"spec.baseModel.vae: {folder.as_uri()}") and says in message, message
+    assert not (tmp_path / "o" / "checkpoints").exists(), "nothing may train"
+
+
+def test_an_empty_vae_prefix_is_named(inputs, run_in_process):
+    s3, bucket = inputs
+    config = doc(bucket)
+    config["spec"]["baseModel"]["vae"] = f"s3://{bucket}/vaes/none/"
+    code, message = run_in_process(trainer_config(config, endpoint=s3.endpoint), s3)
+    assert code is ExitCode.NOT_FOUND
+    assert f"no VAE files (spec.baseModel.vae) found under s3://{bucket}/vaes/none/" in message
