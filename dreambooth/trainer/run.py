@@ -175,7 +175,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
     chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a))
+                               dtype=weight_dtype(a), unread=components.family.unread_parameters)
     if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
         token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None

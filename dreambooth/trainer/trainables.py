@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +88,11 @@ def keeps_originals(spec: DreamBoothJobSpec) -> bool:
     return spec.training.method is Method.FULL
 
 
-def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype) -> Trainables:
+def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype,
+           unread: Callable[[list], list[torch.nn.Parameter]] = lambda encoders: []) -> Trainables:
     """Freeze, adapt and place the models for ``spec``'s method; returns what trains. The
-    text encoders train together (SDXL's two alike) or not at all."""
+    text encoders train together (SDXL's two alike) or not at all; ``unread(encoders)``
+    (the family's) names their parameters the conditioning never reads, which stay frozen."""
     t = spec.training
     te_lr = t.text_encoder_learning_rate or t.learning_rate
     if t.method is Method.LORA:
@@ -114,6 +117,8 @@ def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dt
             text_encoders = [frozen(te, device, dtype, keep_original=True) for te in text_encoders]
         groups = [{"params": list(denoiser.parameters()), "lr": t.learning_rate}]
     if te_steps:
+        for p in unread(text_encoders):
+            p.requires_grad_(False)
         groups.append({"params": [p for te in text_encoders for p in _trainable(te)], "lr": te_lr})
     denoiser.train()
     for text_encoder in text_encoders:

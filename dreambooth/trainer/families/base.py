@@ -124,6 +124,11 @@ class Family(ABC):
                prompts: list[str], device) -> Conditioning:
         """The conditioning of ``prompts`` (gradients flow when the encoders train)."""
 
+    def unread_parameters(self, text_encoders: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        """Parameters of ``text_encoders`` that :meth:`encode` never reads (so they get no
+        gradient): they stay frozen when the encoders train, or DDP would wait for them."""
+        return []
+
     @abstractmethod
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 sizes: Sequence[SampleSize]) -> torch.Tensor:

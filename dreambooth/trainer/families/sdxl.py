@@ -70,6 +70,12 @@ class StableDiffusionXL(Family):
             pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
+    def unread_parameters(self, text_encoders: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        # the first encoder is read at its penultimate layer and its pooled output is unused:
+        # its last layer and final layer norm never reach the loss
+        first = getattr(text_encoders[0], "text_model", text_encoders[0])  # transformers 5 flattened it
+        return [*first.encoder.layers[-1].parameters(), *first.final_layer_norm.parameters()]
+
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, sizes: Sequence[SampleSize]) -> torch.Tensor:
         added = {"text_embeds": cond.pooled, "time_ids": time_ids(sizes, noisy.device, cond.embeds.dtype)}
         return denoiser(noisy, timesteps, cond.embeds, added_cond_kwargs=added).sample
