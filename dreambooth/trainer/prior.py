@@ -74,8 +74,9 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     done = done[0]
     mine = missing_share(done, count, a.process_index, a.num_processes)
     if ctx.main:
-        log.info("generating %d class images for %r into %s (%d already there)",
-                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done))
+        log.info("generating %d class images for %r into %s (%d already there) with %s",
+                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done),
+                 components.family.pipeline_name)
     if not mine:
         return
     pipeline = components.family.pipeline(

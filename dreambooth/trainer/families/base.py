@@ -97,7 +97,7 @@ class Family(ABC):
 
     def layout_hint(self) -> str:
         return (f"expected a diffusers {self.title} folder as written by "
-                f"{min(self.pipelines)}.save_pretrained ({', '.join(self.required_files)}) "
+                f"{self.pipeline_name}.save_pretrained ({', '.join(self.required_files)}) "
                 "with safetensors weights")
 
     def check_layout(self, path: Path, source: str) -> None:
@@ -135,6 +135,11 @@ class Family(ABC):
         """The denoiser's output for a batch (what the training target is compared with)."""
 
     # --- sampling and export -------------------------------------------------------------
+
+    @property
+    def pipeline_name(self) -> str:
+        """The diffusers pipeline class that samples, draws class images and exports."""
+        return min(self.pipelines)
 
     @abstractmethod
     def pipeline(self, *, vae, text_encoders, tokenizers, denoiser, scheduler) -> Any:
