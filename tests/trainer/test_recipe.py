@@ -18,7 +18,7 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
 from tests.support.net import free_port
-from tests.support.trainer import StopAfter, job_document, trainer_config, write_config
+from tests.support.trainer import StopAfter, job_document, tensor_dtypes, trainer_config, write_config
 
 
 def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):
@@ -91,12 +91,7 @@ def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_
     assert torch.isfinite(torch.tensor(metrics.loss._value.get()))
     state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     # bitsandbytes keeps tensors of >= 4096 elements in 8 bits (small ones stay 32-bit)
-    def dtypes(node):
-        if torch.is_tensor(node):
-            return {node.dtype}
-        return set().union(*map(dtypes, node.values())) if isinstance(node, dict) else set()
-
-    dtypes = dtypes(state["state"])
+    dtypes = tensor_dtypes(state["state"])
     assert torch.uint8 in dtypes, f"no 8-bit optimizer state: {dtypes}"
 
 

@@ -15,7 +15,15 @@ from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families import detect, load_components
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
-from tests.support.trainer import denoising_loss, download, job_document, trainer_config, trainer_env, upload
+from tests.support.trainer import (
+    denoising_loss,
+    download,
+    job_document,
+    tensor_dtypes,
+    trainer_config,
+    trainer_env,
+    upload,
+)
 
 PROMPT = "a photo of zwx toy cat"
 
@@ -119,6 +127,88 @@ def test_sdxl_full_fine_tune_learns_from_s3_to_s3_and_exports_a_loadable_folder(
     image = pipe(PROMPT, num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def sdxl_local_job(model, photos, out, *, steps, every, training, formats=("diffusers",), keep=2):
+    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every, training=training)
+    doc["spec"]["checkpointing"]["keep"] = keep
+    doc["spec"]["baseModel"]["family"] = "sdxl"
+    doc["spec"]["validation"] = {"enabled": False}
+    doc["spec"]["output"]["formats"] = list(formats)
+    return trainer_config(doc)
+
+
+#: the recipe's options, each one SDXL run of 3 steps (checkpoint at 2): a finite loss, and
+#: for some what a user would notice of them
+OPTIONS = {
+    "EMA": {"method": "full", "ema": True},
+    "8-bit AdamW": {"method": "full", "optimizer": "adamw8bit"},
+    "gradient checkpointing, both encoders": {"method": "full", "trainTextEncoder": True,
+                                              "gradientCheckpointing": True},
+    "LoRA on both encoders, gradient checkpointing": {"method": "lora", "lora": {"textEncoder": True},
+                                                      "gradientCheckpointing": True},
+    "SNR gamma and offset noise": {"method": "full", "snrGamma": 5.0, "noiseOffset": 0.1},
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_the_recipes_options_train_sdxl(option, tiny_sdxl_dir, toy_cat_dir, tmp_path):
+    training = OPTIONS[option]
+    out = tmp_path / "out"
+    metrics = TrainerMetrics()
+    formats = ("lora",) if training["method"] == "lora" else ("diffusers",)
+    run(sdxl_local_job(tiny_sdxl_dir, toy_cat_dir, out, steps=3, every=2, training=training, formats=formats),
+        tmp_path / "w", metrics=metrics)
+    assert metrics.step._value.get() == 3 and torch.isfinite(torch.tensor(metrics.loss._value.get()))
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    if training.get("ema"):
+        assert (checkpoint / "ema.pt").is_file()
+    if training.get("optimizer") == "adamw8bit":
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+        assert torch.uint8 in tensor_dtypes(state), "no 8-bit optimizer state"
+    if training.get("trainTextEncoder") or training.get("lora", {}).get("textEncoder"):
+        from safetensors.torch import load_file
+
+        saved = load_file(checkpoint / "trainable.safetensors")
+        assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("text_encoder_2.") for k in saved)
+
+
+def test_both_text_encoders_train_until_text_encoder_steps_then_freeze(tiny_sdxl_dir, toy_cat_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    training = {"method": "full", "trainTextEncoder": True, "textEncoderSteps": 2, "textEncoderLearningRate": 5e-4}
+    config = sdxl_local_job(tiny_sdxl_dir, toy_cat_dir, out, steps=5, every=1, training=training, keep=10)
+    run(config, tmp_path / "w", metrics=TrainerMetrics())
+    saved = {step: load_file(out / "checkpoints" / f"checkpoint-{step}" / "trainable.safetensors")
+             for step in (1, 2, 4)}
+    for encoder in ("text_encoder", "text_encoder_2"):
+        te = {s: {k: v for k, v in t.items() if k.startswith(encoder + ".")} for s, t in saved.items()}
+        assert te[1] and te[1].keys() == te[2].keys() == te[4].keys()
+        assert any(not torch.equal(te[1][k], te[2][k]) for k in te[1]), f"{encoder} did not train"
+        assert all(torch.equal(te[2][k], te[4][k]) for k in te[2]), f"{encoder} trained after textEncoderSteps"
+    assert not torch.equal(saved[2]["unet.conv_in.weight"], saved[4]["unet.conv_in.weight"])
+    # the first encoder's last layer is never read (SDXL takes its penultimate states): not trained
+    assert not any(k.startswith("text_encoder.encoder.layers.1.") for k in saved[1])
+
+
+def test_prompt_embeddings_are_cached_with_both_encoders_and_the_pooled_vector(tiny_sdxl_dir):
+    """Once no text encoder trains, a prompt is encoded once: the cached conditioning (both
+    encoders' states side by side and the pooled embedding) is what encoding anew gives."""
+    from dreambooth.trainer.loop import PromptEncoder
+
+    c = load_components(tiny_sdxl_dir, "tiny")
+    encoders = [te.eval() for te in c.text_encoders]
+    prompts = PromptEncoder(c.family, c.tokenizers, encoders, "cpu")
+    batch = [PROMPT, "a photo of a cat", PROMPT]
+    cached = prompts(batch, training=False)
+    assert sorted(prompts.cache) == sorted(set(batch))
+    with torch.no_grad():
+        fresh = c.family.encode(c.tokenizers, encoders, batch, "cpu")
+    widths = sum(te.config.hidden_size for te in encoders)
+    assert cached.embeds.shape == (3, c.tokenizers[0].model_max_length, widths)
+    assert cached.pooled.shape == (3, encoders[1].config.projection_dim)
+    assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.pooled, fresh.pooled)
 
 
 @pytest.mark.parametrize("drop", ["text_encoder_2", "tokenizer_2"])
