@@ -106,13 +106,7 @@ def open_model(ctx: Context) -> Components:
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
     training = ctx.spec.training
-    multiple = components.resolution_multiple
-    if training.resolution % multiple:
-        raise ConfigError(
-            f"training.resolution {training.resolution} does not fit this model: it must be a "
-            f"multiple of {multiple} (VAE and UNet downsampling), e.g. "
-            f"{max(multiple, training.resolution // multiple * multiple)}"
-        )
+    components.family.check_resolution(components, training.resolution)
     folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
         ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
     return load_examples(

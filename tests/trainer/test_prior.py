@@ -12,7 +12,6 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from tests.support.trainer import job_document, trainer_config
 
-
 #: per family: the model fixture and the pipeline that must draw the class images
 FAMILIES = {"sd": ("tiny_model_dir", "StableDiffusionPipeline"),
             "sdxl": ("tiny_sdxl_dir", "StableDiffusionXLPipeline")}

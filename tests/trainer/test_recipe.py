@@ -18,7 +18,13 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
 from tests.support.net import free_port
-from tests.support.trainer import StopAfter, job_document, tensor_dtypes, trainer_config, write_config
+from tests.support.trainer import (
+    StopAfter,
+    job_document,
+    tensor_dtypes,
+    trainer_config,
+    write_config,
+)
 
 
 def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):

@@ -1,17 +1,15 @@
 """The SDXL family: a tiny SDXL-shaped model in the real folder layout trains with LoRA
 (on the UNet and both text encoders) and fully from S3 to S3, learns, and exports what
-diffusers loads; what SDXL cannot take is refused naming the field or file."""
+diffusers loads; what SDXL cannot take is refused naming the field (models it cannot
+train: tests/trainer/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from dreambooth.api.exitcodes import ExitCode
-from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families import detect, load_components
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
@@ -209,26 +207,6 @@ def test_prompt_embeddings_are_cached_with_both_encoders_and_the_pooled_vector(t
     assert cached.embeds.shape == (3, c.tokenizers[0].model_max_length, widths)
     assert cached.pooled.shape == (3, encoders[1].config.projection_dim)
     assert torch.equal(cached.embeds, fresh.embeds) and torch.equal(cached.pooled, fresh.pooled)
-
-
-@pytest.mark.parametrize("drop", ["text_encoder_2", "tokenizer_2"])
-def test_an_sdxl_folder_missing_its_second_encoder_is_named(tiny_sdxl_dir, tmp_path, drop):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_sdxl_dir, broken)
-    shutil.rmtree(broken / drop)
-    with pytest.raises(ModelError) as err:
-        load_components(broken, "s3://models/broken/")
-    assert f"missing {drop}/" in str(err.value) and "Stable Diffusion XL" in str(err.value)
-    assert err.value.exit_code is ExitCode.BAD_MODEL
-
-
-def test_a_forced_family_must_match_the_folder(tiny_sdxl_dir, tiny_model_dir):
-    with pytest.raises(ModelError) as err:
-        load_components(tiny_sdxl_dir, "s3://models/xl/", "sd")
-    assert "baseModel.family is sd but s3://models/xl/ holds a Stable Diffusion XL model" in str(err.value)
-    with pytest.raises(ModelError) as err:
-        load_components(tiny_model_dir, "s3://models/sd15/", "sdxl")
-    assert "set baseModel.family: sd or auto" in str(err.value)
 
 
 def test_what_sdxl_cannot_take_is_refused_before_training(tiny_sdxl_dir, toy_cat_dir, tmp_path):

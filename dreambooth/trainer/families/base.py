@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dreambooth.trainer.errors import ModelError
+from dreambooth.trainer.errors import ConfigError, ModelError
 
 log = logging.getLogger("dreambooth.trainer")
 
@@ -92,6 +92,8 @@ class Family(ABC):
     #: the VAE encodes the photos in float32 whatever the mixed precision (SDXL's overflows
     #: in fp16)
     vae_in_fp32: ClassVar[bool] = False
+    #: the smallest training.resolution, as a share of the model's native size (None: any)
+    min_native_share: ClassVar[float | None] = None
 
     # --- the folder --------------------------------------------------------------------
 
@@ -112,10 +114,27 @@ class Family(ABC):
     def load(self, path: Path, source: str) -> Components:
         """The float32 parts of the checked folder at ``path``."""
 
+    def check_resolution(self, components: Components, resolution: int) -> None:
+        """Refuse a ``training.resolution`` this model cannot take (:class:`ConfigError`)."""
+        multiple = components.resolution_multiple
+        if resolution % multiple:
+            raise ConfigError(
+                f"training.resolution {resolution} does not fit this model: it must be a multiple of "
+                f"{multiple} (VAE and UNet downsampling), e.g. {max(multiple, resolution // multiple * multiple)}")
+        if self.min_native_share is None:
+            return
+        sample_size, factor = components.denoiser.config.sample_size, vae_factor(components.vae)
+        native = sample_size * factor
+        floor = max(multiple, int(native * self.min_native_share) // multiple * multiple)
+        if resolution < floor:
+            raise ConfigError(
+                f"training.resolution {resolution} is below what this {self.title} model takes: it is made "
+                f"for {native} px ({self.denoiser_name}/config.json sample_size {sample_size} x VAE factor "
+                f"{factor}); train at {floor} px or more")
+
     def resolution_multiple(self, components: Components) -> int:
-        vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         unet_factor = 2 ** (len(components.denoiser.config.down_block_types) - 1)
-        return vae_factor * unet_factor
+        return vae_factor(components.vae) * unet_factor
 
     # --- conditioning ------------------------------------------------------------------
 
@@ -152,6 +171,11 @@ class Family(ABC):
     @abstractmethod
     def save_lora(self, pipeline, folder: Path) -> Path:
         """The pipeline's LoRA adapters in diffusers' format (``load_lora_weights``)."""
+
+
+def vae_factor(vae) -> int:
+    """How much the VAE shrinks an image per side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def pipeline_class_of(path: Path) -> str | None:

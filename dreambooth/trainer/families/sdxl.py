@@ -32,6 +32,8 @@ class StableDiffusionXL(Family):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     vae_in_fp32 = True  # its VAE overflows in fp16 (diffusers upcasts it too)
+    #: SDXL 1.0 is made for 1024 px (its UNet's sample_size 128 x 8): 512 px or more
+    min_native_share = 0.5
 
     def load(self, path: Path, source: str) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
