@@ -139,12 +139,12 @@ def _meaning_rules() -> list[dict[str, str]]:
          f"{', '.join(sorted(f.value for f in sdxl.formats))} only"),
         ("self.baseModel.family != 'sdxl' || !has(self.training.textualInversion)",
          f"training.textualInversion is not supported for {sdxl.title} models"),
-        ("!has(self.training.textualInversion) || (' ' + self.instance.prompt + ' ')"
+        ("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
          ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')",
          "training.textualInversion.placeholderToken must appear as a word in instance.prompt"),
         ("!has(self.prior.classPrompt) || self.prior.classPrompt != self.instance.prompt",
          "prior.classPrompt must differ from instance.prompt (the class without the identifier)"),
-        *((f"!has(self.{field}) || !(self.{field} + '/').startsWith("
+        *((f"!has(self.{field}) || !string(self.{field} + '/').startsWith("
            "self.instance.uri.endsWith('/') ? self.instance.uri : self.instance.uri + '/')",
            f"{field} must not be inside instance.uri (it would be read as photos of the subject)")
           for field in ("output.uri", "prior.uri")),

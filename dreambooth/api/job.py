@@ -70,6 +70,11 @@ class SpecError(ValueError):
 _STRING_ERRORS = frozenset({"string_type", "enum", "literal_error", "str_type"})
 
 
+#: what to do, for errors whose pydantic message says only what is wrong
+_HINTS = {
+    ("lora", "targetModules"): "LoRA would train nothing; name the modules that get adapters, "
+    "e.g. [to_q, to_k, to_v, to_out.0] (the default when targetModules is left out)",
+}
 #: pydantic's last location part for a bad dict key
 _KEY = "[key]"
 _PART_MAX = 64
@@ -124,6 +129,8 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
             message = e["ctx"]["message"]
         elif e["type"] == "missing":
             message = "required"
+        elif tuple(loc[-2:]) in _HINTS:
+            message = f"{message}: {_HINTS[tuple(loc[-2:])]}"
         elif e["type"] == "string_pattern_mismatch" and k8s_names.words(e["ctx"]["pattern"]):
             message = f"{k8s_names.words(e['ctx']['pattern'])} (got {shown(e['input'])})"
             if loc and loc[-1] == _KEY:
