@@ -60,6 +60,9 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
         t_fill["train_text_encoder"] = False
     training = spec.training.model_copy(update=t_fill)
     prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset, family))
+    if not prior.enabled:  # a disabled feature gets no settings (dreambooth.api.rules refuses them)
+        prior = prior.model_copy(update={"class_prompt": spec.prior.class_prompt,
+                                         "num_images": spec.prior.num_images})
 
     t_updates: dict[str, Any] = {}
     if training.text_encoder_learning_rate is None and training.train_text_encoder:
@@ -78,10 +81,13 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
 
     validation = spec.validation
     v_updates: dict[str, Any] = _fill(validation, "validation", spec.preset, family)
-    if not validation.prompts:
-        v_updates["prompts"] = [spec.instance.prompt]
-    if validation.every_steps is None:
-        v_updates["every_steps"] = checkpointing.every_steps
+    if not validation.enabled:  # only the scheduler matters: the exported pipeline's
+        v_updates = {"scheduler": v_updates["scheduler"]} if "scheduler" in v_updates else {}
+    else:
+        if not validation.prompts:
+            v_updates["prompts"] = [spec.instance.prompt]
+        if validation.every_steps is None:
+            v_updates["every_steps"] = checkpointing.every_steps
     validation = validation.model_copy(update=v_updates)
 
     output = spec.output

@@ -20,8 +20,9 @@ from dreambooth.api.pod import (
     quantity_problem,
     resource_name_problem,
 )
+from dreambooth.api.redact import secret_shape, shown
 from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, ModelFamily, OutputFormat
-from dreambooth.api.uris import Scheme, parse_uri
+from dreambooth.api.uris import Scheme, UriError, parse_uri
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,91 @@ def _prior_needs_class_prompt(spec, eff):
         )
 
 
+#: what a disabled feature's settings are called, and when one counts as set (a value the
+#: CRD defaults counts only when it differs from its default)
+_PRIOR_SETTINGS = (("class_prompt", "classPrompt"), ("num_images", "numImages"))
+#: (validation.scheduler is not one: it is also the exported pipeline's scheduler)
+_VALIDATION_SETTINGS = (("every_steps", "everySteps"), ("inference_steps", "inferenceSteps"),
+                        ("negative_prompt", "negativePrompt"))
+
+
 @rule
-def _prior_uri_needs_prior(spec, eff):
-    if spec.prior.uri and not eff.prior.enabled:
+def _prior_settings_need_prior(spec, eff):
+    """Settings of a disabled feature are refused, never silently ignored (docs/api.md)."""
+    if eff.prior.enabled:
+        return
+    if spec.prior.uri:
         yield Violation("prior.uri", "class images are only used when prior.enabled is true")
+    for name, wire in _PRIOR_SETTINGS:
+        if getattr(spec.prior, name) is not None:
+            yield Violation(f"prior.{wire}", "only used when prior.enabled is true: remove it, "
+                            "or set prior.enabled: true")
+    if spec.prior.loss_weight != 1.0:
+        yield Violation("prior.lossWeight", "only used when prior.enabled is true: remove it, "
+                        "or set prior.enabled: true")
+
+
+@rule
+def _validation_settings_need_validation(spec, eff):
+    if spec.validation.enabled:
+        return
+    found = [wire for name, wire in _VALIDATION_SETTINGS if getattr(spec.validation, name) is not None]
+    if spec.validation.prompts:
+        found.insert(0, "prompts")
+    for wire in found:
+        yield Violation(f"validation.{wire}", "only used when validation.enabled is true: "
+                        "remove it, or set validation.enabled: true")
+
+
+@rule
+def _class_prompt_differs(spec, eff):
+    if spec.prior.class_prompt is not None and spec.prior.class_prompt == spec.instance.prompt:
+        yield Violation(
+            "prior.classPrompt",
+            "is the same as instance.prompt: the class prompt names the class without the "
+            "subject's identifier (e.g. 'a photo of a cat' for 'a photo of zwx cat')",
+        )
+
+
+def _prompts(spec: DreamBoothJobSpec) -> Iterator[tuple[str, str]]:
+    yield "instance.prompt", spec.instance.prompt
+    if spec.prior.class_prompt is not None:
+        yield "prior.classPrompt", spec.prior.class_prompt
+    for i, prompt in enumerate(spec.validation.prompts):
+        yield f"validation.prompts[{i}]", prompt
+    if spec.validation.negative_prompt is not None:
+        yield "validation.negativePrompt", spec.validation.negative_prompt
+
+
+@rule
+def _no_credentials_in_prompts(spec, eff):
+    for path, prompt in _prompts(spec):
+        kind = secret_shape(prompt)
+        if kind:
+            yield Violation(path, f"looks like it holds {kind} (not shown): prompts are stored in "
+                            "the job, the trainer's config and its logs; remove it (credentials "
+                            "reach pods only from Secrets, spec.storage.credentialsSecret)")
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """``inner`` is ``outer`` or below it (same scheme and bucket or claim)."""
+    try:
+        a, b = (parse_uri(u, allowed=set(Scheme)) for u in (inner, outer))
+    except UriError:  # reported on the field itself
+        return False
+    parts = lambda u: [s for s in u.path.split("/") if s]  # noqa: E731
+    return (a.scheme, a.authority) == (b.scheme, b.authority) and \
+        parts(a)[:len(parts(b))] == parts(b)
+
+
+@rule
+def _outputs_outside_the_photos(spec, eff):
+    photos = spec.instance.uri
+    for path, uri in (("output.uri", spec.output.uri), ("prior.uri", spec.prior.uri)):
+        if uri and _inside(uri, photos):
+            what = "checkpoints, samples and models" if path == "output.uri" else "class images"
+            yield Violation(path, f"is inside instance.uri ({shown(photos)}): the {what} there would "
+                            "be read as photos of the subject; use a prefix outside it")
 
 
 @rule
@@ -159,11 +241,19 @@ def _output_formats(spec, eff):
 @rule
 def _textual_inversion_token(spec, eff):
     ti = eff.training.textual_inversion
-    if ti is not None and ti.placeholder_token not in eff.instance.prompt.split():
+    if ti is None:
+        return
+    if ti.placeholder_token == ti.initializer_token:
         yield Violation(
             "training.textualInversion.placeholderToken",
-            f"{ti.placeholder_token!r} must appear as a word in instance.prompt "
-            f"({eff.instance.prompt!r})",
+            "is the same as initializerToken: the placeholder is a new token (e.g. '<zwx>'), "
+            "the initializer an existing word it starts from (e.g. 'cat')",
+        )
+    elif f" {ti.placeholder_token} " not in f" {eff.instance.prompt} ":  # words split by spaces
+        yield Violation(
+            "training.textualInversion.placeholderToken",
+            f"{shown(ti.placeholder_token)} must appear as a word in instance.prompt "
+            f"({shown(eff.instance.prompt)})",
         )
 
 
@@ -178,6 +268,22 @@ def _revision_only_for_hub(spec, eff):
         yield Violation(
             "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
         )
+
+
+@rule
+def _tolerations(spec, eff):
+    """The API server's rules for a pod's tolerations."""
+    for i, t in enumerate(spec.resources.tolerations):
+        at = f"resources.tolerations[{i}]"
+        if t.operator == "Exists" and t.value:
+            yield Violation(f"{at}.value", "operator Exists takes no value (it matches any value "
+                            "of the key): remove value, or use operator: Equal")
+        if not t.key and t.operator != "Exists":
+            yield Violation(f"{at}.operator", "a toleration without a key matches every taint and "
+                            "needs operator: Exists; or set key")
+        if t.toleration_seconds is not None and t.effect != "NoExecute":
+            yield Violation(f"{at}.tolerationSeconds", "only applies to effect NoExecute: set "
+                            "effect: NoExecute, or remove tolerationSeconds")
 
 
 @rule

@@ -14,7 +14,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.alias_generators import to_camel
 
+from dreambooth.api import k8s_names as k8s
+from dreambooth.api.k8s_names import anchored, say
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
+from dreambooth.api.redact import shown
 from dreambooth.api.presets import ModelFamily, Preset, describe
 from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
@@ -33,12 +36,27 @@ class ApiModel(BaseModel):
 # Reusable field types
 # ---------------------------------------------------------------------------------------
 
-Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-Quantity = Annotated[
-    str,
-    Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
-]
+#: words, not blank, no control characters (they would reach file names, logs and Events)
+Prompt = Annotated[str, Field(min_length=1, max_length=1000, pattern=anchored(k8s.PROMPT))]
+#: an object name (DNS subdomain): a Secret, a PriorityClass
+Name = Annotated[str, Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX,
+                            pattern=anchored(k8s.DNS_SUBDOMAIN))]
+Quantity = Annotated[str, Field(max_length=64, pattern=anchored(k8s.QUANTITY))]
+
+
+def _prefix_fits(key: str) -> str:
+    problem = k8s.qualified_name_problem(key)
+    if problem:
+        raise ValueError(f"the key {shown(key)} {problem}")
+    return key
+
+
+#: a label key, nodeSelector key or taint key (the CRD cannot check a map's keys: model-only)
+LabelKey = Annotated[str, Field(max_length=k8s.QUALIFIED_NAME_MAX,
+                                pattern=anchored(k8s.QUALIFIED_NAME)), AfterValidator(_prefix_fits)]
+LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=anchored(k8s.LABEL_VALUE))]
+SecretKey = Annotated[str, Field(min_length=1, max_length=k8s.SECRET_KEY_MAX,
+                                 pattern=anchored(k8s.SECRET_KEY))]
 
 DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
 MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
@@ -215,12 +233,16 @@ class LoraSpec(ApiModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
         max_length=32,
-        description="UNet module names that get adapters.",
+        description="UNet module names that get adapters (at least one).",
     )
     text_encoder: bool = Field(
         False, description="Also train LoRA adapters on the text encoder's attention."
     )
+
+
+_TOKEN = say(r"^\S+$", "use one word without spaces, e.g. <zwx>")
 
 
 class TextualInversionSpec(ApiModel):
@@ -230,13 +252,13 @@ class TextualInversionSpec(ApiModel):
     placeholder_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="The new token, e.g. '<zwx>'; it must appear in instance.prompt.",
     )
     initializer_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="An existing single token the new embedding starts from, e.g. 'cat'.",
     )
     learning_rate: float = Field(
@@ -343,7 +365,8 @@ class ValidationSpec(ApiModel):
         max_length=16,
         description="Prompts to sample (rows of the grid). Default: instance.prompt.",
     )
-    negative_prompt: str | None = Field(None, max_length=1000, description="Negative prompt.")
+    negative_prompt: str | None = Field(None, max_length=1000, pattern=anchored(k8s.TEXT),
+                                        description="Negative prompt.")
     every_steps: int | None = Field(
         None,
         ge=1,
@@ -398,12 +421,8 @@ class SecretKeyRef(ApiModel):
     """A Secret in the job's namespace holding S3 credentials."""
 
     name: Name = Field(description="Name of the Secret.")
-    access_key_key: str = Field(
-        "AWS_ACCESS_KEY_ID", min_length=1, max_length=253, description="Key of the access key."
-    )
-    secret_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253, description="Key of the secret key."
-    )
+    access_key_key: SecretKey = Field("AWS_ACCESS_KEY_ID", description="Key of the access key.")
+    secret_key_key: SecretKey = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key.")
 
 
 class StorageSpec(ApiModel):
@@ -412,7 +431,7 @@ class StorageSpec(ApiModel):
     endpoint: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        pattern=anchored(k8s.ENDPOINT),
         description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the "
         "operator's.",
     )
@@ -428,16 +447,23 @@ class StorageSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration (as in a Pod spec)."""
 
-    key: str | None = Field(None, max_length=253, description="Taint key; empty matches all.")
-    operator: str = Field("Equal", pattern=r"^(Equal|Exists)$", description="Equal or Exists.")
-    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    key: str | None = Field(None, max_length=253, pattern=anchored(k8s.optional(k8s.QUALIFIED_NAME)),
+                            description="Taint key (a label key); empty matches all, with "
+                            "operator Exists.")
+    operator: str = Field("Equal", pattern=say("^(Equal|Exists)$", "use Equal or Exists"),
+                          description="Equal or Exists (which takes no value).")
+    value: str | None = Field(None, max_length=k8s.LABEL_VALUE_MAX,
+                              pattern=anchored(k8s.LABEL_VALUE),
+                              description="Taint value (a label value) for Equal.")
     effect: str | None = Field(
         None,
-        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        pattern=say("^(NoSchedule|PreferNoSchedule|NoExecute)$",
+                    "use NoSchedule, PreferNoSchedule or NoExecute, or leave it out to match all"),
         description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
     )
     toleration_seconds: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
+        None, ge=0, le=2**31 - 1,
+        description="How long a NoExecute taint is tolerated (only with effect NoExecute).",
     )
 
 
@@ -445,7 +471,8 @@ class GpuSpec(ApiModel):
     resource_name: str = Field(
         "nvidia.com/gpu",
         max_length=253,
-        pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
+        pattern=say(r"^[a-z0-9.-]+/[a-z0-9._-]+$", "use <domain>/<name> in lowercase as the device "
+                    "plugin advertises it, e.g. nvidia.com/gpu or nvidia.com/mig-3g.20gb"),
         description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
         "profile such as nvidia.com/mig-3g.20gb). A MIG slice is one CUDA device: with a MIG "
         "profile, gpusPerNode must be 1.",
@@ -458,7 +485,8 @@ class EnvVar(ApiModel):
     name: str = Field(
         min_length=1,
         max_length=ENV_NAME_MAX,
-        pattern=ENV_NAME_PATTERN,
+        pattern=say(ENV_NAME_PATTERN, "use letters, digits and '_', not starting with a digit "
+                    "(e.g. NCCL_SOCKET_IFNAME)"),
         description="Variable name, e.g. NCCL_SOCKET_IFNAME. Names the operator, the launcher "
         "or the device plugin set (DREAMBOOTH_*, AWS_*, PYTHON*, HOME, HF_HOME, RANK, "
         "CUDA_VISIBLE_DEVICES, NVIDIA_*, ...) and names that look like credentials are refused.",
@@ -484,14 +512,17 @@ class ResourcesSpec(ApiModel):
     shared_memory: Quantity = Field(
         "8Gi", description="Size of /dev/shm (data loaders and NCCL need more than the default)."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, max_length=32, description="Node labels the pods must match."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=32,
+        description="Node labels the pods must match (label keys and values).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     image: str | None = Field(
-        None, max_length=512, description="Trainer image. Default: the operator's."
+        None, max_length=k8s.IMAGE_MAX, pattern=anchored(k8s.IMAGE),
+        description="Trainer image reference ([registry[:port]/]path[:tag][@digest]). "
+        "Default: the operator's.",
     )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
     env: list[EnvVar] = Field(

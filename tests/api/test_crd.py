@@ -312,7 +312,7 @@ def _immutable_message(field: str) -> str:
         ({"checkpointing.keep": 5}, "checkpointing"),
         ({"output.uri": "s3://elsewhere/"}, "output"),
         ({"storage.endpoint": "minio2:9000"}, "storage"),
-        ({"prior.lossWeight": 0.5}, "prior"),
+        ({"prior.enabled": False}, "prior"),
         ({"runPolicy.backoffLimit": 9}, "backoffLimit"),
         ({"runPolicy.activeDeadlineSeconds": 3600}, "activeDeadlineSeconds"),
         ({"runPolicy.ttlSecondsAfterFinished": 60}, "ttlSecondsAfterFinished"),
@@ -399,6 +399,13 @@ AGREE = [
                        "resources.extraResources": {"amd.com/gpu": "1"}}, False),
     ("extra-cpu", {"resources.extraResources": {"cpu": "1"}}, False),
     ("extra-memory", {"resources.extraResources": {"memory": "1Gi"}}, False),
+    ("te-steps-without-te", {"training.textEncoderSteps": 10}, False),
+    ("te-steps-face", {"preset": "face", "training.textEncoderSteps": 10}, True),
+    ("te-steps-face-lora", {"preset": "face", "training.method": "lora",
+                            "training.textEncoderSteps": 10}, False),
+    ("ema-with-lora", {"training.method": "lora", "training.ema": True}, False),
+    ("ema-with-sdxl-default", {"baseModel.family": "sdxl", "training.ema": True}, False),
+    ("ema-with-full", {"training.method": "full", "training.ema": True}, True),
 ]
 
 
@@ -414,8 +421,6 @@ def test_cel_rules_agree_with_the_python_rules(changes, valid):
 PYTHON_ONLY = [
     ("preset-batch-over-gpus", {"preset": "face", "resources.gpusPerNode": 4}),
     ("preset-steps-under-checkpoint", {"preset": "object", "checkpointing.everySteps": 500}),
-    ("te-steps-without-te", {"training.textEncoderSteps": 10}),
-    ("ema-with-lora", {"training.method": "lora", "training.ema": True}),
     # extraResources keys are not scanned by CEL (a schema cannot bound a map key's length,
     # so the API server's cost estimate of a string function on keys would be huge)
     ("extra-not-extended", {"resources.extraResources": {"ephemeral-storage": "1"}}),
