@@ -25,8 +25,8 @@ from dreambooth.api.pod import (
     RESERVED_ENV,
     reserved_label,
 )
-from dreambooth.api.presets import Preset, preset_value
-from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.api.presets import ModelFamily, Preset, preset_value
+from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -51,12 +51,29 @@ def _presets_with_prior() -> list[str]:
     return [p.value for p in Preset if preset_value(p, "prior", "enabled")]
 
 
+def _trains_lora() -> str:
+    """CEL: the job trains LoRA, by training.method as written or else its preset's default
+    for its family (an auto job is validated with SD 1.x's presets, as by dreambooth.api.rules)."""
+    cases = []
+    for family in (ModelFamily.SD, ModelFamily.SDXL):
+        presets = [p for p in Preset if preset_value(p, "training", "method", family) == "lora"]
+        families = [family, ModelFamily.AUTO] if family is ModelFamily.SD else [family]
+        if presets:
+            which = " || ".join(f"self.baseModel.family == {_cel_string(f)}" for f in families)
+            if len(presets) < len(Preset):
+                which = f"({which}) && (" + " || ".join(f"self.preset == {_cel_string(p)}" for p in presets) + ")"
+            cases.append(f"({which})")
+    default = " || ".join(cases) or "false"
+    return f"(has(self.training.method) ? self.training.method == 'lora' : {default})"
+
+
 def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
     """CEL rules by schema path (property names below spec). Mirrors dreambooth.api.rules
     where a rule does not depend on preset values the API server cannot see."""
     spec_fields = [n for n in DreamBoothJobSpec.model_fields if n != "run_policy"]
     prior_presets = " || ".join(f"self.preset == '{p}'" for p in _presets_with_prior())
     processes = "self.resources.nodes * (self.resources.gpusPerNode == 0 ? 1 : self.resources.gpusPerNode)"
+    lora_method = _trains_lora()
     return {
         (): [
             *(_immutable(DreamBoothJobSpec.model_fields[n].alias or n) for n in spec_fields),
@@ -72,9 +89,14 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "checkpointing.everySteps must be at most training.steps",
             },
             {
-                "rule": "!has(self.training.lora) || (has(self.training.method) ? self.training.method == 'lora'"
-                " : self.baseModel.family == 'sdxl')",
+                "rule": f"!has(self.training.lora) || {lora_method}",
                 "message": "training.lora needs training.method: lora",
+            },
+            {
+                "rule": "!has(self.output.formats) || !self.output.formats.exists(f, "
+                f"{' || '.join(f'f == {_cel_string(v)}' for v in sorted(LORA_FORMATS))}) || {lora_method}",
+                "message": "output.formats: lora and lora-kohya need training.method: lora (a full "
+                "fine-tune has no adapters to export)",
             },
             {
                 "rule": "self.training.mixedPrecision != 'fp16' || self.resources.gpusPerNode > 0",

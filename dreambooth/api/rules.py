@@ -20,7 +20,7 @@ from dreambooth.api.pod import (
     quantity_problem,
     resource_name_problem,
 )
-from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, ModelFamily, OutputFormat
+from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec, Method, MixedPrecision, ModelFamily
 from dreambooth.api.uris import Scheme, parse_uri
 
 
@@ -146,14 +146,21 @@ def _output_formats(spec, eff):
     if len(set(formats)) != len(formats):
         yield Violation("output.formats", "lists a format twice")
     if eff.training.method is Method.LORA:
-        full = [f.value for f in formats if f is not OutputFormat.LORA]
+        full = [f.value for f in formats if f not in LORA_FORMATS]
         if full:
             yield Violation(
                 "output.formats",
-                f"{', '.join(full)} need training.method: full; a LoRA run exports [lora]",
+                f"{', '.join(full)} need training.method: full; a LoRA run exports "
+                f"{' and/or '.join(sorted(LORA_FORMATS))}",
             )
-    elif OutputFormat.LORA in formats:
-        yield Violation("output.formats", "lora needs training.method: lora")
+    else:
+        adapters = [f.value for f in formats if f in LORA_FORMATS]
+        if adapters:
+            yield Violation(
+                "output.formats",
+                f"{', '.join(adapters)} {'needs' if len(adapters) == 1 else 'need'} training.method: "
+                f"lora (a {eff.training.method.value} fine-tune has no adapters to export)",
+            )
 
 
 @rule

@@ -133,6 +133,11 @@ class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
     LORA = "lora"
+    LORA_KOHYA = "lora-kohya"
+
+
+#: the formats of a LoRA run's adapters
+LORA_FORMATS = frozenset({OutputFormat.LORA, OutputFormat.LORA_KOHYA})
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,10 +392,12 @@ class OutputSpec(ApiModel):
     formats: list[OutputFormat] | None = Field(
         None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="diffusers (a folder for StableDiffusionPipeline.from_pretrained), "
-        "safetensors (one file), lora (pytorch_lora_weights.safetensors). Default: diffusers "
-        "and safetensors for method full, lora for method lora.",
+        "safetensors (one file in the original layout: AUTOMATIC1111, ComfyUI), lora "
+        "(lora/pytorch_lora_weights.safetensors for diffusers' load_lora_weights), lora-kohya "
+        "(lora/<name>_kohya.safetensors, the kohya/WebUI LoRA format: AUTOMATIC1111, Forge, "
+        "ComfyUI). Default: diffusers and safetensors for method full, lora for method lora.",
     )
 
 
