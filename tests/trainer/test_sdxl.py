@@ -14,7 +14,12 @@ from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families import detect, load_components
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
-from tests.support.trainer import assert_kohya_lora_draws_like_diffusers, denoising_loss, job_document, trainer_config
+from tests.support.trainer import (
+    assert_kohya_lora_draws_like_diffusers,
+    denoising_loss,
+    job_document,
+    trainer_config,
+)
 
 PROMPT = "a photo of zwx toy cat"
 
