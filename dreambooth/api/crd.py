@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from dreambooth.api.pod import (
     CREDENTIAL_PATTERN,
@@ -25,10 +26,9 @@ from dreambooth.api.pod import (
     RESERVED_ENV,
     reserved_label,
 )
-from dreambooth.api.families import FACTS
 from dreambooth.api.presets import ModelFamily, Preset, preset_value
 from dreambooth.api.redact import SECRET_PATTERN
-from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -92,6 +92,7 @@ PRIOR = _effective("prior.enabled", "prior", "enabled")
 TEXT_ENCODER = (f"(has(self.training.trainTextEncoder) ? self.training.trainTextEncoder : "
                 f"(!{LORA} && {_preset_gives('training', 'trainTextEncoder')}))")
 _FORMATS = "self.output.formats"
+_LORA_FORMATS = ", ".join(_cel_string(f.value) for f in sorted(LORA_FORMATS))
 _SETTINGS_NEED = "only used when {0}.enabled is true: remove it, or set {0}.enabled: true"
 
 
@@ -100,7 +101,7 @@ def _meaning_rules() -> list[dict[str, str]]:
     them (the preset and family are in the spec, so the API server can apply them)."""
     sdxl = FACTS[ModelFamily.SDXL]
     sdxl_formats = ", ".join(_cel_string(f.value) for f in sorted(sdxl.formats))
-    never = lambda field: f"(!has(self.{field}) || {{}})".format  # noqa: E731
+    never = lambda field: f"(!has(self.{field}) || {{}})".format
     rules = [
         (f"!{PRIOR} || has(self.prior.classPrompt) || "
          f"{_preset_gives('prior', 'classPrompt', lambda v: v is not None)}",
@@ -128,11 +129,9 @@ def _meaning_rules() -> list[dict[str, str]]:
          "training.textualInversion (textual inversion + DreamBooth) needs training.method: full"),
         (f"!has({_FORMATS}) || {_FORMATS}.all(f, {_FORMATS}.exists_one(g, g == f))",
          "output.formats lists a format twice"),
-        (f"!has({_FORMATS}) || !('lora' in {_FORMATS}) || {LORA}",
-         "output.formats: lora needs training.method: lora"),
-        (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f == 'lora')",
-         "output.formats: a LoRA run exports [lora]; diffusers and safetensors need "
-         "training.method: full"),
+        (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f in [{_LORA_FORMATS}])",
+         "output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
+         "safetensors need training.method: full"),
         (f"self.baseModel.family != 'sdxl' || !has({_FORMATS}) || "
          f"{_FORMATS}.all(f, f in [{sdxl_formats}])",
          f"output.formats: {sdxl.title} models can be written as "
@@ -169,6 +168,7 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
     where a rule does not depend on preset values the API server cannot see."""
     spec_fields = [n for n in DreamBoothJobSpec.model_fields if n != "run_policy"]
     processes = "self.resources.nodes * (self.resources.gpusPerNode == 0 ? 1 : self.resources.gpusPerNode)"
+    lora_method = LORA
     return {
         (): [
             *(_immutable(DreamBoothJobSpec.model_fields[n].alias or n) for n in spec_fields),
@@ -184,9 +184,14 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "checkpointing.everySteps must be at most training.steps",
             },
             {
-                "rule": "!has(self.training.lora) || (has(self.training.method) ? self.training.method == 'lora'"
-                " : self.baseModel.family == 'sdxl')",
+                "rule": f"!has(self.training.lora) || {lora_method}",
                 "message": "training.lora needs training.method: lora",
+            },
+            {
+                "rule": "!has(self.output.formats) || !self.output.formats.exists(f, "
+                f"{' || '.join(f'f == {_cel_string(v)}' for v in sorted(LORA_FORMATS))}) || {lora_method}",
+                "message": "output.formats: lora and lora-kohya need training.method: lora (a full "
+                "fine-tune has no adapters to export)",
             },
             {
                 "rule": "self.training.mixedPrecision != 'fp16' || self.resources.gpusPerNode > 0",

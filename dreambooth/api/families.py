@@ -23,6 +23,6 @@ class FamilyFacts:
 FACTS: dict[ModelFamily, FamilyFacts] = {
     ModelFamily.SD: FamilyFacts("Stable Diffusion 1.x/2.x", frozenset(OutputFormat), textual_inversion=True,
                                 min_resolution=64),
-    ModelFamily.SDXL: FamilyFacts("Stable Diffusion XL", frozenset({OutputFormat.DIFFUSERS, OutputFormat.LORA}),
-                                  textual_inversion=False, min_resolution=64),
+    ModelFamily.SDXL: FamilyFacts("Stable Diffusion XL", frozenset(OutputFormat), textual_inversion=False,
+                                  min_resolution=64),
 }

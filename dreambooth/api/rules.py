@@ -21,7 +21,13 @@ from dreambooth.api.pod import (
     resource_name_problem,
 )
 from dreambooth.api.redact import secret_shape, shown
-from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, ModelFamily, OutputFormat
+from dreambooth.api.spec import (
+    LORA_FORMATS,
+    DreamBoothJobSpec,
+    Method,
+    MixedPrecision,
+    ModelFamily,
+)
 from dreambooth.api.uris import Scheme, UriError, parse_uri
 
 
@@ -125,7 +131,7 @@ def _inside(inner: str, outer: str) -> bool:
         a, b = (parse_uri(u, allowed=set(Scheme)) for u in (inner, outer))
     except UriError:  # reported on the field itself
         return False
-    parts = lambda u: [s for s in u.path.split("/") if s]  # noqa: E731
+    parts = lambda u: [s for s in u.path.split("/") if s]
     return (a.scheme, a.authority) == (b.scheme, b.authority) and \
         parts(a)[:len(parts(b))] == parts(b)
 
@@ -228,14 +234,21 @@ def _output_formats(spec, eff):
     if len(set(formats)) != len(formats):
         yield Violation("output.formats", "lists a format twice")
     if eff.training.method is Method.LORA:
-        full = [f.value for f in formats if f is not OutputFormat.LORA]
+        full = [f.value for f in formats if f not in LORA_FORMATS]
         if full:
             yield Violation(
                 "output.formats",
-                f"{', '.join(full)} need training.method: full; a LoRA run exports [lora]",
+                f"{', '.join(full)} need training.method: full; a LoRA run exports "
+                f"{' and/or '.join(sorted(LORA_FORMATS))}",
             )
-    elif OutputFormat.LORA in formats:
-        yield Violation("output.formats", "lora needs training.method: lora")
+    else:
+        adapters = [f.value for f in formats if f in LORA_FORMATS]
+        if adapters:
+            yield Violation(
+                "output.formats",
+                f"{', '.join(adapters)} {'needs' if len(adapters) == 1 else 'need'} training.method: "
+                f"lora (a {eff.training.method.value} fine-tune has no adapters to export)",
+            )
 
 
 @rule

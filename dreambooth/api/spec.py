@@ -17,8 +17,8 @@ from pydantic.alias_generators import to_camel
 from dreambooth.api import k8s_names as k8s
 from dreambooth.api.k8s_names import anchored, say
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
-from dreambooth.api.redact import shown
 from dreambooth.api.presets import ModelFamily, Preset, describe
+from dreambooth.api.redact import shown
 from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
 
@@ -151,6 +151,11 @@ class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
     LORA = "lora"
+    LORA_KOHYA = "lora-kohya"
+
+
+#: the formats of a LoRA run's adapters
+LORA_FORMATS = frozenset({OutputFormat.LORA, OutputFormat.LORA_KOHYA})
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,10 +415,12 @@ class OutputSpec(ApiModel):
     formats: list[OutputFormat] | None = Field(
         None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="diffusers (a folder for StableDiffusionPipeline.from_pretrained), "
-        "safetensors (one file), lora (pytorch_lora_weights.safetensors). Default: diffusers "
-        "and safetensors for method full, lora for method lora.",
+        "safetensors (one file in the original layout: AUTOMATIC1111, ComfyUI), lora "
+        "(lora/pytorch_lora_weights.safetensors for diffusers' load_lora_weights), lora-kohya "
+        "(lora/<name>_kohya.safetensors, the kohya/WebUI LoRA format: AUTOMATIC1111, Forge, "
+        "ComfyUI). Default: diffusers and safetensors for method full, lora for method lora.",
     )
 
 
