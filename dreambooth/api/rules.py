@@ -160,11 +160,10 @@ def _output_formats(spec, eff):
 def _buckets(spec, eff):
     b, resolution, where = eff.training.buckets, eff.training.resolution, "training.buckets"
     if b is None or not b.enabled:
-        given = spec.training.buckets.model_fields_set - {"enabled"} if spec.training.buckets else set()
-        if given:
-            name = type(b).model_fields[min(given)].alias
-            yield Violation(f"{where}.{name}", "only applies when training.buckets.enabled is true (off by "
-                            "default for Stable Diffusion 1.x/2.x)")
+        for name, side in (("minSide", b and b.min_side), ("maxSide", b and b.max_side)):
+            if side is not None:
+                yield Violation(f"{where}.{name}", "only applies when training.buckets.enabled is true (off "
+                                "by default for Stable Diffusion 1.x/2.x)")
         return
     for name, side in (("minSide", b.min_side), ("maxSide", b.max_side)):
         if side % b.step:
