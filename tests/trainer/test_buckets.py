@@ -245,6 +245,7 @@ def test_stopped_runs_with_buckets_resume_to_the_same_weights(tiny_sdxl_dir, mix
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "the resumed run differs"
 
 
+@pytest.mark.slow
 def test_kill_9_with_buckets_resumes_to_the_same_weights(tiny_model_dir, mixed_photos, tmp_path):
     from tests.trainer.test_resume import wait_for_step
 
