@@ -235,6 +235,16 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "training.lrWarmupSteps must be less than training.steps",
             },
         ],
+        ("training", "buckets"): [
+            *({
+                "rule": f"!has(self.{side}) || self.{side} % self.step == 0",
+                "message": f"training.buckets.{side} must be a multiple of training.buckets.step",
+            } for side in ("minSide", "maxSide")),
+            {
+                "rule": "!has(self.minSide) || !has(self.maxSide) || self.minSide <= self.maxSide",
+                "message": "training.buckets.minSide must be at most training.buckets.maxSide",
+            },
+        ],
         ("resources",): _resources_rules(),
         ("resources", "env", ITEMS): _env_rules(),
         ("runPolicy",): [

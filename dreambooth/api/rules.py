@@ -252,6 +252,33 @@ def _output_formats(spec, eff):
 
 
 @rule
+def _buckets(spec, eff):
+    b, resolution, where = eff.training.buckets, eff.training.resolution, "training.buckets"
+    if b is None or not b.enabled:
+        for name, side in (("minSide", b and b.min_side), ("maxSide", b and b.max_side)):
+            if side is not None:
+                yield Violation(f"{where}.{name}", "only applies when training.buckets.enabled is true (off "
+                                "by default for Stable Diffusion 1.x/2.x)")
+        return
+    for name, side in (("minSide", b.min_side), ("maxSide", b.max_side)):
+        if side % b.step:
+            yield Violation(f"{where}.{name}", f"must be a multiple of training.buckets.step ({b.step}), got "
+                            f"{side}: e.g. {max(b.step, side // b.step * b.step)}")
+    if b.min_side > b.max_side:
+        yield Violation(f"{where}.minSide", f"must be at most training.buckets.maxSide ({b.max_side}), "
+                        f"got {b.min_side}")
+    if resolution % b.step:
+        yield Violation(f"{where}.step", f"must divide training.resolution ({resolution}), the side of the "
+                        f"square bucket; got {b.step}")
+    elif b.max_side < resolution:
+        yield Violation(f"{where}.maxSide", f"must be at least training.resolution ({resolution}): buckets "
+                        f"hold about {resolution}x{resolution} pixels; got {b.max_side}")
+    elif b.min_side > resolution:
+        yield Violation(f"{where}.minSide", f"must be at most training.resolution ({resolution}), got "
+                        f"{b.min_side}")
+
+
+@rule
 def _textual_inversion_token(spec, eff):
     ti = eff.training.textual_inversion
     if ti is None:
@@ -352,6 +379,10 @@ def family_violations(eff: DreamBoothJobSpec, family: ModelFamily) -> Iterator[V
     if eff.training.textual_inversion is not None and not facts.textual_inversion:
         yield Violation("training.textualInversion", f"textual inversion is not supported for {facts.title} "
                         "models: drop it, or train the text encoders (training.trainTextEncoder)")
+    buckets = eff.training.buckets
+    if buckets is not None and buckets.enabled and buckets.min_side < facts.min_bucket_side:
+        yield Violation("training.buckets.minSide", f"{facts.title} takes bucket sides of "
+                        f"{facts.min_bucket_side} pixels or more, got {buckets.min_side}")
     if eff.training.resolution < facts.min_resolution:
         yield Violation("training.resolution", f"{facts.title} trains at {facts.min_resolution} pixels or more, "
                         f"got {eff.training.resolution}")

@@ -271,6 +271,51 @@ class TextualInversionSpec(ApiModel):
     )
 
 
+class BucketsSpec(ApiModel):
+    """Aspect-ratio buckets: each photo keeps (about) its shape instead of a square crop."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Train each photo in the bucket (height x width, about resolution^2 pixels, "
+        "sides multiples of step between minSide and maxSide) nearest its aspect ratio: it is "
+        "resized to cover the bucket and center-cropped, and every micro-batch comes from one "
+        "bucket. Off: every photo is center-cropped to a square. Default: the family's (off for "
+        "SD 1.x/2.x, on for SDXL, which was trained on buckets).",
+    )
+    min_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Shortest bucket side in pixels, a multiple of step. Default: half of "
+        "training.resolution (rounded up to a multiple of step).",
+    )
+    max_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Longest bucket side in pixels, a multiple of step and at least "
+        "training.resolution. Default: twice training.resolution.",
+    )
+    step: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        multiple_of=8,
+        description="Bucket sides are multiples of this many pixels; it must be a multiple of "
+        "the model's downsampling (64 for SD 1.x/2.x and SDXL) and divide training.resolution.",
+    )
+    max_upscale: float = Field(
+        2.0,
+        ge=1.0,
+        le=16.0,
+        description="The most a photo may be enlarged to cover its bucket. A photo that would "
+        "need more fails the job (BadData, naming it) instead of training blurred: 1 never "
+        "enlarges. Class images are framed in whatever bucket a batch has.",
+    )
+
+
 class TrainingSpec(ApiModel):
     """How to fine-tune. Prefer a low learning rate and more steps: DreamBooth overfits fast."""
 
@@ -305,7 +350,8 @@ class TrainingSpec(ApiModel):
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Training image size in pixels (photos are resized and center-cropped). "
+        description="Training image size in pixels: photos are resized and center-cropped to "
+        "this square, or with training.buckets to a bucket of about this many pixels squared. "
         "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
@@ -353,6 +399,15 @@ class TrainingSpec(ApiModel):
     )
     noise_offset: float = Field(
         0.0, ge=0, le=1, description="Offset noise strength (0.05-0.1 helps very dark/bright images)."
+    )
+    buckets: BucketsSpec | None = Field(
+        None, description="Aspect-ratio buckets. Default: the family's (off for SD 1.x/2.x, on for SDXL)."
+    )
+    random_flip: bool = Field(
+        False,
+        description="Mirror each sample left-right with probability 1/2 (drawn from the seed and "
+        "the sample's position, so resume and several GPUs see the same flips). Doubles the "
+        "cached latents; avoid for subjects whose sides differ (text, logos).",
     )
     textual_inversion: TextualInversionSpec | None = Field(
         None,

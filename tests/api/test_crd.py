@@ -397,6 +397,11 @@ AGREE = [
                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "ACCELERATE_MIXED_PRECISION",
                    "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "db_password",
                    "MY_API_KEY", "AccessKey")],
+    ("buckets-ok", {"training.buckets": {"enabled": True, "minSide": 256, "maxSide": 1024}}, True),
+    ("buckets-min-off-step", {"training.buckets": {"enabled": True, "minSide": 200, "maxSide": 1024}}, False),
+    ("buckets-max-off-step", {"training.buckets": {"enabled": True, "maxSide": 1000}}, False),
+    ("buckets-min-over-max", {"training.buckets": {"enabled": True, "minSide": 512, "maxSide": 256,
+                                                   "step": 64}}, False),
     ("extra-rdma", {"resources.extraResources": {"rdma/rdma_shared_device_a": "1"}}, True),
     ("extra-gpu", {"resources.extraResources": {"nvidia.com/gpu": "1"}}, False),
     ("extra-own-gpu", {"resources.gpu": {"resourceName": "amd.com/gpu"},
@@ -425,6 +430,7 @@ def test_cel_rules_agree_with_the_python_rules(changes, valid):
 PYTHON_ONLY = [
     ("preset-batch-over-gpus", {"preset": "face", "resources.gpusPerNode": 4}),
     ("preset-steps-under-checkpoint", {"preset": "object", "checkpointing.everySteps": 500}),
+    ("bucket-max-under-preset-resolution", {"training.buckets": {"enabled": True, "maxSide": 448}}),
     # extraResources keys are not scanned by CEL (a schema cannot bound a map key's length,
     # so the API server's cost estimate of a string function on keys would be huge)
     ("extra-not-extended", {"resources.extraResources": {"ephemeral-storage": "1"}}),
