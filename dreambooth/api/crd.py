@@ -91,6 +91,16 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 f"({prior_presets}))",
                 "message": "prior.uri is only used when prior.enabled is true",
             },
+            {
+                "rule": "!has(self.output.export) || self.output.export != 'best' || "
+                "(has(self.evaluation.enabled) && self.evaluation.enabled)",
+                "message": "output.export best needs evaluation.enabled: true",
+            },
+            {
+                "rule": "!has(self.evaluation.enabled) || !self.evaluation.enabled || "
+                "!has(self.validation.enabled) || self.validation.enabled",
+                "message": "evaluation.enabled needs validation.enabled: true",
+            },
         ],
         ("training",): [
             {

@@ -20,7 +20,14 @@ from dreambooth.api.pod import (
     quantity_problem,
     resource_name_problem,
 )
-from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, ModelFamily, OutputFormat
+from dreambooth.api.spec import (
+    DreamBoothJobSpec,
+    ExportChoice,
+    Method,
+    MixedPrecision,
+    ModelFamily,
+    OutputFormat,
+)
 from dreambooth.api.uris import Scheme, parse_uri
 
 
@@ -178,6 +185,22 @@ def _revision_only_for_hub(spec, eff):
         yield Violation(
             "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
         )
+
+
+@rule
+def _evaluation(spec, eff):
+    ev = spec.evaluation
+    if ev.enabled and not eff.validation.enabled:
+        yield Violation("evaluation.enabled", "evaluates the sample rounds: needs validation.enabled: true")
+    if eff.output.export is ExportChoice.BEST and not ev.enabled:
+        yield Violation("output.export", "best needs evaluation.enabled: true (the score picks the checkpoint)")
+    if ev.model.revision is not None:
+        uri = parse_uri(ev.model.uri, allowed=set(Scheme)) if ev.model.uri else None
+        if uri is None or uri.scheme is not Scheme.HF:
+            yield Violation("evaluation.model.revision", "only applies to an hf:// evaluation.model.uri")
+        elif uri.revision:
+            yield Violation("evaluation.model.revision",
+                            "given twice: drop it or the @revision in evaluation.model.uri")
 
 
 @rule
