@@ -200,6 +200,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**inner, **node}
         if node.get("default", "") is None:
             del node["default"]
+        if isinstance(node.get("default"), dict) and node["default"]:
+            node["default"] = {}
+        # inner is structural already: its properties must not be converted twice
+        return {k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))}
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[base] = node[bound]
