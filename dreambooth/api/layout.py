@@ -39,6 +39,17 @@ _CHECKPOINT = re.compile(r"^checkpoints/checkpoint-(\d+)/")
 _SAMPLE = re.compile(r"^samples/step-(\d+)\.png$")
 
 
+#: the final model's key by output format, in the order the first one asked for names it
+FINAL_MODEL = {"diffusers": MODEL, "lora": LORA, "safetensors": SINGLE_FILE}
+
+
+def final_model(formats) -> str:
+    """The key that holds the last step's weights: the first of model/, lora/,
+    model.safetensors that ``formats`` (output format names) ask for."""
+    asked = {str(f) for f in formats} or {"diffusers"}
+    return next(key for fmt, key in FINAL_MODEL.items() if fmt in asked)
+
+
 def checkpoint(step: int) -> str:
     """``checkpoints/checkpoint-<step>/``"""
     return f"{CHECKPOINTS}checkpoint-{step}/"

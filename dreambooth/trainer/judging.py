@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dreambooth.api import layout
 from dreambooth.api.evaluation import Record
-from dreambooth.api.spec import ExportChoice, OutputFormat
+from dreambooth.api.spec import ExportChoice
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.context import Context
 from dreambooth.trainer.errors import ConfigError, StorageUnavailableError
@@ -21,15 +21,9 @@ from dreambooth.trainer.evaluator import Evaluator, Judge, Rounds, has_safety_ch
 
 log = logging.getLogger("dreambooth.trainer")
 
-#: the key of the final model, for the record of the last step (the first format asked for)
-FINAL = {OutputFormat.DIFFUSERS: layout.MODEL, OutputFormat.LORA: layout.LORA,
-         OutputFormat.SAFETENSORS: layout.SINGLE_FILE}
-
-
 def final_model_key(ctx: Context) -> str:
-    formats = ctx.spec.output.formats or [OutputFormat.DIFFUSERS]
-    return next(FINAL[f] for f in (OutputFormat.DIFFUSERS, OutputFormat.LORA, OutputFormat.SAFETENSORS)
-                if f in formats)
+    """The key of the final model, for the record of the last step."""
+    return layout.final_model(f.value for f in ctx.spec.output.formats or [])
 
 
 def check_source(ctx: Context, model: Path) -> None:
