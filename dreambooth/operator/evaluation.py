@@ -13,7 +13,13 @@ from datetime import datetime
 from dreambooth.api import evaluation as judged
 from dreambooth.api import layout
 from dreambooth.api.spec import EvaluationThresholds
-from dreambooth.api.status import CheckpointRef, ConditionType, DreamBoothJobStatus, Evaluation, Reason
+from dreambooth.api.status import (
+    CheckpointRef,
+    ConditionType,
+    DreamBoothJobStatus,
+    Evaluation,
+    Reason,
+)
 from dreambooth.operator.pods import Termination
 from dreambooth.operator.progress import TrainerSnapshot, rfc3339
 

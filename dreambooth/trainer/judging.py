@@ -17,7 +17,13 @@ from dreambooth.api.spec import ExportChoice
 from dreambooth.trainer import checkpoints, state
 from dreambooth.trainer.context import Context
 from dreambooth.trainer.errors import ConfigError, StorageUnavailableError
-from dreambooth.trainer.evaluator import Evaluator, Judge, Rounds, has_safety_checker, pixels_to_image
+from dreambooth.trainer.evaluator import (
+    Evaluator,
+    Judge,
+    Rounds,
+    has_safety_checker,
+    pixels_to_image,
+)
 
 log = logging.getLogger("dreambooth.trainer")
 

@@ -64,10 +64,10 @@ class TrainerMetrics:
             ("subject_fidelity", names.SUBJECT_FIDELITY, "Mean CLIP similarity of the samples to the instance photos."),
             ("base_subject_fidelity", names.BASE_SUBJECT_FIDELITY, "Subject fidelity of the base model's samples."),
             ("prompt_fidelity", names.PROMPT_FIDELITY, "Mean CLIP similarity of the samples to their prompts."),
-            ("memorization", names.MEMORIZATION, "Per prompt, the highest similarity of a sample to a training "
-             "photo; mean over prompts."),
-            ("sample_similarity", names.SAMPLE_SIMILARITY, "Mean pairwise similarity of a prompt's samples; mean "
-             "over prompts (1: no diversity)."),
+            ("memorization", names.MEMORIZATION,
+             "Per prompt, the highest similarity of a sample to a training photo; mean over prompts."),
+            ("sample_similarity", names.SAMPLE_SIMILARITY,
+             "Mean pairwise similarity of a prompt's samples; mean over prompts (1: no diversity)."),
             ("prior_loss_drift", names.PRIOR_LOSS_DRIFT, "Class-image loss against the first round's, minus 1."),
             ("evaluation_score", names.EVALUATION_SCORE, "Subject fidelity + prompt fidelity of the latest round."),
             ("best_step", names.BEST_CHECKPOINT_STEP, "Step of the best evaluated checkpoint so far."),

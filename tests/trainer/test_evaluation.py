@@ -22,7 +22,12 @@ from dreambooth.api.termination import TerminationSummary
 from dreambooth.operator.progress import parse_metrics
 from dreambooth.operator.status import Observation, compute_status
 from dreambooth.trainer.errors import ConfigError, Preempted
-from dreambooth.trainer.evaluation import PromptSamples, measure, prior_loss_drift, sample_similarity
+from dreambooth.trainer.evaluation import (
+    PromptSamples,
+    measure,
+    prior_loss_drift,
+    sample_similarity,
+)
 from dreambooth.trainer.evaluator import Evaluator
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
