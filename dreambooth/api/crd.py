@@ -207,6 +207,16 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "rule": f"!has(self.prior.uri) || {PRIOR}",
                 "message": "prior.uri is only used when prior.enabled is true",
             },
+            {
+                "rule": "!has(self.output.export) || self.output.export != 'best' || "
+                "(has(self.evaluation.enabled) && self.evaluation.enabled)",
+                "message": "output.export best needs evaluation.enabled: true",
+            },
+            {
+                "rule": "!has(self.evaluation.enabled) || !self.evaluation.enabled || "
+                "!has(self.validation.enabled) || self.validation.enabled",
+                "message": "evaluation.enabled needs validation.enabled: true",
+            },
             *_meaning_rules(),
         ],
         ("instance",): [{"rule": _no_secret("self.prompt"), "message": f"instance.prompt {_SECRET_MESSAGE}"}],
@@ -341,6 +351,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**inner, **node}
         if node.get("default", "") is None:
             del node["default"]
+        if isinstance(node.get("default"), dict) and node["default"]:
+            node["default"] = {}
+        # inner is structural already: its properties must not be converted twice
+        return {k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))}
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[base] = node[bound]
