@@ -115,12 +115,9 @@ class Family(ABC):
         """The float32 parts of the checked folder at ``path``."""
 
     def check_resolution(self, components: Components, resolution: int) -> None:
-        """Refuse a ``training.resolution`` this model cannot take (:class:`ConfigError`)."""
+        """Refuse a ``training.resolution`` (a multiple of the model's downsampling) below
+        what this model takes (:class:`ConfigError`)."""
         multiple = components.resolution_multiple
-        if resolution % multiple:
-            raise ConfigError(
-                f"training.resolution {resolution} does not fit this model: it must be a multiple of "
-                f"{multiple} (VAE and UNet downsampling), e.g. {max(multiple, resolution // multiple * multiple)}")
         if self.min_native_share is None:
             return
         sample_size, factor = components.denoiser.config.sample_size, vae_factor(components.vae)
@@ -171,6 +168,10 @@ class Family(ABC):
     @abstractmethod
     def save_lora(self, pipeline, folder: Path) -> Path:
         """The pipeline's LoRA adapters in diffusers' format (``load_lora_weights``)."""
+
+    @abstractmethod
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        """The pipeline's LoRA adapters in one kohya/WebUI-format file (A1111, ComfyUI)."""
 
 
 def vae_factor(vae) -> int:
