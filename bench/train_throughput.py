@@ -59,7 +59,7 @@ class EncodeEveryStep:
     def __init__(self, vae, examples, cached) -> None:
         import torch
 
-        self.vae, self.prompts, self.scaling = vae, cached.prompts, cached.scaling
+        self.vae, self.prompts, self.scaling, self.sizes = vae, cached.prompts, cached.scaling, cached.sizes
         self.pixels = torch.stack([e.pixels for e in examples])
 
     def __len__(self) -> int:
