@@ -14,7 +14,7 @@ from html import escape
 from dreambooth.api.history import Point
 
 WIDTH, HEIGHT = 760, 280
-LEFT, RIGHT, TOP, BOTTOM = 56, 64, 16, 40
+LEFT, RIGHT, TOP, BOTTOM = 56, 64, 34, 40
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,10 @@ def loss_curve(points: list[Point], *, width: int = WIDTH, height: int = HEIGHT)
     legend_x = LEFT + 8
     for i, s in enumerate(all_series):
         lx = legend_x + i * 130
-        parts.append(f'<line class="series {s.css}" x1="{lx}" x2="{lx + 18}" y1="{TOP + 12}" y2="{TOP + 12}"/>'
-                     f'<text class="legend" x="{lx + 22}" y="{TOP + 16}">{escape(s.name)}</text>')
+        parts.append(f'<line class="series {s.css}" x1="{lx}" x2="{lx + 18}" y1="{TOP - 14}" y2="{TOP - 14}"/>'
+                     f'<text class="legend" x="{lx + 22}" y="{TOP - 10}">{escape(s.name)}</text>')
     last = points[-1]
-    parts.append(f'<text class="legend" x="{LEFT + plot_w}" y="{TOP + 16}" text-anchor="end">'
+    parts.append(f'<text class="legend" x="{LEFT + plot_w}" y="{TOP - 10}" text-anchor="end">'
                  f'step {last.step}: loss {last.loss:.4f}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -39,7 +39,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-STATIC = {"gallery.js": "text/javascript", "gallery.css": "text/css"}
+STATIC = {"gallery.js": "text/javascript", "gallery.css": "text/css", "favicon.svg": "image/svg+xml"}
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 SOURCE = web.AppKey("source", Source)

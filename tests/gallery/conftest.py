@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth.api import layout
+from dreambooth.api.history import parse
 from tests.gallery.support import GalleryServer, env_without_aws
 from tests.support.kube import Kube, running_kube
 from tests.support.s3server import S3Server
@@ -49,10 +51,10 @@ class World:
                                          "etaSeconds": (total - step) * 2}}})
 
 
-def succeeded(total: int) -> dict:
+def succeeded(total: int, loss: float) -> dict:
     return {"phase": "Succeeded", "family": "sd",
             "progress": {"step": total, "totalSteps": total, "percent": 100.0, "summary": f"{total}/{total}",
-                         "loss": 0.12},
+                         "loss": loss},
             "conditions": [
                 {"type": "Succeeded", "status": "True", "reason": "Succeeded", "message": "the model is exported",
                  "lastTransitionTime": "2026-01-01T00:00:00Z"},
@@ -63,7 +65,7 @@ def succeeded(total: int) -> dict:
 @pytest.fixture(scope="session")
 def world(s3_server, tiny_model_dir, toy_cat_dir, tmp_path_factory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("gallery")
-    from dreambooth.trainer.storage import S3Settings
+    from dreambooth.trainer.storage import S3Settings, open_storage
 
     s3 = S3Settings(endpoint=s3_server.endpoint, secure=False, region="us-east-1",
                     access_key=s3_server.access_key, secret_key=s3_server.secret_key)
@@ -87,7 +89,8 @@ def world(s3_server, tiny_model_dir, toy_cat_dir, tmp_path_factory) -> Iterator[
         job["metadata"]["namespace"] = NAMESPACE
         job["spec"]["storage"] = {"endpoint": s3_server.endpoint, "secure": False}
         kube.create(job)
-        kube.patch_status("DreamBoothJob", NAMESPACE, "toy-cat", {"status": succeeded(STEPS)})
+        history = parse(open_storage(f"s3://{bucket}/{NAMESPACE}/toy-cat/", s3).read_bytes(layout.HISTORY))
+        kube.patch_status("DreamBoothJob", NAMESPACE, "toy-cat", {"status": succeeded(STEPS, history[-1].loss)})
         live = copy.deepcopy(job)
         live["metadata"]["name"] = "toy-cat-live"
         kube.create(live)

@@ -54,10 +54,12 @@ def status_html(data: JobData, now: datetime | None = None) -> str:
         items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in evaluation.items()
                         if isinstance(v, str | int | float))
         notice += f'<dl class="evaluation-status">{items}</dl>'
-    return render("job_status.html", phase=f.phase, percent=f"{f.percent:g}", summary=f.summary, loss=f.loss,
-                  lr=f.lr, eta=f.eta, family=f.family, age=f.age, restarts=f.restarts,
+    shown = [("loss", f.loss), ("learning rate", f.lr), ("ETA", f.eta), ("family", f.family), ("age", f.age),
+             ("restarts", str(f.restarts))]
+    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in shown if v)
+    return render("job_status.html", phase=f.phase, percent=f"{f.percent:g}", summary=f.summary,
                   html={"conditions": "".join(lines) or '<li class="muted">no conditions yet</li>',
-                        "notice": notice})
+                        "notice": notice, "facts": dl})
 
 
 def evaluation_html(outputs: Outputs | None) -> str:
