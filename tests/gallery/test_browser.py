@@ -47,22 +47,29 @@ def wait_until(predicate, timeout: float = 20, what: str = "the page"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def read(browser, selector: str, what: str = "textContent") -> str | None:
+    """An element's text (or attribute), read in the page: the polling script replaces the
+    live parts, so a WebDriver element found before may be gone by the time it is read."""
+    return browser.execute_script(
+        "const e = document.querySelector(arguments[0]); return e && (arguments[1] === 'textContent' "
+        "? e.textContent : e.getAttribute(arguments[1]))", selector, what)
+
+
 def console_errors(browser) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def test_the_jobs_page_lists_the_jobs(world, browser, artifacts):
-    from selenium.webdriver.common.by import By
-
     browser.get(world.url)
-    rows = browser.find_elements(By.CSS_SELECTOR, "#rows tr[data-job]")
-    by_job = {r.get_attribute("data-job"): r.text for r in rows}
+    by_job = browser.execute_script(  # read in the page: the rows are replaced every 2 s
+        "return Object.fromEntries(Array.from(document.querySelectorAll('#rows tr[data-job]'))"
+        ".map(r => [r.dataset.job, r.textContent]))")
     assert set(by_job) == {f"{NAMESPACE}/toy-cat", f"{NAMESPACE}/toy-cat-live"}
     assert "Succeeded" in by_job[f"{NAMESPACE}/toy-cat"] and f"{STEPS}/{STEPS}" in by_job[f"{NAMESPACE}/toy-cat"]
     browser.save_screenshot(str(artifacts / "jobs.png"))
     browser.get(world.url + "?phase=Succeeded")
-    assert [r.get_attribute("data-job") for r in browser.find_elements(By.CSS_SELECTOR, "#rows tr[data-job]")] \
-        == [f"{NAMESPACE}/toy-cat"]
+    assert browser.execute_script("return Array.from(document.querySelectorAll('#rows tr[data-job]'))"
+                                  ".map(r => r.dataset.job)") == [f"{NAMESPACE}/toy-cat"]
     assert not console_errors(browser)  # CSP violations would show here
 
 
@@ -106,21 +113,19 @@ def test_the_job_page_shows_the_curve_and_every_checkpoints_grid_and_steps_throu
 
 
 def test_a_running_jobs_progress_advances_without_a_reload(world, browser, artifacts):
-    from selenium.webdriver.common.by import By
-
     world.set_progress(world.running, 3)
     browser.get(world.job_url(world.running))
-    assert browser.find_element(By.ID, "summary").text == "3/100"
+    assert read(browser, "#summary") == "3/100"
     browser.execute_script("window.notReloaded = true")
     world.set_progress(world.running, 42)
-    wait_until(lambda: browser.find_element(By.ID, "summary").text == "42/100", what="step 42 on the job page")
+    wait_until(lambda: read(browser, "#summary") == "42/100", what="step 42 on the job page")
     assert browser.execute_script("return window.notReloaded") is True
-    assert browser.find_element(By.ID, "progress").get_attribute("value") == "42"
+    assert read(browser, "#progress", "value") == "42"
 
     browser.get(world.url)
     browser.execute_script("window.notReloaded = true")
     world.set_progress(world.running, 77)
     row = f'#rows tr[data-job="{NAMESPACE}/{world.running}"]'
-    wait_until(lambda: "77/100" in browser.find_element(By.CSS_SELECTOR, row).text, what="step 77 on the jobs page")
+    wait_until(lambda: "77/100" in (read(browser, row) or ""), what="step 77 on the jobs page")
     assert browser.execute_script("return window.notReloaded") is True
     browser.save_screenshot(str(artifacts / "jobs-live.png"))
