@@ -188,6 +188,7 @@ def build_tiny_model(
     seed: int = 0,
     prediction_type: PredictionType = "epsilon",
     resolution: int = 64,
+    unet_width: int = 32,
 ) -> pathlib.Path:
     """Write a tiny random SD-1.5-shaped diffusers model to ``path`` and return the path.
 
@@ -195,7 +196,9 @@ def build_tiny_model(
     folder beside it and moved into place, so a half-written model is never left there.
     ``prediction_type`` goes into the scheduler config (``"v_prediction"`` as in SD 2.x).
     ``resolution`` is the native image size (a multiple of 16); the UNet's
-    ``sample_size`` is ``resolution // 8``. The caller's torch RNG state is left alone.
+    ``sample_size`` is ``resolution // 8``. ``unet_width`` is the first block's channels
+    (the second has twice as many): wider for a bigger checkpoint (benches). The caller's
+    torch RNG state is left alone.
     """
     import diffusers
     import torch
@@ -219,7 +222,7 @@ def build_tiny_model(
                 out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64),
+                block_out_channels=(unet_width, 2 * unet_width),
                 layers_per_block=1,
                 cross_attention_dim=32,
                 attention_head_dim=8,  # heads, as in SD 1.5's config
