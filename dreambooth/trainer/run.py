@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from dreambooth.api import layout
 from dreambooth.api import telemetry as names
 from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.history import Point
 from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
@@ -289,6 +291,9 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             values = loop.run_step(step)
             done = step + 1
             outcome.step, outcome.loss = done, float(values["loss"])
+            if ctx.main:
+                ctx.history.add(Point(done, values["loss"], values["instance_loss"], values["lr"], time.time(),
+                                      values.get("prior_loss")))
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
@@ -311,6 +316,7 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
                                 "the next pod resumes from it")
+            persist.publish_history(ctx)
     finally:
         progress.close()
     return outcome
