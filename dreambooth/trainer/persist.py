@@ -337,6 +337,9 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
     ctx.output.write_bytes(layout.HISTORY, ctx.history.to_bytes())
     judging.finish(ctx, outcome, best)
+    # a periodic checkpoint storage could not take (an outage) left debris that no later
+    # checkpoint pruned: the last step is exported, not checkpointed
+    checkpoints.prune(ctx.output, keep=ctx.spec.checkpointing.keep, protect=judging.best_step(ctx))
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
     ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
     ctx.metrics.phase.state(TrainerPhase.SUCCEEDED)
