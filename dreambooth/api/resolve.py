@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.presets import ModelFamily, preset_value
 from dreambooth.api.spec import (
     DreamBoothJobSpec,
@@ -68,6 +69,8 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
         lora = training.lora or LoraSpec()
         if lora.alpha is None:
             lora = lora.model_copy(update={"alpha": float(lora.rank)})
+        if lora.target_modules is None:
+            lora = lora.model_copy(update={"target_modules": list(FACTS[family].lora_targets)})
         t_updates["lora"] = lora
     training = training.model_copy(update=t_updates)
 
