@@ -25,7 +25,7 @@ from dreambooth.api.pod import (
     RESERVED_ENV,
     reserved_label,
 )
-from dreambooth.api.presets import Preset, preset_value
+from dreambooth.api.presets import FAMILY_BASE, Preset, preset_value
 from dreambooth.api.spec import DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
 
@@ -45,6 +45,12 @@ def _immutable(field: str, optional: bool = False) -> dict[str, str]:
         "message": f"{field} cannot change once the job exists; delete and re-create the job "
         "(only runPolicy.suspend may change)",
     }
+
+
+def _lora_families() -> str:
+    """The families whose presets train LoRA, as a CEL list: ['sdxl', 'sd3']."""
+    names = [f.value for f, base in FAMILY_BASE.items() if base.get("training", {}).get("method") == "lora"]
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
 
 
 def _presets_with_prior() -> list[str]:
@@ -73,7 +79,7 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             },
             {
                 "rule": "!has(self.training.lora) || (has(self.training.method) ? self.training.method == 'lora'"
-                " : self.baseModel.family == 'sdxl')",
+                f" : self.baseModel.family in {_lora_families()})",
                 "message": "training.lora needs training.method: lora",
             },
             {
