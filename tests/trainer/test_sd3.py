@@ -231,3 +231,99 @@ def test_sd3_samples_only_with_its_own_scheduler():
     doc["spec"]["baseModel"]["family"] = "sd"
     doc["spec"]["validation"]["scheduler"] = "flow_euler"
     assert "flow_euler does not sample Stable Diffusion 1.x/2.x models" in _issues(doc)
+
+
+def _s3_sd3_config(settings, bucket, output, *, port=0, **training):
+    doc = sd3_job_uris(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
+                       steps=24, every=4, formats=["lora"],
+                       training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True},
+                                 **training})
+    return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
+
+
+def sd3_job_uris(model_uri, photos_uri, out_uri, *, steps, every, training, formats):
+    doc = job_document(model_uri, photos_uri, out_uri, steps=steps, every=every, training=training)
+    doc["spec"]["baseModel"]["family"] = "sd3"
+    doc["spec"]["validation"] = {"enabled": False}
+    doc["spec"]["output"]["formats"] = formats
+    return doc
+
+
+@pytest.mark.slow
+def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, tiny_sd3_dir, toy_cat_dir,
+                                                                   tmp_path):
+    """S3 to S3, as a pod runs it: a run killed (SIGKILL) after its second checkpoint and
+    restarted ends with the adapters (transformer and both CLIP encoders) of a run never
+    stopped, bit for bit; every flow-matching draw belongs to the sample's position."""
+    from tests.support.net import free_port
+    from tests.support.trainer import download, run_trainer, start_trainer, trainer_env, upload, write_config
+    from tests.trainer.test_resume import wait_for_step
+
+    settings, bucket = s3_bucket
+    upload(settings, f"s3://{bucket}/models/sd3/", tiny_sd3_dir)
+    upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
+    env = trainer_env(settings)
+    code, log, _ = run_trainer(write_config(_s3_sd3_config(settings, bucket, "straight"), tmp_path / "a"),
+                               tmp_path / "a" / "work", env)
+    assert code == 0, log
+
+    port = free_port()
+    config_path = write_config(_s3_sd3_config(settings, bucket, "killed", port=port), tmp_path / "b")
+    proc = start_trainer(config_path, tmp_path / "b" / "work", env)
+    wait_for_step(proc, port, 11)
+    proc.send_signal(9)
+    proc.wait()
+    code, log, summary = run_trainer(config_path, tmp_path / "b" / "work", env)
+    assert code == 0 and "resumed from" in log, log
+    assert summary["step"] == 24
+    files = [load_file(download(settings, f"s3://{bucket}/{run}/lora/", tmp_path / run) /
+                       "pytorch_lora_weights.safetensors") for run in ("straight", "killed")]
+    assert files[0].keys() == files[1].keys() and any(k.startswith("text_encoder.") for k in files[0])
+    different = [k for k in files[0] if not torch.equal(files[0][k], files[1][k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_sd3_prior_preservation_generates_class_images_with_its_own_scheduler(tiny_sd3_dir, toy_cat_dir, tmp_path):
+    out = tmp_path / "jobs" / "face"
+    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=2, formats=["lora"],
+                  training={"method": "lora", "t5": "drop"},
+                  prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": 2})
+    metrics = TrainerMetrics()
+    outcome = run(trainer_config(doc), tmp_path / "w", metrics=metrics)
+    assert outcome.step == 2
+    cached = list((tmp_path / "jobs" / ".cache" / "class-images").rglob("class-*.png"))
+    assert len(cached) == 2
+    from dreambooth.trainer.prior import cache_key
+
+    key = cache_key(model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64, count=2,
+                    family="sd3")
+    assert cached[0].parent.name == key  # flow-matching Euler is part of the key: not SD's DDIM images
+    assert key != cache_key(model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64,
+                            count=2)
+
+
+@pytest.mark.slow
+def test_sd3_two_processes_train_like_one(tiny_sd3_dir, toy_cat_dir, tmp_path):
+    """accelerate launch with 2 processes (gloo): the adapters one process trains, up to the
+    rounding of the gradient all-reduce."""
+    from tests.support.trainer import launch, trainer_env, write_config
+
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out-{processes}"
+        doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=4, every=2, formats=["lora"],
+                      training={"method": "lora", "learningRate": 1e-2, "batchSize": 4,
+                                "gradientAccumulationSteps": 2, "lora": {"textEncoder": True}})
+        doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
+        done = launch(processes, write_config(trainer_config(doc), tmp_path / f"c{processes}"),
+                      tmp_path / f"w{processes}", trainer_env())
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[processes] = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    one, two = results[1], results[2]
+    assert one.keys() == two.keys()
+    # the B matrices start at zero: their size is how far training moved them
+    trained = [k for k in one if "lora_B" in k or "lora_linear_layer.up" in k]
+    assert trained and any(k.startswith("text_encoder_2.") for k in trained)
+    drift = sum((one[k] - two[k]).abs().sum().item() for k in trained)
+    moved = sum(one[k].abs().sum().item() for k in trained)
+    assert moved > 0 and drift / moved < 0.01, f"2 processes drifted from 1 process by {drift / moved:.2%}"
