@@ -32,8 +32,9 @@ def tiny_sd3_dir(tmp_path_factory):
 
 
 def sd3_job(model, photos, out, *, steps, training, formats, every=None, **spec):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every or steps,
-                       training=training, **spec)
+    """A job on SD3 (paths or URIs), validation off unless given."""
+    model, photos, out = (x if isinstance(x, str) else x.as_uri() for x in (model, photos, out))
+    doc = job_document(model, photos, out, steps=steps, every=every or steps, training=training, **spec)
     doc["spec"]["baseModel"]["family"] = "sd3"
     if "validation" not in spec:
         doc["spec"]["validation"] = {"enabled": False}
@@ -234,19 +235,11 @@ def test_sd3_samples_only_with_its_own_scheduler():
 
 
 def _s3_sd3_config(settings, bucket, output, *, port=0, **training):
-    doc = sd3_job_uris(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
+    doc = sd3_job(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
                        steps=24, every=4, formats=["lora"],
                        training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True},
                                  **training})
     return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
-
-
-def sd3_job_uris(model_uri, photos_uri, out_uri, *, steps, every, training, formats):
-    doc = job_document(model_uri, photos_uri, out_uri, steps=steps, every=every, training=training)
-    doc["spec"]["baseModel"]["family"] = "sd3"
-    doc["spec"]["validation"] = {"enabled": False}
-    doc["spec"]["output"]["formats"] = formats
-    return doc
 
 
 @pytest.mark.slow
@@ -256,7 +249,14 @@ def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, 
     restarted ends with the adapters (transformer and both CLIP encoders) of a run never
     stopped, bit for bit; every flow-matching draw belongs to the sample's position."""
     from tests.support.net import free_port
-    from tests.support.trainer import download, run_trainer, start_trainer, trainer_env, upload, write_config
+    from tests.support.trainer import (
+        download,
+        run_trainer,
+        start_trainer,
+        trainer_env,
+        upload,
+        write_config,
+    )
     from tests.trainer.test_resume import wait_for_step
 
     settings, bucket = s3_bucket

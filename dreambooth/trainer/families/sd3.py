@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from dreambooth.api.spec import T5Mode, TrainingSpec
 from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families import noising
-from dreambooth.trainer.families.base import Components, Conditioning, Family, Noised, SampleSize, log
+from dreambooth.trainer.families.base import (
+    Components,
+    Conditioning,
+    Family,
+    Noised,
+    SampleSize,
+    log,
+)
 from dreambooth.trainer.families.sd import lora_layers, tokenize
 
 #: diffusers' SD3 training scripts' default T5 prompt length
@@ -61,7 +68,12 @@ class StableDiffusion3(Family):
 
     def load(self, path: Path, source: str) -> Components:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers import (
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            T5EncoderModel,
+            T5TokenizerFast,
+        )
 
         has_t5 = (path / "text_encoder_3" / "config.json").is_file() and (path / "tokenizer_3").is_dir()
         try:
