@@ -25,6 +25,9 @@ class FamilyFacts:
     textual_inversion: bool
     #: the smallest training.resolution the family is trained for (below it, samples are noise)
     min_resolution: int
+    #: the shortest side of an aspect-ratio bucket (training.buckets.minSide); the trainer also
+    #: needs sides on the model's downsampling (64 pixels for real SD and SDXL weights)
+    min_bucket_side: int
     #: validation samplers that fit how the family was trained; class images use ``class_sampler``
     samplers: frozenset[Sampler] = DIFFUSION_SAMPLERS
     class_sampler: Sampler = Sampler.DDIM
@@ -39,11 +42,11 @@ class FamilyFacts:
 
 FACTS: dict[ModelFamily, FamilyFacts] = {
     ModelFamily.SD: FamilyFacts("Stable Diffusion 1.x/2.x", frozenset(OutputFormat), textual_inversion=True,
-                                min_resolution=64),
-    ModelFamily.SDXL: FamilyFacts("Stable Diffusion XL", frozenset({OutputFormat.DIFFUSERS, OutputFormat.LORA}),
-                                  textual_inversion=False, min_resolution=64),
+                                min_resolution=64, min_bucket_side=32),
+    ModelFamily.SDXL: FamilyFacts("Stable Diffusion XL", frozenset(OutputFormat), textual_inversion=False,
+                                  min_resolution=64, min_bucket_side=32),
     ModelFamily.SD3: FamilyFacts("Stable Diffusion 3", frozenset({OutputFormat.DIFFUSERS, OutputFormat.LORA}),
-                                 textual_inversion=False, min_resolution=64,
+                                 textual_inversion=False, min_resolution=64, min_bucket_side=32,
                                  samplers=frozenset({Sampler.FLOW_EULER}), class_sampler=Sampler.FLOW_EULER,
                                  flow_matching=True, t5=True, full_text_encoder=False,
                                  lora_targets=SD3_LORA_TARGETS),

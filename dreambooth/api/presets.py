@@ -32,7 +32,7 @@ class ModelFamily(StrEnum):
 #: Fallbacks for preset-controlled fields (section -> field (wire name) -> value).
 BASE: dict[str, dict[str, Any]] = {
     "training": {"steps": 400, "learningRate": 2e-6, "batchSize": 1, "trainTextEncoder": False,
-                 "method": "full", "resolution": 512},
+                 "method": "full", "resolution": 512, "buckets": {"enabled": False}},
     "prior": {"enabled": False, "numImages": 100},
     # the seed: DDIM beat PNDM and LMS clearly on overfit models, up to 100 steps worked well
     "validation": {"scheduler": "ddim", "inferenceSteps": 100},
@@ -66,11 +66,12 @@ PRESETS: dict[Preset, dict[str, dict[str, Any]]] = {
 #: script's default) on the UNet at 1024 px, LR 1e-4 constant, 500 steps, 4 images per step
 #: (batch 1 x 4 accumulation on a 40 GB A100), no text-encoder training, no prior
 #: preservation: "decent results" on its dog, logo, toy and face datasets alike. Samples: 25
-#: steps of the Euler scheduler SDXL ships with (its inference example).
+#: steps of the Euler scheduler SDXL ships with (its inference example). Aspect-ratio buckets
+#: on: SDXL was trained on them and conditions on each image's size and crop (its paper).
 FAMILY_BASE: dict[ModelFamily, dict[str, dict[str, Any]]] = {
     ModelFamily.SDXL: {
         "training": {"method": "lora", "resolution": 1024, "steps": 500, "learningRate": 1e-4, "batchSize": 4,
-                     "trainTextEncoder": False},
+                     "trainTextEncoder": False, "buckets": {"enabled": True}},
         "validation": {"scheduler": "euler", "inferenceSteps": 25},
     },
 }

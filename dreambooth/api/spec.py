@@ -14,8 +14,11 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.alias_generators import to_camel
 
+from dreambooth.api import k8s_names as k8s
+from dreambooth.api.k8s_names import anchored, say
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
 from dreambooth.api.presets import ModelFamily, Preset, describe
+from dreambooth.api.redact import shown
 from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
 
@@ -33,12 +36,27 @@ class ApiModel(BaseModel):
 # Reusable field types
 # ---------------------------------------------------------------------------------------
 
-Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-Quantity = Annotated[
-    str,
-    Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
-]
+#: words, not blank, no control characters (they would reach file names, logs and Events)
+Prompt = Annotated[str, Field(min_length=1, max_length=1000, pattern=anchored(k8s.PROMPT))]
+#: an object name (DNS subdomain): a Secret, a PriorityClass
+Name = Annotated[str, Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX,
+                            pattern=anchored(k8s.DNS_SUBDOMAIN))]
+Quantity = Annotated[str, Field(max_length=64, pattern=anchored(k8s.QUANTITY))]
+
+
+def _prefix_fits(key: str) -> str:
+    problem = k8s.qualified_name_problem(key)
+    if problem:
+        raise ValueError(f"the key {shown(key)} {problem}")
+    return key
+
+
+#: a label key, nodeSelector key or taint key (the CRD cannot check a map's keys: model-only)
+LabelKey = Annotated[str, Field(max_length=k8s.QUALIFIED_NAME_MAX,
+                                pattern=anchored(k8s.QUALIFIED_NAME)), AfterValidator(_prefix_fits)]
+LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=anchored(k8s.LABEL_VALUE))]
+SecretKey = Annotated[str, Field(min_length=1, max_length=k8s.SECRET_KEY_MAX,
+                                 pattern=anchored(k8s.SECRET_KEY))]
 
 DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
 MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
@@ -153,6 +171,11 @@ class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
     LORA = "lora"
+    LORA_KOHYA = "lora-kohya"
+
+
+#: the formats of a LoRA run's adapters
+LORA_FORMATS = frozenset({OutputFormat.LORA, OutputFormat.LORA_KOHYA})
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,6 +277,9 @@ class LoraSpec(ApiModel):
     )
 
 
+_TOKEN = say(r"^\S+$", "use one word without spaces, e.g. <zwx>")
+
+
 class TextualInversionSpec(ApiModel):
     """Textual inversion before DreamBooth: first learn a new token's embedding, then fine-tune."""
 
@@ -261,13 +287,13 @@ class TextualInversionSpec(ApiModel):
     placeholder_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="The new token, e.g. '<zwx>'; it must appear in instance.prompt.",
     )
     initializer_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="An existing single token the new embedding starts from, e.g. 'cat'.",
     )
     learning_rate: float = Field(
@@ -290,6 +316,51 @@ class FlowMatchingSpec(ApiModel):
         True,
         description="Precondition the outputs as diffusers' SD3 scripts do by default (EDM): "
         "the same target, each sample's loss weighed by sigma squared.",
+    )
+
+
+class BucketsSpec(ApiModel):
+    """Aspect-ratio buckets: each photo keeps (about) its shape instead of a square crop."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Train each photo in the bucket (height x width, about resolution^2 pixels, "
+        "sides multiples of step between minSide and maxSide) nearest its aspect ratio: it is "
+        "resized to cover the bucket and center-cropped, and every micro-batch comes from one "
+        "bucket. Off: every photo is center-cropped to a square. Default: the family's (off for "
+        "SD 1.x/2.x, on for SDXL, which was trained on buckets).",
+    )
+    min_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Shortest bucket side in pixels, a multiple of step. Default: half of "
+        "training.resolution (rounded up to a multiple of step).",
+    )
+    max_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Longest bucket side in pixels, a multiple of step and at least "
+        "training.resolution. Default: twice training.resolution.",
+    )
+    step: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        multiple_of=8,
+        description="Bucket sides are multiples of this many pixels; it must be a multiple of "
+        "the model's downsampling (64 for SD 1.x/2.x and SDXL) and divide training.resolution.",
+    )
+    max_upscale: float = Field(
+        2.0,
+        ge=1.0,
+        le=16.0,
+        description="The most a photo may be enlarged to cover its bucket. A photo that would "
+        "need more fails the job (BadData, naming it) instead of training blurred: 1 never "
+        "enlarges. Class images are framed in whatever bucket a batch has.",
     )
 
 
@@ -327,7 +398,8 @@ class TrainingSpec(ApiModel):
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Training image size in pixels (photos are resized and center-cropped). "
+        description="Training image size in pixels: photos are resized and center-cropped to "
+        "this square, or with training.buckets to a bucket of about this many pixels squared. "
         "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL "
         "and SD3).",
     )
@@ -377,6 +449,15 @@ class TrainingSpec(ApiModel):
     noise_offset: float = Field(
         0.0, ge=0, le=1, description="Offset noise strength (0.05-0.1 helps very dark/bright images)."
     )
+    buckets: BucketsSpec | None = Field(
+        None, description="Aspect-ratio buckets. Default: the family's (off for SD 1.x/2.x, on for SDXL)."
+    )
+    random_flip: bool = Field(
+        False,
+        description="Mirror each sample left-right with probability 1/2 (drawn from the seed and "
+        "the sample's position, so resume and several GPUs see the same flips). Doubles the "
+        "cached latents; avoid for subjects whose sides differ (text, logos).",
+    )
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="SD3: tokens of the prompt that T5 reads (at most 512). "
         "Default: 77 (diffusers' SD3 scripts)."
@@ -406,7 +487,8 @@ class ValidationSpec(ApiModel):
         max_length=16,
         description="Prompts to sample (rows of the grid). Default: instance.prompt.",
     )
-    negative_prompt: str | None = Field(None, max_length=1000, description="Negative prompt.")
+    negative_prompt: str | None = Field(None, max_length=1000, pattern=anchored(k8s.TEXT),
+                                        description="Negative prompt.")
     every_steps: int | None = Field(
         None,
         ge=1,
@@ -452,10 +534,12 @@ class OutputSpec(ApiModel):
     formats: list[OutputFormat] | None = Field(
         None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="diffusers (a folder for StableDiffusionPipeline.from_pretrained), "
-        "safetensors (one file), lora (pytorch_lora_weights.safetensors). Default: diffusers "
-        "and safetensors for method full, lora for method lora.",
+        "safetensors (one file in the original layout: AUTOMATIC1111, ComfyUI), lora "
+        "(lora/pytorch_lora_weights.safetensors for diffusers' load_lora_weights), lora-kohya "
+        "(lora/<name>_kohya.safetensors, the kohya/WebUI LoRA format: AUTOMATIC1111, Forge, "
+        "ComfyUI). Default: diffusers and safetensors for method full, lora for method lora.",
     )
 
 
@@ -463,12 +547,8 @@ class SecretKeyRef(ApiModel):
     """A Secret in the job's namespace holding S3 credentials."""
 
     name: Name = Field(description="Name of the Secret.")
-    access_key_key: str = Field(
-        "AWS_ACCESS_KEY_ID", min_length=1, max_length=253, description="Key of the access key."
-    )
-    secret_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253, description="Key of the secret key."
-    )
+    access_key_key: SecretKey = Field("AWS_ACCESS_KEY_ID", description="Key of the access key.")
+    secret_key_key: SecretKey = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key.")
 
 
 class StorageSpec(ApiModel):
@@ -477,7 +557,7 @@ class StorageSpec(ApiModel):
     endpoint: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        pattern=anchored(k8s.ENDPOINT),
         description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the "
         "operator's.",
     )
@@ -493,16 +573,23 @@ class StorageSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration (as in a Pod spec)."""
 
-    key: str | None = Field(None, max_length=253, description="Taint key; empty matches all.")
-    operator: str = Field("Equal", pattern=r"^(Equal|Exists)$", description="Equal or Exists.")
-    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    key: str | None = Field(None, max_length=253, pattern=anchored(k8s.optional(k8s.QUALIFIED_NAME)),
+                            description="Taint key (a label key); empty matches all, with "
+                            "operator Exists.")
+    operator: str = Field("Equal", pattern=say("^(Equal|Exists)$", "use Equal or Exists"),
+                          description="Equal or Exists (which takes no value).")
+    value: str | None = Field(None, max_length=k8s.LABEL_VALUE_MAX,
+                              pattern=anchored(k8s.LABEL_VALUE),
+                              description="Taint value (a label value) for Equal.")
     effect: str | None = Field(
         None,
-        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        pattern=say("^(NoSchedule|PreferNoSchedule|NoExecute)$",
+                    "use NoSchedule, PreferNoSchedule or NoExecute, or leave it out to match all"),
         description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
     )
     toleration_seconds: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
+        None, ge=0, le=2**31 - 1,
+        description="How long a NoExecute taint is tolerated (only with effect NoExecute).",
     )
 
 
@@ -510,7 +597,8 @@ class GpuSpec(ApiModel):
     resource_name: str = Field(
         "nvidia.com/gpu",
         max_length=253,
-        pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
+        pattern=say(r"^[a-z0-9.-]+/[a-z0-9._-]+$", "use <domain>/<name> in lowercase as the device "
+                    "plugin advertises it, e.g. nvidia.com/gpu or nvidia.com/mig-3g.20gb"),
         description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
         "profile such as nvidia.com/mig-3g.20gb). A MIG slice is one CUDA device: with a MIG "
         "profile, gpusPerNode must be 1.",
@@ -523,7 +611,8 @@ class EnvVar(ApiModel):
     name: str = Field(
         min_length=1,
         max_length=ENV_NAME_MAX,
-        pattern=ENV_NAME_PATTERN,
+        pattern=say(ENV_NAME_PATTERN, "use letters, digits and '_', not starting with a digit "
+                    "(e.g. NCCL_SOCKET_IFNAME)"),
         description="Variable name, e.g. NCCL_SOCKET_IFNAME. Names the operator, the launcher "
         "or the device plugin set (DREAMBOOTH_*, AWS_*, PYTHON*, HOME, HF_HOME, RANK, "
         "CUDA_VISIBLE_DEVICES, NVIDIA_*, ...) and names that look like credentials are refused.",
@@ -549,14 +638,17 @@ class ResourcesSpec(ApiModel):
     shared_memory: Quantity = Field(
         "8Gi", description="Size of /dev/shm (data loaders and NCCL need more than the default)."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, max_length=32, description="Node labels the pods must match."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=32,
+        description="Node labels the pods must match (label keys and values).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     image: str | None = Field(
-        None, max_length=512, description="Trainer image. Default: the operator's."
+        None, max_length=k8s.IMAGE_MAX, pattern=anchored(k8s.IMAGE),
+        description="Trainer image reference ([registry[:port]/]path[:tag][@digest]). "
+        "Default: the operator's.",
     )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
     env: list[EnvVar] = Field(

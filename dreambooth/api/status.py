@@ -152,6 +152,8 @@ class Outputs(ApiModel):
     model: str | None = Field(None, max_length=2048, description="Final diffusers model folder.")
     single_file: str | None = Field(None, max_length=2048, description="Single-file .safetensors.")
     lora: str | None = Field(None, max_length=2048, description="LoRA weights folder.")
+    lora_kohya: str | None = Field(None, max_length=2048,
+                                   description="LoRA weights in the kohya/WebUI format (one .safetensors).")
     samples: str | None = Field(None, max_length=2048, description="Folder of sample grids.")
 
 

@@ -135,6 +135,7 @@ class Observation:
     backoff_limit: int = 3  # runPolicy.backoffLimit
     deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
     family: str | None = None  # baseModel.family when the job names it (auto: the trainer tells)
+    name: str = "job"  # the DreamBoothJob's name (the kohya LoRA file is named after it)
 
     @classmethod
     def of(
@@ -148,6 +149,7 @@ class Observation:
         snapshot: TrainerSnapshot | None = None,
         stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
         ignored_changes: tuple[str, ...] = (),
+        name: str = "job",
     ) -> Observation:
         """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
         t = spec.training
@@ -168,6 +170,7 @@ class Observation:
             backoff_limit=spec.run_policy.backoff_limit,
             deadline_seconds=spec.run_policy.active_deadline_seconds,
             family=None if spec.base_model.family == "auto" else str(spec.base_model.family),
+            name=name,
         )
 
     @property
@@ -352,9 +355,10 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
                 model=written.get(OutputFormat.DIFFUSERS.value),
                 single_file=written.get(OutputFormat.SAFETENSORS.value),
                 lora=written.get(OutputFormat.LORA.value),
+                lora_kohya=written.get(OutputFormat.LORA_KOHYA.value),
                 samples=written.get("samples") or samples,
             )
-        elif prev.model or prev.single_file or prev.lora:
+        elif prev.model or prev.single_file or prev.lora or prev.lora_kohya:
             result = prev
         else:  # the layout the trainer writes, for the formats asked for
             f = set(obs.formats)
@@ -362,6 +366,7 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
                 model=out + layout.MODEL if OutputFormat.DIFFUSERS in f else None,
                 single_file=out + layout.SINGLE_FILE if OutputFormat.SAFETENSORS in f else None,
                 lora=out + layout.LORA if OutputFormat.LORA in f else None,
+                lora_kohya=out + layout.lora_kohya(obs.name) if OutputFormat.LORA_KOHYA in f else None,
                 samples=samples,
             )
     return result if any(result.model_dump().values()) else None
@@ -489,7 +494,8 @@ def _success_message(progress: Progress | None, outputs: Outputs | None) -> str:
     text = f"trained {progress.step} steps" if progress else "training finished"
     if outputs is not None:
         where = [f"{k} {u}" for k, u in (("model", outputs.model), ("single file", outputs.single_file),
-                                         ("LoRA", outputs.lora), ("samples", outputs.samples)) if u]
+                                         ("LoRA", outputs.lora), ("kohya LoRA", outputs.lora_kohya),
+                                         ("samples", outputs.samples)) if u]
         text += "; " + ", ".join(where)
     return text
 

@@ -132,6 +132,7 @@ def observation(typed: TypedJob, settings: OperatorSettings, batch_job: dict[str
         job=batch_job, pods=of_job(batch_job, pods), snapshot=snapshot,
         stall_timeout=timedelta(seconds=settings.stall_timeout_seconds),
         ignored_changes=ignored_changes(batch_job, typed.job.spec),
+        name=typed.job.metadata.name,
     )
 
 

@@ -105,6 +105,9 @@ def prune(storage: Storage, *, keep: int) -> list[int]:
         storage.delete_prefix(layout.checkpoint(step))
     if doomed:
         log.info("pruned checkpoints at steps %s", sorted(doomed))
+    # a checkpoint cut off mid-upload may have left only an open multipart upload (listed
+    # nowhere above); no checkpoint is being written now (one upload at a time, this is it)
+    storage.discard_unfinished(layout.CHECKPOINTS)
     return sorted(doomed)
 
 

@@ -3,8 +3,9 @@
 Each optimizer step draws ``batchSize`` images over all processes and accumulation steps
 (plus as many class images with prior preservation), noises their latents at random
 timesteps and trains the denoiser (and maybe the text encoders) to predict what the family
-trains it for (the noise, the velocity, or SD3's flow-matching target). Everything random in a step (data order, noise,
-timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
+trains it for (the noise, the velocity, or SD3's flow-matching target); a micro-batch's
+images share one aspect-ratio bucket. Everything random in a step (data order, buckets,
+flips, noise, timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
 continues exactly where an uninterrupted one would be.
 """
 
@@ -21,14 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth.api.spec import TrainingSpec
-from dreambooth.trainer.data import Example, dataset_indices, sample_positions
+from dreambooth.trainer.buckets import CLASS_STREAM, Draw
+from dreambooth.trainer.data import Example, sample_positions
 from dreambooth.trainer.families import Conditioning, Family, SampleSize
 
 log = logging.getLogger(__name__)
-
-
-#: class images draw from their own streams, far from any instance sample's position
-CLASS_STREAM = 1 << 40
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -58,15 +56,19 @@ class LatentCache:
     """
 
     def __init__(self, vae, examples: list[Example], *, device, dtype, batch: int = 8) -> None:
-        means, stds = [], []
+        self.mean: list[torch.Tensor] = [None] * len(examples)
+        self.std: list[torch.Tensor] = [None] * len(examples)
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # one per bucket: a batch shares a shape
+        for i, e in enumerate(examples):
+            by_shape.setdefault(tuple(e.pixels.shape), []).append(i)
         with torch.no_grad():
-            for i in range(0, len(examples), batch):
-                pixels = torch.stack([e.pixels for e in examples[i : i + batch]]).to(device, dtype)
-                dist = vae.encode(pixels).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
-        self.mean = torch.cat(means)
-        self.std = torch.cat(stds)
+            for indices in by_shape.values():
+                for start in range(0, len(indices), batch):
+                    chunk = indices[start : start + batch]
+                    pixels = torch.stack([examples[i].pixels for i in chunk]).to(device, dtype)
+                    dist = vae.encode(pixels).latent_dist
+                    for i, mean, std in zip(chunk, dist.mean.float(), dist.std.float(), strict=True):
+                        self.mean[i], self.std[i] = mean, std
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # SD3's VAE has one
         self.prompts = [e.prompt for e in examples]
@@ -76,7 +78,8 @@ class LatentCache:
         return len(self.prompts)
 
     def sample(self, indices: list[int], gens: list[torch.Generator]) -> torch.Tensor:
-        mean, std = self.mean[indices], self.std[indices]
+        mean = torch.stack([self.mean[i] for i in indices])
+        std = torch.stack([self.std[i] for i in indices])
         return (mean + std * randn(mean.shape[1:], gens, mean.device) - self.shift) * self.scaling
 
 
@@ -144,6 +147,7 @@ class Loop:
     prompts: PromptEncoder
     instances: LatentCache
     classes: LatentCache | None
+    draw: Draw  # which cached image (bucket, flip) each sample trains on
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     prior_weight: float = 1.0
@@ -170,14 +174,14 @@ class Loop:
         positions = sample_positions(step, micro, a.process_index, per_device=self.per_device,
                                      processes=a.num_processes,
                                      accumulation=self.training.gradient_accumulation_steps)
-        idx = dataset_indices(positions, len(self.instances), seed)
+        idx = self.draw.instances(positions)
         gens = generators(seed, positions, a.device)
         latents = [self.instances.sample(idx, gens)]
         prompts = [self.instances.prompts[i] for i in idx]
         sizes = [self.instances.sizes[i] for i in idx]
         if self.classes is None:
             return latents[0], prompts, sizes, gens, 0
-        cidx = dataset_indices(positions, len(self.classes), seed)
+        cidx = self.draw.classes(positions)  # in the micro-batch's bucket
         class_gens = generators(seed, positions, a.device, offset=CLASS_STREAM)
         latents.append(self.classes.sample(cidx, class_gens))
         prompts += [self.classes.prompts[i] for i in cidx]

@@ -277,7 +277,8 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
 def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
     with ema_weights(ctx, loop):
         pipeline = pipeline_of(ctx, components, loop, export=True)
-        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
+        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir,
+                                 ctx.config.job.name)
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)

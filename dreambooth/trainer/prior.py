@@ -24,6 +24,7 @@ from dreambooth.api.families import FACTS
 from dreambooth.api.presets import ModelFamily
 from dreambooth.api.spec import Sampler, ValidationSpec
 from dreambooth.api.telemetry import TrainerPhase
+from dreambooth.trainer.buckets import Framing
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.pernode import once_per_node
@@ -107,8 +108,9 @@ def _name(index: int) -> str:
     return f"class-{index:05d}.png"
 
 
-def class_examples(ctx, components) -> list[Example]:
-    """The class images of this run (generated and cached if needed), as examples."""
+def class_examples(ctx, components, framing: Framing | None = None) -> list[Example]:
+    """The class images of this run (generated and cached if needed), as examples (one per
+    variant of ``framing``: each bucket of the photos, mirrored or not)."""
     a, prior, training = ctx.accelerator, ctx.spec.prior, ctx.spec.training
     count, prompt = prior.num_images, prior.class_prompt
     folder = ctx.workdir / "class-images"
@@ -146,6 +148,6 @@ def class_examples(ctx, components) -> list[Example]:
         log.warning("only %d class images under %s (prior.numImages is %d): training with those",
                     len(paths), source, count)
     examples = load_examples(folder, prompt=prompt, resolution=training.resolution, use_captions=False,
-                             source_uri=source)
+                             source_uri=source, framing=framing, limit=count)
     torch.manual_seed(training.seed)  # generation consumed random numbers; training starts afresh
-    return examples[:count]
+    return examples

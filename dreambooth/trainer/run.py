@@ -23,6 +23,7 @@ from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, Uri
 from dreambooth.trainer import persist, textual_inversion, trainables
+from dreambooth.trainer.buckets import Draw, Framing
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.devices import make_accelerator, weight_dtype
@@ -100,23 +101,38 @@ def open_model(ctx: Context) -> Components:
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
+    """The photos, framed: one example per photo (and its mirror with training.randomFlip),
+    in its aspect-ratio bucket or the ``resolution`` square."""
     training = ctx.spec.training
     multiple = components.resolution_multiple
-    if training.resolution % multiple:
-        raise ConfigError(
-            f"training.resolution {training.resolution} does not fit this model: it must be a "
-            f"multiple of {multiple} (VAE and UNet downsampling), e.g. "
-            f"{max(multiple, training.resolution // multiple * multiple)}"
-        )
+    sizes = [("training.resolution", training.resolution)]
+    if training.buckets is not None and training.buckets.enabled:
+        sizes.append(("training.buckets.step", training.buckets.step))
+    for name, value in sizes:
+        if value % multiple:
+            raise ConfigError(
+                f"{name} {value} does not fit this model: it must be a multiple of {multiple} (VAE "
+                f"and UNet downsampling), e.g. {max(multiple, value // multiple * multiple)}"
+            )
     folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
         ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
-    return load_examples(
+    examples = load_examples(
         folder,
         prompt=ctx.spec.instance.prompt,
         resolution=training.resolution,
         use_captions=ctx.spec.instance.use_captions,
         source_uri=ctx.spec.instance.uri,
+        framing=Framing.for_photos(training),
     )
+    buckets = sorted({e.size.target for e in examples})
+    log.info("%d photos in %d bucket(s): %s", len(examples) // len(Framing.for_photos(training).flips),
+             len(buckets), ", ".join(f"{w}x{h}" for h, w in buckets))
+    return examples
+
+
+def class_framing(spec: DreamBoothJobSpec, instances: list[Example]) -> Framing:
+    """Class images are framed in every bucket of the photos (mirrored too with randomFlip)."""
+    return Framing.for_photos(spec.training).for_classes([e.size.target for e in instances])
 
 
 # --- 3. what trains, and how ----------------------------------------------------------
@@ -150,9 +166,13 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
                  classes: list[Example] | None) -> dict:
     """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
     when the export writes the float32 original)."""
-    a = ctx.accelerator
+    a, training = ctx.accelerator, ctx.spec.training
     dtype = torch.float32 if components.family.vae_in_fp32 else weight_dtype(a)
     vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
+    flips = len(Framing.for_photos(training).flips)
+    draw = Draw.of(instances, flips=flips, seed=training.seed,
+                   micro_size=training.batch_size // training.gradient_accumulation_steps,
+                   class_images=len(classes or ()) // (len({e.size.target for e in instances}) * flips))
     return {
         "accelerator": a,
         "training": ctx.spec.training,
@@ -161,6 +181,7 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
         "vae": vae,
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
         "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
+        "draw": draw,
         "prior_weight": ctx.spec.prior.loss_weight,
     }
 
@@ -321,7 +342,7 @@ def _run(ctx: Context) -> Outcome:
     if config.spec.prior.enabled:
         from dreambooth.trainer.prior import class_examples
 
-        classes = class_examples(ctx, components)
+        classes = class_examples(ctx, components, class_framing(config.spec, instances))
     token = textual_inversion.add_token(config.spec, components)
     found = persist.fetch_checkpoint(ctx)
     start = found.step if found else 0

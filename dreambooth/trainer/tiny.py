@@ -115,12 +115,12 @@ def _scheduler_config(prediction_type: str) -> dict:
     }
 
 
-def _text_config(vocab: dict[str, int]):
+def _text_config(vocab: dict[str, int], hidden_size: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         projection_dim=32,
         num_hidden_layers=2,
@@ -188,6 +188,7 @@ def build_tiny_model(
     seed: int = 0,
     prediction_type: PredictionType = "epsilon",
     resolution: int = 64,
+    unet_width: int = 32,
 ) -> pathlib.Path:
     """Write a tiny random SD-1.5-shaped diffusers model to ``path`` and return the path.
 
@@ -195,7 +196,9 @@ def build_tiny_model(
     folder beside it and moved into place, so a half-written model is never left there.
     ``prediction_type`` goes into the scheduler config (``"v_prediction"`` as in SD 2.x).
     ``resolution`` is the native image size (a multiple of 16); the UNet's
-    ``sample_size`` is ``resolution // 8``. The caller's torch RNG state is left alone.
+    ``sample_size`` is ``resolution // 8``. ``unet_width`` is the first block's channels
+    (the second has twice as many): wider for a bigger checkpoint (benches). The caller's
+    torch RNG state is left alone.
     """
     import diffusers
     import torch
@@ -219,7 +222,7 @@ def build_tiny_model(
                 out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64),
+                block_out_channels=(unet_width, 2 * unet_width),
                 layers_per_block=1,
                 cross_attention_dim=32,
                 attention_head_dim=8,  # heads, as in SD 1.5's config
@@ -257,7 +260,8 @@ def build_tiny_model(
     return target
 
 
-def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64) -> pathlib.Path:
+def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
+                    text_encoder_2_width: int = 32) -> pathlib.Path:
     """Write a tiny random SDXL-shaped diffusers model to ``path`` and return the path.
 
     The folder of a ``StableDiffusionXLPipeline`` (``text_encoder/`` a ``CLIPTextModel``,
@@ -266,6 +270,10 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
     ``text_time`` added conditioning (6 time ids x 8 + the 32-wide pooled embedding = 80), the
     VAE with SDXL's scaling factor, SDXL's Euler scheduler config); tiny widths, random weights,
     the same bytes for the same seed. ``StableDiffusionXLPipeline.from_pretrained`` loads it.
+
+    ``text_encoder_2_width`` widens the second encoder (the cross attention grows with it).
+    ``from_single_file`` tells SDXL's two encoders apart by their width (768 and 1280 in SDXL),
+    so a single file of this model reads back only with a width other than 32.
     """
     import diffusers
     import torch
@@ -289,7 +297,7 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
                 transformer_layers_per_block=(1, 2),
                 attention_head_dim=(2, 4),
                 use_linear_projection=True,
-                cross_attention_dim=64,
+                cross_attention_dim=32 + text_encoder_2_width,
                 addition_embed_type="text_time",
                 addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=80,
@@ -299,7 +307,7 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
             torch.manual_seed(seed + 2)
             text_encoder = CLIPTextModel(_text_config(vocab))
             torch.manual_seed(seed + 3)
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab))
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, text_encoder_2_width))
         _save_quietly(text_encoder, work / "text_encoder")
         _save_quietly(text_encoder_2, work / "text_encoder_2")
         _write_tokenizer(work / "tokenizer", vocab, merges)

@@ -40,7 +40,7 @@ def test_a_missing_credentials_secret_is_a_clear_condition_and_no_crash_loop(
     cluster = cluster_without_credentials
     cluster.apply(toy_cat_manifest(cluster.s3_endpoint, training={"steps": 10},
                                    checkpointing={"everySteps": 5},
-                                   validation={"enabled": False, "everySteps": 10}))
+                                   validation={"enabled": False}))
 
     cluster.wait_for(lambda: cluster.ready_condition(NAME).get("reason") == "SecretNotFound",
                      timeout=30, what="Ready reason SecretNotFound", name=NAME)

@@ -99,6 +99,8 @@ def toy_cat_manifest(s3_endpoint: str, *, name: str = "toy-cat",
     doc["metadata"]["name"] = name
     doc["spec"]["storage"]["endpoint"] = s3_endpoint
     doc["spec"] = merge(merge(doc["spec"], TINY), spec_changes)
+    if doc["spec"]["validation"].get("enabled") is False:  # a disabled feature takes no settings
+        doc["spec"]["validation"] = copy.deepcopy(spec_changes["validation"])
     return doc
 
 

@@ -154,3 +154,26 @@ class StopAfter:
 
     def is_set(self) -> bool:
         return self.metrics.step._value.get() >= self.n
+
+
+@torch.no_grad()
+def images_with_lora(pipeline_class, model_dir: Path, lora: Path | None, prompt: str, **call) -> torch.Tensor:
+    """What a fresh pipeline of ``model_dir`` draws for ``prompt`` (fixed seed, 2 steps, 64 px)
+    with the LoRA ``lora`` (a folder or one file, any format diffusers reads; None: none)."""
+    pipe = pipeline_class.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora.parent, weight_name=lora.name) if lora.is_file() else pipe.load_lora_weights(lora)
+    out = pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="pt",
+               generator=torch.Generator().manual_seed(0), **call)
+    return out.images
+
+
+def assert_kohya_lora_draws_like_diffusers(pipeline_class, model_dir: Path, out: Path, kohya: Path, prompt: str):
+    """The kohya-format file of a run loads in diffusers and draws what its diffusers-format
+    LoRA draws (and not what the base model draws)."""
+    base = images_with_lora(pipeline_class, model_dir, None, prompt)
+    ours = images_with_lora(pipeline_class, model_dir, out / "lora" / "pytorch_lora_weights.safetensors", prompt)
+    theirs = images_with_lora(pipeline_class, model_dir, kohya, prompt)
+    assert (ours - base).abs().max() > 1e-3, "the LoRA must change what the model draws"
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

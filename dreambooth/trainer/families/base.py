@@ -163,6 +163,10 @@ class Family(ABC):
     def save_lora(self, pipeline, folder: Path) -> Path:
         """The pipeline's LoRA adapters in diffusers' format (``load_lora_weights``)."""
 
+    @abstractmethod
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        """The pipeline's LoRA adapters in one kohya/WebUI-format file (A1111, ComfyUI)."""
+
 
 def pipeline_class_of(path: Path) -> str | None:
     """``_class_name`` of ``model_index.json`` (None when missing or unreadable)."""

@@ -30,7 +30,7 @@ from dreambooth.trainer.families.base import (
     SampleSize,
     log,
 )
-from dreambooth.trainer.families.sd import lora_layers, tokenize
+from dreambooth.trainer.families.sd import lora_parts, tokenize
 
 #: diffusers' SD3 training scripts' default T5 prompt length
 DEFAULT_T5_LENGTH = 77
@@ -165,8 +165,11 @@ class StableDiffusion3(Family):
         raise NotImplementedError("the SD3 single-file layout")  # refused by the API before a run
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, transformer_lora_layers=lora_layers(pipeline.transformer),
-                                         text_encoder_lora_layers=lora_layers(pipeline.text_encoder),
-                                         text_encoder_2_lora_layers=lora_layers(pipeline.text_encoder_2),
+        type(pipeline).save_lora_weights(folder, **lora_parts(transformer=pipeline.transformer,
+                                                              text_encoder=pipeline.text_encoder,
+                                                              text_encoder_2=pipeline.text_encoder_2),
                                          safe_serialization=True)
         return folder / "pytorch_lora_weights.safetensors"
+
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        raise NotImplementedError("a kohya/ComfyUI LoRA of SD3")  # refused by the API before a run
