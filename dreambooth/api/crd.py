@@ -159,9 +159,9 @@ def _family_rules():
             continue
         named = f"self.baseModel.family != {_cel_string(family.value)}"
         formats = ", ".join(_cel_string(f.value) for f in sorted(facts.formats))
+        allowed = ", ".join(sorted(f.value for f in facts.formats))
         yield (f"{named} || !has({_FORMATS}) || {_FORMATS}.all(f, f in [{formats}])",
-               f"output.formats: {facts.title} models can be written as "
-               f"{', '.join(sorted(f.value for f in facts.formats))} only")
+               f"output.formats: {facts.title} models can be written as {allowed} only")
         if not facts.textual_inversion:
             yield (f"{named} || !has(self.training.textualInversion)",
                    f"training.textualInversion is not supported for {facts.title} models")
@@ -218,6 +218,16 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             {
                 "rule": f"!has(self.prior.uri) || {PRIOR}",
                 "message": "prior.uri is only used when prior.enabled is true",
+            },
+            {
+                "rule": "!has(self.output.export) || self.output.export != 'best' || "
+                "(has(self.evaluation.enabled) && self.evaluation.enabled)",
+                "message": "output.export best needs evaluation.enabled: true",
+            },
+            {
+                "rule": "!has(self.evaluation.enabled) || !self.evaluation.enabled || "
+                "!has(self.validation.enabled) || self.validation.enabled",
+                "message": "evaluation.enabled needs validation.enabled: true",
             },
             *_meaning_rules(),
         ],
@@ -353,6 +363,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**inner, **node}
         if node.get("default", "") is None:
             del node["default"]
+        if isinstance(node.get("default"), dict) and node["default"]:
+            node["default"] = {}
+        # inner is structural already: its properties must not be converted twice
+        return {k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))}
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[base] = node[bound]

@@ -45,6 +45,18 @@ def lora_kohya(name: str) -> str:
     return f"{LORA}{name}_kohya.safetensors"
 
 
+#: the final model's key by output format, in the order the first one asked for names it
+FINAL_MODEL = {"diffusers": MODEL, "lora": LORA, "safetensors": SINGLE_FILE,
+               "lora-kohya": LORA}
+
+
+def final_model(formats) -> str:
+    """The key that holds the last step's weights: the first of model/, lora/,
+    model.safetensors that ``formats`` (output format names) ask for."""
+    asked = {str(f) for f in formats} or {"diffusers"}
+    return next(key for fmt, key in FINAL_MODEL.items() if fmt in asked)
+
+
 def checkpoint(step: int) -> str:
     """``checkpoints/checkpoint-<step>/``"""
     return f"{CHECKPOINTS}checkpoint-{step}/"

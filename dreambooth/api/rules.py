@@ -24,6 +24,7 @@ from dreambooth.api.redact import secret_shape, shown
 from dreambooth.api.spec import (
     LORA_FORMATS,
     DreamBoothJobSpec,
+    ExportChoice,
     Method,
     MixedPrecision,
     ModelFamily,
@@ -326,6 +327,22 @@ def _tolerations(spec, eff):
         if t.toleration_seconds is not None and t.effect != "NoExecute":
             yield Violation(f"{at}.tolerationSeconds", "only applies to effect NoExecute: set "
                             "effect: NoExecute, or remove tolerationSeconds")
+
+
+@rule
+def _evaluation(spec, eff):
+    ev = spec.evaluation
+    if ev.enabled and not eff.validation.enabled:
+        yield Violation("evaluation.enabled", "evaluates the sample rounds: needs validation.enabled: true")
+    if eff.output.export is ExportChoice.BEST and not ev.enabled:
+        yield Violation("output.export", "best needs evaluation.enabled: true (the score picks the checkpoint)")
+    if ev.model.revision is not None:
+        uri = parse_uri(ev.model.uri, allowed=set(Scheme)) if ev.model.uri else None
+        if uri is None or uri.scheme is not Scheme.HF:
+            yield Violation("evaluation.model.revision", "only applies to an hf:// evaluation.model.uri")
+        elif uri.revision:
+            yield Violation("evaluation.model.revision",
+                            "given twice: drop it or the @revision in evaluation.model.uri")
 
 
 @rule

@@ -167,6 +167,11 @@ class Quantization(StrEnum):
     NF4 = "nf4"
 
 
+class ExportChoice(StrEnum):
+    FINAL = "final"
+    BEST = "best"
+
+
 class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
@@ -510,6 +515,71 @@ class ValidationSpec(ApiModel):
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
 
 
+class EvaluatorSpec(ApiModel):
+    """The CLIP model that judges the samples."""
+
+    uri: ModelUri | None = Field(
+        None,
+        description="A CLIPModel folder (config.json, model.safetensors, tokenizer and "
+        "preprocessor_config.json side by side, as CLIPModel.save_pretrained and "
+        "CLIPProcessor.save_pretrained write them), e.g. a saved openai/clip-vit-large-patch14: "
+        "s3://, pvc:// or hf://, fetched like the base model. Default: the CLIP vision tower of "
+        "the base model's safety_checker/ (SD 1.x snapshots ship one), which measures image-image "
+        "similarities only (no prompt fidelity).",
+    )
+    revision: Revision | None = Field(
+        None, description="Hub revision for an hf:// evaluator. Default: the one in the URI, else main."
+    )
+
+
+class EvaluationThresholds(ApiModel):
+    """When a sample round counts as a sign of over- or underfitting (docs/evaluation.md)."""
+
+    memorization: float = Field(
+        0.95, gt=0, le=1.0,
+        description="Overfitting (reason Memorization) when the mean over prompts of each prompt's "
+        "highest similarity of a sample to a training photo reaches this: every prompt "
+        "reproduces the photos.",
+    )
+    diversity_collapse: float = Field(
+        0.95, gt=0, le=1.0,
+        description="Overfitting (reason DiversityCollapse) when the mean pairwise similarity of a "
+        "prompt's samples, averaged over prompts, reaches this: the samples are all the same "
+        "(needs validation.imagesPerPrompt >= 2).",
+    )
+    prior_loss_drift: float = Field(
+        0.5, gt=0, le=100,
+        description="Overfitting (reason PriorLossDrift) when the class-image loss since the last "
+        "round is this fraction above its value in the first round (0.5: 50% higher), with prior "
+        "preservation on: the model forgets its class.",
+    )
+    underfitting_share: float = Field(
+        0.5, gt=0, le=1.0,
+        description="Underfitting is judged once this share of the steps is done.",
+    )
+    underfitting_margin: float = Field(
+        0.02, ge=0, le=1.0,
+        description="Underfitting (reason SubjectNotLearned) when subject fidelity is at most this "
+        "much above the base model's (measured before the first step).",
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """Judge each sample round with a CLIP model: subject fidelity, prompt fidelity,
+    memorization, diversity and prior-loss drift (docs/evaluation.md)."""
+
+    enabled: bool = Field(
+        False,
+        description="Evaluate every sample round (needs validation.enabled). Off by default: the "
+        "evaluator is a model the job must name (model.uri) or the base model must ship "
+        "(safety_checker/).",
+    )
+    model: EvaluatorSpec = Field(default_factory=EvaluatorSpec, description="The CLIP evaluator.")
+    thresholds: EvaluationThresholds = Field(
+        default_factory=EvaluationThresholds, description="Over- and underfitting signs."
+    )
+
+
 class CheckpointingSpec(ApiModel):
     """Checkpoints make a killed or preempted run resume where it left off."""
 
@@ -540,6 +610,12 @@ class OutputSpec(ApiModel):
         "(lora/pytorch_lora_weights.safetensors for diffusers' load_lora_weights), lora-kohya "
         "(lora/<name>_kohya.safetensors, the kohya/WebUI LoRA format: AUTOMATIC1111, Forge, "
         "ComfyUI). Default: diffusers and safetensors for method full, lora for method lora.",
+    )
+    export: ExportChoice = Field(
+        ExportChoice.FINAL,
+        description="final: export the model of the last step; best: the checkpoint with the best "
+        "evaluation score (status.outputs.bestCheckpoint; needs evaluation.enabled). The best "
+        "checkpoint is never pruned.",
     )
 
 
@@ -726,6 +802,9 @@ class DreamBoothJobSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
     validation: ValidationSpec = Field(
         default_factory=ValidationSpec, description="Sample grids during training."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Judge the sample rounds (over- and underfitting)."
     )
     checkpointing: CheckpointingSpec = Field(
         default_factory=CheckpointingSpec, description="Checkpoints for resuming."

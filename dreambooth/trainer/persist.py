@@ -24,7 +24,7 @@ import torch
 
 from dreambooth.api import layout
 from dreambooth.api.telemetry import TrainerPhase
-from dreambooth.trainer import checkpoints, state
+from dreambooth.trainer import checkpoints, judging, state
 from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
@@ -114,7 +114,8 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -
     if ctx.main and not must:
         ctx.background.post(upload_checkpoint, ctx, write_checkpoint(ctx, loop, step), step, False)
     elif ctx.main:  # training stops here: the storage thread writes too, and a failure reaches all
-        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step, True))
+        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step,
+                                                                 True))
     if not must:
         return None
     return together(a, upload, poll_s=ctx.poll_s, what=f"saving the checkpoint of step {step}")
@@ -126,6 +127,7 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
     try:
         state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
                     lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+        judging.save_records(ctx, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         ctx.metrics.checkpoint_upload_failures.inc()
@@ -134,10 +136,12 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
 
 
 def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str | None:
-    """Upload the checkpoint written to ``folder`` (on the storage thread), then delete it."""
+    """Upload the checkpoint written to ``folder`` (on the storage thread), then delete it.
+    Pruning spares the best evaluated checkpoint (judged before this one was written)."""
     try:
         with ctx.metrics.checkpoint_upload_seconds.time():
-            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
+            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep,
+                                     protect=judging.best_step(ctx))
         ctx.metrics.last_checkpoint_step.set(step)
         uri = ctx.output.uri(saved.prefix)
         log.info("checkpoint %s", uri)
@@ -196,10 +200,23 @@ def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: boo
     )
 
 
-def save_samples(ctx: Context, components: Components, loop: Loop, step: int) -> None:
+def sample_round(ctx: Context, components: Components, loop: Loop, step: int, checkpoint: str | None, *,
+                 base: bool = False) -> None:
+    """Draw the samples of ``step`` (every process); with spec.evaluation the main process
+    judges them (``checkpoint``: the key holding these weights) and publishes the figures.
+    ``base``: the base model's round before the first step (judged, no grid uploaded)."""
+    rows = save_samples(ctx, components, loop, step, upload=not base)
+    if ctx.judge is not None:
+        ctx.judge.round(step, rows, checkpoint, base=base)
+        judging.publish(ctx)
+
+
+def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
+                 upload: bool = True) -> list | None:
     """samples/step-<step>.png: rows = prompts, columns = images. Prompt ``i`` is drawn by
     rank ``i % processes`` with the generator it has on one process (the same grid on 1 or
-    N processes); the main process assembles the grid and its storage thread uploads it."""
+    N processes); the main process assembles the grid and its storage thread uploads it.
+    Returns the rows (images per prompt) on the main process, None on the others."""
     from accelerate.utils import gather_object
 
     a, validation = ctx.accelerator, ctx.spec.validation
@@ -220,12 +237,16 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
         rows = dict(zip(mine, drawn, strict=True))
     if a.num_processes > 1:
         rows = {i: images for part in gather_object([rows]) for i, images in part.items()}
-    if ctx.main:
+    if not ctx.main:
+        return None
+    ordered = [rows[i] for i in range(len(validation.prompts))]
+    if upload:
         path = ctx.workdir / f"step-{step}.png"
         title = (f"step {step}/{ctx.total_steps}, {validation.scheduler.value.upper()} "
                  f"{validation.inference_steps} steps")
-        grid([rows[i] for i in range(len(validation.prompts))], validation.prompts, title=title).save(path)
+        grid(ordered, validation.prompts, title=title).save(path)
         ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step))
+    return ordered
 
 
 def upload_sample(ctx: Context, path: Path, key: str) -> None:
@@ -275,6 +296,7 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
 
 
 def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
+    best = judging.load_best(ctx, loop, modules_of(ctx, loop), outcome.step)  # output.export: best
     with ema_weights(ctx, loop):
         pipeline = pipeline_of(ctx, components, loop, export=True)
         outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir,
@@ -282,6 +304,7 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
+    judging.finish(ctx, outcome, best)
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
     ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
     ctx.metrics.phase.state(TrainerPhase.SUCCEEDED)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.api import layout
 from dreambooth.api import telemetry as names
 from dreambooth.api.config import TrainerConfig, for_family
 from dreambooth.api.job import SpecError
@@ -22,7 +23,7 @@ from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, Uri
-from dreambooth.trainer import persist, textual_inversion, trainables
+from dreambooth.trainer import judging, persist, textual_inversion, trainables
 from dreambooth.trainer.buckets import Draw, Framing
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
@@ -40,6 +41,8 @@ from dreambooth.trainer.textual_inversion import TokenEmbedding
 log = logging.getLogger("dreambooth.trainer")
 
 ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
+#: what an hf:// evaluator is fetched with: a CLIPModel folder (files at its root)
+CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 
 
 # --- 2. storage and inputs ------------------------------------------------------------
@@ -48,6 +51,8 @@ ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
     uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    if spec.evaluation.enabled:
+        uris.append(spec.evaluation.model.uri)
     if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
         return None
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
@@ -75,14 +80,34 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
     return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
 
 
+def fetch_model(ctx: Context, key: str, uri: str, revision: str | None, *, what: str,
+                patterns: list[str] | None = None) -> Path:
+    parsed = storage_uri(uri, ANY)
+    if parsed.scheme is Scheme.HF:
+        return fetch_once(ctx, key, lambda: fetch_from_hub(
+            parsed.authority, revision or parsed.revision, ctx.workdir / "hub", patterns=patterns))
+    return fetch_once(ctx, key, lambda: fetch_prefix(
+        parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
+
+
 def fetch_base_model(ctx: Context) -> Path:
     model = ctx.spec.base_model
-    parsed = storage_uri(model.uri, ANY)
-    if parsed.scheme is Scheme.HF:
-        return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
-            parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
-    return fetch_once(ctx, "base-model", lambda: fetch_prefix(
-        parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+    return fetch_model(ctx, "base-model", model.uri, model.revision, what="base model files")
+
+
+def open_judge(ctx: Context, components: Components, instances: list[Example]) -> None:
+    """spec.evaluation: fetch the CLIP evaluator like the base model (once per node); the
+    main process loads it and judges the sample rounds."""
+    evaluation = ctx.spec.evaluation
+    if not (evaluation.enabled and ctx.spec.validation.enabled):
+        return
+    judging.check_source(ctx, components.path)
+    clip = None
+    if evaluation.model.uri:
+        clip = fetch_model(ctx, "evaluator", evaluation.model.uri, evaluation.model.revision,
+                           what="evaluation model files", patterns=CLIP_PATTERNS)
+    if ctx.main:
+        ctx.judge = judging.make_judge(ctx, clip, components.path, instances)
 
 
 def open_model(ctx: Context) -> Components:
@@ -257,6 +282,8 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
     throughput = Throughput(images_per_step=images_per_step(spec.training.batch_size, loop.classes is not None))
     if ctx.metrics:
         ctx.metrics.phase.state(TrainerPhase.TRAINING)
+    if start == 0 and spec.evaluation.enabled and spec.validation.enabled:  # the base model's round
+        persist.sample_round(ctx, components, loop, 0, None, base=True)
     try:
         for step in range(start, end):
             values = loop.run_step(step)
@@ -265,6 +292,8 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
+            if ctx.judge is not None:
+                ctx.judge.rounds.add_losses(values)
             progress.update(done, values, speed)
             if CHECKSUMS:
                 log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
@@ -272,17 +301,30 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             # no checkpoint of the last step: the export follows at once; a phase's last
             # step and SIGTERM's checkpoint must land, periodic ones upload in the background
             must = stopping or (done == end and done < ctx.total_steps)
-            if must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps):
+            checkpoint = must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps)
+            # samples (and their evaluation) first: the checkpoint then carries the round's record
+            if not stopping and spec.validation.enabled and (done % spec.validation.every_steps == 0 or done == end):
+                persist.sample_round(ctx, components, loop, done, round_key(ctx, loop, done, checkpoint))
+            if checkpoint:
                 outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) \
                     or outcome.last_checkpoint
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
                                 "the next pod resumes from it")
-            if spec.validation.enabled and (done % spec.validation.every_steps == 0 or done == end):
-                persist.save_samples(ctx, components, loop, done)
     finally:
         progress.close()
     return outcome
+
+
+def round_key(ctx: Context, loop: Loop, step: int, checkpointed: bool) -> str | None:
+    """Where the weights of a round at ``step`` are kept: its checkpoint, the final model for
+    the last step, none otherwise (nor in textual inversion's phase, whose checkpoints hold
+    only the new token)."""
+    if loop.phase == textual_inversion.PHASE:
+        return None
+    if step == ctx.total_steps:
+        return judging.final_model_key(ctx)
+    return layout.checkpoint(step) if checkpointed else None
 
 
 #: diagnostics: every process logs a checksum of its trained weights after each step, so
@@ -343,8 +385,10 @@ def _run(ctx: Context) -> Outcome:
         from dreambooth.trainer.prior import class_examples
 
         classes = class_examples(ctx, components, class_framing(config.spec, instances))
+    open_judge(ctx, components, instances)
     token = textual_inversion.add_token(config.spec, components)
     found = persist.fetch_checkpoint(ctx)
+    judging.resume(ctx, found.folder if found else None)
     start = found.step if found else 0
     ti_end = ctx.total_steps - config.spec.training.steps
     shared = shared_parts(ctx, components, instances, classes)
