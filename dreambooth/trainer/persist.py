@@ -261,7 +261,8 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
         with a.autocast(), ema_weights(ctx, loop):
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
-                             device=a.device, rows=mine)
+                             device=a.device, rows=mine,
+                             options=components.family.sampling_options(ctx.spec.training))
         for module, training in zip(modules, was_training, strict=True):
             module.train(training)
         rows = dict(zip(mine, drawn, strict=True))

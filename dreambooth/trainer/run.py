@@ -122,6 +122,7 @@ def open_model(ctx: Context) -> Components:
     except SpecError as err:
         raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
                           + "; ".join(map(str, err.issues))) from None
+    components.family.configure(components, ctx.spec.training, spec.base_model.uri)
     log.info("model family %s (%s)", components.family.name, components.family.title)
     return components
 
@@ -208,7 +209,6 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
         "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
         "draw": draw,
-        "prediction_type": components.prediction_type,
         "prior_weight": ctx.spec.prior.loss_weight,
     }
 
@@ -217,7 +217,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
     chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a))
+                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders)
     if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
         token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None
@@ -228,7 +228,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
     prepared, optimizer, lr_scheduler = optimization(
         ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
         warmup=training.lr_warmup_steps, steps=training.steps)
-    text_encoders = prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders
+    text_encoders = (prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders) + chosen.fixed
     return Loop(
         **shared,
         denoiser=prepared[0],
