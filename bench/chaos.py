@@ -132,9 +132,11 @@ class Trainer:
     env: dict[str, str]
     port: int
     proc: subprocess.Popen | None = None
-    lines: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # this start's
+    earlier: list[str] = field(default_factory=list)  # the starts before
 
     def start(self) -> None:
+        self.earlier += self.lines
         self.lines = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dreambooth.trainer", "--config", str(self.config), "--workdir",
@@ -150,6 +152,10 @@ class Trainer:
     @property
     def log(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def every_log(self) -> str:
+        return "".join(self.earlier + self.lines)
 
     def step(self) -> int | None:
         try:
@@ -240,6 +246,8 @@ class Kill:
 
 
 def during(w: World, output: str, *, keep: int, step: int, steps: int) -> str:
+    if step >= steps:  # past the last step: the export (no checkpoint of the last step)
+        return "export"
     store = w.storage(f"{output}/")
     groups = {o.key.split("/")[1] for o in store.list(layout.CHECKPOINTS)}
     complete = checkpoints.complete(store)
@@ -247,8 +255,6 @@ def during(w: World, output: str, *, keep: int, step: int, steps: int) -> str:
         return "upload"
     if len(complete) > keep:
         return "pruning"
-    if step >= steps and model_files(w, output):
-        return "export"
     return "steps"
 
 
@@ -290,7 +296,7 @@ def kill_loop(args: argparse.Namespace, rng: random.Random, w: World, trainer: T
         previous = done[-1] if done else None
         moment = None
         if len(done) < args.kills:
-            moment = watch_for_moment(args, rng, trainer, deadline, step_s)
+            moment = watch_for_moment(args, rng, w, trainer, deadline, step_s, len(done))
         if moment is None:  # out of kills (or time): let this start finish the run
             code = trainer.wait(timeout=max(60.0, deadline - time.monotonic() + 600))
             note_resume(trainer, previous)
@@ -334,24 +340,29 @@ def note_resume(trainer: Trainer, previous: Kill | None) -> None:
             previous.lost = previous.step - previous.resumed
 
 
-def watch_for_moment(args, rng: random.Random, trainer: Trainer, deadline: float, step_s: float):
+def watch_for_moment(args, rng: random.Random, w: World, trainer: Trainer, deadline: float, step_s: float,
+                     kill: int):
     """Wait for a randomly drawn moment; returns (aimed, step reached, when, the step then)
-    or None if the run ended first (or time ran out)."""
+    or None if the run ended first (or time ran out). The last fifth of the kills are aimed
+    at the export; the others at a random step, a checkpoint's upload or its pruning (just
+    after its manifest lands)."""
     while trainer.resumed() is None:  # a kill before the resume shows nothing new
         if trainer.proc.poll() is not None or time.monotonic() > deadline:
             return None
         time.sleep(0.02)
     start = trainer.resumed()
-    aimed = rng.choice(("step", "checkpoint", "checkpoint", "export") if start >= args.steps - 2 * args.every
-                       else ("step", "step", "checkpoint", "checkpoint"))
-    if aimed == "export":
-        target, delay = args.steps, rng.uniform(0, 3 * args.upload_s)
-    elif aimed == "checkpoint":
-        target = (start // args.every + 1 + rng.randrange(2)) * args.every
-        delay = rng.uniform(0, 1.5 * args.upload_s)
+    if kill >= args.kills - max(1, args.kills // 5):
+        aimed = "export"
     else:
-        target, delay = rng.randint(start + 1, min(args.steps, start + 3 * args.every)), rng.uniform(0, step_s)
-    target = min(target, args.steps)
+        aimed = rng.choice(("step", "checkpoint", "pruning"))
+    if aimed == "export":
+        target, delay = args.steps, rng.uniform(0, 2 * args.upload_s)
+    elif aimed in ("checkpoint", "pruning"):
+        target = min(args.steps - 1, (start // args.every + 1 + rng.randrange(2)) * args.every)
+        target -= target % args.every
+        delay = rng.uniform(0, args.upload_s)
+    else:
+        target, delay = rng.randint(start + 1, min(args.steps, start + 2 * args.every)), rng.uniform(0, step_s)
     reached = None
     while reached is None or reached < target:
         if trainer.proc.poll() is not None or time.monotonic() > deadline:
@@ -359,6 +370,14 @@ def watch_for_moment(args, rng: random.Random, trainer: Trainer, deadline: float
         reached = trainer.step() or reached
         time.sleep(0.01)
     began = time.monotonic()
+    if aimed == "pruning" and target > start:  # the manifest of `target` landed: pruning follows
+        manifest = layout.checkpoint(target) + layout.MANIFEST
+        store = w.storage("killed/")
+        while not store.exists(manifest):
+            if trainer.proc.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        delay = rng.uniform(0, 0.02)
     time.sleep(delay)
     if trainer.proc.poll() is not None:
         return None
@@ -406,7 +425,7 @@ def one_outage(args, w: World, tmp: Path, case: str, unet: dict, checkpoint_byte
             break
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-        (args.log_dir / f"{output}.log").write_text(trainer.log)
+        (args.log_dir / f"{output}.log").write_text(trainer.every_log)
     store = w.storage(f"{output}/")
     groups = {o.key.split("/")[1] for o in store.list(layout.CHECKPOINTS)}
     verified = [c.step for c in checkpoints.complete(store)]
@@ -414,8 +433,8 @@ def one_outage(args, w: World, tmp: Path, case: str, unet: dict, checkpoint_byte
     return {
         "outage_s": args.outage_s, "cut_at_step": cut_at, "exit_code": code, "starts": starts,
         "retryable_exits": retryable_exits, "seconds": round(time.monotonic() - started, 1),
-        "retries_logged": trainer.log.count("retrying in"),
-        "checkpoints_skipped": trainer.log.count("not saved, trying again"),
+        "retries_logged": trainer.every_log.count("retrying in"),
+        "checkpoints_skipped": trainer.every_log.count("not saved, trying again"),
         "weights_equal": code == 0 and not differing(unet, exported_unet(w, output)),
         "incomplete_checkpoints": len(groups) - len(verified),
         "open_multipart_uploads": len(open_uploads),
@@ -457,10 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="bench", required=True)
     k = sub.add_parser("kills", help="SIGKILL the trainer at random moments of one run")
     k.add_argument("--kills", type=int, default=50)
-    k.add_argument("--steps", type=int, default=120)
-    k.add_argument("--every", type=int, default=2, help="checkpointing.everySteps")
+    k.add_argument("--steps", type=int, default=160)
+    k.add_argument("--every", type=int, default=4, help="checkpointing.everySteps")
     k.add_argument("--keep", type=int, default=2)
-    k.add_argument("--upload-s", type=float, default=1.0, help="seconds a checkpoint's upload takes")
+    k.add_argument("--upload-s", type=float, default=0.5, help="seconds a checkpoint's upload takes")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--max-minutes", type=float, default=40)
     o = sub.add_parser("outage", help="S3 unreachable for a while in the middle of a run")

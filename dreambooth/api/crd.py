@@ -64,11 +64,15 @@ def _preset_gives(section: str, field: str, test=bool) -> str:
             return "true"
         return f"self.preset in [{', '.join(map(_cel_string, presets))}]" if presets else "false"
 
-    sd, sdxl = among(ModelFamily.SD), among(ModelFamily.SDXL)
-    if sd == sdxl:
-        return sd
-    terms = [f"self.baseModel.family {op} 'sdxl'" + ("" if test_ == "true" else f" && {test_}")
-             for op, test_ in (("!=", sd), ("==", sdxl)) if test_ != "false"]
+    default = among(ModelFamily.SD)
+    own = {f: among(f) for f in ModelFamily if f not in (ModelFamily.AUTO, ModelFamily.SD)}
+    own = {f: test_ for f, test_ in own.items() if test_ != default}
+    if not own:
+        return default
+    others = ", ".join(_cel_string(f.value) for f in own)
+    cases = [(f"!(self.baseModel.family in [{others}])", default),
+             *((f"self.baseModel.family == {_cel_string(f.value)}", test_) for f, test_ in own.items())]
+    terms = [family + ("" if test_ == "true" else f" && {test_}") for family, test_ in cases if test_ != "false"]
     return "(" + " || ".join(f"({t})" for t in terms) + ")" if terms else "false"
 
 
@@ -99,8 +103,6 @@ _SETTINGS_NEED = "only used when {0}.enabled is true: remove it, or set {0}.enab
 def _meaning_rules() -> list[dict[str, str]]:
     """dreambooth.api.rules' cross-field rules that need the preset's values, written with
     them (the preset and family are in the spec, so the API server can apply them)."""
-    sdxl = FACTS[ModelFamily.SDXL]
-    sdxl_formats = ", ".join(_cel_string(f.value) for f in sorted(sdxl.formats))
     never = lambda field: f"(!has(self.{field}) || {{}})".format
     rules = [
         (f"!{PRIOR} || has(self.prior.classPrompt) || "
@@ -132,12 +134,7 @@ def _meaning_rules() -> list[dict[str, str]]:
         (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f in [{_LORA_FORMATS}])",
          "output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
          "safetensors need training.method: full"),
-        (f"self.baseModel.family != 'sdxl' || !has({_FORMATS}) || "
-         f"{_FORMATS}.all(f, f in [{sdxl_formats}])",
-         f"output.formats: {sdxl.title} models can be written as "
-         f"{', '.join(sorted(f.value for f in sdxl.formats))} only"),
-        ("self.baseModel.family != 'sdxl' || !has(self.training.textualInversion)",
-         f"training.textualInversion is not supported for {sdxl.title} models"),
+        *_family_rules(),
         ("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
          ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')",
          "training.textualInversion.placeholderToken must appear as a word in instance.prompt"),
@@ -153,6 +150,21 @@ def _meaning_rules() -> list[dict[str, str]]:
          "baseModel.revision is given twice: drop it or the @revision in baseModel.uri"),
     ]
     return [{"rule": r, "message": m} for r, m in rules]
+
+
+def _family_rules():
+    """What a named family cannot take (dreambooth.api.rules.family_violations), as CEL."""
+    for family, facts in FACTS.items():
+        if family is ModelFamily.SD:
+            continue
+        named = f"self.baseModel.family != {_cel_string(family.value)}"
+        formats = ", ".join(_cel_string(f.value) for f in sorted(facts.formats))
+        allowed = ", ".join(sorted(f.value for f in facts.formats))
+        yield (f"{named} || !has({_FORMATS}) || {_FORMATS}.all(f, f in [{formats}])",
+               f"output.formats: {facts.title} models can be written as {allowed} only")
+        if not facts.textual_inversion:
+            yield (f"{named} || !has(self.training.textualInversion)",
+                   f"training.textualInversion is not supported for {facts.title} models")
 
 
 def _no_secret(field: str) -> str:

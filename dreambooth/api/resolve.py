@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.alias_generators import to_snake
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.presets import ModelFamily, preset_value
 from dreambooth.api.spec import (
     BucketsSpec,
@@ -80,6 +81,8 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
         lora = training.lora or LoraSpec()
         if lora.alpha is None:
             lora = lora.model_copy(update={"alpha": float(lora.rank)})
+        if lora.target_modules is None:
+            lora = lora.model_copy(update={"target_modules": list(FACTS[family].lora_targets)})
         t_updates["lora"] = lora
     if training.buckets is not None and training.buckets.enabled and training.resolution:
         t_updates["buckets"] = bucket_bounds(training.buckets, training.resolution)

@@ -28,6 +28,8 @@ from dreambooth.api.spec import (
     Method,
     MixedPrecision,
     ModelFamily,
+    Quantization,
+    T5Mode,
 )
 from dreambooth.api.uris import Scheme, UriError, parse_uri
 
@@ -403,6 +405,51 @@ def family_violations(eff: DreamBoothJobSpec, family: ModelFamily) -> Iterator[V
     if eff.training.resolution < facts.min_resolution:
         yield Violation("training.resolution", f"{facts.title} trains at {facts.min_resolution} pixels or more, "
                         f"got {eff.training.resolution}")
+    yield from _family_training(eff, facts)
+
+
+def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
+    t, title = eff.training, facts.title
+    scheduler = eff.validation.scheduler
+    if eff.validation.enabled and scheduler is not None and scheduler not in facts.samplers:
+        allowed = ", ".join(sorted(s.value for s in facts.samplers))
+        yield Violation("validation.scheduler", f"{scheduler.value} does not sample {title} models: use {allowed}")
+    if not facts.t5:
+        for path, value in (("training.t5", t.t5), ("training.maxSequenceLength", t.max_sequence_length)):
+            if value is not None:
+                yield Violation(path, f"only applies to models with a T5 text encoder (SD3); {title} has none")
+    if t.flow_matching is not None and not facts.flow_matching:
+        yield Violation("training.flowMatching", f"only applies to flow-matching models (SD3); {title} trains "
+                        "with DDPM noise")
+    if t.snr_gamma and facts.flow_matching:
+        yield Violation("training.snrGamma", f"Min-SNR weighting is for DDPM models; {title} trains with flow "
+                        "matching: weigh its loss with training.flowMatching.weighting instead")
+    if t.train_text_encoder and not facts.full_text_encoder:
+        yield Violation("training.trainTextEncoder", f"{title}'s text encoders are not fine-tuned whole here: "
+                        "use training.method: lora with training.lora.textEncoder: true (its CLIP encoders)")
+    if eff.base_model.quantization is Quantization.NF4:
+        yield from _nf4(eff, facts)
+
+
+def _nf4(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
+    path = "baseModel.quantization"
+    if not facts.flow_matching:
+        yield Violation(path, f"nf4 is offered for SD3's transformer only, not for {facts.title} models")
+    elif eff.resources.gpus_per_node == 0:
+        yield Violation(path, "nf4 (bitsandbytes 4-bit) needs GPUs (resources.gpusPerNode >= 1)")
+    elif eff.training.method is not Method.LORA:
+        yield Violation(path, "nf4 quantizes the frozen transformer of a LoRA run: use training.method: lora, "
+                        "or quantization: none for a full fine-tune")
+    else:
+        yield Violation(path, "nf4 is not supported yet: use quantization: none (with t5: drop, "
+                        "gradientCheckpointing and adamw8bit to save memory)")
+
+
+@rule
+def _t5_length_needs_t5(spec, eff):
+    if spec.training.max_sequence_length is not None and eff.training.t5 is T5Mode.DROP:
+        yield Violation("training.maxSequenceLength", "is the prompt length T5 reads, and training.t5 is drop: "
+                        "remove maxSequenceLength, or keep T5")
 
 
 @rule

@@ -145,6 +145,26 @@ class Sampler(StrEnum):
     LMS = "lms"
     DPM = "dpm"
     EULER = "euler"
+    FLOW_EULER = "flow_euler"
+
+
+class Weighting(StrEnum):
+    """How flow-matching training draws its sigmas (and weighs the loss)."""
+
+    LOGIT_NORMAL = "logit_normal"
+    MODE = "mode"
+    COSMAP = "cosmap"
+    UNIFORM = "uniform"
+
+
+class T5Mode(StrEnum):
+    KEEP = "keep"
+    DROP = "drop"
+
+
+class Quantization(StrEnum):
+    NONE = "none"
+    NF4 = "nf4"
 
 
 class ExportChoice(StrEnum):
@@ -183,9 +203,14 @@ class BaseModelSpec(ApiModel):
     )
     family: ModelFamily = Field(
         ModelFamily.AUTO,
-        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, or auto (read "
-        "from its model_index.json when the trainer opens it). A family that does not match "
-        "the folder fails the job with a message.",
+        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, sd3 (Stable "
+        "Diffusion 3/3.5), or auto (read from its model_index.json when the trainer opens it). "
+        "A family that does not match the folder fails the job with a message.",
+    )
+    quantization: Quantization = Field(
+        Quantization.NONE,
+        description="nf4: hold the frozen SD3 transformer of a LoRA run in 4-bit NF4 "
+        "(bitsandbytes, GPUs only). Not supported yet: refused with a message.",
     )
     vae: ModelUri | None = Field(
         None,
@@ -249,14 +274,19 @@ class LoraSpec(ApiModel):
         None, gt=0, le=1024, description="LoRA scaling alpha. Default: the rank."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None,
         min_length=1,
-        max_length=32,
-        description="UNet module names that get adapters (at least one).",
+        max_length=64,
+        description="Denoiser module names (or name endings) that get adapters; a name with a "
+        "block path, e.g. transformer_blocks.12.attn.to_q, adapts only that block. Default: the "
+        "family's attention projections (SD 1.x/2.x, SDXL: to_q, to_k, to_v, to_out.0; SD3: "
+        "those of both streams, attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj, "
+        "attn.to_add_out).",
     )
     text_encoder: bool = Field(
-        False, description="Also train LoRA adapters on the text encoder's attention."
+        False, description="Also train LoRA adapters on the text encoder's attention (SD3: the "
+        "two CLIP encoders; T5 never trains)."
     )
 
 
@@ -281,6 +311,24 @@ class TextualInversionSpec(ApiModel):
     )
     learning_rate: float = Field(
         5e-4, gt=0, le=1.0, description="Learning rate of the embedding-only phase."
+    )
+
+
+class FlowMatchingSpec(ApiModel):
+    """Flow-matching training (SD3): how sigmas are drawn and the loss weighed."""
+
+    weighting: Weighting = Field(
+        Weighting.LOGIT_NORMAL,
+        description="logit_normal (the SD3 paper's and diffusers' default), mode, cosmap or "
+        "uniform.",
+    )
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="Mean of logit_normal.")
+    logit_std: float = Field(1.0, gt=0, le=10, description="Standard deviation of logit_normal.")
+    mode_scale: float = Field(1.29, ge=0, le=10, description="Scale of mode.")
+    precondition: bool = Field(
+        True,
+        description="Precondition the outputs as diffusers' SD3 scripts do by default (EDM): "
+        "the same target, each sample's loss weighed by sigma squared.",
     )
 
 
@@ -365,12 +413,13 @@ class TrainingSpec(ApiModel):
         multiple_of=8,
         description="Training image size in pixels: photos are resized and center-cropped to "
         "this square, or with training.buckets to a bucket of about this many pixels squared. "
-        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL).",
+        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL "
+        "and SD3).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
     method: Method | None = Field(
         None, description="full: fine-tune the weights; lora: train small adapters. Default: "
-        "the family's (full for SD 1.x/2.x, lora for SDXL)."
+        "the family's (full for SD 1.x/2.x, lora for SDXL and SD3)."
     )
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
     train_text_encoder: bool | None = Field(
@@ -422,6 +471,19 @@ class TrainingSpec(ApiModel):
         "the sample's position, so resume and several GPUs see the same flips). Doubles the "
         "cached latents; avoid for subjects whose sides differ (text, logos).",
     )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="SD3: tokens of the prompt that T5 reads (at most 512). "
+        "Default: 77 (diffusers' SD3 scripts)."
+    )
+    t5: T5Mode | None = Field(
+        None, description="SD3: keep the T5 text encoder, or drop it (its part of the prompt "
+        "becomes zeros, as StableDiffusion3Pipeline does with text_encoder_3=None): the "
+        "documented way to fit smaller GPUs. Default: keep."
+    )
+    flow_matching: FlowMatchingSpec | None = Field(
+        None, description="SD3: sigma sampling and loss weighting. Default: logit_normal, "
+        "preconditioned."
+    )
     textual_inversion: TextualInversionSpec | None = Field(
         None,
         description="Run textual inversion first (the blog's TI + DreamBooth recipe, good for "
@@ -449,11 +511,13 @@ class ValidationSpec(ApiModel):
     scheduler: Sampler | None = Field(
         None,
         description="Sampling scheduler. Default: the family's (SD 1.x/2.x: ddim, which beat PNDM "
-        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with).",
+        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with; SD3: "
+        "flow_euler, its flow-matching Euler scheduler, the only one it takes).",
     )
     inference_steps: int | None = Field(
         None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
-        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example)."
+        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example; "
+        "SD3: 28, StableDiffusion3Pipeline's)."
     )
     images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")

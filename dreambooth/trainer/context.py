@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.api.config import TrainerConfig
+from dreambooth.api.history import History
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec
 from dreambooth.api.status import Evaluation
@@ -39,6 +40,10 @@ class Context:
     background: Background | None = None
     #: the evaluator of sample rounds (spec.evaluation.enabled; main process only)
     judge: object | None = None
+    #: the run's per-step history (history.jsonl); a resumed run's starts as its checkpoint's
+    history: History = field(default_factory=History)
+    #: when history.jsonl was last handed to the storage thread (time.monotonic())
+    history_published: float = 0.0
 
     def __post_init__(self) -> None:
         if self.background is None:

@@ -2,9 +2,10 @@
 
 Each optimizer step draws ``batchSize`` images over all processes and accumulation steps
 (plus as many class images with prior preservation), noises their latents at random
-timesteps and trains the UNet (and maybe the text encoder) to predict the noise (or the
-velocity, for v-prediction models); a micro-batch's images share one aspect-ratio bucket.
-Everything random in a step (data order, buckets, flips, noise, timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
+timesteps and trains the denoiser (and maybe the text encoders) to predict what the family
+trains it for (the noise, the velocity, or SD3's flow-matching target); a micro-batch's
+images share one aspect-ratio bucket. Everything random in a step (data order, buckets,
+flips, noise, timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
 continues exactly where an uninterrupted one would be.
 """
 
@@ -69,6 +70,7 @@ class LatentCache:
                     for i, mean, std in zip(chunk, dist.mean.float(), dist.std.float(), strict=True):
                         self.mean[i], self.std[i] = mean, std
         self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # SD3's VAE has one
         self.prompts = [e.prompt for e in examples]
         self.sizes = [e.size for e in examples]
 
@@ -78,7 +80,7 @@ class LatentCache:
     def sample(self, indices: list[int], gens: list[torch.Generator]) -> torch.Tensor:
         mean = torch.stack([self.mean[i] for i in indices])
         std = torch.stack([self.std[i] for i in indices])
-        return (mean + std * randn(mean.shape[1:], gens, mean.device)) * self.scaling
+        return (mean + std * randn(mean.shape[1:], gens, mean.device) - self.shift) * self.scaling
 
 
 class PromptEncoder:
@@ -101,14 +103,6 @@ class PromptEncoder:
         return Conditioning.stack([self.cache[p] for p in prompts])
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023)."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=gamma) / snr
-    return weights * snr / (snr + 1) if prediction_type == "v_prediction" else weights
-
-
 @dataclass
 class StepLoss:
     total: torch.Tensor
@@ -117,22 +111,20 @@ class StepLoss:
 
 
 def diffusion_loss(family: Family, denoiser, scheduler, latents, cond: Conditioning, sizes: list[SampleSize],
-                   gens: list[torch.Generator], *, training: TrainingSpec, prediction_type: str, n_prior: int,
+                   gens: list[torch.Generator], *, training: TrainingSpec, n_prior: int,
                    prior_weight: float) -> StepLoss:
-    """Noise ``latents``, predict with the family's ``denoiser``; the last ``n_prior`` rows
-    are class images. ``gens`` holds one generator per row."""
+    """Noise ``latents`` the family's way (DDPM, flow matching), predict with its
+    ``denoiser``; the last ``n_prior`` rows are class images. ``gens`` holds one generator
+    per row."""
     device = latents.device
     noise = randn(latents.shape[1:], gens, device)
     if training.noise_offset:
         noise = noise + training.noise_offset * randn((latents.shape[1], 1, 1), gens, device)
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in gens])
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = family.predict(denoiser, noisy, timesteps, cond, sizes).float()
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if training.snr_gamma:
-        per_sample = per_sample * snr_weights(scheduler, timesteps, training.snr_gamma, prediction_type)
+    drawn = family.noised(scheduler, latents, noise, gens, training)
+    pred = family.predict(denoiser, drawn.noisy, drawn.timesteps, cond, sizes).float()
+    per_sample = F.mse_loss(pred, drawn.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if drawn.weights is not None:
+        per_sample = per_sample * drawn.weights.float()
     n_instance = latents.shape[0] - n_prior
     instance = per_sample[:n_instance].mean()
     if not n_prior:
@@ -148,7 +140,7 @@ class Loop:
     accelerator: object
     training: TrainingSpec
     family: Family
-    denoiser: torch.nn.Module  # the UNet
+    denoiser: torch.nn.Module  # the UNet (SD3: the transformer)
     text_encoders: list[torch.nn.Module]
     scheduler: object
     vae: torch.nn.Module  # encoded the latents (on the device, compute dtype); samples decode with it
@@ -158,7 +150,6 @@ class Loop:
     draw: Draw  # which cached image (bucket, flip) each sample trains on
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    prediction_type: str
     prior_weight: float = 1.0
     text_encoder_steps: int = 0  # train the text encoders while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
@@ -218,8 +209,7 @@ class Loop:
                     cond = self.prompts(prompts, training=train_te)
                     loss = diffusion_loss(
                         self.family, self.denoiser, self.scheduler, latents, cond, sizes, gens,
-                        training=self.training, prediction_type=self.prediction_type, n_prior=n_prior,
-                        prior_weight=self.prior_weight,
+                        training=self.training, n_prior=n_prior, prior_weight=self.prior_weight,
                     )
                 a.backward(loss.total / accumulation)
             sums += torch.stack([

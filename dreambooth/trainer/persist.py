@@ -17,12 +17,14 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreambooth.api import layout
+from dreambooth.api.history import History
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.trainer import checkpoints, judging, state
 from dreambooth.trainer.background import together
@@ -80,6 +82,9 @@ def fetch_checkpoint(ctx: Context) -> Found | None:
         log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(layout.CHECKPOINTS))
         return None
     facts = json.loads((Path(folder) / state.STATE).read_text())
+    saved = Path(folder) / layout.HISTORY
+    if saved.is_file():  # the history up to the checkpoint's step: the resumed run continues it
+        ctx.history = History.from_bytes(saved.read_bytes()).up_to(int(facts["step"]))
     return Found(int(facts["step"]), facts.get("phase", "dreambooth"), Path(folder))
 
 
@@ -128,6 +133,7 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
         state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
                     lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
         judging.save_records(ctx, folder)
+        (folder / layout.HISTORY).write_bytes(ctx.history.up_to(step).to_bytes())
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         ctx.metrics.checkpoint_upload_failures.inc()
@@ -143,6 +149,7 @@ def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str 
             saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep,
                                      protect=judging.best_step(ctx))
         ctx.metrics.last_checkpoint_step.set(step)
+        upload_history(ctx, (folder / layout.HISTORY).read_bytes())
         uri = ctx.output.uri(saved.prefix)
         log.info("checkpoint %s", uri)
         return uri
@@ -157,6 +164,30 @@ def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str 
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- history ---------------------------------------------------------------------------
+
+#: history.jsonl is rewritten at least this often while a run trains (besides at every
+#: checkpoint, sample grid and the end), so that a viewer's loss curve keeps up
+HISTORY_EVERY_S = 30.0
+
+
+def publish_history(ctx: Context, *, every_s: float = HISTORY_EVERY_S) -> None:
+    """Hand history.jsonl (as it is now) to the storage thread, unless it was handed over
+    less than ``every_s`` ago (0: now)."""
+    now = time.monotonic()
+    if ctx.main and now - ctx.history_published >= every_s:
+        ctx.history_published = now
+        ctx.background.post(upload_history, ctx, ctx.history.to_bytes())
+
+
+def upload_history(ctx: Context, data: bytes) -> None:
+    """Replace history.jsonl whole (on the storage thread); only reported if storage cannot."""
+    try:
+        ctx.output.write_bytes(layout.HISTORY, data)
+    except StorageUnavailableError as err:
+        log.warning("%s not saved: %s", layout.HISTORY, err)
 
 
 # --- samples and export ---------------------------------------------------------------
@@ -230,7 +261,8 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
         with a.autocast(), ema_weights(ctx, loop):
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
-                             device=a.device, rows=mine)
+                             device=a.device, rows=mine,
+                             options=components.family.sampling_options(ctx.spec.training))
         for module, training in zip(modules, was_training, strict=True):
             module.train(training)
         rows = dict(zip(mine, drawn, strict=True))
@@ -245,6 +277,7 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
                  f"{validation.inference_steps} steps")
         grid(ordered, validation.prompts, title=title).save(path)
         ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step))
+        publish_history(ctx, every_s=0)
     return ordered
 
 
@@ -303,7 +336,11 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
+    ctx.output.write_bytes(layout.HISTORY, ctx.history.to_bytes())
     judging.finish(ctx, outcome, best)
+    # a periodic checkpoint storage could not take (an outage) left debris that no later
+    # checkpoint pruned: the last step is exported, not checkpointed
+    checkpoints.prune(ctx.output, keep=ctx.spec.checkpointing.keep, protect=judging.best_step(ctx))
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
     ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
     ctx.metrics.phase.state(TrainerPhase.SUCCEEDED)

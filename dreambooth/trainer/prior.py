@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from dreambooth.api import layout
+from dreambooth.api.families import FACTS
+from dreambooth.api.presets import ModelFamily
 from dreambooth.api.spec import Sampler, ValidationSpec
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.trainer.buckets import Framing
@@ -36,10 +38,15 @@ SAMPLER = {"scheduler": Sampler.DDIM.value, "inferenceSteps": 50, "guidanceScale
 GENERATION_BATCH = 4
 
 
+def sampler_of(family: str) -> dict:
+    """:data:`SAMPLER` with the family's own class-image scheduler (SD3: flow-matching Euler)."""
+    return {**SAMPLER, "scheduler": FACTS[ModelFamily(family)].class_sampler.value}
+
+
 def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int,
-              vae: str | None = None) -> str:
+              family: str = "sd", vae: str | None = None) -> str:
     facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
-             "count": count, **SAMPLER}
+             "count": count, **sampler_of(family)}
     if vae:  # another VAE decodes other images (keys without one stay as they were)
         facts["vae"] = vae
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
@@ -83,7 +90,8 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     pipeline = components.family.pipeline(
         vae=components.vae, text_encoders=components.text_encoders, tokenizers=components.tokenizers,
         denoiser=components.denoiser,
-        scheduler=scheduler_for(Sampler(SAMPLER["scheduler"]), components.noise_scheduler.config),
+        scheduler=scheduler_for(Sampler(sampler_of(components.family.name)["scheduler"]),
+                                components.noise_scheduler.config),
     ).to(a.device)
     settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
                               guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
@@ -91,7 +99,7 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     for n, index in enumerate(mine):
         with a.autocast():
             [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
-                                 device=a.device)
+                                 device=a.device, options=components.family.sampling_options(ctx.spec.training))
         path = workdir / _name(index)
         image.save(path)
         store.upload_file(path, path.name)
@@ -115,7 +123,7 @@ def class_examples(ctx, components, framing: Framing | None = None) -> list[Exam
     else:
         model = ctx.spec.base_model
         key = cache_key(model=model.uri, revision=model.revision, prompt=prompt, resolution=training.resolution,
-                        count=count, vae=model.vae)
+                        count=count, family=components.family.name, vae=model.vae)
         source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from dreambooth.api import layout
 from dreambooth.api import telemetry as names
 from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.history import Point
 from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
@@ -128,6 +130,7 @@ def open_model(ctx: Context) -> Components:
     except SpecError as err:
         raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
                           + "; ".join(map(str, err.issues))) from None
+    components.family.configure(components, ctx.spec.training, model.uri)
     log.info("model family %s (%s)", components.family.name, components.family.title)
     return components
 
@@ -215,7 +218,6 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
         "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
         "draw": draw,
-        "prediction_type": components.prediction_type,
         "prior_weight": ctx.spec.prior.loss_weight,
     }
 
@@ -224,7 +226,8 @@ def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
     chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a), unread=components.family.unread_parameters)
+                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders,
+                               unread=components.family.unread_parameters)
     if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
         token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None
@@ -235,7 +238,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
     prepared, optimizer, lr_scheduler = optimization(
         ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
         warmup=training.lr_warmup_steps, steps=training.steps)
-    text_encoders = prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders
+    text_encoders = (prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders) + chosen.fixed
     return Loop(
         **shared,
         denoiser=prepared[0],
@@ -298,6 +301,9 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             values = loop.run_step(step)
             done = step + 1
             outcome.step, outcome.loss = done, float(values["loss"])
+            if ctx.main:
+                ctx.history.add(Point(done, values["loss"], values["instance_loss"], values["lr"], time.time(),
+                                      values.get("prior_loss")))
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
@@ -320,6 +326,7 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
                                 "the next pod resumes from it")
+            persist.publish_history(ctx)
     finally:
         progress.close()
     return outcome

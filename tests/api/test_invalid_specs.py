@@ -94,7 +94,7 @@ SINGLE_FIELD = [
     Case("unknown-optimizer", {"spec.training.optimizer": "sgd"}, "spec.training.optimizer",
          "'adamw' or 'adamw8bit'"),
     Case("unknown-sampler", {"spec.validation.scheduler": "heun"}, "spec.validation.scheduler",
-         "'ddim', 'pndm', 'lms', 'dpm' or 'euler'"),
+         "'ddim', 'pndm', 'lms', 'dpm', 'euler' or 'flow_euler'"),
     Case("unknown-format", {"spec.output.formats": ["ckpt"]}, "spec.output.formats[0]",
          "'diffusers', 'safetensors', 'lora' or 'lora-kohya'"),
     Case("no-formats", {"spec.output.formats": []}, "spec.output.formats", "at least 1 item"),

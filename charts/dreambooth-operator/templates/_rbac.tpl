@@ -39,3 +39,11 @@ calls in the operator's code). These rules do not depend on values.
   resources: [namespaces]
   verbs: [list, watch]
 {{- end }}
+
+{{/* The gallery (gallery.enabled): reads DreamBoothJobs, nothing else (tests/chart/test_rbac.py
+checks these against dreambooth/gallery/kube.py's calls, and that they only read). */}}
+{{- define "dreambooth-operator.rules.gallery" -}}
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs]
+  verbs: [get, list, watch]
+{{- end }}

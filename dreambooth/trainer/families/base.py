@@ -1,5 +1,5 @@
 """What a model family is to the trainer: the small interface behind which SD 1.x/2.x,
-SDXL (and later SD3) differ, so that the loop, the checkpoints and the export do not.
+SDXL and SD3 differ, so that the loop, the checkpoints and the export do not.
 
 A family knows how to check and load its folder, how many text encoders it has and how to
 turn prompts into the denoiser's conditioning, what extra conditioning a sample carries
@@ -19,7 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from dreambooth.api.spec import TrainingSpec
 from dreambooth.trainer.errors import ConfigError, ModelError
+from dreambooth.trainer.families import noising
+from dreambooth.trainer.families.noising import Noised
 
 log = logging.getLogger("dreambooth.trainer")
 
@@ -94,6 +97,9 @@ class Family(ABC):
     vae_in_fp32: ClassVar[bool] = False
     #: the smallest training.resolution, as a share of the model's native size (None: any)
     min_native_share: ClassVar[float | None] = None
+    #: how many of the text encoders (the first ones) may train; the rest are always frozen
+    #: (SD3's T5). None: all
+    trainable_text_encoders: ClassVar[int | None] = None
 
     # --- the folder --------------------------------------------------------------------
 
@@ -117,9 +123,9 @@ class Family(ABC):
     def check_resolution(self, components: Components, resolution: int) -> None:
         """Refuse a ``training.resolution`` (a multiple of the model's downsampling) below
         what this model takes (:class:`ConfigError`)."""
-        multiple = components.resolution_multiple
         if self.min_native_share is None:
             return
+        multiple = components.resolution_multiple
         sample_size, factor = components.denoiser.config.sample_size, vae_factor(components.vae)
         native = sample_size * factor
         floor = max(multiple, int(native * self.min_native_share) // multiple * multiple)
@@ -128,6 +134,10 @@ class Family(ABC):
                 f"training.resolution {resolution} is below what this {self.title} model takes: it is made "
                 f"for {native} px ({self.denoiser_name}/config.json sample_size {sample_size} x VAE factor "
                 f"{factor}); train at {floor} px or more")
+
+    def configure(self, components: Components, training: TrainingSpec, source: str) -> None:
+        """Fit the loaded parts to the job's training settings (SD3: T5's sequence length, or
+        no T5); refuses, naming ``source``, what the folder cannot do. Default: nothing."""
 
     def resolution_multiple(self, components: Components) -> int:
         unet_factor = 2 ** (len(components.denoiser.config.down_block_types) - 1)
@@ -150,12 +160,22 @@ class Family(ABC):
                 sizes: Sequence[SampleSize]) -> torch.Tensor:
         """The denoiser's output for a batch (what the training target is compared with)."""
 
+    def noised(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator],
+               training: TrainingSpec) -> Noised:
+        """The noisy input, timesteps, training target and loss weights for ``latents`` and
+        ``noise`` (one generator per sample draws the rest). Default: DDPM."""
+        return noising.ddpm(scheduler, latents, noise, gens, training)
+
     # --- sampling and export -------------------------------------------------------------
 
     @property
     def pipeline_name(self) -> str:
         """The diffusers pipeline class that samples, draws class images and exports."""
         return min(self.pipelines)
+
+    def sampling_options(self, training: TrainingSpec) -> dict[str, Any]:
+        """Further arguments of the family's pipeline call for samples and class images."""
+        return {}
 
     @abstractmethod
     def pipeline(self, *, vae, text_encoders, tokenizers, denoiser, scheduler) -> Any:
