@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kubesim.kube import KubectlMissing
 from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
 
 
@@ -30,3 +31,12 @@ def toy_cat_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos") / "toy-cat"
     draw_toy_cats(folder)
     return folder
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test that runs kubectl on the simulated cluster is skipped where it is missing."""
+    try:
+        return (yield)
+    except KubectlMissing as exc:
+        pytest.skip(str(exc))

@@ -1,6 +1,6 @@
 """What the user gets wrong or already has: an invalid spec, a missing credentials Secret,
 class images already in the shared cache. The real operator, trainer and S3; the test's
-Job controller and kubelet (tests/support/cluster.py)."""
+Job controller and kubelet (kubesim/cluster.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dreambooth.api.layout import MANIFEST, class_cache_uri
 from dreambooth.demo import draw_toy_cats
 from dreambooth.trainer.prior import cache_key
 from dreambooth.trainer.storage import open_storage
-from tests.support.cluster import MODEL_URI, LocalCluster, toy_cat_manifest
+from kubesim.cluster import MODEL_URI, LocalCluster, toy_cat_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

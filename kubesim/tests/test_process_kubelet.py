@@ -1,4 +1,4 @@
-"""The process kubelet itself (tests/support/cluster_kubelet.py), on small shell pods: what
+"""The process kubelet itself (kubesim/kubelet.py), on small shell pods: what
 it resolves, maps and reports is what the end-to-end scenarios rely on. No operator, no
 trainer; the Job controller and garbage collector stand-ins run beside it."""
 
@@ -10,12 +10,10 @@ import signal
 
 import pytest
 
-from tests.support import kube as kube_harness
-from tests.support.cluster import sleep_until
-from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet, container_pids
-from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
+from kubesim.controllers import ControllerLoop, GarbageCollector, JobController
+from kubesim.kubelet import FINALIZER, ProcessKubelet, container_pids
+from kubesim.procs import sleep_until
 
-kube = kube_harness.kube
 pytestmark = pytest.mark.timeout(60)
 
 
