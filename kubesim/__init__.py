@@ -1,7 +1,7 @@
 """kubesim: the simulated Kubernetes cluster this project tests and demonstrates on.
 
 A stateful Kubernetes API over HTTP (kmock's emulator, made to run kopf, with selectors,
-the status subresource and watches),
+the status subresource, watches, and the defaults and CEL rules of the CRDs it is given),
 explicit stand-ins for the controllers a cluster runs (Job controller, kubelet, garbage
 collector; a kubelet that runs pods as local processes), and the real servers around it
 (SeaweedFS for S3, Prometheus), put together by :class:`kubesim.cluster.LocalCluster`.
@@ -12,6 +12,7 @@ and the product never imports it (kubesim/tests/test_boundaries.py).
 ``kubesim.kube``                ``running_kube()``, the ``Kube`` handle (sync API, kubectl)
 ``kubesim.emulator``, ``rest``  the API's state and verbs; its HTTP routing and watches
 ``kubesim.api``                 pure pieces: errors, declarations, selectors, patches
+``kubesim.crds``                what a CRD's schema makes the API server do (defaults, CEL)
 ``kubesim.controllers``         Job controller, state-writing kubelet, GC, ControllerLoop
 ``kubesim.kubelet``             ``ProcessKubelet``: pods as local processes
 ``kubesim.container``           a pod's container set up on one machine (volumes, env, DNS)

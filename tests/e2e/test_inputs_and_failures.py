@@ -22,7 +22,7 @@ NAME = "toy-cat"
 
 def test_an_invalid_job_fails_with_invalid_spec_and_an_event(cluster: LocalCluster):
     manifest = toy_cat_manifest(cluster.s3_endpoint, preset="custom", prior={"enabled": True})
-    cluster.apply(manifest)  # no classPrompt: the API server here has no schema to refuse it
+    cluster.apply(manifest)  # no classPrompt: no CEL rule of the CRD refuses it, the typed rules do
 
     status = cluster.wait_phase(NAME, "Failed", timeout=30)
     ready = cluster.ready_condition(NAME)
