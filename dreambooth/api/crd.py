@@ -26,7 +26,7 @@ from dreambooth.api.pod import (
     reserved_label,
 )
 from dreambooth.api.presets import Preset, preset_value
-from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.api.spec import DreamBoothJobSpec, RunPolicySpec
 from dreambooth.api.status import DreamBoothJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -34,6 +34,8 @@ CRD_FILE = f"{CRD_NAME}.yaml"
 HEADER = "# Generated from dreambooth/api by `make crds`. Do not edit by hand.\n"
 
 _DROP = {"title", "additionalProperties"}
+#: what may change once a job exists (mirrored onto the Job); CEL refuses every other edit
+MUTABLE_RUN_POLICY = frozenset({"suspend"})
 
 
 def _immutable(field: str, optional: bool = False) -> dict[str, str]:
@@ -104,12 +106,10 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
         ],
         ("resources",): _resources_rules(),
         ("resources", "env", ITEMS): _env_rules(),
+        # every field but suspend, so that a new one cannot be forgotten
         ("runPolicy",): [
-            _immutable("backoffLimit"),
-            _immutable("activeDeadlineSeconds", optional=True),
-            _immutable("ttlSecondsAfterFinished", optional=True),
-            _immutable("rendezvousTimeoutSeconds"),
-            _immutable("collectiveTimeoutSeconds"),
+            _immutable(f.alias or n, optional=f.default is None)
+            for n, f in RunPolicySpec.model_fields.items() if n not in MUTABLE_RUN_POLICY
         ],
     }
 

@@ -27,7 +27,7 @@ class Phase(StrEnum):
 
 
 class ConditionType(StrEnum):
-    """The conditions of a DreamBoothJob's status (all six always, SpecChangeIgnored while it holds)."""
+    """The conditions of a DreamBoothJob's status (all six, always)."""
 
     READY = "Ready"
     RUNNING = "Running"
@@ -35,7 +35,6 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     STALLED = "Stalled"
-    SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
 
 
 class Reason(StrEnum):
@@ -80,7 +79,6 @@ class Reason(StrEnum):
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
-    IMMUTABLE_FIELDS = "ImmutableFields"
     # Events only
     RESTARTED = "Restarted"
     STALLED = "Stalled"
@@ -104,8 +102,7 @@ def progress_summary(step: int, total: int) -> tuple[float, str]:
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
-                      "SpecChangeIgnored while the spec differs from what the running job follows.")
+    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled.")
     status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(
         max_length=1024,

@@ -34,7 +34,6 @@ from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.restarts import Step, next_step, running_or_stopping
 from dreambooth.operator.settings import OperatorSettings, SettingsError
-from dreambooth.operator.specchange import ignored_changes
 from dreambooth.operator.status import Observation, compute_status, invalid_spec_status
 
 log = logging.getLogger("dreambooth.operator")
@@ -151,7 +150,6 @@ def _status(job: DreamBoothJob, previous: DreamBoothJobStatus | None, batch_job:
         effective_spec(job.spec), generation=job.metadata.generation or 0,
         output_uri=output_uri_for(job, SETTINGS.defaults()), job=batch_job, pods=of_job(batch_job, pods),
         snapshot=snapshot, stall_timeout=timedelta(seconds=SETTINGS.stall_timeout_seconds),
-        ignored_changes=ignored_changes(batch_job, job.spec),
     )
     return compute_status(obs, previous, datetime.now(UTC)), obs
 

@@ -87,12 +87,10 @@ from dreambooth.operator.restarts import (
     restarts_before,
     running_or_stopping,
 )
-from dreambooth.operator.specchange import ignored_message
 
 DEFAULT_STALL_TIMEOUT = timedelta(minutes=20)
 
-#: always all of them, in this order (SpecChangeIgnored only while the spec differs from what
-#: the running job was built from)
+#: always all of them, in this order
 CONDITION_TYPES = (ConditionType.READY, ConditionType.RUNNING, ConditionType.SUCCEEDED,
                    ConditionType.FAILED, ConditionType.SUSPENDED, ConditionType.STALLED)
 
@@ -129,8 +127,6 @@ class Observation:
     pods: Sequence[Mapping[str, Any]] = ()
     snapshot: TrainerSnapshot | None = None
     stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT
-    #: spec paths changed since the Job was built that it does not follow (specchange.py)
-    ignored_changes: tuple[str, ...] = ()
     nodes: int = 1  # resources.nodes: more than one restarts all pods together
     backoff_limit: int = 3  # runPolicy.backoffLimit
     deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
@@ -146,7 +142,6 @@ class Observation:
         pods: Sequence[Mapping[str, Any]] = (),
         snapshot: TrainerSnapshot | None = None,
         stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
-        ignored_changes: tuple[str, ...] = (),
     ) -> Observation:
         """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
         t = spec.training
@@ -162,7 +157,6 @@ class Observation:
             pods=tuple(pods),
             snapshot=snapshot,
             stall_timeout=stall_timeout,
-            ignored_changes=ignored_changes,
             nodes=spec.resources.nodes,
             backoff_limit=spec.run_policy.backoff_limit,
             deadline_seconds=spec.run_policy.active_deadline_seconds,
@@ -465,9 +459,6 @@ def compute_status(
         )
 
     conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
-    if obs.ignored_changes:
-        conditions.append(_condition(ConditionType.SPEC_CHANGE_IGNORED, "True", Reason.IMMUTABLE_FIELDS,
-                                     ignored_message(obs.ignored_changes), previous, obs.generation, now))
     return DreamBoothJobStatus(
         phase=v.phase,
         conditions=conditions,

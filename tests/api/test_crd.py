@@ -284,6 +284,8 @@ def _immutable_message(field: str) -> str:
         ({"runPolicy.backoffLimit": 9}, "backoffLimit"),
         ({"runPolicy.activeDeadlineSeconds": 3600}, "activeDeadlineSeconds"),
         ({"runPolicy.ttlSecondsAfterFinished": 60}, "ttlSecondsAfterFinished"),
+        ({"runPolicy.rendezvousTimeoutSeconds": 60}, "rendezvousTimeoutSeconds"),
+        ({"runPolicy.collectiveTimeoutSeconds": 60}, "collectiveTimeoutSeconds"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else str(v),
 )
@@ -293,6 +295,16 @@ def test_only_suspend_may_change_on_update(changes, rejected_for):
     new = as_stored(with_changes(base, changes))
     expected = [] if rejected_for is None else [_immutable_message(rejected_for)]
     assert cel_violations(new, old=old) == expected
+
+
+def test_every_field_but_suspend_has_a_rule_that_keeps_it():
+    """Nothing else tells a user that an edit has no effect on a running job (the operator
+    keeps no record of the spec it started from), so every field must be covered."""
+    kept = {(path, r["message"].split(" cannot change")[0]) for path, r in all_rules()
+            if "oldSelf" in r["rule"]}
+    run_policy = SPEC_SCHEMA["properties"]["runPolicy"]["properties"]
+    assert kept == {(".spec", f) for f in SPEC_SCHEMA["properties"] if f != "runPolicy"} | {
+        (".spec.runPolicy", f) for f in run_policy if f != "suspend"}
 
 
 def test_suspend_can_be_switched_back_and_forth():
