@@ -3,6 +3,7 @@
     .venv/bin/python bench/operator_scale.py [--jobs 100 1000]             # one burst
     .venv/bin/python bench/operator_scale.py --jobs 1000 --rate 50 100     # paced arrival
     .venv/bin/python bench/operator_scale.py --jobs 100 1000 --freshness   # + N jobs training
+    .venv/bin/python bench/operator_scale.py --jobs 1000 --freshness --baseline main --repeat 2
 
 Runs the real operator (``python -m dreambooth.operator``) as a process against the
 stateful API emulator of the simulated cluster (kubesim/kube.py, in this process), serving
@@ -26,6 +27,12 @@ over MEASURE_CYCLES cycles and prints the age of the progress shown (now - when 
 step was current, rounded up to 1 / STEPS_PER_SECOND: what ``kubectl get`` shows)
 p50/p99/max, the jobs that lacked progress in any sample, the poll cycle's length (from
 the scrapes the server counted) and the operator's CPU seconds per cycle.
+
+Before/after (``--baseline REV``): each measurement runs twice, the operator of git
+revision REV (its ``dreambooth`` package exported with ``git archive`` and put first on
+the operator's PYTHONPATH; emulator and bench are this tree's) and this tree's, alternating
+(``--repeat K``: K pairs), so that both see the same phase of a machine whose speed
+varies between runs. Each row then starts with the code it measured.
 
 Arrival times are taken by the emulator as it stores each object (kubesim/kube.py's
 ``on_change``), not by polling it.
@@ -123,18 +130,21 @@ def pod_ip(i: int) -> str:
 
 
 @contextlib.contextmanager
-def operator_process(kube: Kube, workdir: Path, poll_interval: int,
-                     trainer_port: int | None) -> Iterator[subprocess.Popen]:
-    """The operator, started and watching DreamBoothJobs; stopped (killed if need be) after."""
+def operator_process(kube: Kube, workdir: Path, poll_interval: int, trainer_port: int | None,
+                     source: Path | None = None) -> Iterator[subprocess.Popen]:
+    """The operator (``source``: the ``dreambooth`` package under that folder, else this
+    tree's), started and watching DreamBoothJobs; stopped (killed if need be) after."""
     env = {**kube.env, "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
            "DREAMBOOTH_METRICS_PORT": str(free_port()), "DREAMBOOTH_HEALTH_PORT": str(free_port())}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     if trainer_port:
         env["DREAMBOOTH_TRAINER_METRICS_PORT"] = str(trainer_port)
     log_path = workdir / "operator.log"
     profile = ["-m", "cProfile", "-o", os.environ["PROFILE_TO"]] if os.environ.get("PROFILE_TO") else []
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, *profile, "-m", "dreambooth.operator"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=source)  # -m: the cwd comes first
         try:
             deadline = time.monotonic() + 60
             while sum(1 for m, p in kube.requests if m == "GET" and "dreamboothjobs" in p) < 2:
@@ -383,7 +393,21 @@ def measure_freshness(kube: Kube, proc: subprocess.Popen, trainers: TrainerEndpo
 # --- one run, tables -----------------------------------------------------------------------
 
 
-def measure(n: int, poll_interval: int, rate: float, freshness: bool) -> tuple[dict, dict | None]:
+def export_source(rev: str, into: Path) -> Path:
+    """The ``dreambooth`` package of git revision ``rev``, under ``into`` (checked: an
+    operator started with it on PYTHONPATH imports that copy, not this tree's)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "dreambooth"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    found = subprocess.run([sys.executable, "-c", "import dreambooth.operator as o; print(o.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(into)}, cwd=into, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    if not Path(found).is_relative_to(into):
+        raise SystemExit(f"the operator of {rev} would not be used: {found}")
+    return into
+
+
+def measure(n: int, poll_interval: int, rate: float, freshness: bool,
+            source: Path | None = None) -> tuple[dict, dict | None]:
     """One operator, N jobs: arrival (and, with ``freshness``, N jobs training)."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -392,7 +416,7 @@ def measure(n: int, poll_interval: int, rate: float, freshness: bool) -> tuple[d
         if trainers is not None:
             stack.callback(trainers.close)
         proc = stack.enter_context(
-            operator_process(kube, workdir, poll_interval, trainers.port if trainers else None))
+            operator_process(kube, workdir, poll_interval, trainers.port if trainers else None, source))
         arrival = measure_arrival(kube, proc, n, rate)
         time.sleep(poll_interval * 2)  # a full poll cycle over every job, for the peak RSS
         arrival["rss_peak_mb"] = peak_rss_mb(proc.pid)
@@ -427,27 +451,45 @@ def main() -> None:
     parser.add_argument("--freshness", action="store_true",
                         help="then run every job's trainer and measure how fresh .status.progress is")
     parser.add_argument("--poll-interval", type=int, default=10)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="measure the operator of this git revision too, alternating with this tree's")
+    parser.add_argument("--repeat", type=int, default=1, help="measurements (pairs with --baseline) per row kind")
     parser.add_argument("--serve-trainers", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_trainers:
         return serve_trainers()
     # SIGTERM unwinds like ^C: the operator and the trainers' server are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    print("| jobs | arrival | create -> Job p50 s | p99 s | create -> status p50 s | p99 s "
+    with tempfile.TemporaryDirectory() as exported:
+        codes: list[tuple[str, Path | None]] = [("this tree", None)]
+        if args.baseline:
+            codes.insert(0, (args.baseline, export_source(args.baseline, Path(exported))))
+        run(args, codes)
+
+
+def run(args: argparse.Namespace, codes: list[tuple[str, Path | None]]) -> None:
+    code = "| code " if len(codes) > 1 else ""
+
+    def labelled(label: str, row: str) -> str:
+        return f"| {label} {row}" if code else row
+
+    print(f"{code}| jobs | arrival | create -> Job p50 s | p99 s | create -> status p50 s | p99 s "
           "| all converged s | operator CPU s | operator RSS idle MB | peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---" * (10 + bool(code)) + "|", flush=True)
     fresh_rows = []
     for n in args.jobs:
         for rate in args.rate:
-            arrival, fresh = measure(n, args.poll_interval, rate, args.freshness)
-            print(arrival_row(arrival), flush=True)
-            if fresh is not None:
-                fresh_rows.append(freshness_row(fresh))
+            for _ in range(args.repeat):
+                for label, source in codes:
+                    arrival, fresh = measure(n, args.poll_interval, rate, args.freshness, source)
+                    print(labelled(label, arrival_row(arrival)), flush=True)
+                    if fresh is not None:
+                        fresh_rows.append(labelled(label, freshness_row(fresh)))
     if fresh_rows:
         print(f"\nStatus freshness while the jobs train (poll interval {args.poll_interval} s):\n")
-        print("| jobs | progress age p50 s | p99 s | max s | jobs without progress | poll cycle s "
+        print(f"{code}| jobs | progress age p50 s | p99 s | max s | jobs without progress | poll cycle s "
               "| operator CPU s / cycle | operator RSS peak MB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---" * (8 + bool(code)) + "|")
         print("\n".join(fresh_rows))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from dreambooth.api import DreamBoothJob, build_trainer_config, validate_job
 from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
+from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.jobfiles import load_job, local_defaults
 
 
@@ -23,9 +24,10 @@ def absolute_file_uris(job: DreamBoothJob, base: Path) -> DreamBoothJob:
     absolute ``file:///...`` URIs (it may run elsewhere, e.g. under accelerate)."""
 
     def fix(uri: str | None) -> str | None:
-        if not uri or not uri.startswith("file://") or uri.startswith("file:///"):
+        parsed = parse_uri(uri, allowed=set(Scheme)) if uri else None
+        if parsed is None or parsed.scheme is not Scheme.FILE or os.path.isabs(parsed.path):
             return uri
-        absolute = (base / uri.removeprefix("file://")).resolve().as_uri()
+        absolute = (base / parsed.path).resolve().as_uri()
         return absolute + "/" if uri.endswith("/") else absolute
 
     spec = job.spec

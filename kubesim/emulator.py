@@ -363,7 +363,8 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                 old["metadata"].get("finalizers") or ()):
             raise ApiError(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers "
                            "can be added if the object is being deleted")
-        new = self._admit(key, new, old)
+        new = self._admit(key, new, old)  # a copy: its metadata is what is stored
+        meta = new["metadata"]
         if new == old:
             return old
         outside = ("metadata", "status") if with_status else ("metadata",)

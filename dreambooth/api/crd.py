@@ -74,6 +74,11 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "checkpointing.everySteps must be at most training.steps",
             },
             {
+                "rule": "!has(self.training.lora) || (has(self.training.method) ? self.training.method == 'lora'"
+                " : self.baseModel.family == 'sdxl')",
+                "message": "training.lora needs training.method: lora",
+            },
+            {
                 "rule": "self.training.mixedPrecision != 'fp16' || self.resources.gpusPerNode > 0",
                 "message": "training.mixedPrecision fp16 needs GPUs (resources.gpusPerNode >= 1)",
             },
@@ -90,10 +95,6 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             },
         ],
         ("training",): [
-            {
-                "rule": "!has(self.lora) || self.method == 'lora'",
-                "message": "training.lora needs training.method: lora",
-            },
             {
                 "rule": "!has(self.textEncoderSteps) || !has(self.steps) || "
                 "self.textEncoderSteps <= self.steps",
@@ -300,6 +301,7 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Family", "type": "string", "jsonPath": ".status.family", "priority": 1},
     {"name": "Checkpoint", "type": "string", "jsonPath": ".status.lastCheckpoint.uri", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".status.outputs.model", "priority": 1},
 ]

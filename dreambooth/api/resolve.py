@@ -6,9 +6,12 @@ filled in, so that the trainer never has to know about presets.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from dreambooth.api.presets import preset_value
+from pydantic import TypeAdapter
+
+from dreambooth.api.presets import ModelFamily, preset_value
 from dreambooth.api.spec import (
     DreamBoothJobSpec,
     LoraSpec,
@@ -20,26 +23,43 @@ from dreambooth.api.spec import (
 DEFAULT_CHECKPOINT_EVERY = 100
 
 
-def _fill(section: Any, section_name: str, preset: Any) -> dict[str, Any]:
+def _fill(section: Any, section_name: str, preset: Any, family: ModelFamily) -> dict[str, Any]:
     """Values the preset (or BASE) gives to the fields of ``section`` left unset (None)."""
     updates: dict[str, Any] = {}
     for name, field in type(section).model_fields.items():
         if getattr(section, name) is None:
-            value = preset_value(preset, section_name, field.alias or name)
-            if value is not None:
-                updates[name] = value
+            value = preset_value(preset, section_name, field.alias or name, family)
+            if value is not None:  # presets hold wire values: "lora" becomes Method.LORA
+                updates[name] = _adapter(field.annotation).validate_python(value)
     return updates
 
 
-def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
-    """``spec`` with preset values and derived defaults filled in. Pure; does not validate."""
-    t_fill = _fill(spec.training, "training", spec.preset)
-    if spec.training.method is Method.LORA and "train_text_encoder" in t_fill:
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
+
+
+def family_of(spec: DreamBoothJobSpec, detected: ModelFamily | None = None) -> ModelFamily:
+    """The family whose defaults apply: the one the job names, else the one the trainer found
+    in the model, else SD 1.x/2.x (what the operator assumes before the trainer has looked)."""
+    if spec.base_model.family is not ModelFamily.AUTO:
+        return spec.base_model.family
+    return detected or ModelFamily.SD
+
+
+def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None) -> DreamBoothJobSpec:
+    """``spec`` with the family's preset values and derived defaults filled in (``detected``:
+    the family the trainer found for a job with ``baseModel.family: auto``). Pure; does not
+    validate."""
+    family = family_of(spec, detected)
+    t_fill = _fill(spec.training, "training", spec.preset, family)
+    method = t_fill.get("method", spec.training.method)
+    if method is Method.LORA and "train_text_encoder" in t_fill:
         # A preset's trainTextEncoder means full fine-tuning of the text encoder; a LoRA run
         # trains text-encoder adapters only when training.lora.textEncoder says so.
         t_fill["train_text_encoder"] = False
     training = spec.training.model_copy(update=t_fill)
-    prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset))
+    prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset, family))
 
     t_updates: dict[str, Any] = {}
     if training.text_encoder_learning_rate is None and training.train_text_encoder:
@@ -57,7 +77,7 @@ def effective_spec(spec: DreamBoothJobSpec) -> DreamBoothJobSpec:
         checkpointing = checkpointing.model_copy(update={"every_steps": every})
 
     validation = spec.validation
-    v_updates: dict[str, Any] = {}
+    v_updates: dict[str, Any] = _fill(validation, "validation", spec.preset, family)
     if not validation.prompts:
         v_updates["prompts"] = [spec.instance.prompt]
     if validation.every_steps is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.pod import (
     env_name_problem,
     is_hugepages,
@@ -19,7 +20,7 @@ from dreambooth.api.pod import (
     quantity_problem,
     resource_name_problem,
 )
-from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, OutputFormat
+from dreambooth.api.spec import DreamBoothJobSpec, Method, MixedPrecision, ModelFamily, OutputFormat
 from dreambooth.api.uris import Scheme, parse_uri
 
 
@@ -170,9 +171,10 @@ def _textual_inversion_token(spec, eff):
 def _revision_only_for_hub(spec, eff):
     if spec.base_model.revision is None:
         return
-    if not spec.base_model.uri.startswith("hf://"):
+    uri = parse_uri(spec.base_model.uri, allowed=set(Scheme))
+    if uri.scheme is not Scheme.HF:
         yield Violation("baseModel.revision", "only applies to hf:// models")
-    elif parse_uri(spec.base_model.uri, allowed={Scheme.HF}).revision:
+    elif uri.revision:
         yield Violation(
             "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
         )
@@ -217,6 +219,29 @@ def _extra_resources(spec, eff):
             f"{hugepages[0]} needs a CPU or memory request as well (Kubernetes refuses the pod "
             "otherwise): set resources.memory (or resources.cpu)",
         )
+
+
+def family_violations(eff: DreamBoothJobSpec, family: ModelFamily) -> Iterator[Violation]:
+    """What ``family`` cannot take of the effective spec ``eff`` (also run by the trainer once
+    it knows the family of an ``auto`` job)."""
+    facts = FACTS[family]
+    unsupported = [f.value for f in eff.output.formats or () if f not in facts.formats]
+    if unsupported:
+        allowed = ", ".join(sorted(f.value for f in facts.formats))
+        yield Violation("output.formats", f"{', '.join(unsupported)} cannot be written for {facts.title} "
+                        f"models yet: use {allowed}")
+    if eff.training.textual_inversion is not None and not facts.textual_inversion:
+        yield Violation("training.textualInversion", f"textual inversion is not supported for {facts.title} "
+                        "models: drop it, or train the text encoders (training.trainTextEncoder)")
+    if eff.training.resolution < facts.min_resolution:
+        yield Violation("training.resolution", f"{facts.title} trains at {facts.min_resolution} pixels or more, "
+                        f"got {eff.training.resolution}")
+
+
+@rule
+def _family(spec, eff):
+    if spec.base_model.family is not ModelFamily.AUTO:
+        yield from family_violations(eff, spec.base_model.family)
 
 
 def violations(spec: DreamBoothJobSpec) -> list[Violation]:

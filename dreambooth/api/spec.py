@@ -15,8 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic.alias_generators import to_camel
 
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
-from dreambooth.api.presets import Preset, describe
-from dreambooth.api.uris import Scheme, UriError, parse_uri
+from dreambooth.api.presets import ModelFamily, Preset, describe
+from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
 
 class ApiModel(BaseModel):
@@ -40,11 +40,23 @@ Quantity = Annotated[
     Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
 ]
 
-_S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-_PVC = r"pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^\s]*)?"
-_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s]+)?"
-DATA_URI_PATTERN = f"^({_S3}|{_PVC})$"
-MODEL_URI_PATTERN = f"^({_S3}|{_PVC}|{_HF})$"
+DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
+MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
+REVISION_PATTERN = f"^{REVISION}$"
+
+
+def _words(check):
+    """An AfterValidator running ``check`` (a :mod:`dreambooth.api.uris` check), whose
+    message says what to write instead (pydantic's would quote the regex)."""
+
+    def run(value: str) -> str:
+        try:
+            check(value)
+        except UriError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    return AfterValidator(run)
 
 
 def _uri_validator(schemes: frozenset[Scheme]):
@@ -72,6 +84,12 @@ ModelUri = Annotated[
     str,
     Field(max_length=1024, json_schema_extra={"pattern": MODEL_URI_PATTERN}),
     _uri_validator(frozenset({Scheme.S3, Scheme.PVC, Scheme.HF})),
+]
+#: A Hub revision: a branch or tag name, or a commit hash.
+Revision = Annotated[
+    str,
+    Field(max_length=128, json_schema_extra={"pattern": REVISION_PATTERN}),
+    _words(check_revision),
 ]
 
 
@@ -108,6 +126,7 @@ class Sampler(StrEnum):
     PNDM = "pndm"
     LMS = "lms"
     DPM = "dpm"
+    EULER = "euler"
 
 
 class OutputFormat(StrEnum):
@@ -122,18 +141,23 @@ class OutputFormat(StrEnum):
 
 
 class BaseModelSpec(ApiModel):
-    """The Stable Diffusion model to fine-tune (a diffusers folder, SD 1.x or 2.x)."""
+    """The Stable Diffusion model to fine-tune (a diffusers folder: SD 1.x/2.x or SDXL)."""
 
     uri: ModelUri = Field(
         description="Where the base model is: s3://bucket/prefix/ or pvc://claim/path holding a "
         "diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
         "scheduler/), or hf://org/name for a Hugging Face Hub repository."
     )
-    revision: str | None = Field(
+    revision: Revision | None = Field(
         None,
-        max_length=128,
         description="Hub revision (branch, tag or commit) for hf:// models. Default: the one "
         "given as hf://org/name@revision, else main.",
+    )
+    family: ModelFamily = Field(
+        ModelFamily.AUTO,
+        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, or auto (read "
+        "from its model_index.json when the trainer opens it). A family that does not match "
+        "the folder fails the job with a message.",
     )
 
 
@@ -249,17 +273,18 @@ class TrainingSpec(ApiModel):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=128, description="Micro-batches accumulated per optimizer step (saves memory)."
     )
-    resolution: int = Field(
-        512,
+    resolution: int | None = Field(
+        None,
         ge=64,
         le=2048,
         multiple_of=8,
         description="Training image size in pixels (photos are resized and center-cropped). "
-        "512 for SD 1.x, 768 for SD 2.x 768-v.",
+        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
-    method: Method = Field(
-        Method.FULL, description="full: fine-tune the weights; lora: train small adapters."
+    method: Method | None = Field(
+        None, description="full: fine-tune the weights; lora: train small adapters. Default: "
+        "the family's (full for SD 1.x/2.x, lora for SDXL)."
     )
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
     train_text_encoder: bool | None = Field(
@@ -325,12 +350,14 @@ class ValidationSpec(ApiModel):
         le=1_000_000,
         description="Sample every this many steps. Default: checkpointing.everySteps.",
     )
-    scheduler: Sampler = Field(
-        Sampler.DDIM,
-        description="Sampling scheduler. DDIM beat PNDM and LMS clearly on overfit models.",
+    scheduler: Sampler | None = Field(
+        None,
+        description="Sampling scheduler. Default: the family's (SD 1.x/2.x: ddim, which beat PNDM "
+        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with).",
     )
-    inference_steps: int = Field(
-        100, ge=1, le=1000, description="Inference steps per image (100 worked well with DDIM)."
+    inference_steps: int | None = Field(
+        None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
+        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example)."
     )
     images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")

@@ -160,6 +160,9 @@ class DreamBoothJobStatus(ApiModel):
         default_factory=list, max_length=16, description="Latest observations of the job's state."
     )
     progress: Progress | None = Field(None, description="Training progress.")
+    family: str | None = Field(
+        None, max_length=32, description="The base model's family (sd, sdxl): the one baseModel.family "
+        "names, or the one the trainer found in the model for auto.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
     outputs: Outputs | None = Field(None, description="Where the results are.")
     restarts: int = Field(0, ge=0, description="Times the trainer pods were restarted.")

@@ -20,6 +20,9 @@ CHECKPOINT_UPLOAD_SECONDS = PREFIX + "checkpoint_upload_seconds"
 CHECKPOINT_UPLOAD_FAILURES = PREFIX + "checkpoint_upload_failures"
 GPU_MEMORY_BYTES = PREFIX + "gpu_memory_bytes"
 PHASE = PREFIX + "phase"
+#: an info metric (``dreambooth_trainer_model_info{family="sdxl"} 1``): the base model's family
+MODEL = PREFIX + "model"
+MODEL_FAMILY_LABEL = "family"
 
 class TrainerPhase(StrEnum):
     """Values of the phase metric's label, in the order a run goes through them (a failed

@@ -45,6 +45,8 @@ class TrainerSnapshot:
     last_checkpoint_step: int | None = None
     #: one of :data:`dreambooth.api.telemetry.TRAINER_PHASES`
     phase: str | None = None
+    #: the base model's family, once the trainer has opened the model (sd, sdxl)
+    family: str | None = None
 
 
 # --- time ------------------------------------------------------------------------------
@@ -79,6 +81,7 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
     text does not parse or holds none of them. Metrics that are missing stay ``None``."""
     gauges: dict[str, float] = {}
     phase: str | None = None
+    model_family: str | None = None
     found = False
     try:
         for family in text_string_to_metric_families(text):
@@ -90,6 +93,8 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
                     # an Enum: one sample per state, labelled with the metric's own name
                     if sample.value == 1 and sample.labels.get(names.PHASE) in names.TRAINER_PHASES:
                         phase = sample.labels[names.PHASE]
+                elif family.name in (names.MODEL, names.MODEL + "_info") and sample.value == 1:
+                    model_family = sample.labels.get(names.MODEL_FAMILY_LABEL) or model_family
                 elif sample.name == family.name and not sample.labels:
                     gauges[sample.name] = sample.value
     except Exception as err:  # noqa: BLE001 - the parser raises ValueError, IndexError, ...
@@ -118,6 +123,7 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
         images_per_second=positive(names.IMAGES_PER_SECOND),
         last_checkpoint_step=int(checkpoint) if checkpoint else None,
         phase=phase,
+        family=model_family,
     )
 
 

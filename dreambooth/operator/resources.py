@@ -122,9 +122,8 @@ def local_uri(uri: str) -> str:
         raise ValueError(f"{uri}: file:// URIs are for local runs, not for a cluster")
     if parsed.scheme is not Scheme.PVC:
         return uri
-    if ".." in parsed.path.split("/"):
-        raise ValueError(f"{uri}: '..' may not appear in a pvc:// path")
-    return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path}"
+    # a pvc:// path is literal and a file:// path percent-decoded: keep a '%' a '%'
+    return f"file://{PVC_ROOT}/{parsed.authority}/{parsed.path.replace('%', '%25')}"
 
 
 def _resolved(inputs: TrainerInputs) -> TrainerConfig:
@@ -154,19 +153,21 @@ def claim_mounts(inputs: TrainerInputs) -> list[ClaimMount]:
 def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
     """The TrainerConfig the pods read, pvc:// URIs rewritten to their mount paths."""
     config = _resolved(inputs)
-    spec = config.spec
 
     def rewritten(section: Any) -> Any:
         return section.model_copy(update={"uri": local_uri(section.uri)}) if section.uri else section
 
-    spec = spec.model_copy(update={
-        "base_model": rewritten(spec.base_model),
-        "instance": rewritten(spec.instance),
-        "prior": rewritten(spec.prior),
-        "output": rewritten(spec.output),
-    })
+    def rewritten_spec(spec: Any) -> Any:
+        return spec.model_copy(update={
+            "base_model": rewritten(spec.base_model),
+            "instance": rewritten(spec.instance),
+            "prior": rewritten(spec.prior),
+            "output": rewritten(spec.output),
+        })
+
     return config.model_copy(update={
-        "spec": spec,
+        "spec": rewritten_spec(config.spec),
+        "requested": rewritten_spec(config.requested) if config.requested else None,
         "output_uri": local_uri(config.output_uri),
         "class_cache_uri": local_uri(config.class_cache_uri),
     })

@@ -130,6 +130,7 @@ class Observation:
     nodes: int = 1  # resources.nodes: more than one restarts all pods together
     backoff_limit: int = 3  # runPolicy.backoffLimit
     deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
+    family: str | None = None  # baseModel.family when the job names it (auto: the trainer tells)
 
     @classmethod
     def of(
@@ -160,6 +161,7 @@ class Observation:
             nodes=spec.resources.nodes,
             backoff_limit=spec.run_policy.backoff_limit,
             deadline_seconds=spec.run_policy.active_deadline_seconds,
+            family=None if spec.base_model.family == "auto" else str(spec.base_model.family),
         )
 
     @property
@@ -459,10 +461,12 @@ def compute_status(
         )
 
     conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
+    family = (snap.family if snap else None) or (previous.family if previous else None) or obs.family
     return DreamBoothJobStatus(
         phase=v.phase,
         conditions=conditions,
         progress=progress,
+        family=family,
         last_checkpoint=checkpoint,
         outputs=outputs,
         restarts=restarts,
@@ -507,6 +511,7 @@ def invalid_spec_status(
         phase=Phase.FAILED,
         conditions=conditions_for(v, ("False", Reason.INVALID_SPEC, ""), previous, generation, now),
         progress=previous.progress if previous else None,
+        family=previous.family if previous else None,
         last_checkpoint=previous.last_checkpoint if previous else None,
         outputs=previous.outputs if previous else None,
         restarts=previous.restarts if previous else 0,

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 from dreambooth.api import telemetry as names
 
@@ -51,6 +59,7 @@ class TrainerMetrics:
         self.gpu_memory_bytes = Gauge(
             names.GPU_MEMORY_BYTES, "Peak GPU memory allocated by this process.", registry=r
         )
+        self.family = Info(names.MODEL, "The base model, as the trainer found it (its family).", registry=r)
         self.phase = Enum(
             names.PHASE, "What the trainer is doing.", states=list(names.TRAINER_PHASES), registry=r
         )

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.api.config import TrainerConfig
+from dreambooth.api import telemetry as names
+from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
-from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
+from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
-from dreambooth.api.uris import Scheme, parse_uri
+from dreambooth.api.uris import Scheme, Uri
 from dreambooth.trainer import persist, textual_inversion, trainables
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
@@ -31,10 +33,12 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import fetch_from_hub
 from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.progress import Progress
-from dreambooth.trainer.storage import S3Settings, open_storage
+from dreambooth.trainer.storage import S3Settings, open_storage, storage_uri
 from dreambooth.trainer.textual_inversion import TokenEmbedding
 
 log = logging.getLogger("dreambooth.trainer")
+
+ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
 
 
 # --- 2. storage and inputs ------------------------------------------------------------
@@ -42,21 +46,21 @@ log = logging.getLogger("dreambooth.trainer")
 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
-    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri or ""]
-    if not any(u.startswith("s3://") for u in uris):
+    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
         return None
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
 
 
-def fetch_prefix(uri: str, s3: S3Settings | None, dest: Path, *, what: str,
+def fetch_prefix(uri: Uri | str, s3: S3Settings | None, dest: Path, *, what: str,
                  empty: type[TrainerError] = DataError) -> Path:
     """A local folder with the objects below ``uri`` (file:// URIs are used in place)."""
-    parsed = parse_uri(uri, allowed={Scheme.S3, Scheme.FILE, Scheme.HF, Scheme.PVC})
+    parsed = storage_uri(uri, ANY)
     if parsed.scheme is Scheme.PVC:
         raise ConfigError(f"{uri}: pvc:// volumes are mounted by the operator; locally use file://")
     if parsed.scheme is Scheme.FILE:
         return Path(parsed.path)
-    storage = open_storage(uri, s3)
+    storage = open_storage(parsed, s3)
     if not storage.list():
         raise empty(f"no {what} found under {uri}: upload them there, or fix the URI")
     shutil.rmtree(dest, ignore_errors=True)
@@ -72,12 +76,26 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
 
 def fetch_base_model(ctx: Context) -> Path:
     model = ctx.spec.base_model
-    parsed = parse_uri(model.uri, allowed=set(Scheme))
+    parsed = storage_uri(model.uri, ANY)
     if parsed.scheme is Scheme.HF:
         return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
             parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
     return fetch_once(ctx, "base-model", lambda: fetch_prefix(
-        model.uri, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+        parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+
+
+def open_model(ctx: Context) -> Components:
+    """Fetch, check and load the base model; a job with ``baseModel.family: auto`` gets the
+    presets and rules of the family found in it from now on (``ctx.config`` changes)."""
+    spec = ctx.spec
+    components = load_components(fetch_base_model(ctx), spec.base_model.uri, spec.base_model.family)
+    try:
+        ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
+    except SpecError as err:
+        raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
+                          + "; ".join(map(str, err.issues))) from None
+    log.info("model family %s (%s)", components.family.name, components.family.title)
+    return components
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
@@ -132,7 +150,7 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
     """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
     when the export writes the float32 original)."""
     a = ctx.accelerator
-    dtype = weight_dtype(a)
+    dtype = torch.float32 if components.family.vae_in_fp32 else weight_dtype(a)
     vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
     return {
         "accelerator": a,
@@ -290,12 +308,14 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
 
 
 def _run(ctx: Context) -> Outcome:
-    config, accelerator, metrics = ctx.config, ctx.accelerator, ctx.metrics
+    accelerator, metrics = ctx.accelerator, ctx.metrics
     if metrics:
         metrics.phase.state(TrainerPhase.INITIALIZING)
+    components = open_model(ctx)
+    config = ctx.config
+    if metrics:
         metrics.total_steps.set(ctx.total_steps)
-    model_dir = fetch_base_model(ctx)
-    components = load_components(model_dir, source=config.spec.base_model.uri)
+        metrics.family.info({names.MODEL_FAMILY_LABEL: components.family.name})
     instances = load_instance_examples(ctx, components)
     classes = None
     if config.spec.prior.enabled:

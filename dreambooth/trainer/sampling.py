@@ -23,6 +23,7 @@ def scheduler_for(sampler: Sampler, config) -> object:
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
         LMSDiscreteScheduler,
         PNDMScheduler,
     )
@@ -32,6 +33,7 @@ def scheduler_for(sampler: Sampler, config) -> object:
         Sampler.PNDM: PNDMScheduler,
         Sampler.LMS: LMSDiscreteScheduler,
         Sampler.DPM: DPMSolverMultistepScheduler,
+        Sampler.EULER: EulerDiscreteScheduler,
     }
     return kinds[Sampler(sampler)].from_config(config)
 

@@ -115,6 +115,73 @@ def _scheduler_config(prediction_type: str) -> dict:
     }
 
 
+def _text_config(vocab: dict[str, int]):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+    )
+
+
+def _tiny_vae(resolution: int, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: factor 8
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _save_quietly(model, folder: pathlib.Path) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # transformers 5 shows one per save
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _check_target(path: str | os.PathLike, resolution: int) -> pathlib.Path:
+    if resolution <= 0 or resolution % 16:
+        raise ValueError(f"resolution must be a positive multiple of 16, not {resolution}")
+    target = pathlib.Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _move_into_place(work: pathlib.Path, target: pathlib.Path) -> None:
+    for folder, _, files in os.walk(work):  # mkdtemp and safetensors 0.8 make 0700/0600
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    if target.exists():
+        target.rmdir()  # empty, checked before
+    work.rename(target)
+
+
 def build_tiny_model(
     path: str | os.PathLike,
     *,
@@ -132,20 +199,14 @@ def build_tiny_model(
     """
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from transformers.utils import logging as transformers_logging
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
             f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}"
         )
-    if resolution <= 0 or resolution % 16:
-        raise ValueError(f"resolution must be a positive multiple of 16, not {resolution}")
-    target = pathlib.Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not an empty folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _check_target(path, resolution)
 
     vocab, merges = _tokenizer_files()
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -164,41 +225,10 @@ def build_tiny_model(
                 attention_head_dim=8,  # heads, as in SD 1.5's config
             ).save_pretrained(work / "unet")
             torch.manual_seed(seed + 1)
-            AutoencoderKL(
-                sample_size=resolution,
-                in_channels=3,
-                out_channels=3,
-                latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: factor 8
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(8, 8, 16, 16),
-                layers_per_block=1,
-                norm_num_groups=8,
-                scaling_factor=0.18215,
-            ).save_pretrained(work / "vae")
+            _tiny_vae(resolution, 0.18215).save_pretrained(work / "vae")
             torch.manual_seed(seed + 2)
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(vocab),
-                    hidden_size=32,
-                    intermediate_size=64,
-                    projection_dim=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=MAX_LENGTH,
-                    hidden_act="quick_gelu",
-                    bos_token_id=vocab[BOS],
-                    eos_token_id=vocab[EOS],
-                    pad_token_id=vocab[EOS],
-                )
-            )
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()  # transformers 5 shows one per save
-        try:
-            text_encoder.save_pretrained(work / "text_encoder")
-        finally:
-            if bars:
-                transformers_logging.enable_progress_bar()
+            text_encoder = CLIPTextModel(_text_config(vocab))
+        _save_quietly(text_encoder, work / "text_encoder")
         _write_tokenizer(work / "tokenizer", vocab, merges)
         (work / "scheduler").mkdir()
         _write_json(
@@ -220,13 +250,79 @@ def build_tiny_model(
                 "requires_safety_checker": False,
             },
         )
-        for folder, _, files in os.walk(work):  # mkdtemp and safetensors 0.8 make 0700/0600
-            os.chmod(folder, 0o755)
-            for name in files:
-                os.chmod(os.path.join(folder, name), 0o644)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        work.rename(target)
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64) -> pathlib.Path:
+    """Write a tiny random SDXL-shaped diffusers model to ``path`` and return the path.
+
+    The folder of a ``StableDiffusionXLPipeline`` (``text_encoder/`` a ``CLIPTextModel``,
+    ``text_encoder_2/`` a ``CLIPTextModelWithProjection``, ``tokenizer/`` and ``tokenizer_2/``,
+    ``unet/`` conditioned on both encoders' hidden states (32 + 32 = cross attention 64) and on
+    ``text_time`` added conditioning (6 time ids x 8 + the 32-wide pooled embedding = 80), the
+    VAE with SDXL's scaling factor, SDXL's Euler scheduler config); tiny widths, random weights,
+    the same bytes for the same seed. ``StableDiffusionXLPipeline.from_pretrained`` loads it.
+    """
+    import diffusers
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    target = _check_target(path, resolution)
+    vocab, merges = _tokenizer_files()
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            UNet2DConditionModel(
+                sample_size=resolution // 8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                transformer_layers_per_block=(1, 2),
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                cross_attention_dim=64,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=80,
+            ).save_pretrained(work / "unet")
+            torch.manual_seed(seed + 1)
+            _tiny_vae(resolution, 0.13025).save_pretrained(work / "vae")
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(_text_config(vocab))
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab))
+        _save_quietly(text_encoder, work / "text_encoder")
+        _save_quietly(text_encoder_2, work / "text_encoder_2")
+        _write_tokenizer(work / "tokenizer", vocab, merges)
+        _write_tokenizer(work / "tokenizer_2", vocab, merges)
+        (work / "scheduler").mkdir()
+        _write_json(work / "scheduler" / "scheduler_config.json", {
+            "_class_name": "EulerDiscreteScheduler", "_diffusers_version": diffusers.__version__,
+            "num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+            "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "prediction_type": "epsilon", "trained_betas": None,
+        })
+        _write_json(work / "model_index.json", {
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+            "force_zeros_for_empty_prompt": True,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "image_encoder": [None, None], "feature_extractor": [None, None],
+        })
+        _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

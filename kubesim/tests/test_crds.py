@@ -54,6 +54,7 @@ CRD = {
         "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
         "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
                       "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                          "metadata": {"type": "object"},  # as most CRDs declare it
                           "spec": SPEC, "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}],
     },
 }

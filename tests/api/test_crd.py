@@ -144,7 +144,7 @@ def test_names_scope_and_version():
 def test_printer_columns():
     columns = VERSION_ENTRY["additionalPrinterColumns"]
     assert [(c["name"], c.get("priority", 0)) for c in columns] == [
-        ("Phase", 0), ("Progress", 0), ("Loss", 0), ("Age", 0), ("Checkpoint", 1), ("Model", 1)
+        ("Phase", 0), ("Progress", 0), ("Loss", 0), ("Age", 0), ("Family", 1), ("Checkpoint", 1), ("Model", 1)
     ]
     assert next(c for c in columns if c["name"] == "Age")["type"] == "date"
 

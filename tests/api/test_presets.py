@@ -103,10 +103,14 @@ ALTERNATIVES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("prior", "enabled"): (True, False),
     ("prior", "classPrompt"): ("a photo of a dog", "a painting"),
     ("prior", "numImages"): (42, 7),
+    ("training", "method"): ("full", "lora"),
+    ("training", "resolution"): (256, 768),
+    ("validation", "scheduler"): ("pndm", "dpm"),
+    ("validation", "inferenceSteps"): (30, 60),
 }
 SNAKE = {"learningRate": "learning_rate", "batchSize": "batch_size",
          "trainTextEncoder": "train_text_encoder", "classPrompt": "class_prompt",
-         "numImages": "num_images"}
+         "numImages": "num_images", "inferenceSteps": "inference_steps"}
 
 
 def test_every_preset_controlled_field_has_alternatives():
@@ -315,3 +319,33 @@ def test_build_trainer_config_is_deterministic():
     job = validate_job(job_doc(preset="face"), cluster=True)
     assert build_trainer_config(job, DEFAULTS) == build_trainer_config(job, DEFAULTS)
     assert build_trainer_config(job, DEFAULTS).spec == effective_spec(job.spec)
+
+
+# --- presets per family -------------------------------------------------------------------
+
+SDXL_PRESETS = {  # preset -> what it sets (diffusers' SDXL DreamBooth example, docs/presets.md)
+    "object": {"method": "lora", "resolution": 1024, "steps": 500, "learning_rate": 1e-4, "batch_size": 4,
+               "prior": False},
+    "face": {"method": "lora", "resolution": 1024, "steps": 500, "learning_rate": 1e-4, "batch_size": 4,
+             "prior": True},
+    "style": {"method": "lora", "resolution": 1024, "steps": 1000, "learning_rate": 1e-4, "batch_size": 4,
+              "prior": False},
+}
+
+
+@pytest.mark.parametrize("preset", SDXL_PRESETS)
+def test_sdxl_presets(preset):
+    spec = effective(preset=preset, baseModel={"uri": "s3://models/sdxl/", "family": "sdxl"})
+    want, t = SDXL_PRESETS[preset], spec.training
+    assert (t.method, t.resolution, t.steps, t.learning_rate, t.batch_size, spec.prior.enabled) == (
+        want["method"], want["resolution"], want["steps"], want["learning_rate"], want["batch_size"], want["prior"])
+    assert (spec.validation.scheduler, spec.validation.inference_steps) == ("euler", 25)
+    assert spec.output.formats == ["lora"] and spec.training.lora.rank == 4
+
+
+def test_auto_and_sd_jobs_keep_the_blogs_numbers():
+    for family in ("auto", "sd"):
+        spec = effective(preset="object", baseModel={"uri": "s3://models/sd15/", "family": family})
+        t = spec.training
+        assert (t.method, t.resolution, t.steps, t.learning_rate, t.batch_size) == ("full", 512, 400, 2e-6, 4)
+        assert (spec.validation.scheduler, spec.validation.inference_steps) == ("ddim", 100)

@@ -19,6 +19,9 @@ Deliberate limits of the comparison, each for a stated reason:
   and Unicode spaces) and Rust's regex (pydantic). No newline: Python's ``$`` also
   matches before a final newline, RE2's and Rust's do not.
 * NaN and infinities: not representable in JSON, so no manifest can carry them.
+* URIs: the CRD's patterns are built from the regex sources ``dreambooth.api.uris`` parses
+  with, and the candidates include what issue 13 refuses (``.``/``..`` segments, query
+  strings, fragments, revisions that are no branch, tag or commit).
 * Two S3 bucket-name rules and one PVC rule cannot be written as an RE2 pattern (no
   look-ahead, no length bound on a part of the URI): buckets with ``..`` or shaped like
   an IPv4 address, and claim names over 253 characters. For those the CRD is knowingly
@@ -241,8 +244,11 @@ _PVC_CLAIMS = ["data", "a", "a.b", "a-b.c-d", "x" * 253, "x" * 254, "Data", "a_b
                "a..b", "a.-b", "a-.b", ".a", "a.", ""]
 _HF_REPOS = ["org/name", "Org-1/Name_2.x", "a/b", "name", "org/", "/name", "org/name/x",
              "-org/name", "org/.name", "org//name"]
-_REVISIONS = ["", "@main", "@refs/pr/1", "@v1.0", "@a@b", "@", "@rev with space"]
-_PATHS = ["", "/", "/prefix/", "/a/b/c.png", "/with space", "/tab\there", "//double", "/ünï"]
+_REVISIONS = ["", "@main", "@refs/pr/1", "@v1.0", "@a@b", "@", "@rev with space", "@v1..0",
+              "@.x", "@x.", "@-x", "@_x", "@a//b", "@a/", "@/a", "@main~1", "@" + "0" * 40]
+_PATHS = ["", "/", "/prefix/", "/a/b/c.png", "/with space", "/tab\there", "//double", "/ünï",
+          "/a/../b", "/./x", "/x/.", "/..", "/...", "/.cache/x", "/a..b", "/x?versionId=1",
+          "/x#frag", "/?", "/%2e%2e/x"]
 _OTHER_URIS = ["file:///data", "file://./photos", "gs://bucket/x", "https://host/x",
                "S3://bucket/x", "s3:/bucket/x", "s3//bucket", "", "bucket/x", "s3://", "pvc://",
                "hf://", " s3://bucket/"]

@@ -13,6 +13,7 @@ The operator's needs are derived from the code itself, not typed again here:
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import re
@@ -138,7 +139,14 @@ def kube_calls() -> Iterator[tuple[str, Triple]]:
 
 def handler_needs() -> set[Triple]:
     """What kopf does for the handlers registered in handlers.py."""
-    registry = kopf.get_default_registry()
+    # handlers.py registers into a registry of its own: kopf's default one also holds those
+    # of any operator another test ran in-process (and kopf run may have replaced it)
+    registry, default = kopf.OperatorRegistry(), kopf.get_default_registry()
+    kopf.set_default_registry(registry)
+    try:
+        importlib.reload(handlers)
+    finally:
+        kopf.set_default_registry(default)
     # handlers that make kopf keep state on the object (annotations, finalizers)
     stateful = {h.selector for h in registry._changing.get_all_handlers()} | {
         h.selector for h in registry._spawning.get_all_handlers()}

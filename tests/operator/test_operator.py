@@ -238,8 +238,9 @@ def test_an_invalid_spec_fails_with_invalid_spec_and_an_event(kube, operator):  
     status = wait_phase(kube, operator, "toy-cat", "Failed")
     ready = condition_in(status, "Ready")
     assert ready["reason"] == "InvalidSpec" and "spec.prior.classPrompt" in ready["message"]
-    events = kube.events(dbj)
-    assert any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec" for e in events), events
+    # the Event follows the status write: wait for it rather than race it
+    kube.wait_for(lambda: any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec"
+                              for e in kube.events(dbj)), timeout=30, what="a Warning InvalidSpec Event")
     assert kube.find("jobs", "default", "toy-cat-trainer") is None
 
 

@@ -30,6 +30,7 @@ from dreambooth.api.config import TrainerConfig
 from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.spec import ResourcesSpec
 from dreambooth.api.termination import TerminationSummary
+from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.operator import naming, resources
 from dreambooth.operator.resources import TrainerInputs
 from dreambooth.operator.settings import OperatorSettings, SettingsError
@@ -444,6 +445,13 @@ def test_pvc_paths_stay_on_their_claim():
     assert resources.local_uri("s3://bucket/x/") == "s3://bucket/x/"
     with pytest.raises(ValueError, match=r"'\.\.'"):
         resources.local_uri("pvc://data/../etc/")
+
+
+def test_a_pvc_path_is_literal_in_the_file_uri_the_pods_read():
+    """pvc:// paths are literal, file:// paths percent-decoded: a '%' stays a '%'."""
+    uri = resources.local_uri("pvc://data/100%25/a%2e%2e/")
+    assert uri == "file:///mnt/pvc/data/100%2525/a%252e%252e/"
+    assert parse_uri(uri, allowed={Scheme.FILE}).path == "/mnt/pvc/data/100%25/a%2e%2e/"
 
 
 def test_no_pvc_no_claims():

@@ -114,30 +114,27 @@ def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int
 
     The same (timestep, noise) draws are used for every model compared, and averaged over
     many draws and all photos, so the random timestep that makes per-step training losses
-    jumpy cancels out: a drop in this number is learning, not luck.
+    jumpy cancels out: a drop in this number is learning, not luck. Any family: the model's
+    own text encoders and conditioning (SDXL: each photo's time ids).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from dreambooth.trainer.data import load_examples
+    from dreambooth.trainer.families import load_components
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    components = load_components(model_dir, str(model_dir))
+    family, unet, vae = components.family, components.denoiser.eval(), components.vae.eval()
+    scheduler = components.noise_scheduler
     examples = load_examples(images_dir, prompt=prompt, resolution=64, use_captions=False, source_uri="test")
     pixels = torch.stack([e.pixels for e in examples])
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    cond = text_encoder(ids)[0].expand(len(examples), -1, -1)
+    cond = family.encode(components.tokenizers, [te.eval() for te in components.text_encoders], [prompt], "cpu")
+    cond = type(cond).stack(cond.rows() * len(examples))
+    sizes = [e.size for e in examples]
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(draws):
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, cond).sample
+        pred = family.predict(unet, scheduler.add_noise(latents, noise, t), t, cond, sizes)
         total += torch.nn.functional.mse_loss(pred, noise).item()
     return total / draws
 

@@ -85,14 +85,16 @@ def test_missing_bucket(inputs, run_in_process):
 
 def test_unknown_model_layout(inputs, run_in_process):
     s3, bucket = inputs
-    store = open_storage(f"s3://{bucket}/models/sdxl/", s3)
-    for name in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+    store = open_storage(f"s3://{bucket}/models/flux/", s3)
+    for name in ("transformer/config.json", "vae/config.json", "text_encoder/config.json",
                  "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
         store.write_bytes(name, b"{}")
-    store.write_bytes("model_index.json", json.dumps({"_class_name": "StableDiffusionXLPipeline"}).encode())
-    code, message = run_in_process(trainer_config(doc(bucket, model="models/sdxl/"), endpoint=s3.endpoint), s3)
+    store.write_bytes("model_index.json", json.dumps({"_class_name": "FluxPipeline"}).encode())
+    code, message = run_in_process(trainer_config(doc(bucket, model="models/flux/"), endpoint=s3.endpoint), s3)
     assert code is ExitCode.BAD_MODEL
-    assert "StableDiffusionXLPipeline" in message and "Stable Diffusion 1.x/2.x" in message
+    assert "holds a FluxPipeline model" in message
+    assert "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)" in message
+    assert "Stable Diffusion XL (StableDiffusionXLPipeline)" in message
 
 
 def test_not_a_model_folder(toy_cat_dir, tmp_path, run_in_process):

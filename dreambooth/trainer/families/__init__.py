@@ -15,8 +15,9 @@ from dreambooth.trainer.families.base import (
     pipeline_class_of,
 )
 from dreambooth.trainer.families.sd import StableDiffusion
+from dreambooth.trainer.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
 
 __all__ = ["FAMILIES", "Components", "Conditioning", "Family", "SampleSize", "detect", "load_components"]
 

@@ -89,6 +89,9 @@ class Family(ABC):
     tokenizer_names: ClassVar[tuple[str, ...]]
     #: what a user reads in messages, e.g. "Stable Diffusion 1.x/2.x"
     title: ClassVar[str]
+    #: the VAE encodes the photos in float32 whatever the mixed precision (SDXL's overflows
+    #: in fp16)
+    vae_in_fp32: ClassVar[bool] = False
 
     # --- the folder --------------------------------------------------------------------
 
