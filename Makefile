@@ -31,9 +31,10 @@ test: $(VENV)/.dev
 test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "not slow"
 
-## crds: regenerate crds/ and the chart's CRD copy from dreambooth/api
+## crds: regenerate crds/ and the chart's CRD copy from dreambooth/api, the chart's RBAC rules from dreambooth/operator/rbac.py
 crds: $(VENV)/.dev
 	$(BIN)/dreambooth crd --write
+	$(BIN)/python -m dreambooth.operator.rbac
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check dreambooth tests bench kubesim

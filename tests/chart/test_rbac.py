@@ -222,6 +222,10 @@ def _rule_triples(rules: list[dict[str, Any]]) -> set[Triple]:
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
+def test_committed_rbac_template_is_generated_from_rbac_py():
+    assert (ROOT / rbac.TEMPLATE).read_text() == rbac.render_template(), "run `make crds`"
+
+
 @pytest.mark.parametrize("values", [{}, {"storage": {"endpoint": "minio:9000"}, "serviceMonitor": {"enabled": True}}],
                          ids=["defaults", "other values"])
 def test_cluster_wide_chart_renders_rbac_py_rules(values):
