@@ -24,6 +24,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped model with random weights (built once)."""
+    from dreambooth.trainer.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", resolution=64)
+
+
+@pytest.fixture(scope="session")
 def toy_cat_dir(tmp_path_factory) -> Path:
     """Four synthetic instance photos of one toy cat."""
     from dreambooth.demo import draw_toy_cats

@@ -19,13 +19,6 @@ from tests.support.trainer import denoising_loss, job_document, trainer_config
 PROMPT = "a photo of zwx toy cat"
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory):
-    from dreambooth.trainer.tiny import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
 def sdxl_job(model, photos, out, *, steps, training, formats, every=None, **spec):
     doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every or steps,
                        training=training, **spec)
