@@ -8,7 +8,7 @@ import pytest
 
 from kubesim.api import Decl
 from kubesim.kube import Kube, KubectlMissing, clients_use, running_kube
-from kubesim.s3server import S3Server, weed_binary
+from kubesim.tests.fixtures import s3_server  # noqa: F401
 
 #: The custom resource these tests use, declared without a CRD object (no schema: any spec
 #: is stored as sent). test_crds.py installs real CRD objects.
@@ -22,16 +22,6 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     with (running_kube(tmp_path_factory.mktemp("kube"), resources=[DBJ_DECL]) as handle,
           clients_use(handle.kubeconfig)):
         yield handle
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    try:
-        weed_binary()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    with S3Server() as server:
-        yield server
 
 
 @pytest.hookimpl(wrapper=True)
