@@ -29,7 +29,7 @@ COPY dreambooth ./dreambooth
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --------------------------------------------------------------------------- operator
-# The kopf operator: slim Python, no torch (`.[operator]` only).
+# The kopf operator and the gallery (`dreambooth gallery`): slim Python, no torch (`.[operator,gallery]` only).
 FROM ${PYTHON_IMAGE} AS operator
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -41,7 +41,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
     --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
- && pip install --constraint /tmp/constraints.txt "$(ls /wheels/dreambooth_operator-*.whl)[operator]" \
+ && pip install --constraint /tmp/constraints.txt "$(ls /wheels/dreambooth_operator-*.whl)[operator,gallery]" \
  && ! pip show torch diffusers transformers >/dev/null 2>&1 \
  && groupadd --gid 1000 dreambooth \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin dreambooth

@@ -48,7 +48,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.trainer: $(VENV)/bin/python pyproject.toml constraints.txt
-	$(PIP) -e '.[trainer]'
+	$(PIP) -e '.[trainer,gallery]'
 	touch $@
 
 $(VENV)/.dev: $(VENV)/bin/python pyproject.toml constraints.txt

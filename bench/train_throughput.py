@@ -35,7 +35,12 @@ VARIANTS: dict[str, dict] = {
     "LoRA rank 4": {"method": "lora", "learningRate": 1e-4},
     "+ gradient checkpointing": {"gradientCheckpointing": True},
     "8-bit AdamW": {"optimizer": "adamw8bit"},
+    # photos of three aspect ratios, each micro-batch from its own bucket, mirrored at random
+    "buckets, 3 aspect ratios, random flip": {"_mixed_photos": True, "randomFlip": True},
 }
+
+#: (width, height) of the photos of the bucket variant, in units of the resolution
+MIXED_PHOTOS = [(2.0, 1.2), (1.2, 2.0), (1.5, 1.5), (2.0, 1.2)]
 
 
 class EncodeEveryStep:
@@ -84,6 +89,10 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     doc = demo_job_document(root)
     options = dict(VARIANTS.get(variant or "", {}))
     encode_every_step = options.pop("_encode_every_step", False)
+    if options.pop("_mixed_photos", False):
+        draw_mixed_photos(root / "instance", resolution)
+        # the tiny model downsamples by 16: buckets of about resolution^2 pixels on that step
+        options["buckets"] = {"enabled": True, "minSide": resolution // 2, "maxSide": 2 * resolution, "step": 16}
     doc["spec"]["training"].update(steps=steps + warmup, batchSize=1, resolution=resolution, **options)
     doc["spec"]["checkpointing"] = {"everySteps": steps + warmup}
     doc["spec"]["validation"] = {"enabled": False}
@@ -122,6 +131,16 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
         "baseline_rss_mb": baseline_rss / 2**20,
         "weights_and_adam_mb": (2 * trainable + frozen + 2 * adam_state + trainable) / 2**20,
     }
+
+
+def draw_mixed_photos(folder: Path, resolution: int) -> None:
+    """The toy cats resized to landscape, portrait and square photos (replacing the squares)."""
+    from PIL import Image
+
+    squares = sorted(folder.glob("*.png"))
+    for path, (w, h) in zip(squares, MIXED_PHOTOS, strict=False):
+        with Image.open(path) as img:
+            img.resize((round(w * resolution), round(h * resolution))).save(path)
 
 
 def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: int) -> float:

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crd)
 
     from dreambooth import local
+    from dreambooth.gallery import cli as gallery
 
     local.add_commands(sub)
+    gallery.add_command(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from dreambooth.api import DreamBoothJob, build_trainer_config, validate_job
 from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
 from dreambooth.api.uris import Scheme, parse_uri
+from dreambooth.gallery.cli import DEFAULT_PORT
 from dreambooth.jobfiles import load_job, local_defaults
 
 
@@ -78,6 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{root / 'output' / 'samples'}.\nNext: .venv/bin/dreambooth train "
             "examples/local/toy-cat.yaml with your own photos and a real base model."
         )
+        print(f"\nLook at it in the browser: .venv/bin/dreambooth gallery {root.parent}\n"
+              f"  then open http://127.0.0.1:{DEFAULT_PORT}/jobs/local/{root.name}")
     return code
 
 

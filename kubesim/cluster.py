@@ -102,6 +102,8 @@ def example_manifest(example: str, s3_endpoint: str, *, name: str | None = None,
     doc["metadata"]["name"] = name or doc["metadata"]["name"]
     doc["spec"]["storage"]["endpoint"] = s3_endpoint
     doc["spec"] = merge(merge(doc["spec"], TINY), spec_changes)
+    if doc["spec"]["validation"].get("enabled") is False:  # a disabled feature takes no settings
+        doc["spec"]["validation"] = copy.deepcopy(spec_changes["validation"])
     return doc
 
 

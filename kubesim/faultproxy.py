@@ -187,4 +187,9 @@ def _hard_close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     with contextlib.suppress(OSError):
+        # close() alone leaves a socket open while a pump thread is blocked in recv() on it
+        # (the kernel holds it for that call): nothing is cut, the client waits for its read
+        # timeout. shutdown() wakes that thread; the close then resets.
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         sock.close()

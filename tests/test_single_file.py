@@ -25,6 +25,8 @@ from dreambooth.trainer.single_file import (
     save_single_file,
     to_original_state_dict,
 )
+from dreambooth.trainer.single_file_sdxl import PARTS as SDXL_PARTS
+from dreambooth.trainer.single_file_sdxl import to_sdxl_state_dict
 from dreambooth.trainer.tiny import build_tiny_model
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -177,4 +179,38 @@ def test_unexpected_key_is_named(pipeline, part, key, message):
 def test_missing_component_is_an_error(pipeline, tmp_path):
     with pytest.raises(SingleFileExportError, match="no text_encoder"):
         save_single_file({"unet": pipeline.unet, "vae": pipeline.vae}, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreambooth.trainer.tiny import build_tiny_sdxl
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path_factory.mktemp("xl") / "m"))
+    return {name: dict(getattr(pipe, name).state_dict()) for name in SDXL_PARTS}
+
+
+@pytest.mark.parametrize(
+    ("part", "key", "message"),
+    [
+        ("unet", "add_embedding.linear_3.weight", "UNet key 'add_embedding.linear_3.weight'"),
+        ("text_encoder", "text_projection.weight", "text encoder key 'text_projection.weight'"),
+        ("text_encoder_2", "encoder.layers.0.self_attn.q_proj.lora_A.weight", "text encoder 2 key"),
+    ],
+)
+def test_sdxl_unexpected_key_is_named(sdxl_parts, part, key, message):
+    parts = {name: dict(sd) for name, sd in sdxl_parts.items()}
+    parts[part][key] = torch.zeros(1)
+    with pytest.raises(SingleFileExportError, match=re.escape(message)):
+        to_sdxl_state_dict(*(parts[name] for name in SDXL_PARTS))
+
+
+def test_a_kohya_lora_of_a_model_without_adapters_is_an_error(pipeline, tmp_path):
+    from dreambooth.trainer.families import FAMILIES
+    from dreambooth.trainer.kohya import KohyaExportError
+
+    with pytest.raises(KohyaExportError, match="no LoRA adapters"):
+        FAMILIES["sd"].save_lora_kohya(pipeline, tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from dreambooth.api.pod import (
     CREDENTIAL_PATTERN,
@@ -25,8 +26,9 @@ from dreambooth.api.pod import (
     RESERVED_ENV,
     reserved_label,
 )
-from dreambooth.api.presets import Preset, preset_value
-from dreambooth.api.spec import DreamBoothJobSpec, RunPolicySpec
+from dreambooth.api.presets import ModelFamily, Preset, preset_value
+from dreambooth.api.redact import SECRET_PATTERN
+from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec, RunPolicySpec
 from dreambooth.api.status import DreamBoothJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -49,16 +51,138 @@ def _immutable(field: str, optional: bool = False) -> dict[str, str]:
     }
 
 
-def _presets_with_prior() -> list[str]:
-    return [p.value for p in Preset if preset_value(p, "prior", "enabled")]
+def _cel_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _preset_gives(section: str, field: str, test=bool) -> str:
+    """CEL: the job's preset, for the job's family, gives ``section.field`` a value that
+    passes ``test`` (an unnamed family, ``auto``, gets SD 1.x/2.x defaults, as in
+    dreambooth.api.resolve.family_of)."""
+
+    def among(family: ModelFamily) -> str:
+        presets = [p.value for p in Preset if test(preset_value(p, section, field, family))]
+        if len(presets) == len(Preset):
+            return "true"
+        return f"self.preset in [{', '.join(map(_cel_string, presets))}]" if presets else "false"
+
+    default = among(ModelFamily.SD)
+    own = {f: among(f) for f in ModelFamily if f not in (ModelFamily.AUTO, ModelFamily.SD)}
+    own = {f: test_ for f, test_ in own.items() if test_ != default}
+    if not own:
+        return default
+    others = ", ".join(_cel_string(f.value) for f in own)
+    cases = [(f"!(self.baseModel.family in [{others}])", default),
+             *((f"self.baseModel.family == {_cel_string(f.value)}", test_) for f, test_ in own.items())]
+    terms = [family + ("" if test_ == "true" else f" && {test_}") for family, test_ in cases if test_ != "false"]
+    return "(" + " || ".join(f"({t})" for t in terms) + ")" if terms else "false"
+
+
+def _effective(path: str, section: str, field: str, value: str = "true") -> str:
+    """CEL: the effective ``path`` (a spec field read with the preset's default) equals
+    ``value``."""
+    wire = f"self.{path}"
+    return (f"(has({wire}) ? {wire}{'' if value == 'true' else ' == ' + value} : "
+            f"{_preset_gives(section, field, lambda v: _cel_value(v) == value)})")
+
+
+def _cel_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _cel_string(value) if isinstance(value, str) else repr(value)
+
+
+#: CEL: the run trains LoRA adapters / with prior preservation / the text encoder
+LORA = _effective("training.method", "training", "method", "'lora'")
+PRIOR = _effective("prior.enabled", "prior", "enabled")
+TEXT_ENCODER = (f"(has(self.training.trainTextEncoder) ? self.training.trainTextEncoder : "
+                f"(!{LORA} && {_preset_gives('training', 'trainTextEncoder')}))")
+_FORMATS = "self.output.formats"
+_LORA_FORMATS = ", ".join(_cel_string(f.value) for f in sorted(LORA_FORMATS))
+_SETTINGS_NEED = "only used when {0}.enabled is true: remove it, or set {0}.enabled: true"
+
+
+def _meaning_rules() -> list[dict[str, str]]:
+    """dreambooth.api.rules' cross-field rules that need the preset's values, written with
+    them (the preset and family are in the spec, so the API server can apply them)."""
+    never = lambda field: f"(!has(self.{field}) || {{}})".format
+    rules = [
+        (f"!{PRIOR} || has(self.prior.classPrompt) || "
+         f"{_preset_gives('prior', 'classPrompt', lambda v: v is not None)}",
+         "prior.classPrompt is required when prior preservation is enabled"),
+        *((f"!has(self.prior.{f}) || {PRIOR}", f"prior.{f} is " + _SETTINGS_NEED.format("prior"))
+          for f in ("classPrompt", "numImages")),
+        (f"!has(self.prior.lossWeight) || self.prior.lossWeight == 1.0 || {PRIOR}",
+         "prior.lossWeight is " + _SETTINGS_NEED.format("prior")),
+        ("!has(self.validation.enabled) || self.validation.enabled || "
+         "((!has(self.validation.prompts) || size(self.validation.prompts) == 0) && "
+         + " && ".join(f"!has(self.validation.{f})" for f in ("everySteps", "inferenceSteps",
+                                                               "negativePrompt"))
+         + ")",
+         "validation.prompts, everySteps, inferenceSteps and negativePrompt are "
+         + _SETTINGS_NEED.format("validation")),
+        (never("training.textEncoderSteps")(TEXT_ENCODER),
+         "training.textEncoderSteps only applies when training.trainTextEncoder is true"),
+        (never("training.textEncoderLearningRate")(TEXT_ENCODER),
+         "training.textEncoderLearningRate only applies when training.trainTextEncoder is true"),
+        (f"!(has(self.training.trainTextEncoder) && self.training.trainTextEncoder && {LORA})",
+         "training.trainTextEncoder with method lora: use training.lora.textEncoder: true instead"),
+        (f"!(has(self.training.ema) && self.training.ema && {LORA})",
+         "training.ema is only supported with training.method: full"),
+        (f"!has(self.training.textualInversion) || !{LORA}",
+         "training.textualInversion (textual inversion + DreamBooth) needs training.method: full"),
+        (f"!has({_FORMATS}) || {_FORMATS}.all(f, {_FORMATS}.exists_one(g, g == f))",
+         "output.formats lists a format twice"),
+        (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f in [{_LORA_FORMATS}])",
+         "output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
+         "safetensors need training.method: full"),
+        *_family_rules(),
+        ("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
+         ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')",
+         "training.textualInversion.placeholderToken must appear as a word in instance.prompt"),
+        ("!has(self.prior.classPrompt) || self.prior.classPrompt != self.instance.prompt",
+         "prior.classPrompt must differ from instance.prompt (the class without the identifier)"),
+        *((f"!has(self.{field}) || !string(self.{field} + '/').startsWith("
+           "self.instance.uri.endsWith('/') ? self.instance.uri : self.instance.uri + '/')",
+           f"{field} must not be inside instance.uri (it would be read as photos of the subject)")
+          for field in ("output.uri", "prior.uri")),
+        ("!has(self.baseModel.revision) || self.baseModel.uri.startsWith('hf://')",
+         "baseModel.revision only applies to hf:// models"),
+        ("!has(self.baseModel.revision) || !self.baseModel.uri.contains('@')",
+         "baseModel.revision is given twice: drop it or the @revision in baseModel.uri"),
+    ]
+    return [{"rule": r, "message": m} for r, m in rules]
+
+
+def _family_rules():
+    """What a named family cannot take (dreambooth.api.rules.family_violations), as CEL."""
+    for family, facts in FACTS.items():
+        if family is ModelFamily.SD:
+            continue
+        named = f"self.baseModel.family != {_cel_string(family.value)}"
+        formats = ", ".join(_cel_string(f.value) for f in sorted(facts.formats))
+        allowed = ", ".join(sorted(f.value for f in facts.formats))
+        yield (f"{named} || !has({_FORMATS}) || {_FORMATS}.all(f, f in [{formats}])",
+               f"output.formats: {facts.title} models can be written as {allowed} only")
+        if not facts.textual_inversion:
+            yield (f"{named} || !has(self.training.textualInversion)",
+                   f"training.textualInversion is not supported for {facts.title} models")
+
+
+def _no_secret(field: str) -> str:
+    return f"!{field}.matches({_cel_string(SECRET_PATTERN)})"
+
+
+_SECRET_MESSAGE = ("looks like it holds a credential: prompts are stored in the job, the "
+                   "trainer's config and its logs; remove it")
 
 
 def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
     """CEL rules by schema path (property names below spec). Mirrors dreambooth.api.rules
     where a rule does not depend on preset values the API server cannot see."""
     spec_fields = [n for n in DreamBoothJobSpec.model_fields if n != "run_policy"]
-    prior_presets = " || ".join(f"self.preset == '{p}'" for p in _presets_with_prior())
     processes = "self.resources.nodes * (self.resources.gpusPerNode == 0 ? 1 : self.resources.gpusPerNode)"
+    lora_method = LORA
     return {
         (): [
             *(_immutable(DreamBoothJobSpec.model_fields[n].alias or n) for n in spec_fields),
@@ -74,9 +198,14 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "message": "checkpointing.everySteps must be at most training.steps",
             },
             {
-                "rule": "!has(self.training.lora) || (has(self.training.method) ? self.training.method == 'lora'"
-                " : self.baseModel.family == 'sdxl')",
+                "rule": f"!has(self.training.lora) || {lora_method}",
                 "message": "training.lora needs training.method: lora",
+            },
+            {
+                "rule": "!has(self.output.formats) || !self.output.formats.exists(f, "
+                f"{' || '.join(f'f == {_cel_string(v)}' for v in sorted(LORA_FORMATS))}) || {lora_method}",
+                "message": "output.formats: lora and lora-kohya need training.method: lora (a full "
+                "fine-tune has no adapters to export)",
             },
             {
                 "rule": "self.training.mixedPrecision != 'fp16' || self.resources.gpusPerNode > 0",
@@ -89,11 +218,36 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
                 "gpusPerNode) x gradientAccumulationSteps",
             },
             {
-                "rule": "!has(self.prior.uri) || (has(self.prior.enabled) ? self.prior.enabled : "
-                f"({prior_presets}))",
+                "rule": f"!has(self.prior.uri) || {PRIOR}",
                 "message": "prior.uri is only used when prior.enabled is true",
             },
+            {
+                "rule": "!has(self.output.export) || self.output.export != 'best' || "
+                "(has(self.evaluation.enabled) && self.evaluation.enabled)",
+                "message": "output.export best needs evaluation.enabled: true",
+            },
+            {
+                "rule": "!has(self.evaluation.enabled) || !self.evaluation.enabled || "
+                "!has(self.validation.enabled) || self.validation.enabled",
+                "message": "evaluation.enabled needs validation.enabled: true",
+            },
+            *_meaning_rules(),
         ],
+        ("instance",): [{"rule": _no_secret("self.prompt"), "message": f"instance.prompt {_SECRET_MESSAGE}"}],
+        ("prior",): [{"rule": f"!has(self.classPrompt) || {_no_secret('self.classPrompt')}",
+                      "message": f"prior.classPrompt {_SECRET_MESSAGE}"}],
+        ("validation",): [
+            {"rule": f"!has(self.prompts) || self.prompts.all(p, {_no_secret('p')})",
+             "message": f"validation.prompts: an item {_SECRET_MESSAGE}"},
+            {"rule": f"!has(self.negativePrompt) || {_no_secret('self.negativePrompt')}",
+             "message": f"validation.negativePrompt {_SECRET_MESSAGE}"},
+        ],
+        ("training", "textualInversion"): [{
+            "rule": "self.placeholderToken != self.initializerToken",
+            "message": "training.textualInversion.placeholderToken must differ from "
+            "initializerToken (a new token, not the word it starts from)",
+        }],
+        ("resources", "tolerations", ITEMS): _toleration_rules(),
         ("training",): [
             {
                 "rule": "!has(self.textEncoderSteps) || !has(self.steps) || "
@@ -103,6 +257,16 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             {
                 "rule": "self.lrWarmupSteps == 0 || !has(self.steps) || self.lrWarmupSteps < self.steps",
                 "message": "training.lrWarmupSteps must be less than training.steps",
+            },
+        ],
+        ("training", "buckets"): [
+            *({
+                "rule": f"!has(self.{side}) || self.{side} % self.step == 0",
+                "message": f"training.buckets.{side} must be a multiple of training.buckets.step",
+            } for side in ("minSide", "maxSide")),
+            {
+                "rule": "!has(self.minSide) || !has(self.maxSide) || self.minSide <= self.maxSide",
+                "message": "training.buckets.minSide must be at most training.buckets.maxSide",
             },
         ],
         ("resources",): _resources_rules(),
@@ -117,10 +281,6 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
 
 #: a path part of :func:`_cel_rules` that means "each item of this list"
 ITEMS = "[]"
-
-
-def _cel_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _resources_rules() -> list[dict[str, str]]:
@@ -146,6 +306,19 @@ def _resources_rules() -> list[dict[str, str]]:
             "message": "resources.extraResources must not name cpu or memory: use resources.cpu "
             "and resources.memory",
         },
+    ]
+
+
+def _toleration_rules() -> list[dict[str, str]]:
+    """The API server's rules for a pod's tolerations (dreambooth.api.rules._tolerations)."""
+    return [
+        {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
+                 "self.value == ''",
+         "message": "resources.tolerations: operator Exists takes no value"},
+        {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+         "message": "resources.tolerations: a toleration without a key needs operator: Exists"},
+        {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+         "message": "resources.tolerations: tolerationSeconds only applies to effect NoExecute"},
     ]
 
 
@@ -190,6 +363,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**inner, **node}
         if node.get("default", "") is None:
             del node["default"]
+        if isinstance(node.get("default"), dict) and node["default"]:
+            node["default"] = {}
+        # inner is structural already: its properties must not be converted twice
+        return {k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))}
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[base] = node[bound]
@@ -197,6 +374,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if "const" in node:
         node["enum"] = [node.pop("const")]
         node.setdefault("type", "string")
+    if "patternProperties" in node:  # map keys with a pattern: no structural form, so the
+        # CRD checks the values only and the models check the keys (e.g. nodeSelector)
+        (values,) = node.pop("patternProperties").values()
+        node["additionalProperties"] = values
+    node.pop("propertyNames", None)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP and not (key == "additionalProperties" and isinstance(value, dict)):

@@ -9,8 +9,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from dreambooth.api import k8s_names
+from dreambooth.api.redact import shown
 from dreambooth.api.rules import violations
-from dreambooth.api.spec import ApiModel, DreamBoothJobSpec
+from dreambooth.api.spec import ApiModel, DreamBoothJobSpec, LabelKey, LabelValue
 from dreambooth.api.status import DreamBoothJobStatus
 
 GROUP = "dreambooth.io"
@@ -28,10 +30,12 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    namespace: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    name: str = Field(min_length=1, max_length=k8s_names.DNS_LABEL_MAX,
+                      pattern=k8s_names.anchored(k8s_names.DNS_LABEL))
+    namespace: str | None = Field(None, min_length=1, max_length=k8s_names.DNS_LABEL_MAX,
+                                  pattern=k8s_names.anchored(k8s_names.DNS_LABEL))
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
     uid: str | None = None
     generation: int | None = None
 
@@ -64,18 +68,25 @@ class SpecError(ValueError):
 
 #: pydantic error types of a string or enum field given something else
 _STRING_ERRORS = frozenset({"string_type", "enum", "literal_error", "str_type"})
-_SHOWN_CHARS = 60
 
 
-def _shown(value: Any) -> str:
-    """``value`` for a message: never a huge value whole."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
+#: what to do, for errors whose pydantic message says only what is wrong
+_HINTS = {
+    ("lora", "targetModules"): "LoRA would train nothing; name the modules that get adapters, "
+    "e.g. [to_q, to_k, to_v, to_out.0] (the default when targetModules is left out)",
+}
+#: pydantic's last location part for a bad dict key
+_KEY = "[key]"
+_PART_MAX = 64
 
 
 def _path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if part == _KEY:
+            continue
+        if isinstance(part, str) and len(part) > _PART_MAX:  # a huge map key
+            part = f"{part[:_PART_MAX - 24]}...({len(part)} characters)"
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -118,6 +129,12 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
             message = e["ctx"]["message"]
         elif e["type"] == "missing":
             message = "required"
+        elif tuple(loc[-2:]) in _HINTS:
+            message = f"{message}: {_HINTS[tuple(loc[-2:])]}"
+        elif e["type"] == "string_pattern_mismatch" and k8s_names.words(e["ctx"]["pattern"]):
+            message = f"{k8s_names.words(e['ctx']['pattern'])} (got {shown(e['input'])})"
+            if loc and loc[-1] == _KEY:
+                message = f"the key: {message}"
         elif e["type"] == "extra_forbidden":
             allowed = _allowed_fields(root, loc[:-1])
             camel = to_camel(str(loc[-1])) if loc else ""
@@ -132,7 +149,7 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
             message += (f" (got {str(e['input']).lower()}: YAML reads an unquoted {word} as a boolean; "
                         "quote the value, e.g. 'no')")
         elif isinstance(e.get("input"), str | int | float | bool) and e["type"] != "value_error":
-            message += f" (got {_shown(e['input'])})"
+            message += f" (got {shown(e['input'])})"
         path = _path(loc)
         issues.append(FieldIssue(f"{prefix}.{path}" if prefix and path else prefix or path, message))
     return issues

@@ -8,7 +8,8 @@ Keys are relative to the job's output prefix (default ``s3://<bucket>/<namespace
     samples/progression.png          rows = sampled steps, columns = prompts
     model/                           the diffusers folder
     model.safetensors                one file in the original layout (A1111, ComfyUI)
-    lora/                            LoRA adapters
+    lora/                            LoRA adapters: pytorch_lora_weights.safetensors (diffusers)
+    lora/<name>_kohya.safetensors    the same adapters in the kohya/WebUI format (A1111, ComfyUI)
     evaluation.jsonl, history.jsonl  per-checkpoint evaluation, per-step loss and learning rate
     result.json                      written last: the run is complete
 
@@ -37,6 +38,23 @@ CLASS_CACHE = ".cache/class-images/"
 
 _CHECKPOINT = re.compile(r"^checkpoints/checkpoint-(\d+)/")
 _SAMPLE = re.compile(r"^samples/step-(\d+)\.png$")
+
+
+def lora_kohya(name: str) -> str:
+    """``lora/<name>_kohya.safetensors``: named after the job, as WebUI lists LoRAs by file name."""
+    return f"{LORA}{name}_kohya.safetensors"
+
+
+#: the final model's key by output format, in the order the first one asked for names it
+FINAL_MODEL = {"diffusers": MODEL, "lora": LORA, "safetensors": SINGLE_FILE,
+               "lora-kohya": LORA}
+
+
+def final_model(formats) -> str:
+    """The key that holds the last step's weights: the first of model/, lora/,
+    model.safetensors that ``formats`` (output format names) ask for."""
+    asked = {str(f) for f in formats} or {"diffusers"}
+    return next(key for fmt, key in FINAL_MODEL.items() if fmt in asked)
 
 
 def checkpoint(step: int) -> str:

@@ -33,6 +33,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from dreambooth.api.redact import secret_shape, shown
+
 #: kubectl sends each document as one request; the API server takes at most 3 MiB
 MAX_FILE_BYTES = 3 * 1024 * 1024
 MAX_DEPTH = 64
@@ -72,7 +74,8 @@ class Document:
     @property
     def name(self) -> str:
         meta = self.data.get("metadata") if isinstance(self.data, dict) else None
-        return str(meta.get("name", "?")) if isinstance(meta, dict) else "?"
+        name = str(meta.get("name", "?")) if isinstance(meta, dict) else "?"
+        return name if len(name) <= 63 and not secret_shape(name) else shown(name)
 
 
 class _Resolver(yaml.resolver.BaseResolver):

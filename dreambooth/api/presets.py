@@ -26,12 +26,13 @@ class ModelFamily(StrEnum):
     AUTO = "auto"
     SD = "sd"
     SDXL = "sdxl"
+    SD3 = "sd3"
 
 
 #: Fallbacks for preset-controlled fields (section -> field (wire name) -> value).
 BASE: dict[str, dict[str, Any]] = {
     "training": {"steps": 400, "learningRate": 2e-6, "batchSize": 1, "trainTextEncoder": False,
-                 "method": "full", "resolution": 512},
+                 "method": "full", "resolution": 512, "buckets": {"enabled": False}},
     "prior": {"enabled": False, "numImages": 100},
     # the seed: DDIM beat PNDM and LMS clearly on overfit models, up to 100 steps worked well
     "validation": {"scheduler": "ddim", "inferenceSteps": 100},
@@ -65,13 +66,26 @@ PRESETS: dict[Preset, dict[str, dict[str, Any]]] = {
 #: script's default) on the UNet at 1024 px, LR 1e-4 constant, 500 steps, 4 images per step
 #: (batch 1 x 4 accumulation on a 40 GB A100), no text-encoder training, no prior
 #: preservation: "decent results" on its dog, logo, toy and face datasets alike. Samples: 25
-#: steps of the Euler scheduler SDXL ships with (its inference example).
+#: steps of the Euler scheduler SDXL ships with (its inference example). Aspect-ratio buckets
+#: on: SDXL was trained on them and conditions on each image's size and crop (its paper).
 FAMILY_BASE: dict[ModelFamily, dict[str, dict[str, Any]]] = {
     ModelFamily.SDXL: {
         "training": {"method": "lora", "resolution": 1024, "steps": 500, "learningRate": 1e-4, "batchSize": 4,
-                     "trainTextEncoder": False},
+                     "trainTextEncoder": False, "buckets": {"enabled": True}},
         "validation": {"scheduler": "euler", "inferenceSteps": 25},
     },
+}
+#: diffusers' SD3 DreamBooth LoRA example (examples/dreambooth/README_sd3.md,
+#: train_dreambooth_lora_sd3.py): LoRA rank 4 (the script's default) on the transformer's
+#: attention, LR 4e-4 constant, 500 steps, 4 images per step (batch 1 x 4 accumulation), no
+#: text-encoder training, T5 prompts of 77 tokens (the script's default); 1024 px, the
+#: resolution of the README's other SD3 runs and of SD3 itself (the LoRA command trains at
+#: 512). Samples: StableDiffusion3Pipeline's flow-matching Euler scheduler at its default 28
+#: steps.
+FAMILY_BASE[ModelFamily.SD3] = {
+    "training": {"method": "lora", "resolution": 1024, "steps": 500, "learningRate": 4e-4, "batchSize": 4,
+                 "trainTextEncoder": False, "maxSequenceLength": 77},
+    "validation": {"scheduler": "flow_euler", "inferenceSteps": 28},
 }
 #: The same recipe for every SDXL preset: the example reports it for a face too, and faces
 #: keep prior preservation's class images; a style takes more steps (as SD 1.x's does).
@@ -82,6 +96,14 @@ FAMILY_PRESETS: dict[ModelFamily, dict[Preset, dict[str, dict[str, Any]]]] = {
         Preset.STYLE: {"training": {"steps": 1000}, "prior": {"enabled": False}},
         Preset.CUSTOM: {},
     },
+}
+#: SD3 as SDXL: one recipe; faces keep prior preservation, a style takes more steps (the
+#: README's style run, yarn art, trains 1,500).
+FAMILY_PRESETS[ModelFamily.SD3] = {
+    Preset.OBJECT: {"prior": {"enabled": False}},
+    Preset.FACE: {"prior": {"enabled": True, "classPrompt": "a photo of a person", "numImages": 200}},
+    Preset.STYLE: {"training": {"steps": 1500}, "prior": {"enabled": False}},
+    Preset.CUSTOM: {},
 }
 
 
@@ -98,13 +120,16 @@ def preset_value(preset: Preset, section: str, field: str, family: ModelFamily =
 
 def describe(section: str, field: str) -> str:
     """One line for a field's description: its default under each preset (SD 1.x/2.x; SDXL
-    where it differs)."""
+    and SD3 where they differ)."""
     def values(family: ModelFamily) -> list[str]:
         found = [(preset, preset_value(preset, section, field, family)) for preset in Preset]
         return [f"{p} {v!r}".replace("True", "true").replace("False", "false") for p, v in found if v is not None]
 
-    sd, sdxl = values(ModelFamily.SD), values(ModelFamily.SDXL)
+    sd = values(ModelFamily.SD)
     if not sd:
         return ""
     text = " Default: from the preset (" + ", ".join(sd) + ")"
-    return text + ("; SDXL: " + ", ".join(sdxl) if sdxl != sd else "") + "."
+    for family, title in ((ModelFamily.SDXL, "SDXL"), (ModelFamily.SD3, "SD3")):
+        other = values(family)
+        text += f"; {title}: " + ", ".join(other) if other != sd else ""
+    return text + "."

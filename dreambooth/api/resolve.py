@@ -9,10 +9,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
+from pydantic.alias_generators import to_snake
 
+from dreambooth.api.families import FACTS
 from dreambooth.api.presets import ModelFamily, preset_value
 from dreambooth.api.spec import (
+    BucketsSpec,
     DreamBoothJobSpec,
     LoraSpec,
     Method,
@@ -27,10 +30,17 @@ def _fill(section: Any, section_name: str, preset: Any, family: ModelFamily) -> 
     """Values the preset (or BASE) gives to the fields of ``section`` left unset (None)."""
     updates: dict[str, Any] = {}
     for name, field in type(section).model_fields.items():
-        if getattr(section, name) is None:
+        current = getattr(section, name)
+        if current is None or isinstance(current, BaseModel):
             value = preset_value(preset, section_name, field.alias or name, family)
-            if value is not None:  # presets hold wire values: "lora" becomes Method.LORA
+            if value is None:
+                continue
+            if current is None:  # presets hold wire values: "lora" becomes Method.LORA
                 updates[name] = _adapter(field.annotation).validate_python(value)
+            elif isinstance(value, dict):  # a nested section (training.buckets): its unset fields
+                unset = {k: v for k, v in value.items() if getattr(current, to_snake(k)) is None}
+                if unset:
+                    updates[name] = type(current).model_validate({**current.wire(), **unset})
     return updates
 
 
@@ -60,6 +70,9 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
         t_fill["train_text_encoder"] = False
     training = spec.training.model_copy(update=t_fill)
     prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset, family))
+    if not prior.enabled:  # a disabled feature gets no settings (dreambooth.api.rules refuses them)
+        prior = prior.model_copy(update={"class_prompt": spec.prior.class_prompt,
+                                         "num_images": spec.prior.num_images})
 
     t_updates: dict[str, Any] = {}
     if training.text_encoder_learning_rate is None and training.train_text_encoder:
@@ -68,7 +81,11 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
         lora = training.lora or LoraSpec()
         if lora.alpha is None:
             lora = lora.model_copy(update={"alpha": float(lora.rank)})
+        if lora.target_modules is None:
+            lora = lora.model_copy(update={"target_modules": list(FACTS[family].lora_targets)})
         t_updates["lora"] = lora
+    if training.buckets is not None and training.buckets.enabled and training.resolution:
+        t_updates["buckets"] = bucket_bounds(training.buckets, training.resolution)
     training = training.model_copy(update=t_updates)
 
     checkpointing = spec.checkpointing
@@ -78,10 +95,13 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
 
     validation = spec.validation
     v_updates: dict[str, Any] = _fill(validation, "validation", spec.preset, family)
-    if not validation.prompts:
-        v_updates["prompts"] = [spec.instance.prompt]
-    if validation.every_steps is None:
-        v_updates["every_steps"] = checkpointing.every_steps
+    if not validation.enabled:  # only the scheduler matters: the exported pipeline's
+        v_updates = {"scheduler": v_updates["scheduler"]} if "scheduler" in v_updates else {}
+    else:
+        if not validation.prompts:
+            v_updates["prompts"] = [spec.instance.prompt]
+        if validation.every_steps is None:
+            v_updates["every_steps"] = checkpointing.every_steps
     validation = validation.model_copy(update=v_updates)
 
     output = spec.output
@@ -102,6 +122,14 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
             "output": output,
         }
     )
+
+
+def bucket_bounds(buckets: BucketsSpec, resolution: int) -> BucketsSpec:
+    """``buckets`` with its sides filled in: from half to twice ``resolution``, on the step."""
+    step = buckets.step
+    low = buckets.min_side if buckets.min_side is not None else max(step, -(-resolution // 2 // step) * step)
+    high = buckets.max_side if buckets.max_side is not None else max(low, 2 * resolution // step * step)
+    return buckets.model_copy(update={"min_side": low, "max_side": high})
 
 
 def images_per_step(batch_size: int, prior_preservation: bool) -> int:

@@ -14,8 +14,11 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.alias_generators import to_camel
 
+from dreambooth.api import k8s_names as k8s
+from dreambooth.api.k8s_names import anchored, say
 from dreambooth.api.pod import ENV_NAME_MAX, ENV_NAME_PATTERN, ENV_VALUE_MAX
 from dreambooth.api.presets import ModelFamily, Preset, describe
+from dreambooth.api.redact import shown
 from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, parse_uri, uri_pattern
 
 
@@ -33,12 +36,27 @@ class ApiModel(BaseModel):
 # Reusable field types
 # ---------------------------------------------------------------------------------------
 
-Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-Quantity = Annotated[
-    str,
-    Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"),
-]
+#: words, not blank, no control characters (they would reach file names, logs and Events)
+Prompt = Annotated[str, Field(min_length=1, max_length=1000, pattern=anchored(k8s.PROMPT))]
+#: an object name (DNS subdomain): a Secret, a PriorityClass
+Name = Annotated[str, Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX,
+                            pattern=anchored(k8s.DNS_SUBDOMAIN))]
+Quantity = Annotated[str, Field(max_length=64, pattern=anchored(k8s.QUANTITY))]
+
+
+def _prefix_fits(key: str) -> str:
+    problem = k8s.qualified_name_problem(key)
+    if problem:
+        raise ValueError(f"the key {shown(key)} {problem}")
+    return key
+
+
+#: a label key, nodeSelector key or taint key (the CRD cannot check a map's keys: model-only)
+LabelKey = Annotated[str, Field(max_length=k8s.QUALIFIED_NAME_MAX,
+                                pattern=anchored(k8s.QUALIFIED_NAME)), AfterValidator(_prefix_fits)]
+LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=anchored(k8s.LABEL_VALUE))]
+SecretKey = Annotated[str, Field(min_length=1, max_length=k8s.SECRET_KEY_MAX,
+                                 pattern=anchored(k8s.SECRET_KEY))]
 
 DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
 MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
@@ -127,12 +145,42 @@ class Sampler(StrEnum):
     LMS = "lms"
     DPM = "dpm"
     EULER = "euler"
+    FLOW_EULER = "flow_euler"
+
+
+class Weighting(StrEnum):
+    """How flow-matching training draws its sigmas (and weighs the loss)."""
+
+    LOGIT_NORMAL = "logit_normal"
+    MODE = "mode"
+    COSMAP = "cosmap"
+    UNIFORM = "uniform"
+
+
+class T5Mode(StrEnum):
+    KEEP = "keep"
+    DROP = "drop"
+
+
+class Quantization(StrEnum):
+    NONE = "none"
+    NF4 = "nf4"
+
+
+class ExportChoice(StrEnum):
+    FINAL = "final"
+    BEST = "best"
 
 
 class OutputFormat(StrEnum):
     DIFFUSERS = "diffusers"
     SAFETENSORS = "safetensors"
     LORA = "lora"
+    LORA_KOHYA = "lora-kohya"
+
+
+#: the formats of a LoRA run's adapters
+LORA_FORMATS = frozenset({OutputFormat.LORA, OutputFormat.LORA_KOHYA})
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,9 +203,14 @@ class BaseModelSpec(ApiModel):
     )
     family: ModelFamily = Field(
         ModelFamily.AUTO,
-        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, or auto (read "
-        "from its model_index.json when the trainer opens it). A family that does not match "
-        "the folder fails the job with a message.",
+        description="The model's family: sd (Stable Diffusion 1.x/2.x), sdxl, sd3 (Stable "
+        "Diffusion 3/3.5), or auto (read from its model_index.json when the trainer opens it). "
+        "A family that does not match the folder fails the job with a message.",
+    )
+    quantization: Quantization = Field(
+        Quantization.NONE,
+        description="nf4: hold the frozen SD3 transformer of a LoRA run in 4-bit NF4 "
+        "(bitsandbytes, GPUs only). Not supported yet: refused with a message.",
     )
 
 
@@ -213,14 +266,23 @@ class LoraSpec(ApiModel):
         None, gt=0, le=1024, description="LoRA scaling alpha. Default: the rank."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        max_length=32,
-        description="UNet module names that get adapters.",
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Denoiser module names (or name endings) that get adapters; a name with a "
+        "block path, e.g. transformer_blocks.12.attn.to_q, adapts only that block. Default: the "
+        "family's attention projections (SD 1.x/2.x, SDXL: to_q, to_k, to_v, to_out.0; SD3: "
+        "those of both streams, attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj, "
+        "attn.to_add_out).",
     )
     text_encoder: bool = Field(
-        False, description="Also train LoRA adapters on the text encoder's attention."
+        False, description="Also train LoRA adapters on the text encoder's attention (SD3: the "
+        "two CLIP encoders; T5 never trains)."
     )
+
+
+_TOKEN = say(r"^\S+$", "use one word without spaces, e.g. <zwx>")
 
 
 class TextualInversionSpec(ApiModel):
@@ -230,17 +292,80 @@ class TextualInversionSpec(ApiModel):
     placeholder_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="The new token, e.g. '<zwx>'; it must appear in instance.prompt.",
     )
     initializer_token: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^\S+$",
+        pattern=_TOKEN,
         description="An existing single token the new embedding starts from, e.g. 'cat'.",
     )
     learning_rate: float = Field(
         5e-4, gt=0, le=1.0, description="Learning rate of the embedding-only phase."
+    )
+
+
+class FlowMatchingSpec(ApiModel):
+    """Flow-matching training (SD3): how sigmas are drawn and the loss weighed."""
+
+    weighting: Weighting = Field(
+        Weighting.LOGIT_NORMAL,
+        description="logit_normal (the SD3 paper's and diffusers' default), mode, cosmap or "
+        "uniform.",
+    )
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="Mean of logit_normal.")
+    logit_std: float = Field(1.0, gt=0, le=10, description="Standard deviation of logit_normal.")
+    mode_scale: float = Field(1.29, ge=0, le=10, description="Scale of mode.")
+    precondition: bool = Field(
+        True,
+        description="Precondition the outputs as diffusers' SD3 scripts do by default (EDM): "
+        "the same target, each sample's loss weighed by sigma squared.",
+    )
+
+
+class BucketsSpec(ApiModel):
+    """Aspect-ratio buckets: each photo keeps (about) its shape instead of a square crop."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Train each photo in the bucket (height x width, about resolution^2 pixels, "
+        "sides multiples of step between minSide and maxSide) nearest its aspect ratio: it is "
+        "resized to cover the bucket and center-cropped, and every micro-batch comes from one "
+        "bucket. Off: every photo is center-cropped to a square. Default: the family's (off for "
+        "SD 1.x/2.x, on for SDXL, which was trained on buckets).",
+    )
+    min_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Shortest bucket side in pixels, a multiple of step. Default: half of "
+        "training.resolution (rounded up to a multiple of step).",
+    )
+    max_side: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Longest bucket side in pixels, a multiple of step and at least "
+        "training.resolution. Default: twice training.resolution.",
+    )
+    step: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        multiple_of=8,
+        description="Bucket sides are multiples of this many pixels; it must be a multiple of "
+        "the model's downsampling (64 for SD 1.x/2.x and SDXL) and divide training.resolution.",
+    )
+    max_upscale: float = Field(
+        2.0,
+        ge=1.0,
+        le=16.0,
+        description="The most a photo may be enlarged to cover its bucket. A photo that would "
+        "need more fails the job (BadData, naming it) instead of training blurred: 1 never "
+        "enlarges. Class images are framed in whatever bucket a batch has.",
     )
 
 
@@ -278,13 +403,15 @@ class TrainingSpec(ApiModel):
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Training image size in pixels (photos are resized and center-cropped). "
-        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL).",
+        description="Training image size in pixels: photos are resized and center-cropped to "
+        "this square, or with training.buckets to a bucket of about this many pixels squared. "
+        "Default: the family's (512 for SD 1.x/2.x; use 768 for SD 2.x 768-v; 1024 for SDXL "
+        "and SD3).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
     method: Method | None = Field(
         None, description="full: fine-tune the weights; lora: train small adapters. Default: "
-        "the family's (full for SD 1.x/2.x, lora for SDXL)."
+        "the family's (full for SD 1.x/2.x, lora for SDXL and SD3)."
     )
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
     train_text_encoder: bool | None = Field(
@@ -327,6 +454,28 @@ class TrainingSpec(ApiModel):
     noise_offset: float = Field(
         0.0, ge=0, le=1, description="Offset noise strength (0.05-0.1 helps very dark/bright images)."
     )
+    buckets: BucketsSpec | None = Field(
+        None, description="Aspect-ratio buckets. Default: the family's (off for SD 1.x/2.x, on for SDXL)."
+    )
+    random_flip: bool = Field(
+        False,
+        description="Mirror each sample left-right with probability 1/2 (drawn from the seed and "
+        "the sample's position, so resume and several GPUs see the same flips). Doubles the "
+        "cached latents; avoid for subjects whose sides differ (text, logos).",
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="SD3: tokens of the prompt that T5 reads (at most 512). "
+        "Default: 77 (diffusers' SD3 scripts)."
+    )
+    t5: T5Mode | None = Field(
+        None, description="SD3: keep the T5 text encoder, or drop it (its part of the prompt "
+        "becomes zeros, as StableDiffusion3Pipeline does with text_encoder_3=None): the "
+        "documented way to fit smaller GPUs. Default: keep."
+    )
+    flow_matching: FlowMatchingSpec | None = Field(
+        None, description="SD3: sigma sampling and loss weighting. Default: logit_normal, "
+        "preconditioned."
+    )
     textual_inversion: TextualInversionSpec | None = Field(
         None,
         description="Run textual inversion first (the blog's TI + DreamBooth recipe, good for "
@@ -343,7 +492,8 @@ class ValidationSpec(ApiModel):
         max_length=16,
         description="Prompts to sample (rows of the grid). Default: instance.prompt.",
     )
-    negative_prompt: str | None = Field(None, max_length=1000, description="Negative prompt.")
+    negative_prompt: str | None = Field(None, max_length=1000, pattern=anchored(k8s.TEXT),
+                                        description="Negative prompt.")
     every_steps: int | None = Field(
         None,
         ge=1,
@@ -353,14 +503,81 @@ class ValidationSpec(ApiModel):
     scheduler: Sampler | None = Field(
         None,
         description="Sampling scheduler. Default: the family's (SD 1.x/2.x: ddim, which beat PNDM "
-        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with).",
+        "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with; SD3: "
+        "flow_euler, its flow-matching Euler scheduler, the only one it takes).",
     )
     inference_steps: int | None = Field(
         None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
-        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example)."
+        "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example; "
+        "SD3: 28, StableDiffusion3Pipeline's)."
     )
     images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+
+
+class EvaluatorSpec(ApiModel):
+    """The CLIP model that judges the samples."""
+
+    uri: ModelUri | None = Field(
+        None,
+        description="A CLIPModel folder (config.json, model.safetensors, tokenizer and "
+        "preprocessor_config.json side by side, as CLIPModel.save_pretrained and "
+        "CLIPProcessor.save_pretrained write them), e.g. a saved openai/clip-vit-large-patch14: "
+        "s3://, pvc:// or hf://, fetched like the base model. Default: the CLIP vision tower of "
+        "the base model's safety_checker/ (SD 1.x snapshots ship one), which measures image-image "
+        "similarities only (no prompt fidelity).",
+    )
+    revision: Revision | None = Field(
+        None, description="Hub revision for an hf:// evaluator. Default: the one in the URI, else main."
+    )
+
+
+class EvaluationThresholds(ApiModel):
+    """When a sample round counts as a sign of over- or underfitting (docs/evaluation.md)."""
+
+    memorization: float = Field(
+        0.95, gt=0, le=1.0,
+        description="Overfitting (reason Memorization) when the mean over prompts of each prompt's "
+        "highest similarity of a sample to a training photo reaches this: every prompt "
+        "reproduces the photos.",
+    )
+    diversity_collapse: float = Field(
+        0.95, gt=0, le=1.0,
+        description="Overfitting (reason DiversityCollapse) when the mean pairwise similarity of a "
+        "prompt's samples, averaged over prompts, reaches this: the samples are all the same "
+        "(needs validation.imagesPerPrompt >= 2).",
+    )
+    prior_loss_drift: float = Field(
+        0.5, gt=0, le=100,
+        description="Overfitting (reason PriorLossDrift) when the class-image loss since the last "
+        "round is this fraction above its value in the first round (0.5: 50% higher), with prior "
+        "preservation on: the model forgets its class.",
+    )
+    underfitting_share: float = Field(
+        0.5, gt=0, le=1.0,
+        description="Underfitting is judged once this share of the steps is done.",
+    )
+    underfitting_margin: float = Field(
+        0.02, ge=0, le=1.0,
+        description="Underfitting (reason SubjectNotLearned) when subject fidelity is at most this "
+        "much above the base model's (measured before the first step).",
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """Judge each sample round with a CLIP model: subject fidelity, prompt fidelity,
+    memorization, diversity and prior-loss drift (docs/evaluation.md)."""
+
+    enabled: bool = Field(
+        False,
+        description="Evaluate every sample round (needs validation.enabled). Off by default: the "
+        "evaluator is a model the job must name (model.uri) or the base model must ship "
+        "(safety_checker/).",
+    )
+    model: EvaluatorSpec = Field(default_factory=EvaluatorSpec, description="The CLIP evaluator.")
+    thresholds: EvaluationThresholds = Field(
+        default_factory=EvaluationThresholds, description="Over- and underfitting signs."
+    )
 
 
 class CheckpointingSpec(ApiModel):
@@ -387,10 +604,18 @@ class OutputSpec(ApiModel):
     formats: list[OutputFormat] | None = Field(
         None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="diffusers (a folder for StableDiffusionPipeline.from_pretrained), "
-        "safetensors (one file), lora (pytorch_lora_weights.safetensors). Default: diffusers "
-        "and safetensors for method full, lora for method lora.",
+        "safetensors (one file in the original layout: AUTOMATIC1111, ComfyUI), lora "
+        "(lora/pytorch_lora_weights.safetensors for diffusers' load_lora_weights), lora-kohya "
+        "(lora/<name>_kohya.safetensors, the kohya/WebUI LoRA format: AUTOMATIC1111, Forge, "
+        "ComfyUI). Default: diffusers and safetensors for method full, lora for method lora.",
+    )
+    export: ExportChoice = Field(
+        ExportChoice.FINAL,
+        description="final: export the model of the last step; best: the checkpoint with the best "
+        "evaluation score (status.outputs.bestCheckpoint; needs evaluation.enabled). The best "
+        "checkpoint is never pruned.",
     )
 
 
@@ -398,12 +623,8 @@ class SecretKeyRef(ApiModel):
     """A Secret in the job's namespace holding S3 credentials."""
 
     name: Name = Field(description="Name of the Secret.")
-    access_key_key: str = Field(
-        "AWS_ACCESS_KEY_ID", min_length=1, max_length=253, description="Key of the access key."
-    )
-    secret_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253, description="Key of the secret key."
-    )
+    access_key_key: SecretKey = Field("AWS_ACCESS_KEY_ID", description="Key of the access key.")
+    secret_key_key: SecretKey = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key.")
 
 
 class StorageSpec(ApiModel):
@@ -412,7 +633,7 @@ class StorageSpec(ApiModel):
     endpoint: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        pattern=anchored(k8s.ENDPOINT),
         description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the "
         "operator's.",
     )
@@ -428,16 +649,23 @@ class StorageSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration (as in a Pod spec)."""
 
-    key: str | None = Field(None, max_length=253, description="Taint key; empty matches all.")
-    operator: str = Field("Equal", pattern=r"^(Equal|Exists)$", description="Equal or Exists.")
-    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    key: str | None = Field(None, max_length=253, pattern=anchored(k8s.optional(k8s.QUALIFIED_NAME)),
+                            description="Taint key (a label key); empty matches all, with "
+                            "operator Exists.")
+    operator: str = Field("Equal", pattern=say("^(Equal|Exists)$", "use Equal or Exists"),
+                          description="Equal or Exists (which takes no value).")
+    value: str | None = Field(None, max_length=k8s.LABEL_VALUE_MAX,
+                              pattern=anchored(k8s.LABEL_VALUE),
+                              description="Taint value (a label value) for Equal.")
     effect: str | None = Field(
         None,
-        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        pattern=say("^(NoSchedule|PreferNoSchedule|NoExecute)$",
+                    "use NoSchedule, PreferNoSchedule or NoExecute, or leave it out to match all"),
         description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
     )
     toleration_seconds: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
+        None, ge=0, le=2**31 - 1,
+        description="How long a NoExecute taint is tolerated (only with effect NoExecute).",
     )
 
 
@@ -445,7 +673,8 @@ class GpuSpec(ApiModel):
     resource_name: str = Field(
         "nvidia.com/gpu",
         max_length=253,
-        pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
+        pattern=say(r"^[a-z0-9.-]+/[a-z0-9._-]+$", "use <domain>/<name> in lowercase as the device "
+                    "plugin advertises it, e.g. nvidia.com/gpu or nvidia.com/mig-3g.20gb"),
         description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
         "profile such as nvidia.com/mig-3g.20gb). A MIG slice is one CUDA device: with a MIG "
         "profile, gpusPerNode must be 1.",
@@ -458,7 +687,8 @@ class EnvVar(ApiModel):
     name: str = Field(
         min_length=1,
         max_length=ENV_NAME_MAX,
-        pattern=ENV_NAME_PATTERN,
+        pattern=say(ENV_NAME_PATTERN, "use letters, digits and '_', not starting with a digit "
+                    "(e.g. NCCL_SOCKET_IFNAME)"),
         description="Variable name, e.g. NCCL_SOCKET_IFNAME. Names the operator, the launcher "
         "or the device plugin set (DREAMBOOTH_*, AWS_*, PYTHON*, HOME, HF_HOME, RANK, "
         "CUDA_VISIBLE_DEVICES, NVIDIA_*, ...) and names that look like credentials are refused.",
@@ -484,14 +714,17 @@ class ResourcesSpec(ApiModel):
     shared_memory: Quantity = Field(
         "8Gi", description="Size of /dev/shm (data loaders and NCCL need more than the default)."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, max_length=32, description="Node labels the pods must match."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=32,
+        description="Node labels the pods must match (label keys and values).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     image: str | None = Field(
-        None, max_length=512, description="Trainer image. Default: the operator's."
+        None, max_length=k8s.IMAGE_MAX, pattern=anchored(k8s.IMAGE),
+        description="Trainer image reference ([registry[:port]/]path[:tag][@digest]). "
+        "Default: the operator's.",
     )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
     env: list[EnvVar] = Field(
@@ -569,6 +802,9 @@ class DreamBoothJobSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
     validation: ValidationSpec = Field(
         default_factory=ValidationSpec, description="Sample grids during training."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Judge the sample rounds (over- and underfitting)."
     )
     checkpointing: CheckpointingSpec = Field(
         default_factory=CheckpointingSpec, description="Checkpoints for resuming."

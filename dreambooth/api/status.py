@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from dreambooth.api.evaluation import Figures, Sign
 from dreambooth.api.spec import ApiModel
 
 Timestamp = str  # RFC 3339, e.g. 2026-11-24T10:00:00Z
@@ -27,7 +28,8 @@ class Phase(StrEnum):
 
 
 class ConditionType(StrEnum):
-    """The conditions of a DreamBoothJob's status (all six, always)."""
+    """The conditions of a DreamBoothJob's status (all six always, Overfitting and
+    Underfitting with spec.evaluation.enabled)."""
 
     READY = "Ready"
     RUNNING = "Running"
@@ -35,6 +37,8 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     STALLED = "Stalled"
+    OVERFITTING = "Overfitting"
+    UNDERFITTING = "Underfitting"
 
 
 class Reason(StrEnum):
@@ -79,6 +83,13 @@ class Reason(StrEnum):
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
+    # the Overfitting and Underfitting conditions (True: a sign of dreambooth.api.evaluation)
+    MEMORIZATION = Sign.MEMORIZATION.value
+    DIVERSITY_COLLAPSE = Sign.DIVERSITY_COLLAPSE.value
+    PRIOR_LOSS_DRIFT = Sign.PRIOR_LOSS_DRIFT.value
+    SUBJECT_NOT_LEARNED = Sign.SUBJECT_NOT_LEARNED.value
+    NOT_EVALUATED = "NotEvaluated"
+    NO_SIGN = "NoSign"
     # Events only
     RESTARTED = "Restarted"
     STALLED = "Stalled"
@@ -102,7 +113,8 @@ def progress_summary(step: int, total: int) -> tuple[float, str]:
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled.")
+    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
+                      "Overfitting and Underfitting with spec.evaluation.enabled.")
     status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(
         max_length=1024,
@@ -145,11 +157,28 @@ class CheckpointRef(ApiModel):
     uri: str = Field(max_length=2048, description="Where it is.")
 
 
+class Evaluation(Figures):
+    """The latest evaluated sample round (docs/evaluation.md) and the best checkpoint so far."""
+
+    base_subject_fidelity: float | None = Field(
+        None, description="Subject fidelity of the base model's samples (before the first step).")
+    score: float | None = Field(None, description="subjectFidelity + promptFidelity of the latest round.")
+    best_checkpoint: CheckpointRef | None = Field(
+        None, description="The checkpoint with the best score so far, rounds without an overfitting sign first.")
+    updated_at: Timestamp | None = Field(
+        None, description="When these figures were read.", json_schema_extra={"format": "date-time"})
+
+
 class Outputs(ApiModel):
     model: str | None = Field(None, max_length=2048, description="Final diffusers model folder.")
     single_file: str | None = Field(None, max_length=2048, description="Single-file .safetensors.")
     lora: str | None = Field(None, max_length=2048, description="LoRA weights folder.")
+    lora_kohya: str | None = Field(None, max_length=2048,
+                                   description="LoRA weights in the kohya/WebUI format (one .safetensors).")
     samples: str | None = Field(None, max_length=2048, description="Folder of sample grids.")
+    best_checkpoint: str | None = Field(
+        None, max_length=2048, description="The checkpoint to use: the best evaluated one (the final "
+        "model's folder when the last step is best); what output.export: best exported.")
 
 
 class DreamBoothJobStatus(ApiModel):
@@ -164,6 +193,7 @@ class DreamBoothJobStatus(ApiModel):
         None, max_length=32, description="The base model's family (sd, sdxl): the one baseModel.family "
         "names, or the one the trainer found in the model for auto.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
+    evaluation: Evaluation | None = Field(None, description="The latest evaluated sample round.")
     outputs: Outputs | None = Field(None, description="Where the results are.")
     restarts: int = Field(0, ge=0, description="Times the trainer pods were restarted.")
     start_time: Timestamp | None = Field(

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from dreambooth.api.exitcodes import DO_NOT_RETRY, ExitCode
+from dreambooth.api.status import Evaluation
 
 #: below the work folder of a pod: one verdict per process, and the stop request
 VERDICTS_DIR = "verdicts"
@@ -52,6 +53,8 @@ class TerminationSummary(BaseModel):
     step: int | None = None
     loss: float | None = None
     outputs: dict[str, str] | None = None
+    #: on success with spec.evaluation: the last round's figures and the best checkpoint
+    evaluation: Evaluation | None = None
     #: the process this verdict is from (pods with several processes)
     rank: int | None = None
     #: when the process ended (seconds since the epoch): the first failure is the cause

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import quote, unquote
 
+from dreambooth.api import redact
+
 
 class Scheme(StrEnum):
     S3 = "s3"
@@ -110,8 +112,9 @@ class Uri:
 
 
 def shown(text: str) -> str:
-    """``text`` quoted for a message, cut short when long."""
-    return repr(text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 20] + "...")
+    """``text`` quoted for a message: cut short when long, not shown if it looks like a
+    credential (:func:`dreambooth.api.redact.shown`)."""
+    return redact.shown(text, _SHOWN_MAX)
 
 
 def check_bucket(bucket: str) -> str:

@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from dreambooth.api import telemetry as names
-from dreambooth.api.status import Progress, Timestamp, progress_summary
+from dreambooth.api.status import Evaluation, Progress, Timestamp, progress_summary
 from dreambooth.operator import naming
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class TrainerSnapshot:
     phase: str | None = None
     #: the base model's family, once the trainer has opened the model (sd, sdxl)
     family: str | None = None
+    #: the latest evaluated sample round (spec.evaluation; its bestCheckpoint's URI unset)
+    evaluation: Evaluation | None = None
+    #: the step of the best evaluated checkpoint so far
+    best_step: int | None = None
 
 
 # --- time ------------------------------------------------------------------------------
@@ -113,6 +117,7 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
 
     step = value(names.STEP)
     total = positive(names.TOTAL_STEPS)
+    evaluation, best = _evaluation(value)
     checkpoint = positive(names.LAST_CHECKPOINT_STEP)
     measured = bool(step and step > 0)  # loss and LR are 0 until the first step is done
     return TrainerSnapshot(
@@ -124,7 +129,24 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
         last_checkpoint_step=int(checkpoint) if checkpoint else None,
         phase=phase,
         family=model_family,
+        evaluation=evaluation,
+        best_step=best,
     )
+
+
+def _evaluation(value) -> tuple[Evaluation | None, int | None]:
+    """The evaluation gauges (NaN, i.e. None, until the first round after the base model's)."""
+    step, subject, memorization = (value(n) for n in (names.EVALUATION_STEP, names.SUBJECT_FIDELITY,
+                                                      names.MEMORIZATION))
+    if step is None or subject is None or memorization is None or step < 1:
+        return None, None
+    best = value(names.BEST_CHECKPOINT_STEP)
+    return Evaluation(
+        step=int(step), subject_fidelity=subject, memorization=memorization,
+        prompt_fidelity=value(names.PROMPT_FIDELITY), sample_similarity=value(names.SAMPLE_SIMILARITY),
+        prior_loss_drift=value(names.PRIOR_LOSS_DRIFT), score=value(names.EVALUATION_SCORE),
+        base_subject_fidelity=value(names.BASE_SUBJECT_FIDELITY),
+    ), int(best) if best is not None and best >= 1 else None
 
 
 # --- scraping --------------------------------------------------------------------------

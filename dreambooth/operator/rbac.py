@@ -77,6 +77,12 @@ KOPF_NAMESPACES: tuple[Permission, ...] = (
                "kopf follows the watched namespaces (observation.namespace_observer)"),
 )
 
+#: The gallery's (gallery.enabled, its own ServiceAccount): it only reads DreamBoothJobs.
+GALLERY: tuple[Permission, ...] = (
+    Permission(GROUP, PLURAL, ("get", "list", "watch"),
+               "dreambooth/gallery/kube.py lists a namespace's jobs and reads one; it never writes"),
+)
+
 _VERB_ORDER = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 
 
@@ -118,6 +124,7 @@ _DEFINES = (
     ("operator", "OPERATOR", "in each watched namespace (or cluster-wide)."),
     ("kopfCluster", "KOPF_CLUSTER", "kopf follows CRD changes (cluster-scoped, read-only)."),
     ("kopfNamespaces", "KOPF_NAMESPACES", "kopf follows the watched namespaces (only with a list of them)."),
+    ("gallery", "GALLERY", "the gallery (gallery.enabled) reads DreamBoothJobs, nothing else."),
 )
 
 

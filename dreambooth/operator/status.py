@@ -29,6 +29,10 @@ Phases, in precedence order:
 4. All pods running -> the trainer's phase from its metrics (Initializing,
    GeneratingClassImages, Training, Exporting); unreadable metrics keep the last one.
 
+With ``spec.evaluation`` two more: ``Overfitting`` (True with the first sign as reason:
+``Memorization``, ``DiversityCollapse``, ``PriorLossDrift``) and ``Underfitting``
+(``SubjectNotLearned``), from the latest evaluated round (operator/evaluation.py).
+
 Conditions (metav1.Condition, always all six): ``Ready`` (True once the results are
 ready; while False its reason and message are the headline: ``Training``, "step 120/400
 (30.0%), loss 0.1234, ETA 4m10s", ``Unschedulable``, ...), ``Running`` (True while the
@@ -47,7 +51,7 @@ from typing import Any
 
 from dreambooth.api import layout
 from dreambooth.api.resolve import images_per_step, total_steps
-from dreambooth.api.spec import DreamBoothJobSpec, OutputFormat
+from dreambooth.api.spec import DreamBoothJobSpec, EvaluationThresholds, OutputFormat
 from dreambooth.api.status import (
     BENIGN_PENDING,
     CheckpointRef,
@@ -61,6 +65,7 @@ from dreambooth.api.status import (
     progress_summary,
 )
 from dreambooth.api.telemetry import TrainerPhase
+from dreambooth.operator.evaluation import evaluation_from, signs
 from dreambooth.operator.pods import (
     Termination,
     Verdict,
@@ -131,6 +136,9 @@ class Observation:
     backoff_limit: int = 3  # runPolicy.backoffLimit
     deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
     family: str | None = None  # baseModel.family when the job names it (auto: the trainer tells)
+    name: str = "job"  # the DreamBoothJob's name (the kohya LoRA file is named after it)
+    #: spec.evaluation.thresholds when the job evaluates its sample rounds, else None
+    evaluation: EvaluationThresholds | None = None
 
     @classmethod
     def of(
@@ -143,6 +151,7 @@ class Observation:
         pods: Sequence[Mapping[str, Any]] = (),
         snapshot: TrainerSnapshot | None = None,
         stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
+        name: str = "job",
     ) -> Observation:
         """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
         t = spec.training
@@ -162,6 +171,8 @@ class Observation:
             backoff_limit=spec.run_policy.backoff_limit,
             deadline_seconds=spec.run_policy.active_deadline_seconds,
             family=None if spec.base_model.family == "auto" else str(spec.base_model.family),
+            name=name,
+            evaluation=spec.evaluation.thresholds if spec.evaluation.enabled and spec.validation.enabled else None,
         )
 
     @property
@@ -346,9 +357,11 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
                 model=written.get(OutputFormat.DIFFUSERS.value),
                 single_file=written.get(OutputFormat.SAFETENSORS.value),
                 lora=written.get(OutputFormat.LORA.value),
+                lora_kohya=written.get(OutputFormat.LORA_KOHYA.value),
                 samples=written.get("samples") or samples,
+                best_checkpoint=written.get("bestCheckpoint"),
             )
-        elif prev.model or prev.single_file or prev.lora:
+        elif prev.model or prev.single_file or prev.lora or prev.lora_kohya:
             result = prev
         else:  # the layout the trainer writes, for the formats asked for
             f = set(obs.formats)
@@ -356,6 +369,7 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
                 model=out + layout.MODEL if OutputFormat.DIFFUSERS in f else None,
                 single_file=out + layout.SINGLE_FILE if OutputFormat.SAFETENSORS in f else None,
                 lora=out + layout.LORA if OutputFormat.LORA in f else None,
+                lora_kohya=out + layout.lora_kohya(obs.name) if OutputFormat.LORA_KOHYA in f else None,
                 samples=samples,
             )
     return result if any(result.model_dump().values()) else None
@@ -461,6 +475,15 @@ def compute_status(
         )
 
     conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
+    evaluation = None
+    if obs.evaluation is not None:  # spec.evaluation: figures, best checkpoint, Overfitting, Underfitting
+        evaluation = evaluation_from(snap, previous, ended, out=obs.out, total_steps=obs.total_steps,
+                                     formats=[f.value for f in obs.formats], now=now)
+        conditions += [_condition(*sign, previous, obs.generation, now)
+                       for sign in signs(evaluation, obs.evaluation, obs.total_steps)]
+        if evaluation is not None and evaluation.best_checkpoint is not None and not (
+                outputs is not None and outputs.best_checkpoint):
+            outputs = (outputs or Outputs()).model_copy(update={"best_checkpoint": evaluation.best_checkpoint.uri})
     family = (snap.family if snap else None) or (previous.family if previous else None) or obs.family
     return DreamBoothJobStatus(
         phase=v.phase,
@@ -468,6 +491,7 @@ def compute_status(
         progress=progress,
         family=family,
         last_checkpoint=checkpoint,
+        evaluation=evaluation,
         outputs=outputs,
         restarts=restarts,
         start_time=start_time,
@@ -480,7 +504,8 @@ def _success_message(progress: Progress | None, outputs: Outputs | None) -> str:
     text = f"trained {progress.step} steps" if progress else "training finished"
     if outputs is not None:
         where = [f"{k} {u}" for k, u in (("model", outputs.model), ("single file", outputs.single_file),
-                                         ("LoRA", outputs.lora), ("samples", outputs.samples)) if u]
+                                         ("LoRA", outputs.lora), ("kohya LoRA", outputs.lora_kohya),
+                                         ("samples", outputs.samples)) if u]
         text += "; " + ", ".join(where)
     return text
 
@@ -513,6 +538,7 @@ def invalid_spec_status(
         progress=previous.progress if previous else None,
         family=previous.family if previous else None,
         last_checkpoint=previous.last_checkpoint if previous else None,
+        evaluation=previous.evaluation if previous else None,
         outputs=previous.outputs if previous else None,
         restarts=previous.restarts if previous else 0,
         start_time=previous.start_time if previous else None,

@@ -130,6 +130,7 @@ def observation(typed: TypedJob, settings: OperatorSettings, batch_job: dict[str
         typed.effective, generation=typed.generation, output_uri=typed.output_uri,
         job=batch_job, pods=of_job(batch_job, pods), snapshot=snapshot,
         stall_timeout=timedelta(seconds=settings.stall_timeout_seconds),
+        name=typed.job.metadata.name,
     )
 
 

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(config, args.workdir, stop=stop)
         # the last step's loss (none when resumed after it)
         summary = TerminationSummary(exit_code=ExitCode.OK, reason=SUCCEEDED, step=outcome.step,
-                                     loss=outcome.loss, outputs=outcome.outputs or None)
+                                     loss=outcome.loss, outputs=outcome.outputs or None,
+                                     evaluation=outcome.evaluation)
     except TrainerError as err:
         log.error("%s", err)
         summary = TerminationSummary(exit_code=err.exit_code, reason=err.reason, message=str(err))

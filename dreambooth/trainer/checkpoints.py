@@ -41,9 +41,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
+def save(storage: Storage, folder: Path, step: int, *, keep: int, protect: int | None = None) -> Checkpoint:
     """Upload ``folder`` as the checkpoint of ``step`` (files in parallel, each read once to
-    hash it), the manifest last, then prune."""
+    hash it), the manifest last, then prune (never the checkpoint of step ``protect``)."""
     checkpoint = Checkpoint(step, layout.checkpoint(step))
     storage.delete_prefix(checkpoint.prefix)  # debris of an earlier, interrupted attempt
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
@@ -57,7 +57,7 @@ def save(storage: Storage, folder: Path, step: int, *, keep: int) -> Checkpoint:
 
     manifest = {"step": step, "files": dict(zip(names, parallel(put, names, storage.workers), strict=True))}
     storage.write_bytes(checkpoint.prefix + layout.MANIFEST, json.dumps(manifest, indent=1).encode())
-    prune(storage, keep=keep)
+    prune(storage, keep=keep, protect=protect)
     return checkpoint
 
 
@@ -96,31 +96,43 @@ def complete(storage: Storage) -> list[Checkpoint]:
     )
 
 
-def prune(storage: Storage, *, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete debris."""
+def prune(storage: Storage, *, keep: int, protect: int | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints (and ``protect``'s, the best
+    evaluated one), and incomplete debris."""
     groups = _groups(storage)
     good = sorted(s for s, present in groups.items() if _manifest(storage, s, present) is not None)
-    doomed = [s for s in groups if s not in good[-keep:]]
+    kept = set(good[-keep:]) | ({protect} & set(good))
+    doomed = [s for s in groups if s not in kept]
     for step in doomed:
         storage.delete_prefix(layout.checkpoint(step))
     if doomed:
         log.info("pruned checkpoints at steps %s", sorted(doomed))
+    # a checkpoint cut off mid-upload may have left only an open multipart upload (listed
+    # nowhere above); no checkpoint is being written now (one upload at a time, this is it)
+    storage.discard_unfinished(layout.CHECKPOINTS)
     return sorted(doomed)
+
+
+def download(storage: Storage, checkpoint: Checkpoint, dest: Path) -> Path:
+    """Fetch ``checkpoint`` into ``dest/checkpoint-<step>/``, every file verified against its
+    manifest as it streams in (a :class:`DataError` if one does not)."""
+    folder = dest / f"checkpoint-{checkpoint.step}"
+    shutil.rmtree(folder, ignore_errors=True)
+    files = json.loads(storage.read_bytes(checkpoint.prefix + layout.MANIFEST))["files"]
+
+    def fetch(item: tuple[str, dict]) -> None:
+        name, meta = item
+        storage.download(checkpoint.prefix + name, folder / name, sha256=meta["sha256"])
+
+    parallel(fetch, sorted(files.items()), storage.workers)
+    return folder
 
 
 def download_latest(storage: Storage, dest: Path) -> tuple[Checkpoint, Path] | None:
     """Fetch the newest complete checkpoint whose files verify; ``None`` if there is none."""
     for checkpoint in reversed(complete(storage)):
-        folder = dest / f"checkpoint-{checkpoint.step}"
-        shutil.rmtree(folder, ignore_errors=True)
-        files = json.loads(storage.read_bytes(checkpoint.prefix + layout.MANIFEST))["files"]
-
-        def fetch(item: tuple[str, dict], prefix: str = checkpoint.prefix, folder: Path = folder) -> None:
-            name, meta = item  # verified against the manifest as it streams in: no second read
-            storage.download(prefix + name, folder / name, sha256=meta["sha256"])
-
         try:
-            parallel(fetch, sorted(files.items()), storage.workers)
+            folder = download(storage, checkpoint, dest)
         except DataError as err:
             log.warning("checkpoint at step %d is corrupt (%s); trying an older one", checkpoint.step, err)
             continue

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.api.config import TrainerConfig
+from dreambooth.api.history import History
 from dreambooth.api.resolve import total_steps
 from dreambooth.api.spec import DreamBoothJobSpec
+from dreambooth.api.status import Evaluation
 from dreambooth.trainer.background import Background, poll_seconds
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.storage import S3Settings, Storage
@@ -21,6 +23,8 @@ class Outcome:
     #: the loss of the last optimizer step this process ran (None: it ran none)
     loss: float | None = None
     last_checkpoint: str | None = None
+    #: the latest evaluated round and the best checkpoint (spec.evaluation; main process)
+    evaluation: Evaluation | None = None
 
 
 @dataclass
@@ -34,6 +38,12 @@ class Context:
     stop: threading.Event
     #: the main process's storage thread (uploads, export); close() it when the run ends
     background: Background | None = None
+    #: the evaluator of sample rounds (spec.evaluation.enabled; main process only)
+    judge: object | None = None
+    #: the run's per-step history (history.jsonl); a resumed run's starts as its checkpoint's
+    history: History = field(default_factory=History)
+    #: when history.jsonl was last handed to the storage thread (time.monotonic())
+    history_published: float = 0.0
 
     def __post_init__(self) -> None:
         if self.background is None:

@@ -1,4 +1,5 @@
-"""Instance (and class) images: found, checked, resized and center-cropped.
+"""Instance (and class) images: found, checked, resized and center-cropped (to a square, or
+to aspect-ratio buckets: dreambooth/trainer/buckets.py).
 
 No torchvision: PIL and numpy do the few transforms DreamBooth needs. Every problem with
 the input ends in a :class:`DataError` that names the object and says what to do.
@@ -7,13 +8,13 @@ the input ends in a :class:`DataError` that names the object and says what to do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth.trainer.buckets import Framing, cover, mirrored_left
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.families.base import SampleSize
 
@@ -30,6 +31,7 @@ class Example:
     prompt: str
     name: str
     size: SampleSize
+    flipped: bool = False  # mirrored left-right (training.randomFlip)
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -45,23 +47,36 @@ def find_images(folder: Path) -> list[Path]:
     )
 
 
-def load_pixels(path: Path, resolution: int, *, where: str) -> tuple[torch.Tensor, SampleSize]:
-    """Resize the shorter side to ``resolution``, center-crop, scale to [-1, 1]; and the
-    photo's size and the crop's top-left corner (in resized pixels)."""
+def read_image(path: Path, *, where: str) -> Image.Image:
+    """The photo upright (EXIF orientation applied), in RGB."""
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            original = (img.height, img.width)
-            img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
+            return ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(
             f"{where} is not a readable image ({err.__class__.__name__}): replace or delete it"
         ) from None
-    scale = resolution / min(original)
-    top = max(0, round((original[0] * scale - resolution) / 2))
-    left = max(0, round((original[1] * scale - resolution) / 2))
+
+
+def frame(img: Image.Image, target: tuple[int, int], *, flip: bool = False, where: str,
+          max_upscale: float | None = None) -> tuple[torch.Tensor, SampleSize]:
+    """Resize ``img`` to cover ``target`` (height, width), center-crop, maybe mirror, scale to
+    [-1, 1]; and the photo's size and the crop's top-left corner in resized pixels (mirrored
+    with the pixels, as SDXL's time ids expect)."""
+    original = (img.height, img.width)
+    scale, resized, (top, left) = cover(original, target)
+    if max_upscale is not None and scale > max_upscale + 1e-9:
+        raise DataError(
+            f"{where} is {img.width}x{img.height} pixels: covering its {target[1]}x{target[0]} bucket "
+            f"would enlarge it {scale:.2f}x, more than training.buckets.maxUpscale ({max_upscale:g}): "
+            "use a larger photo, raise maxUpscale, or lower training.resolution"
+        )
+    img = ImageOps.fit(img, (target[1], target[0]), Image.Resampling.BICUBIC)
+    if flip:
+        img = ImageOps.mirror(img)
+        left = mirrored_left(resized[1], left, target[1])
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    size = SampleSize(original=original, crop_top_left=(top, left), target=(resolution, resolution))
+    size = SampleSize(original=original, crop_top_left=(top, left), target=target)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), size
 
 
@@ -72,12 +87,17 @@ def load_examples(
     resolution: int,
     use_captions: bool,
     source_uri: str,
+    framing: Framing | None = None,
+    limit: int | None = None,
 ) -> list[Example]:
-    """Every image below ``folder`` (downloaded from ``source_uri``) as an :class:`Example`.
+    """Every image below ``folder`` (downloaded from ``source_uri``; the first ``limit``) as
+    :class:`Example` s: one per variant of ``framing`` (default: a ``resolution`` square),
+    image by image.
 
     A same-named ``.txt`` next to an image is its prompt when ``use_captions`` is on.
     """
-    paths = find_images(folder)
+    framing = framing or Framing.square(resolution)
+    paths = find_images(folder)[:limit]
     if not paths:
         raise DataError(
             f"no images (png, jpg, jpeg, webp) found under {source_uri}: upload 3-10 photos "
@@ -91,8 +111,10 @@ def load_examples(
         text = prompt
         if use_captions and caption.is_file():
             text = caption.read_text(encoding="utf-8", errors="replace").strip() or prompt
-        pixels, size = load_pixels(path, resolution, where=where)
-        examples.append(Example(pixels, text, rel, size))
+        img = read_image(path, where=where)
+        for target, flip in framing.variants((img.height, img.width)):
+            pixels, size = frame(img, target, flip=flip, where=where, max_upscale=framing.max_upscale)
+            examples.append(Example(pixels, text, rel, size, flip))
     return examples
 
 
@@ -103,19 +125,3 @@ def sample_positions(step: int, micro: int, rank: int, *, per_device: int, proce
     per_step = per_device * processes * accumulation
     start = step * per_step + (micro * processes + rank) * per_device
     return range(start, start + per_device)
-
-
-def dataset_indices(positions: range, dataset_size: int, seed: int) -> list[int]:
-    """The example at each position. The data order is a pure function of (seed, position):
-    epoch ``e`` visits the dataset in a permutation drawn from ``seed + e``, so a resumed run
-    continues with exactly the images an uninterrupted one would have used."""
-    out = []
-    for position in positions:
-        epoch, offset = divmod(position, dataset_size)
-        out.append(_permutation(seed + epoch, dataset_size)[offset])
-    return out
-
-
-@lru_cache(maxsize=8)
-def _permutation(seed: int, size: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist())

@@ -1,9 +1,11 @@
-"""Export the trained model: a diffusers folder and/or one .safetensors file, to storage.
+"""Export the trained model in the formats asked for (``output.formats``), to storage.
 
-``model/``             loads with ``StableDiffusionPipeline.from_pretrained`` (safetensors; its
-                       scheduler is the validation sampler, DDIM by default)
-``model.safetensors``  the original Stable Diffusion checkpoint layout (AUTOMATIC1111,
-                       ComfyUI, ``StableDiffusionPipeline.from_single_file``)
+``model/``             diffusers: loads with ``<Pipeline>.from_pretrained`` (safetensors; its
+                       scheduler is the validation sampler)
+``model.safetensors``  the family's original single-file layout (AUTOMATIC1111, ComfyUI,
+                       ``<Pipeline>.from_single_file``)
+``lora/``              LoRA: ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights``)
+``lora/<job>_kohya.safetensors``  the same adapters in the kohya/WebUI format
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from dreambooth.trainer.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def export(family: Family, pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path) -> dict[str, str]:
-    """Write ``pipeline`` in every format asked for; returns {format: uri}."""
+def export(family: Family, pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path,
+           name: str) -> dict[str, str]:
+    """Write ``pipeline`` (of the job ``name``) in every format asked for; returns {format: uri}."""
     out: dict[str, str] = {}
     if OutputFormat.DIFFUSERS in formats:
         folder = workdir / "model"
@@ -42,6 +45,12 @@ def export(family: Family, pipeline, formats: list[OutputFormat], storage: Stora
         storage.delete_prefix(layout.LORA)
         storage.upload_dir(folder, layout.LORA)
         out[OutputFormat.LORA] = storage.uri(layout.LORA)
+    if OutputFormat.LORA_KOHYA in formats:  # after lora/ was replaced
+        key = layout.lora_kohya(name)
+        path = workdir / key.rsplit("/", 1)[-1]
+        family.save_lora_kohya(pipeline, path)
+        storage.upload_file(path, key)
+        out[OutputFormat.LORA_KOHYA] = storage.uri(key)
     for fmt, uri in out.items():
         log.info("exported %s to %s", fmt, uri)
     return out

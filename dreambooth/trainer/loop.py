@@ -2,9 +2,10 @@
 
 Each optimizer step draws ``batchSize`` images over all processes and accumulation steps
 (plus as many class images with prior preservation), noises their latents at random
-timesteps and trains the UNet (and maybe the text encoder) to predict the noise (or the
-velocity, for v-prediction models). Everything random in a step (data order, noise,
-timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
+timesteps and trains the denoiser (and maybe the text encoders) to predict what the family
+trains it for (the noise, the velocity, or SD3's flow-matching target); a micro-batch's
+images share one aspect-ratio bucket. Everything random in a step (data order, buckets,
+flips, noise, timesteps, dropout) is a pure function of (seed, step, micro-batch, rank), so a resumed run
 continues exactly where an uninterrupted one would be.
 """
 
@@ -21,14 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth.api.spec import TrainingSpec
-from dreambooth.trainer.data import Example, dataset_indices, sample_positions
+from dreambooth.trainer.buckets import CLASS_STREAM, Draw
+from dreambooth.trainer.data import Example, sample_positions
 from dreambooth.trainer.families import Conditioning, Family, SampleSize
 
 log = logging.getLogger(__name__)
-
-
-#: class images draw from their own streams, far from any instance sample's position
-CLASS_STREAM = 1 << 40
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -58,16 +56,21 @@ class LatentCache:
     """
 
     def __init__(self, vae, examples: list[Example], *, device, dtype, batch: int = 8) -> None:
-        means, stds = [], []
+        self.mean: list[torch.Tensor] = [None] * len(examples)
+        self.std: list[torch.Tensor] = [None] * len(examples)
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # one per bucket: a batch shares a shape
+        for i, e in enumerate(examples):
+            by_shape.setdefault(tuple(e.pixels.shape), []).append(i)
         with torch.no_grad():
-            for i in range(0, len(examples), batch):
-                pixels = torch.stack([e.pixels for e in examples[i : i + batch]]).to(device, dtype)
-                dist = vae.encode(pixels).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
-        self.mean = torch.cat(means)
-        self.std = torch.cat(stds)
+            for indices in by_shape.values():
+                for start in range(0, len(indices), batch):
+                    chunk = indices[start : start + batch]
+                    pixels = torch.stack([examples[i].pixels for i in chunk]).to(device, dtype)
+                    dist = vae.encode(pixels).latent_dist
+                    for i, mean, std in zip(chunk, dist.mean.float(), dist.std.float(), strict=True):
+                        self.mean[i], self.std[i] = mean, std
         self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # SD3's VAE has one
         self.prompts = [e.prompt for e in examples]
         self.sizes = [e.size for e in examples]
 
@@ -75,8 +78,9 @@ class LatentCache:
         return len(self.prompts)
 
     def sample(self, indices: list[int], gens: list[torch.Generator]) -> torch.Tensor:
-        mean, std = self.mean[indices], self.std[indices]
-        return (mean + std * randn(mean.shape[1:], gens, mean.device)) * self.scaling
+        mean = torch.stack([self.mean[i] for i in indices])
+        std = torch.stack([self.std[i] for i in indices])
+        return (mean + std * randn(mean.shape[1:], gens, mean.device) - self.shift) * self.scaling
 
 
 class PromptEncoder:
@@ -99,14 +103,6 @@ class PromptEncoder:
         return Conditioning.stack([self.cache[p] for p in prompts])
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023)."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=gamma) / snr
-    return weights * snr / (snr + 1) if prediction_type == "v_prediction" else weights
-
-
 @dataclass
 class StepLoss:
     total: torch.Tensor
@@ -115,22 +111,20 @@ class StepLoss:
 
 
 def diffusion_loss(family: Family, denoiser, scheduler, latents, cond: Conditioning, sizes: list[SampleSize],
-                   gens: list[torch.Generator], *, training: TrainingSpec, prediction_type: str, n_prior: int,
+                   gens: list[torch.Generator], *, training: TrainingSpec, n_prior: int,
                    prior_weight: float) -> StepLoss:
-    """Noise ``latents``, predict with the family's ``denoiser``; the last ``n_prior`` rows
-    are class images. ``gens`` holds one generator per row."""
+    """Noise ``latents`` the family's way (DDPM, flow matching), predict with its
+    ``denoiser``; the last ``n_prior`` rows are class images. ``gens`` holds one generator
+    per row."""
     device = latents.device
     noise = randn(latents.shape[1:], gens, device)
     if training.noise_offset:
         noise = noise + training.noise_offset * randn((latents.shape[1], 1, 1), gens, device)
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in gens])
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = family.predict(denoiser, noisy, timesteps, cond, sizes).float()
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if training.snr_gamma:
-        per_sample = per_sample * snr_weights(scheduler, timesteps, training.snr_gamma, prediction_type)
+    drawn = family.noised(scheduler, latents, noise, gens, training)
+    pred = family.predict(denoiser, drawn.noisy, drawn.timesteps, cond, sizes).float()
+    per_sample = F.mse_loss(pred, drawn.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if drawn.weights is not None:
+        per_sample = per_sample * drawn.weights.float()
     n_instance = latents.shape[0] - n_prior
     instance = per_sample[:n_instance].mean()
     if not n_prior:
@@ -146,16 +140,16 @@ class Loop:
     accelerator: object
     training: TrainingSpec
     family: Family
-    denoiser: torch.nn.Module  # the UNet
+    denoiser: torch.nn.Module  # the UNet (SD3: the transformer)
     text_encoders: list[torch.nn.Module]
     scheduler: object
     vae: torch.nn.Module  # encoded the latents (on the device, compute dtype); samples decode with it
     prompts: PromptEncoder
     instances: LatentCache
     classes: LatentCache | None
+    draw: Draw  # which cached image (bucket, flip) each sample trains on
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    prediction_type: str
     prior_weight: float = 1.0
     text_encoder_steps: int = 0  # train the text encoders while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
@@ -180,14 +174,14 @@ class Loop:
         positions = sample_positions(step, micro, a.process_index, per_device=self.per_device,
                                      processes=a.num_processes,
                                      accumulation=self.training.gradient_accumulation_steps)
-        idx = dataset_indices(positions, len(self.instances), seed)
+        idx = self.draw.instances(positions)
         gens = generators(seed, positions, a.device)
         latents = [self.instances.sample(idx, gens)]
         prompts = [self.instances.prompts[i] for i in idx]
         sizes = [self.instances.sizes[i] for i in idx]
         if self.classes is None:
             return latents[0], prompts, sizes, gens, 0
-        cidx = dataset_indices(positions, len(self.classes), seed)
+        cidx = self.draw.classes(positions)  # in the micro-batch's bucket
         class_gens = generators(seed, positions, a.device, offset=CLASS_STREAM)
         latents.append(self.classes.sample(cidx, class_gens))
         prompts += [self.classes.prompts[i] for i in cidx]
@@ -215,8 +209,7 @@ class Loop:
                     cond = self.prompts(prompts, training=train_te)
                     loss = diffusion_loss(
                         self.family, self.denoiser, self.scheduler, latents, cond, sizes, gens,
-                        training=self.training, prediction_type=self.prediction_type, n_prior=n_prior,
-                        prior_weight=self.prior_weight,
+                        training=self.training, n_prior=n_prior, prior_weight=self.prior_weight,
                     )
                 a.backward(loss.total / accumulation)
             sums += torch.stack([

@@ -19,8 +19,9 @@ HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*
                 "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
 
 
-def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path) -> Path:
-    """Download (or reuse from the cache) a hub repository's diffusers folder."""
+def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path, patterns: list[str] | None = None) -> Path:
+    """Download (or reuse from the cache) a hub repository's diffusers folder (``patterns``:
+    other files, e.g. a CLIP model's)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -31,7 +32,7 @@ def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path) -> Path:
 
     try:
         return Path(
-            snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+            snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=patterns or HUB_PATTERNS)
         )
     except GatedRepoError:
         raise StorageAuthError(

@@ -17,14 +17,16 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreambooth.api import layout
+from dreambooth.api.history import History
 from dreambooth.api.telemetry import TrainerPhase
-from dreambooth.trainer import checkpoints, state
+from dreambooth.trainer import checkpoints, judging, state
 from dreambooth.trainer.background import together
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
@@ -80,6 +82,9 @@ def fetch_checkpoint(ctx: Context) -> Found | None:
         log.info("no checkpoint in %s: starting at step 0", ctx.output.uri(layout.CHECKPOINTS))
         return None
     facts = json.loads((Path(folder) / state.STATE).read_text())
+    saved = Path(folder) / layout.HISTORY
+    if saved.is_file():  # the history up to the checkpoint's step: the resumed run continues it
+        ctx.history = History.from_bytes(saved.read_bytes()).up_to(int(facts["step"]))
     return Found(int(facts["step"]), facts.get("phase", "dreambooth"), Path(folder))
 
 
@@ -114,7 +119,8 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -
     if ctx.main and not must:
         ctx.background.post(upload_checkpoint, ctx, write_checkpoint(ctx, loop, step), step, False)
     elif ctx.main:  # training stops here: the storage thread writes too, and a failure reaches all
-        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step, True))
+        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step,
+                                                                 True))
     if not must:
         return None
     return together(a, upload, poll_s=ctx.poll_s, what=f"saving the checkpoint of step {step}")
@@ -126,6 +132,8 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
     try:
         state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
                     lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+        judging.save_records(ctx, folder)
+        (folder / layout.HISTORY).write_bytes(ctx.history.up_to(step).to_bytes())
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         ctx.metrics.checkpoint_upload_failures.inc()
@@ -134,11 +142,14 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
 
 
 def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str | None:
-    """Upload the checkpoint written to ``folder`` (on the storage thread), then delete it."""
+    """Upload the checkpoint written to ``folder`` (on the storage thread), then delete it.
+    Pruning spares the best evaluated checkpoint (judged before this one was written)."""
     try:
         with ctx.metrics.checkpoint_upload_seconds.time():
-            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep)
+            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep,
+                                     protect=judging.best_step(ctx))
         ctx.metrics.last_checkpoint_step.set(step)
+        upload_history(ctx, (folder / layout.HISTORY).read_bytes())
         uri = ctx.output.uri(saved.prefix)
         log.info("checkpoint %s", uri)
         return uri
@@ -153,6 +164,30 @@ def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str 
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- history ---------------------------------------------------------------------------
+
+#: history.jsonl is rewritten at least this often while a run trains (besides at every
+#: checkpoint, sample grid and the end), so that a viewer's loss curve keeps up
+HISTORY_EVERY_S = 30.0
+
+
+def publish_history(ctx: Context, *, every_s: float = HISTORY_EVERY_S) -> None:
+    """Hand history.jsonl (as it is now) to the storage thread, unless it was handed over
+    less than ``every_s`` ago (0: now)."""
+    now = time.monotonic()
+    if ctx.main and now - ctx.history_published >= every_s:
+        ctx.history_published = now
+        ctx.background.post(upload_history, ctx, ctx.history.to_bytes())
+
+
+def upload_history(ctx: Context, data: bytes) -> None:
+    """Replace history.jsonl whole (on the storage thread); only reported if storage cannot."""
+    try:
+        ctx.output.write_bytes(layout.HISTORY, data)
+    except StorageUnavailableError as err:
+        log.warning("%s not saved: %s", layout.HISTORY, err)
 
 
 # --- samples and export ---------------------------------------------------------------
@@ -196,10 +231,23 @@ def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: boo
     )
 
 
-def save_samples(ctx: Context, components: Components, loop: Loop, step: int) -> None:
+def sample_round(ctx: Context, components: Components, loop: Loop, step: int, checkpoint: str | None, *,
+                 base: bool = False) -> None:
+    """Draw the samples of ``step`` (every process); with spec.evaluation the main process
+    judges them (``checkpoint``: the key holding these weights) and publishes the figures.
+    ``base``: the base model's round before the first step (judged, no grid uploaded)."""
+    rows = save_samples(ctx, components, loop, step, upload=not base)
+    if ctx.judge is not None:
+        ctx.judge.round(step, rows, checkpoint, base=base)
+        judging.publish(ctx)
+
+
+def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
+                 upload: bool = True) -> list | None:
     """samples/step-<step>.png: rows = prompts, columns = images. Prompt ``i`` is drawn by
     rank ``i % processes`` with the generator it has on one process (the same grid on 1 or
-    N processes); the main process assembles the grid and its storage thread uploads it."""
+    N processes); the main process assembles the grid and its storage thread uploads it.
+    Returns the rows (images per prompt) on the main process, None on the others."""
     from accelerate.utils import gather_object
 
     a, validation = ctx.accelerator, ctx.spec.validation
@@ -213,18 +261,24 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int) ->
         with a.autocast(), ema_weights(ctx, loop):
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
-                             device=a.device, rows=mine)
+                             device=a.device, rows=mine,
+                             options=components.family.sampling_options(ctx.spec.training))
         for module, training in zip(modules, was_training, strict=True):
             module.train(training)
         rows = dict(zip(mine, drawn, strict=True))
     if a.num_processes > 1:
         rows = {i: images for part in gather_object([rows]) for i, images in part.items()}
-    if ctx.main:
+    if not ctx.main:
+        return None
+    ordered = [rows[i] for i in range(len(validation.prompts))]
+    if upload:
         path = ctx.workdir / f"step-{step}.png"
         title = (f"step {step}/{ctx.total_steps}, {validation.scheduler.value.upper()} "
                  f"{validation.inference_steps} steps")
-        grid([rows[i] for i in range(len(validation.prompts))], validation.prompts, title=title).save(path)
+        grid(ordered, validation.prompts, title=title).save(path)
         ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step))
+        publish_history(ctx, every_s=0)
+    return ordered
 
 
 def upload_sample(ctx: Context, path: Path, key: str) -> None:
@@ -274,12 +328,19 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
 
 
 def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -> None:
+    best = judging.load_best(ctx, loop, modules_of(ctx, loop), outcome.step)  # output.export: best
     with ema_weights(ctx, loop):
         pipeline = pipeline_of(ctx, components, loop, export=True)
-        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir)
+        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir,
+                                 ctx.config.job.name)
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)
+    ctx.output.write_bytes(layout.HISTORY, ctx.history.to_bytes())
+    judging.finish(ctx, outcome, best)
+    # a periodic checkpoint storage could not take (an outage) left debris that no later
+    # checkpoint pruned: the last step is exported, not checkpointed
+    checkpoints.prune(ctx.output, keep=ctx.spec.checkpointing.keep, protect=judging.best_step(ctx))
     result = {"step": outcome.step, "totalSteps": ctx.total_steps, "outputs": outcome.outputs}
     ctx.output.write_bytes(layout.RESULT, json.dumps(result, indent=1).encode())
     ctx.metrics.phase.state(TrainerPhase.SUCCEEDED)

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 
 from dreambooth.api import layout
+from dreambooth.api.families import FACTS
+from dreambooth.api.presets import ModelFamily
 from dreambooth.api.spec import Sampler, ValidationSpec
 from dreambooth.api.telemetry import TrainerPhase
+from dreambooth.trainer.buckets import Framing
 from dreambooth.trainer.data import Example, find_images, load_examples
 from dreambooth.trainer.errors import DataError
 from dreambooth.trainer.pernode import once_per_node
@@ -35,9 +38,15 @@ SAMPLER = {"scheduler": Sampler.DDIM.value, "inferenceSteps": 50, "guidanceScale
 GENERATION_BATCH = 4
 
 
-def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int) -> str:
+def sampler_of(family: str) -> dict:
+    """:data:`SAMPLER` with the family's own class-image scheduler (SD3: flow-matching Euler)."""
+    return {**SAMPLER, "scheduler": FACTS[ModelFamily(family)].class_sampler.value}
+
+
+def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int,
+              family: str = "sd") -> str:
     facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
-             "count": count, **SAMPLER}
+             "count": count, **sampler_of(family)}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -78,7 +87,8 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     pipeline = components.family.pipeline(
         vae=components.vae, text_encoders=components.text_encoders, tokenizers=components.tokenizers,
         denoiser=components.denoiser,
-        scheduler=scheduler_for(Sampler(SAMPLER["scheduler"]), components.noise_scheduler.config),
+        scheduler=scheduler_for(Sampler(sampler_of(components.family.name)["scheduler"]),
+                                components.noise_scheduler.config),
     ).to(a.device)
     settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
                               guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
@@ -86,7 +96,7 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     for n, index in enumerate(mine):
         with a.autocast():
             [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
-                                 device=a.device)
+                                 device=a.device, options=components.family.sampling_options(ctx.spec.training))
         path = workdir / _name(index)
         image.save(path)
         store.upload_file(path, path.name)
@@ -98,8 +108,9 @@ def _name(index: int) -> str:
     return f"class-{index:05d}.png"
 
 
-def class_examples(ctx, components) -> list[Example]:
-    """The class images of this run (generated and cached if needed), as examples."""
+def class_examples(ctx, components, framing: Framing | None = None) -> list[Example]:
+    """The class images of this run (generated and cached if needed), as examples (one per
+    variant of ``framing``: each bucket of the photos, mirrored or not)."""
     a, prior, training = ctx.accelerator, ctx.spec.prior, ctx.spec.training
     count, prompt = prior.num_images, prior.class_prompt
     folder = ctx.workdir / "class-images"
@@ -108,7 +119,7 @@ def class_examples(ctx, components) -> list[Example]:
         store = open_storage(source, ctx.s3)
     else:
         key = cache_key(model=ctx.spec.base_model.uri, revision=ctx.spec.base_model.revision, prompt=prompt,
-                        resolution=training.resolution, count=count)
+                        resolution=training.resolution, count=count, family=components.family.name)
         source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):
@@ -137,6 +148,6 @@ def class_examples(ctx, components) -> list[Example]:
         log.warning("only %d class images under %s (prior.numImages is %d): training with those",
                     len(paths), source, count)
     examples = load_examples(folder, prompt=prompt, resolution=training.resolution, use_captions=False,
-                             source_uri=source)
+                             source_uri=source, framing=framing, limit=count)
     torch.manual_seed(training.seed)  # generation consumed random numbers; training starts afresh
-    return examples[:count]
+    return examples

@@ -11,18 +11,22 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
 
+from dreambooth.api import layout
 from dreambooth.api import telemetry as names
 from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.history import Point
 from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
 from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
 from dreambooth.api.uris import Scheme, Uri
-from dreambooth.trainer import persist, textual_inversion, trainables
+from dreambooth.trainer import judging, persist, textual_inversion, trainables
+from dreambooth.trainer.buckets import Draw, Framing
 from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.devices import make_accelerator, weight_dtype
@@ -39,6 +43,8 @@ from dreambooth.trainer.textual_inversion import TokenEmbedding
 log = logging.getLogger("dreambooth.trainer")
 
 ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
+#: what an hf:// evaluator is fetched with: a CLIPModel folder (files at its root)
+CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 
 
 # --- 2. storage and inputs ------------------------------------------------------------
@@ -47,6 +53,8 @@ ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
     uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    if spec.evaluation.enabled:
+        uris.append(spec.evaluation.model.uri)
     if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
         return None
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
@@ -74,14 +82,34 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
     return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
 
 
+def fetch_model(ctx: Context, key: str, uri: str, revision: str | None, *, what: str,
+                patterns: list[str] | None = None) -> Path:
+    parsed = storage_uri(uri, ANY)
+    if parsed.scheme is Scheme.HF:
+        return fetch_once(ctx, key, lambda: fetch_from_hub(
+            parsed.authority, revision or parsed.revision, ctx.workdir / "hub", patterns=patterns))
+    return fetch_once(ctx, key, lambda: fetch_prefix(
+        parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
+
+
 def fetch_base_model(ctx: Context) -> Path:
     model = ctx.spec.base_model
-    parsed = storage_uri(model.uri, ANY)
-    if parsed.scheme is Scheme.HF:
-        return fetch_once(ctx, "base-model", lambda: fetch_from_hub(
-            parsed.authority, model.revision or parsed.revision, ctx.workdir / "hub"))
-    return fetch_once(ctx, "base-model", lambda: fetch_prefix(
-        parsed, ctx.s3, ctx.workdir / "base-model", what="base model files", empty=NotFoundError))
+    return fetch_model(ctx, "base-model", model.uri, model.revision, what="base model files")
+
+
+def open_judge(ctx: Context, components: Components, instances: list[Example]) -> None:
+    """spec.evaluation: fetch the CLIP evaluator like the base model (once per node); the
+    main process loads it and judges the sample rounds."""
+    evaluation = ctx.spec.evaluation
+    if not (evaluation.enabled and ctx.spec.validation.enabled):
+        return
+    judging.check_source(ctx, components.path)
+    clip = None
+    if evaluation.model.uri:
+        clip = fetch_model(ctx, "evaluator", evaluation.model.uri, evaluation.model.revision,
+                           what="evaluation model files", patterns=CLIP_PATTERNS)
+    if ctx.main:
+        ctx.judge = judging.make_judge(ctx, clip, components.path, instances)
 
 
 def open_model(ctx: Context) -> Components:
@@ -94,28 +122,44 @@ def open_model(ctx: Context) -> Components:
     except SpecError as err:
         raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
                           + "; ".join(map(str, err.issues))) from None
+    components.family.configure(components, ctx.spec.training, spec.base_model.uri)
     log.info("model family %s (%s)", components.family.name, components.family.title)
     return components
 
 
 def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
+    """The photos, framed: one example per photo (and its mirror with training.randomFlip),
+    in its aspect-ratio bucket or the ``resolution`` square."""
     training = ctx.spec.training
     multiple = components.resolution_multiple
-    if training.resolution % multiple:
-        raise ConfigError(
-            f"training.resolution {training.resolution} does not fit this model: it must be a "
-            f"multiple of {multiple} (VAE and UNet downsampling), e.g. "
-            f"{max(multiple, training.resolution // multiple * multiple)}"
-        )
+    sizes = [("training.resolution", training.resolution)]
+    if training.buckets is not None and training.buckets.enabled:
+        sizes.append(("training.buckets.step", training.buckets.step))
+    for name, value in sizes:
+        if value % multiple:
+            raise ConfigError(
+                f"{name} {value} does not fit this model: it must be a multiple of {multiple} (VAE "
+                f"and UNet downsampling), e.g. {max(multiple, value // multiple * multiple)}"
+            )
     folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
         ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
-    return load_examples(
+    examples = load_examples(
         folder,
         prompt=ctx.spec.instance.prompt,
         resolution=training.resolution,
         use_captions=ctx.spec.instance.use_captions,
         source_uri=ctx.spec.instance.uri,
+        framing=Framing.for_photos(training),
     )
+    buckets = sorted({e.size.target for e in examples})
+    log.info("%d photos in %d bucket(s): %s", len(examples) // len(Framing.for_photos(training).flips),
+             len(buckets), ", ".join(f"{w}x{h}" for h, w in buckets))
+    return examples
+
+
+def class_framing(spec: DreamBoothJobSpec, instances: list[Example]) -> Framing:
+    """Class images are framed in every bucket of the photos (mirrored too with randomFlip)."""
+    return Framing.for_photos(spec.training).for_classes([e.size.target for e in instances])
 
 
 # --- 3. what trains, and how ----------------------------------------------------------
@@ -149,9 +193,13 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
                  classes: list[Example] | None) -> dict:
     """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
     when the export writes the float32 original)."""
-    a = ctx.accelerator
+    a, training = ctx.accelerator, ctx.spec.training
     dtype = torch.float32 if components.family.vae_in_fp32 else weight_dtype(a)
     vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
+    flips = len(Framing.for_photos(training).flips)
+    draw = Draw.of(instances, flips=flips, seed=training.seed,
+                   micro_size=training.batch_size // training.gradient_accumulation_steps,
+                   class_images=len(classes or ()) // (len({e.size.target for e in instances}) * flips))
     return {
         "accelerator": a,
         "training": ctx.spec.training,
@@ -160,7 +208,7 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
         "vae": vae,
         "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
         "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
-        "prediction_type": components.prediction_type,
+        "draw": draw,
         "prior_weight": ctx.spec.prior.loss_weight,
     }
 
@@ -169,7 +217,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
     chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a))
+                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders)
     if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
         token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None
@@ -180,7 +228,7 @@ def build_loop(ctx: Context, components: Components, shared: dict,
     prepared, optimizer, lr_scheduler = optimization(
         ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
         warmup=training.lr_warmup_steps, steps=training.steps)
-    text_encoders = prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders
+    text_encoders = (prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders) + chosen.fixed
     return Loop(
         **shared,
         denoiser=prepared[0],
@@ -236,14 +284,21 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
     throughput = Throughput(images_per_step=images_per_step(spec.training.batch_size, loop.classes is not None))
     if ctx.metrics:
         ctx.metrics.phase.state(TrainerPhase.TRAINING)
+    if start == 0 and spec.evaluation.enabled and spec.validation.enabled:  # the base model's round
+        persist.sample_round(ctx, components, loop, 0, None, base=True)
     try:
         for step in range(start, end):
             values = loop.run_step(step)
             done = step + 1
             outcome.step, outcome.loss = done, float(values["loss"])
+            if ctx.main:
+                ctx.history.add(Point(done, values["loss"], values["instance_loss"], values["lr"], time.time(),
+                                      values.get("prior_loss")))
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
+            if ctx.judge is not None:
+                ctx.judge.rounds.add_losses(values)
             progress.update(done, values, speed)
             if CHECKSUMS:
                 log.info("weights step=%d checksum=%s", done, weights_checksum(loop))
@@ -251,17 +306,31 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             # no checkpoint of the last step: the export follows at once; a phase's last
             # step and SIGTERM's checkpoint must land, periodic ones upload in the background
             must = stopping or (done == end and done < ctx.total_steps)
-            if must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps):
+            checkpoint = must or (done % spec.checkpointing.every_steps == 0 and done < ctx.total_steps)
+            # samples (and their evaluation) first: the checkpoint then carries the round's record
+            if not stopping and spec.validation.enabled and (done % spec.validation.every_steps == 0 or done == end):
+                persist.sample_round(ctx, components, loop, done, round_key(ctx, loop, done, checkpoint))
+            if checkpoint:
                 outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) \
                     or outcome.last_checkpoint
             if stopping:
                 raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
                                 "the next pod resumes from it")
-            if spec.validation.enabled and (done % spec.validation.every_steps == 0 or done == end):
-                persist.save_samples(ctx, components, loop, done)
+            persist.publish_history(ctx)
     finally:
         progress.close()
     return outcome
+
+
+def round_key(ctx: Context, loop: Loop, step: int, checkpointed: bool) -> str | None:
+    """Where the weights of a round at ``step`` are kept: its checkpoint, the final model for
+    the last step, none otherwise (nor in textual inversion's phase, whose checkpoints hold
+    only the new token)."""
+    if loop.phase == textual_inversion.PHASE:
+        return None
+    if step == ctx.total_steps:
+        return judging.final_model_key(ctx)
+    return layout.checkpoint(step) if checkpointed else None
 
 
 #: diagnostics: every process logs a checksum of its trained weights after each step, so
@@ -321,9 +390,11 @@ def _run(ctx: Context) -> Outcome:
     if config.spec.prior.enabled:
         from dreambooth.trainer.prior import class_examples
 
-        classes = class_examples(ctx, components)
+        classes = class_examples(ctx, components, class_framing(config.spec, instances))
+    open_judge(ctx, components, instances)
     token = textual_inversion.add_token(config.spec, components)
     found = persist.fetch_checkpoint(ctx)
+    judging.resume(ctx, found.folder if found else None)
     start = found.step if found else 0
     ti_end = ctx.total_steps - config.spec.training.steps
     shared = shared_parts(ctx, components, instances, classes)

@@ -24,6 +24,7 @@ def scheduler_for(sampler: Sampler, config) -> object:
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
         LMSDiscreteScheduler,
         PNDMScheduler,
     )
@@ -34,16 +35,18 @@ def scheduler_for(sampler: Sampler, config) -> object:
         Sampler.LMS: LMSDiscreteScheduler,
         Sampler.DPM: DPMSolverMultistepScheduler,
         Sampler.EULER: EulerDiscreteScheduler,
+        Sampler.FLOW_EULER: FlowMatchEulerDiscreteScheduler,  # SD3's (validation refuses it elsewhere)
     }
     return kinds[Sampler(sampler)].from_config(config)
 
 
 @torch.no_grad()
 def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int, device,
-             rows: Sequence[int] | None = None) -> list[list[Image.Image]]:
+             rows: Sequence[int] | None = None, options: dict | None = None) -> list[list[Image.Image]]:
     """``imagesPerPrompt`` images for each prompt (or for the prompts numbered ``rows``), the
     same seed every time (comparable grids): prompt ``i`` draws from seed ``seed + i``, so a
-    row is the same image whichever process draws it."""
+    row is the same image whichever process draws it. ``options``: the family's further
+    pipeline arguments (SD3: T5's prompt length)."""
     pipeline.set_progress_bar_config(disable=True)
     out = []
     for i in range(len(validation.prompts)) if rows is None else rows:
@@ -58,6 +61,7 @@ def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int
             height=resolution,
             width=resolution,
             generator=generator,
+            **(options or {}),
         )
         out.append(list(result.images))
     return out

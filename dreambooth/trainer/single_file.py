@@ -10,7 +10,8 @@ resnets.1``) map to LDM module paths (``input_blocks.2.0``), with a table of ren
 per kind of module (a resnet's ``norm1`` is ``in_layers.0``). The block tables are derived
 from the keys present, so any number of blocks and layers per block works. A key that no
 table covers (a LoRA adapter, an SDXL part, a typo) raises :class:`SingleFileExportError`
-naming it: a checkpoint that silently lacks weights is worse than none.
+naming it: a checkpoint that silently lacks weights is worse than none. The component maps
+take their prefix, so SDXL's layout (:mod:`dreambooth.trainer.single_file_sdxl`) reuses them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _OPENCLIP_FIXED: Rules = {"embeddings.token_embedding": ("token_embedding", _PAR
                           "final_layer_norm": ("ln_final", _PARAMS)}
 _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
                    "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.in_proj": "attn"}  # q, k, v stacked by _openclip
+                   "self_attn.in_proj": "attn"}  # q, k, v stacked by openclip()
 _IN_PROJ = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
 _ADAPTER_PARTS = {"base_layer", "lora_A", "lora_B", "lora_down", "lora_up", "lora_magnitude_vector"}
 
@@ -83,21 +84,27 @@ def _leaf(leaves: Mapping[str, str] | None, rest: str) -> str | None:
     return None if found is None else f"{leaves[found[0]]}.{found[1]}"
 
 
+def rename(rules: Rules, key: str) -> str | None:
+    """``key`` (a parameter's diffusers name) in the LDM layout by ``rules``; None: unknown."""
+    found = _longest(rules, key)
+    leaf = _leaf(rules[found[0]][1], found[1]) if found else None
+    return None if leaf is None else ".".join(filter(None, (rules[found[0]][0], leaf)))
+
+
 def _apply(sd: StateDict, rules: Rules, prefix: str, component: str) -> dict[str, torch.Tensor]:
     """Rename every key of ``sd`` by ``rules`` and prepend ``prefix``; refuse unknown keys."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sd.items():
         adapter = _ADAPTER_PARTS.intersection(key.split("."))
-        found = None if adapter else _longest(rules, key)
-        leaf = _leaf(rules[found[0]][1], found[1]) if found else None
-        if found is None or leaf is None:
+        renamed = None if adapter else rename(rules, key)
+        if renamed is None:
             hint = " (merge LoRA/PEFT adapters into the weights first)" if adapter else ""
             raise SingleFileExportError(
                 f"cannot map {component} key {key!r} to the original Stable Diffusion layout"
                 f"{hint}; supported: the UNet2DConditionModel, AutoencoderKL and CLIP text "
-                "encoder of SD 1.x/2.x"
+                "encoders of SD 1.x/2.x and SDXL"
             )
-        name = prefix + ".".join(filter(None, (rules[found[0]][0], leaf)))
+        name = prefix + renamed
         if name in out:
             raise SingleFileExportError(f"{component} key {key!r} maps onto {name!r} twice")
         out[name] = tensor
@@ -114,10 +121,11 @@ def _layers(sd: StateDict, pattern: str) -> dict[int, int]:
     return counts
 
 
-def unet_rules(sd: StateDict) -> Rules:
+def unet_rules(sd: StateDict, extra: Mapping[str, str] | None = None) -> Rules:
     """The UNet's module table. LDM numbers ``input_blocks`` and ``output_blocks`` through all
-    levels (a downsampler takes a number of its own), and interleaves the middle block."""
-    rules: Rules = {k: (v, _PARAMS) for k, v in _UNET_FIXED.items()}
+    levels (a downsampler takes a number of its own), and interleaves the middle block.
+    ``extra``: more fixed modules, diffusers path -> LDM path (SDXL's added embedding)."""
+    rules: Rules = {k: (v, _PARAMS) for k, v in {**_UNET_FIXED, **(extra or {})}.items()}
     index = 1  # input_blocks.0 is conv_in
     for block, count in sorted(_layers(sd, r"down_blocks\.(\d+)\.resnets\.(\d+)\.").items()):
         down = f"down_blocks.{block}"
@@ -170,7 +178,11 @@ def vae_rules(sd: StateDict) -> Rules:
     return rules
 
 
-def _vae(sd: StateDict) -> dict[str, torch.Tensor]:
+def unet(sd: StateDict, extra: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    return _apply(sd, unet_rules(sd, extra), UNET_PREFIX, "UNet")
+
+
+def vae(sd: StateDict) -> dict[str, torch.Tensor]:
     out = _apply(sd, vae_rules(sd), VAE_PREFIX, "VAE")
     for key, tensor in out.items():  # LDM's VAE attention projections are 1x1 convolutions
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
@@ -185,21 +197,26 @@ def _text_model(sd: StateDict) -> dict[str, torch.Tensor]:
             if not k.endswith("position_ids")}
 
 
-def _clip(sd: StateDict) -> dict[str, torch.Tensor]:
-    """SD 1.x: the transformers ``CLIPTextModel`` layout (with ``text_model.``)."""
+def clip(sd: StateDict, prefix: str = CLIP_PREFIX, component: str = "text encoder") -> dict[str, torch.Tensor]:
+    """SD 1.x (and SDXL's first encoder): the transformers ``CLIPTextModel`` layout (with
+    ``text_model.``)."""
     flat = _text_model(sd)
     rules: Rules = {name: (f"text_model.{name}", None)
                     for name in ("embeddings", "encoder", "final_layer_norm")}
-    return _apply(flat, rules, CLIP_PREFIX, "text encoder")
+    return _apply(flat, rules, prefix, component)
 
 
-def _openclip(sd: StateDict) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP's layout, with q/k/v stacked into one ``in_proj`` per layer.
+def openclip(sd: StateDict, prefix: str = OPENCLIP_PREFIX,
+             component: str = "text encoder") -> dict[str, torch.Tensor]:
+    """SD 2.x (and SDXL's second encoder): OpenCLIP's layout, with q/k/v stacked into one
+    ``in_proj`` per layer, and a ``CLIPTextModelWithProjection``'s projection as OpenCLIP's
+    ``text_projection`` matrix (``x @ text_projection``: the transpose of a linear weight).
 
     A diffusers SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers: SD 2 reads the
     penultimate layer's output, so readers that build all 24 leave the last one unused.
     """
     flat = _text_model(sd)
+    projection = flat.pop("text_projection.weight", None)
     for name in {k.rsplit(".", 2)[0] for k in flat if re.search(r"\.[qkv]_proj\.(weight|bias)$", k)}:
         for param in ("weight", "bias"):
             parts = [flat.pop(f"{name}.{p}_proj.{param}", None) for p in "qkv"]
@@ -213,7 +230,10 @@ def _openclip(sd: StateDict) -> dict[str, torch.Tensor]:
             leaves = _IN_PROJ if old.endswith("in_proj") else None
             rules[f"encoder.layers.{layer}.{old}"] = (f"transformer.resblocks.{layer}.{new}",
                                                       leaves)
-    return _apply(flat, rules, OPENCLIP_PREFIX, "text encoder")
+    out = _apply(flat, rules, prefix, component)
+    if projection is not None:
+        out[f"{prefix}text_projection"] = projection.T
+    return out
 
 
 def to_original_state_dict(
@@ -233,15 +253,21 @@ def to_original_state_dict(
     if text_encoder_layout not in ("clip", "openclip"):
         raise ValueError(
             f"text_encoder_layout must be 'clip' or 'openclip', not {text_encoder_layout!r}")
-    text = _clip if text_encoder_layout == "clip" else _openclip
-    return {**_apply(unet_sd, unet_rules(unet_sd), UNET_PREFIX, "UNet"), **_vae(vae_sd),
-            **text(text_encoder_sd)}
+    text = clip if text_encoder_layout == "clip" else openclip
+    return {**unet(unet_sd), **vae(vae_sd), **text(text_encoder_sd)}
 
 
-def _state_dict(component: Any, name: str) -> StateDict:
-    if component is None:
-        raise SingleFileExportError(f"the model has no {name}; a single file needs all three parts")
-    return component.state_dict() if isinstance(component, torch.nn.Module) else component
+def parts(model: Any, names: tuple[str, ...]) -> list[StateDict]:
+    """The state dicts of ``model``'s parts ``names``: ``model`` is a pipeline (or anything
+    with those attributes) or a mapping; each part a module or a state dict."""
+    get = model.get if isinstance(model, Mapping) else lambda name: getattr(model, name, None)
+    out = []
+    for name in names:
+        component = get(name)
+        if component is None:
+            raise SingleFileExportError(f"the model has no {name}; a single file needs {', '.join(names)}")
+        out.append(component.state_dict() if isinstance(component, torch.nn.Module) else component)
+    return out
 
 
 def save_single_file(
@@ -260,21 +286,27 @@ def save_single_file(
     layout defaults to ``"openclip"`` for a module whose config has ``hidden_act="gelu"`` (SD
     2.x), else ``"clip"``. The file is written beside ``path`` and renamed into place.
     """
-    get = model.get if isinstance(model, Mapping) else lambda name: getattr(model, name, None)
-    unet, vae, text_encoder = get("unet"), get("vae"), get("text_encoder")
+    unet_sd, vae_sd, text_sd = parts(model, ("unet", "vae", "text_encoder"))
     if text_encoder_layout is None:
+        text_encoder = model.get("text_encoder") if isinstance(model, Mapping) else model.text_encoder
         act = getattr(getattr(text_encoder, "config", None), "hidden_act", "quick_gelu")
         text_encoder_layout = "openclip" if act == "gelu" else "clip"
-    tensors = to_original_state_dict(
-        _state_dict(unet, "unet"), _state_dict(vae, "vae"),
-        _state_dict(text_encoder, "text_encoder"), text_encoder_layout=text_encoder_layout)
+    tensors = to_original_state_dict(unet_sd, vae_sd, text_sd, text_encoder_layout=text_encoder_layout)
+    return write(tensors, path, model, {"layout": "ldm", "text_encoder": text_encoder_layout},
+                 dtype=dtype, metadata=metadata)
+
+
+def write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, model: Any, info: Mapping[str, str], *,
+          dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> pathlib.Path:
+    """Write ``tensors`` (cast to ``dtype``) as one ``.safetensors`` file, atomically; the header
+    says ``info`` plus the model's prediction type and the dtype."""
     for key, tensor in tensors.items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.detach().to("cpu").contiguous()
-    scheduler = getattr(get("scheduler"), "config", {})
-    info = {"layout": "ldm", "text_encoder": text_encoder_layout,
-            "prediction_type": scheduler.get("prediction_type", "unknown"),
+    scheduler = (model.get("scheduler") if isinstance(model, Mapping) else getattr(model, "scheduler", None))
+    config = getattr(scheduler, "config", {})
+    info = {**info, "prediction_type": config.get("prediction_type", "unknown"),
             "dtype": str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")}
     header = {**(metadata or {}), "format": "pt", "dreambooth": json.dumps(info)}
 

@@ -80,20 +80,7 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
             f"the checkpoint at step {state['step']} was written by a different setup ({detail}); "
             "restore the job's settings or delete its checkpoints/ to start over"
         )
-    params = dict(trained_parameters(modules, optimizer))
-    device = next(iter(params.values())).device if params else torch.device("cpu")
-    with safe_open(str(folder / TRAINABLE), framework="pt", device=str(device)) as saved:
-        names = set(saved.keys())
-        if names != set(params):
-            missing = sorted(set(params) - names)[:3]
-            raise TrainerError(
-                f"the checkpoint at step {state['step']} does not match the model being trained "
-                f"(e.g. {missing or sorted(names - set(params))[:3]}): delete its checkpoints/ "
-                "to start over"
-            )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(saved.get_tensor(name))
+    device = read_weights(folder, modules=modules, optimizer=optimizer)
     # the optimizer moves each state tensor to its parameter's device as it loads it
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", mmap=True, weights_only=False))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER, weights_only=False))
@@ -105,6 +92,27 @@ def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])
+
+
+def read_weights(folder: Path, *, modules, optimizer) -> torch.device:
+    """Copy the checkpoint's trained weights into the parameters (one tensor at a time);
+    returns their device."""
+    step = json.loads((folder / STATE).read_text())["step"]
+    params = dict(trained_parameters(modules, optimizer))
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    with safe_open(str(folder / TRAINABLE), framework="pt", device=str(device)) as saved:
+        names = set(saved.keys())
+        if names != set(params):
+            missing = sorted(set(params) - names)[:3]
+            raise TrainerError(
+                f"the checkpoint at step {step} does not match the model being trained "
+                f"(e.g. {missing or sorted(names - set(params))[:3]}): delete its checkpoints/ "
+                "to start over"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved.get_tensor(name))
+    return device
 
 
 def read_extras(folder: Path, extras: dict[str, Any], *, device=None) -> None:

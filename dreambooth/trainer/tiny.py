@@ -2,7 +2,8 @@
 
 ``build_tiny_model(path)`` writes a folder laid out exactly like a diffusers snapshot of
 SD 1.5 (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``; no safety checker, no feature extractor), with safetensors weights. It
+``scheduler/``; with ``safety_checker=True`` also ``safety_checker/`` and
+``feature_extractor/`` as SD 1.x snapshots ship them), with safetensors weights. It
 loads with ``StableDiffusionPipeline.from_pretrained(path)`` and each part with the usual
 ``from_pretrained(path, subfolder=...)``, so the trainer treats it like a real base model.
 
@@ -12,6 +13,11 @@ channels, a VAE that downsamples by 8 with scaling factor 0.18215, a CLIP text e
 with 77 positions, cross attention in the UNet, the SD 1.5 PNDM scheduler config) but every
 width is tiny: under 4 MB on disk, built in a fraction of a second. The same seed gives
 byte-identical files.
+
+``build_tiny_clip(path)`` writes a tiny random ``CLIPModel`` folder laid out like a saved
+``openai/clip-vit-large-patch14`` (``config.json``, ``model.safetensors``, the tokenizer's
+files and ``preprocessor_config.json`` side by side), which ``CLIPModel.from_pretrained``
+and ``CLIPProcessor.from_pretrained`` load: the evaluator of the test suite.
 
 For humans: ``python -m dreambooth.trainer.tiny OUTPUT_DIR``.
 """
@@ -115,12 +121,12 @@ def _scheduler_config(prediction_type: str) -> dict:
     }
 
 
-def _text_config(vocab: dict[str, int]):
+def _text_config(vocab: dict[str, int], hidden_size: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         projection_dim=32,
         num_hidden_layers=2,
@@ -188,6 +194,8 @@ def build_tiny_model(
     seed: int = 0,
     prediction_type: PredictionType = "epsilon",
     resolution: int = 64,
+    unet_width: int = 32,
+    safety_checker: bool = False,
 ) -> pathlib.Path:
     """Write a tiny random SD-1.5-shaped diffusers model to ``path`` and return the path.
 
@@ -195,7 +203,10 @@ def build_tiny_model(
     folder beside it and moved into place, so a half-written model is never left there.
     ``prediction_type`` goes into the scheduler config (``"v_prediction"`` as in SD 2.x).
     ``resolution`` is the native image size (a multiple of 16); the UNet's
-    ``sample_size`` is ``resolution // 8``. The caller's torch RNG state is left alone.
+    ``sample_size`` is ``resolution // 8``. ``unet_width`` is the first block's channels
+    (the second has twice as many): wider for a bigger checkpoint (benches).
+    ``safety_checker``: also write ``safety_checker/`` and ``feature_extractor/`` (whose CLIP
+    vision tower the evaluator can fall back on). The caller's torch RNG state is left alone.
     """
     import diffusers
     import torch
@@ -219,7 +230,7 @@ def build_tiny_model(
                 out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64),
+                block_out_channels=(unet_width, 2 * unet_width),
                 layers_per_block=1,
                 cross_attention_dim=32,
                 attention_head_dim=8,  # heads, as in SD 1.5's config
@@ -228,6 +239,8 @@ def build_tiny_model(
             _tiny_vae(resolution, 0.18215).save_pretrained(work / "vae")
             torch.manual_seed(seed + 2)
             text_encoder = CLIPTextModel(_text_config(vocab))
+            if safety_checker:
+                _write_safety_checker(work, vocab, seed + 3)
         _save_quietly(text_encoder, work / "text_encoder")
         _write_tokenizer(work / "tokenizer", vocab, merges)
         (work / "scheduler").mkdir()
@@ -245,9 +258,10 @@ def build_tiny_model(
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"],
                 "scheduler": ["diffusers", "PNDMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
+                "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"] if safety_checker
+                else [None, None],
+                "feature_extractor": ["transformers", "CLIPImageProcessor"] if safety_checker else [None, None],
+                "requires_safety_checker": safety_checker,
             },
         )
         _move_into_place(work, target)
@@ -257,7 +271,79 @@ def build_tiny_model(
     return target
 
 
-def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64) -> pathlib.Path:
+#: CLIP's image preprocessing (openai/clip-vit-large-patch14's values), at the tiny size
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+#: a tiny CLIP initialised at the default scale maps every image to nearly the same
+#: embedding (cosine ~0.98 between unrelated noise images); 5x larger initial weights keep
+#: different images apart (~0.2) and identical ones at 1, as a trained CLIP does
+CLIP_INIT_FACTOR = 5.0
+
+
+def _clip_config(vocab: dict[str, int], image_size: int):
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=image_size, patch_size=8,
+                              hidden_act="quick_gelu", initializer_factor=CLIP_INIT_FACTOR)
+    text = {**_text_config(vocab).to_dict(), "initializer_factor": CLIP_INIT_FACTOR}
+    return CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32,
+                      initializer_factor=CLIP_INIT_FACTOR)
+
+
+def _write_image_processor(folder: pathlib.Path, image_size: int) -> None:
+    _write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3,
+    })
+
+
+def _write_safety_checker(work: pathlib.Path, vocab: dict[str, int], seed: int) -> None:
+    """``safety_checker/`` (a StableDiffusionSafetyChecker: CLIP's vision tower and projection)
+    and ``feature_extractor/`` (its CLIPImageProcessor), as SD 1.x snapshots ship them."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    torch.manual_seed(seed)
+    _save_quietly(StableDiffusionSafetyChecker(_clip_config(vocab, 32)), work / "safety_checker")
+    (work / "feature_extractor").mkdir()
+    _write_image_processor(work / "feature_extractor", 32)
+
+
+def build_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int = 32) -> pathlib.Path:
+    """Write a tiny random ``CLIPModel`` (text and vision towers, both projections) in the
+    folder layout of a saved ``openai/clip-vit-large-patch14`` to ``path``; returns the path.
+    ``CLIPModel.from_pretrained(path)`` and ``CLIPProcessor.from_pretrained(path)`` load it."""
+    import torch
+    from transformers import CLIPModel
+
+    target = _check_target(path, 16)
+    vocab, merges = _tokenizer_files()
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIPModel(_clip_config(vocab, image_size))
+        _save_quietly(model, work)
+        tokenizer = work / "tokenizer"
+        _write_tokenizer(tokenizer, vocab, merges)
+        for file in tokenizer.iterdir():  # a CLIP folder keeps its tokenizer beside the weights
+            file.rename(work / file.name)
+        tokenizer.rmdir()
+        _write_image_processor(work, image_size)
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
+                    text_encoder_2_width: int = 32) -> pathlib.Path:
     """Write a tiny random SDXL-shaped diffusers model to ``path`` and return the path.
 
     The folder of a ``StableDiffusionXLPipeline`` (``text_encoder/`` a ``CLIPTextModel``,
@@ -266,6 +352,10 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
     ``text_time`` added conditioning (6 time ids x 8 + the 32-wide pooled embedding = 80), the
     VAE with SDXL's scaling factor, SDXL's Euler scheduler config); tiny widths, random weights,
     the same bytes for the same seed. ``StableDiffusionXLPipeline.from_pretrained`` loads it.
+
+    ``text_encoder_2_width`` widens the second encoder (the cross attention grows with it).
+    ``from_single_file`` tells SDXL's two encoders apart by their width (768 and 1280 in SDXL),
+    so a single file of this model reads back only with a width other than 32.
     """
     import diffusers
     import torch
@@ -289,7 +379,7 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
                 transformer_layers_per_block=(1, 2),
                 attention_head_dim=(2, 4),
                 use_linear_projection=True,
-                cross_attention_dim=64,
+                cross_attention_dim=32 + text_encoder_2_width,
                 addition_embed_type="text_time",
                 addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=80,
@@ -299,7 +389,7 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
             torch.manual_seed(seed + 2)
             text_encoder = CLIPTextModel(_text_config(vocab))
             torch.manual_seed(seed + 3)
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab))
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, text_encoder_2_width))
         _save_quietly(text_encoder, work / "text_encoder")
         _save_quietly(text_encoder_2, work / "text_encoder_2")
         _write_tokenizer(work / "tokenizer", vocab, merges)

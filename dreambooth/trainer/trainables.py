@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class Trainables:
     text_encoders: list[torch.nn.Module]  # those read in training (cast copies when frozen)
     groups: list[dict]  # optimizer parameter groups
     text_encoder_steps: int  # the text encoders (or their adapters) train while step < this
+    fixed: list[torch.nn.Module] = field(default_factory=list)  # text encoders that never train (SD3's T5)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -87,10 +88,15 @@ def keeps_originals(spec: DreamBoothJobSpec) -> bool:
     return spec.training.method is Method.FULL
 
 
-def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype) -> Trainables:
+def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype,
+           trainable: int | None = None) -> Trainables:
     """Freeze, adapt and place the models for ``spec``'s method; returns what trains. The
-    text encoders train together (SDXL's two alike) or not at all."""
+    text encoders train together (SDXL's two alike) or not at all; only the first
+    ``trainable`` of them may (None: all), the others are frozen whatever the method."""
     t = spec.training
+    fixed = [frozen(te, device, dtype, keep_original=keeps_originals(spec)) for te in text_encoders[trainable:]] \
+        if trainable is not None else []
+    text_encoders = text_encoders[:trainable]
     te_lr = t.text_encoder_learning_rate or t.learning_rate
     if t.method is Method.LORA:
         place(denoiser.requires_grad_(False), device, dtype)
@@ -123,4 +129,4 @@ def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dt
         if te_steps:
             for text_encoder in text_encoders:
                 text_encoder.gradient_checkpointing_enable()
-    return Trainables(denoiser, list(text_encoders), groups, te_steps)
+    return Trainables(denoiser, list(text_encoders), groups, te_steps, fixed)

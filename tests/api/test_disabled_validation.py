@@ -1,4 +1,5 @@
-"""A job with sample grids turned off is not held to their cadence (models and CRD agree)."""
+"""A job with sample grids turned off may not set their settings: settings of a disabled
+feature are refused, never silently ignored (models and CRD agree)."""
 
 from dreambooth.api import validate_spec
 from dreambooth.api.crd import spec_schema
@@ -18,10 +19,19 @@ def cel_messages(spec: dict) -> list[str]:
     return [v.message for v in violations(spec, schema)]
 
 
-def test_disabled_validation_may_name_any_cadence():
+def test_disabled_validation_may_not_name_a_cadence():
+    try:
+        validate_spec(SPEC, cluster=True)
+    except ValueError as err:
+        assert "spec.validation.everySteps: only used when validation.enabled is true" in str(err)
+    else:
+        raise AssertionError("a disabled validation's everySteps must be refused")
     # the API server applies defaults before CEL: feed it the defaulted spec
-    spec = validate_spec(SPEC, cluster=True)
-    assert not cel_messages(spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+    spec = validate_spec({**SPEC, "validation": {"enabled": False}}, cluster=True)
+    stored = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert not cel_messages(stored)
+    stored["validation"]["everySteps"] = 100
+    assert [m for m in cel_messages(stored) if "only used when validation.enabled" in m]
 
 
 def test_enabled_validation_is_held_to_its_cadence():

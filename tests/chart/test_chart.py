@@ -38,6 +38,8 @@ VALUE_SETS = {
     "production": production_values(),
     "everything": EVERYTHING,
     "cluster-wide monitoring": MONITORING,
+    "gallery cluster-wide": {"gallery": {"enabled": True}, "storage": {"credentialsSecret": "minio"}},
+    "gallery namespaced": {**EVERYTHING, "gallery": {"enabled": True, "credentialsSecret": "minio-readonly"}},
 }
 
 

@@ -102,11 +102,12 @@ def _resolve(node: ast.expr, module) -> str | None:
     return None
 
 
-def kube_calls() -> Iterator[tuple[str, Triple]]:
-    """(api.method, (group, resource, verb)) for every API method kube.py uses."""
-    tree = _module_ast(kube)
+def kube_calls(module=kube, expected=frozenset({"core", "batch", "custom"})) -> Iterator[tuple[str, Triple]]:
+    """(api.method, (group, resource, verb)) for every API method ``module`` (the operator's
+    kube.py, or the gallery's) uses."""
+    tree = _module_ast(module)
     apis = _api_classes(tree)
-    assert set(apis) >= {"core", "batch", "custom"}, apis
+    assert set(apis) >= expected, apis
     # (call, its arguments for the API method): a direct call, or a wrapper that takes the
     # method first and passes the other arguments on (e.g. ``self._raw(self.core.x, ns)``)
     calls: dict[int, tuple[ast.Call, list[ast.expr]]] = {}
@@ -128,7 +129,7 @@ def kube_calls() -> Iterator[tuple[str, Triple]]:
         if call is not None:
             names = list(inspect.signature(getattr(api, method)).parameters)[1:]
             for name, arg in zip(names, args, strict=False):
-                if (value := _resolve(arg, kube)) is not None:
+                if (value := _resolve(arg, module)) is not None:
                     params[name] = value
             watch = any(k.arg == "watch" and isinstance(k.value, ast.Constant) and k.value.value
                         for k in call.keywords)

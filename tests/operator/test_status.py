@@ -368,24 +368,28 @@ def test_start_time_without_a_job_start_time():
 
 # --- outputs ------------------------------------------------------------------------------------
 
-D, S, L = OutputFormat.DIFFUSERS, OutputFormat.SAFETENSORS, OutputFormat.LORA
+D, S, L, K = OutputFormat.DIFFUSERS, OutputFormat.SAFETENSORS, OutputFormat.LORA, OutputFormat.LORA_KOHYA
 COMPLETE = job(conditions=[cond("Complete")])
+KOHYA = OUT + "lora/toy-cat_kohya.safetensors"
 
 
 @pytest.mark.parametrize(
-    ("formats", "model", "single_file", "lora"),
+    ("formats", "model", "single_file", "lora", "kohya"),
     [
-        ((D, S), OUT + "model/", OUT + "model.safetensors", None),
-        ((D,), OUT + "model/", None, None),
-        ((S,), None, OUT + "model.safetensors", None),
-        ((L,), None, None, OUT + "lora/"),
-        ((D, S, L), OUT + "model/", OUT + "model.safetensors", OUT + "lora/"),
+        ((D, S), OUT + "model/", OUT + "model.safetensors", None, None),
+        ((D,), OUT + "model/", None, None, None),
+        ((S,), None, OUT + "model.safetensors", None, None),
+        ((L,), None, None, OUT + "lora/", None),
+        ((K,), None, None, None, KOHYA),
+        ((L, K), None, None, OUT + "lora/", KOHYA),
+        ((D, S, L), OUT + "model/", OUT + "model.safetensors", OUT + "lora/", None),
     ],
 )
-def test_outputs_on_success_are_the_formats_asked_for(formats, model, single_file, lora):
-    status = compute_status(obs(COMPLETE, [], formats=formats), None, T0)
+def test_outputs_on_success_are_the_formats_asked_for(formats, model, single_file, lora, kohya):
+    status = compute_status(obs(COMPLETE, [], formats=formats, name="toy-cat"), None, T0)
     o = status.outputs
-    assert (o.model, o.single_file, o.lora, o.samples) == (model, single_file, lora, OUT + "samples/")
+    assert (o.model, o.single_file, o.lora, o.lora_kohya, o.samples) == (
+        model, single_file, lora, kohya, OUT + "samples/")
 
 
 def test_outputs_reported_by_the_trainer_win():
@@ -393,6 +397,11 @@ def test_outputs_reported_by_the_trainer_win():
     status = compute_status(obs(COMPLETE, [succeeded_pod(written)], formats=(D, S)), None, T0)
     assert (status.outputs.model, status.outputs.single_file, status.outputs.samples) == (
         "s3://elsewhere/model/", None, "s3://elsewhere/samples/")
+    written = {"lora": "s3://elsewhere/lora/", "lora-kohya": "s3://elsewhere/lora/x_kohya.safetensors"}
+    status = compute_status(obs(COMPLETE, [succeeded_pod(written)], formats=(L, K)), None, T0)
+    assert (status.outputs.lora, status.outputs.lora_kohya) == (
+        "s3://elsewhere/lora/", "s3://elsewhere/lora/x_kohya.safetensors")
+    assert "kohya LoRA s3://elsewhere/lora/x_kohya.safetensors" in ready(status).message
 
 
 def test_samples_appear_once_training_started_and_the_model_only_at_the_end():

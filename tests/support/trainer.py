@@ -109,33 +109,39 @@ def download(settings: S3Settings | None, uri: str, dest: Path) -> Path:
 
 
 @torch.no_grad()
-def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int = 48, seed: int = 1234) -> float:
-    """Mean noise-prediction error of ``model_dir`` on the photos, over fixed noise draws.
+def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int = 48, seed: int = 1234,
+                   training: dict[str, Any] | None = None) -> float:
+    """Mean error of ``model_dir``'s prediction of its training target (the noise, or SD3's
+    flow-matching ``noise - x``) on the photos, over fixed draws.
 
-    The same (timestep, noise) draws are used for every model compared, and averaged over
-    many draws and all photos, so the random timestep that makes per-step training losses
-    jumpy cancels out: a drop in this number is learning, not luck. Any family: the model's
-    own text encoders and conditioning (SDXL: each photo's time ids).
+    The same draws are used for every model compared, and averaged over many draws and all
+    photos, so the random timestep that makes per-step training losses jumpy cancels out: a
+    drop in this number is learning, not luck. Any family: its own text encoders,
+    conditioning (SDXL: each photo's time ids) and noising; ``training`` (wire names, e.g.
+    ``{"t5": "drop"}``) sets what the family reads of the training settings.
     """
+    from dreambooth.api.spec import TrainingSpec
     from dreambooth.trainer.data import load_examples
     from dreambooth.trainer.families import load_components
 
+    settings = TrainingSpec.model_validate(training or {})
     components = load_components(model_dir, str(model_dir))
-    family, unet, vae = components.family, components.denoiser.eval(), components.vae.eval()
-    scheduler = components.noise_scheduler
+    family, denoiser, vae = components.family, components.denoiser.eval(), components.vae.eval()
+    family.configure(components, settings, str(model_dir))
     examples = load_examples(images_dir, prompt=prompt, resolution=64, use_captions=False, source_uri="test")
     pixels = torch.stack([e.pixels for e in examples])
-    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor
     cond = family.encode(components.tokenizers, [te.eval() for te in components.text_encoders], [prompt], "cpu")
     cond = type(cond).stack(cond.rows() * len(examples))
     sizes = [e.size for e in examples]
-    generator = torch.Generator().manual_seed(seed)
     total = 0.0
-    for _ in range(draws):
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        pred = family.predict(unet, scheduler.add_noise(latents, noise, t), t, cond, sizes)
-        total += torch.nn.functional.mse_loss(pred, noise).item()
+    for draw in range(draws):
+        gens = [torch.Generator().manual_seed(seed + 1000 * draw + i) for i in range(len(examples))]
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+        drawn = family.noised(components.noise_scheduler, latents, noise, gens, settings)
+        pred = family.predict(denoiser, drawn.noisy, drawn.timesteps, cond, sizes)
+        total += torch.nn.functional.mse_loss(pred, drawn.target).item()
     return total / draws
 
 
@@ -148,3 +154,26 @@ class StopAfter:
 
     def is_set(self) -> bool:
         return self.metrics.step._value.get() >= self.n
+
+
+@torch.no_grad()
+def images_with_lora(pipeline_class, model_dir: Path, lora: Path | None, prompt: str, **call) -> torch.Tensor:
+    """What a fresh pipeline of ``model_dir`` draws for ``prompt`` (fixed seed, 2 steps, 64 px)
+    with the LoRA ``lora`` (a folder or one file, any format diffusers reads; None: none)."""
+    pipe = pipeline_class.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora.parent, weight_name=lora.name) if lora.is_file() else pipe.load_lora_weights(lora)
+    out = pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="pt",
+               generator=torch.Generator().manual_seed(0), **call)
+    return out.images
+
+
+def assert_kohya_lora_draws_like_diffusers(pipeline_class, model_dir: Path, out: Path, kohya: Path, prompt: str):
+    """The kohya-format file of a run loads in diffusers and draws what its diffusers-format
+    LoRA draws (and not what the base model draws)."""
+    base = images_with_lora(pipeline_class, model_dir, None, prompt)
+    ours = images_with_lora(pipeline_class, model_dir, out / "lora" / "pytorch_lora_weights.safetensors", prompt)
+    theirs = images_with_lora(pipeline_class, model_dir, kohya, prompt)
+    assert (ours - base).abs().max() > 1e-3, "the LoRA must change what the model draws"
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

@@ -17,7 +17,13 @@ from dreambooth.trainer.errors import Preempted
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
-from tests.support.trainer import StopAfter, job_document, trainer_config, write_config
+from tests.support.trainer import (
+    StopAfter,
+    assert_kohya_lora_draws_like_diffusers,
+    job_document,
+    trainer_config,
+    write_config,
+)
 
 
 def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):
@@ -52,13 +58,22 @@ def test_text_encoder_trains_until_text_encoder_steps_then_freezes(tiny_model_di
 
 
 def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir, tmp_path):
+    """Both LoRA formats: diffusers' and kohya's (A1111, ComfyUI), which draws the same."""
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
     doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=3,
-                    training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True}})
+                    training={"method": "lora", "learningRate": 1e-2,
+                              "lora": {"rank": 4, "alpha": 8, "textEncoder": True}})
+    doc["spec"]["output"]["formats"] = ["lora", "lora-kohya"]
     outcome, _ = train(doc, tmp_path / "w")
-    assert set(outcome.outputs) == {"lora"}
+    kohya = out / "lora" / "toy-cat_kohya.safetensors"
+    assert outcome.outputs == {"lora": (out / "lora").as_uri() + "/", "lora-kohya": kohya.as_uri()}
+    keys = load_file(kohya)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert {float(v) for k, v in keys.items() if k.endswith(".alpha")} == {8.0}
+    assert_kohya_lora_draws_like_diffusers(StableDiffusionPipeline, tiny_model_dir, out, kohya, "a photo of zwx toy cat")
     saved = checkpoint_tensors(out, 3)
     assert saved and all("lora" in k for k in saved), "a LoRA checkpoint holds only the adapters"
     assert any(k.startswith("text_encoder.") for k in saved)

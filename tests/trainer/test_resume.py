@@ -15,6 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
+from dreambooth.api import layout
+from dreambooth.api.history import parse
 from dreambooth.trainer.storage import open_storage
 from kubesim.net import free_port
 from tests.support.trainer import (
@@ -109,6 +111,12 @@ def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(bucket_w
     remaining = {o.key.split("/")[1] for o in out.list("checkpoints/")}
     # debris pruned; the last step is exported, not checkpointed
     assert remaining == {f"checkpoint-{STEPS - 2 * EVERY}", f"checkpoint-{STEPS - EVERY}"}
+
+    # history.jsonl: every step once, the resumed run's losses those of the straight run
+    straight_history = parse(open_storage(f"s3://{bucket}/straight/", settings).read_bytes(layout.HISTORY))
+    killed_history = parse(out.read_bytes(layout.HISTORY))
+    assert [p.step for p in killed_history] == [p.step for p in straight_history] == list(range(1, STEPS + 1))
+    assert [p.loss for p in killed_history] == [p.loss for p in straight_history]
 
     straight = download(settings, f"s3://{bucket}/straight/model/unet/", tmp_path / "u1")
     killed = download(settings, f"s3://{bucket}/killed/model/unet/", tmp_path / "u2")

@@ -14,9 +14,23 @@ from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families import detect, load_components
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
-from tests.support.trainer import denoising_loss, job_document, trainer_config
+from tests.support.trainer import (
+    assert_kohya_lora_draws_like_diffusers,
+    denoising_loss,
+    job_document,
+    trainer_config,
+)
 
 PROMPT = "a photo of zwx toy cat"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_wide_dir(tmp_path_factory):
+    """The second text encoder wider than the first, as in SDXL (1280 vs 768): how
+    ``from_single_file`` tells the two apart."""
+    from dreambooth.trainer.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-wide", text_encoder_2_width=48)
 
 
 def sdxl_job(model, photos, out, *, steps, training, formats, every=None, **spec):
@@ -48,16 +62,24 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_learns_and_loads(tiny_sdxl_dir
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "out"
-    config = sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=60, formats=["lora"],
-                      training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 8, "textEncoder": True}})
+    config = sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=60, formats=["lora", "lora-kohya"],
+                      training={"method": "lora", "learningRate": 1e-2,
+                                "lora": {"rank": 8, "alpha": 16, "textEncoder": True}})
     outcome = run(config, tmp_path / "w", metrics=TrainerMetrics())
-    assert outcome.step == 60 and set(outcome.outputs) == {"lora"}
+    assert outcome.step == 60 and set(outcome.outputs) == {"lora", "lora-kohya"}
     saved = (out / "lora" / "pytorch_lora_weights.safetensors")
     from safetensors.torch import load_file
 
     keys = load_file(saved).keys()
     assert any(k.startswith("unet.") for k in keys)
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    # kohya's SDXL names: the original UNet's blocks, te1/te2; it draws what diffusers' format draws
+    kohya = out / "lora" / "toy-cat_kohya.safetensors"
+    names = {k.split(".")[0] for k in load_file(kohya)}
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_out_0" in names
+    assert "lora_unet_output_blocks_0_1_proj_in" not in names  # only the attention projections adapt
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    assert_kohya_lora_draws_like_diffusers(StableDiffusionXLPipeline, tiny_sdxl_dir, out, kohya, PROMPT)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -92,6 +114,40 @@ def test_sdxl_full_fine_tune_learns_and_exports_a_loadable_folder(tiny_sdxl_dir,
     pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # SDXL's validation sampler travels
     assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_sdxl_single_file_reads_back_to_the_trained_weights(tiny_sdxl_wide_dir, toy_cat_dir, tmp_path):
+    """model.safetensors in Stability's SDXL layout: diffusers' own single-file reader gives
+    back every trained tensor of the UNet, the VAE and both text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    config = sdxl_job(tiny_sdxl_wide_dir, toy_cat_dir, out, steps=3, formats=["diffusers", "safetensors"],
+                      training={"method": "full", "learningRate": 1e-3, "trainTextEncoder": True})
+    outcome = run(config, tmp_path / "w", metrics=TrainerMetrics())
+    assert outcome.outputs["safetensors"] == (out / "model.safetensors").as_uri()
+    with safe_open(out / "model.safetensors", "pt") as file:
+        keys = set(file.keys())
+        projection = file.get_slice("conditioner.embedders.1.model.text_projection").get_shape()
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the text_time embedding
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert projection == [48, 32]  # OpenCLIP's (width, projection): the transposed linear weight
+
+    trained = StableDiffusionXLPipeline.from_pretrained(out / "model")
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_wide_dir)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out / "model.safetensors"),
+                                                        config=str(tiny_sdxl_wide_dir), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(trained, part).state_dict(), getattr(loaded, part).state_dict()
+        assert want.keys() == got.keys(), part
+        unequal = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not unequal, f"{part}: {unequal[:5]}"
+        if part != "vae":  # the VAE never trains
+            before = getattr(base, part).state_dict()
+            assert any(not torch.equal(want[k], before[k]) for k in want), f"{part} did not train"
 
 
 @pytest.mark.parametrize("drop", ["text_encoder_2", "tokenizer_2"])
@@ -129,7 +185,7 @@ def test_what_sdxl_cannot_take_is_refused_before_training(tiny_sdxl_dir, toy_cat
         validate_job(doc)
     text = str(err.value)
     assert "spec.training.textualInversion: textual inversion is not supported for Stable Diffusion XL" in text
-    assert "spec.output.formats: safetensors cannot be written for Stable Diffusion XL models yet" in text
+    assert "spec.output.formats" not in text  # its default formats, the single file included, are written
     doc["spec"]["baseModel"]["family"] = "auto"
     with pytest.raises(ConfigError) as err:
         run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())

@@ -26,6 +26,7 @@ from dreambooth.trainer.storage import (
     Storage,
     open_storage,
 )
+from dreambooth.trainer.storage.base import TMP_MARK
 from kubesim.s3server import S3Server
 from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
 
@@ -46,6 +47,9 @@ class Backend:
     storage: Storage
     corrupt: Callable[[str], None]  # flip a byte of a stored key, keeping its recorded sha256
     etag: Callable[[str], str] | None = None  # S3 only: the ETag of a stored key
+    #: begin a write of a key and die (S3: an open multipart upload; local: a temporary file)
+    leave_unfinished: Callable[[str], None] | None = None
+    unfinished: Callable[[], list[str]] | None = None  # the keys with an unfinished write
 
 
 def _write_tree(root: Path, tree: dict[str, bytes]) -> None:
@@ -74,7 +78,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
                 f.seek(0)
                 f.write(_flip(first))
 
-        return Backend("local", storage, corrupt_local)
+        def leave_local(key: str) -> None:
+            path = storage.root / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_name(f".{path.name}{TMP_MARK}dead0001").write_bytes(b"half")
+
+        def unfinished_local() -> list[str]:
+            found = storage.root.rglob(f"*{TMP_MARK}*")
+            return sorted(str(p.parent.relative_to(storage.root) / p.name[1:].split(TMP_MARK)[0]) for p in found)
+
+        return Backend("local", storage, corrupt_local, leave_unfinished=leave_local, unfinished=unfinished_local)
 
     server: S3Server = request.getfixturevalue("s3_server")
     settings, bucket = request.getfixturevalue("s3_bucket")
@@ -93,7 +106,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     def etag(key: str) -> str:
         return client.stat_object(bucket, f"jobs/run-1/{key}").etag or ""
 
-    return Backend("s3", storage, corrupt_s3, etag)
+    def leave_s3(key: str) -> None:
+        client._create_multipart_upload(bucket, f"jobs/run-1/{key}", {})  # noqa: SLF001
+
+    def unfinished_s3() -> list[str]:
+        found = client._list_multipart_uploads(bucket, prefix="jobs/run-1/")  # noqa: SLF001
+        return sorted(u.object_name.removeprefix("jobs/run-1/") for u in found.uploads)
+
+    return Backend("s3", storage, corrupt_s3, etag, leave_s3, unfinished_s3)
 
 
 def test_round_trip_nested_prefix(backend: Backend, tmp_path: Path) -> None:
@@ -196,6 +216,22 @@ def test_delete_prefix(backend: Backend) -> None:
     assert storage.delete_prefix("ckpt") == 0
     assert storage.delete_prefix() == 2
     assert storage.list() == []
+
+
+def test_unfinished_writes_a_dead_writer_left_are_discarded_under_a_prefix(backend: Backend) -> None:
+    storage = backend.storage
+    for key in ["ckpt/1/optimizer.pt", "ckpt/2/optimizer.pt", "model/unet.bin"]:
+        backend.leave_unfinished(key)
+    storage.write_bytes("ckpt/2/state.json", b"{}")
+    assert backend.unfinished() == ["ckpt/1/optimizer.pt", "ckpt/2/optimizer.pt", "model/unet.bin"]
+    assert [o.key for o in storage.list()] == ["ckpt/2/state.json"]  # listed nowhere else
+
+    assert storage.discard_unfinished("ckpt/1") == 1
+    assert backend.unfinished() == ["ckpt/2/optimizer.pt", "model/unet.bin"]
+    storage.delete_prefix("ckpt")  # deleting a prefix takes its unfinished writes too
+    assert backend.unfinished() == ["model/unet.bin"]
+    assert storage.discard_unfinished() == 1 and backend.unfinished() == []
+    assert storage.discard_unfinished() == 0
 
 
 def test_missing_object_is_not_found(backend: Backend, tmp_path: Path) -> None:

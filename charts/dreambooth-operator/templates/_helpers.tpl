@@ -85,3 +85,18 @@ app.kubernetes.io/component: trainer
 {{- fail "serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor selects that Service" -}}
 {{- end -}}
 {{- end }}
+
+{{/* The gallery's pods and objects: component gallery (never selected as the operator). */}}
+{{- define "dreambooth-operator.gallerySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "dreambooth-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gallery
+{{- end }}
+
+{{- define "dreambooth-operator.galleryLabels" -}}
+helm.sh/chart: {{ include "dreambooth-operator.chart" . }}
+{{ include "dreambooth-operator.gallerySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dreambooth
+{{- end }}

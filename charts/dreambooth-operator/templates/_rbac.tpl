@@ -39,3 +39,10 @@ calls in the operator's code and renders the chart. These rules do not depend on
   resources: [namespaces]
   verbs: [list, watch]
 {{- end }}
+
+{{/* rbac.GALLERY: the gallery (gallery.enabled) reads DreamBoothJobs, nothing else. */}}
+{{- define "dreambooth-operator.rules.gallery" -}}
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs]
+  verbs: [get, list, watch]
+{{- end }}

@@ -15,9 +15,10 @@ from dreambooth.trainer.families.base import (
     pipeline_class_of,
 )
 from dreambooth.trainer.families.sd import StableDiffusion
+from dreambooth.trainer.families.sd3 import StableDiffusion3
 from dreambooth.trainer.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 
 __all__ = ["FAMILIES", "Components", "Conditioning", "Family", "SampleSize", "detect", "load_components"]
 

@@ -1,5 +1,5 @@
 """What a model family is to the trainer: the small interface behind which SD 1.x/2.x,
-SDXL (and later SD3) differ, so that the loop, the checkpoints and the export do not.
+SDXL and SD3 differ, so that the loop, the checkpoints and the export do not.
 
 A family knows how to check and load its folder, how many text encoders it has and how to
 turn prompts into the denoiser's conditioning, what extra conditioning a sample carries
@@ -19,7 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from dreambooth.api.spec import TrainingSpec
 from dreambooth.trainer.errors import ModelError
+from dreambooth.trainer.families import noising
+from dreambooth.trainer.families.noising import Noised
 
 log = logging.getLogger("dreambooth.trainer")
 
@@ -92,6 +95,9 @@ class Family(ABC):
     #: the VAE encodes the photos in float32 whatever the mixed precision (SDXL's overflows
     #: in fp16)
     vae_in_fp32: ClassVar[bool] = False
+    #: how many of the text encoders (the first ones) may train; the rest are always frozen
+    #: (SD3's T5). None: all
+    trainable_text_encoders: ClassVar[int | None] = None
 
     # --- the folder --------------------------------------------------------------------
 
@@ -112,6 +118,10 @@ class Family(ABC):
     def load(self, path: Path, source: str) -> Components:
         """The float32 parts of the checked folder at ``path``."""
 
+    def configure(self, components: Components, training: TrainingSpec, source: str) -> None:
+        """Fit the loaded parts to the job's training settings (SD3: T5's sequence length, or
+        no T5); refuses, naming ``source``, what the folder cannot do. Default: nothing."""
+
     def resolution_multiple(self, components: Components) -> int:
         vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         unet_factor = 2 ** (len(components.denoiser.config.down_block_types) - 1)
@@ -129,7 +139,17 @@ class Family(ABC):
                 sizes: Sequence[SampleSize]) -> torch.Tensor:
         """The denoiser's output for a batch (what the training target is compared with)."""
 
+    def noised(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator],
+               training: TrainingSpec) -> Noised:
+        """The noisy input, timesteps, training target and loss weights for ``latents`` and
+        ``noise`` (one generator per sample draws the rest). Default: DDPM."""
+        return noising.ddpm(scheduler, latents, noise, gens, training)
+
     # --- sampling and export -------------------------------------------------------------
+
+    def sampling_options(self, training: TrainingSpec) -> dict[str, Any]:
+        """Further arguments of the family's pipeline call for samples and class images."""
+        return {}
 
     @abstractmethod
     def pipeline(self, *, vae, text_encoders, tokenizers, denoiser, scheduler) -> Any:
@@ -142,6 +162,10 @@ class Family(ABC):
     @abstractmethod
     def save_lora(self, pipeline, folder: Path) -> Path:
         """The pipeline's LoRA adapters in diffusers' format (``load_lora_weights``)."""
+
+    @abstractmethod
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        """The pipeline's LoRA adapters in one kohya/WebUI-format file (A1111, ComfyUI)."""
 
 
 def pipeline_class_of(path: Path) -> str | None:

@@ -70,17 +70,31 @@ class StableDiffusion(Family):
         save_single_file(pipeline, path)
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, unet_lora_layers=lora_layers(pipeline.unet),
-                                         text_encoder_lora_layers=lora_layers(pipeline.text_encoder),
+        type(pipeline).save_lora_weights(folder, **lora_parts(unet=pipeline.unet, text_encoder=pipeline.text_encoder),
                                          safe_serialization=True)
         return folder / "pytorch_lora_weights.safetensors"
 
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        from dreambooth.trainer import kohya
 
-def lora_layers(module) -> dict[str, torch.Tensor] | None:
-    """``module``'s peft adapters in diffusers' state-dict naming, or None without any."""
+        sd2 = pipeline.text_encoder.config.hidden_act == "gelu"  # OpenCLIP ViT-H
+        kohya.save_kohya_lora(pipeline, path, [kohya.Part("lora_unet", pipeline.unet),
+                                               kohya.Part("lora_te", pipeline.text_encoder, kohya.text_model_path)],
+                              base_model=kohya.SD_V2 if sd2 else kohya.SD_V1)
+
+
+def lora_parts(**modules) -> dict[str, Any]:
+    """``save_lora_weights``' arguments for the named parts' peft adapters: each part's
+    ``<name>_lora_layers`` in diffusers' naming and its ``<name>_lora_adapter_metadata`` (the
+    LoRA config: without it a reader assumes alpha = rank, and an alpha set otherwise is lost)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    if not getattr(module, "peft_config", None):
-        return None
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    out: dict[str, Any] = {}
+    for name, module in modules.items():
+        config = getattr(module, "peft_config", None)
+        out[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) \
+            if config else None
+        if config:
+            out[f"{name}_lora_adapter_metadata"] = next(iter(config.values())).to_dict()
+    return out

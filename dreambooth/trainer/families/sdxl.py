@@ -14,7 +14,7 @@ import torch
 
 from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.families.base import Components, Conditioning, Family, SampleSize, log
-from dreambooth.trainer.families.sd import lora_layers, tokenize
+from dreambooth.trainer.families.sd import lora_parts, tokenize
 
 
 def time_ids(sizes: Sequence[SampleSize], device, dtype) -> torch.Tensor:
@@ -82,11 +82,24 @@ class StableDiffusionXL(Family):
                                          scheduler=scheduler)
 
     def save_single_file(self, pipeline, path: Path) -> None:
-        raise NotImplementedError("the SDXL single-file layout")  # refused by the API before a run
+        from dreambooth.trainer.single_file_sdxl import save_sdxl_single_file
+
+        save_sdxl_single_file(pipeline, path)
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, unet_lora_layers=lora_layers(pipeline.unet),
-                                         text_encoder_lora_layers=lora_layers(pipeline.text_encoder),
-                                         text_encoder_2_lora_layers=lora_layers(pipeline.text_encoder_2),
+        type(pipeline).save_lora_weights(folder, **lora_parts(unet=pipeline.unet, text_encoder=pipeline.text_encoder,
+                                                              text_encoder_2=pipeline.text_encoder_2),
                                          safe_serialization=True)
         return folder / "pytorch_lora_weights.safetensors"
+
+    def save_lora_kohya(self, pipeline, path: Path) -> None:
+        from dreambooth.trainer import kohya
+        from dreambooth.trainer.single_file import unet_rules
+        from dreambooth.trainer.single_file_sdxl import TEXT_TIME
+
+        to_sgm = kohya.ldm_path(unet_rules(pipeline.unet.state_dict(), TEXT_TIME))  # kohya's SDXL UNet
+        kohya.save_kohya_lora(pipeline, path, [
+            kohya.Part("lora_unet", pipeline.unet, to_sgm),
+            kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
+            kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
+        ], base_model=kohya.SDXL)

@@ -77,7 +77,14 @@ class Storage(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str = "") -> int:
-        """Delete everything under ``prefix``; return how many objects were deleted."""
+        """Delete everything under ``prefix`` (unfinished writes too); return how many
+        objects were deleted."""
+
+    @abstractmethod
+    def discard_unfinished(self, prefix: str = "") -> int:
+        """Drop writes under ``prefix`` that a killed or cut-off writer left unfinished (S3:
+        open multipart uploads, which cost storage and are listed nowhere else; local:
+        temporary files); return how many. Only for prefixes no one is writing now."""
 
     @abstractmethod
     def _read_into(self, key: str, out: BinaryIO, sha256: str | None = None) -> None:

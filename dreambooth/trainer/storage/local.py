@@ -96,6 +96,13 @@ class LocalStorage(Storage):
                                 f"{digest}, expected {sha256}); nothing was written")
             set_xattr(out.fileno(), digest)
 
+    def discard_unfinished(self, prefix: str = "") -> int:
+        base = self.root / norm_prefix(prefix)
+        doomed = [p for p in base.rglob(f"*{TMP_MARK}*") if p.is_file()] if base.is_dir() else []
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        return len(doomed)
+
     def delete_prefix(self, prefix: str = "") -> int:
         count = len(self.list(prefix))
         prefix = norm_prefix(prefix)

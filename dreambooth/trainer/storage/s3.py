@@ -216,6 +216,8 @@ class S3Storage(Storage):
         # Over http the SDK hashes every part once more (sha256, for SigV4); over https it
         # sends UNSIGNED-PAYLOAD and an MD5 of every part instead (minio 7.2 _build_headers).
         meta = {SHA256_META: sha256 or sha256_file(local_path)}
+        if local_path.stat().st_size > self.part_size:  # a multipart upload: drop a dead one's parts
+            self._abort_uploads(self._name(key), exact=True)
         self._call(f"PUT {self.uri(key)}", lambda: self._client.fput_object(
             self.bucket, self._name(key), str(local_path), metadata=meta,
             part_size=self.part_size))
@@ -233,7 +235,32 @@ class S3Storage(Storage):
 
         if names:
             self._call(f"DELETE {self.uri(prefix)}", remove)
+        self.discard_unfinished(prefix)
         return len(names)
+
+    def discard_unfinished(self, prefix: str = "") -> int:
+        return self._abort_uploads(self.prefix + norm_prefix(prefix))
+
+    def _abort_uploads(self, name: str, *, exact: bool = False) -> int:
+        """Abort the open multipart uploads of object ``name`` (``exact``) or under it.
+
+        minio-py has no public call for these two S3 APIs (ListMultipartUploads,
+        AbortMultipartUpload); its private ones are used, pinned by the lockfile."""
+        def abort() -> int:
+            count = 0
+            for _ in range(100):  # 1,000 a listing; what is aborted leaves the next one
+                found = self._client._list_multipart_uploads(self.bucket, prefix=name, max_uploads=1000)
+                doomed = [u for u in found.uploads if not exact or u.object_name == name]
+                for upload in doomed:
+                    self._client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)
+                count += len(doomed)
+                if not doomed or not found.is_truncated:
+                    break
+            if count:
+                log.info("aborted %d unfinished multipart upload(s) under s3://%s/%s", count, self.bucket, name)
+            return count
+
+        return self._call(f"ABORT unfinished uploads of s3://{self.bucket}/{name}", abort)
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying transient failures; map failures to TrainerErrors."""

@@ -1,0 +1,1 @@
+"""One module per page: each turns the data of its page into HTML (pure)."""
