@@ -246,6 +246,8 @@ class Kill:
 
 
 def during(w: World, output: str, *, keep: int, step: int, steps: int) -> str:
+    if step >= steps:  # past the last step: the export (no checkpoint of the last step)
+        return "export"
     store = w.storage(f"{output}/")
     groups = {o.key.split("/")[1] for o in store.list(layout.CHECKPOINTS)}
     complete = checkpoints.complete(store)
@@ -253,8 +255,6 @@ def during(w: World, output: str, *, keep: int, step: int, steps: int) -> str:
         return "upload"
     if len(complete) > keep:
         return "pruning"
-    if step >= steps and model_files(w, output):
-        return "export"
     return "steps"
 
 
