@@ -25,13 +25,6 @@ PROMPT = "a photo of zwx toy cat"
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory):
-    from dreambooth.trainer.tiny import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
 def tiny_sdxl_wide_dir(tmp_path_factory):
     """The second text encoder wider than the first, as in SDXL (1280 vs 768): how
     ``from_single_file`` tells the two apart."""
