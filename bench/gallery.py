@@ -26,15 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreambooth.api import layout
+from dreambooth.api import crd, layout
 from dreambooth.api.history import MAX_POINTS, History, Point
+from kubesim.api import decls_from_crd
+from kubesim.gallery import GalleryServer, env_without_aws, rss_bytes
 from kubesim.kube import running_kube
 from kubesim.s3server import S3Server
-from tests.gallery.support import GalleryServer, env_without_aws, rss_bytes
-from tests.support.kube import DREAMBOOTH_JOBS
 
 REQUESTS = 20
 NAMESPACE = "bench"
+DREAMBOOTH_JOBS = tuple(decls_from_crd(crd.crd()))
 
 
 def job(name: str, bucket: str, step: int) -> dict:
