@@ -16,12 +16,13 @@ demo: $(VENV)/.trainer
 	$(BIN)/dreambooth demo
 
 ## demo-cluster: the toy-cat example on a simulated cluster: the real operator, trainer, S3
-## (SeaweedFS) and Prometheus, the test suite's Kubernetes API and controller stand-ins (~1 min)
+## (SeaweedFS) and Prometheus on kubesim/'s Kubernetes API and controller stand-ins (~1 min)
 demo-cluster: $(VENV)/.dev
 	@scripts/install-system-tools.sh
-	$(BIN)/python -m tests.e2e.demo
+	$(BIN)/python -m kubesim.demo
 
 ## test: install everything into .venv (and promtool, where apt can) and run the whole test suite
+## (tests/ and kubesim/tests/, the simulated cluster's own)
 test: $(VENV)/.dev
 	@scripts/install-system-tools.sh
 	$(BIN)/python -m pytest
@@ -30,12 +31,13 @@ test: $(VENV)/.dev
 test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "not slow"
 
-## crds: regenerate crds/ and the chart's CRD copy from dreambooth/api
+## crds: regenerate crds/ and the chart's CRD copy from dreambooth/api, the chart's RBAC rules from dreambooth/operator/rbac.py
 crds: $(VENV)/.dev
 	$(BIN)/dreambooth crd --write
+	$(BIN)/python -m dreambooth.operator.rbac
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check dreambooth tests bench
+	$(BIN)/ruff check dreambooth tests bench kubesim
 	$(BIN)/lint-imports
 
 ## lock: re-pin constraints.txt from what is installed in .venv

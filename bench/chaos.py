@@ -60,8 +60,8 @@ if str(REPO) not in sys.path:
 from dreambooth.api import Defaults, build_trainer_config, layout, validate_job  # noqa: E402
 from dreambooth.trainer import checkpoints  # noqa: E402
 from dreambooth.trainer.storage import S3Settings, open_storage  # noqa: E402
-from tests.support.faultproxy import FaultProxy  # noqa: E402
-from tests.support.s3server import S3Server  # noqa: E402
+from kubesim.faultproxy import FaultProxy  # noqa: E402
+from kubesim.s3server import S3Server  # noqa: E402
 
 RESOLUTION = 64
 STEP_METRIC = re.compile(r"^dreambooth_trainer_step (\S+)$", re.M)

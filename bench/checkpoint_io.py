@@ -245,7 +245,7 @@ def child(tree: Path, mode: str, gb: float, repeat: int, env: dict, processes: i
     args = [__file__, "--child", mode, "--tree", str(tree), "--gb", str(gb), "--repeat", str(repeat),
             "--workdir", str(workdir)]
     if processes > 1:
-        from tests.support.net import free_port
+        from kubesim.net import free_port
 
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port",
@@ -290,7 +290,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from tests.support.s3server import S3Server
+    from kubesim.s3server import S3Server
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-trees-"))
     trees = {f"before ({args.before})": export_tree(args.before, scratch), "after (this tree)": REPO}

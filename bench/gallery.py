@@ -4,7 +4,7 @@ and a job page with 50 checkpoints in loopback S3.
     OMP_NUM_THREADS=1 .venv/bin/python bench/gallery.py [--jobs 1000] [--checkpoints 50]
 
 Runs the real ``dreambooth gallery`` as a process against the test suite's API emulator
-(tests/support/kube.py, in this process) and SeaweedFS (tests/support/s3server.py). The job
+(kubesim/kube.py, in this process) and SeaweedFS (kubesim/s3server.py). The job
 with checkpoints has a sample grid per checkpoint (a 2 x 2 grid PNG), its checkpoint
 manifests, a full history.jsonl (2,000 lines) and an evaluation.jsonl. Prints, per page,
 the median and p95 of REQUESTS sequential requests (time to the last byte on loopback, the
@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreambooth.api import layout
+from dreambooth.api import crd, layout
 from dreambooth.api.history import MAX_POINTS, History, Point
-from tests.gallery.support import GalleryServer, env_without_aws, rss_bytes
-from tests.support.kube import running_kube
-from tests.support.s3server import S3Server
+from kubesim.api import decls_from_crd
+from kubesim.gallery import GalleryServer, env_without_aws, rss_bytes
+from kubesim.kube import running_kube
+from kubesim.s3server import S3Server
 
 REQUESTS = 20
 NAMESPACE = "bench"
+DREAMBOOTH_JOBS = tuple(decls_from_crd(crd.crd()))
 
 
 def job(name: str, bucket: str, step: int) -> dict:
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--checkpoints", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3, running_kube(Path(tmp)) as kube:
+    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3, running_kube(Path(tmp), resources=DREAMBOOTH_JOBS) as kube:
         bucket = "gallery-bench"
         s3.client().make_bucket(bucket)
         kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})

@@ -6,7 +6,8 @@
     .venv/bin/python bench/operator_scale.py --jobs 1000 --freshness --baseline main --repeat 2
 
 Runs the real operator (``python -m dreambooth.operator``) as a process against the
-stateful API emulator of the test suite (tests/support/kube.py, in this process).
+stateful API emulator of the simulated cluster (kubesim/kube.py, in this process), serving
+DreamBoothJobs as the CRD names them, without its schema (no CEL cost in these numbers).
 
 Arrival (always): creates N jobs, at once (``--rate 0``, the default) or at a steady rate
 of R jobs/s (``--rate R``, as ``kubectl apply -f dir/`` would), and prints: time from
@@ -15,7 +16,7 @@ time until all jobs converged, the operator's CPU until then, and its RSS when i
 its peak (after two more poll cycles). Several rates give one run (and row) each.
 
 Freshness (``--freshness``): then plays the Job controller and the kubelet
-(tests/support/kube_controllers.py): each job's rank-0 pod runs with a pod IP of its own
+(kubesim/controllers.py): each job's rank-0 pod runs with a pod IP of its own
 (127.0.x.y, all loopback). One HTTP server in a subprocess, bound to 0.0.0.0 on the port
 the operator is told trainers use (DREAMBOOTH_TRAINER_METRICS_PORT), stands in for all N
 trainers: it tells them apart by the address a request arrived on and serves the trainer's
@@ -33,7 +34,7 @@ the operator's PYTHONPATH; emulator and bench are this tree's) and this tree's, 
 (``--repeat K``: K pairs), so that both see the same phase of a machine whose speed
 varies between runs. Each row then starts with the code it measured.
 
-Arrival times are taken by the emulator as it stores each object (tests/support/kube.py's
+Arrival times are taken by the emulator as it stores each object (kubesim/kube.py's
 ``on_change``), not by polling it.
 
 Results and the commands are in docs/benchmarks.md.
@@ -64,11 +65,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dreambooth.api import crd
 from dreambooth.operator.naming import JOB_NAME_LABEL
-from tests.support.kube import Kube, running_kube
-from tests.support.kube_controllers import INDEX, JobController, Kubelet
-from tests.support.net import free_port
-from tests.support.procs import stop_process
+from kubesim.api import decls_from_crd
+from kubesim.controllers import INDEX, JobController, Kubelet
+from kubesim.kube import Kube, running_kube
+from kubesim.net import free_port
+from kubesim.procs import stop_process
 
 JOB = {
     "apiVersion": "dreambooth.io/v1alpha1",
@@ -408,7 +411,7 @@ def measure(n: int, poll_interval: int, rate: float, freshness: bool,
     """One operator, N jobs: arrival (and, with ``freshness``, N jobs training)."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        kube = stack.enter_context(running_kube(workdir))
+        kube = stack.enter_context(running_kube(workdir, resources=decls_from_crd(crd.crd())))
         trainers = TrainerEndpoints() if freshness else None
         if trainers is not None:
             stack.callback(trainers.close)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kubesim.kube import KubectlMissing
 from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
 
 
@@ -24,10 +25,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    """A tiny SDXL-shaped model (two text encoders, text_time UNet) with random weights."""
+    """A tiny SDXL-shaped model with random weights (built once)."""
     from dreambooth.trainer.tiny import build_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", resolution=64)
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,12 @@ def toy_cat_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos") / "toy-cat"
     draw_toy_cats(folder)
     return folder
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test that runs kubectl on the simulated cluster is skipped where it is missing."""
+    try:
+        return (yield)
+    except KubectlMissing as exc:
+        pytest.skip(str(exc))

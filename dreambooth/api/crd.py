@@ -28,7 +28,7 @@ from dreambooth.api.pod import (
 )
 from dreambooth.api.presets import ModelFamily, Preset, preset_value
 from dreambooth.api.redact import SECRET_PATTERN
-from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec
+from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec, RunPolicySpec
 from dreambooth.api.status import DreamBoothJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -36,6 +36,8 @@ CRD_FILE = f"{CRD_NAME}.yaml"
 HEADER = "# Generated from dreambooth/api by `make crds`. Do not edit by hand.\n"
 
 _DROP = {"title", "additionalProperties"}
+#: what may change once a job exists (mirrored onto the Job); CEL refuses every other edit
+MUTABLE_RUN_POLICY = frozenset({"suspend"})
 
 
 def _immutable(field: str, optional: bool = False) -> dict[str, str]:
@@ -269,12 +271,10 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
         ],
         ("resources",): _resources_rules(),
         ("resources", "env", ITEMS): _env_rules(),
+        # every field but suspend, so that a new one cannot be forgotten
         ("runPolicy",): [
-            _immutable("backoffLimit"),
-            _immutable("activeDeadlineSeconds", optional=True),
-            _immutable("ttlSecondsAfterFinished", optional=True),
-            _immutable("rendezvousTimeoutSeconds"),
-            _immutable("collectiveTimeoutSeconds"),
+            _immutable(f.alias or n, optional=f.default is None)
+            for n, f in RunPolicySpec.model_fields.items() if n not in MUTABLE_RUN_POLICY
         ],
     }
 

@@ -28,8 +28,8 @@ class Phase(StrEnum):
 
 
 class ConditionType(StrEnum):
-    """The conditions of a DreamBoothJob's status (all six always, SpecChangeIgnored while it
-    holds, Overfitting and Underfitting with spec.evaluation.enabled)."""
+    """The conditions of a DreamBoothJob's status (all six always, Overfitting and
+    Underfitting with spec.evaluation.enabled)."""
 
     READY = "Ready"
     RUNNING = "Running"
@@ -37,7 +37,6 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     STALLED = "Stalled"
-    SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
     OVERFITTING = "Overfitting"
     UNDERFITTING = "Underfitting"
 
@@ -84,7 +83,6 @@ class Reason(StrEnum):
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
-    IMMUTABLE_FIELDS = "ImmutableFields"
     # the Overfitting and Underfitting conditions (True: a sign of dreambooth.api.evaluation)
     MEMORIZATION = Sign.MEMORIZATION.value
     DIVERSITY_COLLAPSE = Sign.DIVERSITY_COLLAPSE.value
@@ -116,7 +114,6 @@ class Condition(ApiModel):
     """A metav1.Condition."""
 
     type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
-                      "SpecChangeIgnored while the spec differs from what the running job follows; "
                       "Overfitting and Underfitting with spec.evaluation.enabled.")
     status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(

@@ -122,7 +122,6 @@ def loss_text(loss: float | None) -> str:
 _HOLDS = {
     "Ready": "ready", "Running": "running", "Succeeded": "finished successfully", "Failed": "failed",
     "Suspended": "suspended", "Stalled": "stalled: its step has not moved",
-    "SpecChangeIgnored": "running an older spec: an edit was ignored",
     "Overfitting": "overfitting", "Underfitting": "underfitting",
 }
 

@@ -33,9 +33,8 @@ def transition_events(
     and message; a Pending cause that needs the user (Unschedulable, SecretNotFound, ...)
     -> Warning; more restarts of a job that goes on -> Warning ``Restarted`` with the failure
     (a multi-node job's: the pod that ended the attempt); Stalled ->
-    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); spec edits the
-    running job ignores (new or more of them) -> Warning ``SpecChangeIgnored``; a newer
-    checkpoint -> Normal ``CheckpointSaved``.
+    Warning ``Stalled`` (and Normal ``Progressing`` when it moves again); a newer checkpoint
+    -> Normal ``CheckpointSaved``.
     """
     events: list[Event] = []
     ready, before = condition_of(current, ConditionType.READY), condition_of(previous, ConditionType.READY)
@@ -65,10 +64,6 @@ def transition_events(
         stalled is None or stalled.status == "False"
     ):
         events.append(Event("Normal", Reason.PROGRESSING, stalled.message if stalled else ""))
-    ignored = condition_of(current, ConditionType.SPEC_CHANGE_IGNORED)
-    was_ignored = condition_of(previous, ConditionType.SPEC_CHANGE_IGNORED)
-    if ignored is not None and (was_ignored is None or was_ignored.message != ignored.message):
-        events.append(Event("Warning", ConditionType.SPEC_CHANGE_IGNORED, ignored.message))
     old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
     if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
         events.append(Event("Normal", Reason.CHECKPOINT_SAVED,

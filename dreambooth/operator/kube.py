@@ -115,9 +115,7 @@ class Kube:
 
     async def _list(self, call: Any, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        items = (await self._raw(call, namespace, label_selector=selector))["items"]
-        # label selectors are filtered here too: not every API (e.g. a test emulator) does
-        return [o for o in items if all((o["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())]
+        return (await self._raw(call, namespace, label_selector=selector))["items"]
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the DreamBoothJob's status (a merge patch on the status subresource;

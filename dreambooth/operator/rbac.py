@@ -1,7 +1,7 @@
 """The Kubernetes permissions the operator needs, as data.
 
 The chart's Role/ClusterRole rules (``charts/dreambooth-operator/templates/_rbac.tpl``) are
-these rules, and tests hold both ends: ``tests/chart/test_rbac.py`` derives the API calls of
+generated from these rules (:func:`render_template`, by ``make crds``), and tests hold both ends: ``tests/chart/test_rbac.py`` derives the API calls of
 :mod:`dreambooth.operator.kube` (from the kubernetes_asyncio methods it uses), the kopf
 handlers of :mod:`dreambooth.operator.handlers` and the owner references of
 :mod:`dreambooth.operator.resources`, and checks that they need exactly :data:`OPERATOR`;
@@ -25,8 +25,10 @@ What kopf 1.45 itself needs, read from its source (``kopf/_core/reactor/observat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dreambooth.api.job import GROUP, PLURAL
@@ -75,6 +77,12 @@ KOPF_NAMESPACES: tuple[Permission, ...] = (
                "kopf follows the watched namespaces (observation.namespace_observer)"),
 )
 
+#: The gallery's (gallery.enabled, its own ServiceAccount): it only reads DreamBoothJobs.
+GALLERY: tuple[Permission, ...] = (
+    Permission(GROUP, PLURAL, ("get", "list", "watch"),
+               "dreambooth/gallery/kube.py lists a namespace's jobs and reads one; it never writes"),
+)
+
 _VERB_ORDER = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 
 
@@ -105,3 +113,51 @@ def policy_rules(permissions: Iterable[Permission]) -> list[dict[str, Any]]:
         {"apiGroups": [group], "resources": sorted(resources), "verbs": list(verbs)}
         for (group, verbs), resources in sorted(by_key.items())
     ]
+
+
+# --- the chart's rules, generated -------------------------------------------------------
+
+#: the chart's template of these rules, written by ``make crds`` (a test holds it in sync)
+TEMPLATE = Path("charts/dreambooth-operator/templates/_rbac.tpl")
+#: (the chart's template name, the constant, where it applies)
+_DEFINES = (
+    ("operator", "OPERATOR", "in each watched namespace (or cluster-wide)."),
+    ("kopfCluster", "KOPF_CLUSTER", "kopf follows CRD changes (cluster-scoped, read-only)."),
+    ("kopfNamespaces", "KOPF_NAMESPACES", "kopf follows the watched namespaces (only with a list of them)."),
+    ("gallery", "GALLERY", "the gallery (gallery.enabled) reads DreamBoothJobs, nothing else."),
+)
+
+
+def _flow(items: Iterable[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) if i == "" else i for i in items) + "]"
+
+
+def render_template() -> str:
+    """The chart's ``_rbac.tpl``: one named template per group of permissions, their rules
+    as :func:`policy_rules` gives them."""
+    out = [
+        "{{/*",
+        "Generated from dreambooth/operator/rbac.py by `make crds`. Do not edit by hand.",
+        "The operator's permissions; tests/chart/test_rbac.py checks rbac.py against the API",
+        "calls in the operator's code and renders the chart. These rules do not depend on values.",
+        "*/}}",
+    ]
+    for name, constant, where in _DEFINES:
+        out += ["", f"{{{{/* rbac.{constant}: {where} */}}}}",
+                f'{{{{- define "dreambooth-operator.rules.{name}" -}}}}']
+        for rule in policy_rules(globals()[constant]):
+            out += [f"- apiGroups: {_flow(rule['apiGroups'])}",
+                    f"  resources: {_flow(rule['resources'])}",
+                    f"  verbs: {_flow(rule['verbs'])}"]
+        out.append("{{- end }}")
+    return "\n".join(out) + "\n"
+
+
+def write(root: Path) -> Path:
+    path = root / TEMPLATE
+    path.write_text(render_template())
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {write(Path.cwd())}")

@@ -28,7 +28,6 @@ from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.operator import naming
 from dreambooth.operator.restarts import RESTARTS_ANNOTATION
 from dreambooth.operator.settings import OperatorSettings
-from dreambooth.operator.specchange import SPEC_ANNOTATION, spec_record
 
 CONTAINER = "trainer"
 TRAINER_MODULE = "dreambooth.trainer"
@@ -442,8 +441,7 @@ def job(inputs: TrainerInputs) -> dict[str, Any]:
     # no ttlSecondsAfterFinished on the Job: the operator deletes the DreamBoothJob after
     # its ttl and the Job follows; until then a missing Job means someone deleted it
     metadata = _metadata(inputs, naming.trainer_name(inputs.name), kueue)
-    metadata["annotations"] = {SPEC_ANNOTATION: spec_record(inputs.job.spec),  # see specchange.py
-                               RESTARTS_ANNOTATION: str(inputs.restarts)}  # see restarts.py
+    metadata["annotations"] = {RESTARTS_ANNOTATION: str(inputs.restarts)}  # see restarts.py
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 

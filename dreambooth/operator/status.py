@@ -92,12 +92,10 @@ from dreambooth.operator.restarts import (
     restarts_before,
     running_or_stopping,
 )
-from dreambooth.operator.specchange import ignored_message
 
 DEFAULT_STALL_TIMEOUT = timedelta(minutes=20)
 
-#: always all of them, in this order (SpecChangeIgnored only while the spec differs from what
-#: the running job was built from)
+#: always all of them, in this order
 CONDITION_TYPES = (ConditionType.READY, ConditionType.RUNNING, ConditionType.SUCCEEDED,
                    ConditionType.FAILED, ConditionType.SUSPENDED, ConditionType.STALLED)
 
@@ -134,8 +132,6 @@ class Observation:
     pods: Sequence[Mapping[str, Any]] = ()
     snapshot: TrainerSnapshot | None = None
     stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT
-    #: spec paths changed since the Job was built that it does not follow (specchange.py)
-    ignored_changes: tuple[str, ...] = ()
     nodes: int = 1  # resources.nodes: more than one restarts all pods together
     backoff_limit: int = 3  # runPolicy.backoffLimit
     deadline_seconds: int | None = None  # runPolicy.activeDeadlineSeconds
@@ -155,7 +151,6 @@ class Observation:
         pods: Sequence[Mapping[str, Any]] = (),
         snapshot: TrainerSnapshot | None = None,
         stall_timeout: timedelta = DEFAULT_STALL_TIMEOUT,
-        ignored_changes: tuple[str, ...] = (),
         name: str = "job",
     ) -> Observation:
         """From the *effective* spec (``dreambooth.api.effective_spec``: defaults filled)."""
@@ -172,7 +167,6 @@ class Observation:
             pods=tuple(pods),
             snapshot=snapshot,
             stall_timeout=stall_timeout,
-            ignored_changes=ignored_changes,
             nodes=spec.resources.nodes,
             backoff_limit=spec.run_policy.backoff_limit,
             deadline_seconds=spec.run_policy.active_deadline_seconds,
@@ -490,9 +484,6 @@ def compute_status(
         if evaluation is not None and evaluation.best_checkpoint is not None and not (
                 outputs is not None and outputs.best_checkpoint):
             outputs = (outputs or Outputs()).model_copy(update={"best_checkpoint": evaluation.best_checkpoint.uri})
-    if obs.ignored_changes:
-        conditions.append(_condition(ConditionType.SPEC_CHANGE_IGNORED, "True", Reason.IMMUTABLE_FIELDS,
-                                     ignored_message(obs.ignored_changes), previous, obs.generation, now))
     family = (snap.family if snap else None) or (previous.family if previous else None) or obs.family
     return DreamBoothJobStatus(
         phase=v.phase,

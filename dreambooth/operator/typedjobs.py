@@ -32,7 +32,6 @@ from dreambooth.operator import resources
 from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import TrainerSnapshot, parse_time
 from dreambooth.operator.settings import OperatorSettings
-from dreambooth.operator.specchange import ignored_changes
 from dreambooth.operator.status import Observation
 
 
@@ -131,7 +130,6 @@ def observation(typed: TypedJob, settings: OperatorSettings, batch_job: dict[str
         typed.effective, generation=typed.generation, output_uri=typed.output_uri,
         job=batch_job, pods=of_job(batch_job, pods), snapshot=snapshot,
         stall_timeout=timedelta(seconds=settings.stall_timeout_seconds),
-        ignored_changes=ignored_changes(batch_job, typed.job.spec),
         name=typed.job.metadata.name,
     )
 

@@ -1,7 +1,8 @@
 """The generated CustomResourceDefinition: in sync with the types, structural, documented,
 accepted by Kubernetes' own schema, and its CEL rules do what they say.
 
-The CEL rules are evaluated for real with cel-python. The API server applies the schema's
+The CEL rules are evaluated for real with cel-python, by the code the simulated cluster's
+API server enforces them with (kubesim/crds.py). The API server applies the schema's
 defaults *before* it runs CEL, so the rules are fed what the typed model dumps
 (``model_dump(mode="json", by_alias=True, exclude_none=True)``), which holds the same
 defaults; ``test_model_dump_stands_in_for_api_server_defaulting`` checks that the two give
@@ -14,7 +15,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import celpy
 import kubernetes_validate
 import pytest
 import yaml
@@ -24,6 +24,7 @@ from openapi_schema_validator import OAS30Validator
 
 from dreambooth.api import DreamBoothJobSpec, SpecError, crd, validate_spec
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
+from kubesim import crds as kube_crds
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = crd.crd()
@@ -52,15 +53,7 @@ def test_committed_crd_is_the_object_we_generate():
 # --- structural schema -------------------------------------------------------------------
 
 
-def schema_nodes(node: dict[str, Any], path: str = ""):
-    """Every schema node below ``node`` with a readable path."""
-    yield path or "(root)", node
-    for name, prop in (node.get("properties") or {}).items():
-        yield from schema_nodes(prop, f"{path}.{name}")
-    if isinstance(node.get("items"), dict):
-        yield from schema_nodes(node["items"], f"{path}[]")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from schema_nodes(node["additionalProperties"], f"{path}{{}}")
+schema_nodes = kube_crds.walk_schema  # every schema node below one, with a readable path
 
 
 NODES = list(schema_nodes(SCHEMA))
@@ -195,14 +188,7 @@ def test_kubernetes_validate_is_strict_enough_to_matter(break_it):
 
 # --- CEL rules ----------------------------------------------------------------------------
 
-ENV = celpy.Environment()
-_PROGRAMS: dict[str, Any] = {}
-
-
-def program(rule: str):
-    if rule not in _PROGRAMS:
-        _PROGRAMS[rule] = ENV.program(ENV.compile(rule))
-    return _PROGRAMS[rule]
+program = kube_crds.program
 
 
 def all_rules() -> list[tuple[str, dict[str, str]]]:
@@ -220,28 +206,10 @@ def test_every_cel_rule_compiles_and_explains_itself():
 def cel_violations(new: Any, old: Any = None, schema: dict[str, Any] = SPEC_SCHEMA) -> list[str]:
     """Messages of the rules that ``new`` breaks, evaluated node by node as the API server
     does; rules that use ``oldSelf`` (transition rules) only run on update, where the old
-    object has the node too."""
-    found = []
-    for r in schema.get("x-kubernetes-validations", []):
-        transition = "oldSelf" in r["rule"]
-        if transition and old is None:
-            continue
-        activation = {"self": celpy.json_to_cel(new)}
-        if transition:
-            activation["oldSelf"] = celpy.json_to_cel(old)
-        result = program(r["rule"]).evaluate(activation)  # CELEvalError: the rule is broken
-        assert isinstance(result, celpy.celtypes.BoolType), (r["rule"], result)
-        if not result:
-            found.append(r["message"])
-    if isinstance(new, dict):
-        for name, prop in (schema.get("properties") or {}).items():
-            if name in new:
-                old_child = old.get(name) if isinstance(old, dict) else None
-                found += cel_violations(new[name], old_child, prop)
-    if isinstance(new, list) and isinstance(schema.get("items"), dict):
-        for item in new:
-            found += cel_violations(item, None, schema["items"])
-    return found
+    object has the node too. A rule that cannot be evaluated is a broken rule."""
+    found = kube_crds.violations(new, schema, old)
+    assert not [v for v in found if v.error], [(v.rule, v.error) for v in found if v.error]
+    return [v.message for v in found]
 
 
 def minimal_spec() -> dict[str, Any]:
@@ -316,6 +284,8 @@ def _immutable_message(field: str) -> str:
         ({"runPolicy.backoffLimit": 9}, "backoffLimit"),
         ({"runPolicy.activeDeadlineSeconds": 3600}, "activeDeadlineSeconds"),
         ({"runPolicy.ttlSecondsAfterFinished": 60}, "ttlSecondsAfterFinished"),
+        ({"runPolicy.rendezvousTimeoutSeconds": 60}, "rendezvousTimeoutSeconds"),
+        ({"runPolicy.collectiveTimeoutSeconds": 60}, "collectiveTimeoutSeconds"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else str(v),
 )
@@ -325,6 +295,16 @@ def test_only_suspend_may_change_on_update(changes, rejected_for):
     new = as_stored(with_changes(base, changes))
     expected = [] if rejected_for is None else [_immutable_message(rejected_for)]
     assert cel_violations(new, old=old) == expected
+
+
+def test_every_field_but_suspend_has_a_rule_that_keeps_it():
+    """Nothing else tells a user that an edit has no effect on a running job (the operator
+    keeps no record of the spec it started from), so every field must be covered."""
+    kept = {(path, r["message"].split(" cannot change")[0]) for path, r in all_rules()
+            if "oldSelf" in r["rule"]}
+    run_policy = SPEC_SCHEMA["properties"]["runPolicy"]["properties"]
+    assert kept == {(".spec", f) for f in SPEC_SCHEMA["properties"] if f != "runPolicy"} | {
+        (".spec.runPolicy", f) for f in run_policy if f != "suspend"}
 
 
 def test_suspend_can_be_switched_back_and_forth():
@@ -454,18 +434,7 @@ def test_env_names_are_a_map_list_so_the_api_server_refuses_duplicates():
     assert env["x-kubernetes-list-map-keys"] == ["name"] and "name" in env["items"]["required"]
 
 
-def apply_crd_defaults(obj: Any, schema: dict[str, Any]) -> Any:
-    """What the API server stores: missing fields with a default get it, recursively."""
-    if isinstance(obj, dict) and "properties" in schema:
-        obj = dict(obj)
-        for name, prop in schema["properties"].items():
-            if name not in obj and "default" in prop:
-                obj[name] = copy.deepcopy(prop["default"])
-            if name in obj:
-                obj[name] = apply_crd_defaults(obj[name], prop)
-    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
-        obj = [apply_crd_defaults(item, schema["items"]) for item in obj]
-    return obj
+apply_crd_defaults = kube_crds.apply_defaults  # what the API server stores
 
 
 @pytest.mark.parametrize("changes", [c[1] for c in AGREE + PYTHON_ONLY],

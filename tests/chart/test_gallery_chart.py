@@ -9,6 +9,7 @@ import pytest
 
 from dreambooth.api.job import GROUP, PLURAL
 from dreambooth.gallery import kube as gallery_kube
+from dreambooth.operator import rbac
 from tests.chart.support import EVERYTHING, NAMESPACE, RELEASE, objects, of_kind
 from tests.chart.test_rbac import _rule_triples, kube_calls
 
@@ -34,7 +35,7 @@ def test_its_rbac_only_reads_dreamboothjobs_and_covers_what_its_code_calls(value
     assert needed == {(GROUP, PLURAL, "list"), (GROUP, PLURAL, "get")}
     for r in roles:
         granted = _rule_triples(r["rules"])
-        assert granted == {(GROUP, PLURAL, verb) for verb in ("get", "list", "watch")}
+        assert granted == {(GROUP, PLURAL, verb) for verb in ("get", "list", "watch")} == rbac.triples(rbac.GALLERY)
         assert needed <= granted
     if role == "Role":
         assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(values["watchNamespaces"])

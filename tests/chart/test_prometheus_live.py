@@ -27,6 +27,7 @@ from dreambooth.api import telemetry
 from dreambooth.api.status import Phase
 from dreambooth.operator import naming
 from dreambooth.operator.metrics import OperatorMetrics
+from kubesim.net import free_port
 from tests.chart.support import (
     MONITORING,
     NAMESPACE,
@@ -38,7 +39,6 @@ from tests.chart.support import (
     rule_groups,
     variable_queries,
 )
-from tests.support.net import free_port
 from tests.support.trainer import (
     job_document,
     trainer_config,

@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end scenarios: a :class:`~tests.support.cluster.LocalCluster` with
+"""Fixtures of the end-to-end scenarios: a :class:`~kubesim.cluster.LocalCluster` with
 the example's inputs (the tiny model and four toy-cat photos) in its S3 buckets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.cluster import LocalCluster
+from kubesim.cluster import LocalCluster
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.s3server import weed_binary
+from kubesim.s3server import weed_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_the_demo_shows_operator_status_and_outputs(tmp_path):
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     done = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.demo", "--steps", "100", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "kubesim.demo", "--steps", "100", "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
     out = done.stdout
     assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]

@@ -1,6 +1,6 @@
 """What the user gets wrong or already has: an invalid spec, a missing credentials Secret,
 class images already in the shared cache. The real operator, trainer and S3; the test's
-Job controller and kubelet (tests/support/cluster.py)."""
+Job controller and kubelet (kubesim/cluster.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dreambooth.api.layout import MANIFEST, class_cache_uri
 from dreambooth.demo import draw_toy_cats
 from dreambooth.trainer.prior import cache_key
 from dreambooth.trainer.storage import open_storage
-from tests.support.cluster import MODEL_URI, LocalCluster, toy_cat_manifest
+from kubesim.cluster import MODEL_URI, LocalCluster, toy_cat_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -21,12 +21,14 @@ NAME = "toy-cat"
 
 
 def test_an_invalid_job_fails_with_invalid_spec_and_an_event(cluster: LocalCluster):
-    manifest = toy_cat_manifest(cluster.s3_endpoint, preset="custom", prior={"enabled": True})
-    cluster.apply(manifest)  # no classPrompt: the API server here has no schema to refuse it
+    # not an extended resource: the CRD's CEL rules do not scan extraResources' keys (see
+    # tests/api/test_crd.py PYTHON_ONLY), so the API server stores it; the typed rules refuse it
+    manifest = toy_cat_manifest(cluster.s3_endpoint, resources={"extraResources": {"ephemeral-storage": "1"}})
+    cluster.apply(manifest)
 
     status = cluster.wait_phase(NAME, "Failed", timeout=30)
     ready = cluster.ready_condition(NAME)
-    assert ready["reason"] == "InvalidSpec" and "spec.prior.classPrompt" in ready["message"]
+    assert ready["reason"] == "InvalidSpec" and "spec.resources.extraResources.ephemeral-storage" in ready["message"]
     assert status["completionTime"] and status["restarts"] == 0
     events = cluster.kube.events(cluster.kube.get("dbj", "default", NAME))
     assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in events), events

@@ -1,7 +1,7 @@
 """Jobs living through what a cluster does to them: a trainer killed mid-run, a suspend and
 resume, a 2-node job, a deletion while training. The real operator, trainer and S3; the
 test's Job controller, kubelet (local processes) and garbage collector
-(tests/support/cluster.py)."""
+(kubesim/cluster.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import re
 import pytest
 
 from dreambooth.api.exitcodes import ExitCode
-from tests.support.cluster import TINY, LocalCluster, sleep_until, toy_cat_manifest
-from tests.support.cluster_kubelet import PodProcess
+from kubesim.cluster import TINY, LocalCluster, toy_cat_manifest
+from kubesim.kubelet import PodProcess
+from kubesim.procs import sleep_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -1,7 +1,7 @@
 """Defect 3 of issue 18: multi-node jobs recover from one pod's failure, and a pod that
 starts late still joins. A 2-node job on the simulated cluster (the real operator and
 trainer, accelerate launch with gloo across two "nodes"; the test's Job controller, process
-kubelet and garbage collector, tests/support/cluster.py).
+kubelet and garbage collector, kubesim/cluster.py).
 
 An Indexed Job alone replaces only the failed index: the surviving rank waits in a
 collective (NCCL's watchdog: 10 minutes) and the replacement meets a stale rendezvous. The
@@ -15,8 +15,9 @@ import re
 
 import pytest
 
-from tests.support.cluster import LocalCluster, sleep_until, toy_cat_manifest
-from tests.support.cluster_kubelet import PodProcess
+from kubesim.cluster import LocalCluster, toy_cat_manifest
+from kubesim.kubelet import PodProcess
+from kubesim.procs import sleep_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

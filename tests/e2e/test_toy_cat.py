@@ -2,7 +2,7 @@
 (``kubectl apply --validate=false``), the real operator creating the Job, the Job's pod
 run as a local process by the test's kubelet, the real trainer training the tiny model
 from S3 to S3, Prometheus scraping it. One run for the module; each test checks one
-promise about it. What is stood in for: tests/support/cluster.py and docs/testing.md."""
+promise about it. What is stood in for: kubesim/cluster.py and docs/testing.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import TINY, LocalCluster, toy_cat_manifest
+from kubesim.cluster import TINY, LocalCluster, toy_cat_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -12,9 +12,10 @@ import pytest
 
 from dreambooth.api import layout
 from dreambooth.api.history import parse
-from tests.gallery.support import GalleryServer, env_without_aws
-from tests.support.kube import Kube, running_kube
-from tests.support.s3server import S3Server
+from kubesim.kube import Kube, running_kube
+from kubesim.s3server import S3Server
+from kubesim.gallery import GalleryServer, env_without_aws
+from tests.support.kube import DREAMBOOTH_JOBS
 from tests.support.trainer import (
     job_document,
     run_trainer,
@@ -82,7 +83,7 @@ def world(s3_server, tiny_model_dir, toy_cat_dir, tmp_path_factory) -> Iterator[
     assert code == 0, log
 
     (tmp / "kube").mkdir()
-    with running_kube(tmp / "kube") as kube:
+    with running_kube(tmp / "kube", resources=DREAMBOOTH_JOBS) as kube:
         for ns in (NAMESPACE, "other"):
             kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         job = copy.deepcopy(doc)

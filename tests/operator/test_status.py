@@ -591,20 +591,3 @@ def test_the_operator_side_imports_no_torch_and_no_trainer():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_ignored_spec_edits_are_a_condition_and_one_warning_until_reverted():
-    s1 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=100)), None, at(0))
-    assert "SpecChangeIgnored" not in conditions(s1)
-    edited = obs(RUNNING_JOB, [pod()], snap(step=110), generation=2, ignored_changes=("spec.training.steps",))
-    s2 = compute_status(edited, s1, at(1))
-    c = conditions(s2)["SpecChangeIgnored"]
-    assert (c.status, c.reason, c.observed_generation) == ("True", "ImmutableFields", 2)
-    assert "spec.training.steps" in c.message and "delete and re-create" in c.message
-    assert [(e.type, e.reason) for e in transition_events(s1, s2, edited)] == [("Warning", "SpecChangeIgnored")]
-    s3 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=120), generation=2,
-                            ignored_changes=("spec.training.steps",)), s2, at(2))
-    assert conditions(s3)["SpecChangeIgnored"] == c  # unchanged: no new Event
-    assert not [e for e in transition_events(s2, s3) if e.reason == "SpecChangeIgnored"]
-    s4 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=130), generation=3), s3, at(3))
-    assert "SpecChangeIgnored" not in conditions(s4)  # reverted

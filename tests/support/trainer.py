@@ -82,7 +82,7 @@ def launch(processes: int, config_path: Path, workdir: Path, env: dict[str, str]
            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``accelerate launch`` of the trainer with ``processes`` CPU processes on this machine
     (gloo), as a multi-GPU pod runs it; the log lines carry each process's rank."""
-    from tests.support.net import free_port
+    from kubesim.net import free_port
 
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dreambooth.trainer.background import Background
-from tests.support.net import free_port
+from kubesim.net import free_port
 
 # Each process: an accelerate process group with a 1 s collective timeout (gloo), then
 # together() over work that takes 3 s on rank 0: once succeeding, once failing.

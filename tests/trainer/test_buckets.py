@@ -20,7 +20,7 @@ from dreambooth.trainer.families import FAMILIES
 from dreambooth.trainer.families import sdxl as sdxl_module
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
-from tests.support.net import free_port
+from kubesim.net import free_port
 from tests.support.trainer import (
     StopAfter,
     job_document,

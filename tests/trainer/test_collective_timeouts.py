@@ -3,7 +3,7 @@
 Every rank used to wait in a barrier while rank 0 uploaded a checkpoint, drew sample grids
 and exported; on GPUs NCCL kills the run once such a wait passes its timeout (10 minutes by
 default), on every retry. Here the storage is the real test S3 server behind a throttling
-proxy (tests/support/faultproxy.py), so that uploads take several times a short
+proxy (kubesim/faultproxy.py), so that uploads take several times a short
 ``runPolicy.collectiveTimeoutSeconds``, and gloo enforces that timeout as NCCL would.
 """
 
@@ -24,7 +24,7 @@ from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import first_images, generate
 from dreambooth.trainer.storage import S3Settings, open_storage
-from tests.support.faultproxy import FaultProxy
+from kubesim.faultproxy import FaultProxy
 from tests.support.trainer import (
     StopAfter,
     download,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dreambooth.api import layout
 from dreambooth.api.history import parse
 from dreambooth.trainer.storage import open_storage
-from tests.support.net import free_port
+from kubesim.net import free_port
 from tests.support.trainer import (
     job_document,
     run_trainer,

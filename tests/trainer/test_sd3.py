@@ -248,7 +248,7 @@ def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, 
     """S3 to S3, as a pod runs it: a run killed (SIGKILL) after its second checkpoint and
     restarted ends with the adapters (transformer and both CLIP encoders) of a run never
     stopped, bit for bit; every flow-matching draw belongs to the sample's position."""
-    from tests.support.net import free_port
+    from kubesim.net import free_port
     from tests.support.trainer import (
         download,
         run_trainer,

@@ -27,8 +27,8 @@ from dreambooth.trainer.storage import (
     open_storage,
 )
 from dreambooth.trainer.storage.base import TMP_MARK
+from kubesim.s3server import S3Server
 from tests.support.s3fixtures import s3_bucket, s3_server  # noqa: F401
-from tests.support.s3server import S3Server
 
 MiB = 1024 * 1024
 PART_SIZE = 5 * MiB  # the S3 minimum: a 12 MiB file takes 3 parts

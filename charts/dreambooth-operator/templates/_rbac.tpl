@@ -1,7 +1,7 @@
 {{/*
-The operator's permissions: exactly dreambooth/operator/rbac.py (tests/chart/test_rbac.py
-renders the chart and compares these rules with it, and checks rbac.py against the API
-calls in the operator's code). These rules do not depend on values.
+Generated from dreambooth/operator/rbac.py by `make crds`. Do not edit by hand.
+The operator's permissions; tests/chart/test_rbac.py checks rbac.py against the API
+calls in the operator's code and renders the chart. These rules do not depend on values.
 */}}
 
 {{/* rbac.OPERATOR: in each watched namespace (or cluster-wide). */}}
@@ -40,8 +40,7 @@ calls in the operator's code). These rules do not depend on values.
   verbs: [list, watch]
 {{- end }}
 
-{{/* The gallery (gallery.enabled): reads DreamBoothJobs, nothing else (tests/chart/test_rbac.py
-checks these against dreambooth/gallery/kube.py's calls, and that they only read). */}}
+{{/* rbac.GALLERY: the gallery (gallery.enabled) reads DreamBoothJobs, nothing else. */}}
 {{- define "dreambooth-operator.rules.gallery" -}}
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs]

@@ -1,12 +1,12 @@
 """``make demo-cluster``: the toy-cat example on a simulated cluster, with live output.
 
-    .venv/bin/python -m tests.e2e.demo [--steps 300] [--hold]
+    .venv/bin/python -m kubesim.demo [--steps 300] [--hold]
 
-What runs for real: the Kubernetes API (the test suite's emulator), the operator
+What runs for real: the Kubernetes API (kubesim's emulator, with the CRD), the operator
 (``python -m dreambooth.operator``), the trainer (``python -m dreambooth.trainer`` in a
 "pod"), S3 (SeaweedFS), Prometheus (where installed) and kubectl (where installed). What
 stands in for the cluster: the Job controller, a kubelet that runs pods as local processes,
-the garbage collector (tests/support/cluster.py; docs/testing.md lists the differences).
+the garbage collector (kubesim/cluster.py; docs/testing.md lists the differences).
 It is the first end-to-end scenario (tests/e2e/test_toy_cat.py) with a longer run, printed
 as it happens: what the operator does, the pods, the job's status, the trainer's log, and
 at the end the outputs in S3 and what Prometheus scraped.
@@ -29,7 +29,7 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "toy-cat"
 #: trainer lines worth showing (the rest is library noise)
 TRAINER_LINE = re.compile(r"rank\d (INFO|WARNING|ERROR) dreambooth\.")
@@ -124,7 +124,7 @@ class StatusWatcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.e2e.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kubesim.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo-cluster")
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dreambooth.demo import draw_toy_cats
     from dreambooth.trainer.tiny import build_tiny_model
-    from tests.support.cluster import LocalCluster, toy_cat_manifest
-    from tests.support.s3server import S3Server
+    from kubesim.cluster import LocalCluster, toy_cat_manifest
+    from kubesim.s3server import S3Server
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices
     say = Printer()

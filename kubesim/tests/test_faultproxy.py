@@ -1,4 +1,5 @@
-"""The test helper that makes storage slow or unreachable (tests/support/faultproxy.py)."""
+"""The proxy that makes a server slow or unreachable (kubesim/faultproxy.py): against the
+real S3 server and its SDK, and a TCP echo server."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import contextlib
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from minio import Minio
 
-from dreambooth.trainer.storage import S3Storage
-from tests.support.faultproxy import FaultProxy
+from kubesim.faultproxy import FaultProxy
 
 
 @pytest.fixture
@@ -42,17 +44,24 @@ def connect(endpoint: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=2)
 
 
-def test_s3_works_through_the_proxy_and_a_limit_slows_uploads(s3_bucket, tmp_path):
-    settings, bucket = s3_bucket
+def test_s3_works_through_the_proxy_and_a_limit_slows_uploads(s3_server, tmp_path):
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    s3_server.client().make_bucket(bucket)
     data = bytes(range(256)) * 2048  # 512 KiB
     (tmp_path / "blob").write_bytes(data)
-    with FaultProxy(settings.endpoint) as proxy:
+    with FaultProxy(s3_server.endpoint) as proxy:
         proxy.limit(upload=1024 * 1024)
-        storage = S3Storage(type(settings)(**{**settings.__dict__, "endpoint": proxy.endpoint}), bucket)
+        client = Minio(proxy.endpoint, access_key=s3_server.access_key,
+                       secret_key=s3_server.secret_key, secure=False, region="us-east-1")
         started = time.monotonic()
-        storage.upload_file(tmp_path / "blob", "blob")
+        client.fput_object(bucket, "blob", str(tmp_path / "blob"))
         took = time.monotonic() - started
-        assert storage.read_bytes("blob") == data  # SigV4 signatures pass unchanged
+        got = client.get_object(bucket, "blob")
+        try:
+            assert got.read() == data  # SigV4 signatures pass unchanged
+        finally:
+            got.close()
+            got.release_conn()
     assert took >= 0.45, f"512 KiB at 1 MiB/s took {took:.2f} s"
     assert proxy.sent >= len(data) and proxy.received >= len(data)
 

@@ -1,9 +1,9 @@
-"""A stateful Kubernetes API for tests: :class:`KubeEmulator`, a ``kmock.KubernetesEmulator``.
+"""A stateful Kubernetes API: :class:`KubeEmulator`, a ``kmock.KubernetesEmulator``.
 
 kmock 0.8 provides the HTTP server (``kmock.Server`` on 127.0.0.1), the resource
 declarations (``emulator.resources``, ``kmock.ResourceInfo``) and the ``Status`` error
 envelope. Its own request handling cannot run kopf (see docs/testing.md), so this subclass
-replaces it entirely (``__call__``, in :mod:`tests.support.kube_http`), adding:
+replaces it entirely (``__call__``, in :mod:`kubesim.rest`), adding:
 
 * server-side metadata on create (namespace from the URL, ``uid``, ``creationTimestamp``,
   ``generation``, ``resourceVersion`` from one global counter, ``generateName``), the
@@ -20,7 +20,12 @@ replaces it entirely (``__call__``, in :mod:`tests.support.kube_http`), adding:
 * lists with ``kind: <Kind>List``, ``apiVersion`` and the current resourceVersion;
   watches that replay only events newer than ``resourceVersion`` (410 once compacted),
   ``sendInitialEvents``, bookmarks, ``timeoutSeconds``, ``Content-Type: application/json``;
-* discovery (``/api``, ``/apis``, groups, resource lists, ``/version``).
+* discovery (``/api``, ``/apis``, groups, resource lists, ``/version``);
+* CRD objects: storing one declares its resources, and its schema then holds for their
+  objects on every create and update (status writes and dry runs included): defaults
+  filled in, CEL rules (``x-kubernetes-validations``, transition rules against the stored
+  object) enforced with a 422 ``Invalid`` naming each rule's message and field
+  (:mod:`kubesim.crds`, which also lists what of a schema is not checked).
 
 State lives in dicts keyed by resource and ``(namespace, name)``; every change is built as
 a new dict (stored objects are never mutated), so events can share them. All state changes
@@ -29,11 +34,12 @@ its place in the event history atomically. The request log is a bounded deque of
 ``(method, path)``: kmock's own log (replayed through its filters on every request, which
 made 200 objects take 43 s) is never filled.
 
-Also PUT (replace), ``dryRun=All``, delete preconditions, and CRD objects declaring their
-resources. Not emulated: validation (no schemas: any field is accepted), server-side
+Also PUT (replace), ``dryRun=All``, delete preconditions. Not emulated: validation of
+built-in kinds and of resources declared without a CRD object (any field is accepted), the
+structural schema's types, patterns and bounds (see :mod:`kubesim.crds`), server-side
 apply, OpenAPI, admission, RBAC and authentication (any token is fine), Tables for
 ``kubectl get`` (it falls back to its default columns), controllers of any kind (see
-:mod:`tests.support.kube_controllers`), ownerReference garbage collection (ditto),
+:mod:`kubesim.controllers`), ownerReference garbage collection (ditto),
 namespace deletion cascades, graceful pod termination, shared storage between
 ``v1/events`` and ``events.k8s.io/v1/events``.
 """
@@ -52,7 +58,7 @@ import jsonpatch
 import jsonpointer
 import kmock
 
-from tests.support.kube_api import (
+from kubesim.api import (
     ALL_VERBS,
     APPLY,
     DEFAULT_RESOURCES,
@@ -80,19 +86,22 @@ from tests.support.kube_api import (
     strategic_merge_patch,
     version_priority,
 )
-from tests.support.kube_http import KubeHttp
+from kubesim.crds import apply_defaults, field_error_body, violations
+from kubesim.rest import KubeHttp
 
 __all__ = ["JSON_PATCH", "MERGE", "Fault", "KubeEmulator", "RecordedRequest"]
 
 
 class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
-    """The emulator. Use it through :func:`tests.support.kube.running_kube` or the ``kube``
+    """The emulator. Use it through :func:`kubesim.kube.running_kube` or the ``kube``
     fixture; its ``op_*`` methods are the API's verbs and must run on the server's loop."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.rv = 0
         self.tables: dict[Key, Table] = {}
+        #: the openAPIV3Schema of each custom resource version a CRD object declared
+        self.schemas: dict[Key, Mapping[str, Any]] = {}
         self.request_log: deque[RecordedRequest] = deque(maxlen=20_000)
         self.faults: list[Fault] = []
         self.listeners: list[Callable[[int], None]] = []  # called after every change
@@ -238,12 +247,43 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                 obj["status"] = copy.deepcopy(INITIAL_STATUS[key[0], key[2]])
         if (key[0], key[2]) in DEFAULTERS:
             DEFAULTERS[key[0], key[2]](obj, DefaultContext(meta["uid"], self._next_ip))
+        obj = self._admit(key, obj, None)
         if dry_run:
             return obj
         self._commit(key, "ADDED", obj, None)
-        if key[:1] == ("apiextensions.k8s.io",) and key[2] == "customresourcedefinitions":
-            for decl in decls_from_crd(obj):
-                self.declare(decl)
+        self._serve_crd(key, obj)
+        return obj
+
+    def _serve_crd(self, key: Key, crd: Mapping[str, Any]) -> None:
+        """A stored CRD object declares its resources, with their schemas."""
+        if key[:1] != ("apiextensions.k8s.io",) or key[2] != "customresourcedefinitions":
+            return
+        for decl in decls_from_crd(crd):
+            self.declare(decl)
+        spec = crd.get("spec") or {}
+        for ver in spec.get("versions") or ():
+            schema = ((ver.get("schema") or {}).get("openAPIV3Schema"))
+            resource = (spec.get("group", ""), ver["name"], (spec.get("names") or {})["plural"])
+            if schema and ver.get("served", True):
+                self.schemas[resource] = schema
+            else:
+                self.schemas.pop(resource, None)
+
+    def _admit(self, key: Key, obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+        """What the API server does with a custom resource before storing it: the schema's
+        defaults, then its CEL rules (transition rules against ``old``): 422 if one fails."""
+        schema = self.schemas.get(key)
+        if schema is None:
+            return obj
+        obj = apply_defaults(obj, schema)
+        found = violations(obj, schema, old)
+        if found:
+            kind, name = self.info(key).kind, obj["metadata"]["name"]
+            raise ApiError(422, "Invalid", f'{kind}.{key[0]} "{name}" is invalid: '
+                           f"{field_error_body(found)}", {
+                               "name": name, "group": key[0], "kind": kind,
+                               "causes": [{"reason": v.reason, "message": v.body(),
+                                           "field": v.field} for v in found]})
         return obj
 
     def _next_ip(self) -> str:
@@ -323,6 +363,8 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                 old["metadata"].get("finalizers") or ()):
             raise ApiError(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers "
                            "can be added if the object is being deleted")
+        new = self._admit(key, new, old)  # a copy: its metadata is what is stored
+        meta = new["metadata"]
         if new == old:
             return old
         outside = ("metadata", "status") if with_status else ("metadata",)
@@ -334,9 +376,7 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             return self._commit(key, "DELETED", new, old)
         self._commit(key, "MODIFIED", new, old)
-        if key[:1] == ("apiextensions.k8s.io",) and key[2] == "customresourcedefinitions":
-            for decl in decls_from_crd(new):
-                self.declare(decl)
+        self._serve_crd(key, new)
         return new
 
     def op_delete(self, key: Key, namespace: str | None, name: str,

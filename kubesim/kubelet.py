@@ -1,8 +1,8 @@
 """A kubelet that runs pods as local processes: :class:`ProcessKubelet`.
 
-The :class:`~tests.support.kube_controllers.Kubelet` stand-in only *writes* pod states. This
+The :class:`~kubesim.controllers.Kubelet` stand-in only *writes* pod states. This
 one runs each pod's container for real, as a node would, with what one machine without
-containers allows (:mod:`tests.support.cluster_container` sets a container up: volumes as
+containers allows (:mod:`kubesim.container` sets a container up: volumes as
 folders, paths rewritten, Secrets resolved, DNS names of pods replaced by their IPs). Each
 difference from a real cluster is listed in docs/testing.md.
 
@@ -34,7 +34,7 @@ difference from a real cluster is listed in docs/testing.md.
   the real one does not do for the pods it deletes itself (suspend).
 
 ``step()`` is one pass over all pods (run it from a
-:class:`~tests.support.kube_controllers.ControllerLoop`); :meth:`kill` stands in for a
+:class:`~kubesim.controllers.ControllerLoop`); :meth:`kill` stands in for a
 process dying (``kill -9``, a node's OOM killer).
 """
 
@@ -52,16 +52,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster_container import (
+from kubesim.api import ApiError
+from kubesim.container import (
     Container,
     ContainerConfigError,
     Network,
     prepare,
 )
-from tests.support.kube import Kube, NotFound
-from tests.support.kube_api import ApiError
-from tests.support.kube_controllers import INDEX, Kubelet
-from tests.support.net import free_port
+from kubesim.controllers import INDEX, Kubelet
+from kubesim.kube import Kube, NotFound
+from kubesim.net import free_port
 
 FINALIZER = "e2e.dreambooth.io/process-kubelet"
 #: in every container's environment (value: the pod's uid): how its processes are found

@@ -2,7 +2,7 @@
 
 Debian builds Prometheus without Kubernetes service discovery (``kubernetes_sd_configs`` is
 not in its config schema), so :class:`Prometheus` stands in for the discovery part only:
-its ``step()`` (run it in the :class:`~tests.support.kube_controllers.ControllerLoop`)
+its ``step()`` (run it in the :class:`~kubesim.controllers.ControllerLoop`)
 lists the pods in the API and writes one ``file_sd`` target per named container port of
 every running pod, labelled with the ``__meta_kubernetes_pod_*`` labels Kubernetes
 discovery would give it. The relabelings are the chart's PodMonitor's (selector
@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from tests.support.kube import Kube
-from tests.support.procs import stop_process
+from kubesim.kube import Kube
+from kubesim.procs import stop_process
 
 TRAINER_JOB = "dreambooth-trainers"  # scrape job of the trainer pods (the PodMonitor's)
 OPERATOR_JOB = "dreambooth-operator"  # the ServiceMonitor's

@@ -1,4 +1,4 @@
-"""Pure pieces of the Kubernetes API emulator (:mod:`tests.support.kube_emulator`).
+"""Pure pieces of the Kubernetes API emulator (:mod:`kubesim.emulator`).
 
 No I/O here: shared types, API errors as ``Status`` objects, resource declarations, label
 and field selectors, JSON merge patch (RFC 7386), an approximate strategic merge patch, and
@@ -125,8 +125,9 @@ class Decl:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
-#: What the ``kube`` fixture declares. kopf needs ``namespaces`` to start its watchers; it
-#: also lists and watches CRDs (storing one also declares its resource, as a server would).
+#: What every emulator serves. kopf needs ``namespaces`` to start its watchers; it also lists
+#: and watches CRDs (storing one also declares its resource, as a server would). Custom
+#: resources come from CRD objects or ``running_kube(resources=...)``.
 DEFAULT_RESOURCES: tuple[Decl, ...] = (
     Decl("", "v1", "namespaces", "Namespace", False, ("ns",), ("status",)),
     Decl("", "v1", "pods", "Pod", True, ("po",), ("status",), ("all",)),
@@ -140,8 +141,6 @@ DEFAULT_RESOURCES: tuple[Decl, ...] = (
     Decl("coordination.k8s.io", "v1", "leases", "Lease", True),
     Decl("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
          False, ("crd", "crds"), ("status",)),
-    Decl("dreambooth.io", "v1alpha1", "dreamboothjobs", "DreamBoothJob", True, ("dbj",),
-         ("status",), ("all", "dreambooth")),
 )
 
 #: For operators run without ``--standalone`` (kopf's peering); not declared by default.

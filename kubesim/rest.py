@@ -1,5 +1,5 @@
 """The HTTP side of the emulator: routing, discovery and watch streams (a mixin of
-:class:`tests.support.kube_emulator.KubeEmulator`, which holds the state and the verbs).
+:class:`kubesim.emulator.KubeEmulator`, which holds the state and the verbs).
 
 It replaces kmock's request handling (``RawHandler.__call__``): kmock's URL parser fails
 on ``/api/v1/namespaces`` and its DSL replays the whole request log on every request.
@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp.web
 
-from tests.support.kube_api import (
+from kubesim.api import (
     SUBRESOURCE_VERBS,
     ApiError,
     Event,

@@ -20,21 +20,17 @@ import aiohttp
 import pytest
 from kopf.testing import KopfRunner
 
-from tests.support import kube as kube_harness
-from tests.support.kube import Kube, NotFound, kopf_registry
-from tests.support.kube_controllers import (
+from kubesim.controllers import (
     ControllerLoop,
     GarbageCollector,
     JobController,
     Kubelet,
 )
+from kubesim.kube import Kube, NotFound, kopf_registry
 
 DBJ = "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs"
 MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
-
-kube = kube_harness.kube  # the fixture
-
 
 @pytest.fixture(autouse=True)
 def _sys_path_restored(monkeypatch):

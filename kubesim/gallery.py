@@ -1,4 +1,5 @@
-"""A real gallery for tests and the benchmark: ``dreambooth gallery`` in a subprocess."""
+"""A real gallery for tests and the benchmark: ``dreambooth gallery`` in a subprocess (it
+runs the product's command; imports none of it)."""
 
 from __future__ import annotations
 

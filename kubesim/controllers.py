@@ -31,8 +31,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
-from tests.support.kube import Kube
-from tests.support.kube_api import now_iso, parse_iso
+from kubesim.api import now_iso, parse_iso
+from kubesim.kube import Kube
 
 JOB_NAME = "batch.kubernetes.io/job-name"
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"

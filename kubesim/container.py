@@ -1,6 +1,6 @@
 """What a container runtime would set up for a pod's container, done on one machine without
 containers: :func:`prepare` turns a pod into a :class:`Container` (argv, environment,
-working directory, volume folders) for :class:`~tests.support.cluster_kubelet.ProcessKubelet`.
+working directory, volume folders) for :class:`~kubesim.kubelet.ProcessKubelet`.
 
 * **Volumes** become folders under ``<pod folder>/volumes/<name>/``: a ConfigMap or Secret
   volume holds its keys as files, an emptyDir is empty. Other volume types (e.g. a
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.kube import Kube
+from kubesim.kube import Kube
 
 #: what the trainer image's Dockerfile sets (ENV, WORKDIR), before the pod's own env
 IMAGE_ENV: dict[str, str] = {

