@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py [--steps 30]
 
-For each config (tiny SD-shaped model, resolution 64 and 128, batch 1) it runs, in a fresh
-process each: the bare UNet forward + backward + AdamW step on fixed inputs, and the
+For each config (tiny SD-shaped model, resolution 64 and 128, batch 1; then the recipe's
+options, and the tiny SDXL-shaped model full and LoRA, at 128) it runs, in a fresh process
+each: the bare UNet forward + backward + AdamW step on fixed inputs, and the
 trainer's own ``Loop.run_step`` (data sampling, latent sampling, text embeddings, noise,
 loss, clipping, LR schedule, loss reduction). It prints steps/s, images/s, the loop's
 overhead over the bare step, and peak RSS next to what the weights and AdamW state need.
@@ -38,6 +39,15 @@ VARIANTS: dict[str, dict] = {
     # photos of three aspect ratios, each micro-batch from its own bucket, mirrored at random
     "buckets, 3 aspect ratios, random flip": {"_mixed_photos": True, "randomFlip": True},
 }
+#: the tiny SDXL-shaped model (two text encoders, text_time UNet), same resolution and batch;
+#: buckets on (SDXL's default; the square toy photos all fall in one) unless said
+SDXL_VARIANTS: dict[str, dict] = {
+    "SDXL full (UNet, cached latents)": {"_family": "sdxl", "method": "full"},
+    "SDXL full, buckets off": {"_family": "sdxl", "method": "full", "buckets": {"enabled": False}},
+    "SDXL LoRA rank 4": {"_family": "sdxl", "method": "lora", "learningRate": 1e-4},
+    "SDXL LoRA rank 4 + both text encoders": {"_family": "sdxl", "method": "lora", "learningRate": 1e-4,
+                                              "lora": {"textEncoder": True}},
+}
 
 #: (width, height) of the photos of the bucket variant, in units of the resolution
 MIXED_PHOTOS = [(2.0, 1.2), (1.2, 2.0), (1.5, 1.5), (2.0, 1.2)]
@@ -49,7 +59,7 @@ class EncodeEveryStep:
     def __init__(self, vae, examples, cached) -> None:
         import torch
 
-        self.vae, self.prompts, self.scaling = vae, cached.prompts, cached.scaling
+        self.vae, self.prompts, self.scaling, self.sizes = vae, cached.prompts, cached.scaling, cached.sizes
         self.pixels = torch.stack([e.pixels for e in examples])
 
     def __len__(self) -> int:
@@ -80,15 +90,17 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
         shared_parts,
     )
     from dreambooth.trainer.storage import open_storage
-    from dreambooth.trainer.tiny import build_tiny_model
+    from dreambooth.trainer.tiny import build_tiny_model, build_tiny_sdxl
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-"))
-    build_tiny_model(root / "base-model", resolution=resolution)
+    options = dict({**VARIANTS, **SDXL_VARIANTS}.get(variant or "", {}))
+    encode_every_step = options.pop("_encode_every_step", False)
+    family = options.pop("_family", "sd")
+    (build_tiny_sdxl if family == "sdxl" else build_tiny_model)(root / "base-model", resolution=resolution)
     draw_toy_cats(root / "instance", size=resolution * 2)
     doc = demo_job_document(root)
-    options = dict(VARIANTS.get(variant or "", {}))
-    encode_every_step = options.pop("_encode_every_step", False)
+    doc["spec"]["baseModel"]["family"] = family
     if options.pop("_mixed_photos", False):
         draw_mixed_photos(root / "instance", resolution)
         # the tiny model downsamples by 16: buckets of about resolution^2 pixels on that step
@@ -147,19 +159,21 @@ def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: 
     """The UNet forward + backward + AdamW step (the trainer's optimizer) on fixed inputs."""
     import torch
 
-    from dreambooth.trainer.families import load_components
+    from dreambooth.trainer.families import SampleSize, load_components
     from dreambooth.trainer.run import build_optimizer
 
     components = load_components(model, "bench")
-    unet = components.denoiser.train()
+    family, unet = components.family, components.denoiser.train()
     opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])
     side = resolution // 8
     latents = torch.randn(1, 4, side, side)
-    cond = torch.randn(1, components.tokenizers[0].model_max_length, components.text_encoders[0].config.hidden_size)
+    with torch.no_grad():  # the family's conditioning (SDXL: both encoders, pooled, time ids)
+        cond = family.encode(components.tokenizers, components.text_encoders, ["a photo of zwx toy cat"], "cpu")
+    sizes = [SampleSize((resolution, resolution), (0, 0), (resolution, resolution))]
     t = torch.tensor([500])
 
     def bare() -> None:
-        loss = torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents)
+        loss = torch.nn.functional.mse_loss(family.predict(unet, latents, t, cond, sizes), latents)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,6 +233,15 @@ def main() -> None:
         base = base or r["loop_step_ms"]
         print(f"| {variant} | {r['loop_step_ms']:.1f} | {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} "
               f"| {r['peak_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
+    print("\ntiny SDXL at resolution 128 (vs: the SD default above, same run):\n")
+    print("| variant | bare step ms | loop step ms | overhead | vs SD default | steps/s | peak RSS MB "
+          "| trained+AdamW MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in SDXL_VARIANTS:
+        r = one(128, args.steps, variant)
+        print(f"| {variant} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
+              f"| {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+              f"| {r['weights_and_adam_mb']:.1f} |")
 
 
 if __name__ == "__main__":

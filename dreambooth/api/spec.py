@@ -212,6 +212,14 @@ class BaseModelSpec(ApiModel):
         description="nf4: hold the frozen SD3 transformer of a LoRA run in 4-bit NF4 "
         "(bitsandbytes, GPUs only). Not supported yet: refused with a message.",
     )
+    vae: ModelUri | None = Field(
+        None,
+        description="Another VAE to use in place of the model's vae/, e.g. the fp16-fix SDXL VAE: "
+        "s3://, pvc:// or hf://org/name[@revision] of a folder holding an AutoencoderKL "
+        "(config.json and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained "
+        "writes them). It encodes the photos, decodes samples and class images, and is the VAE "
+        "of the exported model. Default: the base model's own.",
+    )
 
 
 class InstanceSpec(ApiModel):

@@ -134,7 +134,7 @@ def _uses(config: TrainerConfig) -> list[tuple[str, bool]]:
     """(URI, written to) for every storage URI the trainer reads or writes."""
     spec = config.spec
     uris = [(spec.base_model.uri, False), (spec.instance.uri, False), (config.output_uri, True)]
-    return uris + ([(spec.prior.uri, False)] if spec.prior.uri else [])
+    return uris + [(uri, False) for uri in (spec.base_model.vae, spec.prior.uri) if uri]
 
 
 def claim_mounts(inputs: TrainerInputs) -> list[ClaimMount]:
@@ -158,8 +158,11 @@ def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
         return section.model_copy(update={"uri": local_uri(section.uri)}) if section.uri else section
 
     def rewritten_spec(spec: Any) -> Any:
+        base_model = rewritten(spec.base_model)
+        if base_model.vae:
+            base_model = base_model.model_copy(update={"vae": local_uri(base_model.vae)})
         return spec.model_copy(update={
-            "base_model": rewritten(spec.base_model),
+            "base_model": base_model,
             "instance": rewritten(spec.instance),
             "prior": rewritten(spec.prior),
             "output": rewritten(spec.output),

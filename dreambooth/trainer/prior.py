@@ -1,7 +1,7 @@
 """Prior preservation: class images from the user, or generated once and shared.
 
-Generated class images depend only on (base model, revision, class prompt, resolution,
-count, sampler settings), so they are cached under
+Generated class images depend only on (base model, revision, VAE, class prompt,
+resolution, count, sampler settings), so they are cached under
 ``<classCacheUri>/<sha256 of those>/`` with a ``manifest.json`` written last; any later
 job asking for the same set reuses them without generating anything. Generation is
 spread over all processes: image ``i`` is always drawn from seed ``i``, so the set is the
@@ -44,9 +44,11 @@ def sampler_of(family: str) -> dict:
 
 
 def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int,
-              family: str = "sd") -> str:
+              family: str = "sd", vae: str | None = None) -> str:
     facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
              "count": count, **sampler_of(family)}
+    if vae:  # another VAE decodes other images (keys without one stay as they were)
+        facts["vae"] = vae
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -80,8 +82,9 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     done = done[0]
     mine = missing_share(done, count, a.process_index, a.num_processes)
     if ctx.main:
-        log.info("generating %d class images for %r into %s (%d already there)",
-                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done))
+        log.info("generating %d class images for %r into %s (%d already there) with %s",
+                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done),
+                 components.family.pipeline_name)
     if not mine:
         return
     pipeline = components.family.pipeline(
@@ -118,8 +121,9 @@ def class_examples(ctx, components, framing: Framing | None = None) -> list[Exam
         source = prior.uri
         store = open_storage(source, ctx.s3)
     else:
-        key = cache_key(model=ctx.spec.base_model.uri, revision=ctx.spec.base_model.revision, prompt=prompt,
-                        resolution=training.resolution, count=count, family=components.family.name)
+        model = ctx.spec.base_model
+        key = cache_key(model=model.uri, revision=model.revision, prompt=prompt, resolution=training.resolution,
+                        count=count, family=components.family.name, vae=model.vae)
         source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):

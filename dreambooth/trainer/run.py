@@ -31,7 +31,7 @@ from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.data import Example, load_examples
 from dreambooth.trainer.devices import make_accelerator, weight_dtype
 from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
-from dreambooth.trainer.families import Components, load_components
+from dreambooth.trainer.families import VAE_FIELD, Components, load_components, load_vae
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.models import fetch_from_hub
@@ -45,6 +45,9 @@ log = logging.getLogger("dreambooth.trainer")
 ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
 #: what an hf:// evaluator is fetched with: a CLIPModel folder (files at its root)
 CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
+#: what an hf:// baseModel.vae is fetched with: a lone AutoencoderKL (or a model's vae/)
+VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors"]
 
 
 # --- 2. storage and inputs ------------------------------------------------------------
@@ -52,7 +55,7 @@ CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
     spec = config.spec
-    uris = [spec.base_model.uri, spec.instance.uri, config.output_uri, spec.prior.uri]
+    uris = [spec.base_model.uri, spec.base_model.vae, spec.instance.uri, config.output_uri, spec.prior.uri]
     if spec.evaluation.enabled:
         uris.append(spec.evaluation.model.uri)
     if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
@@ -113,16 +116,21 @@ def open_judge(ctx: Context, components: Components, instances: list[Example]) -
 
 
 def open_model(ctx: Context) -> Components:
-    """Fetch, check and load the base model; a job with ``baseModel.family: auto`` gets the
-    presets and rules of the family found in it from now on (``ctx.config`` changes)."""
-    spec = ctx.spec
-    components = load_components(fetch_base_model(ctx), spec.base_model.uri, spec.base_model.family)
+    """Fetch, check and load the base model (and the VAE that replaces its own); a job with
+    ``baseModel.family: auto`` gets the presets and rules of the family found in it from now
+    on (``ctx.config`` changes)."""
+    model = ctx.spec.base_model
+    components = load_components(fetch_base_model(ctx), model.uri, model.family)
+    if model.vae:
+        folder = fetch_model(ctx, "vae", model.vae, None, what=f"VAE files ({VAE_FIELD})", patterns=VAE_PATTERNS)
+        components.vae = load_vae(folder, model.vae, components)
+        log.info("the VAE is %s's (%s)", model.vae, VAE_FIELD)
     try:
         ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
     except SpecError as err:
         raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
                           + "; ".join(map(str, err.issues))) from None
-    components.family.configure(components, ctx.spec.training, spec.base_model.uri)
+    components.family.configure(components, ctx.spec.training, model.uri)
     log.info("model family %s (%s)", components.family.name, components.family.title)
     return components
 
@@ -141,6 +149,7 @@ def load_instance_examples(ctx: Context, components: Components) -> list[Example
                 f"{name} {value} does not fit this model: it must be a multiple of {multiple} (VAE "
                 f"and UNet downsampling), e.g. {max(multiple, value // multiple * multiple)}"
             )
+    components.family.check_resolution(components, training.resolution)
     folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
         ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
     examples = load_examples(
@@ -217,7 +226,8 @@ def build_loop(ctx: Context, components: Components, shared: dict,
                token: TokenEmbedding | None = None) -> Loop:
     a, training = ctx.accelerator, ctx.spec.training
     chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders)
+                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders,
+                               unread=components.family.unread_parameters)
     if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
         token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
     ema = None

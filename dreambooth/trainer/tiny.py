@@ -342,6 +342,26 @@ def build_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int =
     return target
 
 
+def build_tiny_vae(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
+                   scaling_factor: float = 0.13025) -> pathlib.Path:
+    """Write a lone tiny random ``AutoencoderKL`` folder (what ``baseModel.vae`` names, as
+    ``AutoencoderKL.save_pretrained`` writes it) to ``path`` and return the path. The tiny
+    models' VAE shape; SDXL's scaling factor unless told."""
+    import torch
+
+    target = _check_target(path, resolution)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _tiny_vae(resolution, scaling_factor).save_pretrained(work)
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
 def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
                     text_encoder_2_width: int = 32) -> pathlib.Path:
     """Write a tiny random SDXL-shaped diffusers model to ``path`` and return the path.

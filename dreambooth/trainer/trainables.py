@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,10 +90,13 @@ def keeps_originals(spec: DreamBoothJobSpec) -> bool:
 
 
 def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype,
-           trainable: int | None = None) -> Trainables:
+           trainable: int | None = None,
+           unread: Callable[[list], list[torch.nn.Parameter]] = lambda encoders: []) -> Trainables:
     """Freeze, adapt and place the models for ``spec``'s method; returns what trains. The
     text encoders train together (SDXL's two alike) or not at all; only the first
-    ``trainable`` of them may (None: all), the others are frozen whatever the method."""
+    ``trainable`` of them may (None: all), the others are frozen whatever the method;
+    ``unread(encoders)`` (the family's) names their parameters the conditioning never
+    reads, which stay frozen too."""
     t = spec.training
     fixed = [frozen(te, device, dtype, keep_original=keeps_originals(spec)) for te in text_encoders[trainable:]] \
         if trainable is not None else []
@@ -120,6 +124,8 @@ def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dt
             text_encoders = [frozen(te, device, dtype, keep_original=True) for te in text_encoders]
         groups = [{"params": list(denoiser.parameters()), "lr": t.learning_rate}]
     if te_steps:
+        for p in unread(text_encoders):
+            p.requires_grad_(False)
         groups.append({"params": [p for te in text_encoders for p in _trainable(te)], "lr": te_lr})
     denoiser.train()
     for text_encoder in text_encoders:

@@ -1,6 +1,6 @@
 """examples/sdxl-lora-object.yaml end to end on the simulated cluster: applied as a user
 would, the real operator and trainer, a tiny random SDXL-shaped model in the example's S3
-place (s3://models/sdxl-base/), small resolution and steps as the toy-cat scenarios use. The
+place (s3://models/sdxl-base/, its VAE as the example's fp16-fix VAE), small resolution and steps as the toy-cat scenarios use. The
 job succeeds, says it trained an SDXL model, and its LoRA loads into diffusers' SDXL
 pipeline."""
 
@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
+from dreambooth.trainer.storage import open_storage
 from kubesim.cluster import LocalCluster, example_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 EXAMPLE = "sdxl-lora-object"
 MODEL_URI = "s3://models/sdxl-base/"  # where the example reads its base model
+VAE_URI = "s3://models/sdxl-vae-fp16-fix/"  # and the VAE it swaps in (here: the tiny model's own)
 STEPS = 30
 #: the CPU's numbers: fp32, one image per step without accumulation (the example's 4
 #: accumulation steps would need 4 images per step), few steps
@@ -27,8 +29,11 @@ SMALL = {"training": {"steps": STEPS, "mixedPrecision": "no", "gradientAccumulat
 def run(tmp_path_factory, s3_server, tiny_sdxl_dir, toy_cat_dir) -> Any:
     with LocalCluster(tmp_path_factory.mktemp("sdxl"), s3_server) as cluster:
         cluster.upload_example_inputs(tiny_sdxl_dir, toy_cat_dir, model_uri=MODEL_URI)
+        vae = open_storage(VAE_URI, cluster.settings)
+        if not vae.list():
+            vae.upload_dir(tiny_sdxl_dir / "vae")
         manifest = example_manifest(EXAMPLE, cluster.s3_endpoint, **SMALL)
-        assert manifest["spec"]["baseModel"] == {"uri": MODEL_URI, "family": "sdxl"}  # the example's
+        assert manifest["spec"]["baseModel"] == {"uri": MODEL_URI, "family": "sdxl", "vae": VAE_URI}  # the example's
         cluster.apply(manifest)
         cluster.wait_phase(manifest["metadata"]["name"], "Succeeded", timeout=240)
         yield cluster, manifest["metadata"]["name"]
@@ -40,6 +45,7 @@ def test_the_sdxl_example_succeeds_as_an_sdxl_job(run):
     assert status["phase"] == "Succeeded", cluster.explain(name)
     assert status["family"] == "sdxl" and status["progress"]["summary"] == f"{STEPS}/{STEPS}"
     assert "model family sdxl" in cluster.logs(name)  # what the trainer found in the folder
+    assert f"the VAE is {VAE_URI}'s (spec.baseModel.vae)" in cluster.logs(name)
     keys = cluster.keys(name)
     assert {"lora/pytorch_lora_weights.safetensors", "result.json", "samples/progression.png",
             f"samples/step-{STEPS}.png"} <= keys, sorted(keys)

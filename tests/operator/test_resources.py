@@ -86,7 +86,7 @@ def example_inputs() -> list[tuple[str, TrainerInputs]]:
 
 def pvc_doc() -> dict[str, Any]:
     return minimal_doc(
-        baseModel={"uri": "pvc://models/sd15"},
+        baseModel={"uri": "pvc://models/sd15", "vae": "pvc://models/vae-ft-mse"},
         instance={"uri": "pvc://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
         prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": "pvc://training-data/cats/"},
         output={"uri": "pvc://results/toy-cat/"},
@@ -398,6 +398,7 @@ def test_pvc_uris_are_mounted_and_rewritten():
     inputs = inputs_for(pvc_doc())
     config = resources.trainer_config(inputs)
     assert config.spec.base_model.uri == "file:///mnt/pvc/models/sd15"
+    assert config.spec.base_model.vae == "file:///mnt/pvc/models/vae-ft-mse"
     assert config.spec.instance.uri == "file:///mnt/pvc/training-data/toy-cat/"
     assert config.spec.prior.uri == "file:///mnt/pvc/training-data/cats/"
     assert config.output_uri == "file:///mnt/pvc/results/toy-cat/"
@@ -416,7 +417,8 @@ def test_pvc_uris_are_mounted_and_rewritten():
         assert mount["mountPath"] == f"/mnt/pvc/{claim}"
         assert mount["readOnly"] is volume["persistentVolumeClaim"]["readOnly"]
     # every local path the trainer gets lies on a mount, written ones on a writable one
-    for uri, written in [(config.spec.base_model.uri, False), (config.spec.instance.uri, False),
+    for uri, written in [(config.spec.base_model.uri, False), (config.spec.base_model.vae, False),
+                         (config.spec.instance.uri, False),
                          (config.spec.prior.uri, False), (config.output_uri, True),
                          (config.class_cache_uri, True)]:
         path = uri.removeprefix("file://")

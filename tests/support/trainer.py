@@ -145,6 +145,13 @@ def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int
     return total / draws
 
 
+def tensor_dtypes(node) -> set[torch.dtype]:
+    """The dtypes of every tensor in a nested state dict (an optimizer's state)."""
+    if torch.is_tensor(node):
+        return {node.dtype}
+    return set().union(*map(tensor_dtypes, node.values())) if isinstance(node, dict) else set()
+
+
 class StopAfter:
     """Stands in for SIGTERM in an in-process run: asks the trainer to stop (checkpoint,
     exit as preempted) once it has finished step ``n``."""

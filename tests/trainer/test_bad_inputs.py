@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -155,3 +156,101 @@ def test_under_a_launcher_every_process_leaves_its_verdict(tmp_path, monkeypatch
     assert code == verdict["exitCode"] == ExitCode.INVALID_CONFIG and verdict["rank"] == 3
     assert verdict["reason"] == "InvalidConfig" and verdict["finishedAt"] > 0
     assert not log.exists()
+
+
+def _vae_without_config(model, folder):
+    folder.mkdir()
+    shutil.copy(model / "vae" / "diffusion_pytorch_model.safetensors", folder)
+
+
+def _a_unet(model, folder):
+    shutil.copytree(model / "unet", folder)
+
+
+def _vae_without_weights(model, folder):
+    folder.mkdir()
+    shutil.copy(model / "vae" / "config.json", folder)
+
+
+NOT_A_VAE = {  # what baseModel.vae points at -> what the message says
+    "no config.json": (_vae_without_config, "is not a VAE: missing config.json"),
+    "a UNet": (_a_unet, "/config.json describes a UNet2DConditionModel, not an AutoencoderKL"),
+    "no weights": (_vae_without_weights, "has no .safetensors weights (diffusion_pytorch_model.safetensors)"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_VAE)
+def test_a_vae_folder_that_is_not_a_vae_is_named(case, tiny_model_dir, toy_cat_dir, tmp_path, run_in_process):
+    build, says = NOT_A_VAE[case]
+    folder = tmp_path / "vae"
+    build(tiny_model_dir, folder)
+    doc = job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)
+    doc["spec"]["baseModel"]["vae"] = folder.as_uri()
+    code, message = run_in_process(trainer_config(doc))
+    assert code is ExitCode.BAD_MODEL
+    assert message.startswith(f"spec.baseModel.vae: {folder.as_uri()}") and says in message, message
+    assert not (tmp_path / "o" / "checkpoints").exists(), "nothing may train"
+
+
+def test_an_empty_vae_prefix_is_named(inputs, run_in_process):
+    s3, bucket = inputs
+    config = doc(bucket)
+    config["spec"]["baseModel"]["vae"] = f"s3://{bucket}/vaes/none/"
+    code, message = run_in_process(trainer_config(config, endpoint=s3.endpoint), s3)
+    assert code is ExitCode.NOT_FOUND
+    assert f"no VAE files (spec.baseModel.vae) found under s3://{bucket}/vaes/none/" in message
+
+
+def _without(part):
+    def build(models, tmp_path):
+        broken = tmp_path / "model"
+        shutil.copytree(models["sdxl"], broken)
+        shutil.rmtree(broken / part)
+        return broken, {}
+    return build
+
+
+def _forced(family, folder):
+    return lambda models, tmp_path: (models[folder], {"baseModel": {"family": family}})
+
+
+def _sdxl_made_for_256(models, tmp_path):
+    from dreambooth.trainer.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path / "model", resolution=256), {"training": {"resolution": 64}}
+
+
+BAD_MODELS = {  # (model folder, job changes) -> exit code, what the message says
+    "an SDXL folder without text_encoder_2/": (
+        _without("text_encoder_2"), ExitCode.BAD_MODEL,
+        "is not a Stable Diffusion XL model we can train: missing text_encoder_2/config.json"),
+    "an SDXL folder without tokenizer_2/": (
+        _without("tokenizer_2"), ExitCode.BAD_MODEL, "missing tokenizer_2/tokenizer_config.json"),
+    "baseModel.family sdxl on an SD 1.x folder": (
+        _forced("sdxl", "sd"), ExitCode.BAD_MODEL,
+        ("baseModel.family is sdxl but {model} holds a Stable Diffusion 1.x/2.x model (StableDiffusionPipeline): "
+         "set baseModel.family: sd")),
+    "baseModel.family sd on an SDXL folder": (
+        _forced("sd", "sdxl"), ExitCode.BAD_MODEL,
+        ("baseModel.family is sd but {model} holds a Stable Diffusion XL model (StableDiffusionXLPipeline): "
+         "set baseModel.family: sdxl")),
+    "a resolution below the SDXL model's": (
+        _sdxl_made_for_256, ExitCode.INVALID_CONFIG,
+        ("training.resolution 64 is below what this Stable Diffusion XL model takes: it is made for 256 px "
+         "(unet/config.json sample_size 32 x VAE factor 8); train at 128 px or more")),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_a_model_the_job_cannot_train_is_named(case, tiny_model_dir, tiny_sdxl_dir, toy_cat_dir, tmp_path,
+                                               run_in_process):
+    build, exit_code, says = BAD_MODELS[case]
+    model, changes = build({"sd": tiny_model_dir, "sdxl": tiny_sdxl_dir}, tmp_path)
+    doc = job_document(model.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)
+    doc["spec"]["validation"] = {"enabled": False}
+    for section, values in changes.items():
+        doc["spec"][section].update(values)
+    code, message = run_in_process(trainer_config(doc))
+    assert code is exit_code
+    assert says.format(model=model.as_uri()) in message, message
+    assert not (tmp_path / "o" / "checkpoints").exists(), "nothing may train"

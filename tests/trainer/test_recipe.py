@@ -17,10 +17,12 @@ from dreambooth.trainer.errors import Preempted
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
+from tests.support.net import free_port
 from tests.support.trainer import (
     StopAfter,
     assert_kohya_lora_draws_like_diffusers,
     job_document,
+    tensor_dtypes,
     trainer_config,
     write_config,
 )
@@ -105,12 +107,7 @@ def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_
     assert torch.isfinite(torch.tensor(metrics.loss._value.get()))
     state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     # bitsandbytes keeps tensors of >= 4096 elements in 8 bits (small ones stay 32-bit)
-    def dtypes(node):
-        if torch.is_tensor(node):
-            return {node.dtype}
-        return set().union(*map(dtypes, node.values())) if isinstance(node, dict) else set()
-
-    dtypes = dtypes(state["state"])
+    dtypes = tensor_dtypes(state["state"])
     assert torch.uint8 in dtypes, f"no 8-bit optimizer state: {dtypes}"
 
 
@@ -174,27 +171,37 @@ def test_stopped_runs_resume_to_the_same_weights(tiny_model_dir, toy_cat_dir, tm
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"{option}: resumed run differs"
 
 
-EXPORTED = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+#: per family: the model fixture and the exported parts compared (file in each folder)
+TWO_PROCESS_FAMILIES = {
+    "sd": ("tiny_model_dir", {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}),
+    "sdxl": ("tiny_sdxl_dir", {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                               "text_encoder_2": "model.safetensors"}),
+}
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
+@pytest.mark.parametrize("family", TWO_PROCESS_FAMILIES)
+def test_two_processes_train_like_one(family, request, toy_cat_dir, tmp_path):
     """accelerate launch with 2 processes (gloo on the CPU) gives the weights one process
-    gives: data sharded, UNet and text-encoder gradients synchronised, also with gradient
-    accumulation; only rank 0 writes."""
-    training = {"batchSize": 4, "gradientAccumulationSteps": 2, "trainTextEncoder": True}
+    gives: data sharded, UNet and text-encoder gradients (SDXL: both encoders') synchronised,
+    also with gradient accumulation; only rank 0 writes."""
+    fixture, exported = TWO_PROCESS_FAMILIES[family]
+    model = request.getfixturevalue(fixture)
+    training = {"batchSize": 4, "gradientAccumulationSteps": 2, "trainTextEncoder": True, "method": "full"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
-        doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=2, training=training)
+        doc = local_job(model, toy_cat_dir, out, steps=4, every=2, training=training)
+        doc["spec"]["baseModel"]["family"] = family
+        doc["spec"]["output"]["formats"] = ["diffusers"]
         doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
         config_path = write_config(trainer_config(doc), tmp_path / f"c{processes}")
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if processes > 1:
-            launch += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", "29517"]
+            launch += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
         proc = subprocess.run(launch + ["-m", "dreambooth.trainer", "--config", str(config_path),
                                         "--workdir", str(tmp_path / f"w{processes}")],
                               check=False, env=env, capture_output=True, text=True, timeout=300)
@@ -209,15 +216,19 @@ def test_two_processes_train_like_one(tiny_model_dir, toy_cat_dir, tmp_path):
             # only rank 0 writes checkpoints (once per checkpoint; the last step is exported)
             uploads = re.findall(r"rank(\d) INFO \S+ checkpoint (\S+)", proc.stderr)
             assert uploads == [("0", (out / "checkpoints" / "checkpoint-2").as_uri() + "/")], uploads
-        results[processes] = {f"{part}.{k}": v for part, file in EXPORTED.items()
+        results[processes] = {f"{part}.{k}": v for part, file in exported.items()
                               for k, v in load_file(out / "model" / part / file).items()}
     one, two = results[1], results[2]
-    assert one.keys() == two.keys() and any(k.startswith("text_encoder.") for k in one)
-    base = {f"{part}.{k}": v for part in ("unet", "text_encoder")
-            for k, v in load_file(next((tiny_model_dir / part).glob("*.safetensors"))).items()}
+    assert one.keys() == two.keys() and all(any(k.startswith(f"{part}.") for k in one) for part in exported)
+    base = {f"{part}.{k}": v for part in exported
+            for k, v in load_file(next((model / part).glob("*.safetensors"))).items()}
     # Adam normalises updates, so float-rounding differences of the gradient all-reduce show
     # up as tiny differences in a few weights; a wrong data shard or unsynchronised gradients
     # would make the two runs differ by about as much as they moved.
     drift = sum((one[k] - two[k]).abs().sum().item() for k in one)
     moved = sum((one[k] - base[k]).abs().sum().item() for k in one)
     assert moved > 0 and drift / moved < 0.01, f"2 processes drifted from 1 process by {drift / moved:.2%}"
+    for part in exported:  # every part trained, each encoder's gradients synchronised too
+        part_drift = sum((one[k] - two[k]).abs().sum().item() for k in one if k.startswith(f"{part}."))
+        part_moved = sum((one[k] - base[k]).abs().sum().item() for k in one if k.startswith(f"{part}."))
+        assert part_moved > 0 and part_drift / part_moved < 0.01, (part, part_drift, part_moved)

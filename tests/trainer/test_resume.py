@@ -20,7 +20,6 @@ from dreambooth.api.history import parse
 from dreambooth.trainer.storage import open_storage
 from kubesim.net import free_port
 from tests.support.trainer import (
-    download,
     job_document,
     run_trainer,
     start_trainer,
@@ -63,6 +62,14 @@ def wait_for_step(proc: subprocess.Popen, port: int, at_least: int, timeout: flo
     raise AssertionError(f"the trainer never reached step {at_least}")
 
 
+#: the families a kill -9 resumes for: (model fixture, training options, the exported file compared)
+FAMILIES = {
+    "sd": ("tiny_model_dir", {}, "model/unet/diffusion_pytorch_model.safetensors"),
+    "sdxl": ("tiny_sdxl_dir", {"method": "lora", "lora": {"textEncoder": True}},
+             "lora/pytorch_lora_weights.safetensors"),  # SDXL's default, both encoders' adapters too
+}
+
+
 @pytest.fixture
 def bucket_with_inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
     settings, bucket = s3_bucket
@@ -71,22 +78,31 @@ def bucket_with_inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
     return settings, bucket
 
 
-def config_for(settings, bucket, output: str, port: int = 0):
-    doc = job_document(f"s3://{bucket}/models/tiny/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
-                       steps=STEPS, every=EVERY)
+def config_for(settings, bucket, output: str, port: int = 0, *, model: str = "models/tiny/",
+               training: dict | None = None):
+    doc = job_document(f"s3://{bucket}/{model}", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
+                       steps=STEPS, every=EVERY, training=training)
     return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
 
 
-def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(bucket_with_inputs, tmp_path):
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f != "sd" else [])
+                                    for f in FAMILIES])
+def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(family, bucket_with_inputs, request,
+                                                                      tmp_path):
     settings, bucket = bucket_with_inputs
+    fixture, training, artifact = FAMILIES[family]
+    model = f"models/{family}/"
+    upload(settings, f"s3://{bucket}/{model}", request.getfixturevalue(fixture))
     env = trainer_env(settings)
 
-    code, log, _ = run_trainer(write_config(config_for(settings, bucket, "straight"), tmp_path / "a"),
-                               tmp_path / "a" / "work", env)
+    def config(output, port=0):
+        return config_for(settings, bucket, output, port, model=model, training=training)
+
+    code, log, _ = run_trainer(write_config(config("straight"), tmp_path / "a"), tmp_path / "a" / "work", env)
     assert code == 0, log
 
     port = free_port()
-    config_path = write_config(config_for(settings, bucket, "killed", port), tmp_path / "b")
+    config_path = write_config(config("killed", port), tmp_path / "b")
     # past the second checkpoint: the first has landed then (one upload in flight at most)
     kill_at = random.Random().randint(2 * EVERY + 1, STEPS - EVERY)
     proc = start_trainer(config_path, tmp_path / "b" / "work", env)
@@ -118,10 +134,8 @@ def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(bucket_w
     assert [p.step for p in killed_history] == [p.step for p in straight_history] == list(range(1, STEPS + 1))
     assert [p.loss for p in killed_history] == [p.loss for p in straight_history]
 
-    straight = download(settings, f"s3://{bucket}/straight/model/unet/", tmp_path / "u1")
-    killed = download(settings, f"s3://{bucket}/killed/model/unet/", tmp_path / "u2")
-    a = load_file(straight / "diffusion_pytorch_model.safetensors")
-    b = load_file(killed / "diffusion_pytorch_model.safetensors")
+    a, b = (load_file(open_storage(f"s3://{bucket}/{run}/", settings).download(artifact, tmp_path / run / "w"))
+            for run in ("straight", "killed"))
     assert a.keys() == b.keys()
     different = [k for k in a if not (a[k] == b[k]).all()]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"

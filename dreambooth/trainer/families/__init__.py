@@ -20,7 +20,11 @@ from dreambooth.trainer.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 
-__all__ = ["FAMILIES", "Components", "Conditioning", "Family", "SampleSize", "detect", "load_components"]
+__all__ = ["FAMILIES", "Components", "Conditioning", "Family", "SampleSize", "detect", "load_components",
+           "load_vae"]
+
+#: the field that names another VAE, for messages
+VAE_FIELD = "spec.baseModel.vae"
 
 
 def detect(path: Path, source: str, forced: str | None = None) -> Family:
@@ -46,3 +50,39 @@ def load_components(path: Path, source: str, forced: str | None = None) -> Compo
     family = detect(path, source, forced)
     family.check_layout(path, source)
     return family.load(path, source)
+
+
+def load_vae(path: Path, source: str, components: Components):
+    """The VAE folder at ``path`` (``baseModel.vae``: an ``AutoencoderKL`` as
+    ``save_pretrained`` writes it, or a model folder with one in ``vae/``), in float32 and
+    checked against ``components``' denoiser; it replaces their VAE."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path, source = path / "vae", source.rstrip("/") + "/vae"
+    hint = ("expected a folder written by AutoencoderKL.save_pretrained (config.json with "
+            "_class_name AutoencoderKL, diffusion_pytorch_model.safetensors)")
+    config = path / "config.json"
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except FileNotFoundError:
+        raise ModelError(f"{VAE_FIELD}: {source} is not a VAE: missing config.json; {hint}") from None
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelError(f"{VAE_FIELD}: {source}/config.json is not readable JSON ({err}); {hint}") from None
+    if kind != "AutoencoderKL":
+        raise ModelError(f"{VAE_FIELD}: {source}/config.json describes a {kind or 'model without _class_name'}, "
+                         f"not an AutoencoderKL; {hint}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{VAE_FIELD}: {source} has no .safetensors weights (diffusion_pytorch_model.safetensors); "
+                         f"{hint}")
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelError(f"{VAE_FIELD}: {source} could not be loaded ({str(err).splitlines()[0]}); {hint}") from None
+    channels, wanted = vae.config.latent_channels, components.denoiser.config.in_channels
+    if channels != wanted:
+        raise ModelError(f"{VAE_FIELD}: {source} makes {channels}-channel latents but the base model's "
+                         f"{components.family.denoiser_name} takes {wanted}: use a VAE of the same family")
+    return vae

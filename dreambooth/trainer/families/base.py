@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from dreambooth.api.spec import TrainingSpec
-from dreambooth.trainer.errors import ModelError
+from dreambooth.trainer.errors import ConfigError, ModelError
 from dreambooth.trainer.families import noising
 from dreambooth.trainer.families.noising import Noised
 
@@ -95,6 +95,8 @@ class Family(ABC):
     #: the VAE encodes the photos in float32 whatever the mixed precision (SDXL's overflows
     #: in fp16)
     vae_in_fp32: ClassVar[bool] = False
+    #: the smallest training.resolution, as a share of the model's native size (None: any)
+    min_native_share: ClassVar[float | None] = None
     #: how many of the text encoders (the first ones) may train; the rest are always frozen
     #: (SD3's T5). None: all
     trainable_text_encoders: ClassVar[int | None] = None
@@ -103,7 +105,7 @@ class Family(ABC):
 
     def layout_hint(self) -> str:
         return (f"expected a diffusers {self.title} folder as written by "
-                f"{min(self.pipelines)}.save_pretrained ({', '.join(self.required_files)}) "
+                f"{self.pipeline_name}.save_pretrained ({', '.join(self.required_files)}) "
                 "with safetensors weights")
 
     def check_layout(self, path: Path, source: str) -> None:
@@ -118,14 +120,28 @@ class Family(ABC):
     def load(self, path: Path, source: str) -> Components:
         """The float32 parts of the checked folder at ``path``."""
 
+    def check_resolution(self, components: Components, resolution: int) -> None:
+        """Refuse a ``training.resolution`` (a multiple of the model's downsampling) below
+        what this model takes (:class:`ConfigError`)."""
+        if self.min_native_share is None:
+            return
+        multiple = components.resolution_multiple
+        sample_size, factor = components.denoiser.config.sample_size, vae_factor(components.vae)
+        native = sample_size * factor
+        floor = max(multiple, int(native * self.min_native_share) // multiple * multiple)
+        if resolution < floor:
+            raise ConfigError(
+                f"training.resolution {resolution} is below what this {self.title} model takes: it is made "
+                f"for {native} px ({self.denoiser_name}/config.json sample_size {sample_size} x VAE factor "
+                f"{factor}); train at {floor} px or more")
+
     def configure(self, components: Components, training: TrainingSpec, source: str) -> None:
         """Fit the loaded parts to the job's training settings (SD3: T5's sequence length, or
         no T5); refuses, naming ``source``, what the folder cannot do. Default: nothing."""
 
     def resolution_multiple(self, components: Components) -> int:
-        vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         unet_factor = 2 ** (len(components.denoiser.config.down_block_types) - 1)
-        return vae_factor * unet_factor
+        return vae_factor(components.vae) * unet_factor
 
     # --- conditioning ------------------------------------------------------------------
 
@@ -133,6 +149,11 @@ class Family(ABC):
     def encode(self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module],
                prompts: list[str], device) -> Conditioning:
         """The conditioning of ``prompts`` (gradients flow when the encoders train)."""
+
+    def unread_parameters(self, text_encoders: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        """Parameters of ``text_encoders`` that :meth:`encode` never reads (so they get no
+        gradient): they stay frozen when the encoders train, or DDP would wait for them."""
+        return []
 
     @abstractmethod
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
@@ -146,6 +167,11 @@ class Family(ABC):
         return noising.ddpm(scheduler, latents, noise, gens, training)
 
     # --- sampling and export -------------------------------------------------------------
+
+    @property
+    def pipeline_name(self) -> str:
+        """The diffusers pipeline class that samples, draws class images and exports."""
+        return min(self.pipelines)
 
     def sampling_options(self, training: TrainingSpec) -> dict[str, Any]:
         """Further arguments of the family's pipeline call for samples and class images."""
@@ -166,6 +192,11 @@ class Family(ABC):
     @abstractmethod
     def save_lora_kohya(self, pipeline, path: Path) -> None:
         """The pipeline's LoRA adapters in one kohya/WebUI-format file (A1111, ComfyUI)."""
+
+
+def vae_factor(vae) -> int:
+    """How much the VAE shrinks an image per side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def pipeline_class_of(path: Path) -> str | None:

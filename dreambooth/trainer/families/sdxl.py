@@ -32,6 +32,8 @@ class StableDiffusionXL(Family):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     vae_in_fp32 = True  # its VAE overflows in fp16 (diffusers upcasts it too)
+    #: SDXL 1.0 is made for 1024 px (its UNet's sample_size 128 x 8): 512 px or more
+    min_native_share = 0.5
 
     def load(self, path: Path, source: str) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -69,6 +71,12 @@ class StableDiffusionXL(Family):
             hidden.append(out.hidden_states[-2])  # the penultimate layer, as SDXL was trained
             pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def unread_parameters(self, text_encoders: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        # the first encoder is read at its penultimate layer and its pooled output is unused:
+        # its last layer and final layer norm never reach the loss
+        first = getattr(text_encoders[0], "text_model", text_encoders[0])  # transformers 5 flattened it
+        return [*first.encoder.layers[-1].parameters(), *first.final_layer_norm.parameters()]
 
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, sizes: Sequence[SampleSize]) -> torch.Tensor:
         added = {"text_embeds": cond.pooled, "time_ids": time_ids(sizes, noisy.device, cond.embeds.dtype)}
