@@ -17,7 +17,7 @@ from dreambooth.trainer.errors import Preempted
 from dreambooth.trainer.metrics import TrainerMetrics
 from dreambooth.trainer.run import run
 from dreambooth.trainer.sampling import LABEL_HEIGHT
-from tests.support.net import free_port
+from kubesim.net import free_port
 from tests.support.trainer import (
     StopAfter,
     assert_kohya_lora_draws_like_diffusers,
