@@ -245,14 +245,18 @@ class Kill:
     lost: int | None = None
 
 
-def during(w: World, output: str, *, keep: int, step: int, steps: int) -> str:
-    if step >= steps:  # past the last step: the export (no checkpoint of the last step)
-        return "export"
+def during(w: World, output: str, *, keep: int, every: int, step: int, steps: int) -> str:
     store = w.storage(f"{output}/")
     groups = {o.key.split("/")[1] for o in store.list(layout.CHECKPOINTS)}
     complete = checkpoints.complete(store)
-    if len(groups) > len(complete):
+    begun = min(step, steps - 1) // every * every  # the newest checkpoint written to disk
+    newest = complete[-1].step if complete else 0
+    # its upload had not finished (maybe no object yet), or debris of one: past the last
+    # step too, the export waits for it
+    if begun > newest or len(groups) > len(complete):
         return "upload"
+    if step >= steps:  # past the last step: the export (no checkpoint of the last step)
+        return "export"
     if len(complete) > keep:
         return "pruning"
     return "steps"
@@ -312,7 +316,7 @@ def kill_loop(args: argparse.Namespace, rng: random.Random, w: World, trainer: T
         corrupt += trainer.log.count("is corrupt")
         if reached > at_step and time.monotonic() > began:
             step_s = max(0.01, (time.monotonic() - began) / max(1, reached - at_step))
-        done.append(Kill(aimed, during(w, "killed", keep=args.keep, step=reached, steps=args.steps), reached,
+        done.append(Kill(aimed, during(w, "killed", keep=args.keep, every=args.every, step=reached, steps=args.steps), reached,
                          newest[-1].step if newest else 0))
         print(f"kill {len(done):3d}: aimed at {aimed:10s} step {reached:4d}, during {done[-1].during:7s}, "
               f"newest complete checkpoint {done[-1].newest_complete}", flush=True)
