@@ -11,7 +11,7 @@ from typing import Literal
 from dreambooth.api.status import BENIGN_PENDING, ConditionType, DreamBoothJobStatus, Phase, Reason
 from dreambooth.operator.pods import terminations
 from dreambooth.operator.restarts import cause
-from dreambooth.operator.status import Observation, condition_of
+from dreambooth.operator.verdict import Observation, condition_of
 
 
 @dataclass(frozen=True)

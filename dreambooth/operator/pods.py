@@ -1,6 +1,6 @@
 """What a batch/v1 Job and its pods say, read from their API dicts (camelCase, as the API
 server sends them): how pods ended (the trainer's termination summary), and why a pod that
-does not run yet waits. Pure functions, used by the phase machine in status.py."""
+does not run yet waits. Pure functions, used by the phase machine (verdict.py)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import metrics_url, parse_time, rank0_pod, scrape
 from dreambooth.operator.restarts import Step, next_step, running_or_stopping
 from dreambooth.operator.settings import OperatorSettings
-from dreambooth.operator.status import Observation, compute_status, invalid_spec_status
+from dreambooth.operator.status import compute_status, invalid_spec_status
 from dreambooth.operator.typedjobs import (
     InvalidJob,
     TypedJob,
@@ -46,6 +46,7 @@ from dreambooth.operator.typedjobs import (
     previous_status,
     trainer_inputs,
 )
+from dreambooth.operator.verdict import Observation
 
 log = logging.getLogger("dreambooth.operator")
 

@@ -16,7 +16,7 @@ rule has it. Each Job carries the restarts counted before it was created
 (:data:`RESTARTS_ANNOTATION`), so counting is idempotent across polls and operator
 restarts: after a counted failure, ``restarts = max(previous, before + 1)``.
 
-:func:`attempt_end` tells the phase machine (status.py) what a failed Job of a multi-node
+:func:`attempt_end` tells the phase machine (verdict.py) what a failed Job of a multi-node
 job means; :func:`next_step` tells the handler what to do with the API.
 """
 

@@ -12,7 +12,7 @@ the typed job carries them (the trainer Job's Kueue labels come from them): an e
 built from other labels than the body's is built again.
 
 The rest are the pure steps between the typed job and the API calls: the previous status
-of a body, the :class:`~dreambooth.operator.status.Observation` a status is computed from,
+of a body, the :class:`~dreambooth.operator.verdict.Observation` a status is computed from,
 and what a trainer Job created now is built from.
 """
 
@@ -32,7 +32,7 @@ from dreambooth.operator import resources
 from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import TrainerSnapshot, parse_time
 from dreambooth.operator.settings import OperatorSettings
-from dreambooth.operator.status import Observation
+from dreambooth.operator.verdict import Observation
 
 
 @dataclass(frozen=True)
