@@ -57,14 +57,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dreambooth.api import Defaults, build_trainer_config, layout, validate_job  # noqa: E402
-from dreambooth.trainer import checkpoints  # noqa: E402
-from dreambooth.trainer.storage import S3Settings, open_storage  # noqa: E402
-from kubesim.faultproxy import FaultProxy  # noqa: E402
-from kubesim.s3server import S3Server  # noqa: E402
+from dreambooth.api import Defaults, build_trainer_config, layout, validate_job
+from dreambooth.trainer import checkpoints
+from dreambooth.trainer.storage import S3Settings, open_storage
+from kubesim.faultproxy import FaultProxy
+from kubesim.s3server import S3Server
 
 RESOLUTION = 64
-STEP_METRIC = re.compile(r"^dreambooth_trainer_step (\S+)$", re.M)
+STEP_METRIC = re.compile(r"^dreambooth_trainer_step (\S+)$", re.MULTILINE)
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)|no checkpoint in \S+: starting at step (0)")
 EXIT_RETRYABLE = 20
 OUTAGES = ("in the middle of the run", "during a multipart upload")
@@ -147,7 +147,7 @@ class Trainer:
     @staticmethod
     def _read(proc: subprocess.Popen, lines: list[str]) -> None:
         for line in proc.stdout:
-            lines.append(line)
+            lines.append(line)  # noqa: PERF402 (line by line: the log is read while it runs)
 
     @property
     def log(self) -> str:
@@ -468,7 +468,7 @@ def list_open_uploads(w: World) -> list[str]:
     """Multipart uploads begun and neither completed nor aborted (what a lifecycle rule's
     AbortIncompleteMultipartUpload would clean)."""
     client = w.server.client()
-    found = client._list_multipart_uploads(w.bucket)  # noqa: SLF001  (minio-py keeps it private)
+    found = client._list_multipart_uploads(w.bucket)
     return [u.object_name for u in found.uploads]
 
 

@@ -107,8 +107,8 @@ def _meaning_rules() -> list[dict[str, str]]:
     them (the preset and family are in the spec, so the API server can apply them)."""
     never = lambda field: f"(!has(self.{field}) || {{}})".format
     rules = [
-        (f"!{PRIOR} || has(self.prior.classPrompt) || "
-         f"{_preset_gives('prior', 'classPrompt', lambda v: v is not None)}",
+        ((f"!{PRIOR} || has(self.prior.classPrompt) || "
+         f"{_preset_gives('prior', 'classPrompt', lambda v: v is not None)}"),
          "prior.classPrompt is required when prior preservation is enabled"),
         *((f"!has(self.prior.{f}) || {PRIOR}", f"prior.{f} is " + _SETTINGS_NEED.format("prior"))
           for f in ("classPrompt", "numImages")),
@@ -134,16 +134,16 @@ def _meaning_rules() -> list[dict[str, str]]:
         (f"!has({_FORMATS}) || {_FORMATS}.all(f, {_FORMATS}.exists_one(g, g == f))",
          "output.formats lists a format twice"),
         (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f in [{_LORA_FORMATS}])",
-         "output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
-         "safetensors need training.method: full"),
+         ("output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
+         "safetensors need training.method: full")),
         *_family_rules(),
-        ("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
-         ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')",
+        (("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
+         ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')"),
          "training.textualInversion.placeholderToken must appear as a word in instance.prompt"),
         ("!has(self.prior.classPrompt) || self.prior.classPrompt != self.instance.prompt",
          "prior.classPrompt must differ from instance.prompt (the class without the identifier)"),
-        *((f"!has(self.{field}) || !string(self.{field} + '/').startsWith("
-           "self.instance.uri.endsWith('/') ? self.instance.uri : self.instance.uri + '/')",
+        *(((f"!has(self.{field}) || !string(self.{field} + '/').startsWith("
+           "self.instance.uri.endsWith('/') ? self.instance.uri : self.instance.uri + '/')"),
            f"{field} must not be inside instance.uri (it would be read as photos of the subject)")
           for field in ("output.uri", "prior.uri")),
         ("!has(self.baseModel.revision) || self.baseModel.uri.startsWith('hf://')",

@@ -107,7 +107,7 @@ def words(pattern: str) -> str | None:
 
 def qualified_name_problem(key: str) -> str | None:
     """Why ``key`` is no label key / nodeSelector key (``IsQualifiedName``); None: it is one."""
-    prefix, slash, name = key.rpartition("/")
+    prefix, slash, _name = key.rpartition("/")
     if (len(prefix) > DNS_SUBDOMAIN_MAX or not _QUALIFIED_RE.fullmatch(key)
             or (slash and not prefix)):
         return "is not a label key: " + WORDS[anchored(QUALIFIED_NAME)].removeprefix("use a label key: ")

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import chaos  # noqa: E402
+import chaos
 
 pytestmark = pytest.mark.slow
 

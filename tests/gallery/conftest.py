@@ -12,9 +12,9 @@ import pytest
 
 from dreambooth.api import layout
 from dreambooth.api.history import parse
+from kubesim.gallery import GalleryServer, env_without_aws
 from kubesim.kube import Kube, running_kube
 from kubesim.s3server import S3Server
-from kubesim.gallery import GalleryServer, env_without_aws
 from tests.support.kube import DREAMBOOTH_JOBS
 from tests.support.trainer import (
     job_document,

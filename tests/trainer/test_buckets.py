@@ -13,7 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.api.exitcodes import ExitCode
-from dreambooth.trainer.buckets import Draw, Framing, bucket_sizes, cover, mirrored_left, nearest_bucket
+from dreambooth.trainer.buckets import (
+    Draw,
+    Framing,
+    bucket_sizes,
+    cover,
+    mirrored_left,
+    nearest_bucket,
+)
 from dreambooth.trainer.data import load_examples, sample_positions
 from dreambooth.trainer.errors import ConfigError, DataError, Preempted
 from dreambooth.trainer.families import FAMILIES

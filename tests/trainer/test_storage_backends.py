@@ -107,10 +107,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return client.stat_object(bucket, f"jobs/run-1/{key}").etag or ""
 
     def leave_s3(key: str) -> None:
-        client._create_multipart_upload(bucket, f"jobs/run-1/{key}", {})  # noqa: SLF001
+        client._create_multipart_upload(bucket, f"jobs/run-1/{key}", {})
 
     def unfinished_s3() -> list[str]:
-        found = client._list_multipart_uploads(bucket, prefix="jobs/run-1/")  # noqa: SLF001
+        found = client._list_multipart_uploads(bucket, prefix="jobs/run-1/")
         return sorted(u.object_name.removeprefix("jobs/run-1/") for u in found.uploads)
 
     return Backend("s3", storage, corrupt_s3, etag, leave_s3, unfinished_s3)
