@@ -32,6 +32,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny SD3-shaped model with random weights (three text encoders, T5 included; built once)."""
+    from dreambooth.trainer.tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
 def toy_cat_dir(tmp_path_factory) -> Path:
     """Four synthetic instance photos of one toy cat."""
     from dreambooth.demo import draw_toy_cats

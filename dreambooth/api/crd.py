@@ -16,7 +16,16 @@ from typing import Any
 
 import yaml
 
-from dreambooth.api.families import FACTS
+from dreambooth.api.cel import (
+    FORMATS,
+    LORA,
+    LORA_FORMATS_CEL,
+    PRIOR,
+    TEXT_ENCODER,
+    cel_string,
+    family_rules,
+    preset_gives,
+)
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from dreambooth.api.pod import (
     CREDENTIAL_PATTERN,
@@ -26,7 +35,6 @@ from dreambooth.api.pod import (
     RESERVED_ENV,
     reserved_label,
 )
-from dreambooth.api.presets import ModelFamily, Preset, preset_value
 from dreambooth.api.redact import SECRET_PATTERN
 from dreambooth.api.spec import LORA_FORMATS, DreamBoothJobSpec, RunPolicySpec
 from dreambooth.api.status import DreamBoothJobStatus
@@ -51,54 +59,6 @@ def _immutable(field: str, optional: bool = False) -> dict[str, str]:
     }
 
 
-def _cel_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _preset_gives(section: str, field: str, test=bool) -> str:
-    """CEL: the job's preset, for the job's family, gives ``section.field`` a value that
-    passes ``test`` (an unnamed family, ``auto``, gets SD 1.x/2.x defaults, as in
-    dreambooth.api.resolve.family_of)."""
-
-    def among(family: ModelFamily) -> str:
-        presets = [p.value for p in Preset if test(preset_value(p, section, field, family))]
-        if len(presets) == len(Preset):
-            return "true"
-        return f"self.preset in [{', '.join(map(_cel_string, presets))}]" if presets else "false"
-
-    default = among(ModelFamily.SD)
-    own = {f: among(f) for f in ModelFamily if f not in (ModelFamily.AUTO, ModelFamily.SD)}
-    own = {f: test_ for f, test_ in own.items() if test_ != default}
-    if not own:
-        return default
-    others = ", ".join(_cel_string(f.value) for f in own)
-    cases = [(f"!(self.baseModel.family in [{others}])", default),
-             *((f"self.baseModel.family == {_cel_string(f.value)}", test_) for f, test_ in own.items())]
-    terms = [family + ("" if test_ == "true" else f" && {test_}") for family, test_ in cases if test_ != "false"]
-    return "(" + " || ".join(f"({t})" for t in terms) + ")" if terms else "false"
-
-
-def _effective(path: str, section: str, field: str, value: str = "true") -> str:
-    """CEL: the effective ``path`` (a spec field read with the preset's default) equals
-    ``value``."""
-    wire = f"self.{path}"
-    return (f"(has({wire}) ? {wire}{'' if value == 'true' else ' == ' + value} : "
-            f"{_preset_gives(section, field, lambda v: _cel_value(v) == value)})")
-
-
-def _cel_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return _cel_string(value) if isinstance(value, str) else repr(value)
-
-
-#: CEL: the run trains LoRA adapters / with prior preservation / the text encoder
-LORA = _effective("training.method", "training", "method", "'lora'")
-PRIOR = _effective("prior.enabled", "prior", "enabled")
-TEXT_ENCODER = (f"(has(self.training.trainTextEncoder) ? self.training.trainTextEncoder : "
-                f"(!{LORA} && {_preset_gives('training', 'trainTextEncoder')}))")
-_FORMATS = "self.output.formats"
-_LORA_FORMATS = ", ".join(_cel_string(f.value) for f in sorted(LORA_FORMATS))
 _SETTINGS_NEED = "only used when {0}.enabled is true: remove it, or set {0}.enabled: true"
 
 
@@ -108,7 +68,7 @@ def _meaning_rules() -> list[dict[str, str]]:
     never = lambda field: f"(!has(self.{field}) || {{}})".format
     rules = [
         ((f"!{PRIOR} || has(self.prior.classPrompt) || "
-         f"{_preset_gives('prior', 'classPrompt', lambda v: v is not None)}"),
+         f"{preset_gives('prior', 'classPrompt', lambda v: v is not None)}"),
          "prior.classPrompt is required when prior preservation is enabled"),
         *((f"!has(self.prior.{f}) || {PRIOR}", f"prior.{f} is " + _SETTINGS_NEED.format("prior"))
           for f in ("classPrompt", "numImages")),
@@ -131,12 +91,12 @@ def _meaning_rules() -> list[dict[str, str]]:
          "training.ema is only supported with training.method: full"),
         (f"!has(self.training.textualInversion) || !{LORA}",
          "training.textualInversion (textual inversion + DreamBooth) needs training.method: full"),
-        (f"!has({_FORMATS}) || {_FORMATS}.all(f, {_FORMATS}.exists_one(g, g == f))",
+        (f"!has({FORMATS}) || {FORMATS}.all(f, {FORMATS}.exists_one(g, g == f))",
          "output.formats lists a format twice"),
-        (f"!has({_FORMATS}) || !{LORA} || {_FORMATS}.all(f, f in [{_LORA_FORMATS}])",
+        (f"!has({FORMATS}) || !{LORA} || {FORMATS}.all(f, f in [{LORA_FORMATS_CEL}])",
          ("output.formats: a LoRA run exports lora and/or lora-kohya; diffusers and "
          "safetensors need training.method: full")),
-        *_family_rules(),
+        *family_rules(),
         (("!has(self.training.textualInversion) || string(' ' + self.instance.prompt + ' ')"
          ".contains(' ' + self.training.textualInversion.placeholderToken + ' ')"),
          "training.textualInversion.placeholderToken must appear as a word in instance.prompt"),
@@ -154,23 +114,8 @@ def _meaning_rules() -> list[dict[str, str]]:
     return [{"rule": r, "message": m} for r, m in rules]
 
 
-def _family_rules():
-    """What a named family cannot take (dreambooth.api.rules.family_violations), as CEL."""
-    for family, facts in FACTS.items():
-        if family is ModelFamily.SD:
-            continue
-        named = f"self.baseModel.family != {_cel_string(family.value)}"
-        formats = ", ".join(_cel_string(f.value) for f in sorted(facts.formats))
-        allowed = ", ".join(sorted(f.value for f in facts.formats))
-        yield (f"{named} || !has({_FORMATS}) || {_FORMATS}.all(f, f in [{formats}])",
-               f"output.formats: {facts.title} models can be written as {allowed} only")
-        if not facts.textual_inversion:
-            yield (f"{named} || !has(self.training.textualInversion)",
-                   f"training.textualInversion is not supported for {facts.title} models")
-
-
 def _no_secret(field: str) -> str:
-    return f"!{field}.matches({_cel_string(SECRET_PATTERN)})"
+    return f"!{field}.matches({cel_string(SECRET_PATTERN)})"
 
 
 _SECRET_MESSAGE = ("looks like it holds a credential: prompts are stored in the job, the "
@@ -203,7 +148,7 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
             },
             {
                 "rule": "!has(self.output.formats) || !self.output.formats.exists(f, "
-                f"{' || '.join(f'f == {_cel_string(v)}' for v in sorted(LORA_FORMATS))}) || {lora_method}",
+                f"{' || '.join(f'f == {cel_string(v)}' for v in sorted(LORA_FORMATS))}) || {lora_method}",
                 "message": "output.formats: lora and lora-kohya need training.method: lora (a full "
                 "fine-tune has no adapters to export)",
             },
@@ -287,10 +232,10 @@ def _resources_rules() -> list[dict[str, str]]:
     """dreambooth.api.rules' MIG and extraResources rules that need no string scanning of
     map keys (whose length a schema cannot bound, so the API server's CEL cost estimate would
     be huge); the operator checks the rest."""
-    own = " || ".join(f"{_cel_string(n)} in self.extraResources" for n in OWN_FIELDS)
+    own = " || ".join(f"{cel_string(n)} in self.extraResources" for n in OWN_FIELDS)
     return [
         {
-            "rule": f"!self.gpu.resourceName.startsWith({_cel_string(MIG_PREFIX)}) || "
+            "rule": f"!self.gpu.resourceName.startsWith({cel_string(MIG_PREFIX)}) || "
             "self.gpusPerNode <= 1",
             "message": "resources.gpusPerNode must be 1 with a MIG resource (nvidia.com/mig-*): "
             "a MIG slice is one CUDA device and NCCL does not run between slices of one pod; "
@@ -326,16 +271,16 @@ def _env_rules() -> list[dict[str, str]]:
     """dreambooth.api.pod's reserved names, one rule per group, for each resources.env item."""
     rules = []
     for reserved in RESERVED_ENV:
-        tests = [f"self.name.startsWith({_cel_string(p)})" for p in reserved.prefixes]
+        tests = [f"self.name.startsWith({cel_string(p)})" for p in reserved.prefixes]
         if reserved.names:
-            tests.insert(0, f"self.name in [{', '.join(map(_cel_string, reserved.names))}]")
+            tests.insert(0, f"self.name in [{', '.join(map(cel_string, reserved.names))}]")
         rules.append({
             "rule": f"!({' || '.join(tests)})",
             "message": f"resources.env: {reserved_label(reserved)} are reserved ({reserved.why}): "
             f"{reserved.action}",
         })
     rules.append({
-        "rule": f"!self.name.matches({_cel_string(CREDENTIAL_PATTERN)})",
+        "rule": f"!self.name.matches({cel_string(CREDENTIAL_PATTERN)})",
         "message": f"resources.env: a name that {CREDENTIAL_WHY}",
     })
     return rules

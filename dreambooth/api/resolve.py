@@ -20,6 +20,7 @@ from dreambooth.api.spec import (
     LoraSpec,
     Method,
     OutputFormat,
+    T5Mode,
 )
 
 #: checkpointing.everySteps when nothing else is said (capped at training.steps)
@@ -75,6 +76,9 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
                                          "num_images": spec.prior.num_images})
 
     t_updates: dict[str, Any] = {}
+    if training.t5 is T5Mode.DROP and spec.training.max_sequence_length is None:
+        # no T5, no prompt length for it to read (dreambooth.api.rules refuses one given)
+        t_updates["max_sequence_length"] = None
     if training.text_encoder_learning_rate is None and training.train_text_encoder:
         t_updates["text_encoder_learning_rate"] = training.learning_rate
     if training.method is Method.LORA:

@@ -411,7 +411,7 @@ def family_violations(eff: DreamBoothJobSpec, family: ModelFamily) -> Iterator[V
 def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
     t, title = eff.training, facts.title
     scheduler = eff.validation.scheduler
-    if eff.validation.enabled and scheduler is not None and scheduler not in facts.samplers:
+    if scheduler is not None and scheduler not in facts.samplers:  # validates and exports with it
         allowed = ", ".join(sorted(s.value for s in facts.samplers))
         yield Violation("validation.scheduler", f"{scheduler.value} does not sample {title} models: use {allowed}")
     if not facts.t5:

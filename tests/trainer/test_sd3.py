@@ -24,13 +24,6 @@ from tests.support.trainer import denoising_loss, job_document, trainer_config
 PROMPT = "a photo of zwx toy cat"
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    from dreambooth.trainer.tiny_sd3 import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
-
-
 def sd3_job(model, photos, out, *, steps, training, formats, every=None, **spec):
     """A job on SD3 (paths or URIs), validation off unless given."""
     model, photos, out = (x if isinstance(x, str) else x.as_uri() for x in (model, photos, out))
