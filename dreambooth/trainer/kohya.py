@@ -1,5 +1,6 @@
 """LoRA adapters in the kohya/WebUI format: one ``.safetensors`` that AUTOMATIC1111, Forge,
-ComfyUI and diffusers' ``load_lora_weights`` read (kohya-ss/sd-scripts writes it).
+ComfyUI and diffusers' ``load_lora_weights`` read (kohya-ss/sd-scripts writes it); for SD3,
+the same layout with the names ComfyUI reads (``lora_transformer_*``, see the sd3 family).
 
 Each adapted module is one name: a prefix for its part (``lora_unet``; ``lora_te`` for SD
 1.x/2.x's text encoder, ``lora_te1``/``lora_te2`` for SDXL's) and the module's path in the
@@ -31,7 +32,7 @@ from dreambooth.trainer.errors import ModelError
 from dreambooth.trainer.single_file import Rules, rename, write
 
 #: the base model a LoRA is for, as kohya's ``ss_base_model_version`` names it
-SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
+SD_V1, SD_V2, SDXL, SD3 = "sd_v1", "sd_v2", "sdxl_base_v1-0", "sd3"
 
 
 class KohyaExportError(ModelError, ValueError):

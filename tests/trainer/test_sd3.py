@@ -119,11 +119,11 @@ def test_sd3_lora_learns_and_loads_in_diffusers(t5, tiny_sd3_dir, toy_cat_dir, t
     from diffusers import StableDiffusion3Pipeline
 
     out = tmp_path / "out"
-    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=60, formats=["lora"],
+    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=60, formats=["lora", "lora-kohya"],
                   training={"method": "lora", "learningRate": 1e-2, "t5": t5,
-                            "lora": {"rank": 8, "textEncoder": t5 == "keep"}})
+                            "lora": {"rank": 8, "alpha": 4, "textEncoder": t5 == "keep"}})
     outcome = run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
-    assert outcome.step == 60 and set(outcome.outputs) == {"lora"}
+    assert outcome.step == 60 and set(outcome.outputs) == {"lora", "lora-kohya"}
     keys = load_file(out / "lora" / "pytorch_lora_weights.safetensors").keys()
     assert any(k.startswith("transformer.") and ".attn.add_q_proj." in k for k in keys)  # both streams
     assert any(k.startswith("transformer.") and ".attn.to_q." in k for k in keys)
@@ -138,13 +138,46 @@ def test_sd3_lora_learns_and_loads_in_diffusers(t5, tiny_sd3_dir, toy_cat_dir, t
     assert image.size == (64, 64)
     pipe.fuse_lora()  # the base model with the adapters merged in: has it learned the photos?
     pipe.unload_lora_weights()
+    comfy = load_file(next((out / "lora").glob("*_kohya.safetensors")))
+    assert_comfyui_applies_the_same_update(comfy, tiny_sd3_dir, pipe, text_encoders=t5 == "keep")
     pipe.save_pretrained(tmp_path / "fused")
     settings = {"t5": t5}
     before = denoising_loss(tiny_sd3_dir, toy_cat_dir, PROMPT, training=settings)
     after = denoising_loss(tmp_path / "fused", toy_cat_dir, PROMPT, training=settings)
-    # adapters on the attention projections only: a smaller fall than a full fine-tune's
-    # (~0.85x here after 60 steps, T5 kept or dropped), but a clear one
-    assert after < 0.92 * before, (before, after)
+    # ~0.79x here after 60 steps, T5 kept or dropped: adapters on the attention projections
+    # get close to a full fine-tune's ~0.75x, the floor of this tiny transformer (see below).
+    # (It was ~0.85x while the diffusers file lost the image stream's adapters on loading:
+    # UNet-style key names, which SD3's loader drops with a warning)
+    assert after < 0.85 * before, (before, after)
+
+
+def assert_comfyui_applies_the_same_update(comfy, base_dir, fused, *, text_encoders: bool) -> None:
+    """The ComfyUI file holds the update diffusers' LoRA applied (``fused``: the pipeline with
+    it merged in), as comfy/lora.py reads it: each module under ComfyUI's SD3 names
+    (``lora_transformer_`` + the diffusers path, ``lora_te1_``/``lora_te2_`` + CLIP-L/G's
+    ``text_model`` path, dots as underscores), ``W + up @ down * alpha / rank``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    base = StableDiffusion3Pipeline.from_pretrained(base_dir, text_encoder_3=None, tokenizer_3=None)
+    parts = {"lora_transformer": ("transformer", ""), "lora_te1": ("text_encoder", "text_model."),
+             "lora_te2": ("text_encoder_2", "text_model.")}
+    names = {}  # ComfyUI's key -> (part, the module's state-dict key)
+    for prefix, (part, below) in parts.items():
+        for key in getattr(base, part).state_dict():
+            if key.endswith(".weight"):
+                path = below + key.removesuffix(".weight").removeprefix(below)
+                names[f"{prefix}_{path.replace('.', '_')}"] = (part, key)
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    assert modules and all(m in names for m in modules), sorted(m for m in modules if m not in names)[:3]
+    assert {m.split("_")[1] for m in modules} == ({"transformer", "te1", "te2"} if text_encoders else {"transformer"})
+    assert any("_attn_add_q_proj" in m for m in modules)  # both attention streams
+    for module in modules:
+        down, up = comfy[f"{module}.lora_down.weight"], comfy[f"{module}.lora_up.weight"]
+        assert float(comfy[f"{module}.alpha"]) == 4.0 and down.shape[0] == 8
+        part, key = names[module]
+        update = up @ down * (comfy[f"{module}.alpha"] / down.shape[0])
+        merged = getattr(fused, part).state_dict()[key] - getattr(base, part).state_dict()[key]
+        assert torch.allclose(update, merged, atol=1e-5), module
 
 
 def test_sd3_full_fine_tune_learns_and_exports_a_loadable_folder(tiny_sd3_dir, toy_cat_dir, tmp_path):

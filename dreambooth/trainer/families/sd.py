@@ -83,18 +83,20 @@ class StableDiffusion(Family):
                               base_model=kohya.SD_V2 if sd2 else kohya.SD_V1)
 
 
-def lora_parts(**modules) -> dict[str, Any]:
+def lora_parts(*, peft_names: bool = False, **modules) -> dict[str, Any]:
     """``save_lora_weights``' arguments for the named parts' peft adapters: each part's
-    ``<name>_lora_layers`` in diffusers' naming and its ``<name>_lora_adapter_metadata`` (the
-    LoRA config: without it a reader assumes alpha = rank, and an alpha set otherwise is lost)."""
+    ``<name>_lora_layers`` in diffusers' naming (``peft_names``: in peft's ``lora_A``/``lora_B``
+    naming, which is what the transformer pipelines' loaders read: SD3's drops the UNet-style
+    ``to_q.lora.down`` keys) and its ``<name>_lora_adapter_metadata`` (the LoRA config: without
+    it a reader assumes alpha = rank, and an alpha set otherwise is lost)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    named = (lambda state: state) if peft_names else convert_state_dict_to_diffusers
     out: dict[str, Any] = {}
     for name, module in modules.items():
         config = getattr(module, "peft_config", None)
-        out[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) \
-            if config else None
+        out[f"{name}_lora_layers"] = named(get_peft_model_state_dict(module)) if config else None
         if config:
             out[f"{name}_lora_adapter_metadata"] = next(iter(config.values())).to_dict()
     return out

@@ -165,11 +165,20 @@ class StableDiffusion3(Family):
         raise NotImplementedError("the SD3 single-file layout")  # refused by the API before a run
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, **lora_parts(transformer=pipeline.transformer,
+        type(pipeline).save_lora_weights(folder, **lora_parts(peft_names=True, transformer=pipeline.transformer,
                                                               text_encoder=pipeline.text_encoder,
                                                               text_encoder_2=pipeline.text_encoder_2),
                                          safe_serialization=True)
         return folder / "pytorch_lora_weights.safetensors"
 
     def save_lora_kohya(self, pipeline, path: Path) -> None:
-        raise NotImplementedError("a kohya/ComfyUI LoRA of SD3")  # refused by the API before a run
+        from dreambooth.trainer import kohya
+
+        # ComfyUI (comfy/lora.py) names SD3's transformer modules lora_transformer_<diffusers
+        # path> (OneTrainer's naming) and its CLIP-L/CLIP-G modules lora_te1_/lora_te2_ as for
+        # SDXL; T5 never trains, so it has no adapters
+        kohya.save_kohya_lora(pipeline, path, [
+            kohya.Part("lora_transformer", pipeline.transformer),
+            kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
+            kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
+        ], base_model=kohya.SD3)
