@@ -34,6 +34,7 @@ class Example:
     pipeline: str  # the diffusers pipeline its LoRA loads into
     logs: tuple[str, ...] = ()  # what the trainer says about this example's model
     load: dict[str, Any] = field(default_factory=dict)  # from_pretrained's arguments for the example's settings
+    exports: tuple[str, ...] = ()  # what else the example asks to be written
 
 
 EXAMPLES = {
@@ -43,7 +44,8 @@ EXAMPLES = {
                     logs=("the VAE is s3://models/sdxl-vae-fp16-fix/'s (spec.baseModel.vae)",)),
     # t5: drop, as the example says for GPUs under 40 GB: the pipeline is loaded without T5
     "sd3": Example("sd3", "sd35-lora-object", "tiny_sd3_dir", {"uri": "s3://models/sd35-medium/", "family": "sd3"},
-                   "StableDiffusion3Pipeline", load={"text_encoder_3": None, "tokenizer_3": None}),
+                   "StableDiffusion3Pipeline", load={"text_encoder_3": None, "tokenizer_3": None},
+                   exports=("lora/toy-cat-sd35_kohya.safetensors",)),  # ComfyUI's file
 }
 
 
@@ -75,7 +77,7 @@ def test_the_example_succeeds_as_a_job_of_its_family(run):
         assert line in logs
     keys = cluster.keys(name)
     assert {"lora/pytorch_lora_weights.safetensors", "result.json", "samples/progression.png",
-            f"samples/step-{STEPS}.png"} <= keys, sorted(keys)
+            f"samples/step-{STEPS}.png", *example.exports} <= keys, sorted(keys)
     assert "model/model_index.json" not in keys  # a LoRA job exports the adapter only
     assert status["outputs"]["lora"] == cluster.output(name).uri("lora/"), status["outputs"]
 
