@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py [--steps 30]
 
 For each config (tiny SD-shaped model, resolution 64 and 128, batch 1; then the recipe's
-options, and the tiny SDXL-shaped model full and LoRA, at 128) it runs, in a fresh process
+options, and the tiny SDXL- and SD3-shaped models full and LoRA, at 128) it runs, in a fresh process
 each: the bare UNet forward + backward + AdamW step on fixed inputs, and the
 trainer's own ``Loop.run_step`` (data sampling, latent sampling, text embeddings, noise,
 loss, clipping, LR schedule, loss reduction). It prints steps/s, images/s, the loop's
@@ -49,6 +49,17 @@ SDXL_VARIANTS: dict[str, dict] = {
                                               "lora": {"textEncoder": True}},
 }
 
+#: the tiny SD3-shaped model (MMDiT transformer, flow matching, CLIP-L/G + T5), same
+#: resolution and batch: LoRA as its presets train it, T5 kept and dropped, and a full
+#: fine-tune of the transformer
+SD3_VARIANTS: dict[str, dict] = {
+    "SD3 LoRA rank 4 (T5 kept)": {"_family": "sd3", "method": "lora", "learningRate": 1e-4},
+    "SD3 LoRA rank 4, T5 dropped": {"_family": "sd3", "method": "lora", "learningRate": 1e-4, "t5": "drop"},
+    "SD3 LoRA rank 4 + CLIP-L/G adapters": {"_family": "sd3", "method": "lora", "learningRate": 1e-4,
+                                            "lora": {"textEncoder": True}},
+    "SD3 full (transformer)": {"_family": "sd3", "method": "full", "_formats": ["diffusers"]},
+}
+
 #: (width, height) of the photos of the bucket variant, in units of the resolution
 MIXED_PHOTOS = [(2.0, 1.2), (1.2, 2.0), (1.5, 1.5), (2.0, 1.2)]
 
@@ -91,13 +102,16 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     )
     from dreambooth.trainer.storage import open_storage
     from dreambooth.trainer.tiny import build_tiny_model, build_tiny_sdxl
+    from dreambooth.trainer.tiny_sd3 import build_tiny_sd3
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-"))
-    options = dict({**VARIANTS, **SDXL_VARIANTS}.get(variant or "", {}))
+    options = dict({**VARIANTS, **SDXL_VARIANTS, **SD3_VARIANTS}.get(variant or "", {}))
     encode_every_step = options.pop("_encode_every_step", False)
     family = options.pop("_family", "sd")
-    (build_tiny_sdxl if family == "sdxl" else build_tiny_model)(root / "base-model", resolution=resolution)
+    builders = {"sd": build_tiny_model, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+    builders[family](root / "base-model", resolution=resolution)
+    formats = options.pop("_formats", None)
     draw_toy_cats(root / "instance", size=resolution * 2)
     doc = demo_job_document(root)
     doc["spec"]["baseModel"]["family"] = family
@@ -108,6 +122,8 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     doc["spec"]["training"].update(steps=steps + warmup, batchSize=1, resolution=resolution, **options)
     doc["spec"]["checkpointing"] = {"everySteps": steps + warmup}
     doc["spec"]["validation"] = {"enabled": False}
+    if formats:
+        doc["spec"]["output"]["formats"] = formats
     config = build_trainer_config(validate_job(doc), Defaults(output_root=root.as_uri()))
     baseline_rss = peak_rss()
 
@@ -164,10 +180,11 @@ def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: 
 
     components = load_components(model, "bench")
     family, unet = components.family, components.denoiser.train()
+    family.configure(components, config.spec.training, "bench")  # SD3: T5 kept or dropped
     opt = build_optimizer(config.spec, [{"params": list(unet.parameters()), "lr": 1e-4}])
     side = resolution // 8
-    latents = torch.randn(1, 4, side, side)
-    with torch.no_grad():  # the family's conditioning (SDXL: both encoders, pooled, time ids)
+    latents = torch.randn(1, unet.config.in_channels, side, side)  # SD3: 16 latent channels
+    with torch.no_grad():  # the family's conditioning (SDXL: both encoders, pooled, time ids; SD3: + T5)
         cond = family.encode(components.tokenizers, components.text_encoders, ["a photo of zwx toy cat"], "cpu")
     sizes = [SampleSize((resolution, resolution), (0, 0), (resolution, resolution))]
     t = torch.tensor([500])
@@ -233,11 +250,11 @@ def main() -> None:
         base = base or r["loop_step_ms"]
         print(f"| {variant} | {r['loop_step_ms']:.1f} | {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} "
               f"| {r['peak_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
-    print("\ntiny SDXL at resolution 128 (vs: the SD default above, same run):\n")
+    print("\ntiny SDXL and SD3 at resolution 128 (vs: the SD default above, same run):\n")
     print("| variant | bare step ms | loop step ms | overhead | vs SD default | steps/s | peak RSS MB "
           "| trained+AdamW MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for variant in SDXL_VARIANTS:
+    for variant in (*SDXL_VARIANTS, *SD3_VARIANTS):
         r = one(128, args.steps, variant)
         print(f"| {variant} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
               f"| {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
