@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from dreambooth.trainer.tiny import WORDS, build_tiny_model, main
+from dreambooth.trainer.tiny import build_tiny_model, main
+from dreambooth.trainer.tiny_parts import WORDS
 
 WEIGHTS = (
     "unet/diffusion_pytorch_model.safetensors",
