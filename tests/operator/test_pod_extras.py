@@ -9,7 +9,7 @@ import pytest
 
 from dreambooth.api import SpecError, validate_job
 from dreambooth.api.pod import RESERVED_ENV, env_name_problem
-from dreambooth.operator import resources
+from dreambooth.operator import podtemplate, resources
 from dreambooth.operator.settings import OperatorSettings, SettingsError
 from tests.operator.test_resources import (
     CASES,
@@ -106,8 +106,8 @@ def test_every_variable_the_operator_sets_is_refused_in_jobs_and_settings():
     (two values of one name in a pod): dreambooth/api/pod.py's RESERVED_ENV must grow."""
     own: set[str] = set()
     for _, inputs in CASES:
-        extra = {e["name"] for e in resources.extra_env(inputs)}
-        own |= {e["name"] for e in resources._env(inputs)} - extra
+        extra = {e["name"] for e in podtemplate.extra_env(inputs)}
+        own |= {e["name"] for e in podtemplate._env(inputs)} - extra
     assert {"DREAMBOOTH_CONFIG", "HOME", "AWS_ACCESS_KEY_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"} <= own
     for name in sorted(own):
         assert env_name_problem(name), f"{name} is set by the operator but a job may set it too"

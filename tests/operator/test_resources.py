@@ -31,9 +31,9 @@ from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.spec import ResourcesSpec
 from dreambooth.api.termination import TerminationSummary
 from dreambooth.api.uris import Scheme, parse_uri
-from dreambooth.operator import naming, resources
-from dreambooth.operator.resources import TrainerInputs
+from dreambooth.operator import naming, podtemplate, resources, trainerinputs
 from dreambooth.operator.settings import OperatorSettings, SettingsError
+from dreambooth.operator.trainerinputs import TrainerInputs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -396,7 +396,7 @@ def test_secret_from_spec_else_settings_else_none():
 
 def test_pvc_uris_are_mounted_and_rewritten():
     inputs = inputs_for(pvc_doc())
-    config = resources.trainer_config(inputs)
+    config = trainerinputs.trainer_config(inputs)
     assert config.spec.base_model.uri == "file:///mnt/pvc/models/sd15"
     assert config.spec.base_model.vae == "file:///mnt/pvc/models/vae-ft-mse"
     assert config.spec.instance.uri == "file:///mnt/pvc/training-data/toy-cat/"
@@ -429,29 +429,29 @@ def test_pvc_uris_are_mounted_and_rewritten():
 def test_pvc_claim_read_and_written_is_writable_and_settings_root_may_be_a_pvc():
     doc = minimal_doc(instance={"uri": "pvc://shared/photos/", "prompt": "a photo of zwx cat"})
     inputs = inputs_for(doc, OperatorSettings(output_root="pvc://shared/runs"))
-    assert resources.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
-    assert resources.claim_mounts(inputs) == [
-        resources.ClaimMount("shared", read_only=False, volume="pvc-0")]
+    assert trainerinputs.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
+    assert trainerinputs.claim_mounts(inputs) == [
+        trainerinputs.ClaimMount("shared", read_only=False, volume="pvc-0")]
 
 
 def test_config_map_is_what_the_trainer_parses():
     for _, inputs in CASES:
         text = resources.config_map(inputs)["data"]["config.json"]
         parsed = TrainerConfig.model_validate(json.loads(text))  # as dreambooth.trainer does
-        assert parsed == resources.trainer_config(inputs)
+        assert parsed == trainerinputs.trainer_config(inputs)
         assert parsed.job.uid == UID and parsed.job.namespace == NAMESPACE
 
 
 def test_pvc_paths_stay_on_their_claim():
-    assert resources.local_uri("pvc://data/a/b/") == "file:///mnt/pvc/data/a/b/"
-    assert resources.local_uri("s3://bucket/x/") == "s3://bucket/x/"
+    assert trainerinputs.local_uri("pvc://data/a/b/") == "file:///mnt/pvc/data/a/b/"
+    assert trainerinputs.local_uri("s3://bucket/x/") == "s3://bucket/x/"
     with pytest.raises(ValueError, match=r"'\.\.'"):
-        resources.local_uri("pvc://data/../etc/")
+        trainerinputs.local_uri("pvc://data/../etc/")
 
 
 def test_a_pvc_path_is_literal_in_the_file_uri_the_pods_read():
     """pvc:// paths are literal, file:// paths percent-decoded: a '%' stays a '%'."""
-    uri = resources.local_uri("pvc://data/100%25/a%2e%2e/")
+    uri = trainerinputs.local_uri("pvc://data/100%25/a%2e%2e/")
     assert uri == "file:///mnt/pvc/data/100%2525/a%252e%252e/"
     assert parse_uri(uri, allowed={Scheme.FILE}).path == "/mnt/pvc/data/100%25/a%2e%2e/"
 
@@ -489,7 +489,7 @@ def test_multi_node_rendezvous():
     assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(
-        resources.SHUTDOWN_TIMEOUT_SECONDS)
+        podtemplate.SHUTDOWN_TIMEOUT_SECONDS)
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
     ports = {p["name"]: p["containerPort"] for p in trainer(job)["ports"]}
@@ -590,7 +590,7 @@ def test_a_do_not_retry_failure_of_local_rank_1_is_the_pods_verdict(tmp_path: Pa
     code, message, seconds, out = _run_launch(tmp_path, "blocked,bad-data")
     assert code == 11, out[-3000:]
     assert (message.exit_code, message.reason, message.rank) == (11, "BadData", 1)
-    assert seconds < resources.SHUTDOWN_TIMEOUT_SECONDS + 30, f"took {seconds:.0f} s"
+    assert seconds < podtemplate.SHUTDOWN_TIMEOUT_SECONDS + 30, f"took {seconds:.0f} s"
 
 
 @accelerate_missing
@@ -797,7 +797,7 @@ def test_file_uris_are_refused():
     doc = minimal_doc(output={"uri": "file:///tmp/out"})
     inputs = TrainerInputs(validate_job(doc), SETTINGS)  # validated without cluster=True
     with pytest.raises(ValueError, match="file://"):
-        resources.trainer_config(inputs)
+        trainerinputs.trainer_config(inputs)
 
 
 def test_operator_modules_do_not_import_torch():
