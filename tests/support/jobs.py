@@ -6,6 +6,7 @@ team-a: a base model and the instance photos, nothing else) and says only what i
     make_job(preset="object", training={"steps": 10})      # spec sections, by wire name
     make_job(metadata={"uid": UID}, output={"uri": OUT})     # metadata merges too
     make_job(instance={"prompt": DROP})                      # DROP removes a key
+    make_job(CLUSTER_JOB, resources={"gpusPerNode": 2})      # a module's own starting point
 
 Changes are deep-merged: a mapping merges key by key into what is there, any other value
 (a list, a scalar) replaces it. The tables of tests/api name their changes by dotted path
@@ -44,10 +45,17 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_job(*, metadata: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
-    """The minimal valid DreamBoothJob with ``metadata`` merged into its metadata and every
-    other keyword (a spec field's wire name) into its spec; a fresh document every call."""
-    return merged(MINIMAL_JOB, {"metadata": metadata or {}, "spec": changes})
+def make_job(*bases: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The minimal valid DreamBoothJob with ``metadata=`` merged into its metadata and every
+    other keyword (a spec field's wire name) into its spec; a fresh document every call.
+
+    ``bases`` are changes of the same shape that a test module starts all its jobs from
+    (e.g. ``{"metadata": {"uid": UID}, "preset": "object"}``), merged first, in order."""
+    doc = MINIMAL_JOB
+    for change in (*bases, changes):
+        change = dict(change)
+        doc = merged(doc, {"metadata": change.pop("metadata", {}), "spec": change})
+    return copy.deepcopy(doc)
 
 
 def with_paths(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
