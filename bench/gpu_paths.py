@@ -8,7 +8,7 @@ Each path trains the tiny model (``dreambooth.trainer.tiny.build_tiny_model``) f
   fresh process, with a probe on ``Loop.run_step`` that records, after every step, the
   loss, the fp16 loss scaler's scale, where the trained weights live and a checksum of
   them, and at the end the optimizer's 8-bit state and the peak memory;
-- two processes: the pod's own launch script, ``dreambooth.operator.resources.command()``
+- two processes: the pod's own launch script, ``dreambooth.operator.podtemplate.command()``
   of a ``gpusPerNode: 2`` job (``accelerate launch --multi_gpu --num_processes 2`` and the
   verdict step), with its config and work folder moved to a temporary folder and a free
   rendezvous port; every rank logs a checksum of its weights after each step
@@ -253,13 +253,13 @@ def pod_command(doc: dict) -> list[str]:
     """The trainer container's command the operator would give this job's pods."""
     from dreambooth.api import validate_job
 
-    resources = operator_resources()
-    inputs = resources.TrainerInputs(job=validate_job(doc), settings=operator_settings())
-    return resources.command(inputs)
+    trainerinputs = operator_module("trainerinputs")
+    inputs = trainerinputs.TrainerInputs(job=validate_job(doc), settings=operator_settings())
+    return operator_module("podtemplate").command(inputs)
 
 
-def operator_resources():
-    """``dreambooth.operator.resources`` without running ``dreambooth/operator/__init__.py``,
+def operator_module(name: str):
+    """``dreambooth.operator.<name>`` without running ``dreambooth/operator/__init__.py``,
     which imports kopf to register the handlers: the builders are pure functions that need
     only pydantic, and a GPU machine has no kopf."""
     import importlib
@@ -271,14 +271,11 @@ def operator_resources():
         package = types.ModuleType("dreambooth.operator")
         package.__path__ = [str(Path(dreambooth.__file__).parent / "operator")]
         sys.modules["dreambooth.operator"] = package
-    return importlib.import_module("dreambooth.operator.resources")
+    return importlib.import_module(f"dreambooth.operator.{name}")
 
 
 def operator_settings():
-    import importlib
-
-    operator_resources()
-    return importlib.import_module("dreambooth.operator.settings").OperatorSettings()
+    return operator_module("settings").OperatorSettings()
 
 
 def free_port() -> int:
@@ -318,11 +315,11 @@ def run_two_processes(path: Path_, root: Path, *, cuda: bool, gpus: int, smoke: 
     argv = [*argv[:2], argv[2].replace("--num_machines 1", f"--num_machines 1 --main_process_port {port}", 1)]
     work = folder / "work"
     env = child_env(smoke)
-    resources = operator_resources()
+    podtemplate = operator_module("podtemplate")
     env.update(DREAMBOOTH_CONFIG=str(config), DREAMBOOTH_WORKDIR=str(work),
                DREAMBOOTH_TERMINATION_LOG=str(folder / "termination-log"),
                DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS="1",
-               TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(resources.SHUTDOWN_TIMEOUT_SECONDS),
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(podtemplate.SHUTDOWN_TIMEOUT_SECONDS),
                PATH=os.pathsep.join([str(shims(folder / "bin")), env.get("PATH", "")]))
     if cuda:
         env["NCCL_DEBUG"] = "INFO"

@@ -8,7 +8,7 @@ which is what the trainer feeds the UNet once text embeddings and latents are ca
 
 The trained parts, the frozen parts' dtype, LoRA (rank and target modules), gradient
 checkpointing and the optimizer are set up by the trainer's own code
-(``trainables.select``, ``run.build_optimizer``) from a job spec, so the rows measure the
+(``trainables.select``, ``phases.build_optimizer``) from a job spec, so the rows measure the
 trainer's recipe, not a look-alike. Every row: bf16 autocast, fp32 master weights,
 gradient clipping, the optimizer step.
 """
@@ -279,7 +279,7 @@ def measure(model: Model, row: Row, *, warmup: int, steps: int, smoke: bool, flo
 
     from dreambooth.trainer import trainables
     from dreambooth.trainer.devices import allow_tf32
-    from dreambooth.trainer.run import build_optimizer
+    from dreambooth.trainer.phases import build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     allow_tf32(device.type)  # as the trainer does on CUDA

@@ -91,15 +91,12 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
 
     from dreambooth.api import Defaults, build_trainer_config, validate_job
     from dreambooth.demo import demo_job_document, draw_toy_cats
+    from dreambooth.trainer.context import Context
+    from dreambooth.trainer.devices import make_accelerator
     from dreambooth.trainer.families import load_components
+    from dreambooth.trainer.inputs import load_instance_examples
     from dreambooth.trainer.metrics import TrainerMetrics
-    from dreambooth.trainer.run import (
-        Context,
-        build_loop,
-        load_instance_examples,
-        make_accelerator,
-        shared_parts,
-    )
+    from dreambooth.trainer.phases import build_loop, shared_parts
     from dreambooth.trainer.storage import open_storage
     from dreambooth.trainer.tiny import build_tiny_model, build_tiny_sdxl
     from dreambooth.trainer.tiny_sd3 import build_tiny_sd3
@@ -176,7 +173,7 @@ def bare_step_seconds(model: Path, config, resolution: int, steps: int, warmup: 
     import torch
 
     from dreambooth.trainer.families import SampleSize, load_components
-    from dreambooth.trainer.run import build_optimizer
+    from dreambooth.trainer.phases import build_optimizer
 
     components = load_components(model, "bench")
     family, unet = components.family, components.denoiser.train()

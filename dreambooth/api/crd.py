@@ -255,7 +255,7 @@ def _resources_rules() -> list[dict[str, str]]:
 
 
 def _toleration_rules() -> list[dict[str, str]]:
-    """The API server's rules for a pod's tolerations (dreambooth.api.rules._tolerations)."""
+    """The API server's rules for a pod's tolerations (dreambooth.api.rules.pods.tolerations)."""
     return [
         {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
                  "self.value == ''",

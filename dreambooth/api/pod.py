@@ -34,7 +34,7 @@ class Reserved:
 
 
 #: Checked in this order; the first match explains the refusal. The operator's own
-#: variables (dreambooth/operator/resources.py ``_env``) must all be covered: a test checks.
+#: variables (dreambooth/operator/podtemplate.py ``_env``) must all be covered: a test checks.
 RESERVED_ENV: tuple[Reserved, ...] = (
     Reserved(("HOME", "XDG_CACHE_HOME", "HF_HOME", "JOB_COMPLETION_INDEX"), ("DREAMBOOTH_",),
              "set by the operator in every trainer pod (config, caches, rank)"),

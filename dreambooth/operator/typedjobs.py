@@ -28,7 +28,7 @@ from dreambooth.api.config import output_uri_for
 from dreambooth.api.job import DreamBoothJob
 from dreambooth.api.spec import DreamBoothJobSpec
 from dreambooth.api.status import DreamBoothJobStatus
-from dreambooth.operator import resources
+from dreambooth.operator import trainerinputs
 from dreambooth.operator.pods import of_job
 from dreambooth.operator.progress import TrainerSnapshot, parse_time
 from dreambooth.operator.settings import OperatorSettings
@@ -135,10 +135,10 @@ def observation(typed: TypedJob, settings: OperatorSettings, batch_job: dict[str
 
 
 def trainer_inputs(typed: TypedJob, settings: OperatorSettings, previous: DreamBoothJobStatus | None,
-                   now: datetime) -> resources.TrainerInputs:
+                   now: datetime) -> trainerinputs.TrainerInputs:
     """What a Job created now is built from: the restarts counted so far, and the seconds
     since the job first started (its activeDeadlineSeconds counts from then)."""
     started = parse_time(previous.start_time) if previous else None
     elapsed = int((now - started).total_seconds()) if started else 0
-    return resources.TrainerInputs(typed.job, settings, restarts=previous.restarts if previous else 0,
+    return trainerinputs.TrainerInputs(typed.job, settings, restarts=previous.restarts if previous else 0,
                                    elapsed_seconds=elapsed)

@@ -2,14 +2,15 @@
 
 :func:`run` is what ``python -m dreambooth.trainer`` (in a pod) and ``dreambooth train``
 (locally) execute. Every process runs it; only the main process writes to storage,
-serves metrics and samples.
+serves metrics and samples. Its inputs (base model, evaluator, photos) are opened by
+:mod:`dreambooth.trainer.inputs`, each phase's loop is built by :mod:`dreambooth.trainer.phases`;
+here: the steps of a phase (:func:`train`) and the run from start to export (:func:`run`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,272 +19,29 @@ import torch
 
 from dreambooth.api import layout
 from dreambooth.api import telemetry as names
-from dreambooth.api.config import TrainerConfig, for_family
+from dreambooth.api.config import TrainerConfig
 from dreambooth.api.history import Point
-from dreambooth.api.job import SpecError
 from dreambooth.api.resolve import images_per_step
-from dreambooth.api.spec import DreamBoothJobSpec, ModelFamily, Optimizer
 from dreambooth.api.telemetry import TrainerPhase
-from dreambooth.api.uris import Scheme, Uri
-from dreambooth.trainer import judging, persist, textual_inversion, trainables
-from dreambooth.trainer.buckets import Draw, Framing
+from dreambooth.trainer import judging, persist, textual_inversion
 from dreambooth.trainer.context import Context, Outcome
-from dreambooth.trainer.data import Example, load_examples
-from dreambooth.trainer.devices import make_accelerator, weight_dtype
-from dreambooth.trainer.errors import ConfigError, DataError, NotFoundError, Preempted, TrainerError
-from dreambooth.trainer.families import VAE_FIELD, Components, load_components, load_vae
-from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder, Throughput
+from dreambooth.trainer.devices import make_accelerator
+from dreambooth.trainer.errors import Preempted
+from dreambooth.trainer.families import Components
+from dreambooth.trainer.inputs import (
+    class_framing,
+    load_instance_examples,
+    open_judge,
+    open_model,
+    s3_settings,
+)
+from dreambooth.trainer.loop import Loop, Throughput
 from dreambooth.trainer.metrics import TrainerMetrics
-from dreambooth.trainer.models import fetch_from_hub
-from dreambooth.trainer.pernode import once_per_node
+from dreambooth.trainer.phases import build_loop, build_ti_loop, shared_parts
 from dreambooth.trainer.progress import Progress
-from dreambooth.trainer.storage import S3Settings, open_storage, storage_uri
-from dreambooth.trainer.textual_inversion import TokenEmbedding
+from dreambooth.trainer.storage import open_storage
 
 log = logging.getLogger("dreambooth.trainer")
-
-ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what each means here
-#: what an hf:// evaluator is fetched with: a CLIPModel folder (files at its root)
-CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
-#: what an hf:// baseModel.vae is fetched with: a lone AutoencoderKL (or a model's vae/)
-VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors"]
-
-
-# --- 2. storage and inputs ------------------------------------------------------------
-
-
-def s3_settings(config: TrainerConfig) -> S3Settings | None:
-    spec = config.spec
-    uris = [spec.base_model.uri, spec.base_model.vae, spec.instance.uri, config.output_uri, spec.prior.uri]
-    if spec.evaluation.enabled:
-        uris.append(spec.evaluation.model.uri)
-    if not any(storage_uri(u, ANY).scheme is Scheme.S3 for u in uris if u):
-        return None
-    return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
-
-
-def fetch_prefix(uri: Uri | str, s3: S3Settings | None, dest: Path, *, what: str,
-                 empty: type[TrainerError] = DataError) -> Path:
-    """A local folder with the objects below ``uri`` (file:// URIs are used in place)."""
-    parsed = storage_uri(uri, ANY)
-    if parsed.scheme is Scheme.PVC:
-        raise ConfigError(f"{uri}: pvc:// volumes are mounted by the operator; locally use file://")
-    if parsed.scheme is Scheme.FILE:
-        return Path(parsed.path)
-    storage = open_storage(parsed, s3)
-    if not storage.list():
-        raise empty(f"no {what} found under {uri}: upload them there, or fix the URI")
-    shutil.rmtree(dest, ignore_errors=True)
-    files = storage.download_prefix("", dest)
-    log.info("fetched %d files of %s from %s", len(files), what, uri)
-    return dest
-
-
-def fetch_once(ctx: Context, key: str, work) -> Path:
-    """``work()`` (a fetch) by the pod's first process; the folder it returns, on all."""
-    return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
-
-
-def fetch_model(ctx: Context, key: str, uri: str, revision: str | None, *, what: str,
-                patterns: list[str] | None = None) -> Path:
-    parsed = storage_uri(uri, ANY)
-    if parsed.scheme is Scheme.HF:
-        return fetch_once(ctx, key, lambda: fetch_from_hub(
-            parsed.authority, revision or parsed.revision, ctx.workdir / "hub", patterns=patterns))
-    return fetch_once(ctx, key, lambda: fetch_prefix(
-        parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
-
-
-def fetch_base_model(ctx: Context) -> Path:
-    model = ctx.spec.base_model
-    return fetch_model(ctx, "base-model", model.uri, model.revision, what="base model files")
-
-
-def open_judge(ctx: Context, components: Components, instances: list[Example]) -> None:
-    """spec.evaluation: fetch the CLIP evaluator like the base model (once per node); the
-    main process loads it and judges the sample rounds."""
-    evaluation = ctx.spec.evaluation
-    if not (evaluation.enabled and ctx.spec.validation.enabled):
-        return
-    judging.check_source(ctx, components.path)
-    clip = None
-    if evaluation.model.uri:
-        clip = fetch_model(ctx, "evaluator", evaluation.model.uri, evaluation.model.revision,
-                           what="evaluation model files", patterns=CLIP_PATTERNS)
-    if ctx.main:
-        ctx.judge = judging.make_judge(ctx, clip, components.path, instances)
-
-
-def open_model(ctx: Context) -> Components:
-    """Fetch, check and load the base model (and the VAE that replaces its own); a job with
-    ``baseModel.family: auto`` gets the presets and rules of the family found in it from now
-    on (``ctx.config`` changes)."""
-    model = ctx.spec.base_model
-    components = load_components(fetch_base_model(ctx), model.uri, model.family)
-    if model.vae:
-        folder = fetch_model(ctx, "vae", model.vae, None, what=f"VAE files ({VAE_FIELD})", patterns=VAE_PATTERNS)
-        components.vae = load_vae(folder, model.vae, components)
-        log.info("the VAE is %s's (%s)", model.vae, VAE_FIELD)
-    try:
-        ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
-    except SpecError as err:
-        raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
-                          + "; ".join(map(str, err.issues))) from None
-    components.family.configure(components, ctx.spec.training, model.uri)
-    log.info("model family %s (%s)", components.family.name, components.family.title)
-    return components
-
-
-def load_instance_examples(ctx: Context, components: Components) -> list[Example]:
-    """The photos, framed: one example per photo (and its mirror with training.randomFlip),
-    in its aspect-ratio bucket or the ``resolution`` square."""
-    training = ctx.spec.training
-    multiple = components.resolution_multiple
-    sizes = [("training.resolution", training.resolution)]
-    if training.buckets is not None and training.buckets.enabled:
-        sizes.append(("training.buckets.step", training.buckets.step))
-    for name, value in sizes:
-        if value % multiple:
-            raise ConfigError(
-                f"{name} {value} does not fit this model: it must be a multiple of {multiple} (VAE "
-                f"and UNet downsampling), e.g. {max(multiple, value // multiple * multiple)}"
-            )
-    components.family.check_resolution(components, training.resolution)
-    folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
-        ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
-    examples = load_examples(
-        folder,
-        prompt=ctx.spec.instance.prompt,
-        resolution=training.resolution,
-        use_captions=ctx.spec.instance.use_captions,
-        source_uri=ctx.spec.instance.uri,
-        framing=Framing.for_photos(training),
-    )
-    buckets = sorted({e.size.target for e in examples})
-    log.info("%d photos in %d bucket(s): %s", len(examples) // len(Framing.for_photos(training).flips),
-             len(buckets), ", ".join(f"{w}x{h}" for h, w in buckets))
-    return examples
-
-
-def class_framing(spec: DreamBoothJobSpec, instances: list[Example]) -> Framing:
-    """Class images are framed in every bucket of the photos (mirrored too with randomFlip)."""
-    return Framing.for_photos(spec.training).for_classes([e.size.target for e in instances])
-
-
-# --- 3. what trains, and how ----------------------------------------------------------
-
-
-def build_optimizer(spec: DreamBoothJobSpec, groups: list[dict]) -> torch.optim.Optimizer:
-    training = spec.training
-    if training.optimizer is Optimizer.ADAMW_8BIT:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, weight_decay=training.weight_decay)
-    # foreach: one kernel per op over all tensors, several times faster than a loop on CPU
-    return torch.optim.AdamW(groups, weight_decay=training.weight_decay, foreach=True)
-
-
-def optimization(ctx: Context, groups: list[dict], modules: list[torch.nn.Module], *, schedule: str,
-                 warmup: int = 0, steps: int | None = None):
-    """``(prepared modules, optimizer, LR schedule)``: every phase's optimizer goes through
-    accelerate, whose optimizer steps and updates the fp16 loss scaler (an optimizer it does
-    not know would never update it, and the next step's unscale would fail)."""
-    from diffusers.optimization import get_scheduler
-
-    optimizer = build_optimizer(ctx.spec, groups)
-    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    result = ctx.accelerator.prepare(*modules, optimizer)
-    *prepared, optimizer = result if modules else (result,)  # one object comes back bare
-    return prepared, optimizer, lr_scheduler
-
-
-def shared_parts(ctx: Context, components: Components, instances: list[Example],
-                 classes: list[Example] | None) -> dict:
-    """What every phase's loop shares; the VAE encodes the photos once, here (a cast copy
-    when the export writes the float32 original)."""
-    a, training = ctx.accelerator, ctx.spec.training
-    dtype = torch.float32 if components.family.vae_in_fp32 else weight_dtype(a)
-    vae = trainables.frozen(components.vae, a.device, dtype, keep_original=trainables.keeps_originals(ctx.spec))
-    flips = len(Framing.for_photos(training).flips)
-    draw = Draw.of(instances, flips=flips, seed=training.seed,
-                   micro_size=training.batch_size // training.gradient_accumulation_steps,
-                   class_images=len(classes or ()) // (len({e.size.target for e in instances}) * flips))
-    return {
-        "accelerator": a,
-        "training": ctx.spec.training,
-        "family": components.family,
-        "scheduler": components.noise_scheduler,
-        "vae": vae,
-        "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
-        "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
-        "draw": draw,
-        "prior_weight": ctx.spec.prior.loss_weight,
-    }
-
-
-def build_loop(ctx: Context, components: Components, shared: dict,
-               token: TokenEmbedding | None = None) -> Loop:
-    a, training = ctx.accelerator, ctx.spec.training
-    chosen = trainables.select(ctx.spec, components.denoiser, components.text_encoders, device=a.device,
-                               dtype=weight_dtype(a), trainable=components.family.trainable_text_encoders,
-                               unread=components.family.unread_parameters)
-    if token is not None and chosen.text_encoders[0] is not components.text_encoders[0]:
-        token.follow(chosen.text_encoders[0])  # a restored token reaches the copy that is read
-    ema = None
-    if training.ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(chosen.denoiser.parameters(), foreach=True)
-    prepared, optimizer, lr_scheduler = optimization(
-        ctx, chosen.groups, chosen.modules, schedule=training.lr_scheduler.value,
-        warmup=training.lr_warmup_steps, steps=training.steps)
-    text_encoders = (prepared[1:] if chosen.text_encoder_steps else chosen.text_encoders) + chosen.fixed
-    return Loop(
-        **shared,
-        denoiser=prepared[0],
-        text_encoders=text_encoders,
-        prompts=PromptEncoder(components.family, components.tokenizers, text_encoders, a.device),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        text_encoder_steps=chosen.text_encoder_steps,
-        trained=prepared,
-        ema=ema,
-        extras={**({"ema": ema} if ema is not None else {}), **({"token": token} if token else {})},
-    )
-
-
-def build_ti_loop(ctx: Context, components: Components, shared: dict, token: TokenEmbedding) -> Loop:
-    """Phase 1 of textual inversion + DreamBooth: only the new token's embedding learns; the
-    UNet is read from a cast copy (phase 2 trains the float32 original).
-
-    No DDP wrapper here: the one gradient that matters is averaged by hand."""
-    a, ti = ctx.accelerator, ctx.spec.training.textual_inversion
-    denoiser = trainables.frozen(components.denoiser, a.device, weight_dtype(a), keep_original=True)
-    params = textual_inversion.train_only_the_embedding(components.text_encoders[0], token, device=a.device)
-    _, optimizer, lr_scheduler = optimization(ctx, [{"params": params, "lr": ti.learning_rate}], [],
-                                              schedule="constant")
-
-    def average_gradient() -> None:
-        if a.num_processes > 1 and token.weight.grad is not None:
-            token.weight.grad = a.reduce(token.weight.grad, reduction="mean")
-
-    return Loop(
-        **shared,
-        denoiser=denoiser,
-        text_encoders=components.text_encoders,
-        prompts=PromptEncoder(components.family, components.tokenizers, components.text_encoders, a.device),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        text_encoder_steps=ti.steps,
-        phase=textual_inversion.PHASE,
-        extras={"token": token},
-        before_optimizer_step=average_gradient,
-        after_optimizer_step=token.keep_others,
-    )
-
-
-# --- 4. the run -----------------------------------------------------------------------
 
 
 def train(ctx: Context, components: Components, loop: Loop, start: int, end: int) -> Outcome:

@@ -14,10 +14,10 @@ with 77 positions, cross attention in the UNet, the SD 1.5 PNDM scheduler config
 width is tiny: under 4 MB on disk, built in a fraction of a second. The same seed gives
 byte-identical files.
 
-``build_tiny_clip(path)`` writes a tiny random ``CLIPModel`` folder laid out like a saved
-``openai/clip-vit-large-patch14`` (``config.json``, ``model.safetensors``, the tokenizer's
-files and ``preprocessor_config.json`` side by side), which ``CLIPModel.from_pretrained``
-and ``CLIPProcessor.from_pretrained`` load: the evaluator of the test suite.
+``build_tiny_sdxl(path)`` writes the SDXL-shaped equivalent and ``build_tiny_vae(path)`` a
+lone VAE (what ``baseModel.vae`` names). Their parts (tokenizer, text config, VAE) are in
+:mod:`dreambooth.trainer.tiny_parts`; the tiny CLIP evaluator is in
+:mod:`dreambooth.trainer.tiny_clip`, the tiny SD3 in :mod:`dreambooth.trainer.tiny_sd3`.
 
 For humans: ``python -m dreambooth.trainer.tiny OUTPUT_DIR``.
 """
@@ -25,83 +25,22 @@ For humans: ``python -m dreambooth.trainer.tiny OUTPUT_DIR``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Literal
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77
-#: Words that get their own token, so typical DreamBooth prompts are short sequences.
-#: Any other text still tokenizes: every byte is in the vocabulary.
-WORDS = ("a", "photo", "of", "the", "cat", "dog", "toy", "person", "zwx", "sks")
+from dreambooth.trainer.tiny_clip import write_safety_checker
+from dreambooth.trainer.tiny_parts import (
+    built_in_place,
+    save_quietly,
+    text_config,
+    tiny_vae,
+    tokenizer_files,
+    write_json,
+    write_tokenizer,
+)
 
 PredictionType = Literal["epsilon", "v_prediction"]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable characters."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def _tokenizer_files() -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE vocabulary and merge list in CLIP's layout.
-
-    Like CLIP's: the 256 byte characters, the same with the end-of-word mark ``</w>``,
-    the merged tokens, then ``<|startoftext|>`` and ``<|endoftext|>`` last.
-    """
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in WORDS:  # merge each word left to right into one "word</w>" token
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merge, merged = f"{symbols[0]} {symbols[1]}", symbols[0] + symbols[1]
-            if merge not in merges:
-                merges.append(merge)
-                tokens.append(merged)
-            symbols = [merged, *symbols[2:]]
-    tokens += [BOS, EOS]
-    return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _write_tokenizer(folder: pathlib.Path, vocab: dict[str, int], merges: list[str]) -> None:
-    folder.mkdir()
-    _write_json(folder / "vocab.json", vocab)
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            **special,
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MAX_LENGTH,
-            "do_lower_case": True,
-            "add_prefix_space": False,
-            "errors": "replace",
-        },
-    )
 
 
 def _scheduler_config(prediction_type: str) -> dict:
@@ -119,73 +58,6 @@ def _scheduler_config(prediction_type: str) -> dict:
         "trained_betas": None,
         "prediction_type": prediction_type,
     }
-
-
-def _text_config(vocab: dict[str, int], hidden_size: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden_size,
-        intermediate_size=64,
-        projection_dim=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-    )
-
-
-def _tiny_vae(resolution: int, scaling_factor: float):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: factor 8
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=scaling_factor,
-    )
-
-
-def _save_quietly(model, folder: pathlib.Path) -> None:
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # transformers 5 shows one per save
-    try:
-        model.save_pretrained(folder)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
-def _check_target(path: str | os.PathLike, resolution: int) -> pathlib.Path:
-    if resolution <= 0 or resolution % 16:
-        raise ValueError(f"resolution must be a positive multiple of 16, not {resolution}")
-    target = pathlib.Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not an empty folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
-def _move_into_place(work: pathlib.Path, target: pathlib.Path) -> None:
-    for folder, _, files in os.walk(work):  # mkdtemp and safetensors 0.8 make 0700/0600
-        os.chmod(folder, 0o755)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o644)
-    if target.exists():
-        target.rmdir()  # empty, checked before
-    work.rename(target)
 
 
 def build_tiny_model(
@@ -217,11 +89,8 @@ def build_tiny_model(
         raise ValueError(
             f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}"
         )
-    target = _check_target(path, resolution)
-
-    vocab, merges = _tokenizer_files()
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    vocab, merges = tokenizer_files()
+    with built_in_place(path, resolution=resolution) as work:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             UNet2DConditionModel(
@@ -236,19 +105,19 @@ def build_tiny_model(
                 attention_head_dim=8,  # heads, as in SD 1.5's config
             ).save_pretrained(work / "unet")
             torch.manual_seed(seed + 1)
-            _tiny_vae(resolution, 0.18215).save_pretrained(work / "vae")
+            tiny_vae(resolution, 0.18215).save_pretrained(work / "vae")
             torch.manual_seed(seed + 2)
-            text_encoder = CLIPTextModel(_text_config(vocab))
+            text_encoder = CLIPTextModel(text_config(vocab))
             if safety_checker:
-                _write_safety_checker(work, vocab, seed + 3)
-        _save_quietly(text_encoder, work / "text_encoder")
-        _write_tokenizer(work / "tokenizer", vocab, merges)
+                write_safety_checker(work, vocab, seed + 3)
+        save_quietly(text_encoder, work / "text_encoder")
+        write_tokenizer(work / "tokenizer", vocab, merges)
         (work / "scheduler").mkdir()
-        _write_json(
+        write_json(
             work / "scheduler" / "scheduler_config.json",
             {**_scheduler_config(prediction_type), "_diffusers_version": diffusers.__version__},
         )
-        _write_json(
+        write_json(
             work / "model_index.json",
             {
                 "_class_name": "StableDiffusionPipeline",
@@ -264,82 +133,7 @@ def build_tiny_model(
                 "requires_safety_checker": safety_checker,
             },
         )
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
-
-
-#: CLIP's image preprocessing (openai/clip-vit-large-patch14's values), at the tiny size
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-#: a tiny CLIP initialised at the default scale maps every image to nearly the same
-#: embedding (cosine ~0.98 between unrelated noise images); 5x larger initial weights keep
-#: different images apart (~0.2) and identical ones at 1, as a trained CLIP does
-CLIP_INIT_FACTOR = 5.0
-
-
-def _clip_config(vocab: dict[str, int], image_size: int):
-    from transformers import CLIPConfig, CLIPVisionConfig
-
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=image_size, patch_size=8,
-                              hidden_act="quick_gelu", initializer_factor=CLIP_INIT_FACTOR)
-    text = {**_text_config(vocab).to_dict(), "initializer_factor": CLIP_INIT_FACTOR}
-    return CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32,
-                      initializer_factor=CLIP_INIT_FACTOR)
-
-
-def _write_image_processor(folder: pathlib.Path, image_size: int) -> None:
-    _write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3,
-    })
-
-
-def _write_safety_checker(work: pathlib.Path, vocab: dict[str, int], seed: int) -> None:
-    """``safety_checker/`` (a StableDiffusionSafetyChecker: CLIP's vision tower and projection)
-    and ``feature_extractor/`` (its CLIPImageProcessor), as SD 1.x snapshots ship them."""
-    import torch
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-    torch.manual_seed(seed)
-    _save_quietly(StableDiffusionSafetyChecker(_clip_config(vocab, 32)), work / "safety_checker")
-    (work / "feature_extractor").mkdir()
-    _write_image_processor(work / "feature_extractor", 32)
-
-
-def build_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int = 32) -> pathlib.Path:
-    """Write a tiny random ``CLIPModel`` (text and vision towers, both projections) in the
-    folder layout of a saved ``openai/clip-vit-large-patch14`` to ``path``; returns the path.
-    ``CLIPModel.from_pretrained(path)`` and ``CLIPProcessor.from_pretrained(path)`` load it."""
-    import torch
-    from transformers import CLIPModel
-
-    target = _check_target(path, 16)
-    vocab, merges = _tokenizer_files()
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CLIPModel(_clip_config(vocab, image_size))
-        _save_quietly(model, work)
-        tokenizer = work / "tokenizer"
-        _write_tokenizer(tokenizer, vocab, merges)
-        for file in tokenizer.iterdir():  # a CLIP folder keeps its tokenizer beside the weights
-            file.rename(work / file.name)
-        tokenizer.rmdir()
-        _write_image_processor(work, image_size)
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    return pathlib.Path(path)
 
 
 def build_tiny_vae(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
@@ -349,17 +143,10 @@ def build_tiny_vae(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
     models' VAE shape; SDXL's scaling factor unless told."""
     import torch
 
-    target = _check_target(path, resolution)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _tiny_vae(resolution, scaling_factor).save_pretrained(work)
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    with built_in_place(path, resolution=resolution) as work, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tiny_vae(resolution, scaling_factor).save_pretrained(work)
+    return pathlib.Path(path)
 
 
 def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
@@ -382,10 +169,8 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    target = _check_target(path, resolution)
-    vocab, merges = _tokenizer_files()
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    vocab, merges = tokenizer_files()
+    with built_in_place(path, resolution=resolution) as work:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             UNet2DConditionModel(
@@ -405,24 +190,24 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
                 projection_class_embeddings_input_dim=80,
             ).save_pretrained(work / "unet")
             torch.manual_seed(seed + 1)
-            _tiny_vae(resolution, 0.13025).save_pretrained(work / "vae")
+            tiny_vae(resolution, 0.13025).save_pretrained(work / "vae")
             torch.manual_seed(seed + 2)
-            text_encoder = CLIPTextModel(_text_config(vocab))
+            text_encoder = CLIPTextModel(text_config(vocab))
             torch.manual_seed(seed + 3)
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, text_encoder_2_width))
-        _save_quietly(text_encoder, work / "text_encoder")
-        _save_quietly(text_encoder_2, work / "text_encoder_2")
-        _write_tokenizer(work / "tokenizer", vocab, merges)
-        _write_tokenizer(work / "tokenizer_2", vocab, merges)
+            text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab, text_encoder_2_width))
+        save_quietly(text_encoder, work / "text_encoder")
+        save_quietly(text_encoder_2, work / "text_encoder_2")
+        write_tokenizer(work / "tokenizer", vocab, merges)
+        write_tokenizer(work / "tokenizer_2", vocab, merges)
         (work / "scheduler").mkdir()
-        _write_json(work / "scheduler" / "scheduler_config.json", {
+        write_json(work / "scheduler" / "scheduler_config.json", {
             "_class_name": "EulerDiscreteScheduler", "_diffusers_version": diffusers.__version__,
             "num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
             "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
             "skip_prk_steps": True, "prediction_type": "epsilon", "trained_betas": None,
         })
-        _write_json(work / "model_index.json", {
+        write_json(work / "model_index.json", {
             "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
             "force_zeros_for_empty_prompt": True,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -432,11 +217,7 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
             "image_encoder": [None, None], "feature_extractor": [None, None],
         })
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    return pathlib.Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@
 writes: ``transformer/`` (an ``SD3Transformer2DModel``), ``text_encoder/`` and
 ``text_encoder_2/`` (``CLIPTextModelWithProjection``: CLIP-L and CLIP-G), ``text_encoder_3/``
 (a ``T5EncoderModel``), ``tokenizer/`` and ``tokenizer_2/`` (CLIP byte-level BPE, as
-:mod:`dreambooth.trainer.tiny` makes them), ``tokenizer_3/`` (a T5 Unigram tokenizer made
+:mod:`dreambooth.trainer.tiny_parts` makes them), ``tokenizer_3/`` (a T5 Unigram tokenizer made
 here from a word list and saved as ``tokenizer.json``: no sentencepiece model, nothing from
 a hub), ``vae/`` (16 latent channels, SD3's shift and scaling factors, no quant convs) and
 ``scheduler/`` (``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3.0).
@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
 
-from dreambooth.trainer.tiny import (
+from dreambooth.trainer.tiny_parts import (
     WORDS,
-    _check_target,
-    _move_into_place,
-    _save_quietly,
-    _text_config,
-    _tokenizer_files,
-    _write_json,
-    _write_tokenizer,
+    built_in_place,
+    save_quietly,
+    text_config,
+    tokenizer_files,
+    write_json,
+    write_tokenizer,
 )
 
 T5_WIDTH = 96
@@ -63,10 +60,8 @@ def build_tiny_sd3(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    target = _check_target(path, resolution)
-    vocab, merges = _tokenizer_files()
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    vocab, merges = tokenizer_files()
+    with built_in_place(path, resolution=resolution) as work:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             SD3Transformer2DModel(
@@ -85,23 +80,23 @@ def build_tiny_sd3(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
             encoders = []
             for i in range(2):
                 torch.manual_seed(seed + 2 + i)
-                encoders.append(CLIPTextModelWithProjection(_text_config(vocab)))
+                encoders.append(CLIPTextModelWithProjection(text_config(vocab)))
             torch.manual_seed(seed + 4)
             t5 = T5EncoderModel(T5Config(vocab_size=len(t5_vocabulary()), d_model=T5_WIDTH, d_kv=8, d_ff=64,
                                          num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                          feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                                          decoder_start_token_id=0))
         for name, model in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (*encoders, t5), strict=True):
-            _save_quietly(model, work / name)
-        _write_tokenizer(work / "tokenizer", vocab, merges)
-        _write_tokenizer(work / "tokenizer_2", vocab, merges)
+            save_quietly(model, work / name)
+        write_tokenizer(work / "tokenizer", vocab, merges)
+        write_tokenizer(work / "tokenizer_2", vocab, merges)
         write_t5_tokenizer(work / "tokenizer_3")
         (work / "scheduler").mkdir()
-        _write_json(work / "scheduler" / "scheduler_config.json", {
+        write_json(work / "scheduler" / "scheduler_config.json", {
             "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": diffusers.__version__,
             "num_train_timesteps": 1000, "shift": 3.0,
         })
-        _write_json(work / "model_index.json", {
+        write_json(work / "model_index.json", {
             "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
@@ -112,8 +107,4 @@ def build_tiny_sd3(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "image_encoder": [None, None], "feature_extractor": [None, None],
         })
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    return pathlib.Path(path)

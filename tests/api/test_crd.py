@@ -25,6 +25,7 @@ from openapi_schema_validator import OAS30Validator
 from dreambooth.api import DreamBoothJobSpec, SpecError, crd, validate_spec
 from dreambooth.api.job import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
 from kubesim import crds as kube_crds
+from tests.support.jobs import with_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = crd.crd()
@@ -212,24 +213,6 @@ def cel_violations(new: Any, old: Any = None, schema: dict[str, Any] = SPEC_SCHE
     return [v.message for v in found]
 
 
-def minimal_spec() -> dict[str, Any]:
-    return {
-        "baseModel": {"uri": "s3://models/sd15/"},
-        "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-    }
-
-
-def with_changes(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    doc = copy.deepcopy(doc)
-    for path, value in changes.items():
-        *parents, last = path.split(".")
-        node = doc
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return doc
-
-
 def as_stored(raw: dict[str, Any]) -> dict[str, Any]:
     """The spec as CEL sees it: defaults applied (see the module docstring)."""
     spec = DreamBoothJobSpec.model_validate(raw, context={"cluster": True, "skip_rules": True})
@@ -289,10 +272,10 @@ def _immutable_message(field: str) -> str:
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else str(v),
 )
-def test_only_suspend_may_change_on_update(changes, rejected_for):
-    base = with_changes(minimal_spec(), {"training.steps": 400, "training.batchSize": 2})
+def test_only_suspend_may_change_on_update(changes, rejected_for, minimal_spec):
+    base = with_paths(minimal_spec, {"training.steps": 400, "training.batchSize": 2})
     old = as_stored(base)
-    new = as_stored(with_changes(base, changes))
+    new = as_stored(with_paths(base, changes))
     expected = [] if rejected_for is None else [_immutable_message(rejected_for)]
     assert cel_violations(new, old=old) == expected
 
@@ -307,15 +290,15 @@ def test_every_field_but_suspend_has_a_rule_that_keeps_it():
         (".spec.runPolicy", f) for f in run_policy if f != "suspend"}
 
 
-def test_suspend_can_be_switched_back_and_forth():
-    off = as_stored(minimal_spec())
-    on = as_stored(with_changes(minimal_spec(), {"runPolicy.suspend": True}))
+def test_suspend_can_be_switched_back_and_forth(minimal_spec):
+    off = as_stored(minimal_spec)
+    on = as_stored(with_paths(minimal_spec, {"runPolicy.suspend": True}))
     assert cel_violations(on, old=off) == cel_violations(off, old=on) == []
 
 
-def test_removing_a_deadline_is_a_change_too():
-    with_deadline = as_stored(with_changes(minimal_spec(), {"runPolicy.activeDeadlineSeconds": 60}))
-    without = as_stored(minimal_spec())
+def test_removing_a_deadline_is_a_change_too(minimal_spec):
+    with_deadline = as_stored(with_paths(minimal_spec, {"runPolicy.activeDeadlineSeconds": 60}))
+    without = as_stored(minimal_spec)
     assert cel_violations(without, old=with_deadline) == [_immutable_message("activeDeadlineSeconds")]
 
 
@@ -433,8 +416,8 @@ AGREE = [
 
 
 @pytest.mark.parametrize("changes, valid", [c[1:] for c in AGREE], ids=[c[0] for c in AGREE])
-def test_cel_rules_agree_with_the_python_rules(changes, valid):
-    raw = with_changes(minimal_spec(), changes)
+def test_cel_rules_agree_with_the_python_rules(changes, valid, minimal_spec):
+    raw = with_paths(minimal_spec, changes)
     assert python_accepts(raw) is valid
     assert (cel_violations(as_stored(raw)) == []) is valid
 
@@ -454,8 +437,8 @@ PYTHON_ONLY = [
 
 
 @pytest.mark.parametrize("changes", [c[1] for c in PYTHON_ONLY], ids=[c[0] for c in PYTHON_ONLY])
-def test_preset_dependent_rules_are_left_to_the_operator(changes):
-    raw = with_changes(minimal_spec(), changes)
+def test_preset_dependent_rules_are_left_to_the_operator(changes, minimal_spec):
+    raw = with_paths(minimal_spec, changes)
     assert not python_accepts(raw)
     assert cel_violations(as_stored(raw)) == []
 
@@ -473,8 +456,8 @@ apply_crd_defaults = kube_crds.apply_defaults  # what the API server stores
 
 @pytest.mark.parametrize("changes", [c[1] for c in AGREE + PYTHON_ONLY],
                          ids=[c[0] for c in AGREE + PYTHON_ONLY])
-def test_model_dump_stands_in_for_api_server_defaulting(changes):
-    raw = with_changes(minimal_spec(), changes)
+def test_model_dump_stands_in_for_api_server_defaulting(changes, minimal_spec):
+    raw = with_paths(minimal_spec, changes)
     defaulted = apply_crd_defaults(raw, SPEC_SCHEMA)
     assert cel_violations(defaulted) == cel_violations(as_stored(raw))
     assert cel_violations(defaulted, old=defaulted) == cel_violations(as_stored(raw), old=as_stored(raw))
@@ -527,10 +510,10 @@ def rule_inputs(draw) -> dict[str, Any]:
     return changes
 
 
-@settings(max_examples=300, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(rule_inputs())
-def test_cel_never_rejects_what_python_accepts(changes):
-    raw = with_changes(minimal_spec(), changes)
+@settings(max_examples=300, derandomize=True, deadline=None,  # minimal_spec is only read: with_paths copies
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(changes=rule_inputs())
+def test_cel_never_rejects_what_python_accepts(changes, minimal_spec):
+    raw = with_paths(minimal_spec, changes)
     if cel_violations(as_stored(raw)):
         assert not python_accepts(raw), f"the API server would refuse a valid job: {changes}"

@@ -6,42 +6,13 @@ user sees and a piece of the message that tells them what to write instead.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from dreambooth.api import SpecError, validate_job, validate_spec
-
-DELETE = object()
-
-
-def minimal_job() -> dict[str, Any]:
-    return {
-        "apiVersion": "dreambooth.io/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": "toy-cat", "namespace": "team-a"},
-        "spec": {
-            "baseModel": {"uri": "s3://models/sd15/"},
-            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-        },
-    }
-
-
-def with_changes(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` with each dotted path set to its value (DELETE removes the key)."""
-    doc = copy.deepcopy(doc)
-    for path, value in changes.items():
-        *parents, last = path.split(".")
-        node = doc
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is DELETE:
-            del node[last]
-        else:
-            node[last] = value
-    return doc
+from tests.support.jobs import DROP, with_paths
 
 
 @dataclass(frozen=True)
@@ -179,8 +150,8 @@ SINGLE_FIELD = [
          "spec.validation.prompts", "at most 16 items"),
     Case("empty-prompt", {"spec.instance.prompt": ""}, "spec.instance.prompt",
          "at least 1 character"),
-    Case("missing-prompt", {"spec.instance.prompt": DELETE}, "spec.instance.prompt", "required"),
-    Case("missing-base-model", {"spec.baseModel": DELETE}, "spec.baseModel", "required"),
+    Case("missing-prompt", {"spec.instance.prompt": DROP}, "spec.instance.prompt", "required"),
+    Case("missing-base-model", {"spec.baseModel": DROP}, "spec.baseModel", "required"),
     Case("too-many-gpus", {"spec.resources.gpusPerNode": 17}, "spec.resources.gpusPerNode",
          "less than or equal to 16"),
     Case("zero-nodes", {"spec.resources.nodes": 0}, "spec.resources.nodes",
@@ -388,8 +359,8 @@ def test_the_table_is_big_enough_and_ids_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-def test_the_minimal_job_is_valid():
-    validate_job(minimal_job(), cluster=True)
+def test_the_minimal_job_is_valid(minimal_job):
+    validate_job(minimal_job, cluster=True)
 
 
 @pytest.mark.parametrize("changes", [
@@ -407,8 +378,8 @@ def test_the_minimal_job_is_valid():
      "spec.training.batchSize": 2},
 ], ids=["nccl-env", "rdma-devices", "hugepages-with-memory", "zero-drops-a-default", "mig-one-slice",
         "mig-one-slice-per-node"])
-def test_what_real_gpu_clusters_need_is_accepted(changes):
-    validate_job(with_changes(minimal_job(), changes), cluster=True)
+def test_what_real_gpu_clusters_need_is_accepted(changes, minimal_job):
+    validate_job(with_paths(minimal_job, changes), cluster=True)
 
 
 def rejected(doc: dict[str, Any], *, cluster: bool = True) -> SpecError:
@@ -418,8 +389,8 @@ def rejected(doc: dict[str, Any], *, cluster: bool = True) -> SpecError:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_invalid_job_names_the_field_and_what_is_allowed(case: Case):
-    err = rejected(with_changes(minimal_job(), case.changes))
+def test_invalid_job_names_the_field_and_what_is_allowed(case: Case, minimal_job):
+    err = rejected(with_paths(minimal_job, case.changes))
     by_path = {issue.path: issue.message for issue in err.issues}
     assert case.path in by_path, f"expected an issue at {case.path}, got {err}"
     assert case.says in by_path[case.path], f"{case.path}: {by_path[case.path]!r}"
@@ -429,9 +400,9 @@ def test_invalid_job_names_the_field_and_what_is_allowed(case: Case):
 @pytest.mark.parametrize(
     "case", [c for c in CASES if c.path.startswith("spec.")], ids=lambda c: c.id
 )
-def test_validate_spec_reports_the_same_paths(case: Case):
+def test_validate_spec_reports_the_same_paths(case: Case, minimal_job):
     """The operator and trainer validate a bare spec; the paths must read the same."""
-    spec = with_changes(minimal_job(), case.changes)["spec"]
+    spec = with_paths(minimal_job, case.changes)["spec"]
     with pytest.raises(SpecError) as info:
         validate_spec(spec, cluster=True)
     assert case.path in [issue.path for issue in info.value.issues], str(info.value)
@@ -445,15 +416,15 @@ def test_validate_spec_reports_the_same_paths(case: Case):
         {"spec.baseModel.uri": "file:///models/sd15"},
     ],
 )
-def test_file_uris_are_fine_outside_a_cluster(changes):
-    doc = with_changes(minimal_job(), changes)
+def test_file_uris_are_fine_outside_a_cluster(changes, minimal_job):
+    doc = with_paths(minimal_job, changes)
     validate_job(doc, cluster=False)
     rejected(doc, cluster=True)
 
 
-def test_every_single_field_problem_is_reported_at_once():
-    doc = with_changes(
-        minimal_job(),
+def test_every_single_field_problem_is_reported_at_once(minimal_job):
+    doc = with_paths(
+        minimal_job,
         {
             "spec.preset": "portrait",
             "spec.training.steps": 0,
@@ -474,9 +445,9 @@ def test_every_single_field_problem_is_reported_at_once():
     }
 
 
-def test_every_cross_field_problem_is_reported_at_once():
-    doc = with_changes(
-        minimal_job(),
+def test_every_cross_field_problem_is_reported_at_once(minimal_job):
+    doc = with_paths(
+        minimal_job,
         {
             **LORA,
             "spec.training.steps": 100,
@@ -503,9 +474,9 @@ def test_every_cross_field_problem_is_reported_at_once():
     )
 
 
-def test_error_text_reads_well():
-    doc = with_changes(
-        minimal_job(), {"spec.training.steps": 0, "spec.instance.uri": "gs://bucket/cat/"}
+def test_error_text_reads_well(minimal_job):
+    doc = with_paths(
+        minimal_job, {"spec.training.steps": 0, "spec.instance.uri": "gs://bucket/cat/"}
     )
     lines = str(rejected(doc)).splitlines()
     assert lines[0] == "invalid DreamBoothJob (2 problem(s)):"

@@ -22,35 +22,17 @@ from dreambooth.api import (
 )
 from dreambooth.api.presets import BASE, PRESETS, preset_value
 from dreambooth.api.spec import Method, OutputFormat, SecretKeyRef
+from tests.support.jobs import DROP, make_job
 
 DEFAULTS = Defaults(output_root="s3://outputs", s3_endpoint="minio.minio.svc:9000")
 
 
-def spec_doc(**sections: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "baseModel": {"uri": "s3://models/sd15/"},
-        "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-    }
-    doc.update(sections)
-    return doc
-
-
-def job_doc(name: str = "toy-cat", namespace: str | None = "team-a", **sections: Any):
-    metadata = {"name": name} | ({"namespace": namespace} if namespace else {})
-    return {
-        "apiVersion": "dreambooth.io/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": metadata,
-        "spec": spec_doc(**sections),
-    }
-
-
 def effective(**sections: Any):
-    return effective_spec(validate_spec(spec_doc(**sections), cluster=True))
+    return effective_spec(validate_spec(make_job(**sections)["spec"], cluster=True))
 
 
 def config(**sections: Any) -> TrainerConfig:
-    return build_trainer_config(validate_job(job_doc(**sections), cluster=True), DEFAULTS)
+    return build_trainer_config(validate_job(make_job(**sections), cluster=True), DEFAULTS)
 
 
 # --- what each preset means ------------------------------------------------------------
@@ -81,11 +63,11 @@ def test_preset_resolves_to_its_settings(preset: Preset):
 
 
 def test_face_preset_needs_no_class_prompt_of_its_own():
-    validate_spec(spec_doc(preset="face"), cluster=True)  # custom would demand one
+    validate_spec(make_job(preset="face")["spec"], cluster=True)  # custom would demand one
 
 
 def test_the_default_preset_is_custom():
-    assert validate_spec(spec_doc(), cluster=True).preset is Preset.CUSTOM
+    assert validate_spec(make_job()["spec"], cluster=True).preset is Preset.CUSTOM
     assert effective().training.steps == BASE["training"]["steps"]
 
 
@@ -229,10 +211,9 @@ def test_effective_spec_is_pure_idempotent_and_valid(preset: Preset, variant: st
     """The trainer re-validates the effective spec (TrainerConfig holds it): what the user
     was allowed to write must still be valid once the preset is applied, for every family
     (an SD3 example with t5: drop once failed in the trainer: its preset's maxSequenceLength)."""
-    doc = spec_doc(preset=preset.value, **VARIANTS[variant])
-    doc["baseModel"] = {**doc["baseModel"], "family": family}
+    job = make_job(preset=preset.value, baseModel={"family": family}, **VARIANTS[variant])
     try:
-        spec = validate_spec(doc, cluster=True)
+        spec = validate_spec(job["spec"], cluster=True)
     except SpecError:
         assert family != "auto" or variant.startswith("t5-"), variant  # SD 1.x/2.x take every other variant
         return  # not what the user may write for this family
@@ -241,8 +222,6 @@ def test_effective_spec_is_pure_idempotent_and_valid(preset: Preset, variant: st
     assert spec.model_dump() == before
     assert effective_spec(once) == once
     validate_spec(once.wire(), cluster=True)
-    job = job_doc(preset=preset.value, **VARIANTS[variant])
-    job["spec"]["baseModel"] = doc["baseModel"]
     text = build_trainer_config(validate_job(job, cluster=True), DEFAULTS).model_dump_json(by_alias=True)
     TrainerConfig.model_validate_json(text)  # as the trainer reads it
 
@@ -324,7 +303,7 @@ def test_trainer_config_holds_no_credentials(monkeypatch):
 )
 def test_output_uri_default(root, namespace, output, want):
     sections = {"output": {"uri": output}} if output else {}
-    job = validate_job(job_doc(namespace=namespace, **sections), cluster=True)
+    job = validate_job(make_job(metadata={"namespace": namespace or DROP}, **sections), cluster=True)
     cfg = build_trainer_config(job, Defaults(output_root=root))
     assert cfg.output_uri == want
     assert cfg.job.namespace == (namespace or "default") and cfg.job.name == "toy-cat"
@@ -337,7 +316,7 @@ def test_class_images_are_cached_per_bucket():
 
 
 def test_build_trainer_config_is_deterministic():
-    job = validate_job(job_doc(preset="face"), cluster=True)
+    job = validate_job(make_job(preset="face"), cluster=True)
     assert build_trainer_config(job, DEFAULTS) == build_trainer_config(job, DEFAULTS)
     assert build_trainer_config(job, DEFAULTS).spec == effective_spec(job.spec)
 

@@ -15,6 +15,7 @@ from openapi_schema_validator import OAS30Validator
 from dreambooth.api import SpecError, crd, validate_spec
 from dreambooth.api.spec import DATA_URI_PATTERN, MODEL_URI_PATTERN, REVISION_PATTERN
 from dreambooth.api.uris import Scheme, Uri, UriError, parse_uri
+from tests.support.jobs import DROP, make_job
 
 ALL = frozenset(Scheme)
 CRD = OAS30Validator(crd.spec_schema())
@@ -103,8 +104,7 @@ MODELS_ONLY = {"s3://192.168.0.1/x", "s3://my..bucket/x", "pvc://" + "a" * 254 +
 
 def spec_with_model(uri: str, revision: str | None = None) -> dict[str, Any]:
     base: dict[str, Any] = {"uri": uri} | ({"revision": revision} if revision is not None else {})
-    return {"baseModel": base,
-            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"}}
+    return make_job(baseModel=base)["spec"]
 
 
 def model_issue(spec: dict[str, Any], *, cluster: bool, path: str) -> str | None:
@@ -203,8 +203,7 @@ def test_a_trainer_configs_uris_go_through_the_parser():
     from dreambooth.api import build_trainer_config, validate_job
     from dreambooth.api.config import Defaults, TrainerConfig
 
-    doc = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-           "metadata": {"name": "toy-cat", "namespace": "team-a"}, "spec": spec_with_model("s3://models/sd15/")}
+    doc = make_job()
     wire = build_trainer_config(validate_job(doc), Defaults(output_root="s3://outputs")).wire()
     assert TrainerConfig.model_validate(wire).class_cache_uri == "s3://outputs/.cache/class-images/"
     for field, bad, says in [("outputUri", "s3://outputs/../x/", "'.' or '..' segments"),
@@ -218,11 +217,8 @@ def test_dreambooth_train_makes_relative_file_uris_absolute(tmp_path):
     from dreambooth.api import validate_job
     from dreambooth.local import absolute_file_uris
 
-    spec = spec_with_model("file://./models/sd15") | {
-        "instance": {"uri": "file://photos/toy-cat/", "prompt": "a photo of zwx toy cat"},
-        "output": {"uri": "file:///runs/toy-cat/"}}
-    doc = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-           "metadata": {"name": "toy-cat"}, "spec": spec}
+    doc = make_job(metadata={"namespace": DROP}, baseModel={"uri": "file://./models/sd15"},
+                   instance={"uri": "file://photos/toy-cat/"}, output={"uri": "file:///runs/toy-cat/"})
     fixed = absolute_file_uris(validate_job(doc), tmp_path).spec
     assert fixed.base_model.uri == (tmp_path / "models" / "sd15").as_uri()
     assert fixed.instance.uri == (tmp_path / "photos" / "toy-cat").as_uri() + "/"

@@ -23,7 +23,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from dreambooth.operator import naming, resources
+from dreambooth.operator import naming, podtemplate, trainerinputs
 from dreambooth.operator.settings import OperatorSettings
 from tests.chart.support import ROOT, objects
 
@@ -359,9 +359,9 @@ def test_wheel_build_reads_what_setuptools_needs():
 @pytest.mark.parametrize("stage", ["operator", "trainer"])
 def test_images_run_as_the_numeric_non_root_user_the_pods_use(stage):
     users = STAGES[stage].all("USER")
-    assert users and users[-1] == f"{resources.RUN_AS}:{resources.RUN_AS}"
+    assert users and users[-1] == f"{podtemplate.RUN_AS}:{podtemplate.RUN_AS}"
     (deployment,) = [o for o in objects() if o["kind"] == "Deployment"]
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == resources.RUN_AS
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == podtemplate.RUN_AS
 
 
 def test_operator_entrypoint_is_the_console_script():
@@ -378,8 +378,8 @@ def test_trainer_entrypoint_is_what_the_operator_runs():
     import json
 
     entrypoint = json.loads(STAGES["trainer"].all("ENTRYPOINT")[0])
-    assert entrypoint == ["python", "-m", resources.TRAINER_MODULE]
-    assert importlib.util.find_spec(f"{resources.TRAINER_MODULE}.__main__") is not None
+    assert entrypoint == ["python", "-m", podtemplate.TRAINER_MODULE]
+    assert importlib.util.find_spec(f"{podtemplate.TRAINER_MODULE}.__main__") is not None
     env = STAGES["trainer"].env()
     assert env["PATH"].startswith(env["VIRTUAL_ENV"] + "/bin:")  # python and accelerate from the venv
     assert STAGES["trainer"].all("EXPOSE") == [f"{OperatorSettings().trainer_metrics_port} {naming.RENDEZVOUS_PORT}"]
@@ -387,22 +387,22 @@ def test_trainer_entrypoint_is_what_the_operator_runs():
 
 def test_trainer_caches_are_where_the_pods_mount_writable_volumes():
     env = STAGES["trainer"].env()
-    pod_env = {e["name"]: e["value"] for e in resources._env(_any_inputs()) if "value" in e}
+    pod_env = {e["name"]: e["value"] for e in podtemplate._env(_any_inputs()) if "value" in e}
     for var in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "DREAMBOOTH_WORKDIR"):
         assert env[var] == pod_env[var], var
-    writable = {resources.CACHE_DIR, "/tmp"}
+    writable = {podtemplate.CACHE_DIR, "/tmp"}
     for var in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "DREAMBOOTH_WORKDIR"):
         assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), var
     run = " ".join(STAGES["trainer"].all("RUN"))
-    assert f"chown -R {resources.RUN_AS}:{resources.RUN_AS} {resources.CACHE_DIR} {resources.WORKDIR}" in run
-    assert STAGES["trainer"].all("VOLUME") == [f'["{resources.CACHE_DIR}", "/tmp"]']
+    assert f"chown -R {podtemplate.RUN_AS}:{podtemplate.RUN_AS} {podtemplate.CACHE_DIR} {podtemplate.WORKDIR}" in run
+    assert STAGES["trainer"].all("VOLUME") == [f'["{podtemplate.CACHE_DIR}", "/tmp"]']
 
 
-def _any_inputs() -> resources.TrainerInputs:
+def _any_inputs() -> trainerinputs.TrainerInputs:
     import yaml
 
     from dreambooth.api import validate_job
 
     doc = yaml.safe_load((ROOT / "examples" / "toy-cat.yaml").read_text())
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
-    return resources.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
+    return trainerinputs.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())

@@ -20,7 +20,7 @@ import yaml
 from prometheus_client.registry import CollectorRegistry
 
 from dreambooth.api import telemetry, validate_job
-from dreambooth.operator import naming, resources
+from dreambooth.operator import naming, resources, trainerinputs
 from dreambooth.operator.metrics import OperatorMetrics
 from dreambooth.operator.settings import OperatorSettings
 from dreambooth.trainer.metrics import TrainerMetrics
@@ -310,7 +310,7 @@ def test_promtool_unit_tests_the_alerts(tmp_path):
 def _trainer_job() -> dict[str, Any]:
     doc = yaml.safe_load((ROOT / "examples" / "toy-cat.yaml").read_text())
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
-    return resources.job(resources.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings()))
+    return resources.job(trainerinputs.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings()))
 
 
 def test_podmonitor_selects_the_trainer_pods_the_operator_creates():

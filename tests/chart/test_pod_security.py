@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dreambooth.api import manifest, validate_job
-from dreambooth.operator import resources
+from dreambooth.operator import resources, trainerinputs
 from dreambooth.operator.settings import OperatorSettings
 from tests.chart.support import EVERYTHING, ROOT, container_env, objects, one, production_values
 
@@ -119,7 +119,7 @@ def test_operator_container_is_hardened_beyond_restricted():
 def test_trainer_pods_the_operator_creates_meet_it_too(example: Path):
     (doc,) = [d.data for d in manifest.read(example) if d.kind == "DreamBoothJob"]
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
-    inputs = resources.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
+    inputs = trainerinputs.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
     assert restricted_violations(resources.job(inputs)["spec"]["template"]["spec"]) == []
 
 
@@ -135,7 +135,7 @@ def test_trainer_pods_stay_restricted_with_nccl_variables_and_rdma_devices():
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
     doc["spec"]["resources"]["env"] = [{"name": "NCCL_DEBUG", "value": "INFO"}]
     doc["spec"]["resources"]["extraResources"] = {"nvidia.com/hostdev": "8", "hugepages-2Mi": "2Gi"}
-    pod = resources.job(resources.TrainerInputs(validate_job(doc, cluster=True), settings))["spec"]["template"]["spec"]
+    pod = resources.job(trainerinputs.TrainerInputs(validate_job(doc, cluster=True), settings))["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert {"NCCL_IB_HCA", "NCCL_DEBUG"} <= {e["name"] for e in container["env"]}
     assert {"rdma/rdma_shared_device_a", "nvidia.com/hostdev", "hugepages-2Mi"} <= set(container["resources"]["limits"])

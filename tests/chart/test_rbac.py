@@ -29,7 +29,7 @@ from kubernetes_asyncio import client
 
 from dreambooth.api import crd, validate_job
 from dreambooth.api.job import GROUP, PLURAL
-from dreambooth.operator import handlers, kube, rbac, resources
+from dreambooth.operator import handlers, kube, rbac, resources, trainerinputs
 from dreambooth.operator.settings import OperatorSettings
 from tests.chart.support import (
     EVERYTHING,
@@ -172,7 +172,7 @@ def handler_needs() -> set[Triple]:
 def owner_needs() -> set[Triple]:
     doc = yaml.safe_load((ROOT / "examples" / "toy-cat.yaml").read_text())
     doc["metadata"].update(namespace="team-a", uid="3f0e5a8c-7d1b-4c2e-9a6f-0b1c2d3e4f50")
-    inputs = resources.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
+    inputs = trainerinputs.TrainerInputs(validate_job(doc, cluster=True), OperatorSettings())
     needs = set()
     for child in resources.children(inputs):
         for ref in child["metadata"].get("ownerReferences", []):

@@ -9,17 +9,18 @@ import pytest
 
 from dreambooth.api import SpecError, validate_job
 from dreambooth.api.pod import RESERVED_ENV, env_name_problem
-from dreambooth.operator import resources
+from dreambooth.operator import podtemplate, resources
 from dreambooth.operator.settings import OperatorSettings, SettingsError
 from tests.operator.test_resources import (
     CASES,
+    CLUSTER_JOB,
     CLUSTER_SETTINGS,
     cluster_extras_doc,
     env_of,
     inputs_for,
-    minimal_doc,
     trainer,
 )
+from tests.support.jobs import make_job
 
 
 def _pod_env(inputs) -> list[tuple[str, str]]:
@@ -32,9 +33,9 @@ def test_job_env_follows_the_operators_own_and_wins_over_its_defaults_per_name()
     assert env[-3:] == [("NCCL_SOCKET_IFNAME", "eth0"), ("NCCL_DEBUG", "INFO"), ("NCCL_IB_HCA", "mlx5")]
     assert names.index("DREAMBOOTH_CONFIG") < names.index("NCCL_SOCKET_IFNAME")  # operator's first
     assert len(names) == len(set(names))
-    plain = _pod_env(inputs_for(minimal_doc(), CLUSTER_SETTINGS))  # the defaults alone
+    plain = _pod_env(inputs_for(make_job(CLUSTER_JOB), CLUSTER_SETTINGS))  # the defaults alone
     assert plain[-2:] == [("NCCL_SOCKET_IFNAME", "eth0"), ("NCCL_DEBUG", "WARN")]
-    assert not [n for n, _ in _pod_env(inputs_for(minimal_doc())) if n.startswith("NCCL_")]
+    assert not [n for n, _ in _pod_env(inputs_for(make_job(CLUSTER_JOB))) if n.startswith("NCCL_")]
 
 
 def test_extra_resources_are_requested_and_limited_alike_and_the_job_wins():
@@ -42,14 +43,14 @@ def test_extra_resources_are_requested_and_limited_alike_and_the_job_wins():
     expected = {"nvidia.com/gpu": "4", "memory": "256Gi", "hugepages-2Mi": "1Gi",
                 "nvidia.com/hostdev": "4", "rdma/rdma_shared_device_a": "1"}
     assert container["resources"] == {"limits": expected, "requests": expected}
-    more = minimal_doc(resources={"extraResources": {"rdma/rdma_shared_device_a": "2"}})
+    more = make_job(CLUSTER_JOB, resources={"extraResources": {"rdma/rdma_shared_device_a": "2"}})
     assert trainer(resources.job(inputs_for(more, CLUSTER_SETTINGS)))["resources"]["limits"][
         "rdma/rdma_shared_device_a"] == "2"
 
 
 def test_a_zero_drops_an_operator_default():
     """A CPU-only job on a cluster whose SRE requests RDMA devices for every trainer pod."""
-    doc = minimal_doc(resources={"gpusPerNode": 0,
+    doc = make_job(CLUSTER_JOB, resources={"gpusPerNode": 0,
                                  "extraResources": {"rdma/rdma_shared_device_a": "0"}})
     assert "resources" not in trainer(resources.job(inputs_for(doc, CLUSTER_SETTINGS)))
 
@@ -58,7 +59,7 @@ def test_the_gpu_is_counted_by_gpus_per_node_only():
     """Even when an operator default names the GPU resource a job uses (here a vendor name
     the settings cannot know to be a GPU), the pod asks for gpusPerNode of it."""
     settings = OperatorSettings(trainer_extra_resources=(("example.com/accelerator", "8"),))
-    doc = minimal_doc(resources={"gpusPerNode": 2, "gpu": {"resourceName": "example.com/accelerator"}},
+    doc = make_job(CLUSTER_JOB, resources={"gpusPerNode": 2, "gpu": {"resourceName": "example.com/accelerator"}},
                       training={"batchSize": 2})
     limits = trainer(resources.job(inputs_for(doc, settings)))["resources"]["limits"]
     assert limits == {"example.com/accelerator": "2"}
@@ -88,7 +89,7 @@ def kubernetes_expand(value: str, defined: dict[str, str]) -> str:
 @pytest.mark.parametrize("value", ["eth0", "^docker,lo", "=mlx5_0:1", "$(HOME)", "a$$b", "cost $5",
                                    "ends with $", "$(UNDEFINED", ""])
 def test_values_reach_the_process_literally(value):
-    doc = minimal_doc(resources={"env": [{"name": "NCCL_SOCKET_IFNAME", "value": value}]})
+    doc = make_job(CLUSTER_JOB, resources={"env": [{"name": "NCCL_SOCKET_IFNAME", "value": value}]})
     env = trainer(resources.job(inputs_for(doc)))["env"]
     defined = {e["name"]: e["value"] for e in env if "value" in e}
     assert kubernetes_expand(env_of(resources.job(inputs_for(doc)))["NCCL_SOCKET_IFNAME"]["value"],
@@ -106,13 +107,13 @@ def test_every_variable_the_operator_sets_is_refused_in_jobs_and_settings():
     (two values of one name in a pod): dreambooth/api/pod.py's RESERVED_ENV must grow."""
     own: set[str] = set()
     for _, inputs in CASES:
-        extra = {e["name"] for e in resources.extra_env(inputs)}
-        own |= {e["name"] for e in resources._env(inputs)} - extra
+        extra = {e["name"] for e in podtemplate.extra_env(inputs)}
+        own |= {e["name"] for e in podtemplate._env(inputs)} - extra
     assert {"DREAMBOOTH_CONFIG", "HOME", "AWS_ACCESS_KEY_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"} <= own
     for name in sorted(own):
         assert env_name_problem(name), f"{name} is set by the operator but a job may set it too"
         with pytest.raises(SpecError, match=rf"spec\.resources\.env\[0\]\.name: {name}"):
-            validate_job(minimal_doc(resources={"env": [{"name": name, "value": "x"}]}), cluster=True)
+            validate_job(make_job(CLUSTER_JOB, resources={"env": [{"name": name, "value": "x"}]}), cluster=True)
         with pytest.raises(SettingsError, match="DREAMBOOTH_TRAINER_ENV="):
             OperatorSettings.from_env({"DREAMBOOTH_TRAINER_ENV": f'[{{"name": "{name}", "value": "x"}}]'})
 

@@ -6,7 +6,6 @@ hand (watch events and poll cycles called directly, no kopf)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import subprocess
 import sys
 
@@ -24,30 +23,20 @@ from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.reconciler import Action, Reconciler, next_action
 from dreambooth.operator.settings import OperatorSettings
 from dreambooth.operator.typedjobs import InvalidJob, TypedJob, TypedJobs
+from tests.support.jobs import make_job
 from tests.support.kube import kube  # noqa: F401
 
 SETTINGS = OperatorSettings(output_root="s3://dreambooth", metrics_port=0)
-BODY = {
-    "apiVersion": "dreambooth.io/v1alpha1",
-    "kind": "DreamBoothJob",
-    "metadata": {"name": "toy-cat", "namespace": "default", "uid": "u-1", "generation": 1},
-    "spec": {
-        "preset": "object",
-        "baseModel": {"uri": "s3://models/sd15/"},
-        "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-    },
-}
+#: where every job here starts from (tests/support/jobs.py make_job)
+IN_DEFAULT = {"metadata": {"namespace": "default"}, "preset": "object"}
 #: no class prompt: what the cross-field rules refuse (the emulator runs no CEL)
 INVALID_SPEC = {"preset": "custom", "prior": {"enabled": True}}
 
 
 def body(generation: int = 1, uid: str = "u-1", labels: dict | None = None, **spec) -> dict:
-    doc = copy.deepcopy(BODY)
-    doc["metadata"].update(generation=generation, uid=uid)
-    if labels is not None:
-        doc["metadata"]["labels"] = labels
-    doc["spec"].update(spec)
-    return doc
+    """The object as the API server returns it (uid, generation)."""
+    metadata = {"generation": generation, "uid": uid} | ({"labels": labels} if labels is not None else {})
+    return make_job(IN_DEFAULT, metadata=metadata, **spec)
 
 
 # --- the cache -----------------------------------------------------------------------------
@@ -146,10 +135,7 @@ async def reconciler(kube):  # noqa: F811
 
 
 def created(kube, spec_changes: dict | None = None) -> dict:  # noqa: F811
-    doc = {k: copy.deepcopy(v) for k, v in BODY.items() if k != "metadata"}
-    doc["metadata"] = {"name": "toy-cat", "namespace": "default"}
-    doc["spec"].update(spec_changes or {})
-    return kube.create(doc)
+    return kube.create(make_job(IN_DEFAULT, **(spec_changes or {})))
 
 
 def status_patches(kube) -> int:  # noqa: F811

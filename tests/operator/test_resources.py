@@ -31,9 +31,10 @@ from dreambooth.api.exitcodes import DO_NOT_RETRY
 from dreambooth.api.spec import ResourcesSpec
 from dreambooth.api.termination import TerminationSummary
 from dreambooth.api.uris import Scheme, parse_uri
-from dreambooth.operator import naming, resources
-from dreambooth.operator.resources import TrainerInputs
+from dreambooth.operator import naming, podtemplate, resources, trainerinputs
 from dreambooth.operator.settings import OperatorSettings, SettingsError
+from dreambooth.operator.trainerinputs import TrainerInputs
+from tests.support.jobs import make_job
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -61,19 +62,9 @@ def job_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
-def minimal_doc(**spec: Any) -> dict[str, Any]:
-    doc = {
-        "apiVersion": "dreambooth.io/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": "toy-cat", "namespace": NAMESPACE, "uid": UID},
-        "spec": {
-            "preset": "object",
-            "baseModel": {"uri": "s3://models/sd15/"},
-            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-        },
-    }
-    doc["spec"].update(spec)
-    return doc
+#: what every job here starts from (tests/support/jobs.py make_job): a uid, as the API
+#: server returns the object, and the object preset
+CLUSTER_JOB = {"metadata": {"namespace": NAMESPACE, "uid": UID}, "preset": "object"}
 
 
 def inputs_for(doc: dict[str, Any], settings: OperatorSettings = SETTINGS) -> TrainerInputs:
@@ -85,7 +76,7 @@ def example_inputs() -> list[tuple[str, TrainerInputs]]:
 
 
 def pvc_doc() -> dict[str, Any]:
-    return minimal_doc(
+    return make_job(CLUSTER_JOB, 
         baseModel={"uri": "pvc://models/sd15", "vae": "pvc://models/vae-ft-mse"},
         instance={"uri": "pvc://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
         prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": "pvc://training-data/cats/"},
@@ -94,7 +85,7 @@ def pvc_doc() -> dict[str, Any]:
 
 
 def long_name_doc() -> dict[str, Any]:
-    doc = minimal_doc(resources={"nodes": naming.MAX_NODES, "gpusPerNode": 8},
+    doc = make_job(CLUSTER_JOB, resources={"nodes": naming.MAX_NODES, "gpusPerNode": 8},
                       training={"batchSize": 512})
     doc["metadata"]["name"] = "a" * 40 + "-" + "b" * 22  # 63 characters
     return doc
@@ -171,7 +162,7 @@ CLUSTER_SETTINGS = OperatorSettings(
 
 
 def cluster_extras_doc() -> dict[str, Any]:
-    return minimal_doc(resources={
+    return make_job(CLUSTER_JOB, resources={
         "nodes": 2, "gpusPerNode": 4, "memory": "256Gi",
         "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
         "extraResources": {"nvidia.com/hostdev": "4", "hugepages-2Mi": "1Gi"},
@@ -179,14 +170,14 @@ def cluster_extras_doc() -> dict[str, Any]:
 
 
 def all_cases() -> list[tuple[str, TrainerInputs]]:
-    gpu0 = minimal_doc(resources={"gpusPerNode": 0})
-    digit = minimal_doc(resources={"nodes": 2, "gpusPerNode": 1}, training={"batchSize": 4})
+    gpu0 = make_job(CLUSTER_JOB, resources={"gpusPerNode": 0})
+    digit = make_job(CLUSTER_JOB, resources={"nodes": 2, "gpusPerNode": 1}, training={"batchSize": 4})
     digit["metadata"]["name"] = "2024-cat"
     return example_inputs() + [
         ("pvc", inputs_for(pvc_doc())),
         ("long-name", inputs_for(long_name_doc())),
         ("cpu-only", inputs_for(gpu0)),
-        ("no-endpoint-no-secret", inputs_for(minimal_doc(), OperatorSettings())),
+        ("no-endpoint-no-secret", inputs_for(make_job(CLUSTER_JOB), OperatorSettings())),
         ("digit-name", inputs_for(digit)),
         ("cluster-extras", inputs_for(cluster_extras_doc(), CLUSTER_SETTINGS)),
     ]
@@ -379,14 +370,14 @@ def test_secret_from_spec_else_settings_else_none():
     assert with_spec["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "minio-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
     assert with_spec["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio.svc:9000"
-    from_settings = env_of(resources.job(inputs_for(minimal_doc())))
+    from_settings = env_of(resources.job(inputs_for(make_job(CLUSTER_JOB))))
     assert from_settings["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "dreambooth-s3"
-    custom_keys = minimal_doc(storage={"credentialsSecret": {
+    custom_keys = make_job(CLUSTER_JOB, storage={"credentialsSecret": {
         "name": "s3", "accessKeyKey": "user", "secretKeyKey": "password"}, "secure": True})
     env = env_of(resources.job(inputs_for(custom_keys)))
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "password"}
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "https://minio.minio.svc:9000"
-    bare = env_of(resources.job(inputs_for(minimal_doc(), OperatorSettings())))
+    bare = env_of(resources.job(inputs_for(make_job(CLUSTER_JOB), OperatorSettings())))
     assert "AWS_ACCESS_KEY_ID" not in bare and "AWS_ENDPOINT_URL_S3" not in bare
     assert bare["AWS_REGION"]["value"] == "us-east-1"
 
@@ -396,7 +387,7 @@ def test_secret_from_spec_else_settings_else_none():
 
 def test_pvc_uris_are_mounted_and_rewritten():
     inputs = inputs_for(pvc_doc())
-    config = resources.trainer_config(inputs)
+    config = trainerinputs.trainer_config(inputs)
     assert config.spec.base_model.uri == "file:///mnt/pvc/models/sd15"
     assert config.spec.base_model.vae == "file:///mnt/pvc/models/vae-ft-mse"
     assert config.spec.instance.uri == "file:///mnt/pvc/training-data/toy-cat/"
@@ -427,31 +418,31 @@ def test_pvc_uris_are_mounted_and_rewritten():
 
 
 def test_pvc_claim_read_and_written_is_writable_and_settings_root_may_be_a_pvc():
-    doc = minimal_doc(instance={"uri": "pvc://shared/photos/", "prompt": "a photo of zwx cat"})
+    doc = make_job(CLUSTER_JOB, instance={"uri": "pvc://shared/photos/", "prompt": "a photo of zwx cat"})
     inputs = inputs_for(doc, OperatorSettings(output_root="pvc://shared/runs"))
-    assert resources.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
-    assert resources.claim_mounts(inputs) == [
-        resources.ClaimMount("shared", read_only=False, volume="pvc-0")]
+    assert trainerinputs.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
+    assert trainerinputs.claim_mounts(inputs) == [
+        trainerinputs.ClaimMount("shared", read_only=False, volume="pvc-0")]
 
 
 def test_config_map_is_what_the_trainer_parses():
     for _, inputs in CASES:
         text = resources.config_map(inputs)["data"]["config.json"]
         parsed = TrainerConfig.model_validate(json.loads(text))  # as dreambooth.trainer does
-        assert parsed == resources.trainer_config(inputs)
+        assert parsed == trainerinputs.trainer_config(inputs)
         assert parsed.job.uid == UID and parsed.job.namespace == NAMESPACE
 
 
 def test_pvc_paths_stay_on_their_claim():
-    assert resources.local_uri("pvc://data/a/b/") == "file:///mnt/pvc/data/a/b/"
-    assert resources.local_uri("s3://bucket/x/") == "s3://bucket/x/"
+    assert trainerinputs.local_uri("pvc://data/a/b/") == "file:///mnt/pvc/data/a/b/"
+    assert trainerinputs.local_uri("s3://bucket/x/") == "s3://bucket/x/"
     with pytest.raises(ValueError, match=r"'\.\.'"):
-        resources.local_uri("pvc://data/../etc/")
+        trainerinputs.local_uri("pvc://data/../etc/")
 
 
 def test_a_pvc_path_is_literal_in_the_file_uri_the_pods_read():
     """pvc:// paths are literal, file:// paths percent-decoded: a '%' stays a '%'."""
-    uri = resources.local_uri("pvc://data/100%25/a%2e%2e/")
+    uri = trainerinputs.local_uri("pvc://data/100%25/a%2e%2e/")
     assert uri == "file:///mnt/pvc/data/100%2525/a%252e%252e/"
     assert parse_uri(uri, allowed={Scheme.FILE}).path == "/mnt/pvc/data/100%25/a%2e%2e/"
 
@@ -489,7 +480,7 @@ def test_multi_node_rendezvous():
     assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(
-        resources.SHUTDOWN_TIMEOUT_SECONDS)
+        podtemplate.SHUTDOWN_TIMEOUT_SECONDS)
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
     ports = {p["name"]: p["containerPort"] for p in trainer(job)["ports"]}
@@ -590,7 +581,7 @@ def test_a_do_not_retry_failure_of_local_rank_1_is_the_pods_verdict(tmp_path: Pa
     code, message, seconds, out = _run_launch(tmp_path, "blocked,bad-data")
     assert code == 11, out[-3000:]
     assert (message.exit_code, message.reason, message.rank) == (11, "BadData", 1)
-    assert seconds < resources.SHUTDOWN_TIMEOUT_SECONDS + 30, f"took {seconds:.0f} s"
+    assert seconds < podtemplate.SHUTDOWN_TIMEOUT_SECONDS + 30, f"took {seconds:.0f} s"
 
 
 @accelerate_missing
@@ -698,7 +689,7 @@ def test_run_policy_and_scheduling():
     dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     assert trainer(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    ttl = resources.job(inputs_for(minimal_doc(runPolicy={"ttlSecondsAfterFinished": 60,
+    ttl = resources.job(inputs_for(make_job(CLUSTER_JOB, runPolicy={"ttlSecondsAfterFinished": 60,
                                                           "suspend": True})))
     assert ttl["spec"]["suspend"] is True
     # the job's ttl deletes the DreamBoothJob (the Job follows); a Job deleted on its own
@@ -709,7 +700,7 @@ def test_run_policy_and_scheduling():
 def test_gpus_and_image():
     cpu = resources.job(dict(CASES)["cpu-only"])
     assert "resources" not in trainer(cpu)
-    custom = minimal_doc(resources={"gpusPerNode": 1, "gpu": {"resourceName": "amd.com/gpu"},
+    custom = make_job(CLUSTER_JOB, resources={"gpusPerNode": 1, "gpu": {"resourceName": "amd.com/gpu"},
                                     "image": "registry.local/trainer:dev", "memory": "32Gi"})
     c = trainer(resources.job(inputs_for(custom)))
     assert c["image"] == "registry.local/trainer:dev"
@@ -787,17 +778,17 @@ def test_same_input_same_output():
 
 
 def test_inputs_need_the_api_servers_metadata():
-    doc = minimal_doc()
+    doc = make_job(CLUSTER_JOB)
     del doc["metadata"]["uid"]
     with pytest.raises(ValueError, match="uid"):
         inputs_for(doc)
 
 
 def test_file_uris_are_refused():
-    doc = minimal_doc(output={"uri": "file:///tmp/out"})
+    doc = make_job(CLUSTER_JOB, output={"uri": "file:///tmp/out"})
     inputs = TrainerInputs(validate_job(doc), SETTINGS)  # validated without cluster=True
     with pytest.raises(ValueError, match="file://"):
-        resources.trainer_config(inputs)
+        trainerinputs.trainer_config(inputs)
 
 
 def test_operator_modules_do_not_import_torch():

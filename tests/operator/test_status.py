@@ -23,6 +23,7 @@ from dreambooth.operator.status import (
     compute_status,
     invalid_spec_status,
 )
+from tests.support.jobs import make_job
 
 T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 OUT = "s3://results/team-a/toy-cat/"
@@ -423,14 +424,9 @@ def test_no_samples_when_validation_is_off():
 
 def test_observation_from_the_effective_spec():
     def spec(**training) -> DreamBoothJobSpec:
-        return effective_spec(DreamBoothJobSpec.model_validate({
-            "preset": "face",
-            "baseModel": {"uri": "s3://models/sd15/"},
-            "instance": {"uri": "s3://data/me/", "prompt": "a photo of zwx person"},
-            "training": training,
-            "validation": {"enabled": False},
-            "runPolicy": {"suspend": True},
-        }))
+        return effective_spec(DreamBoothJobSpec.model_validate(make_job(
+            preset="face", instance={"uri": "s3://data/me/", "prompt": "a photo of zwx person"},
+            training=training, validation={"enabled": False}, runPolicy={"suspend": True})["spec"]))
 
     o = Observation.of(spec(method="lora"), generation=2, output_uri=OUT, job=None)
     assert o.formats == (L,) and o.suspend and not o.samples and o.generation == 2

@@ -14,28 +14,28 @@ import torch
 from dreambooth.api import Defaults, build_trainer_config, validate_job
 from dreambooth.api.config import TrainerConfig
 from dreambooth.trainer.storage import S3Settings, open_storage
+from tests.support.jobs import DROP, make_job
 
 
 def job_document(model_uri: str, instance_uri: str, output_uri: str, *, name: str = "toy-cat",
                  steps: int = 30, every: int = 10, training: dict[str, Any] | None = None,
                  **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "dreambooth.io/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": name, "namespace": "ml"},
-        "spec": {
-            "preset": "object",
-            "baseModel": {"uri": model_uri},
-            "instance": {"uri": instance_uri, "prompt": "a photo of zwx toy cat"},
-            "training": {"steps": steps, "batchSize": 2, "resolution": 64, "learningRate": 1e-3,
-                         **(training or {})},
-            "validation": {"inferenceSteps": 4, "imagesPerPrompt": 2, "everySteps": steps},
-            "checkpointing": {"everySteps": every, "keep": 2},
-            "output": {"uri": output_uri},
-            "resources": {"gpusPerNode": 0},
-            **spec,
-        },
+    """``make_job`` (tests/support/jobs.py) for a short CPU run of a tiny model: the object
+    preset at 64 px, batch 2, samples at the end, ``every`` steps a checkpoint, no GPU; in
+    namespace ``ml``. ``training`` merges into the run's training settings; every other
+    section given replaces the run's own."""
+    run = {
+        "preset": "object",
+        "baseModel": {"uri": model_uri},
+        "instance": {"uri": instance_uri},
+        "training": {"steps": steps, "batchSize": 2, "resolution": 64, "learningRate": 1e-3, **(training or {})},
+        "validation": {"inferenceSteps": 4, "imagesPerPrompt": 2, "everySteps": steps},
+        "checkpointing": {"everySteps": every, "keep": 2},
+        "output": {"uri": output_uri},
+        "resources": {"gpusPerNode": 0},
     }
+    return make_job({section: DROP for section in spec}, metadata={"name": name, "namespace": "ml"},
+                    **(run | spec))
 
 
 def trainer_config(doc: dict[str, Any], *, endpoint: str | None = None, metrics_port: int = 0) -> TrainerConfig:

@@ -39,7 +39,7 @@ PROMPTS = ["a photo of zwx toy cat", "a photo of zwx toy cat on the beach"]
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    from dreambooth.trainer.tiny import build_tiny_clip
+    from dreambooth.trainer.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
 

@@ -27,27 +27,11 @@ from dreambooth.trainer.single_file import (
 )
 from dreambooth.trainer.single_file_sdxl import PARTS as SDXL_PARTS
 from dreambooth.trainer.single_file_sdxl import to_sdxl_state_dict
-from dreambooth.trainer.tiny import build_tiny_model
 
 PARTS = ("unet", "vae", "text_encoder")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def pipeline(model):
-    return StableDiffusionPipeline.from_pretrained(model)
+pytestmark = pytest.mark.usefixtures("one_thread")  # model, pipeline: tests/trainer/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from dreambooth.trainer.tiny import WORDS, build_tiny_model, main
+from dreambooth.trainer.tiny import build_tiny_model, main
+from dreambooth.trainer.tiny_parts import WORDS
 
 WEIGHTS = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -34,22 +35,7 @@ LAYOUT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def pipeline(model):
-    return diffusers.StableDiffusionPipeline.from_pretrained(model)
+pytestmark = pytest.mark.usefixtures("one_thread")  # model, pipeline: tests/trainer/conftest.py
 
 
 def test_layout_is_a_sd15_snapshot(model):
