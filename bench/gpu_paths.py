@@ -49,6 +49,8 @@ class Path_:
     needs_cuda: str | None = None  # why it cannot run without CUDA
     processes: int = 1
     checks: tuple[str, ...] = ()
+    family: str = "sd"  # the tiny model it trains: sd (build_tiny_model) or sd3 (build_tiny_sd3)
+    spec: dict = field(default_factory=dict)  # other spec sections it sets
 
 
 PATHS = [
@@ -65,6 +67,12 @@ PATHS = [
     Path_("adamw8bit", "8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}, checks=("eight_bit",)),
     Path_("nccl2", "2 processes, one per GPU: the pod's launch script, NCCL", {"mixedPrecision": "bf16"},
           processes=2),
+    # SD3 LoRA, T5 kept, sampling at the end: its frozen text encoders wait on the CPU between
+    # encodings and come back to the GPU for the sample round
+    Path_("sd3-lora", "SD3 LoRA bf16, text encoders parked on the CPU, a sample round",
+          {"mixedPrecision": "bf16", "method": "lora", "learningRate": 1e-3}, checks=("parked",), family="sd3",
+          spec={"validation": {"everySteps": STEPS, "inferenceSteps": 2, "imagesPerPrompt": 1},
+                "output": {"formats": ["lora"]}}),
 ]
 
 
@@ -79,15 +87,20 @@ def job_document(root: Path, path: Path_, *, gpus: int, nodes: int = 1) -> dict:
         "metadata": {"name": f"gpu-bench-{path.key}", "namespace": "bench", "uid": "00000000-0000-4000-8000-000000000000"},
         "spec": {
             "preset": "object",
-            "baseModel": {"uri": (root / "base-model").as_uri()},
+            "baseModel": {"uri": model_dir(root, path.family).as_uri(), "family": path.family},
             "instance": {"uri": (root / "instance").as_uri(), "prompt": prompt},
             "training": training,
             "validation": {"enabled": False},
             "checkpointing": {"everySteps": steps, "keep": 1},
             "output": {"uri": (root / "out" / path.key).as_uri()},
             "resources": {"nodes": nodes, "gpusPerNode": gpus},
-        },
+        } | {section: {**body, **({"uri": (root / "out" / path.key).as_uri()} if section == "output" else {})}
+             for section, body in path.spec.items()},
     }
+
+
+def model_dir(root: Path, family: str) -> Path:
+    return root / ("base-model" if family == "sd" else f"base-model-{family}")
 
 
 def write_config(doc: dict, folder: Path) -> Path:
@@ -103,9 +116,11 @@ def write_config(doc: dict, folder: Path) -> Path:
 def prepare_inputs(root: Path) -> None:
     from dreambooth.demo import draw_toy_cats
     from dreambooth.trainer.tiny import build_tiny_model
+    from dreambooth.trainer.tiny_sd3 import build_tiny_sd3
 
-    if not (root / "base-model" / "model_index.json").is_file():
-        build_tiny_model(root / "base-model", resolution=64)
+    for family, build in (("sd", build_tiny_model), ("sd3", build_tiny_sd3)):
+        if not (model_dir(root, family) / "model_index.json").is_file():
+            build(model_dir(root, family), resolution=64)
     if not (root / "instance").is_dir():
         draw_toy_cats(root / "instance")
 
@@ -146,6 +161,7 @@ def probe_main(config: Path, workdir: Path, probe: Path) -> int:
         record["devices"] = sorted({p.device.type for p in self.parameters})
         record["param_dtypes"] = sorted({str(p.dtype) for p in self.parameters})
         record["mixed_precision"] = self.accelerator.mixed_precision
+        record["text_encoder_devices"] = sorted({p.device.type for te in self.text_encoders for p in te.parameters()})
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         record["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
         states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -216,6 +232,13 @@ def judge(path: Path_, record: dict, *, cuda: bool, log: str = "") -> tuple[bool
             problems.append(f"optimizer state on {record.get('state_devices')}")
         figures.append(f"{record.get('optimizer', '?').rsplit('.', 1)[-1]}, {record.get('uint8_states', 0)} "
                        f"uint8 state tensors on {','.join(record.get('state_devices', []))}")
+    if "parked" in path.checks:
+        where = record.get("text_encoder_devices")
+        if cuda and where != ["cpu"]:
+            problems.append(f"the frozen text encoders were on {where} between steps, not parked on the CPU")
+        if not record.get("sampled"):
+            problems.append("no sample round was written")
+        figures.append(f"text encoders on {','.join(where or ['?'])} between steps; samples written")
     return not problems, "; ".join(figures), problems
 
 
@@ -239,6 +262,7 @@ def run_single(path: Path_, root: Path, *, cuda: bool, smoke: bool, timeout: flo
     if not probe.is_file():
         return {"status": f"FAIL: exit {code}, no probe record: {last_error(output)}", "seconds": seconds}
     record = json.loads(probe.read_text())
+    record["sampled"] = (root / "out" / path.key / "samples" / f"step-{STEPS}.png").is_file()
     passed, figure, problems = judge(path, record, cuda=cuda, log=output)
     losses = [s["loss"] for s in record["steps"]]
     return {"status": "pass" if passed else "FAIL: " + "; ".join(problems)[:300],

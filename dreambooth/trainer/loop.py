@@ -84,12 +84,31 @@ class LatentCache:
 
 
 class PromptEncoder:
-    """The family's conditioning of prompts; cached per prompt whenever no text encoder trains."""
+    """The family's conditioning of prompts; cached per prompt whenever no text encoder trains.
 
-    def __init__(self, family: Family, tokenizers, text_encoders, device) -> None:
+    ``park``: where the text encoders wait between encodings in a run that trains none of
+    them (the CPU, on a GPU: the steps read cached embeddings, so SD3's T5-XXL and both CLIPs
+    leave the GPU's memory to the denoiser); :meth:`on_device` brings them back for a while
+    (sampling)."""
+
+    def __init__(self, family: Family, tokenizers, text_encoders, device, *, park=None) -> None:
         self.family, self.tokenizers, self.text_encoders = family, list(tokenizers), list(text_encoders)
-        self.device = device
+        self.device, self.park = device, park
         self.cache: dict[str, Conditioning] = {}
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The text encoders on the compute device inside the block, parked after it."""
+        if self.park is None:
+            yield
+            return
+        for text_encoder in self.text_encoders:
+            text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for text_encoder in self.text_encoders:
+                text_encoder.to(self.park)
 
     def __call__(self, prompts: list[str], *, training: bool) -> Conditioning:
         if training:
@@ -97,7 +116,7 @@ class PromptEncoder:
             return self.family.encode(self.tokenizers, self.text_encoders, prompts, self.device)
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), self.on_device():
                 encoded = self.family.encode(self.tokenizers, self.text_encoders, missing, self.device)
                 self.cache.update(zip(missing, encoded.rows(), strict=True))
         return Conditioning.stack([self.cache[p] for p in prompts])

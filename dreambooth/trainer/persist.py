@@ -258,7 +258,7 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
         was_training = [m.training for m in modules]
         for module in modules:
             module.eval()
-        with a.autocast(), ema_weights(ctx, loop):
+        with a.autocast(), ema_weights(ctx, loop), loop.prompts.on_device():  # the pipeline encodes
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
                              device=a.device, rows=mine,

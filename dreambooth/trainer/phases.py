@@ -6,6 +6,8 @@ draw of :func:`shared_parts`.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dreambooth.api.spec import DreamBoothJobSpec, Optimizer
@@ -17,6 +19,8 @@ from dreambooth.trainer.devices import weight_dtype
 from dreambooth.trainer.families import Components
 from dreambooth.trainer.loop import LatentCache, Loop, PromptEncoder
 from dreambooth.trainer.textual_inversion import TokenEmbedding
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(spec: DreamBoothJobSpec, groups: list[dict]) -> torch.optim.Optimizer:
@@ -88,7 +92,8 @@ def build_loop(ctx: Context, components: Components, shared: dict,
         **shared,
         denoiser=prepared[0],
         text_encoders=text_encoders,
-        prompts=PromptEncoder(components.family, components.tokenizers, text_encoders, a.device),
+        prompts=PromptEncoder(components.family, components.tokenizers, text_encoders, a.device,
+                              park=parking(a.device, trains_text_encoders=bool(chosen.text_encoder_steps))),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         text_encoder_steps=chosen.text_encoder_steps,
@@ -96,6 +101,16 @@ def build_loop(ctx: Context, components: Components, shared: dict,
         ema=ema,
         extras={**({"ema": ema} if ema is not None else {}), **({"token": token} if token else {})},
     )
+
+
+def parking(device: torch.device, *, trains_text_encoders: bool) -> torch.device | None:
+    """Where frozen text encoders wait between prompt encodings: the CPU when they would
+    otherwise hold accelerator memory that the cached embeddings make useless."""
+    if trains_text_encoders or device.type == "cpu":
+        return None
+    log.info("text encoders wait on the CPU between prompt encodings (none trains: the steps read "
+             "cached embeddings)")
+    return torch.device("cpu")
 
 
 def build_ti_loop(ctx: Context, components: Components, shared: dict, token: TokenEmbedding) -> Loop:

@@ -89,7 +89,7 @@ def test_cpu_smoke_runs_every_row_and_path(tmp_path):
     by_key = dict(zip([p.key for p in gpu_paths.PATHS], paths, strict=True))
     for key in ("gpu1", "fp16", "fp16-ti"):
         assert by_key[key]["result"].startswith("skipped: ") and "CUDA" in by_key[key]["result"], by_key[key]
-    for key in ("bf16", "adamw8bit", "nccl2"):
+    for key in ("bf16", "adamw8bit", "nccl2", "sd3-lora"):
         p = by_key[key]
         assert p["result"] == "pass", p
         assert int(p["steps"]) == gpu_paths.STEPS
@@ -100,6 +100,8 @@ def test_cpu_smoke_runs_every_row_and_path(tmp_path):
     assert "autocast bf16" in by_key["bf16"]["key figure"]
     assert re.search(r"AdamW8bit, [1-9]\d* uint8 state tensors on cpu", by_key["adamw8bit"]["key figure"])
     assert "gloo, ranks' weights identical after 4 of 4 steps, pod verdict exit 0" in by_key["nccl2"]["key figure"]
+    # on a CPU the text encoders stay where they are (nothing to park them from)
+    assert by_key["sd3-lora"]["key figure"] == "text encoders on cpu between steps; samples written"
 
     raw = json.loads(out.with_suffix(".json").read_text())
     assert set(raw["unet"]) == {p.key for p in plan}
@@ -176,6 +178,19 @@ def test_judging_the_gpu_run():
     assert gpu_paths.judge(path("gpu1"), record(steps), cuda=True, log="")[2] == ["the trainer did not allow TF32"]
     assert gpu_paths.judge(path("gpu1"), record(steps, devices=("cpu",)), cuda=True, log=log)[2] == [
         "trained weights on ['cpu'], not cuda"]
+
+
+def test_judging_the_parked_text_encoders():
+    steps = [{"step": s, "phase": "dreambooth", "loss": 0.1} for s in range(4)]
+
+    def record(where, sampled=True):
+        return {"exit_code": 0, "steps": steps, "devices": ["cuda"], "phases": {"dreambooth": {"before": 1, "after": 2}},
+                "text_encoder_devices": where, "sampled": sampled}
+
+    ok, figure, _ = gpu_paths.judge(path("sd3-lora"), record(["cpu"]), cuda=True)
+    assert ok and figure == "text encoders on cpu between steps; samples written"
+    assert "not parked on the CPU" in gpu_paths.judge(path("sd3-lora"), record(["cuda"]), cuda=True)[2][0]
+    assert "no sample round was written" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], False), cuda=True)[2]
 
 
 def test_judging_the_8bit_optimizer_run():
