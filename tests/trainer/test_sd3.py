@@ -115,15 +115,24 @@ def test_flow_matching_draws_sigmas_and_targets_by_the_formulas(weighting, tiny_
 
 
 @pytest.mark.parametrize("t5", ["keep", "drop"])
-def test_sd3_lora_learns_and_loads_in_diffusers(t5, tiny_sd3_dir, toy_cat_dir, tmp_path):
+def test_sd3_lora_learns_and_loads_in_diffusers(t5, s3_bucket, tiny_sd3_dir, toy_cat_dir, tmp_path):
+    """S3 to S3 as a pod runs it (the trainer's entry point in its own process)."""
     from diffusers import StableDiffusion3Pipeline
 
-    out = tmp_path / "out"
-    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=60, formats=["lora", "lora-kohya"],
+    from tests.support.trainer import download, run_trainer, trainer_env, upload, write_config
+
+    settings, bucket = s3_bucket
+    upload(settings, f"s3://{bucket}/models/sd3/", tiny_sd3_dir)
+    upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
+    doc = sd3_job(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/jobs/{t5}/", steps=60,
+                  formats=["lora", "lora-kohya"],
                   training={"method": "lora", "learningRate": 1e-2, "t5": t5,
                             "lora": {"rank": 8, "alpha": 4, "textEncoder": t5 == "keep"}})
-    outcome = run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
-    assert outcome.step == 60 and set(outcome.outputs) == {"lora", "lora-kohya"}
+    config = write_config(trainer_config(doc, endpoint=settings.endpoint), tmp_path)
+    code, log, summary = run_trainer(config, tmp_path / "w", trainer_env(settings))
+    assert code == 0 and summary["step"] == 60, log
+    out = download(settings, f"s3://{bucket}/jobs/{t5}/", tmp_path / "out")
+    assert set(json.loads((out / "result.json").read_text())["outputs"]) == {"lora", "lora-kohya"}
     keys = load_file(out / "lora" / "pytorch_lora_weights.safetensors").keys()
     assert any(k.startswith("transformer.") and ".attn.add_q_proj." in k for k in keys)  # both streams
     assert any(k.startswith("transformer.") and ".attn.to_q." in k for k in keys)
