@@ -64,6 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from dreambooth.trainer.__main__ import quiet_foreign_warnings
+
+    quiet_foreign_warnings()  # before the demo's model is built (diffusers' imports)
     from dreambooth.demo import prepare_demo
 
     root = args.root.resolve()

@@ -42,7 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: library loggers whose warnings say nothing about the user's run: bitsandbytes' notice
+#: that an optional CPU kernel package is missing (it is imported by diffusers whether or
+#: not a run uses 8-bit Adam), transformers' torchvision fallback for image processors
+#: (ours read PIL images)
+FOREIGN_NOISE = ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils")
+
+
+def quiet_foreign_warnings() -> None:
+    """Keep the output of a run to our own lines (and the libraries' errors); call before
+    torch, diffusers or transformers are imported."""
+    for name in FOREIGN_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def setup_logging() -> None:
+    quiet_foreign_warnings()
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
         level=logging.INFO,

@@ -7,6 +7,7 @@ the exported pipeline carries the same scheduler.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,7 @@ from dreambooth.api.spec import Sampler, ValidationSpec
 
 LABEL_HEIGHT = 24
 MAX_LABEL_CHARS = 80
+LABEL_PAD = 4  # pixels left and right of a label
 
 
 def scheduler_for(sampler: Sampler, config) -> object:
@@ -68,20 +70,24 @@ def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int
 
 
 def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str], *, title: str = "") -> Image.Image:
-    """A labelled grid: one row per label, images left to right."""
+    """A labelled grid: one row per label, images left to right; as wide as its longest
+    label (prompts are often wider than a few small samples), images at the left."""
     if not rows or not rows[0]:
         raise ValueError("a grid needs at least one image")
     w, h = rows[0][0].size
     columns = max(len(r) for r in rows)
     top = LABEL_HEIGHT if title else 0
-    canvas = Image.new("RGB", (columns * w, top + len(rows) * (h + LABEL_HEIGHT)), "white")
-    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    texts = [t[:MAX_LABEL_CHARS] for t in (title, *labels) if t]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(columns * w, *(LABEL_PAD + math.ceil(measure.textlength(t, font=font)) + LABEL_PAD for t in texts))
+    canvas = Image.new("RGB", (width, top + len(rows) * (h + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((4, 4), title[:MAX_LABEL_CHARS], fill="black", font=font)
+        draw.text((LABEL_PAD, 4), title[:MAX_LABEL_CHARS], fill="black", font=font)
     for r, (label, images) in enumerate(zip(labels, rows)):
         y = top + r * (h + LABEL_HEIGHT)
-        draw.text((4, y + 4), label[:MAX_LABEL_CHARS], fill="black", font=font)
+        draw.text((LABEL_PAD, y + 4), label[:MAX_LABEL_CHARS], fill="black", font=font)
         for c, image in enumerate(images):
             canvas.paste(image.convert("RGB").resize((w, h)), (c * w, y + LABEL_HEIGHT))
     return canvas

@@ -130,9 +130,26 @@ def test_sample_grids_and_progression(tiny_model_dir, toy_cat_dir, tmp_path):
     train(doc, tmp_path / "w")
     for step in (2, 4):
         with Image.open(out / "samples" / f"step-{step}.png") as grid:
-            assert grid.size == (2 * 64, LABEL_HEIGHT + 3 * (64 + LABEL_HEIGHT))  # rows prompts, columns images
+            # rows prompts, columns images; wider than 2 images: "a photo of zwx toy cat in a box"
+            assert grid.size[1] == LABEL_HEIGHT + 3 * (64 + LABEL_HEIGHT) and grid.size[0] > 2 * 64
+            assert_labels_not_cut(grid.convert("RGB"), rows=3)
     with Image.open(out / "samples" / "progression.png") as prog:
-        assert prog.size == (3 * 64, LABEL_HEIGHT + 2 * (64 + LABEL_HEIGHT))  # rows steps, columns prompts
+        # rows steps, columns prompts: the title names all three prompts, so it is wider still
+        assert prog.size[1] == LABEL_HEIGHT + 2 * (64 + LABEL_HEIGHT) and prog.size[0] > 3 * 64
+        assert_labels_not_cut(prog.convert("RGB"), rows=2)
+
+
+def assert_labels_not_cut(image, *, rows: int, size: int = 64) -> None:
+    """Every text band (the title, then one above each row) ends in white before the right
+    edge: no label runs off the image."""
+    import numpy as np
+
+    pixels = np.asarray(image)
+    for band in range(rows + 1):
+        y = band * LABEL_HEIGHT + max(band - 1, 0) * size
+        text = pixels[y:y + LABEL_HEIGHT]
+        inked = np.nonzero((text < 128).any(axis=(0, 2)))[0]
+        assert inked.size and inked.max() < pixels.shape[1] - 2, (band, inked.max(), pixels.shape[1])
 
 
 def test_v_prediction_model_trains(toy_cat_dir, tmp_path):
