@@ -68,8 +68,8 @@ PATHS = [
     Path_("nccl2", "2 processes, one per GPU: the pod's launch script, NCCL", {"mixedPrecision": "bf16"},
           processes=2),
     # SD3 LoRA, T5 kept, sampling at the end: its frozen text encoders wait on the CPU between
-    # encodings and come back to the GPU for the sample round
-    Path_("sd3-lora", "SD3 LoRA bf16, text encoders parked on the CPU, a sample round",
+    # encodings, the VAE between sample rounds, and both come back to the GPU for the round
+    Path_("sd3-lora", "SD3 LoRA bf16, text encoders and VAE parked on the CPU, a sample round",
           {"mixedPrecision": "bf16", "method": "lora", "learningRate": 1e-3}, checks=("parked",), family="sd3",
           spec={"validation": {"everySteps": STEPS, "inferenceSteps": 2, "imagesPerPrompt": 1},
                 "output": {"formats": ["lora"]}}),
@@ -162,6 +162,7 @@ def probe_main(config: Path, workdir: Path, probe: Path) -> int:
         record["param_dtypes"] = sorted({str(p.dtype) for p in self.parameters})
         record["mixed_precision"] = self.accelerator.mixed_precision
         record["text_encoder_devices"] = sorted({p.device.type for te in self.text_encoders for p in te.parameters()})
+        record["vae_devices"] = sorted({p.device.type for p in self.vae.parameters()})
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         record["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
         states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -233,12 +234,15 @@ def judge(path: Path_, record: dict, *, cuda: bool, log: str = "") -> tuple[bool
         figures.append(f"{record.get('optimizer', '?').rsplit('.', 1)[-1]}, {record.get('uint8_states', 0)} "
                        f"uint8 state tensors on {','.join(record.get('state_devices', []))}")
     if "parked" in path.checks:
-        where = record.get("text_encoder_devices")
+        where, vae = record.get("text_encoder_devices"), record.get("vae_devices")
         if cuda and where != ["cpu"]:
             problems.append(f"the frozen text encoders were on {where} between steps, not parked on the CPU")
+        if cuda and vae != ["cpu"]:
+            problems.append(f"the VAE was on {vae} between steps, not parked on the CPU")
         if not record.get("sampled"):
             problems.append("no sample round was written")
-        figures.append(f"text encoders on {','.join(where or ['?'])} between steps; samples written")
+        figures.append(f"text encoders on {','.join(where or ['?'])}, VAE on {','.join(vae or ['?'])} between "
+                       "steps; samples written")
     return not problems, "; ".join(figures), problems
 
 

@@ -83,6 +83,22 @@ class LatentCache:
         return (mean + std * randn(mean.shape[1:], gens, mean.device) - self.shift) * self.scaling
 
 
+@contextlib.contextmanager
+def borrowed(modules, device, park):
+    """``modules`` on ``device`` inside the block and back on ``park`` after it (``park``
+    None: they stay where they are)."""
+    if park is None:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(park)
+
+
 class PromptEncoder:
     """The family's conditioning of prompts; cached per prompt whenever no text encoder trains.
 
@@ -96,19 +112,9 @@ class PromptEncoder:
         self.device, self.park = device, park
         self.cache: dict[str, Conditioning] = {}
 
-    @contextlib.contextmanager
     def on_device(self):
         """The text encoders on the compute device inside the block, parked after it."""
-        if self.park is None:
-            yield
-            return
-        for text_encoder in self.text_encoders:
-            text_encoder.to(self.device)
-        try:
-            yield
-        finally:
-            for text_encoder in self.text_encoders:
-                text_encoder.to(self.park)
+        return borrowed(self.text_encoders, self.device, self.park)
 
     def __call__(self, prompts: list[str], *, training: bool) -> Conditioning:
         if training:
@@ -162,7 +168,7 @@ class Loop:
     denoiser: torch.nn.Module  # the UNet (SD3: the transformer)
     text_encoders: list[torch.nn.Module]
     scheduler: object
-    vae: torch.nn.Module  # encoded the latents (on the device, compute dtype); samples decode with it
+    vae: torch.nn.Module  # encoded the latents (compute dtype); samples decode with it
     prompts: PromptEncoder
     instances: LatentCache
     classes: LatentCache | None
@@ -170,6 +176,7 @@ class Loop:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     prior_weight: float = 1.0
+    vae_park: torch.device | None = None  # where the VAE waits between sample rounds (None: on the device)
     text_encoder_steps: int = 0  # train the text encoders while step < this
     trained: list[torch.nn.Module] = field(default_factory=list)
     ema: object | None = None  # diffusers EMAModel of the denoiser's weights

@@ -32,7 +32,7 @@ from dreambooth.trainer.context import Context, Outcome
 from dreambooth.trainer.errors import StorageUnavailableError
 from dreambooth.trainer.export import export
 from dreambooth.trainer.families import Components
-from dreambooth.trainer.loop import Loop
+from dreambooth.trainer.loop import Loop, borrowed
 from dreambooth.trainer.pernode import once_per_node
 from dreambooth.trainer.sampling import generate, grid, progression
 
@@ -258,7 +258,8 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
         was_training = [m.training for m in modules]
         for module in modules:
             module.eval()
-        with a.autocast(), ema_weights(ctx, loop), loop.prompts.on_device():  # the pipeline encodes
+        with (a.autocast(), ema_weights(ctx, loop), loop.prompts.on_device(),  # the pipeline encodes prompts
+              borrowed([loop.vae], a.device, loop.vae_park)):  # and decodes latents
             drawn = generate(pipeline_of(ctx, components, loop), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
                              device=a.device, rows=mine,

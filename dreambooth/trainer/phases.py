@@ -58,14 +58,20 @@ def shared_parts(ctx: Context, components: Components, instances: list[Example],
     draw = Draw.of(instances, flips=flips, seed=training.seed,
                    micro_size=training.batch_size // training.gradient_accumulation_steps,
                    class_images=len(classes or ()) // (len({e.size.target for e in instances}) * flips))
+    caches = {"instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
+              "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None}
+    vae_park = parking(a.device, trains_text_encoders=False, what="the VAE waits on the CPU between sample rounds "
+                       "(the latents are cached)")
+    if vae_park is not None:
+        vae.to(vae_park)
     return {
         "accelerator": a,
+        "vae_park": vae_park,
         "training": ctx.spec.training,
         "family": components.family,
         "scheduler": components.noise_scheduler,
         "vae": vae,
-        "instances": LatentCache(vae, instances, device=a.device, dtype=dtype),
-        "classes": LatentCache(vae, classes, device=a.device, dtype=dtype) if classes else None,
+        **caches,
         "draw": draw,
         "prior_weight": ctx.spec.prior.loss_weight,
     }
@@ -103,13 +109,15 @@ def build_loop(ctx: Context, components: Components, shared: dict,
     )
 
 
-def parking(device: torch.device, *, trains_text_encoders: bool) -> torch.device | None:
-    """Where frozen text encoders wait between prompt encodings: the CPU when they would
-    otherwise hold accelerator memory that the cached embeddings make useless."""
+def parking(device: torch.device, *, trains_text_encoders: bool,
+            what: str = "text encoders wait on the CPU between prompt encodings (none trains: the steps "
+            "read cached embeddings)") -> torch.device | None:
+    """Where frozen parts wait while the steps do not read them (text encoders between prompt
+    encodings, the VAE between sample rounds): the CPU when they would otherwise hold
+    accelerator memory that the caches make useless."""
     if trains_text_encoders or device.type == "cpu":
         return None
-    log.info("text encoders wait on the CPU between prompt encodings (none trains: the steps read "
-             "cached embeddings)")
+    log.info(what)
     return torch.device("cpu")
 
 

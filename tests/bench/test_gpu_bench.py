@@ -101,7 +101,7 @@ def test_cpu_smoke_runs_every_row_and_path(tmp_path):
     assert re.search(r"AdamW8bit, [1-9]\d* uint8 state tensors on cpu", by_key["adamw8bit"]["key figure"])
     assert "gloo, ranks' weights identical after 4 of 4 steps, pod verdict exit 0" in by_key["nccl2"]["key figure"]
     # on a CPU the text encoders stay where they are (nothing to park them from)
-    assert by_key["sd3-lora"]["key figure"] == "text encoders on cpu between steps; samples written"
+    assert by_key["sd3-lora"]["key figure"] == "text encoders on cpu, VAE on cpu between steps; samples written"
 
     raw = json.loads(out.with_suffix(".json").read_text())
     assert set(raw["unet"]) == {p.key for p in plan}
@@ -183,14 +183,16 @@ def test_judging_the_gpu_run():
 def test_judging_the_parked_text_encoders():
     steps = [{"step": s, "phase": "dreambooth", "loss": 0.1} for s in range(4)]
 
-    def record(where, sampled=True):
+    def record(where, vae=("cpu",), sampled=True):
         return {"exit_code": 0, "steps": steps, "devices": ["cuda"], "phases": {"dreambooth": {"before": 1, "after": 2}},
-                "text_encoder_devices": where, "sampled": sampled}
+                "text_encoder_devices": where, "vae_devices": list(vae), "sampled": sampled}
 
     ok, figure, _ = gpu_paths.judge(path("sd3-lora"), record(["cpu"]), cuda=True)
-    assert ok and figure == "text encoders on cpu between steps; samples written"
-    assert "not parked on the CPU" in gpu_paths.judge(path("sd3-lora"), record(["cuda"]), cuda=True)[2][0]
-    assert "no sample round was written" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], False), cuda=True)[2]
+    assert ok and figure == "text encoders on cpu, VAE on cpu between steps; samples written"
+    assert "text encoders were on ['cuda']" in gpu_paths.judge(path("sd3-lora"), record(["cuda"]), cuda=True)[2][0]
+    assert "VAE was on ['cuda']" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], ["cuda"]), cuda=True)[2][0]
+    assert "no sample round was written" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], sampled=False),
+                                                           cuda=True)[2]
 
 
 def test_judging_the_8bit_optimizer_run():
