@@ -50,13 +50,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from dreambooth.api import crd
+    from dreambooth.api import crd, crd_sweep
 
     if args.write:
-        for path in crd.write(args.root):
+        for path in [*crd.write(args.root), *crd_sweep.write(args.root)]:
             print(f"wrote {path}")
     else:
-        sys.stdout.write(crd.render())
+        sys.stdout.write(crd.render() + "---\n" + crd_sweep.render())
     return ExitCode.OK
 
 

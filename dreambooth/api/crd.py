@@ -116,10 +116,11 @@ def _meaning_rules() -> list[dict[str, str]]:
          "prior.lossWeight is " + _SETTINGS_NEED.format("prior")),
         ("!has(self.validation.enabled) || self.validation.enabled || "
          "((!has(self.validation.prompts) || size(self.validation.prompts) == 0) && "
+         "(!has(self.validation.compareSchedulers) || size(self.validation.compareSchedulers) == 0) && "
          + " && ".join(f"!has(self.validation.{f})" for f in ("everySteps", "inferenceSteps",
                                                                "negativePrompt"))
          + ")",
-         "validation.prompts, everySteps, inferenceSteps and negativePrompt are "
+         "validation.prompts, compareSchedulers, everySteps, inferenceSteps and negativePrompt are "
          + _SETTINGS_NEED.format("validation")),
         (never("training.textEncoderSteps")(TEXT_ENCODER),
          "training.textEncoderSteps only applies when training.trainTextEncoder is true"),

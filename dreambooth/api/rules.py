@@ -93,6 +93,8 @@ def _validation_settings_need_validation(spec, eff):
     found = [wire for name, wire in _VALIDATION_SETTINGS if getattr(spec.validation, name) is not None]
     if spec.validation.prompts:
         found.insert(0, "prompts")
+    if spec.validation.compare_schedulers:
+        found.append("compareSchedulers")
     for wire in found:
         yield Violation(f"validation.{wire}", "only used when validation.enabled is true: "
                         "remove it, or set validation.enabled: true")
@@ -414,6 +416,14 @@ def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
     if eff.validation.enabled and scheduler is not None and scheduler not in facts.samplers:
         allowed = ", ".join(sorted(s.value for s in facts.samplers))
         yield Violation("validation.scheduler", f"{scheduler.value} does not sample {title} models: use {allowed}")
+    for i, extra in enumerate(eff.validation.compare_schedulers):
+        if extra not in facts.samplers:
+            allowed = ", ".join(sorted(s.value for s in facts.samplers))
+            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} does not sample {title} models: "
+                            f"use {allowed}")
+        elif extra == scheduler or extra in eff.validation.compare_schedulers[:i]:
+            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} is sampled already: list "
+                            "each scheduler once, and not validation.scheduler")
     if not facts.t5:
         for path, value in (("training.t5", t.t5), ("training.maxSequenceLength", t.max_sequence_length)):
             if value is not None:
