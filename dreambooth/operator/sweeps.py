@@ -1,0 +1,193 @@
+"""A DreamBoothSweep's runs and status, from the sweep and its child DreamBoothJobs. Pure.
+
+The sweep's runs are DreamBoothJobs named ``<sweep>-<number>``, owned by the sweep (the
+garbage collector deletes them with it), labelled with the sweep's name, and writing below
+the sweep's prefix (``runs/<job>/``), so they share the bucket's class-image cache and the
+base model's cache. At most ``maxParallel`` runs are unfinished at once: the next ones are
+created as earlier ones finish (a failed run is finished too: the others go on).
+``spec.suspend`` is mirrored onto every unfinished run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dreambooth.api import evaluation as judged
+from dreambooth.api import layout
+from dreambooth.api.config import Defaults, output_uri_for
+from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
+from dreambooth.api.resolve import effective_spec
+from dreambooth.api.status import DreamBoothJobStatus, Phase
+from dreambooth.api.sweep import KIND as SWEEP_KIND
+from dreambooth.api.sweep import DreamBoothSweep, Plan, Row, Run, child_spec, plan
+from dreambooth.api.sweep_status import DreamBoothSweepStatus, SweepPhase, SweepRow
+
+#: on every run: the sweep it belongs to, and its number in the plan
+SWEEP_LABEL = "dreambooth.io/sweep"
+RUN_LABEL = "dreambooth.io/sweep-run"
+RUNS = "runs/"
+COMPARE_PNG = "compare.png"
+COMPARE_JSON = "compare.json"
+
+
+def run_name(sweep: str, number: int) -> str:
+    return f"{sweep}-{number}"
+
+
+def sweep_output_uri(sweep: DreamBoothSweep, defaults: Defaults) -> str:
+    """The sweep's own prefix: the template's output.uri, else ``<root>/<namespace>/<sweep>/``."""
+    as_job = DreamBoothJob(api_version=API_VERSION, kind=KIND, metadata=sweep.metadata, spec=sweep.spec.template)
+    return output_uri_for(as_job, defaults)
+
+
+def run_output_uri(sweep_out: str, name: str) -> str:
+    return f"{sweep_out}{RUNS}{name}/"
+
+
+def child_job(sweep: DreamBoothSweep, run: Run, the_plan: Plan, sweep_out: str) -> dict[str, Any]:
+    """The DreamBoothJob of ``run``: owned by the sweep, labelled, below the sweep's prefix."""
+    meta = sweep.metadata
+    name = run_name(meta.name, run.number)
+    spec = child_spec(sweep.spec, run, the_plan)
+    spec.setdefault("output", {})["uri"] = run_output_uri(sweep_out, name)
+    owner = {"apiVersion": API_VERSION, "kind": SWEEP_KIND, "name": meta.name, "uid": meta.uid,
+             "controller": True, "blockOwnerDeletion": True}
+    labels = {**meta.labels, SWEEP_LABEL: meta.name, RUN_LABEL: str(run.number)}
+    return {"apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": name, "namespace": meta.namespace, "labels": labels,
+                         "ownerReferences": [owner]},
+            "spec": spec}
+
+
+def _status_of(child: Mapping[str, Any] | None) -> DreamBoothJobStatus | None:
+    raw = (child or {}).get("status")
+    try:
+        return DreamBoothJobStatus.model_validate(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _finished(child: Mapping[str, Any]) -> bool:
+    status = _status_of(child)
+    return status is not None and status.phase.finished
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What the operator does for a sweep now: jobs to create, (name, suspend) to patch."""
+
+    create: list[dict[str, Any]]
+    suspend: list[tuple[str, bool]]
+
+
+def actions(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]], defaults: Defaults) -> Actions:
+    """``children``: the sweep's DreamBoothJobs by name. New runs in plan order, while fewer
+    than maxParallel are unfinished (none while suspended); suspend mirrored onto the rest."""
+    the_plan = plan(sweep.spec)
+    out = sweep_output_uri(sweep, defaults)
+    unfinished = sum(1 for c in children.values() if not _finished(c))
+    create = []
+    if not sweep.spec.suspend:
+        for run in the_plan.runs:
+            if unfinished >= sweep.spec.max_parallel:
+                break
+            if run_name(sweep.metadata.name, run.number) not in children:
+                create.append(child_job(sweep, run, the_plan, out))
+                unfinished += 1
+    suspend = [(name, sweep.spec.suspend) for name, child in sorted(children.items())
+               if not _finished(child)
+               and bool(((child.get("spec") or {}).get("runPolicy") or {}).get("suspend")) != sweep.spec.suspend]
+    return Actions(create, suspend)
+
+
+def _values(run: Run) -> dict[str, str]:
+    return {field: str(value).lower() if isinstance(value, bool) else str(value) for field, value in run.values}
+
+
+def _failure(status: DreamBoothJobStatus) -> str:
+    failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
+    return f"{failed.reason}: {failed.message}"[:1024] if failed else ""
+
+
+def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, Any] | None,
+         out: str) -> SweepRow:
+    run = the_plan.runs[row.run - 1]
+    name = run_name(sweep.metadata.name, row.run)
+    status = _status_of(child)
+    main = row.scheduler == the_plan.schedulers[0]
+    cells: dict[str, Any] = {"run": name, "values": _values(run), "step": row.step, "scheduler": row.scheduler}
+    if child is None:
+        return SweepRow(**cells)
+    cells["phase"] = status.phase.value if status else Phase.PENDING.value
+    if status is None:
+        return SweepRow(**cells)
+    if status.progress is not None and status.phase.finished:
+        cells["final_loss"] = status.progress.loss
+    figures = status.evaluation
+    if main and figures is not None and figures.step == row.step:
+        cells["evaluation"] = judged.Figures.model_validate(figures.model_dump(include=set(judged.Figures.model_fields)))
+    if status.phase is Phase.SUCCEEDED or (status.progress and status.progress.step >= row.step):
+        cells["samples"] = run_output_uri(out, name) + layout.sample_grid(row.step, None if main else row.scheduler)
+    if status.outputs is not None:
+        cells["best_checkpoint"] = status.outputs.best_checkpoint
+    if status.phase is Phase.FAILED:
+        cells["message"] = _failure(status)
+    return SweepRow(**cells)
+
+
+def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]]) -> tuple[str, int] | None:
+    """The run whose best evaluated round ranks first by dreambooth.api.evaluation's score
+    (rounds with an overfitting sign last), and that round's step."""
+    thresholds = effective_spec(sweep.spec.template).evaluation.thresholds
+    candidates = []
+    for name, child in sorted(children.items()):
+        status = _status_of(child)
+        if status is None or status.evaluation is None or status.phase is not Phase.SUCCEEDED:
+            continue
+        figures = judged.Figures.model_validate(status.evaluation.model_dump(include=set(judged.Figures.model_fields)))
+        best = status.evaluation.best_checkpoint
+        record = judged.Record(**figures.model_dump(), checkpoint=best.uri if best else name,
+                               signs=judged.overfitting_signs(figures, thresholds))
+        candidates.append((record, name, best.step if best else figures.step))
+    chosen = judged.best([c[0] for c in candidates])
+    return next(((n, s) for r, n, s in candidates if r is chosen), None) if chosen else None
+
+
+def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]], defaults: Defaults,
+                 *, compared: bool = False) -> DreamBoothSweepStatus:
+    """The sweep's status: one row per (run, step, scheduler), the counts, the best run.
+    ``compared``: compare.png and compare.json are written (the end of the sweep)."""
+    the_plan = plan(sweep.spec)
+    out = sweep_output_uri(sweep, defaults)
+    by_number = {n: children.get(run_name(sweep.metadata.name, n)) for n in range(1, len(the_plan.runs) + 1)}
+    rows = [_row(sweep, the_plan, row, by_number[row.run], out) for row in the_plan.rows]
+    phases = [s.phase for c in by_number.values() if c is not None and (s := _status_of(c)) is not None]
+    succeeded, failed = phases.count(Phase.SUCCEEDED), phases.count(Phase.FAILED)
+    total, created = len(the_plan.runs), sum(c is not None for c in by_number.values())
+    done = succeeded + failed == total
+    if sweep.spec.suspend and not done:
+        phase, message = SweepPhase.SUSPENDED, "spec.suspend: every unfinished run is suspended"
+    elif done and not succeeded:
+        phase, message = SweepPhase.FAILED, "every run failed: see the rows' messages"
+    elif done:
+        phase = SweepPhase.SUCCEEDED if compared else SweepPhase.COMPARING
+        message = f"{failed} of {total} runs failed" if failed else ""
+    elif created:
+        phase, message = SweepPhase.RUNNING, ""
+    else:
+        phase, message = SweepPhase.PENDING, "creating the runs"
+    best = best_run(sweep, children)
+    return DreamBoothSweepStatus(
+        phase=phase, runs_total=total, runs_created=created, runs_succeeded=succeeded, runs_failed=failed,
+        summary=f"{succeeded + failed}/{total}", best_run=best[0] if best else None,
+        best_step=best[1] if best else None, rows=rows,
+        compare=out + COMPARE_PNG if compared else None, compare_json=out + COMPARE_JSON if compared else None,
+        message=message, observed_generation=sweep.metadata.generation)
+
+
+def children_of(sweep_name: str, jobs: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The sweep's runs among a namespace's DreamBoothJobs (by label)."""
+    return {j["metadata"]["name"]: j for j in jobs
+            if ((j.get("metadata") or {}).get("labels") or {}).get(SWEEP_LABEL) == sweep_name}
