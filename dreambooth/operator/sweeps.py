@@ -1,10 +1,8 @@
 """A DreamBoothSweep's runs and status, from the sweep and its child DreamBoothJobs. Pure.
 
-The sweep's runs are DreamBoothJobs named ``<sweep>-<number>``, owned by the sweep (the
-garbage collector deletes them with it), labelled with the sweep's name, and writing below
-the sweep's prefix (``runs/<job>/``), so they share the bucket's class-image cache and the
-base model's cache. At most ``maxParallel`` runs are unfinished at once: the next ones are
-created as earlier ones finish (a failed run is finished too: the others go on).
+The runs are built by :func:`dreambooth.api.sweep_runs.child_job`. At most ``maxParallel``
+runs are unfinished at once: the next ones are created as earlier ones finish (a failed
+run is finished too: the others go on).
 ``spec.suspend`` is mirrored onto every unfinished run.
 """
 
@@ -16,49 +14,20 @@ from typing import Any
 
 from dreambooth.api import evaluation as judged
 from dreambooth.api import layout
-from dreambooth.api.config import Defaults, output_uri_for
-from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
+from dreambooth.api.config import Defaults
 from dreambooth.api.resolve import effective_spec
 from dreambooth.api.status import DreamBoothJobStatus, Phase
-from dreambooth.api.sweep import KIND as SWEEP_KIND
-from dreambooth.api.sweep import DreamBoothSweep, Plan, Row, Run, child_spec, plan
+from dreambooth.api.sweep import DreamBoothSweep, Plan, Row, Run, plan
+from dreambooth.api.sweep_runs import (
+    COMPARE_JSON,
+    COMPARE_PNG,
+    SWEEP_LABEL,
+    child_job,
+    run_name,
+    run_output_uri,
+    sweep_output_uri,
+)
 from dreambooth.api.sweep_status import DreamBoothSweepStatus, SweepPhase, SweepRow
-
-#: on every run: the sweep it belongs to, and its number in the plan
-SWEEP_LABEL = "dreambooth.io/sweep"
-RUN_LABEL = "dreambooth.io/sweep-run"
-RUNS = "runs/"
-COMPARE_PNG = "compare.png"
-COMPARE_JSON = "compare.json"
-
-
-def run_name(sweep: str, number: int) -> str:
-    return f"{sweep}-{number}"
-
-
-def sweep_output_uri(sweep: DreamBoothSweep, defaults: Defaults) -> str:
-    """The sweep's own prefix: the template's output.uri, else ``<root>/<namespace>/<sweep>/``."""
-    as_job = DreamBoothJob(api_version=API_VERSION, kind=KIND, metadata=sweep.metadata, spec=sweep.spec.template)
-    return output_uri_for(as_job, defaults)
-
-
-def run_output_uri(sweep_out: str, name: str) -> str:
-    return f"{sweep_out}{RUNS}{name}/"
-
-
-def child_job(sweep: DreamBoothSweep, run: Run, the_plan: Plan, sweep_out: str) -> dict[str, Any]:
-    """The DreamBoothJob of ``run``: owned by the sweep, labelled, below the sweep's prefix."""
-    meta = sweep.metadata
-    name = run_name(meta.name, run.number)
-    spec = child_spec(sweep.spec, run, the_plan)
-    spec.setdefault("output", {})["uri"] = run_output_uri(sweep_out, name)
-    owner = {"apiVersion": API_VERSION, "kind": SWEEP_KIND, "name": meta.name, "uid": meta.uid,
-             "controller": True, "blockOwnerDeletion": True}
-    labels = {**meta.labels, SWEEP_LABEL: meta.name, RUN_LABEL: str(run.number)}
-    return {"apiVersion": API_VERSION, "kind": KIND,
-            "metadata": {"name": name, "namespace": meta.namespace, "labels": labels,
-                         "ownerReferences": [owner]},
-            "spec": spec}
 
 
 def _status_of(child: Mapping[str, Any] | None) -> DreamBoothJobStatus | None:

@@ -10,6 +10,7 @@ from typing import Any
 from dreambooth.api import layout, validate_job
 from dreambooth.api.config import Defaults
 from dreambooth.api.sweep import validate_sweep
+from dreambooth.api.sweep_runs import RUN_LABEL, SWEEP_LABEL
 from dreambooth.operator import sweeps
 
 DEFAULTS = Defaults(output_root="s3://dreambooth", s3_endpoint="minio:9000")
@@ -46,8 +47,8 @@ def test_runs_are_owned_labelled_valid_jobs_below_the_sweeps_prefix():
     job = created[0]
     (owner,) = job["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("DreamBoothSweep", "study", UID, True)
-    assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpus", sweeps.SWEEP_LABEL: "study",
-                                         sweeps.RUN_LABEL: "1"}
+    assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpus", SWEEP_LABEL: "study",
+                                         RUN_LABEL: "1"}
     assert job["spec"]["output"]["uri"] == "s3://dreambooth/team-a/study/runs/study-1/"
     outs = [validate_job(j, cluster=True).spec.output.uri for j in created]
     # the runs share the bucket's class-image cache (and so its generated class images)
