@@ -13,21 +13,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from dreambooth.api import evaluation as judged
-from dreambooth.api import layout
+from dreambooth.api import layout, validate_job
 from dreambooth.api.config import Defaults
+from dreambooth.api.job import API_VERSION
 from dreambooth.api.resolve import effective_spec
 from dreambooth.api.status import DreamBoothJobStatus, Phase
+from dreambooth.api.sweep import KIND as SWEEP_KIND
 from dreambooth.api.sweep import DreamBoothSweep, Plan, Row, Run, plan
 from dreambooth.api.sweep_runs import (
     COMPARE_JSON,
     COMPARE_PNG,
+    CONFIG_ENV,
     SWEEP_LABEL,
     child_job,
+    compare_config,
     run_name,
     run_output_uri,
     sweep_output_uri,
 )
 from dreambooth.api.sweep_status import DreamBoothSweepStatus, SweepPhase, SweepRow
+from dreambooth.operator import naming, resources
+from dreambooth.operator.settings import OperatorSettings
 
 
 def _status_of(child: Mapping[str, Any] | None) -> DreamBoothJobStatus | None:
@@ -160,3 +166,60 @@ def children_of(sweep_name: str, jobs: Sequence[Mapping[str, Any]]) -> dict[str,
     """The sweep's runs among a namespace's DreamBoothJobs (by label)."""
     return {j["metadata"]["name"]: j for j in jobs
             if ((j.get("metadata") or {}).get("labels") or {}).get(SWEEP_LABEL) == sweep_name}
+
+
+# --- the comparison Job ----------------------------------------------------------------------
+
+#: the compare pod's environment taken from a run's trainer pod: S3 and the image's folders
+_COMPARE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+                "DREAMBOOTH_WORKDIR")
+COMPARE_CONTAINER = "compare"
+
+
+def compare_job_name(sweep: str) -> str:
+    return f"{sweep}-compare"
+
+
+def compare_job(sweep: DreamBoothSweep, settings: OperatorSettings) -> dict[str, Any]:
+    """The batch Job writing compare.png and compare.json: one CPU pod of the trainer image
+    (``python -m dreambooth.trainer.compare``; the operator's image has no PIL) with the S3
+    endpoint, credentials and claims of the sweep's runs, owned by the sweep."""
+    the_plan = plan(sweep.spec)
+    out = sweep_output_uri(sweep, settings.defaults())
+    body = child_job(sweep, the_plan.runs[0], the_plan, out)
+    body["metadata"]["uid"] = sweep.metadata.uid  # only its pod's settings are used, not its references
+    first = validate_job(body, cluster=True)
+    inputs = resources.TrainerInputs(first, settings)
+    trainer_pod = resources.pod_template(inputs)["spec"]
+    (trainer,) = trainer_pod["containers"]
+    config = compare_config(sweep, the_plan, out)
+    config = config.model_copy(update={
+        "output": resources.local_uri(config.output),
+        "runs": [r.model_copy(update={"output": resources.local_uri(r.output)}) for r in config.runs]})
+    env = [e for e in trainer["env"] if e["name"].startswith("AWS_") or e["name"] in _COMPARE_ENV]
+    env.append({"name": CONFIG_ENV, "value": config.model_dump_json(by_alias=True).replace("$", "$$")})
+    keep = {"tmp", "cache"} | {c.volume for c in resources.claim_mounts(inputs)}
+    container = {"name": COMPARE_CONTAINER, "image": trainer["image"],
+                 "command": ["python", "-m", "dreambooth.trainer.compare"], "env": env,
+                 "volumeMounts": [m for m in trainer["volumeMounts"] if m["name"] in keep],
+                 "securityContext": trainer["securityContext"]}
+    pod = {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+           "securityContext": trainer_pod["securityContext"], "containers": [container],
+           "volumes": [v for v in trainer_pod["volumes"] if v["name"] in keep]}
+    meta = sweep.metadata
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": compare_job_name(meta.name), "namespace": meta.namespace,
+                         "labels": {SWEEP_LABEL: meta.name, naming.MANAGED_BY_LABEL: naming.MANAGER},
+                         "ownerReferences": [{"apiVersion": API_VERSION, "kind": SWEEP_KIND, "name": meta.name,
+                                              "uid": meta.uid, "controller": True, "blockOwnerDeletion": True}]},
+            # Indexed with one completion, as the trainer's Jobs: one pod, retried twice
+            "spec": {"completionMode": "Indexed", "completions": 1, "parallelism": 1, "backoffLimit": 2, "template": {"metadata": {"labels": {SWEEP_LABEL: meta.name}},
+                                                     "spec": pod}}}
+
+
+def compare_outcome(job: Mapping[str, Any] | None) -> bool | None:
+    """True: the comparison Job completed; False: it failed; None: not (yet) finished."""
+    for condition in ((job or {}).get("status") or {}).get("conditions") or ():
+        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
+            return condition["type"] == "Complete"
+    return None

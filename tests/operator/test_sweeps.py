@@ -112,3 +112,28 @@ def test_phases_before_the_end():
     running = sweeps.sweep_status(sweep, {"study-1": with_status(job, "Training")}, DEFAULTS)
     assert (running.phase.value, running.runs_created, running.summary) == ("Running", 1, "0/2")
     assert sweeps.sweep_status(typed(suspend=True), {"study-1": job}, DEFAULTS).phase.value == "Suspended"
+
+
+def test_the_comparison_is_a_cpu_job_of_the_trainer_image_owned_by_the_sweep():
+    from dreambooth.api.sweep_runs import CONFIG_ENV, CompareConfig
+    from dreambooth.operator.settings import OperatorSettings
+
+    settings = OperatorSettings(trainer_image="registry.example/dreambooth-trainer:1.0",
+                                credentials_secret="minio-credentials")
+    job = sweeps.compare_job(typed(), settings)
+    assert job["metadata"]["name"] == "study-compare"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == UID
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example/dreambooth-trainer:1.0"
+    assert container["command"] == ["python", "-m", "dreambooth.trainer.compare"]
+    assert "resources" not in container  # no GPU
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+    config = CompareConfig.model_validate_json(env[CONFIG_ENV]["value"])
+    assert config.output == "s3://dreambooth/team-a/study/"
+    assert [r.output for r in config.runs] == ["s3://dreambooth/team-a/study/runs/study-1/",
+                                               "s3://dreambooth/team-a/study/runs/study-2/"]
+    assert (config.steps, config.schedulers) == ([2, 4], ["ddim", "pndm"])
+    assert sweeps.compare_outcome(None) is None
+    assert sweeps.compare_outcome({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) is True
+    assert sweeps.compare_outcome({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) is False
