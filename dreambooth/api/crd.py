@@ -242,6 +242,9 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
              "message": f"validation.prompts: an item {_SECRET_MESSAGE}"},
             {"rule": f"!has(self.negativePrompt) || {_no_secret('self.negativePrompt')}",
              "message": f"validation.negativePrompt {_SECRET_MESSAGE}"},
+            {"rule": "!has(self.compareSchedulers) || self.compareSchedulers.all(s, "
+                     "self.compareSchedulers.exists_one(t, t == s) && (!has(self.scheduler) || s != self.scheduler))",
+             "message": "validation.compareSchedulers: list each scheduler once, and not validation.scheduler"},
         ],
         ("training", "textualInversion"): [{
             "rule": "self.placeholderToken != self.initializerToken",

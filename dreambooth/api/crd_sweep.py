@@ -100,9 +100,18 @@ def _product(include_sampling: bool) -> str:
     return " * ".join(factors)
 
 
+#: what may change once a sweep exists: its runs are planned from the rest
+MUTABLE = ("maxParallel", "suspend")
+
+
 def _spec_rules() -> list[dict[str, str]]:
     steps = AxisField.STEPS.value
+    fixed = [DreamBoothSweepSpec.model_fields[n].alias or n for n in DreamBoothSweepSpec.model_fields]
     return [
+        *({"rule": f"self.{f} == oldSelf.{f}",
+           "message": f"{f} cannot change once the sweep exists (its runs are planned from it): delete "
+                      "and re-create the sweep (only maxParallel and suspend may change)"}
+          for f in fixed if f not in MUTABLE),
         {"rule": "self.axes.all(a, self.axes.exists_one(b, b.field == a.field))",
          "message": "axes: a field is an axis twice: list all its values in one axis",
          "fieldPath": ".axes"},

@@ -87,6 +87,16 @@ def _prior_settings_need_prior(spec, eff):
 
 
 @rule
+def _compare_schedulers_once(spec, eff):
+    """validation.compareSchedulers draws each round again with other schedulers: each once."""
+    extras = eff.validation.compare_schedulers
+    for i, extra in enumerate(extras):
+        if extra == eff.validation.scheduler or extra in extras[:i]:
+            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} is sampled already: list "
+                            "each scheduler once, and not validation.scheduler")
+
+
+@rule
 def _validation_settings_need_validation(spec, eff):
     if spec.validation.enabled:
         return
@@ -421,9 +431,6 @@ def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
             allowed = ", ".join(sorted(s.value for s in facts.samplers))
             yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} does not sample {title} models: "
                             f"use {allowed}")
-        elif extra == scheduler or extra in eff.validation.compare_schedulers[:i]:
-            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} is sampled already: list "
-                            "each scheduler once, and not validation.scheduler")
     if not facts.t5:
         for path, value in (("training.t5", t.t5), ("training.maxSequenceLength", t.max_sequence_length)):
             if value is not None:

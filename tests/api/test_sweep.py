@@ -197,3 +197,59 @@ def test_the_blog_object_study_is_two_runs_and_twelve_rows():
     the_plan = plan(validate_sweep(raw, cluster=True).spec)
     assert (len(the_plan.runs), the_plan.steps, the_plan.schedulers) == (2, (200, 400), ("ddim", "pndm", "lms"))
     assert len(the_plan.rows) == 12
+
+
+def test_only_max_parallel_and_suspend_may_change_once_the_sweep_exists():
+    old = kube_crds.apply_defaults(sweep(LR, STEPS)["spec"], SPEC_SCHEMA)
+    for field, value in (("maxParallel", 3), ("suspend", True)):
+        assert kube_crds.violations({**old, field: value}, SPEC_SCHEMA, old) == []
+    for field, value in (("axes", [{"field": "training.learningRate", "values": [1e-6]}]), ("maxRuns", 2),
+                         ("template", {**old["template"], "preset": "face"})):
+        found = [v.message for v in kube_crds.violations({**old, field: value}, SPEC_SCHEMA, old)]
+        assert any(m.startswith(f"{field} cannot change") for m in found), (field, found)
+
+
+@pytest.mark.parametrize("column", [c for c in crd_sweep.PRINTER_COLUMNS if c["name"] != "Age"],
+                         ids=lambda c: c["name"])
+def test_printer_columns_point_at_status_fields(column):
+    node = SCHEMA
+    for part in column["jsonPath"].lstrip(".").split("."):
+        assert part in node.get("properties", {}), f"{column['jsonPath']}: no field {part!r}"
+        node = node["properties"][part]
+
+
+@pytest.mark.parametrize("validation, path", [
+    ({"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]}, "spec.validation.compareSchedulers[1]"),
+    ({"scheduler": "ddim", "compareSchedulers": ["ddim"]}, "spec.validation.compareSchedulers[0]"),
+    ({"enabled": False, "compareSchedulers": ["pndm"]}, "spec.validation.compareSchedulers"),
+    ({"compareSchedulers": ["flow_euler"]}, "spec.validation.compareSchedulers[0]"),
+], ids=["twice", "the-main-one", "validation-off", "not-for-sd"])
+def test_compare_schedulers_are_checked_like_the_scheduler(validation, path):
+    base = {**TEMPLATE["baseModel"], "family": "sd"}  # the family's samplers are checked once it is known
+    with pytest.raises(SpecError) as err:
+        validate_spec({**TEMPLATE, "baseModel": base, "validation": validation})
+    assert any(i.path == path for i in err.value.issues), err.value.issues
+
+
+@pytest.mark.parametrize("validation", [{"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]},
+                                        {"scheduler": "ddim", "compareSchedulers": ["ddim"]}], ids=["twice", "main"])
+def test_the_job_crd_refuses_a_scheduler_sampled_twice(validation):
+    from dreambooth.api import crd
+
+    schema = crd.spec_schema()
+    spec = kube_crds.apply_defaults({**TEMPLATE, "validation": validation}, schema)
+    found = [v.message for v in kube_crds.violations(spec, schema)]
+    assert any(m.startswith("validation.compareSchedulers") for m in found), found
+
+
+def test_dreambooth_validate_checks_sweeps_too(tmp_path, capsys):
+    from dreambooth.api.exitcodes import ExitCode
+    from dreambooth.cli import main
+
+    assert main(["validate", "--cluster", *map(str, SWEEP_EXAMPLES)]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert out.count("DreamBoothSweep") == len(SWEEP_EXAMPLES) and out.count(": valid") == len(SWEEP_EXAMPLES)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(sweep(("training.steps", [200, 800]))))
+    assert main(["validate", str(bad)]) == ExitCode.INVALID_CONFIG
+    assert "spec.axes[0].values[1]: 800 steps is outside 1..400" in capsys.readouterr().err
