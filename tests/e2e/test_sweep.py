@@ -138,3 +138,19 @@ def test_deleting_the_sweep_deletes_its_runs(cluster, study):
     cluster.kube.delete("DreamBoothSweep", NAMESPACE, "study")
     cluster.wait_for(lambda: not runs(cluster, "study") and not cluster.kube.find("Job", NAMESPACE, "study-compare"),
                      timeout=60, what="the sweep's runs and comparison Job gone")
+
+
+def test_suspending_the_sweep_suspends_its_running_run_and_starts_no_other(cluster):
+    manifest = sweep_manifest(cluster, "paused", [{"field": "training.learningRate", "values": [1e-3, 5e-4]}],
+                              validation={"enabled": False}, checkpointing={"everySteps": 500})
+    manifest["spec"]["template"]["training"]["steps"] = 5000  # long enough to be caught training
+    cluster.apply(manifest)
+    cluster.wait_for(lambda: (cluster.status("paused-1").get("phase") == "Training"), timeout=120,
+                     what="the first run training")
+    cluster.kube.patch("DreamBoothSweep", NAMESPACE, "paused", {"spec": {"suspend": True}})
+    status = wait_sweep(cluster, "paused", "Suspended", timeout=60)
+    cluster.wait_phase("paused-1", "Suspended", timeout=60)
+    assert [j["metadata"]["name"] for j in runs(cluster, "paused")] == ["paused-1"]  # no new run while suspended
+    assert status["runsCreated"] == 1
+    cluster.kube.delete("DreamBoothSweep", NAMESPACE, "paused")
+    cluster.wait_for(lambda: not runs(cluster, "paused"), timeout=60, what="the suspended sweep's run gone")
