@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dreambooth.api.config import Defaults, output_uri_for
+from dreambooth.api.evaluation import Figures
 from dreambooth.api.job import API_VERSION, KIND, DreamBoothJob
 from dreambooth.api.resolve import effective_spec
 from dreambooth.api.spec import ApiModel
@@ -94,3 +95,44 @@ def compare_config(sweep: DreamBoothSweep, the_plan: Plan, output: str) -> Compa
     return CompareConfig(sweep=sweep.metadata.name, output=output, runs=runs, steps=list(the_plan.steps),
                          schedulers=list(the_plan.schedulers), prompts=list(eff.validation.prompts),
                          resolution=eff.training.resolution)
+
+
+_FIGURE_NAMES = {f.alias or n for n, f in Figures.model_fields.items()} | set(Figures.model_fields)
+#: what a container's termination message holds at most (Kubernetes: 4096 bytes)
+TERMINATION_MAX = 4096
+
+
+class RowFigures(ApiModel):
+    """One evaluated row of the comparison: a run's main-scheduler round at a step."""
+
+    run: str
+    figures: Figures
+
+
+class CompareSummary(ApiModel):
+    """The comparison pod's termination message: the figures of every evaluated row the
+    message can hold (``complete``: all of them; compare.json always has every one)."""
+
+    rows: list[RowFigures] = Field(default_factory=list)
+    complete: bool = True
+
+    def dumps(self) -> str:
+        """At most :data:`TERMINATION_MAX` bytes: the first rows that fit."""
+        summary = self
+        text = summary.model_dump_json(by_alias=True, exclude_none=True)
+        while len(text.encode()) > TERMINATION_MAX and summary.rows:
+            keep = max(0, len(summary.rows) * TERMINATION_MAX // len(text.encode()) - 1)
+            summary = CompareSummary(rows=summary.rows[:keep], complete=False)
+            text = summary.model_dump_json(by_alias=True, exclude_none=True)
+        return text
+
+
+def summary_of(compare_json: dict[str, Any]) -> CompareSummary:
+    """The evaluated rows of compare.json, compactly (figures only, no per-prompt detail)."""
+    rows = []
+    for row in compare_json["rows"]:
+        record = row.get("evaluation")
+        if record:
+            figures = Figures.model_validate({k: v for k, v in record.items() if k in _FIGURE_NAMES})
+            rows.append(RowFigures(run=row["run"], figures=figures))
+    return CompareSummary(rows=rows)

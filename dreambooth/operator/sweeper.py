@@ -103,8 +103,11 @@ class Sweeper:
             job = sweeps.compare_job(sweep, self.settings)
             await self.kube.ensure(job)
             outcome = sweeps.compare_outcome(await self.kube.job(namespace, job["metadata"]["name"]))
+            summary = None
+            if outcome:
+                summary = sweeps.compare_summary(await self.kube.pods(namespace, {SWEEP_LABEL: name}))
             if outcome is not None:
-                status = sweeps.sweep_status(sweep, children, defaults, compared=outcome)
+                status = sweeps.sweep_status(sweep, children, defaults, compared=outcome, summary=summary)
             if outcome is False:
                 status = status.model_copy(update={
                     "phase": SweepPhase.FAILED,

@@ -25,6 +25,7 @@ from dreambooth.api.sweep_runs import (
     COMPARE_PNG,
     CONFIG_ENV,
     SWEEP_LABEL,
+    CompareSummary,
     child_job,
     compare_config,
     run_name,
@@ -87,7 +88,7 @@ def _failure(status: DreamBoothJobStatus) -> str:
 
 
 def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, Any] | None,
-         out: str) -> SweepRow:
+         out: str, judged_rows: Mapping[tuple[str, int], judged.Figures]) -> SweepRow:
     run = the_plan.runs[row.run - 1]
     name = run_name(sweep.metadata.name, row.run)
     status = _status_of(child)
@@ -101,7 +102,9 @@ def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, A
     if status.progress is not None and status.phase.finished:
         cells["final_loss"] = status.progress.loss
     figures = status.evaluation
-    if main and figures is not None and figures.step == row.step:
+    if main and (name, row.step) in judged_rows:  # the comparison's: every step
+        cells["evaluation"] = judged_rows[(name, row.step)]
+    elif main and figures is not None and figures.step == row.step:  # the run's latest round
         cells["evaluation"] = judged.Figures.model_validate(figures.model_dump(include=set(judged.Figures.model_fields)))
     if status.phase is Phase.SUCCEEDED or (status.progress and status.progress.step >= row.step):
         cells["samples"] = run_output_uri(out, name) + layout.sample_grid(row.step, None if main else row.scheduler)
@@ -131,13 +134,15 @@ def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]]) 
 
 
 def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]], defaults: Defaults,
-                 *, compared: bool = False) -> DreamBoothSweepStatus:
+                 *, compared: bool = False, summary: CompareSummary | None = None) -> DreamBoothSweepStatus:
     """The sweep's status: one row per (run, step, scheduler), the counts, the best run.
-    ``compared``: compare.png and compare.json are written (the end of the sweep)."""
+    ``compared``: compare.png and compare.json are written (the end of the sweep);
+    ``summary``: the figures of every evaluated row, from the comparison pod."""
     the_plan = plan(sweep.spec)
     out = sweep_output_uri(sweep, defaults)
     by_number = {n: children.get(run_name(sweep.metadata.name, n)) for n in range(1, len(the_plan.runs) + 1)}
-    rows = [_row(sweep, the_plan, row, by_number[row.run], out) for row in the_plan.rows]
+    judged_rows = {(r.run, r.figures.step): r.figures for r in (summary.rows if summary else ())}
+    rows = [_row(sweep, the_plan, row, by_number[row.run], out, judged_rows) for row in the_plan.rows]
     phases = [s.phase for c in by_number.values() if c is not None and (s := _status_of(c)) is not None]
     succeeded, failed = phases.count(Phase.SUCCEEDED), phases.count(Phase.FAILED)
     total, created = len(the_plan.runs), sum(c is not None for c in by_number.values())
@@ -149,6 +154,8 @@ def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any
     elif done:
         phase = SweepPhase.SUCCEEDED if compared else SweepPhase.COMPARING
         message = f"{failed} of {total} runs failed" if failed else ""
+        if summary is not None and not summary.complete:
+            message = (message + "; " if message else "") + "some rows' figures are only in compare.json"
     elif created:
         phase, message = SweepPhase.RUNNING, ""
     else:
@@ -202,7 +209,10 @@ def compare_job(sweep: DreamBoothSweep, settings: OperatorSettings) -> dict[str,
     container = {"name": COMPARE_CONTAINER, "image": trainer["image"],
                  "command": ["python", "-m", "dreambooth.trainer.compare"], "env": env,
                  "volumeMounts": [m for m in trainer["volumeMounts"] if m["name"] in keep],
-                 "securityContext": trainer["securityContext"]}
+                 "securityContext": trainer["securityContext"],
+                 # the figures of every evaluated row, for the status (sweep_runs.CompareSummary)
+                 "terminationMessagePath": resources.TERMINATION_LOG,
+                 "terminationMessagePolicy": "FallbackToLogsOnError"}
     pod = {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
            "securityContext": trainer_pod["securityContext"], "containers": [container],
            "volumes": [v for v in trainer_pod["volumes"] if v["name"] in keep]}
@@ -222,4 +232,19 @@ def compare_outcome(job: Mapping[str, Any] | None) -> bool | None:
     for condition in ((job or {}).get("status") or {}).get("conditions") or ():
         if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
             return condition["type"] == "Complete"
+    return None
+
+
+def compare_summary(pods: Sequence[Mapping[str, Any]]) -> CompareSummary | None:
+    """The figures the comparison pod that succeeded left in its termination message."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+            message = (((cs.get("state") or {}).get("terminated")) or {}).get("message")
+            if cs.get("name") == COMPARE_CONTAINER and message:
+                try:
+                    return CompareSummary.model_validate_json(message)
+                except ValueError:
+                    return None
     return None

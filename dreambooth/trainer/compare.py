@@ -27,11 +27,13 @@ from dreambooth.api.sweep_runs import (
     CONFIG_ENV,
     CompareConfig,
     CompareRun,
+    summary_of,
 )
 from dreambooth.trainer.sampling import first_images, grid
 from dreambooth.trainer.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
+TERMINATION_LOG = "/dev/termination-log"
 
 
 def _evaluations(store: Storage) -> dict[int, dict[str, Any]]:
@@ -88,9 +90,16 @@ def compare(config: CompareConfig, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> int:
+    """The compare pod: the figures of each evaluated row also go to the termination message,
+    which the operator copies into the sweep's status rows (it reads no S3)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = CompareConfig.model_validate_json(os.environ[CONFIG_ENV])
-    compare(config, Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")) / "compare")
+    doc = compare(config, Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")) / "compare")
+    termination = Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", TERMINATION_LOG))
+    try:
+        termination.write_text(summary_of(doc).dumps())
+    except OSError as err:  # outside a pod: no termination log to write
+        log.info("no termination message written (%s)", err)
     return 0
 
 

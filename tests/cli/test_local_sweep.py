@@ -18,6 +18,9 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "sd15")
     shutil.copytree(toy_cat_dir, tmp_path / "photos" / "toy-cat")
     (tmp_path / "no-class-images").mkdir()
+    from dreambooth.trainer.tiny import build_tiny_clip
+
+    build_tiny_clip(tmp_path / "clip")
     sweep = {
         "apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothSweep", "metadata": {"name": "study"},
         "spec": {
@@ -28,6 +31,7 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
                 "prior": {"enabled": True, "classPrompt": "a photo of a cat", "uri": "file://./no-class-images"},
                 "training": {"steps": 4, "batchSize": 1, "resolution": RESOLUTION, "learningRate": 1e-3},
                 "validation": {"prompts": PROMPTS, "inferenceSteps": 2, "imagesPerPrompt": 1},
+                "evaluation": {"enabled": True, "model": {"uri": "file://./clip"}},
                 "resources": {"gpusPerNode": 0},
                 "output": {"uri": "file://./runs/study"},
             },
@@ -57,6 +61,11 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
     assert all(r["succeeded"] and r["samples"] for r in doc["rows"][:4])
     assert not any(r["succeeded"] or r["samples"] for r in doc["rows"][4:])
     assert doc["rows"][0]["values"] == {"prior.enabled": False}
+    # every step of the run that trained is evaluated (its main scheduler's samples)
+    figures = [(r["step"], r["evaluation"]) for r in doc["rows"][:4]]
+    assert [(step, e["step"]) for step, e in figures if e] == [(2, 2), (4, 4)]
+    assert all(e["subjectFidelity"] is not None for _, e in figures if e)
+    assert [e is None for _, e in figures] == [False, True, False, True]  # pndm rows: drawn, not judged
 
     with Image.open(out / "compare.png") as png:  # rows: 2 runs x 2 steps x 2 schedulers, columns: prompts
         assert png.size == (len(PROMPTS) * RESOLUTION, LABEL_HEIGHT + 8 * (RESOLUTION + LABEL_HEIGHT))

@@ -76,15 +76,24 @@ def cluster(tmp_path_factory, s3_server, tiny_model_dir, toy_cat_dir):
         yield local
 
 
+CLIP_URI = "s3://models/tiny-clip/"
+
+
 @pytest.fixture(scope="module")
-def study(cluster):
+def study(cluster, tmp_path_factory):
+    from dreambooth.trainer.tiny import build_tiny_clip
+
+    clip = open_storage(CLIP_URI, cluster.settings)  # the evaluator, fetched like a base model
+    if not clip.list():
+        clip.upload_dir(build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
     unfinished = Unfinished("study")
     stop = cluster.kube.on_change(unfinished)
     try:
         cluster.apply(sweep_manifest(cluster, "study", [
             {"field": "training.learningRate", "values": [1e-3, 5e-4]},
             {"field": "training.steps", "values": [2, 4]},
-            {"field": "validation.scheduler", "values": ["ddim", "pndm"]}]))
+            {"field": "validation.scheduler", "values": ["ddim", "pndm"]}],
+            evaluation={"enabled": True, "model": {"uri": CLIP_URI}}))
         status = wait_sweep(cluster, "study", "Succeeded", timeout=300)
     finally:
         stop()
@@ -101,6 +110,11 @@ def test_two_runs_for_eight_rows_never_more_than_max_parallel(cluster, study):
         (f"study-{n}", step, s) for n in (1, 2) for step in (2, 4) for s in ("ddim", "pndm")]
     assert all(r["phase"] == "Succeeded" and r["finalLoss"] is not None for r in rows)
     assert rows[0]["values"] == {"training.learningRate": "0.001"}
+    # every step's round of the main scheduler is evaluated (the comparison pod reports them)
+    judged = [(r["run"], r["step"]) for r in rows if r.get("evaluation")]
+    assert judged == [("study-1", 2), ("study-1", 4), ("study-2", 2), ("study-2", 4)]
+    assert all(r["evaluation"]["step"] == r["step"] and r["scheduler"] == "ddim" for r in rows if r.get("evaluation"))
+    assert status["bestRun"] in ("study-1", "study-2") and status["bestStep"] in (2, 4)
     for job in runs(cluster, "study"):  # each run trained once, to the largest steps value
         assert job["status"]["progress"]["summary"] == "4/4"
         assert job["spec"]["validation"]["compareSchedulers"] == ["pndm"]
@@ -115,6 +129,7 @@ def test_compare_png_and_json_are_in_the_sweeps_prefix(cluster, study):
         assert png.size == (len(PROMPTS) * RESOLUTION, LABEL_HEIGHT + 8 * (RESOLUTION + LABEL_HEIGHT))
     doc = json.loads(store.read_bytes("compare.json"))
     assert len(doc["rows"]) == 8 and all(r["succeeded"] and r["samples"] for r in doc["rows"])
+    assert [r["evaluation"] is not None for r in doc["rows"]] == [True, False] * 4  # ddim judged, pndm drawn
     assert {o.key for o in store.list("runs/")} >= {"runs/study-1/samples/step-2-pndm.png",
                                                     "runs/study-2/samples/step-4.png"}
 

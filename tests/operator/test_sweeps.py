@@ -137,3 +137,33 @@ def test_the_comparison_is_a_cpu_job_of_the_trainer_image_owned_by_the_sweep():
     assert sweeps.compare_outcome(None) is None
     assert sweeps.compare_outcome({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) is True
     assert sweeps.compare_outcome({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) is False
+
+
+def test_the_comparison_pods_figures_fill_every_steps_row():
+    from dreambooth.api.sweep_runs import TERMINATION_MAX, CompareSummary, summary_of
+
+    compare_json = {"rows": [
+        {"run": "study-1", "step": 2, "scheduler": "ddim", "evaluation": {**figures(2, 0.6), "prompts": [{"x": 1}]}},
+        {"run": "study-1", "step": 2, "scheduler": "pndm", "evaluation": None},
+        {"run": "study-1", "step": 4, "scheduler": "ddim", "evaluation": figures(4, 0.7)}]}
+    summary = summary_of(compare_json)
+    assert [(r.run, r.figures.step) for r in summary.rows] == [("study-1", 2), ("study-1", 4)]
+    pod = {"status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "compare", "state": {"terminated": {"exitCode": 0, "message": summary.dumps()}}}]}}
+    assert sweeps.compare_summary([pod]) == summary
+
+    sweep = typed(max_parallel=2)
+    jobs = sweeps.actions(sweep, {}, DEFAULTS).create
+    children = {j["metadata"]["name"]: with_status(j, "Succeeded", evaluation=figures(4, 0.7)) for j in jobs}
+    status = sweeps.sweep_status(sweep, children, DEFAULTS, compared=True, summary=summary)
+    judged = {(r.run, r.step, r.scheduler): r.evaluation for r in status.rows}
+    assert judged[("study-1", 2, "ddim")].subject_fidelity == 0.6  # not the run's latest round
+    assert judged[("study-1", 2, "pndm")] is None
+    assert judged[("study-2", 2, "ddim")] is None and judged[("study-2", 4, "ddim")].subject_fidelity == 0.7
+
+    many = CompareSummary(rows=summary.rows * 200)  # more than a termination message holds
+    text = many.dumps()
+    assert len(text.encode()) <= TERMINATION_MAX
+    short = CompareSummary.model_validate_json(text)
+    assert not short.complete and 0 < len(short.rows) < 400
+    assert "compare.json" in sweeps.sweep_status(sweep, children, DEFAULTS, compared=True, summary=short).message
