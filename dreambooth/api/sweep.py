@@ -171,7 +171,8 @@ class Plan:
 
 
 def _short(field: str) -> str:
-    return field.rsplit(".", 1)[-1]
+    """A field in a label: training.learningRate -> learningRate, prior.enabled stays."""
+    return field.removeprefix("training.")
 
 
 def _shown(value: Any) -> str:

@@ -115,10 +115,19 @@ def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, A
     return SweepRow(**cells)
 
 
-def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]]) -> tuple[str, int] | None:
-    """The run whose best evaluated round ranks first by dreambooth.api.evaluation's score
-    (rounds with an overfitting sign last), and that round's step."""
+def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]],
+             judged_rows: Mapping[tuple[str, int], judged.Figures] | None = None) -> tuple[str, int] | None:
+    """The (run, step) whose round ranks first by dreambooth.api.evaluation's score (rounds
+    with an overfitting sign last) among the succeeded runs: over every step's round once
+    the comparison reported them, else over each run's latest round."""
     thresholds = effective_spec(sweep.spec.template).evaluation.thresholds
+    succeeded = {n for n, c in children.items() if (s := _status_of(c)) is not None and s.phase is Phase.SUCCEEDED}
+    if judged_rows:
+        rows = [(run, figures) for (run, _), figures in sorted(judged_rows.items()) if run in succeeded]
+        records = [judged.Record(**f.model_dump(), checkpoint=run, signs=judged.overfitting_signs(f, thresholds))
+                   for run, f in rows]
+        chosen = judged.best(records)
+        return next(((run, f.step) for (run, f), r in zip(rows, records, strict=True) if r is chosen), None)
     candidates = []
     for name, child in sorted(children.items()):
         status = _status_of(child)
@@ -160,7 +169,7 @@ def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any
         phase, message = SweepPhase.RUNNING, ""
     else:
         phase, message = SweepPhase.PENDING, "creating the runs"
-    best = best_run(sweep, children)
+    best = best_run(sweep, children, judged_rows)
     return DreamBoothSweepStatus(
         phase=phase, runs_total=total, runs_created=created, runs_succeeded=succeeded, runs_failed=failed,
         summary=f"{succeeded + failed}/{total}", best_run=best[0] if best else None,

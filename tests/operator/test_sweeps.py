@@ -160,6 +160,11 @@ def test_the_comparison_pods_figures_fill_every_steps_row():
     assert judged[("study-1", 2, "ddim")].subject_fidelity == 0.6  # not the run's latest round
     assert judged[("study-1", 2, "pndm")] is None
     assert judged[("study-2", 2, "ddim")] is None and judged[("study-2", 4, "ddim")].subject_fidelity == 0.7
+    assert (status.best_run, status.best_step) == ("study-1", 4)  # 0.7 > 0.6, over every step
+    better = summary_of({"rows": [{"run": "study-2", "step": 2, "evaluation": figures(2, 0.9)},
+                                  *compare_json["rows"]]})
+    status = sweeps.sweep_status(sweep, children, DEFAULTS, compared=True, summary=better)
+    assert (status.best_run, status.best_step) == ("study-2", 2)  # an earlier checkpoint of another run
 
     many = CompareSummary(rows=summary.rows * 200)  # more than a termination message holds
     text = many.dumps()
