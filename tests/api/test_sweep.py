@@ -253,3 +253,34 @@ def test_dreambooth_validate_checks_sweeps_too(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(sweep(("training.steps", [200, 800]))))
     assert main(["validate", str(bad)]) == ExitCode.INVALID_CONFIG
     assert "spec.axes[0].values[1]: 800 steps is outside 1..400" in capsys.readouterr().err
+
+
+# --- the models and the CRD agree on every axis value --------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dreambooth.api.sweep import AxisField  # noqa: E402
+
+#: what the template must have for each field's values to be about the value alone
+NEEDS = {"training.lora.rank": {"method": "lora"}, "training.textEncoderLearningRate": {"trainTextEncoder": True}}
+VALUE = st.one_of(
+    st.booleans(), st.integers(-5, 2**31), st.floats(-1, 1, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 1e-2, 1e-2 + 1e-9, 5e-6, 2**31 - 1, 2**31, 1, 400, 401, 256, 257]),
+    st.sampled_from(["full", "lora", "ddim", "pndm", "lms", "euler", "dpm", "fast", ""]),
+)
+
+
+@pytest.mark.parametrize("field", [f.value for f in AxisField])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(VALUE, min_size=1, max_size=3, unique_by=repr))
+def test_models_and_crd_accept_the_same_axis_values(field, values):
+    raw = sweep((field, values))
+    raw["spec"]["template"]["training"].update(NEEDS.get(field, {}))
+    try:
+        validate_sweep(raw, cluster=True)
+        by_model = True
+    except SpecError:
+        by_model = False
+    crd = crd_problems(raw)
+    assert by_model == (crd == []), (values, crd)
