@@ -10,10 +10,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
 
 from dreambooth.api import crd_sweep, validate_spec
-from dreambooth.api.sweep import SpecError, child_spec, plan, validate_sweep
+from dreambooth.api.sweep import AxisField, SpecError, child_spec, plan, validate_sweep
 from kubesim import crds as kube_crds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,11 +258,6 @@ def test_dreambooth_validate_checks_sweeps_too(tmp_path, capsys):
 
 
 # --- the models and the CRD agree on every axis value --------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from dreambooth.api.sweep import AxisField  # noqa: E402
 
 #: what the template must have for each field's values to be about the value alone
 NEEDS = {"training.lora.rank": {"method": "lora"}, "training.textEncoderLearningRate": {"trainTextEncoder": True}}
