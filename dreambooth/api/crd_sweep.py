@@ -24,6 +24,7 @@ from dreambooth.api.sweep import (
     KIND,
     MAX_AXES,
     MAX_ROWS,
+    MAX_SWEEP_NAME,
     PLURAL,
     SAMPLING_AXES,
     SHORT_NAMES,
@@ -173,6 +174,10 @@ def open_api_schema() -> dict[str, Any]:
         "description": "A DreamBooth study: a job template trained with every combination of "
         "learning rates, steps, schedulers, ... (its axes), compared side by side.",
         "required": ["spec"],
+        "x-kubernetes-validations": [{
+            "rule": f"size(self.metadata.name) <= {MAX_SWEEP_NAME}",
+            "message": f"metadata.name: at most {MAX_SWEEP_NAME} characters (its runs are named "
+                       "<sweep>-<number>)"}],
         "properties": {
             "apiVersion": {"type": "string", "description": "dreambooth.io/v1alpha1"},
             "kind": {"type": "string", "description": KIND},

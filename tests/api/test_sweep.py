@@ -281,3 +281,13 @@ def test_models_and_crd_accept_the_same_axis_values(field, values):
         by_model = False
     crd = crd_problems(raw)
     assert by_model == (crd == []), (values, crd)
+
+
+def test_a_sweep_name_leaves_room_for_its_runs_names():
+    raw = sweep(LR)
+    raw["metadata"]["name"] = "s" * 57
+    assert any(p.startswith("metadata.name:") for p in model_problems(raw))
+    found = [v.message for v in kube_crds.violations(raw, SCHEMA)]
+    assert any(m.startswith("metadata.name: at most 56") for m in found), found
+    raw["metadata"]["name"] = "s" * 56
+    assert kube_crds.violations(kube_crds.apply_defaults(raw, SCHEMA), SCHEMA) == []
