@@ -21,10 +21,13 @@ from dreambooth.jobfiles import UsageError, job_documents, load_job, local_defau
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from dreambooth.api.sweep import KIND as SWEEP_KIND
+    from dreambooth.api.sweep import validate_sweep
+
     failed = 0
     for path in args.files:
         try:
-            docs = job_documents(path)
+            docs = job_documents(path, also=(SWEEP_KIND,))
         except UsageError as err:
             failed += 1
             print(f"error: {err}", file=sys.stderr)
@@ -33,12 +36,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {path} holds no {KIND}", file=sys.stderr)
         for doc in docs:
+            validate = validate_sweep if doc.kind == SWEEP_KIND else validate_job
             try:
-                validate_job(doc.data, cluster=args.cluster)
-                print(f"{doc.where}: {KIND} {doc.name}: valid")
+                validate(doc.data, cluster=args.cluster)
+                print(f"{doc.where}: {doc.kind} {doc.name}: valid")
             except SpecError as err:
                 failed += 1
-                print(f"{doc.where}: {KIND} {doc.name}: {err}", file=sys.stderr)
+                print(f"{doc.where}: {doc.kind} {doc.name}: {err}", file=sys.stderr)
     return ExitCode.INVALID_CONFIG if failed else ExitCode.OK
 
 
@@ -50,13 +54,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from dreambooth.api import crd
+    from dreambooth.api import crd, crd_sweep
 
     if args.write:
-        for path in crd.write(args.root):
+        for path in [*crd.write(args.root), *crd_sweep.write(args.root)]:
             print(f"wrote {path}")
     else:
-        sys.stdout.write(crd.render())
+        sys.stdout.write(crd.render() + "---\n" + crd_sweep.render())
     return ExitCode.OK
 
 

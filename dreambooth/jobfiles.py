@@ -30,12 +30,13 @@ def load_documents(path: Path) -> list[Document]:
         raise UsageError(str(err)) from None
 
 
-def job_documents(path: Path) -> list[Document]:
-    """The DreamBoothJobs of ``path``; every other document is named on stderr, not skipped
-    silently; a document without ``kind`` is an error."""
+def job_documents(path: Path, also: tuple[str, ...] = ()) -> list[Document]:
+    """The DreamBoothJobs (and the ``also`` kinds, e.g. DreamBoothSweep) of ``path``; every
+    other document is named on stderr, not skipped silently; a document without ``kind`` is
+    an error."""
     jobs = []
     for doc in load_documents(path):
-        if doc.kind == KIND:
+        if doc.kind == KIND or doc.kind in also:
             jobs.append(doc)
         elif doc.kind is None:
             raise UsageError(f"{doc.where}: no kind: add kind: {KIND} and apiVersion: {API_VERSION}")

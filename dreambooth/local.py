@@ -10,14 +10,31 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from dreambooth.api import DreamBoothJob, build_trainer_config, validate_job
+from dreambooth.api import (
+    API_VERSION,
+    KIND,
+    DreamBoothJob,
+    SpecError,
+    build_trainer_config,
+    validate_job,
+)
 from dreambooth.api.config import DEFAULT_METRICS_PORT
 from dreambooth.api.exitcodes import ExitCode
+from dreambooth.api.sweep import KIND as SWEEP_KIND
+from dreambooth.api.sweep import DreamBoothSweep, plan, validate_sweep
+from dreambooth.api.sweep_runs import (
+    COMPARE_JSON,
+    COMPARE_PNG,
+    child_job,
+    compare_config,
+    sweep_output_uri,
+)
 from dreambooth.api.uris import Scheme, parse_uri
 from dreambooth.gallery.cli import DEFAULT_PORT
-from dreambooth.jobfiles import load_job, local_defaults
+from dreambooth.jobfiles import UsageError, load_documents, load_job, local_defaults
 
 
 def absolute_file_uris(job: DreamBoothJob, base: Path) -> DreamBoothJob:
@@ -87,6 +104,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def load_sweep(path: Path) -> DreamBoothSweep:
+    """The one DreamBoothSweep in ``path``, its relative file:// URIs made absolute."""
+    sweeps = [d for d in load_documents(path) if d.kind == SWEEP_KIND]
+    if len(sweeps) != 1:
+        raise UsageError(f"{path} must hold exactly one {SWEEP_KIND}; found {len(sweeps)}")
+    try:
+        sweep = validate_sweep(sweeps[0].data)
+    except SpecError as err:
+        raise UsageError(f"{sweeps[0].where}: {err}") from None
+    as_job = DreamBoothJob(api_version=API_VERSION, kind=KIND, metadata=sweep.metadata, spec=sweep.spec.template)
+    template = absolute_file_uris(as_job, Path.cwd()).spec
+    return sweep.model_copy(update={"spec": sweep.spec.model_copy(update={"template": template})})
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The sweep's runs one after another (a failed run does not stop the others), then
+    compare.png and compare.json in the sweep's prefix, as on a cluster."""
+    from dreambooth.trainer.compare import compare
+
+    sweep = load_sweep(args.file)
+    the_plan = plan(sweep.spec)
+    out = sweep_output_uri(sweep, local_defaults(args.output_root))
+    workdir = args.workdir or Path("runs") / ".work" / sweep.metadata.name
+    codes = {}
+    for run in the_plan.runs:
+        job = validate_job(child_job(sweep, run, the_plan, out))
+        print(f"sweep {sweep.metadata.name}: run {run.number}/{len(the_plan.runs)} {job.metadata.name} "
+              f"({run.label()})", file=sys.stderr)
+        codes[job.metadata.name] = train_job(job, output_root=args.output_root, workdir=workdir / job.metadata.name,
+                                             metrics_port=args.metrics_port)
+    doc = compare(compare_config(sweep, the_plan, out), workdir / "compare")
+    failed = [name for name, code in codes.items() if code != ExitCode.OK]
+    print(json.dumps({"sweep": sweep.metadata.name, "runs": len(codes), "failed": failed, "rows": len(doc["rows"]),
+                      "compare": out + COMPARE_PNG, "compareJson": out + COMPARE_JSON}))
+    return ExitCode.OK if len(failed) < len(codes) else next(iter(codes.values()))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     port = int(os.environ.get("DREAMBOOTH_METRICS_PORT", "0"))
 
@@ -98,6 +152,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=port,
                    help=f"serve Prometheus metrics on this port (0: off; pods use {DEFAULT_METRICS_PORT})")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a DreamBoothSweep's runs on this machine, one after another, "
+                       "and write compare.png / compare.json")
+    p.add_argument("file", type=Path)
+    p.add_argument("--output-root", help="where outputs go when the template's output.uri is unset "
+                   "(default: file://$PWD/runs)")
+    p.add_argument("--workdir", type=Path, help="scratch folder (default: runs/.work/<sweep>)")
+    p.add_argument("--metrics-port", type=int, default=port, help="serve Prometheus metrics (0: off)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="a real DreamBooth run on a tiny embedded model (CPU, ~1 min)")
     p.add_argument("--root", type=Path, default=Path("runs/demo"), help="folder for everything")

@@ -238,9 +238,12 @@ class LocalCluster:
         if self.with_credentials:
             self.create_credentials_secret()
 
+        # the "image's" dreambooth is this checkout's: an editable install elsewhere (another
+        # worktree) must not stand in for the code under test
         self.kubelet = ProcessKubelet(self.kube, self.workdir / "pods",
                                       max_grace=self.grace_seconds,
-                                      on_line=lambda pod, line: self._say(pod, line))
+                                      on_line=lambda pod, line: self._say(pod, line),
+                                      extra_env={"PYTHONPATH": str(ROOT)})
         self.jobs = JobController(self.kube)
         self.recorder = StatusRecorder(self.kube)
         self._stack.callback(self.kube.on_change(self.recorder))

@@ -76,10 +76,11 @@ def _meaning_rules() -> list[dict[str, str]]:
          "prior.lossWeight is " + _SETTINGS_NEED.format("prior")),
         ("!has(self.validation.enabled) || self.validation.enabled || "
          "((!has(self.validation.prompts) || size(self.validation.prompts) == 0) && "
+         "(!has(self.validation.compareSchedulers) || size(self.validation.compareSchedulers) == 0) && "
          + " && ".join(f"!has(self.validation.{f})" for f in ("everySteps", "inferenceSteps",
                                                                "negativePrompt"))
          + ")",
-         "validation.prompts, everySteps, inferenceSteps and negativePrompt are "
+         "validation.prompts, compareSchedulers, everySteps, inferenceSteps and negativePrompt are "
          + _SETTINGS_NEED.format("validation")),
         (never("training.textEncoderSteps")(TEXT_ENCODER),
          "training.textEncoderSteps only applies when training.trainTextEncoder is true"),
@@ -186,6 +187,9 @@ def _cel_rules() -> dict[tuple[str, ...], list[dict[str, str]]]:
              "message": f"validation.prompts: an item {_SECRET_MESSAGE}"},
             {"rule": f"!has(self.negativePrompt) || {_no_secret('self.negativePrompt')}",
              "message": f"validation.negativePrompt {_SECRET_MESSAGE}"},
+            {"rule": "!has(self.compareSchedulers) || self.compareSchedulers.all(s, "
+                     "self.compareSchedulers.exists_one(t, t == s) && (!has(self.scheduler) || s != self.scheduler))",
+             "message": "validation.compareSchedulers: list each scheduler once, and not validation.scheduler"},
         ],
         ("training", "textualInversion"): [{
             "rule": "self.placeholderToken != self.initializerToken",

@@ -5,6 +5,7 @@ Keys are relative to the job's output prefix (default ``s3://<bucket>/<namespace
 
     checkpoints/checkpoint-<step>/   trainable weights, optimizer, schedule, RNG; manifest.json last
     samples/step-<step>.png          a sample grid: rows = prompts, columns = images
+    samples/step-<step>-<sched>.png  the same round drawn with validation.compareSchedulers' <sched>
     samples/progression.png          rows = sampled steps, columns = prompts
     model/                           the diffusers folder
     model.safetensors                one file in the original layout (A1111, ComfyUI)
@@ -62,9 +63,10 @@ def checkpoint(step: int) -> str:
     return f"{CHECKPOINTS}checkpoint-{step}/"
 
 
-def sample_grid(step: int) -> str:
-    """``samples/step-<step>.png``"""
-    return f"{SAMPLES}step-{step}.png"
+def sample_grid(step: int, scheduler: str | None = None) -> str:
+    """``samples/step-<step>.png``; ``samples/step-<step>-<scheduler>.png`` for a scheduler
+    of ``validation.compareSchedulers`` (the same round drawn with another scheduler)."""
+    return f"{SAMPLES}step-{step}.png" if scheduler is None else f"{SAMPLES}step-{step}-{scheduler}.png"
 
 
 def checkpoint_step(key: str) -> tuple[int, str] | None:

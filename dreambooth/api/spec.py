@@ -514,6 +514,13 @@ class ValidationSpec(ApiModel):
         "and LMS clearly on overfit models; SDXL: euler, the scheduler it ships with; SD3: "
         "flow_euler, its flow-matching Euler scheduler, the only one it takes).",
     )
+    compare_schedulers: list[Sampler] = Field(
+        default_factory=list,
+        max_length=6,
+        description="Also sample each round with these schedulers, from the same weights and seeds: "
+        "samples/step-<step>-<scheduler>.png next to the main grid (a sweep's validation.scheduler "
+        "axis sets it). Evaluation judges the main scheduler's samples only.",
+    )
     inference_steps: int | None = Field(
         None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
         "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example; "

@@ -1,7 +1,9 @@
 """kopf registrations, and nothing else: startup builds the :class:`Reconciler` (the
-operator's loop: dreambooth/operator/reconciler.py) from the settings, one raw-event
-handler hands it every watch event of a DreamBoothJob, cleanup closes it. The operator is
-the only writer of ``.status`` and writes nothing else on a DreamBoothJob.
+operator's loop: dreambooth/operator/reconciler.py) and the :class:`Sweeper` (the
+DreamBoothSweep loop: dreambooth/operator/sweeper.py) from the settings, one raw-event
+handler per resource hands them every watch event (a sweep's run's events go to the
+sweeper too), cleanup closes them. The operator is the only writer of ``.status`` and
+writes nothing else on a DreamBoothJob or DreamBoothSweep (but a run's suspend).
 
     kopf run --standalone --all-namespaces -m dreambooth.operator   (or: dreambooth-operator)
 """
@@ -15,10 +17,13 @@ from typing import Any
 import kopf
 
 from dreambooth.api.job import GROUP, PLURAL, VERSION
+from dreambooth.api.sweep import PLURAL as SWEEPS
 from dreambooth.operator.reconciler import Reconciler
 from dreambooth.operator.settings import OperatorSettings, SettingsError
+from dreambooth.operator.sweeper import Sweeper
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+SWEEP_RESOURCE = (GROUP, VERSION, SWEEPS)
 
 
 def read_settings() -> OperatorSettings:
@@ -49,6 +54,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     tune_gc()
     memo.reconciler = await Reconciler.start(config)
+    memo.sweeper = Sweeper(config, memo.reconciler.kube)
+    memo.sweeper.start()
 
 
 @kopf.on.event(*RESOURCE)
@@ -56,10 +63,23 @@ async def watched(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Every watch event of a DreamBoothJob (kopf's initial listing has no event type)."""
     reconciler: Reconciler = memo.reconciler
     await reconciler.watched(event["type"], event["object"])
+    sweeper: Sweeper | None = memo.get("sweeper")
+    if sweeper is not None and event["type"] is not None:
+        await sweeper.run_changed(event["object"])
+
+
+@kopf.on.event(*SWEEP_RESOURCE)
+async def sweep_watched(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event of a DreamBoothSweep."""
+    sweeper: Sweeper = memo.sweeper
+    await sweeper.watched(event["type"], event["object"])
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    sweeper: Sweeper | None = memo.get("sweeper")
+    if sweeper is not None:
+        await sweeper.close()
     reconciler: Reconciler | None = memo.get("reconciler")
     if reconciler is not None:
         await reconciler.close()

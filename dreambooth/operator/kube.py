@@ -16,6 +16,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from dreambooth.api.job import GROUP, PLURAL, VERSION
+from dreambooth.api.sweep import PLURAL as SWEEPS
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,36 @@ class Kube:
         lists such as conditions are replaced whole, nulls clear fields)."""
         await self._raw(self.custom.patch_namespaced_custom_object_status,
                         GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+                        _content_type="application/merge-patch+json", read=False)
+
+    async def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Replace a DreamBoothSweep's status (a merge patch, as :meth:`patch_status`)."""
+        await self._raw(self.custom.patch_namespaced_custom_object_status,
+                        GROUP, VERSION, namespace, SWEEPS, name, {"status": status},
+                        _content_type="application/merge-patch+json", read=False)
+
+    # --- a sweep's runs ------------------------------------------------------------------
+
+    async def dreambooth_jobs(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        return (await self._raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+                                label_selector=selector))["items"]
+
+    async def create_dreambooth_job(self, obj: dict[str, Any]) -> bool:
+        """Create a sweep's run unless it exists (True: created)."""
+        try:
+            await self._raw(self.custom.create_namespaced_custom_object, GROUP, VERSION,
+                            obj["metadata"]["namespace"], PLURAL, obj, read=False)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        log.info("created DreamBoothJob %s/%s", obj["metadata"]["namespace"], obj["metadata"]["name"])
+        return True
+
+    async def suspend_dreambooth_job(self, namespace: str, name: str, suspend: bool) -> None:
+        await self._raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                        {"spec": {"runPolicy": {"suspend": suspend}}},
                         _content_type="application/merge-patch+json", read=False)
 
     async def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.api.job import GROUP, PLURAL
+from dreambooth.api.sweep import PLURAL as SWEEPS
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ OPERATOR: tuple[Permission, ...] = (
     Permission(GROUP, f"{PLURAL}/status", ("patch",), "the operator is the only writer of .status"),
     Permission(GROUP, f"{PLURAL}/finalizers", ("update",),
                "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"),
+    Permission(GROUP, SWEEPS, ("list", "watch"), "the operator runs each DreamBoothSweep's jobs"),
+    Permission(GROUP, f"{SWEEPS}/status", ("patch",), "the operator is the only writer of a sweep's .status"),
+    Permission(GROUP, f"{SWEEPS}/finalizers", ("update",),
+               "a sweep's jobs carry ownerReferences with blockOwnerDeletion"),
+    Permission(GROUP, PLURAL, ("create", "patch"),
+               "a sweep's runs are DreamBoothJobs: create them, suspend and resume them with the sweep"),
     Permission("", "configmaps", ("create",), "the trainer config of each job"),
     Permission("", "services", ("create",), "the headless Service of each job's pods"),
     Permission("batch", "jobs", ("create", "get", "list", "patch", "delete"),

@@ -216,9 +216,11 @@ def ema_weights(ctx: Context, loop: Loop):
         swap()
 
 
-def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False):
+def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False,
+                sampler=None):
     """The pipeline of the model being trained: for samples, the parts on the device (frozen
-    ones in the compute dtype); for the export, the float32 originals of the frozen parts."""
+    ones in the compute dtype); for the export, the float32 originals of the frozen parts.
+    ``sampler``: another scheduler than validation.scheduler (compareSchedulers)."""
     from dreambooth.trainer.sampling import scheduler_for
 
     modules = list(modules_of(ctx, loop).values())
@@ -227,7 +229,7 @@ def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: boo
         vae=components.vae if export else loop.vae,
         text_encoders=components.text_encoders if export and frozen_te else modules[1:],
         tokenizers=components.tokenizers, denoiser=modules[0],
-        scheduler=scheduler_for(ctx.spec.validation.scheduler, components.noise_scheduler.config),
+        scheduler=scheduler_for(sampler or ctx.spec.validation.scheduler, components.noise_scheduler.config),
     )
 
 
@@ -248,6 +250,20 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
     rank ``i % processes`` with the generator it has on one process (the same grid on 1 or
     N processes); the main process assembles the grid and its storage thread uploads it.
     Returns the rows (images per prompt) on the main process, None on the others."""
+
+    validation = ctx.spec.validation
+    ordered = _draw(ctx, components, loop, step, None, upload=upload)
+    if upload:  # the same weights and seeds with each further scheduler (a sweep's axis)
+        for sampler in validation.compare_schedulers:
+            _draw(ctx, components, loop, step, sampler, upload=True)
+        if ctx.main:
+            publish_history(ctx, every_s=0)
+    return ordered
+
+
+def _draw(ctx: Context, components: Components, loop: Loop, step: int, sampler, *, upload: bool) -> list | None:
+    """One grid of ``step`` drawn with ``sampler`` (None: validation.scheduler), uploaded by
+    the main process when ``upload``; its rows on the main process, None on the others."""
     from accelerate.utils import gather_object
 
     a, validation = ctx.accelerator, ctx.spec.validation
@@ -260,7 +276,7 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
             module.eval()
         with (a.autocast(), ema_weights(ctx, loop), loop.prompts.on_device(),  # the pipeline encodes prompts
               borrowed([loop.vae], a.device, loop.vae_park)):  # and decodes latents
-            drawn = generate(pipeline_of(ctx, components, loop), validation,
+            drawn = generate(pipeline_of(ctx, components, loop, sampler=sampler), validation,
                              resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
                              device=a.device, rows=mine,
                              options=components.family.sampling_options(ctx.spec.training))
@@ -273,12 +289,11 @@ def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
         return None
     ordered = [rows[i] for i in range(len(validation.prompts))]
     if upload:
-        path = ctx.workdir / f"step-{step}.png"
-        title = (f"step {step}/{ctx.total_steps}, {validation.scheduler.value.upper()} "
-                 f"{validation.inference_steps} steps")
+        name = (sampler or validation.scheduler).value
+        path = ctx.workdir / f"step-{step}-{name}.png"
+        title = f"step {step}/{ctx.total_steps}, {name.upper()} {validation.inference_steps} steps"
         grid(ordered, validation.prompts, title=title).save(path)
-        ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step))
-        publish_history(ctx, every_s=0)
+        ctx.background.post(upload_sample, ctx, path, layout.sample_grid(step, sampler and sampler.value))
     return ordered
 
 

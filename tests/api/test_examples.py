@@ -16,7 +16,8 @@ from dreambooth.api.exitcodes import ExitCode
 from dreambooth.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+#: the DreamBoothJob examples; sweep-*.yaml are DreamBoothSweeps (tests/api/test_sweep.py)
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("sweep-"))
 
 
 def jobs_in(path: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dreambooth.api import crd
+from dreambooth.api import crd, crd_sweep
 from dreambooth.operator import naming
 from dreambooth.operator.settings import PREFIX, OperatorSettings
 from tests.chart.support import (
@@ -111,30 +111,41 @@ def test_chart_version_matches_the_project():
 # --------------------------------------------------------------------------- the CRD
 
 
-def test_chart_crd_folder_holds_the_generated_crd():
+GENERATED = (crd, crd_sweep)  # the DreamBoothJob's and the DreamBoothSweep's CRD modules
+
+
+@pytest.mark.parametrize("module", GENERATED, ids=lambda m: m.CRD_FILE)
+def test_chart_crd_folder_holds_the_generated_crd(module):
     """Helm's crds/ copy is byte-identical to crds/ at the root and to what the types generate."""
-    (entry,) = chart().crds
-    assert entry["name"] == f"crds/{crd.CRD_FILE}"
-    generated = crd.render()
-    assert (CHART_DIR / "crds" / crd.CRD_FILE).read_text() == generated, "run `make crds`"
-    assert (ROOT / "crds" / crd.CRD_FILE).read_text() == generated, "run `make crds`"
-    assert entry["data"] == generated or yaml.safe_load(entry["data"]) == crd.crd()
+    entries = {e["name"]: e for e in chart().crds}
+    assert set(entries) == {f"crds/{m.CRD_FILE}" for m in GENERATED}
+    entry = entries[f"crds/{module.CRD_FILE}"]
+    generated = module.render()
+    assert (CHART_DIR / "crds" / module.CRD_FILE).read_text() == generated, "run `make crds`"
+    assert (ROOT / "crds" / module.CRD_FILE).read_text() == generated, "run `make crds`"
+    assert entry["data"] == generated or yaml.safe_load(entry["data"]) == module.crd()
 
 
-def test_crds_enabled_templates_the_same_crd_with_the_release_labels():
-    templated = one(objects({"crds": {"enabled": True}}), "CustomResourceDefinition")
-    assert templated["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    labels = templated["metadata"]["labels"]
-    assert labels["app.kubernetes.io/managed-by"] == "Helm"
-    assert labels["app.kubernetes.io/instance"] == RELEASE
-    generated = crd.crd()
-    assert templated["spec"] == generated["spec"]
-    assert templated["metadata"]["name"] == generated["metadata"]["name"]
+def templated_crds(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in of_kind(objects(values), "CustomResourceDefinition")}
+
+
+def test_crds_enabled_templates_the_same_crds_with_the_release_labels():
+    templated = templated_crds({"crds": {"enabled": True}})
+    assert set(templated) == {m.CRD_NAME for m in GENERATED}
+    for module in GENERATED:
+        one_crd = templated[module.CRD_NAME]
+        assert one_crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        labels = one_crd["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert one_crd["spec"] == module.crd()["spec"]
 
 
 def test_crds_keep_false_lets_uninstall_delete_the_crd():
-    templated = one(objects({"crds": {"enabled": True, "keep": False}}), "CustomResourceDefinition")
-    assert "annotations" not in templated["metadata"]
+    templated = templated_crds({"crds": {"enabled": True, "keep": False}})
+    assert len(templated) == len(GENERATED)
+    assert all("annotations" not in c["metadata"] for c in templated.values())
 
 
 def test_crds_folder_is_the_default_and_not_templated():

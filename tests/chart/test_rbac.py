@@ -29,7 +29,10 @@ from kubernetes_asyncio import client
 
 from dreambooth.api import crd, validate_job
 from dreambooth.api.job import GROUP, PLURAL
-from dreambooth.operator import handlers, kube, rbac, resources, trainerinputs
+from dreambooth.api.sweep import PLURAL as SWEEPS
+from dreambooth.api.sweep import plan, validate_sweep
+from dreambooth.api.sweep_runs import child_job
+from dreambooth.operator import handlers, kube, rbac, resources, sweeps, trainerinputs
 from dreambooth.operator.settings import OperatorSettings
 from tests.chart.support import (
     EVERYTHING,
@@ -155,8 +158,9 @@ def handler_needs() -> set[Triple]:
     assert stateful | watching, "no kopf handlers registered"
     needs: set[Triple] = set()
     for selector in stateful | watching:
-        assert (selector.group, selector.plural or selector.any_name) == (GROUP, PLURAL), selector
-        needs |= {(GROUP, PLURAL, "list"), (GROUP, PLURAL, "watch")}  # kopf lists + watches what it serves
+        served = selector.plural or selector.any_name
+        assert (selector.group, served) in ((GROUP, PLURAL), (GROUP, SWEEPS)), selector
+        needs |= {(GROUP, served, "list"), (GROUP, served, "watch")}  # kopf lists + watches what it serves
     if stateful:
         needs.add((GROUP, PLURAL, "patch"))  # kopf patches its own annotations on it
     source = inspect.getsource(handlers)
@@ -179,6 +183,14 @@ def owner_needs() -> set[Triple]:
             if ref.get("blockOwnerDeletion"):
                 assert ref["apiVersion"].split("/")[0] == GROUP
                 needs.add((GROUP, f"{PLURAL}/finalizers", "update"))
+    # a sweep's runs and its comparison Job are owned by the sweep
+    sweep = validate_sweep(yaml.safe_load((ROOT / "examples" / "sweep-object.yaml").read_text()) | {
+        "metadata": {"name": "study", "namespace": "team-a", "uid": "6b1d8a52-0c3e-4f7a-9d2b-1e5f3a4c7b80"}})
+    the_plan = plan(sweep.spec)
+    for child in (child_job(sweep, the_plan.runs[0], the_plan, "s3://b/"), sweeps.compare_job(sweep, OperatorSettings())):
+        for ref in child["metadata"].get("ownerReferences", []):
+            if ref.get("blockOwnerDeletion"):
+                needs.add((GROUP, f"{SWEEPS}/finalizers", "update"))
     return needs
 
 

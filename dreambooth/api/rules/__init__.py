@@ -23,6 +23,7 @@ __all__ = ["RULES", "Rule", "Violation", "family_violations", "first_violation",
 RULES: tuple[Rule, ...] = (
     features.prior_needs_class_prompt,
     features.prior_settings_need_prior,
+    features.compare_schedulers_once,
     features.validation_settings_need_validation,
     features.class_prompt_differs,
     features.no_credentials_in_prompts,

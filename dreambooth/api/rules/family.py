@@ -43,6 +43,11 @@ def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
     if scheduler is not None and scheduler not in facts.samplers:  # validates and exports with it
         allowed = ", ".join(sorted(s.value for s in facts.samplers))
         yield Violation("validation.scheduler", f"{scheduler.value} does not sample {title} models: use {allowed}")
+    for i, extra in enumerate(eff.validation.compare_schedulers):
+        if extra not in facts.samplers:
+            allowed = ", ".join(sorted(s.value for s in facts.samplers))
+            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} does not sample {title} models: "
+                            f"use {allowed}")
     if not facts.t5:
         for path, value in (("training.t5", t.t5), ("training.maxSequenceLength", t.max_sequence_length)):
             if value is not None:

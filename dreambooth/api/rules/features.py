@@ -46,12 +46,23 @@ def prior_settings_need_prior(spec, eff):
                         "or set prior.enabled: true")
 
 
+def compare_schedulers_once(spec, eff):
+    """validation.compareSchedulers draws each round again with other schedulers: each once."""
+    extras = eff.validation.compare_schedulers
+    for i, extra in enumerate(extras):
+        if extra == eff.validation.scheduler or extra in extras[:i]:
+            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} is sampled already: list "
+                            "each scheduler once, and not validation.scheduler")
+
+
 def validation_settings_need_validation(spec, eff):
     if spec.validation.enabled:
         return
     found = [wire for name, wire in _VALIDATION_SETTINGS if getattr(spec.validation, name) is not None]
     if spec.validation.prompts:
         found.insert(0, "prompts")
+    if spec.validation.compare_schedulers:
+        found.append("compareSchedulers")
     for wire in found:
         yield Violation(f"validation.{wire}", "only used when validation.enabled is true: "
                         "remove it, or set validation.enabled: true")
