@@ -41,7 +41,7 @@ class KubeHttp:
     """``__call__`` serves the Kubernetes REST API from the emulator's verbs.
 
     The host class provides ``op_*``, ``info``, ``keys``, ``table``, ``tables``,
-    ``matching``, ``_scope``, ``rv`` and the settings ``faults``, ``request_log``,
+    ``matching``, ``_scope``, ``rv`` and the settings ``faults``, ``fault_share``, ``request_log``,
     ``internal_errors``, ``bookmark_interval``, ``closing``.
     """
 
@@ -55,6 +55,17 @@ class KubeHttp:
                 if fault.times > 0 and fault.method.upper() == raw.method and fault.path in raw.path:
                     fault.times -= 1
                     raise ApiError(fault.status, fault.reason, fault.message)
+            share = self.fault_share.draw(raw.method) if self.fault_share else None
+            if share == "hang":  # held, then cut without an answer: the client sees a timeout
+                await asyncio.sleep(self.fault_share.hang_s)
+                if raw.transport is not None:
+                    raw.transport.abort()
+                raise ConnectionResetError("cut by the fault share")
+            if share == "error":
+                raise ApiError(500, "InternalError", "an error on the server (injected by the fault share)")
+            if share == "conflict":
+                raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to "
+                               "the latest version and try again (injected by the fault share)")
             return await self._route(raw, body)
         except ApiError as exc:
             return self._json(exc.body(), exc.status)
