@@ -62,7 +62,9 @@ class RecordedRequest(NamedTuple):
 
 @dataclass
 class Fault:
-    """An injected failure: the next ``times`` HTTP requests matching it get ``status``."""
+    """An injected failure: the next ``times`` HTTP requests matching it get ``status``
+    (with ``hang_s``: are held that long, then cut without an answer, as a dead connection
+    looks to a client)."""
 
     method: str
     path: str  # a substring of the request path
@@ -70,6 +72,7 @@ class Fault:
     times: int = 1
     reason: str = "InternalError"
     message: str = "injected by the test"
+    hang_s: float = 0.0
 
 
 #: the methods that write (a 409 Conflict is only ever an answer to one of these)

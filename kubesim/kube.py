@@ -263,10 +263,12 @@ class Kube:
         return lambda: self._server.call(self.emulator.change_hooks.remove, hook)
 
     def fail_next(self, method: str, path: str, status: int = 500, times: int = 1,
-                  reason: str = "InternalError", message: str = "injected by the test") -> None:
+                  reason: str = "InternalError", message: str = "injected by the test",
+                  hang_s: float = 0.0) -> None:
         """Make the next ``times`` HTTP requests with ``method`` and ``path`` in their path
-        fail with ``status`` (the sync API is not affected)."""
-        fault = Fault(method, path, status, times, reason, message)
+        fail with ``status`` (the sync API is not affected); with ``hang_s``, held that long
+        and then cut without an answer instead."""
+        fault = Fault(method, path, status, times, reason, message, hang_s)
         self._server.call(self.emulator.faults.append, fault)
 
     def fault_share(self, share: FaultShare | None) -> None:

@@ -54,13 +54,12 @@ class KubeHttp:
             for fault in self.faults:
                 if fault.times > 0 and fault.method.upper() == raw.method and fault.path in raw.path:
                     fault.times -= 1
+                    if fault.hang_s:
+                        await self._hang(raw, fault.hang_s)
                     raise ApiError(fault.status, fault.reason, fault.message)
             share = self.fault_share.draw(raw.method) if self.fault_share else None
-            if share == "hang":  # held, then cut without an answer: the client sees a timeout
-                await asyncio.sleep(self.fault_share.hang_s)
-                if raw.transport is not None:
-                    raw.transport.abort()
-                raise ConnectionResetError("cut by the fault share")
+            if share == "hang":
+                await self._hang(raw, self.fault_share.hang_s)
             if share == "error":
                 raise ApiError(500, "InternalError", "an error on the server (injected by the fault share)")
             if share == "conflict":
@@ -74,6 +73,15 @@ class KubeHttp:
         except Exception as exc:  # noqa: BLE001  (an emulator bug: the fixture fails the test)
             self.internal_errors.append(f"{raw.method} {raw.path_qs}\n{traceback.format_exc()}")
             return self._json(ApiError(500, "InternalError", repr(exc)).body(), 500)
+
+    @staticmethod
+    async def _hang(raw: aiohttp.web.BaseRequest, seconds: float) -> None:
+        """Hold the request, then cut the connection without an answer (a client without a
+        timeout waits all that time)."""
+        await asyncio.sleep(seconds)
+        if raw.transport is not None:
+            raw.transport.abort()
+        raise ConnectionResetError("cut by an injected fault")
 
     @staticmethod
     def _json(payload: Any, status: int = 200) -> aiohttp.web.Response:

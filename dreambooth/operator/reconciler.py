@@ -106,7 +106,8 @@ class Reconciler:
     @classmethod
     async def start(cls, settings: OperatorSettings) -> Reconciler:
         """Connect to the API, serve the metrics, start the poll loop."""
-        reconciler = cls(settings, await Kube.connect(), aiohttp.ClientSession(), OperatorMetrics())
+        reconciler = cls(settings, await Kube.connect(settings.api_timeout_seconds), aiohttp.ClientSession(),
+                         OperatorMetrics())
         if settings.metrics_port:
             reconciler.metrics.serve(settings.metrics_port)
         reconciler.poller = asyncio.create_task(reconciler.poll_forever())
