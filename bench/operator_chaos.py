@@ -20,8 +20,9 @@ podFailurePolicy makes final (phase Failed). Once a job's status shows its final
 the bench deletes it.
 
 **kills**: ``--jobs`` jobs are created at ``--rate`` jobs/s, run and deleted while the
-operator is killed with SIGKILL ``--kills`` times, each at a random moment (seeded) after
-it came up, and restarted at once. **faults**: the same without kills, the emulator
+operator is killed with SIGKILL ``--kills`` times and restarted at once: kill k at a
+random moment (seeded) of the k-th of ``--kills`` equal slices of the creation window, or,
+if the operator is not up again by then, as soon as its liveness endpoint answers. **faults**: the same without kills, the emulator
 answering a share of requests with 409 Conflict (writes), 500, or holding them
 ``--hang-s`` and cutting the connection (kubesim.api.FaultShare). **mass-delete**: ``--jobs``
 jobs are created and given their children (ConfigMap, Service, Job, and the Job's pod),
@@ -257,9 +258,10 @@ class Ledger:
 class Operator:
     """``python -m dreambooth.operator`` against the emulator; started, killed, restarted."""
 
-    def __init__(self, kube: Kube, workdir: Path, poll_interval: int) -> None:
+    def __init__(self, kube: Kube, workdir: Path, poll_interval: int, api_timeout: int | None = None) -> None:
         self.health_port = free_port()
         self.env = {**kube.env, "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
+                    **({"DREAMBOOTH_API_TIMEOUT_SECONDS": str(api_timeout)} if api_timeout else {}),
                     "DREAMBOOTH_METRICS_PORT": str(free_port()), "DREAMBOOTH_HEALTH_PORT": str(self.health_port),
                     "DREAMBOOTH_TRAINER_METRICS_PORT": str(free_port())}  # nothing listens: no metrics
         self.log_path = workdir / "operator.log"
@@ -354,7 +356,7 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
         kube = stack.enter_context(running_kube(workdir, resources=decls_from_crd(crd.crd())))
         ledger = Ledger()
         stack.callback(kube.on_change(ledger))
-        op = Operator(kube, workdir, args.poll_interval)
+        op = Operator(kube, workdir, args.poll_interval, getattr(args, "api_timeout", None))
         stack.callback(op.stop)
         cluster = stack.enter_context(Cluster(kube, fates))
         op.start()
@@ -365,10 +367,13 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
         to_delete: dict[str, float] = {}
         deleted: set[str] = set()
         created = 0
-        kill_at = started + rng.uniform(0, args.kill_max_s) if kills else None
-        coming_up = False  # restarted after a kill: the next kill is drawn once it is up
+        # kill k at a random moment of the k-th of `kills` equal slices of the creation
+        # window, or as soon as the operator is up again if it is not yet by then
+        window = args.jobs / args.rate
+        kill_times = [started + (k + rng.random()) * window / kills for k in range(kills)]
         last_kill = None
-        kill_moments = []
+        kill_moments: list[float] = []
+        in_flight: list[int] = []  # jobs created and not yet final, at each kill
 
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -383,19 +388,14 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
                 if when <= now and name not in deleted:
                     kube.delete("dbj", NAMESPACE, name, missing_ok=True)
                     deleted.add(name)
-            if kill_at is not None and now >= kill_at:
-                if op.proc.poll() is None:
-                    kill_moments.append(round(now - started, 2))
-                    op.kill()
-                    last_kill = time.monotonic()
-                    op.start()
-                    print(f"kill {op.kills:3d} at {now - started:6.1f} s: {created} jobs created, "
-                          f"{len(ledger.final)} final, {len(deleted)} deleted", flush=True)
-                kill_at = None
-                coming_up = op.kills < kills
-            if coming_up and op.up():  # a random moment after it came up (kopf lists, then watches)
-                coming_up = False
-                kill_at = time.monotonic() + rng.uniform(0, args.kill_max_s)
+            if op.kills < kills and now >= kill_times[op.kills] and op.up():
+                kill_moments.append(round(now - started, 2))
+                in_flight.append(created - len(ledger.final))
+                op.kill()
+                last_kill = time.monotonic()
+                op.start()
+                print(f"kill {op.kills:3d} at {now - started:6.1f} s: {created} jobs created, "
+                      f"{len(ledger.final)} final, {len(deleted)} deleted", flush=True)
             if created == args.jobs and len(deleted) == args.jobs and op.kills >= kills:
                 left = leftovers(kube)
                 if not any(left.values()):
@@ -420,6 +420,7 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
             "operator_exits_not_killed": op.exits, "exit_codes": op.exit_codes,
             "tracebacks_in_log": log.count("Traceback"),
             "warnings_in_log": log.count(" WARNING "),
+            "errors_in_log": log.count(" ERROR ") + log.count(" CRITICAL "),
             "duplicates": ledger.duplicates(),
             "status_regressions": ledger.regressions,
             "never_final": never, "wrong_final": wrong,
@@ -431,6 +432,8 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
             "total_s": round(converged - started, 1),
             "converged_after_last_kill_s": round(converged - last_kill, 1) if last_kill else None,
             "kill_moments_s": kill_moments,
+            "jobs_in_flight_at_kills": {"min": min(in_flight), "mean": round(sum(in_flight) / len(in_flight), 1),
+                                        "max": max(in_flight)} if in_flight else None,
             "timed_out": converged >= deadline,
         }
         if share is not None:
@@ -509,15 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kills", help="SIGKILL the operator at random moments while jobs come and go")
     k.add_argument("--jobs", type=int, default=200)
     k.add_argument("--kills", type=int, default=20)
-    k.add_argument("--kill-max-s", type=float, default=4.0, help="a kill comes 0 to this many s after it is up")
     f = sub.add_parser("faults", help="the API answers 409/500/cuts a share of requests")
     f.add_argument("--jobs", type=int, default=100)
     f.add_argument("--conflict", type=float, default=0.05, help="share of writes answered 409")
     f.add_argument("--error", type=float, default=0.07, help="share of requests answered 500")
     f.add_argument("--hang", type=float, default=0.03, help="share of requests held, then cut")
-    f.add_argument("--hang-s", type=float, default=10.0)
+    f.add_argument("--hang-s", type=float, default=600.0, help="how long a held request is held (600: never, here)")
+    f.add_argument("--api-timeout", type=int, default=5, help="the operator's DREAMBOOTH_API_TIMEOUT_SECONDS")
     for p in (k, f):
-        p.add_argument("--rate", type=float, default=4.0, help="jobs created per second")
+        p.add_argument("--rate", type=float, default=2.0, help="jobs created per second")
         p.add_argument("--retry", type=float, default=0.15, help="share of jobs failing once, retryably")
         p.add_argument("--fail", type=float, default=0.1, help="share of jobs failing for good (BadData)")
         p.add_argument("--run-min-s", type=float, default=0.5)
