@@ -313,6 +313,33 @@ def test_an_api_request_never_answered_times_out_and_the_next_cycle_retries_it(k
         operator.stop()
 
 
+def test_a_request_held_for_one_job_does_not_hold_back_the_status_of_the_others(kube, operator):  # noqa: F811
+    # toy-cat's next status write is never answered: its sync waits for the 30 s API timeout.
+    # A poll cycle that waited for every sync would hold toy-dog's status back that long too.
+    dog = example("toy-cat")
+    dog["metadata"]["name"] = "toy-dog"
+    kube.create(example("toy-cat"))
+    kube.create(dog)
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    for name in ("toy-cat", "toy-dog"):
+        kube.wait_for(lambda name=name: kube.find("jobs", "default", f"{name}-trainer"), what=f"{name}'s Job")
+        wait_phase(kube, operator, name, "Pending")
+    jc.reconcile()
+    pods = {name: kube.list("pods", "default", labels={"dreambooth.io/job-name": name})[0]
+            for name in ("toy-cat", "toy-dog")}
+    kube.fail_next("PATCH", "/dreamboothjobs/toy-cat/status", hang_s=600)
+    kube.clear_requests()
+    kubelet.run(pods["toy-cat"], ip=POD_IP)  # a new phase: the status write that is held
+    kube.wait_for(lambda: ("PATCH", "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs/toy-cat/status")
+                  in kube.requests, timeout=15, what="toy-cat's held status write")
+    kubelet.run(pods["toy-dog"], ip=POD_IP)
+    kubelet.succeed(pods["toy-dog"], message=json.dumps({"exitCode": 0, "reason": "Succeeded", "step": 400}))
+    jc.reconcile()
+    started = time.monotonic()
+    wait_phase(kube, operator, "toy-dog", "Succeeded", timeout=10)
+    assert time.monotonic() - started < 10
+
+
 def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811
     kube.create(example("toy-cat"))
     jc = JobController(kube)
