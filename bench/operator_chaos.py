@@ -20,9 +20,13 @@ podFailurePolicy makes final (phase Failed). Once a job's status shows its final
 the bench deletes it.
 
 **kills**: ``--jobs`` jobs are created at ``--rate`` jobs/s, run and deleted while the
-operator is killed with SIGKILL ``--kills`` times and restarted at once: kill k at a
-random moment (seeded) of the k-th of ``--kills`` equal slices of the creation window, or,
-if the operator is not up again by then, as soon as its liveness endpoint answers. **faults**: the same without kills, the emulator
+operator is killed with SIGKILL ``--kills`` times and restarted at once: kill k in the
+k-th of ``--kills`` equal slices of the creation window, once its liveness endpoint
+answers; a quarter of the kills (in a random, seeded order) come at once, the others are
+aimed (:data:`AIMS`, a quarter each): the
+emulator's change hook kills the operator right after the next write of a kind is stored,
+before the operator has its answer (between a job's children, after its trainer Job but
+before the status saying so, after a status write). **faults**: the same without kills, the emulator
 answering a share of requests with 409 Conflict (writes), 500, or holding them
 ``--hang-s`` and cutting the connection (kubesim.api.FaultShare). **mass-delete**: ``--jobs``
 jobs are created and given their children (ConfigMap, Service, Job, and the Job's pod),
@@ -51,6 +55,7 @@ import collections
 import contextlib
 import copy
 import json
+import os
 import random
 import signal
 import subprocess
@@ -86,6 +91,7 @@ FINAL = ("Succeeded", "Failed")
 ORDER = {"Pending": 0, "Initializing": 1, "GeneratingClassImages": 2, "Training": 3, "Exporting": 4,
          "Suspended": 0, "Succeeded": 9, "Failed": 9}
 FATES = ("succeed", "retry", "fail")
+AIM_WAIT_S = 5.0  # an aimed kill whose moment does not come this soon is a random one
 
 
 # --- each job's fate ---------------------------------------------------------------------
@@ -192,6 +198,22 @@ class Cluster:
 # --- what the emulator saw ------------------------------------------------------------------
 
 
+def _ours(obj: dict) -> bool:
+    return JOB_NAME_LABEL in (obj["metadata"].get("labels") or {})
+
+
+#: the moments a kill may be aimed at, each a test of the write just stored; "random": none
+AIMS = {
+    # a job's ConfigMap created, its trainer Job not yet
+    "between children": lambda plural, kind, obj, old: plural == "configmaps" and kind == "ADDED" and _ours(obj),
+    # a trainer Job created, the status that says so not yet written
+    "before the first status": lambda plural, kind, obj, old: plural == "jobs" and kind == "ADDED" and _ours(obj),
+    # a status written (the operator has not seen the answer)
+    "after a status write": lambda plural, kind, obj, old: (
+        plural == "dreamboothjobs" and kind == "MODIFIED" and (obj.get("status") or {}) != ((old or {}).get("status") or {})),
+}
+
+
 @dataclass
 class Ledger:
     """Every change the emulator stored, as it stored it (a change hook on its loop)."""
@@ -205,8 +227,19 @@ class Ledger:
     final: dict[str, dict] = field(default_factory=dict)  # name -> the status that first showed a final phase
     final_at: dict[str, float] = field(default_factory=dict)
     status_writes: int = 0
+    #: an aimed kill: SIGKILL ``pid`` right after the first write of this kind is stored
+    #: (before the operator has its answer); ``fired`` once it was sent
+    aim: str | None = None
+    pid: int = 0
+    fired: bool = False
 
     def __call__(self, resource: tuple[str, str, str], kind: str, obj: dict, old: dict | None) -> None:
+        self.record(resource, kind, obj, old)
+        if self.aim is not None and self.pid and AIMS[self.aim](resource[2], kind, obj, old):
+            os.kill(self.pid, signal.SIGKILL)
+            self.aim, self.fired = None, True
+
+    def record(self, resource: tuple[str, str, str], kind: str, obj: dict, old: dict | None) -> None:
         plural, meta = resource[2], obj["metadata"]
         if plural == "dreamboothjobs":
             uid = meta["uid"]
@@ -245,6 +278,12 @@ class Ledger:
             if old.get(stamp) and new.get(stamp) != old.get(stamp):
                 problems.append(f"{stamp} changed from {old.get(stamp)} to {new.get(stamp)}")
         self.regressions += [f"{name}: {p}" for p in problems]
+
+    def unbuilt(self) -> tuple[int, int]:
+        """Live jobs with none of their children yet, and with some but not all."""
+        kinds = collections.Counter(owner for (owner, _) in self.created)
+        live = list(self.live)
+        return sum(kinds[u] == 0 for u in live), sum(0 < kinds[u] < len(CHILD_KINDS) for u in live)
 
     def duplicates(self) -> list[str]:
         """Children beyond one of each kind per DreamBoothJob."""
@@ -301,9 +340,13 @@ class Operator:
         self.start()
         return True
 
-    def kill(self) -> None:
+    def note_cpu(self) -> None:
+        """Count its CPU so far (a process killed by the change hook cannot be read after)."""
         with contextlib.suppress(OSError):
             self.cpu_s += cpu_seconds(self.proc.pid)
+
+    def kill(self) -> None:
+        self.note_cpu()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.kills += 1
@@ -371,31 +414,62 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
         # window, or as soon as the operator is up again if it is not yet by then
         window = args.jobs / args.rate
         kill_times = [started + (k + rng.random()) * window / kills for k in range(kills)]
+        kinds = ("random", *AIMS)
+        aims = [kinds[k % len(kinds)] for k in range(kills)]  # as many of each, in a random order
+        rng.shuffle(aims)
+        armed: tuple[str, float] | None = None  # an aimed kill waiting for its moment
+        by_aim: collections.Counter[str] = collections.Counter()
         last_kill = None
         kill_moments: list[float] = []
+
+        def record_kill(aim: str) -> None:
+            nonlocal armed, last_kill
+            armed, last_kill = None, time.monotonic()
+            by_aim[aim] += 1
+            op.start()
+            print(f"kill {op.kills:3d} ({aim}) at {time.monotonic() - started:6.1f} s: {created} jobs created, "
+                  f"{len(ledger.final)} final, {len(deleted)} deleted", flush=True)
         in_flight: list[int] = []  # jobs created and not yet final, at each kill
+        unbuilt: list[tuple[int, int]] = []  # jobs without children / with some, at each kill
 
         while time.monotonic() < deadline:
             now = time.monotonic()
             cluster.check()
-            op.reap()
+            if armed is not None and ledger.fired:  # an aimed kill went off
+                op.proc.wait()
+                op.kills += 1
+                record_kill(armed[0])
+            elif armed is not None and now - armed[1] > AIM_WAIT_S:  # it did not come: a random one
+                ledger.aim = None
+                if not ledger.fired and op.proc.poll() is None:
+                    aim, armed = armed[0], None
+                    op.kill()
+                    record_kill(f"{aim} (not seen: random)")
+                elif not ledger.fired:
+                    armed = None  # it exited by itself: reap() counts it
+            if armed is None:  # (while armed, the hook may kill it at any moment)
+                op.reap()
             while created < args.jobs and now >= started + created / args.rate:
                 kube.create(job_document(job_name(created)))
                 created += 1
-            for name in ledger.final.keys() - to_delete.keys():
+            for name in [n for n in list(ledger.final) if n not in to_delete]:  # the hook adds to it meanwhile
                 to_delete[name] = now + rng.uniform(0, args.delete_max_s)
             for name, when in list(to_delete.items()):
                 if when <= now and name not in deleted:
                     kube.delete("dbj", NAMESPACE, name, missing_ok=True)
                     deleted.add(name)
-            if op.kills < kills and now >= kill_times[op.kills] and op.up():
+            if armed is None and op.kills < kills and now >= kill_times[op.kills] and op.up():
                 kill_moments.append(round(now - started, 2))
                 in_flight.append(created - len(ledger.final))
-                op.kill()
-                last_kill = time.monotonic()
-                op.start()
-                print(f"kill {op.kills:3d} at {now - started:6.1f} s: {created} jobs created, "
-                      f"{len(ledger.final)} final, {len(deleted)} deleted", flush=True)
+                unbuilt.append(ledger.unbuilt())
+                aim = aims[op.kills]
+                if aim == "random":
+                    op.kill()
+                    record_kill(aim)
+                else:  # the hook kills it at the next such write
+                    op.note_cpu()
+                    ledger.fired, ledger.pid, ledger.aim = False, op.proc.pid, aim
+                    armed = (aim, now)
             if created == args.jobs and len(deleted) == args.jobs and op.kills >= kills:
                 left = leftovers(kube)
                 if not any(left.values()):
@@ -432,8 +506,12 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
             "total_s": round(converged - started, 1),
             "converged_after_last_kill_s": round(converged - last_kill, 1) if last_kill else None,
             "kill_moments_s": kill_moments,
+            "kills_by_aim": dict(by_aim),
             "jobs_in_flight_at_kills": {"min": min(in_flight), "mean": round(sum(in_flight) / len(in_flight), 1),
                                         "max": max(in_flight)} if in_flight else None,
+            # what the kills interrupted: jobs not yet given any child, or only some
+            "kills_with_jobs_unbuilt": sum(a > 0 for a, _ in unbuilt),
+            "kills_with_jobs_half_built": sum(b > 0 for _, b in unbuilt),
             "timed_out": converged >= deadline,
         }
         if share is not None:

@@ -36,6 +36,8 @@ def assert_nothing_lost(report: dict, jobs: int) -> None:
 def test_the_operator_killed_while_jobs_come_and_go_loses_nothing_and_duplicates_nothing(tmp_path):
     report = run(tmp_path, "kills", "--jobs", "24", "--kills", "4", "--rate", "3", "--seed", "1")
     assert report["kills"] == 4 and report["operator_starts"] == 5, report
+    # one at random, one aimed at each moment (the hook fired: no fallback to random)
+    assert report["kills_by_aim"] == {aim: 1 for aim in ("random", *operator_chaos.AIMS)}, report
     assert report["jobs_in_flight_at_kills"]["max"] > 0, report  # the kills came under load
     assert set(report["fates"]) == {"succeed", "retry", "fail"}, report
     assert_nothing_lost(report, 24)
