@@ -55,6 +55,8 @@ Key = tuple[str, str]  # (namespace, name)
 RECONCILE, POLL = "reconcile", "poll"
 #: scrapes (3 s timeout) and API calls in flight at once in a poll cycle
 POLL_CONCURRENCY = 64
+#: poll cycles under way at once: one held by a slow request, and the next
+CYCLES_IN_FLIGHT = 2
 
 
 class Action(Enum):
@@ -316,6 +318,8 @@ class Reconciler:
         cycles: set[asyncio.Task[None]] = set()
         try:
             while True:
+                while len(cycles) >= CYCLES_IN_FLIGHT:  # an API slow for everyone: no pile-up of listings
+                    await asyncio.wait(set(cycles), return_when=asyncio.FIRST_COMPLETED)
                 started = time.monotonic()
                 cycle = asyncio.create_task(self.poll_once(limit))
                 cycles.add(cycle)
