@@ -90,7 +90,6 @@ FINAL = ("Succeeded", "Failed")
 #: phases in the order a job goes through them; a retry may go back to Pending
 ORDER = {"Pending": 0, "Initializing": 1, "GeneratingClassImages": 2, "Training": 3, "Exporting": 4,
          "Suspended": 0, "Succeeded": 9, "Failed": 9}
-FATES = ("succeed", "retry", "fail")
 AIM_WAIT_S = 5.0  # an aimed kill whose moment does not come this soon is a random one
 
 
