@@ -62,7 +62,9 @@ class RecordedRequest(NamedTuple):
 
 @dataclass
 class Fault:
-    """An injected failure: the next ``times`` HTTP requests matching it get ``status``."""
+    """An injected failure: the next ``times`` HTTP requests matching it get ``status``
+    (with ``hang_s``: are held that long, then cut without an answer, as a dead connection
+    looks to a client)."""
 
     method: str
     path: str  # a substring of the request path
@@ -70,6 +72,44 @@ class Fault:
     times: int = 1
     reason: str = "InternalError"
     message: str = "injected by the test"
+    hang_s: float = 0.0
+
+
+#: the methods that write (a 409 Conflict is only ever an answer to one of these)
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass
+class FaultShare:
+    """Faults on a share of all HTTP requests, drawn at random (seeded), as a flaky API
+    server or the network in front of it gives them: ``conflict`` of the writes answered
+    409 Conflict, ``error`` of all requests answered 500, ``hang`` of them held for
+    ``hang_s`` seconds and then cut without an answer (a timeout; a watch is cut too).
+    ``counts`` says how many of each were given."""
+
+    conflict: float = 0.0
+    error: float = 0.0
+    hang: float = 0.0
+    hang_s: float = 30.0
+    seed: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"requests": 0, "conflict": 0, "error": 0, "hang": 0})
+
+    def __post_init__(self) -> None:
+        import random
+
+        self._rng = random.Random(self.seed)
+
+    def draw(self, method: str) -> str | None:
+        """The fault for this request, or None."""
+        self.counts["requests"] += 1
+        x = self._rng.random()
+        for kind, share in (("hang", self.hang), ("error", self.error),
+                            ("conflict", self.conflict if method in WRITES else 0.0)):
+            if x < share:
+                self.counts[kind] += 1
+                return kind
+            x -= share
+        return None
 
 
 def now_iso(now: datetime.datetime | None = None) -> str:

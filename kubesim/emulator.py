@@ -71,6 +71,7 @@ from kubesim.api import (
     Decl,
     DefaultContext,
     Fault,
+    FaultShare,
     Key,
     NotFound,
     RecordedRequest,
@@ -89,7 +90,7 @@ from kubesim.api import (
 from kubesim.crds import apply_defaults, field_error_body, violations
 from kubesim.rest import KubeHttp
 
-__all__ = ["JSON_PATCH", "MERGE", "Fault", "KubeEmulator", "RecordedRequest"]
+__all__ = ["JSON_PATCH", "MERGE", "Fault", "FaultShare", "KubeEmulator", "RecordedRequest"]
 
 
 class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
@@ -104,6 +105,7 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         self.schemas: dict[Key, Mapping[str, Any]] = {}
         self.request_log: deque[RecordedRequest] = deque(maxlen=20_000)
         self.faults: list[Fault] = []
+        self.fault_share: FaultShare | None = None  # faults on a random share of requests
         self.listeners: list[Callable[[int], None]] = []  # called after every change
         #: called after every change with (resource, ADDED/MODIFIED/DELETED, new, old), on
         #: the server's loop: for timing what clients do without polling (bench/)

@@ -42,9 +42,9 @@ from typing import Any, TypeVar
 import kmock
 
 from kubesim.api import ApiError, Decl, NotFound, labels_to_selector
-from kubesim.emulator import JSON_PATCH, MERGE, Fault, KubeEmulator, RecordedRequest
+from kubesim.emulator import JSON_PATCH, MERGE, Fault, FaultShare, KubeEmulator, RecordedRequest
 
-__all__ = ["ApiError", "Kube", "KubectlMissing", "NotFound", "clients_use", "kopf_registry",
+__all__ = ["ApiError", "FaultShare", "Kube", "KubectlMissing", "NotFound", "clients_use", "kopf_registry",
            "running_kube"]
 
 
@@ -203,6 +203,13 @@ class Kube:
                 return None
             raise
 
+    def delete_all(self, kind: str, namespace: str | None = None) -> int:
+        """Delete every object of a kind in one request's worth of work, as ``kubectl delete
+        <kind> --all`` (a DELETE of the collection) does; returns how many were deleted.
+        Owned objects stay until the garbage collector runs."""
+        listed = self._server.call(self.emulator.op_delete_collection, self.resource(kind), namespace)
+        return len(listed["items"])
+
     def events(self, involved: Mapping[str, Any] | None = None,
                namespace: str | None = None) -> list[dict[str, Any]]:
         """core/v1 Events (kopf posts these), optionally only those about ``involved``."""
@@ -256,11 +263,17 @@ class Kube:
         return lambda: self._server.call(self.emulator.change_hooks.remove, hook)
 
     def fail_next(self, method: str, path: str, status: int = 500, times: int = 1,
-                  reason: str = "InternalError", message: str = "injected by the test") -> None:
+                  reason: str = "InternalError", message: str = "injected by the test",
+                  hang_s: float = 0.0) -> None:
         """Make the next ``times`` HTTP requests with ``method`` and ``path`` in their path
-        fail with ``status`` (the sync API is not affected)."""
-        fault = Fault(method, path, status, times, reason, message)
+        fail with ``status`` (the sync API is not affected); with ``hang_s``, held that long
+        and then cut without an answer instead."""
+        fault = Fault(method, path, status, times, reason, message, hang_s)
         self._server.call(self.emulator.faults.append, fault)
+
+    def fault_share(self, share: FaultShare | None) -> None:
+        """From now on, faults on a random share of the HTTP requests (None: none)."""
+        self._server.call(setattr, self.emulator, "fault_share", share)
 
     # -- kubectl --------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class KubeHttp:
     """``__call__`` serves the Kubernetes REST API from the emulator's verbs.
 
     The host class provides ``op_*``, ``info``, ``keys``, ``table``, ``tables``,
-    ``matching``, ``_scope``, ``rv`` and the settings ``faults``, ``request_log``,
+    ``matching``, ``_scope``, ``rv`` and the settings ``faults``, ``fault_share``, ``request_log``,
     ``internal_errors``, ``bookmark_interval``, ``closing``.
     """
 
@@ -54,7 +54,17 @@ class KubeHttp:
             for fault in self.faults:
                 if fault.times > 0 and fault.method.upper() == raw.method and fault.path in raw.path:
                     fault.times -= 1
+                    if fault.hang_s:
+                        await self._hang(raw, fault.hang_s)
                     raise ApiError(fault.status, fault.reason, fault.message)
+            share = self.fault_share.draw(raw.method) if self.fault_share else None
+            if share == "hang":
+                await self._hang(raw, self.fault_share.hang_s)
+            if share == "error":
+                raise ApiError(500, "InternalError", "an error on the server (injected by the fault share)")
+            if share == "conflict":
+                raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to "
+                               "the latest version and try again (injected by the fault share)")
             return await self._route(raw, body)
         except ApiError as exc:
             return self._json(exc.body(), exc.status)
@@ -63,6 +73,15 @@ class KubeHttp:
         except Exception as exc:  # noqa: BLE001  (an emulator bug: the fixture fails the test)
             self.internal_errors.append(f"{raw.method} {raw.path_qs}\n{traceback.format_exc()}")
             return self._json(ApiError(500, "InternalError", repr(exc)).body(), 500)
+
+    @staticmethod
+    async def _hang(raw: aiohttp.web.BaseRequest, seconds: float) -> None:
+        """Hold the request, then cut the connection without an answer (a client without a
+        timeout waits all that time)."""
+        await asyncio.sleep(seconds)
+        if raw.transport is not None:
+            raw.transport.abort()
+        raise ConnectionResetError("cut by an injected fault")
 
     @staticmethod
     def _json(payload: Any, status: int = 200) -> aiohttp.web.Response:

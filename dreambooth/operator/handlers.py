@@ -49,6 +49,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Only a raw-event handler: kopf keeps no state on the objects (no annotations, no
     # finalizers, no extra write per job); .status is ours alone.
     settings.posting.level = logging.WARNING  # only warnings of kopf itself become Events
+    # kopf's own requests (its listings, Events) get the same bound as ours; a dead watch
+    # stream is kopf's inactivity_timeout's (70 s without an event or bookmark)
+    settings.networking.request_timeout = config.api_timeout_seconds
     # kopf logs "Handler 'watched' succeeded" for every watch event (each status write of
     # each job): our own log says what happened; kopf's per-object warnings still show
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)

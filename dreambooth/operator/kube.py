@@ -12,6 +12,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -32,15 +33,18 @@ class _JsonApiClient(client.ApiClient):
 class Kube:
     """A small facade over the API groups the operator uses (see the chart's RBAC)."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout_seconds: float | None = None) -> None:
         self.api = api
+        #: every request's bound, connect to last byte (kubernetes_asyncio's default: none)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds) if timeout_seconds else None
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
     @classmethod
-    async def connect(cls) -> Kube:
-        """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    async def connect(cls, timeout_seconds: float | None = None) -> Kube:
+        """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config. Each
+        request gives up after ``timeout_seconds`` (None: never)."""
         try:
             config.load_incluster_config()
             api = _JsonApiClient()
@@ -54,18 +58,17 @@ class Kube:
             # per request, a quarter of the operator's work per new job. With no proxy
             # variables set there is nothing to find (API credentials never come from netrc).
             api.rest_client.pool_manager._trust_env = False
-        return cls(api)
+        return cls(api, timeout_seconds)
 
     async def close(self) -> None:
         await self.api.close()
 
-    @staticmethod
-    async def _raw(call: Any, *args: Any, read: bool = True, **kwargs: Any) -> dict[str, Any] | None:
+    async def _raw(self, call: Any, *args: Any, read: bool = True, **kwargs: Any) -> dict[str, Any] | None:
         """Call an API method and return the JSON body as a dict (``read=False``: None): the
         client's own model classes cost milliseconds per object to build, which 1,000 jobs
         feel. Unread, the client checks no status: an error response raises ApiException
         here, as it would there."""
-        response = await call(*args, _preload_content=False, **kwargs)
+        response = await call(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
         try:
             if not 200 <= response.status <= 299:
                 err = ApiException(status=response.status, reason=response.reason)

@@ -7,7 +7,7 @@ handler calls it for a job seen for the first time (or without a status), the po
 for every job each poll interval. What it does follows from what it sees, not from who
 called (:func:`next_action`): a finished job is only expired (ttl); an invalid spec is
 reported; a job without a status, or whose trainer Job is not known to exist, gets its
-children created (idempotently) and then is observed; otherwise it is observed: the Job
+children created (idempotently; never for a job deleted or being deleted) and then is observed; otherwise it is observed: the Job
 and pods, rank 0's metrics, the status computed (pure), written once, then the actions it
 implies (suspend, deleting the failed Job of a multi-node job that restarts). Whatever
 fails is logged, counted and tried again by the next poll cycle. A job being synced is
@@ -55,6 +55,8 @@ Key = tuple[str, str]  # (namespace, name)
 RECONCILE, POLL = "reconcile", "poll"
 #: scrapes (3 s timeout) and API calls in flight at once in a poll cycle
 POLL_CONCURRENCY = 64
+#: poll cycles under way at once: one held by a slow request, and the next
+CYCLES_IN_FLIGHT = 2
 
 
 class Action(Enum):
@@ -94,6 +96,18 @@ def in_progress(body: Mapping[str, Any]) -> bool:
     return phase in Phase.__members__.values() and not Phase(phase).finished
 
 
+def _cycle_done(cycles: set[asyncio.Task[None]]) -> Any:
+    """A finished poll cycle leaves ``cycles``; an error it raised is logged (syncs and
+    listings keep theirs, so this is a bug's last line)."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        cycles.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a poll cycle failed", exc_info=task.exception())
+
+    return done
+
+
 class Reconciler:
     def __init__(self, settings: OperatorSettings, kube: Kube, http: aiohttp.ClientSession,
                  metrics: OperatorMetrics) -> None:
@@ -106,7 +120,8 @@ class Reconciler:
     @classmethod
     async def start(cls, settings: OperatorSettings) -> Reconciler:
         """Connect to the API, serve the metrics, start the poll loop."""
-        reconciler = cls(settings, await Kube.connect(), aiohttp.ClientSession(), OperatorMetrics())
+        reconciler = cls(settings, await Kube.connect(settings.api_timeout_seconds), aiohttp.ClientSession(),
+                         OperatorMetrics())
         if settings.metrics_port:
             reconciler.metrics.serve(settings.metrics_port)
         reconciler.poller = asyncio.create_task(reconciler.poll_forever())
@@ -199,14 +214,27 @@ class Reconciler:
         the job (deleting it deletes them); the Job last: its pods mount the rest. A new
         Job only once no pod of the job runs or stops: two generations never train at once."""
         *first, trainer = resources.children(trainer_inputs(typed, self.settings, previous, datetime.now(UTC)))
+        if self.gone(body):
+            return
         await asyncio.gather(*(self.kube.ensure(child) for child in first))
         meta = typed.job.metadata
         pods = view.trainer_pods(meta.name) if view else await self.kube.pods(meta.namespace, naming.selector(meta.name))
+        if self.gone(body):
+            return
         if not any(map(running_or_stopping, pods)) and await self.kube.ensure(trainer):
             current, obs = self._status(typed, previous, trainer, [], None)  # a new Job: as built
             await self._write(body, previous, current, obs)
             return
         await self._observe(body, typed, previous, view, pods)
+
+    def gone(self, body: dict[str, Any]) -> bool:
+        """Deleted (the watch said so since ``body`` was read: a poll cycle's copy may be
+        older than the DELETED event), re-created under another uid, or being deleted: no
+        new children for it (the garbage collector would delete them; a trainer pod would
+        start meanwhile)."""
+        current = self.jobs.get(job_key(body))
+        return (current is None or current["metadata"].get("uid") != body["metadata"].get("uid")
+                or bool(current["metadata"].get("deletionTimestamp")))
 
     async def _observe(self, body: dict[str, Any], typed: TypedJob, previous: DreamBoothJobStatus | None,
                        view: NamespaceView | None, pods: list[dict[str, Any]] | None = None) -> None:
@@ -281,12 +309,26 @@ class Reconciler:
         """Every poll interval, bring every job the operator sees up to date.
 
         One loop for all jobs instead of a kopf timer per job (timers need a finalizer on
-        every object: an extra write per job, and deletions that wait for the operator)."""
+        every object: an extra write per job, and deletions that wait for the operator).
+        A cycle is awaited for one interval at most: a sync held by a slow or unanswered
+        request (up to DREAMBOOTH_API_TIMEOUT_SECONDS) goes on in the background, and the
+        next cycle starts on time and skips the jobs still busy, so one job's trouble never
+        holds back the others' statuses."""
         limit = asyncio.Semaphore(POLL_CONCURRENCY)
-        while True:
-            started = time.monotonic()
-            await self.poll_once(limit)
-            await asyncio.sleep(max(0.0, self.settings.poll_interval_seconds - (time.monotonic() - started)))
+        cycles: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                while len(cycles) >= CYCLES_IN_FLIGHT:  # an API slow for everyone: no pile-up of listings
+                    await asyncio.wait(set(cycles), return_when=asyncio.FIRST_COMPLETED)
+                started = time.monotonic()
+                cycle = asyncio.create_task(self.poll_once(limit))
+                cycles.add(cycle)
+                cycle.add_done_callback(_cycle_done(cycles))
+                await asyncio.wait([cycle], timeout=self.settings.poll_interval_seconds)
+                await asyncio.sleep(max(0.0, self.settings.poll_interval_seconds - (time.monotonic() - started)))
+        finally:
+            for cycle in cycles:
+                cycle.cancel()
 
     async def poll_once(self, limit: asyncio.Semaphore | None = None) -> None:
         """One cycle: list the trainer Jobs and pods of each namespace with a job in progress

@@ -50,6 +50,9 @@ class OperatorSettings:
     #: namespaces to watch; empty: all
     namespaces: tuple[str, ...] = ()
     poll_interval_seconds: int = 10
+    #: the longest one API request may take (a list, a create, a status write); without a
+    #: bound, a request on a dead connection would hold its job's sync for ever
+    api_timeout_seconds: int = 30
     #: no training progress for this long marks a job stalled
     stall_timeout_seconds: int = 900
     trainer_metrics_port: int = 9090
@@ -234,6 +237,7 @@ _PARSERS: tuple[tuple[str, Callable[[str], Any], bool], ...] = (
     ("credentials_secret", _secret_name, True),
     ("namespaces", _namespaces, True),
     ("poll_interval_seconds", _int_between(1, 3600), False),
+    ("api_timeout_seconds", _int_between(1, 600), False),
     ("stall_timeout_seconds", _int_between(10, 7 * 24 * 3600), False),
     ("trainer_metrics_port", _int_between(1, 65535), False),
     ("metrics_port", _int_between(1, 65535), False),

@@ -26,7 +26,7 @@ from kubesim.controllers import (
     JobController,
     Kubelet,
 )
-from kubesim.kube import Kube, NotFound, kopf_registry
+from kubesim.kube import FaultShare, Kube, NotFound, kopf_registry
 
 DBJ = "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs"
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -417,6 +417,38 @@ def test_injected_faults_hit_http_clients_only(kube):
     kube.fail_next("PATCH", "/dreamboothjobs/toy/status", status=503, times=1)
     assert http(kube, "PATCH", f"{DBJ}/toy/status", {"status": {"a": 1}}, MERGE)[0] == 503
     assert http(kube, "PATCH", f"{DBJ}/toy/status", {"status": {"a": 1}}, MERGE)[0] == 200
+
+
+def test_a_fault_share_answers_409_only_to_writes_500_to_any_and_cuts_held_requests(kube):
+    kube.create(dbj("toy"))
+    kube.fault_share(FaultShare(conflict=1.0))
+    assert http(kube, "GET", f"{DBJ}/toy")[0] == 200  # a read is never a conflict
+    code, body = http(kube, "PATCH", f"{DBJ}/toy/status", {"status": {"a": 1}}, MERGE)
+    assert code == 409 and body["reason"] == "Conflict"
+    share = FaultShare(error=1.0)
+    kube.fault_share(share)
+    assert http(kube, "GET", f"{DBJ}/toy")[0] == 500
+    assert share.counts == {"requests": 1, "conflict": 0, "error": 1, "hang": 0}
+    kube.fault_share(FaultShare(hang=1.0, hang_s=0.2))
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ClientError):  # held, then cut without an answer
+        http(kube, "GET", f"{DBJ}/toy")
+    assert time.monotonic() - started >= 0.2
+    kube.fault_share(None)
+    assert http(kube, "GET", f"{DBJ}/toy")[0] == 200
+
+
+def test_delete_all_deletes_the_collection_and_leaves_the_owned_to_the_collector(kube):
+    owner = kube.create(dbj("toy"))
+    kube.create(dbj("other"))
+    ref = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob", "name": "toy",
+           "uid": owner["metadata"]["uid"]}
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": "toy-config", "ownerReferences": [ref]}})
+    assert kube.delete_all("dbj", "default") == 2
+    assert kube.list("dbj", "default") == [] and len(kube.list("configmaps", "default")) == 1
+    GarbageCollector(kube).collect()
+    assert kube.list("configmaps", "default") == []
 
 
 # ---------------------------------------------------------------------------------------------

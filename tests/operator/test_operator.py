@@ -59,9 +59,10 @@ def operator(kube, tmp_path):  # noqa: F811
     yield from _operator(kube, tmp_path, Operator.MAIN)
 
 
-def _operator(kube, tmp_path, argv):  # noqa: F811
+def _operator(kube, tmp_path, argv, **extra_env):  # noqa: F811
     trainer_port = free_port(POD_IP)
     env = {
+        **extra_env,
         **kube.env,
         "DREAMBOOTH_POLL_INTERVAL_SECONDS": "1",
         "DREAMBOOTH_METRICS_PORT": str(free_port()),
@@ -294,6 +295,49 @@ def test_an_operator_restart_mid_job_makes_no_duplicates_and_status_continues(ku
     for kind in ("jobs", "configmaps", "services"):
         assert len(kube.list(kind, "default")) == 1, kind
     assert kube.get("jobs", "default", "toy-cat-trainer")["metadata"]["generation"] == 1
+
+
+def test_an_api_request_never_answered_times_out_and_the_next_cycle_retries_it(kube, tmp_path):  # noqa: F811
+    # a dead connection (a partition, a load balancer dropping it): the trainer Job's create
+    # is never answered. Without a client timeout the job's sync waits for ever, and the job
+    # with it (no other sync of it starts meanwhile); with one, the next poll cycle retries.
+    kube.fail_next("POST", "/apis/batch/v1/namespaces/default/jobs", hang_s=600)
+    operator = next(_operator(kube, tmp_path, Operator.MAIN, DREAMBOOTH_API_TIMEOUT_SECONDS="2"))
+    try:
+        kube.create(example("toy-cat"))
+        kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), timeout=20,
+                      what=f"the trainer Job, created after the held request timed out\n{operator.output()[-2000:]}")
+        assert wait_phase(kube, operator, "toy-cat", "Pending")
+        assert "reconciling default/toy-cat failed" in operator.output()
+    finally:
+        operator.stop()
+
+
+def test_a_request_held_for_one_job_does_not_hold_back_the_status_of_the_others(kube, operator):  # noqa: F811
+    # toy-cat's next status write is never answered: its sync waits for the 30 s API timeout.
+    # A poll cycle that waited for every sync would hold toy-dog's status back that long too.
+    dog = example("toy-cat")
+    dog["metadata"]["name"] = "toy-dog"
+    kube.create(example("toy-cat"))
+    kube.create(dog)
+    jc, kubelet = JobController(kube), Kubelet(kube)
+    for name in ("toy-cat", "toy-dog"):
+        kube.wait_for(lambda name=name: kube.find("jobs", "default", f"{name}-trainer"), what=f"{name}'s Job")
+        wait_phase(kube, operator, name, "Pending")
+    jc.reconcile()
+    pods = {name: kube.list("pods", "default", labels={"dreambooth.io/job-name": name})[0]
+            for name in ("toy-cat", "toy-dog")}
+    kube.fail_next("PATCH", "/dreamboothjobs/toy-cat/status", hang_s=600)
+    kube.clear_requests()
+    kubelet.run(pods["toy-cat"], ip=POD_IP)  # a new phase: the status write that is held
+    kube.wait_for(lambda: ("PATCH", "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs/toy-cat/status")
+                  in kube.requests, timeout=15, what="toy-cat's held status write")
+    kubelet.run(pods["toy-dog"], ip=POD_IP)
+    kubelet.succeed(pods["toy-dog"], message=json.dumps({"exitCode": 0, "reason": "Succeeded", "step": 400}))
+    jc.reconcile()
+    started = time.monotonic()
+    wait_phase(kube, operator, "toy-dog", "Succeeded", timeout=10)
+    assert time.monotonic() - started < 10
 
 
 def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811

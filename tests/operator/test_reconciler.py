@@ -23,6 +23,7 @@ from dreambooth.operator.observed import NamespaceView
 from dreambooth.operator.reconciler import Action, Reconciler, next_action
 from dreambooth.operator.settings import OperatorSettings
 from dreambooth.operator.typedjobs import InvalidJob, TypedJob, TypedJobs
+from kubesim.controllers import GarbageCollector
 from tests.support.jobs import make_job
 from tests.support.kube import kube  # noqa: F401
 
@@ -207,6 +208,38 @@ async def test_a_busy_job_is_left_to_the_sync_that_runs(kube, reconciler):  # no
     reconciler.busy.clear()
     await reconciler.poll_once()  # no status yet: the next cycle creates the children
     assert kube.get("jobs", "default", "toy-cat-trainer")
+
+
+@pytest.mark.asyncio
+async def test_a_job_deleted_while_a_poll_cycle_runs_gets_no_new_children(kube, reconciler):  # noqa: F811
+    """Found by bench/operator_chaos.py mass-delete: 1,000 jobs deleted at once, the garbage
+    collector removed their children, and the poll cycle under way, which had listed the jobs
+    before the DELETED events came, saw no trainer Job and created all three children again
+    (a trainer pod too, on a real cluster) for 872 jobs that no longer existed."""
+    created(kube)
+    doc = kube.get("dbj", "default", "toy-cat")
+    await reconciler.watched(None, doc)
+    assert kube.get("jobs", "default", "toy-cat-trainer")
+    doc = kube.get("dbj", "default", "toy-cat")  # with its status
+    kube.delete("dbj", "default", "toy-cat")
+    GarbageCollector(kube).collect()
+    await reconciler.watched("DELETED", doc)
+    await reconciler.sync(doc, NamespaceView.of([], []))  # the cycle's copy, listed before
+    for kind in ("jobs", "configmaps", "services"):
+        assert kube.list(kind, "default") == [], kind
+
+    # and one marked for deletion (a foreground delete waits for its children) gets none either
+    created(kube)
+    await reconciler.watched(None, kube.get("dbj", "default", "toy-cat"))
+    doc = kube.get("dbj", "default", "toy-cat")
+    doc["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    await reconciler.watched("MODIFIED", doc)
+    for kind in ("jobs", "configmaps", "services"):
+        for obj in kube.list(kind, "default"):
+            kube.delete(kind, "default", obj["metadata"]["name"])
+    await reconciler.sync(doc, NamespaceView.of([], []))
+    for kind in ("jobs", "configmaps", "services"):
+        assert kube.list(kind, "default") == [], kind
 
 
 # --- startup ---------------------------------------------------------------------------------
