@@ -38,6 +38,7 @@ crds: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check dreambooth tests bench kubesim
+	$(BIN)/ruff format --check dreambooth tests bench kubesim
 	$(BIN)/lint-imports
 
 ## lock: re-pin constraints.txt from what is installed in .venv

@@ -81,8 +81,13 @@ class World:
     photos_uri: str
 
     def settings(self, endpoint: str | None = None) -> S3Settings:
-        return S3Settings(endpoint=endpoint or self.server.endpoint, secure=False, region="us-east-1",
-                          access_key=self.server.access_key, secret_key=self.server.secret_key)
+        return S3Settings(
+            endpoint=endpoint or self.server.endpoint,
+            secure=False,
+            region="us-east-1",
+            access_key=self.server.access_key,
+            secret_key=self.server.secret_key,
+        )
 
     def storage(self, prefix: str):
         return open_storage(f"s3://{self.bucket}/{prefix}", self.settings())
@@ -108,7 +113,8 @@ def world(tmp: Path, *, unet_width: int = 32):
 
 def job_document(w: World, output: str, *, steps: int, every: int, keep: int) -> dict:
     return {
-        "apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
         "metadata": {"name": "chaos", "namespace": "bench"},
         "spec": {
             "preset": "object",
@@ -139,9 +145,22 @@ class Trainer:
         self.earlier += self.lines
         self.lines = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dreambooth.trainer", "--config", str(self.config), "--workdir",
-             str(self.workdir), "--termination-log", str(self.workdir / "termination-log")],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "dreambooth.trainer",
+                "--config",
+                str(self.config),
+                "--workdir",
+                str(self.workdir),
+                "--termination-log",
+                str(self.workdir / "termination-log"),
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
 
     @staticmethod
@@ -189,14 +208,21 @@ def free_port() -> int:
 
 def make_trainer(w: World, tmp: Path, name: str, doc: dict, endpoint: str) -> Trainer:
     port = free_port()
-    config = build_trainer_config(validate_job(doc), Defaults(
-        output_root="file:///unused", s3_endpoint=endpoint, s3_secure=False, metrics_port=port))
+    config = build_trainer_config(
+        validate_job(doc),
+        Defaults(output_root="file:///unused", s3_endpoint=endpoint, s3_secure=False, metrics_port=port),
+    )
     folder = tmp / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "trainer-config.json").write_text(json.dumps(config.wire()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               AWS_ACCESS_KEY_ID=w.server.access_key, AWS_SECRET_ACCESS_KEY=w.server.secret_key)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        AWS_ACCESS_KEY_ID=w.server.access_key,
+        AWS_SECRET_ACCESS_KEY=w.server.secret_key,
+    )
     return Trainer(folder / "trainer-config.json", folder / "work", env, port)
 
 
@@ -218,8 +244,9 @@ def model_files(w: World, output: str) -> set[str]:
 
 def reference_run(w: World, tmp: Path, *, steps: int, every: int, keep: int) -> tuple[dict, set[str], int, float]:
     """An uninterrupted run: its UNet, its model files, one checkpoint's bytes, its seconds."""
-    trainer = make_trainer(w, tmp, "reference", job_document(w, "reference", steps=steps, every=every, keep=keep),
-                           w.server.endpoint)
+    trainer = make_trainer(
+        w, tmp, "reference", job_document(w, "reference", steps=steps, every=every, keep=keep), w.server.endpoint
+    )
     started = time.monotonic()
     trainer.start()
     code = trainer.wait(timeout=1200)
@@ -267,10 +294,14 @@ def kills(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp_name:
         tmp = Path(tmp_name)
         with world(tmp) as w:
-            unet, files, checkpoint_bytes, seconds = reference_run(w, tmp, steps=args.steps, every=args.every,
-                                                                   keep=args.keep)
-            print(f"uninterrupted run: {args.steps} steps in {seconds:.0f} s; a checkpoint is "
-                  f"{checkpoint_bytes / 2**20:.1f} MiB", flush=True)
+            unet, files, checkpoint_bytes, seconds = reference_run(
+                w, tmp, steps=args.steps, every=args.every, keep=args.keep
+            )
+            print(
+                f"uninterrupted run: {args.steps} steps in {seconds:.0f} s; a checkpoint is "
+                f"{checkpoint_bytes / 2**20:.1f} MiB",
+                flush=True,
+            )
             with FaultProxy(w.server.endpoint) as proxy:
                 proxy.limit(upload=checkpoint_bytes / args.upload_s)  # an upload takes ~upload_s
                 doc = job_document(w, "killed", steps=args.steps, every=args.every, keep=args.keep)
@@ -279,9 +310,9 @@ def kills(args: argparse.Namespace) -> dict:
             final = differing(unet, exported_unet(w, "killed"))
             left = [c.step for c in checkpoints.complete(w.storage("killed/"))]
             report.update(
-                weights_equal=not final, differing_tensors=len(final),
-                model_files_equal=model_files(w, "killed") == {k.replace("reference/", "killed/", 1)
-                                                                for k in files},
+                weights_equal=not final,
+                differing_tensors=len(final),
+                model_files_equal=model_files(w, "killed") == {k.replace("reference/", "killed/", 1) for k in files},
                 checkpoints_left=left,
                 debris_left=len({o.key.split("/")[1] for o in w.storage("killed/").list(layout.CHECKPOINTS)})
                 - len(left),
@@ -316,13 +347,25 @@ def kill_loop(args: argparse.Namespace, rng: random.Random, w: World, trainer: T
         corrupt += trainer.log.count("is corrupt")
         if reached > at_step and time.monotonic() > began:
             step_s = max(0.01, (time.monotonic() - began) / max(1, reached - at_step))
-        done.append(Kill(aimed, during(w, "killed", keep=args.keep, every=args.every, step=reached, steps=args.steps), reached,
-                         newest[-1].step if newest else 0))
-        print(f"kill {len(done):3d}: aimed at {aimed:10s} step {reached:4d}, during {done[-1].during:7s}, "
-              f"newest complete checkpoint {done[-1].newest_complete}", flush=True)
+        done.append(
+            Kill(
+                aimed,
+                during(w, "killed", keep=args.keep, every=args.every, step=reached, steps=args.steps),
+                reached,
+                newest[-1].step if newest else 0,
+            )
+        )
+        print(
+            f"kill {len(done):3d}: aimed at {aimed:10s} step {reached:4d}, during {done[-1].during:7s}, "
+            f"newest complete checkpoint {done[-1].newest_complete}",
+            flush=True,
+        )
     lost = [k.lost for k in done if k.lost is not None]
     return {
-        "kills": len(done), "starts": starts, "steps": args.steps, "every_steps": args.every,
+        "kills": len(done),
+        "starts": starts,
+        "steps": args.steps,
+        "every_steps": args.every,
         "by_moment": {m: sum(k.during == m for k in done) for m in ("steps", "upload", "pruning", "export")},
         "resumed_from_newest_complete": all(k.resumed == k.newest_complete for k in done),
         "wrong_resumes": [asdict(k) for k in done if k.resumed != k.newest_complete],
@@ -332,8 +375,9 @@ def kill_loop(args: argparse.Namespace, rng: random.Random, w: World, trainer: T
         # a checkpoint uploads while training goes on (one in flight at most): a kill during
         # its upload loses it too, so at most two intervals; elsewhere at most one
         "kills_losing_more_than_every": sum(x > args.every for x in lost),
-        "max_steps_lost_outside_uploads": max((k.lost for k in done if k.lost is not None
-                                               and k.during != "upload"), default=0),
+        "max_steps_lost_outside_uploads": max(
+            (k.lost for k in done if k.lost is not None and k.during != "upload"), default=0
+        ),
     }
 
 
@@ -344,8 +388,7 @@ def note_resume(trainer: Trainer, previous: Kill | None) -> None:
             previous.lost = previous.step - previous.resumed
 
 
-def watch_for_moment(args, rng: random.Random, w: World, trainer: Trainer, deadline: float, step_s: float,
-                     kill: int):
+def watch_for_moment(args, rng: random.Random, w: World, trainer: Trainer, deadline: float, step_s: float, kill: int):
     """Wait for a randomly drawn moment; returns (aimed, step reached, when, the step then)
     or None if the run ended first (or time ran out). The last fifth of the kills are aimed
     at the export; the others at a random step, a checkpoint's upload or its pruning (just
@@ -397,8 +440,11 @@ def outage(args: argparse.Namespace) -> dict:
         tmp = Path(tmp_name)
         with world(tmp, unet_width=args.unet_width) as w:
             unet, _, checkpoint_bytes, seconds = reference_run(w, tmp, steps=args.steps, every=args.every, keep=2)
-            print(f"uninterrupted run: {args.steps} steps in {seconds:.0f} s; a checkpoint is "
-                  f"{checkpoint_bytes / 2**20:.1f} MiB", flush=True)
+            print(
+                f"uninterrupted run: {args.steps} steps in {seconds:.0f} s; a checkpoint is "
+                f"{checkpoint_bytes / 2**20:.1f} MiB",
+                flush=True,
+            )
             for case in OUTAGES[-1:] if args.only_upload else OUTAGES:
                 results[case] = one_outage(args, w, tmp, case, unet, checkpoint_bytes)
                 print(f"{case}: {results[case]}", flush=True)
@@ -435,8 +481,12 @@ def one_outage(args, w: World, tmp: Path, case: str, unet: dict, checkpoint_byte
     verified = [c.step for c in checkpoints.complete(store)]
     open_uploads = list_open_uploads(w)
     return {
-        "outage_s": args.outage_s, "cut_at_step": cut_at, "exit_code": code, "starts": starts,
-        "retryable_exits": retryable_exits, "seconds": round(time.monotonic() - started, 1),
+        "outage_s": args.outage_s,
+        "cut_at_step": cut_at,
+        "exit_code": code,
+        "starts": starts,
+        "retryable_exits": retryable_exits,
+        "seconds": round(time.monotonic() - started, 1),
         "retries_logged": trainer.every_log.count("retrying in"),
         "checkpoints_skipped": trainer.every_log.count("not saved, trying again"),
         "weights_equal": code == 0 and not differing(unet, exported_unet(w, output)),
@@ -491,8 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--steps", type=int, default=40)
     o.add_argument("--every", type=int, default=10)
     o.add_argument("--only-upload", action="store_true", help="only the outage during a multipart upload")
-    o.add_argument("--unet-width", type=int, default=64,
-                   help="the tiny UNet's width: 64 makes a checkpoint's optimizer state several 16 MiB parts")
+    o.add_argument(
+        "--unet-width",
+        type=int,
+        default=64,
+        help="the tiny UNet's width: 64 makes a checkpoint's optimizer state several 16 MiB parts",
+    )
     for p in (k, o):
         p.add_argument("--json", type=Path, help="write the figures here")
         p.add_argument("--log-dir", type=Path, help="write the trainers' logs here")

@@ -58,14 +58,18 @@ def synthetic_loop(accelerator, gb: float, *, trained: bool):
 
     count = max(1, round(gb / 3 * 1024 / TENSOR_MB))
     unet = torch.nn.Module()
-    unet.weights = torch.nn.ParameterList(
-        torch.nn.Parameter(torch.randn(TENSOR_MB * 2**20 // 4)) for _ in range(count))
+    unet.weights = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(TENSOR_MB * 2**20 // 4)) for _ in range(count))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, foreach=True)
     if trained:
         one_step(unet, optimizer)
-    return SimpleNamespace(unet=unet, text_encoder=torch.nn.Linear(1, 1), optimizer=optimizer,
-                           lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                           extras={}, phase="dreambooth")
+    return SimpleNamespace(
+        unet=unet,
+        text_encoder=torch.nn.Linear(1, 1),
+        optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        extras={},
+        phase="dreambooth",
+    )
 
 
 def one_step(unet, optimizer) -> None:
@@ -84,14 +88,26 @@ def context(workdir: Path, accelerator):
     from dreambooth.trainer.storage import S3Settings, open_storage
 
     env = os.environ
-    doc = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-           "metadata": {"name": "bench", "namespace": "bench"},
-           "spec": {"baseModel": {"uri": "s3://models/x/"}, "instance": {"uri": "s3://data/x/", "prompt": "zwx"},
-                    "training": {"steps": 100}, "checkpointing": {"everySteps": 1, "keep": 2},
-                    "output": {"uri": env["BENCH_OUTPUT"]}, "resources": {"gpusPerNode": 0}}}
+    doc = {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": "bench", "namespace": "bench"},
+        "spec": {
+            "baseModel": {"uri": "s3://models/x/"},
+            "instance": {"uri": "s3://data/x/", "prompt": "zwx"},
+            "training": {"steps": 100},
+            "checkpointing": {"everySteps": 1, "keep": 2},
+            "output": {"uri": env["BENCH_OUTPUT"]},
+            "resources": {"gpusPerNode": 0},
+        },
+    }
     config = build_trainer_config(validate_job(doc), Defaults(output_root="file:///unused"))
-    s3 = S3Settings(env["BENCH_ENDPOINT"], secure=False, access_key=env["AWS_ACCESS_KEY_ID"],
-                    secret_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = S3Settings(
+        env["BENCH_ENDPOINT"],
+        secure=False,
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
     metrics = TrainerMetrics() if accelerator.is_main_process else None
     return Context(config, workdir, accelerator, s3, open_storage(config.output_uri, s3), metrics, threading.Event())
 
@@ -138,8 +154,11 @@ def measure_hashing(loop, workdir: Path) -> dict:
         hashlib.file_digest(f, "sha256")
     after = time.perf_counter() - started
     path.unlink()
-    return {"write_s_per_gb": plain / (size / 1e9), "hashing_write_s_per_gb": hashing / (size / 1e9),
-            "hash_after_s_per_gb": after / (size / 1e9)}
+    return {
+        "write_s_per_gb": plain / (size / 1e9),
+        "hashing_write_s_per_gb": hashing / (size / 1e9),
+        "hash_after_s_per_gb": after / (size / 1e9),
+    }
 
 
 def measure_save(gb: float, repeat: int, workdir: Path) -> dict:
@@ -163,8 +182,13 @@ def measure_save(gb: float, repeat: int, workdir: Path) -> dict:
     size = sum(o.size for o in folder)
     assert any(o.key.endswith("manifest.json") for o in folder), "the checkpoint did not land"
     hashing = measure_hashing(loop, workdir) if getattr(ctx, "background", None) is not None else {}
-    return {"gb": size / 1e9, "blocked_s": statistics.median(blocked), "landed_s": statistics.median(total),
-            "s_per_gb": statistics.median(total) / (size / 1e9), **hashing}
+    return {
+        "gb": size / 1e9,
+        "blocked_s": statistics.median(blocked),
+        "landed_s": statistics.median(total),
+        "s_per_gb": statistics.median(total) / (size / 1e9),
+        **hashing,
+    }
 
 
 def rss() -> int:
@@ -232,9 +256,14 @@ def measure_resume(gb: float, workdir: Path, write: bool) -> dict:
     accelerator.wait_for_everyone()
     del torch
     mb = 2**20
-    return {"rank": accelerator.process_index, "before_mb": before / mb, "resume_s": took,
-            "restore_rss_mb": (restored - before) / mb, "restore_anon_mb": (restoring.peak - before_anon) / mb,
-            "step_anon_mb": (stepping.peak - before_anon) / mb}
+    return {
+        "rank": accelerator.process_index,
+        "before_mb": before / mb,
+        "resume_s": took,
+        "restore_rss_mb": (restored - before) / mb,
+        "restore_anon_mb": (restoring.peak - before_anon) / mb,
+        "step_anon_mb": (stepping.peak - before_anon) / mb,
+    }
 
 
 # --- the parent: trees, S3 server, table ----------------------------------------------
@@ -242,22 +271,48 @@ def measure_resume(gb: float, workdir: Path, write: bool) -> dict:
 
 def child(tree: Path, mode: str, gb: float, repeat: int, env: dict, processes: int = 1) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
-    args = [__file__, "--child", mode, "--tree", str(tree), "--gb", str(gb), "--repeat", str(repeat),
-            "--workdir", str(workdir)]
+    args = [
+        __file__,
+        "--child",
+        mode,
+        "--tree",
+        str(tree),
+        "--gb",
+        str(gb),
+        "--repeat",
+        str(repeat),
+        "--workdir",
+        str(workdir),
+    ]
     if processes > 1:
         from kubesim.net import free_port
 
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port",
-               str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *args,
+        ]
     else:
         cmd = [sys.executable, *args]
     try:
-        proc = subprocess.run(cmd, check=False, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
-                              text=True)
+        proc = subprocess.run(cmd, check=False, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{mode} on {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        return [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -294,13 +349,20 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-trees-"))
     trees = {f"before ({args.before})": export_tree(args.before, scratch), "after (this tree)": REPO}
-    print(f"synthetic checkpoint of {args.gb} GB (1/3 weights, 2/3 AdamW), {args.repeat} checkpoints per save "
-          f"run, local S3 (weed mini), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n")
+    print(
+        f"synthetic checkpoint of {args.gb} GB (1/3 weights, 2/3 AdamW), {args.repeat} checkpoints per save "
+        f"run, local S3 (weed mini), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}\n"
+    )
     rows = []
     with S3Server() as server:
         client = server.client()
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
-               "BENCH_ENDPOINT": server.endpoint, "PYTHONPATH": ""}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "BENCH_ENDPOINT": server.endpoint,
+            "PYTHONPATH": "",
+        }
         for i, (label, tree) in enumerate(trees.items()):
             client.make_bucket(f"bench-{i}")
             run_env = {**env, "BENCH_OUTPUT": f"s3://bench-{i}/save/"}
@@ -311,20 +373,27 @@ def main() -> None:
             rows.append((label, save, sorted(resume, key=lambda r: r["rank"])))
     shutil.rmtree(scratch, ignore_errors=True)
 
-    print("| code | checkpoint GB | blocked s (GPU-idle) | landed s | s/GB | 2-process resume s | resume: "
-          "peak RSS MB, rank 0 / 1 | resume: peak own memory MB, rank 0 / 1 | + first step: own memory MB |")
+    print(
+        "| code | checkpoint GB | blocked s (GPU-idle) | landed s | s/GB | 2-process resume s | resume: "
+        "peak RSS MB, rank 0 / 1 | resume: peak own memory MB, rank 0 / 1 | + first step: own memory MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for label, save, resume in rows:
+
         def each(key: str, resume: list[dict] = resume) -> str:
             return " / ".join(f"{r[key]:.0f}" for r in resume)
 
-        print(f"| {label} | {save['gb']:.2f} | {save['blocked_s']:.2f} | {save['landed_s']:.2f} | "
-              f"{save['s_per_gb']:.2f} | {max(r['resume_s'] for r in resume):.2f} | {each('restore_rss_mb')} | "
-              f"{each('restore_anon_mb')} | {each('step_anon_mb')} |")
+        print(
+            f"| {label} | {save['gb']:.2f} | {save['blocked_s']:.2f} | {save['landed_s']:.2f} | "
+            f"{save['s_per_gb']:.2f} | {max(r['resume_s'] for r in resume):.2f} | {each('restore_rss_mb')} | "
+            f"{each('restore_anon_mb')} | {each('step_anon_mb')} |"
+        )
     hashing = rows[-1][1]
-    print(f"\nwhere to hash ({TENSOR_MB} MB tensors of AdamW state, torch.save to local disk): plain write "
-          f"{hashing['write_s_per_gb']:.2f} s/GB, through a hashing writer {hashing['hashing_write_s_per_gb']:.2f} "
-          f"s/GB, sha256 of the written file {hashing['hash_after_s_per_gb']:.2f} s/GB")
+    print(
+        f"\nwhere to hash ({TENSOR_MB} MB tensors of AdamW state, torch.save to local disk): plain write "
+        f"{hashing['write_s_per_gb']:.2f} s/GB, through a hashing writer {hashing['hashing_write_s_per_gb']:.2f} "
+        f"s/GB, sha256 of the written file {hashing['hash_after_s_per_gb']:.2f} s/GB"
+    )
 
 
 if __name__ == "__main__":

@@ -39,18 +39,34 @@ DREAMBOOTH_JOBS = tuple(decls_from_crd(crd.crd()))
 
 
 def job(name: str, bucket: str, step: int) -> dict:
-    return {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {"preset": "object", "baseModel": {"uri": "s3://models/sd15/"},
-                     "instance": {"uri": "s3://data/cat/", "prompt": "a photo of zwx toy cat"},
-                     "output": {"uri": f"s3://{bucket}/{NAMESPACE}/{name}/"}}}
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "preset": "object",
+            "baseModel": {"uri": "s3://models/sd15/"},
+            "instance": {"uri": "s3://data/cat/", "prompt": "a photo of zwx toy cat"},
+            "output": {"uri": f"s3://{bucket}/{NAMESPACE}/{name}/"},
+        },
+    }
 
 
 def status(step: int, total: int = 400) -> dict:
-    return {"status": {"phase": "Training" if step < total else "Succeeded", "family": "sd",
-                       "progress": {"step": step, "totalSteps": total, "percent": round(100 * step / total, 1),
-                                    "summary": f"{step}/{total}", "loss": 0.1 + step / 10000,
-                                    "etaSeconds": (total - step) * 2}}}
+    return {
+        "status": {
+            "phase": "Training" if step < total else "Succeeded",
+            "family": "sd",
+            "progress": {
+                "step": step,
+                "totalSteps": total,
+                "percent": round(100 * step / total, 1),
+                "summary": f"{step}/{total}",
+                "loss": 0.1 + step / 10000,
+                "etaSeconds": (total - step) * 2,
+            },
+        }
+    }
 
 
 def grid_png() -> bytes:
@@ -67,10 +83,10 @@ def fill_outputs(client, bucket: str, name: str, checkpoints: int) -> None:
     history = History()
     for step in range(1, checkpoints * 100 + 1):
         history.add(Point(step, 0.2, 0.2, 1e-6, 1.7e9 + step, 0.1))
-    evaluation = "".join(json.dumps({"step": 100 * i, "clipI": 0.8, "clipT": 0.3}) + "\n"
-                         for i in range(1, checkpoints + 1))
-    objects = {layout.HISTORY: history.to_bytes(), layout.EVALUATION: evaluation.encode(),
-               layout.PROGRESSION: png}
+    evaluation = "".join(
+        json.dumps({"step": 100 * i, "clipI": 0.8, "clipT": 0.3}) + "\n" for i in range(1, checkpoints + 1)
+    )
+    objects = {layout.HISTORY: history.to_bytes(), layout.EVALUATION: evaluation.encode(), layout.PROGRESSION: png}
     for i in range(1, checkpoints + 1):
         objects[layout.sample_grid(100 * i)] = png
         objects[layout.checkpoint(100 * i) + layout.MANIFEST] = b'{"step": %d, "files": {}}' % (100 * i)
@@ -95,7 +111,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--checkpoints", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3, running_kube(Path(tmp), resources=DREAMBOOTH_JOBS) as kube:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        S3Server() as s3,
+        running_kube(Path(tmp), resources=DREAMBOOTH_JOBS) as kube,
+    ):
         bucket = "gallery-bench"
         s3.client().make_bucket(bucket)
         kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
@@ -104,19 +124,27 @@ def main() -> None:
             kube.create(job(name, bucket, i))
             kube.patch_status("DreamBoothJob", NAMESPACE, name, status(i % 401))
         fill_outputs(s3.client(), bucket, "job-0000", args.checkpoints)
-        env = {**env_without_aws(), **kube.env, "AWS_ACCESS_KEY_ID": s3.access_key,
-               "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+        env = {
+            **env_without_aws(),
+            **kube.env,
+            "AWS_ACCESS_KEY_ID": s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        }
         gallery_args = ["--namespace", NAMESPACE, "--s3-endpoint", s3.endpoint, "--s3-insecure"]
         with GalleryServer(gallery_args, env, Path(tmp) / "gallery.log") as gallery:
             idle = rss_bytes(gallery.pid)
             print(f"gallery RSS idle: {idle / 2**20:.0f} MB")
             print("| page | median ms | p95 ms | bytes |")
             print("|---|---|---|---|")
-            pages = [(f"jobs page, {args.jobs} jobs", gallery.url),
-                     (f"jobs page live rows, {args.jobs} jobs", gallery.url + "live"),
-                     (f"job page, {args.checkpoints} checkpoints", f"{gallery.url}jobs/{NAMESPACE}/job-0000"),
-                     (f"job page live parts, {args.checkpoints} checkpoints",
-                      f"{gallery.url}jobs/{NAMESPACE}/job-0000/live")]
+            pages = [
+                (f"jobs page, {args.jobs} jobs", gallery.url),
+                (f"jobs page live rows, {args.jobs} jobs", gallery.url + "live"),
+                (f"job page, {args.checkpoints} checkpoints", f"{gallery.url}jobs/{NAMESPACE}/job-0000"),
+                (
+                    f"job page live parts, {args.checkpoints} checkpoints",
+                    f"{gallery.url}jobs/{NAMESPACE}/job-0000/live",
+                ),
+            ]
             for what, url in pages:
                 median, p95, size = measure(url)
                 print(f"| {what} | {median * 1000:.0f} | {p95 * 1000:.0f} | {size:,} |")

@@ -66,8 +66,13 @@ class Report:
         self.path_keys = [p.key for p in gpu_paths.PATHS]
         self.path_labels = {p.key: p.label for p in gpu_paths.PATHS}
         self.paths: dict[str, dict] = {}
-        peak, source = (args.peak_tflops, "given with --peak-tflops") if args.peak_tflops else (
-            gpu_common.bf16_peak(info["name"]) if info["kind"] == "cuda" else (None, "no datasheet peak for a CPU"))
+        peak, source = (
+            (args.peak_tflops, "given with --peak-tflops")
+            if args.peak_tflops
+            else (
+                gpu_common.bf16_peak(info["name"]) if info["kind"] == "cuda" else (None, "no datasheet peak for a CPU")
+            )
+        )
         self.peak, self.peak_source = peak, source
         self.memory_kind = gpu_common.memory_kind()
         self.started = time.monotonic()
@@ -90,15 +95,20 @@ class Report:
     def header(self) -> list[str]:
         i, a = self.info, self.args
         versions = ", ".join(f"{k} {v}" for k, v in i["versions"].items())
-        device = (f"{i['count']} x {i['name']} ({i['memory_gb']:.0f} GiB, compute capability {i['capability']}, "
-                  f"CUDA {i['cuda']}; nvidia-smi {i.get('driver') or 'not available'})" if i["kind"] == "cuda"
-                  else f"CPU: {i['name']} (no CUDA device)")
-        peak = (f"{self.peak:g} TFLOP/s dense bf16 ({self.peak_source})" if self.peak
-                else f"n/a: {self.peak_source}")
-        mode = ("--cpu-smoke: tiny UNets at 64 px, compile with the dynamo-only 'eager' backend (inductor "
-                "takes minutes on a CPU), 1 warm-up + 2 timed steps: this checks that the script works; "
-                "its numbers are not benchmarks" if a.cpu_smoke else
-                f"{a.warmup} warm-up + {a.steps} timed steps per row (median), budget {a.budget:.0f} s")
+        device = (
+            f"{i['count']} x {i['name']} ({i['memory_gb']:.0f} GiB, compute capability {i['capability']}, "
+            f"CUDA {i['cuda']}; nvidia-smi {i.get('driver') or 'not available'})"
+            if i["kind"] == "cuda"
+            else f"CPU: {i['name']} (no CUDA device)"
+        )
+        peak = f"{self.peak:g} TFLOP/s dense bf16 ({self.peak_source})" if self.peak else f"n/a: {self.peak_source}"
+        mode = (
+            "--cpu-smoke: tiny UNets at 64 px, compile with the dynamo-only 'eager' backend (inductor "
+            "takes minutes on a CPU), 1 warm-up + 2 timed steps: this checks that the script works; "
+            "its numbers are not benchmarks"
+            if a.cpu_smoke
+            else f"{a.warmup} warm-up + {a.steps} timed steps per row (median), budget {a.budget:.0f} s"
+        )
         return [
             f"# GPU bench, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
             "",
@@ -114,21 +124,31 @@ class Report:
         ]
 
     def path_table(self) -> list[str]:
-        lines = ["## The trainer's CUDA paths (tiny model, a few steps each)", "",
-                 "| path | result | steps | final loss | key figure | peak mem GB | seconds |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            "## The trainer's CUDA paths (tiny model, a few steps each)",
+            "",
+            "| path | result | steps | final loss | key figure | peak mem GB | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for key in self.path_keys:
             r = self.paths.get(key, {"status": "pending"})
-            lines.append(f"| {self.path_labels[key]} | {_cell(r['status'])} | {r.get('steps', '')} | "
-                         f"{_num(r.get('final_loss'), '.4f')} | {_cell(r.get('figure', ''))} | "
-                         f"{_num(_gb(r.get('peak_memory_bytes')), '.2f')} | {_num(r.get('seconds'), '.1f')} |")
+            lines.append(
+                f"| {self.path_labels[key]} | {_cell(r['status'])} | {r.get('steps', '')} | "
+                f"{_num(r.get('final_loss'), '.4f')} | {_cell(r.get('figure', ''))} | "
+                f"{_num(_gb(r.get('peak_memory_bytes')), '.2f')} | {_num(r.get('seconds'), '.1f')} |"
+            )
         return lines + [""]
 
     def unet_table(self) -> list[str]:
-        lines = ["## UNet training step (random weights, bf16 autocast, fp32 master weights)", "",
-                 ("| model | px | batch | method | optimizer | compile | grad ckpt | result | steps/s | images/s "
-                  "| first step s | TFLOP/step | TFLOP/s | MFU | of matmul | peak mem GB | trainable M |"),
-                 "|" + "---|" * 17]
+        lines = [
+            "## UNet training step (random weights, bf16 autocast, fp32 master weights)",
+            "",
+            (
+                "| model | px | batch | method | optimizer | compile | grad ckpt | result | steps/s | images/s "
+                "| first step s | TFLOP/step | TFLOP/s | MFU | of matmul | peak mem GB | trainable M |"
+            ),
+            "|" + "---|" * 17,
+        ]
         for row in self.rows:
             m = self.models[row.model]
             r = self.unet.get(row.key, {"status": "pending"})
@@ -142,15 +162,20 @@ class Report:
                 f"{_num(r.get('images_per_s'), '.2f')} | {_num(r.get('first_step_s'), '.2f')} | "
                 f"{_num(r['flops_per_step'] / 1e12 if ok else None, '.4g')} | {_num(tflops, '.4g')} | {mfu} | "
                 f"{of_matmul} | {_num(_gb(r.get('peak_memory_bytes')), '.2f')} | "
-                f"{_num(r['trainable'] / 1e6 if ok else None, '.2f')} |")
+                f"{_num(r['trainable'] / 1e6 if ok else None, '.2f')} |"
+            )
         notes = [
             "",
-            ("- TFLOP/step: model FLOPs of forward + backward (torch.utils.flop_counter under the math SDPA "
-             "kernel, counted once per model and method at batch 1, times the batch; checkpointing's "
-             "recomputation is not counted, so its MFU shows what it costs); the optimizer step is not counted."),
+            (
+                "- TFLOP/step: model FLOPs of forward + backward (torch.utils.flop_counter under the math SDPA "
+                "kernel, counted once per model and method at batch 1, times the batch; checkpointing's "
+                "recomputation is not counted, so its MFU shows what it costs); the optimizer step is not counted."
+            ),
             "- MFU: TFLOP/s over the datasheet peak above; 'of matmul': over the measured bf16 matmul rate.",
-            ("- first step s: the first step's time (model and optimizer state already built); a compiled "
-             "row's includes the compilation."),
+            (
+                "- first step s: the first step's time (model and optimizer state already built); a compiled "
+                "row's includes the compilation."
+            ),
         ]
         params = {self.models[k].label: v for k, v in self._params().items()}
         if params:
@@ -169,9 +194,18 @@ class Report:
         text = "\n".join(self.header() + self.path_table() + self.unet_table())
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(text)
-        self.out.with_suffix(".json").write_text(json.dumps(
-            {"info": self.info, "peak_tflops": self.peak, "peak_source": self.peak_source,
-             "paths": self.paths, "unet": self.unet}, indent=1))
+        self.out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "info": self.info,
+                    "peak_tflops": self.peak,
+                    "peak_source": self.peak_source,
+                    "paths": self.paths,
+                    "unet": self.unet,
+                },
+                indent=1,
+            )
+        )
 
     def text(self) -> str:
         return self.out.read_text()
@@ -210,8 +244,14 @@ def run_info(smoke: bool) -> dict:
         import gpu_common
 
         return gpu_common.device_info(smoke)
-    done = subprocess.run(child_command("--child", "info", *(["--cpu-smoke"] if smoke else [])),
-                          env=child_env(smoke), capture_output=True, text=True, check=False, timeout=300)
+    done = subprocess.run(
+        child_command("--child", "info", *(["--cpu-smoke"] if smoke else [])),
+        env=child_env(smoke),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     if done.returncode != 0:
         sys.exit(f"gpu bench: could not read the device:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -257,11 +297,26 @@ def run_unet_group(rows, args, report: Report, deadline: float, log) -> None:
             report.row(row.key, {"status": f"not run: time budget ({args.budget:.0f} s) spent"})
         return
     spec = json.dumps([asdict(r) for r in rows])
-    cmd = child_command("--child", "unet", "--rows", spec, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                        *(["--cpu-smoke"] if args.cpu_smoke else []))
+    cmd = child_command(
+        "--child",
+        "unet",
+        "--rows",
+        spec,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        *(["--cpu-smoke"] if args.cpu_smoke else []),
+    )
     with tempfile.TemporaryFile(mode="w+") as stderr_file:
-        proc = subprocess.Popen(cmd, env=child_env(args.cpu_smoke), stdout=subprocess.PIPE, stderr=stderr_file,
-                                text=True, start_new_session=True)  # a kill reaches inductor's workers too
+        proc = subprocess.Popen(
+            cmd,
+            env=child_env(args.cpu_smoke),
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+            text=True,
+            start_new_session=True,
+        )  # a kill reaches inductor's workers too
         done, timed_out = stream_rows(proc, deadline, report)
         if timed_out:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -270,8 +325,11 @@ def run_unet_group(rows, args, report: Report, deadline: float, log) -> None:
         log(f"===== UNet rows {[r.key for r in rows]} (exit {proc.returncode})\n{stderr_file.read()}")
     for row in rows:
         if row.key not in done:
-            why = (f"not run: time budget ({args.budget:.0f} s) spent" if timed_out
-                   else f"error: the bench process exited {proc.returncode} (see the log)")
+            why = (
+                f"not run: time budget ({args.budget:.0f} s) spent"
+                if timed_out
+                else f"error: the bench process exited {proc.returncode} (see the log)"
+            )
             report.row(row.key, {"status": why})
 
 
@@ -280,12 +338,17 @@ def run_unet_group(rows, args, report: Report, deadline: float, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny models on this CPU, 1-2 steps: check that the script works (CI)")
-    p.add_argument("--out", type=Path, help="markdown table to write (also OUT.json and OUT.log); "
-                   "default bench/results/gpu-<date>-<device>.md")
+    p = argparse.ArgumentParser(
+        prog="bench/gpu.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny models on this CPU, 1-2 steps: check that the script works (CI)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="markdown table to write (also OUT.json and OUT.log); default bench/results/gpu-<date>-<device>.md",
+    )
     p.add_argument("--budget", type=float, help="seconds for the whole bench (default 450 on a GPU)")
     p.add_argument("--only", choices=("paths", "unet"), help="run one part only")
     p.add_argument("--warmup", type=int, help="warm-up steps per row (default 3; smoke 1)")
@@ -325,11 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget
     info = run_info(smoke)
     if info["kind"] != "cuda" and not smoke:
-        print("gpu bench: this machine has no CUDA device; run with --cpu-smoke to check the script here",
-              file=sys.stderr)
+        print(
+            "gpu bench: this machine has no CUDA device; run with --cpu-smoke to check the script here", file=sys.stderr
+        )
         return 2
     out = args.out or ROOT / "bench" / "results" / (
-        f"gpu-{dt.date.today():%Y-%m-%d}-{re.sub(r'[^A-Za-z0-9]+', '-', info['name']).strip('-').lower()}.md")
+        f"gpu-{dt.date.today():%Y-%m-%d}-{re.sub(r'[^A-Za-z0-9]+', '-', info['name']).strip('-').lower()}.md"
+    )
     report = Report(out, args, info)
     log_file = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +415,15 @@ def main(argv: list[str] | None = None) -> int:
                 report.path(path, result)
                 print(f"path {path.key}: {result['status']}", flush=True)
 
-            gpu_paths.run_paths(root, cuda=info["kind"] == "cuda", gpus=info["count"], smoke=smoke,
-                                deadline=deadline, log=log, emit=emit)
+            gpu_paths.run_paths(
+                root,
+                cuda=info["kind"] == "cuda",
+                gpus=info["count"],
+                smoke=smoke,
+                deadline=deadline,
+                log=log,
+                emit=emit,
+            )
         else:
             for key in report.path_keys:
                 report.paths[key] = {"status": "not run: --only unet"}

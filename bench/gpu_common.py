@@ -21,8 +21,14 @@ BF16_PEAKS: list[tuple[str, float, str]] = [
     (r"\bA100\b", 312.0, "NVIDIA A100 datasheet: 312 dense (624 sparse)"),
     (r"\bL40S\b", 362.05, "NVIDIA L40S datasheet: 362.05 dense (733 sparse)"),
     (r"\bL4\b", 121.0, "NVIDIA L4 datasheet: 121 dense (242 sparse)"),
-    (r"\bA10G\b", 70.0, ("no datasheet (AWS publishes none); the commonly cited figure for "
-                         "the A10G; the A10's datasheet says 125 dense")),
+    (
+        r"\bA10G\b",
+        70.0,
+        (
+            "no datasheet (AWS publishes none); the commonly cited figure for "
+            "the A10G; the A10's datasheet says 125 dense"
+        ),
+    ),
     (r"\bA10\b", 125.0, "NVIDIA A10 datasheet: 125 dense (250 sparse)"),
 ]
 
@@ -75,8 +81,11 @@ def peak_memory_bytes() -> int:
 
 
 def memory_kind() -> str:
-    return ("torch.cuda.max_memory_allocated, reset per row" if cuda()
-            else "process peak RSS (VmHWM, reset per row; includes ~0.5 GB of imports)")
+    return (
+        "torch.cuda.max_memory_allocated, reset per row"
+        if cuda()
+        else "process peak RSS (VmHWM, reset per row; includes ~0.5 GB of imports)"
+    )
 
 
 def versions() -> dict[str, str]:
@@ -115,17 +124,24 @@ def matmul_tflops(smoke: bool) -> tuple[float, str]:
 def device_info(smoke: bool) -> dict:
     import torch
 
-    info: dict = {"host": platform.node(), "python": platform.python_version(),
-                  "versions": versions(), "cuda": torch.version.cuda}
+    info: dict = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "cuda": torch.version.cuda,
+    }
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         props = torch.cuda.get_device_properties(0)
-        info.update(kind="cuda", name=torch.cuda.get_device_name(0), count=count,
-                    memory_gb=props.total_memory / 2**30,
-                    capability=f"{props.major}.{props.minor}")
+        info.update(
+            kind="cuda",
+            name=torch.cuda.get_device_name(0),
+            count=count,
+            memory_gb=props.total_memory / 2**30,
+            capability=f"{props.major}.{props.minor}",
+        )
     else:
-        info.update(kind="cpu", name=platform.processor() or cpu_model(), count=0, memory_gb=None,
-                    capability=None)
+        info.update(kind="cpu", name=platform.processor() or cpu_model(), count=0, memory_gb=None, capability=None)
         info["driver"] = nvidia_smi("driver_version,clocks.max.sm,power.limit")
     info["matmul_tflops"], info["matmul_how"] = matmul_tflops(smoke)
     return info
@@ -136,8 +152,13 @@ def nvidia_smi(fields: str) -> str | None:
     import subprocess
 
     try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = done.stdout.strip().splitlines()

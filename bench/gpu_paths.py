@@ -54,37 +54,62 @@ class Path_:
 
 
 PATHS = [
-    Path_("gpu1", "gpusPerNode 1: trains on the GPU (fp32, TF32)", {"mixedPrecision": "no"},
-          needs_cuda="no CUDA device: a gpusPerNode 1 job fails with GPU_UNAVAILABLE on a CPU",
-          checks=("on_gpu", "tf32")),
+    Path_(
+        "gpu1",
+        "gpusPerNode 1: trains on the GPU (fp32, TF32)",
+        {"mixedPrecision": "no"},
+        needs_cuda="no CUDA device: a gpusPerNode 1 job fails with GPU_UNAVAILABLE on a CPU",
+        checks=("on_gpu", "tf32"),
+    ),
     Path_("bf16", "bf16 autocast", {"mixedPrecision": "bf16"}, checks=("bf16",)),
-    Path_("fp16", "fp16 with loss scaling", {"mixedPrecision": "fp16"},
-          needs_cuda="fp16 needs CUDA: the trainer refuses fp16 on a CPU", checks=("scaler",)),
-    Path_("fp16-ti", "fp16 + textual inversion (3 TI steps, then 3 DreamBooth steps)",
-          {"mixedPrecision": "fp16", "steps": 3,
-           "textualInversion": {"steps": 3, "placeholderToken": "<zwx>", "initializerToken": "cat"}},
-          needs_cuda="fp16 needs CUDA: the trainer refuses fp16 on a CPU", checks=("scaler", "two_phases")),
+    Path_(
+        "fp16",
+        "fp16 with loss scaling",
+        {"mixedPrecision": "fp16"},
+        needs_cuda="fp16 needs CUDA: the trainer refuses fp16 on a CPU",
+        checks=("scaler",),
+    ),
+    Path_(
+        "fp16-ti",
+        "fp16 + textual inversion (3 TI steps, then 3 DreamBooth steps)",
+        {
+            "mixedPrecision": "fp16",
+            "steps": 3,
+            "textualInversion": {"steps": 3, "placeholderToken": "<zwx>", "initializerToken": "cat"},
+        },
+        needs_cuda="fp16 needs CUDA: the trainer refuses fp16 on a CPU",
+        checks=("scaler", "two_phases"),
+    ),
     Path_("adamw8bit", "8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}, checks=("eight_bit",)),
-    Path_("nccl2", "2 processes, one per GPU: the pod's launch script, NCCL", {"mixedPrecision": "bf16"},
-          processes=2),
+    Path_("nccl2", "2 processes, one per GPU: the pod's launch script, NCCL", {"mixedPrecision": "bf16"}, processes=2),
     # SD3 LoRA, T5 kept, sampling at the end: its frozen text encoders wait on the CPU between
     # encodings, the VAE between sample rounds, and both come back to the GPU for the round
-    Path_("sd3-lora", "SD3 LoRA bf16, text encoders and VAE parked on the CPU, a sample round",
-          {"mixedPrecision": "bf16", "method": "lora", "learningRate": 1e-3}, checks=("parked",), family="sd3",
-          spec={"validation": {"everySteps": STEPS, "inferenceSteps": 2, "imagesPerPrompt": 1},
-                "output": {"formats": ["lora"]}}),
+    Path_(
+        "sd3-lora",
+        "SD3 LoRA bf16, text encoders and VAE parked on the CPU, a sample round",
+        {"mixedPrecision": "bf16", "method": "lora", "learningRate": 1e-3},
+        checks=("parked",),
+        family="sd3",
+        spec={
+            "validation": {"everySteps": STEPS, "inferenceSteps": 2, "imagesPerPrompt": 1},
+            "output": {"formats": ["lora"]},
+        },
+    ),
 ]
 
 
 def job_document(root: Path, path: Path_, *, gpus: int, nodes: int = 1) -> dict:
-    training = {"steps": STEPS, "batchSize": 2, "resolution": 64, "learningRate": 1e-4,
-                **copy.deepcopy(path.training)}
+    training = {"steps": STEPS, "batchSize": 2, "resolution": 64, "learningRate": 1e-4, **copy.deepcopy(path.training)}
     prompt = TI_PROMPT if "textualInversion" in training else PROMPT
     steps = training["steps"] + training.get("textualInversion", {}).get("steps", 0)
     return {
         "apiVersion": "dreambooth.io/v1alpha1",
         "kind": "DreamBoothJob",
-        "metadata": {"name": f"gpu-bench-{path.key}", "namespace": "bench", "uid": "00000000-0000-4000-8000-000000000000"},
+        "metadata": {
+            "name": f"gpu-bench-{path.key}",
+            "namespace": "bench",
+            "uid": "00000000-0000-4000-8000-000000000000",
+        },
         "spec": {
             "preset": "object",
             "baseModel": {"uri": model_dir(root, path.family).as_uri(), "family": path.family},
@@ -94,8 +119,11 @@ def job_document(root: Path, path: Path_, *, gpus: int, nodes: int = 1) -> dict:
             "checkpointing": {"everySteps": steps, "keep": 1},
             "output": {"uri": (root / "out" / path.key).as_uri()},
             "resources": {"nodes": nodes, "gpusPerNode": gpus},
-        } | {section: {**body, **({"uri": (root / "out" / path.key).as_uri()} if section == "output" else {})}
-             for section, body in path.spec.items()},
+        }
+        | {
+            section: {**body, **({"uri": (root / "out" / path.key).as_uri()} if section == "output" else {})}
+            for section, body in path.spec.items()
+        },
     }
 
 
@@ -127,8 +155,11 @@ def prepare_inputs(root: Path) -> None:
 
 def child_env(smoke: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]),
+    )
     if smoke:
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return env
@@ -173,8 +204,9 @@ def probe_main(config: Path, workdir: Path, probe: Path) -> int:
 
     Loop.run_step = run_step
     reset_peak_memory()
-    code = trainer_main.main(["--config", str(config), "--workdir", str(workdir),
-                              "--termination-log", str(workdir / "termination-log")])
+    code = trainer_main.main(
+        ["--config", str(config), "--workdir", str(workdir), "--termination-log", str(workdir / "termination-log")]
+    )
     record["peak_memory_bytes"] = peak_memory_bytes()
     record["exit_code"] = int(code)
     probe.write_text(json.dumps(record))
@@ -231,8 +263,10 @@ def judge(path: Path_, record: dict, *, cuda: bool, log: str = "") -> tuple[bool
             problems.append("no 8-bit optimizer state")
         if record.get("state_devices") and record.get("state_devices") != [want]:
             problems.append(f"optimizer state on {record.get('state_devices')}")
-        figures.append(f"{record.get('optimizer', '?').rsplit('.', 1)[-1]}, {record.get('uint8_states', 0)} "
-                       f"uint8 state tensors on {','.join(record.get('state_devices', []))}")
+        figures.append(
+            f"{record.get('optimizer', '?').rsplit('.', 1)[-1]}, {record.get('uint8_states', 0)} "
+            f"uint8 state tensors on {','.join(record.get('state_devices', []))}"
+        )
     if "parked" in path.checks:
         where, vae = record.get("text_encoder_devices"), record.get("vae_devices")
         if cuda and where != ["cpu"]:
@@ -241,8 +275,10 @@ def judge(path: Path_, record: dict, *, cuda: bool, log: str = "") -> tuple[bool
             problems.append(f"the VAE was on {vae} between steps, not parked on the CPU")
         if not record.get("sampled"):
             problems.append("no sample round was written")
-        figures.append(f"text encoders on {','.join(where or ['?'])}, VAE on {','.join(vae or ['?'])} between "
-                       "steps; samples written")
+        figures.append(
+            f"text encoders on {','.join(where or ['?'])}, VAE on {','.join(vae or ['?'])} between "
+            "steps; samples written"
+        )
     return not problems, "; ".join(figures), problems
 
 
@@ -250,12 +286,21 @@ def run_single(path: Path_, root: Path, *, cuda: bool, smoke: bool, timeout: flo
     folder = root / "runs" / path.key
     config = write_config(job_document(root, path, gpus=1 if cuda else 0), folder)
     probe = folder / "probe.json"
-    cmd = [sys.executable, str(HERE / "gpu_bench.py"), "--child", "trainer", "--config", str(config),
-           "--workdir", str(folder / "work"), "--probe", str(probe)]
+    cmd = [
+        sys.executable,
+        str(HERE / "gpu_bench.py"),
+        "--child",
+        "trainer",
+        "--config",
+        str(config),
+        "--workdir",
+        str(folder / "work"),
+        "--probe",
+        str(probe),
+    ]
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, env=child_env(smoke), capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        done = subprocess.run(cmd, env=child_env(smoke), capture_output=True, text=True, timeout=timeout, check=False)
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as err:
         output, code = _text(err.stdout) + _text(err.stderr), None
@@ -269,9 +314,14 @@ def run_single(path: Path_, root: Path, *, cuda: bool, smoke: bool, timeout: flo
     record["sampled"] = (root / "out" / path.key / "samples" / f"step-{STEPS}.png").is_file()
     passed, figure, problems = judge(path, record, cuda=cuda, log=output)
     losses = [s["loss"] for s in record["steps"]]
-    return {"status": "pass" if passed else "FAIL: " + "; ".join(problems)[:300],
-            "steps": len(losses), "final_loss": losses[-1] if losses else None, "figure": figure,
-            "peak_memory_bytes": record.get("peak_memory_bytes"), "seconds": seconds}
+    return {
+        "status": "pass" if passed else "FAIL: " + "; ".join(problems)[:300],
+        "steps": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "figure": figure,
+        "peak_memory_bytes": record.get("peak_memory_bytes"),
+        "seconds": seconds,
+    }
 
 
 # ------------------------------------------------------------------- two processes
@@ -325,8 +375,7 @@ def shims(folder: Path) -> Path:
     return folder
 
 
-def run_two_processes(path: Path_, root: Path, *, cuda: bool, gpus: int, smoke: bool, timeout: float,
-                      log) -> dict:
+def run_two_processes(path: Path_, root: Path, *, cuda: bool, gpus: int, smoke: bool, timeout: float, log) -> dict:
     if cuda and gpus < 2:
         return {"status": f"skipped: this machine has {gpus} CUDA device (2 needed: one process per GPU)"}
     folder = root / "runs" / path.key
@@ -344,17 +393,19 @@ def run_two_processes(path: Path_, root: Path, *, cuda: bool, gpus: int, smoke: 
     work = folder / "work"
     env = child_env(smoke)
     podtemplate = operator_module("podtemplate")
-    env.update(DREAMBOOTH_CONFIG=str(config), DREAMBOOTH_WORKDIR=str(work),
-               DREAMBOOTH_TERMINATION_LOG=str(folder / "termination-log"),
-               DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS="1",
-               TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(podtemplate.SHUTDOWN_TIMEOUT_SECONDS),
-               PATH=os.pathsep.join([str(shims(folder / "bin")), env.get("PATH", "")]))
+    env.update(
+        DREAMBOOTH_CONFIG=str(config),
+        DREAMBOOTH_WORKDIR=str(work),
+        DREAMBOOTH_TERMINATION_LOG=str(folder / "termination-log"),
+        DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS="1",
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(podtemplate.SHUTDOWN_TIMEOUT_SECONDS),
+        PATH=os.pathsep.join([str(shims(folder / "bin")), env.get("PATH", "")]),
+    )
     if cuda:
         env["NCCL_DEBUG"] = "INFO"
     start = time.perf_counter()
     try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False,
-                              cwd=ROOT)
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as err:
         output, code = _text(err.stdout) + _text(err.stderr), None
@@ -383,10 +434,17 @@ def run_two_processes(path: Path_, root: Path, *, cuda: bool, gpus: int, smoke: 
     loss = summary.get("loss")
     if loss is None or not math.isfinite(loss):
         problems.append(f"pod verdict loss {loss!r}")
-    figure = (f"{backend}, ranks' weights identical after {len(complete) - len(differ)} of {total} steps, "
-              f"pod verdict exit {summary.get('exitCode')}")
-    return {"status": "pass" if not problems else "FAIL: " + "; ".join(problems)[:300],
-            "steps": len(complete), "final_loss": loss, "figure": figure, "seconds": seconds}
+    figure = (
+        f"{backend}, ranks' weights identical after {len(complete) - len(differ)} of {total} steps, "
+        f"pod verdict exit {summary.get('exitCode')}"
+    )
+    return {
+        "status": "pass" if not problems else "FAIL: " + "; ".join(problems)[:300],
+        "steps": len(complete),
+        "final_loss": loss,
+        "figure": figure,
+        "seconds": seconds,
+    }
 
 
 # ------------------------------------------------------------------- all paths

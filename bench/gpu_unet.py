@@ -117,10 +117,11 @@ class Model:
 
 def models(smoke: bool) -> dict[str, Model]:
     if smoke:
-        return {"sd15": Model("sd15", "SD 1.5 UNet (tiny)", TINY_SD15_UNET, 64),
-                "sdxl": Model("sdxl", "SDXL UNet (tiny)", TINY_SDXL_UNET, 64)}
-    return {"sd15": Model("sd15", "SD 1.5 UNet", SD15_UNET, 512),
-            "sdxl": Model("sdxl", "SDXL UNet", SDXL_UNET, 1024)}
+        return {
+            "sd15": Model("sd15", "SD 1.5 UNet (tiny)", TINY_SD15_UNET, 64),
+            "sdxl": Model("sdxl", "SDXL UNet (tiny)", TINY_SDXL_UNET, 64),
+        }
+    return {"sd15": Model("sd15", "SD 1.5 UNet", SD15_UNET, 512), "sdxl": Model("sdxl", "SDXL UNet", SDXL_UNET, 1024)}
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,10 @@ class Row:
 
     @property
     def key(self) -> str:
-        return (f"{self.model} b{self.batch} {self.method} {self.optimizer} compile={self.compile}"
-                f"{' ckpt' if self.checkpointing else ''}")
+        return (
+            f"{self.model} b{self.batch} {self.method} {self.optimizer} compile={self.compile}"
+            f"{' ckpt' if self.checkpointing else ''}"
+        )
 
 
 def plan() -> list[list[Row]]:
@@ -159,11 +162,22 @@ def plan() -> list[list[Row]]:
       SDXL compiles regionally (its 70 transformer blocks are the same block: one
       compilation serves them all), which bounds the compile time within the budget.
     """
-    sd = [Row("sd15", 1), Row("sd15", 4), Row("sd15", 4, checkpointing=True),
-          Row("sd15", 4, optimizer="adamw8bit"), Row("sd15", 1, "lora"), Row("sd15", 4, "lora")]
-    xl = [Row("sdxl", 1), Row("sdxl", 1, "lora"), Row("sdxl", 4, "lora"),
-          Row("sdxl", 1, optimizer="adamw8bit", checkpointing=True), Row("sdxl", 4, checkpointing=True),
-          Row("sdxl", 4)]
+    sd = [
+        Row("sd15", 1),
+        Row("sd15", 4),
+        Row("sd15", 4, checkpointing=True),
+        Row("sd15", 4, optimizer="adamw8bit"),
+        Row("sd15", 1, "lora"),
+        Row("sd15", 4, "lora"),
+    ]
+    xl = [
+        Row("sdxl", 1),
+        Row("sdxl", 1, "lora"),
+        Row("sdxl", 4, "lora"),
+        Row("sdxl", 1, optimizer="adamw8bit", checkpointing=True),
+        Row("sdxl", 4, checkpointing=True),
+        Row("sdxl", 4),
+    ]
     return [sd, xl, [Row("sd15", 4, compile="full")], [Row("sdxl", 4, "lora", compile="regional")]]
 
 
@@ -174,9 +188,14 @@ def job_spec(row: Row, gpus: int):
     """The trainer's spec for ``row``: what select() and build_optimizer() read."""
     from dreambooth.api import Defaults, build_trainer_config, validate_job
 
-    training = {"method": row.method, "optimizer": row.optimizer, "mixedPrecision": "bf16",
-                "gradientCheckpointing": row.checkpointing, "batchSize": row.batch,
-                "learningRate": 1e-4 if row.method == "lora" else 2e-6}
+    training = {
+        "method": row.method,
+        "optimizer": row.optimizer,
+        "mixedPrecision": "bf16",
+        "gradientCheckpointing": row.checkpointing,
+        "batchSize": row.batch,
+        "learningRate": 1e-4 if row.method == "lora" else 2e-6,
+    }
     doc = {
         "apiVersion": "dreambooth.io/v1alpha1",
         "kind": "DreamBoothJob",
@@ -209,8 +228,10 @@ class Inputs:
         if model.sdxl:
             pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
             ids = [model.pixels, model.pixels, 0, 0, model.pixels, model.pixels]  # orig size, crop, target
-            self.added = {"text_embeds": torch.randn(batch, pooled, generator=g).to(device),
-                          "time_ids": torch.tensor([ids] * batch, dtype=torch.float32).to(device)}
+            self.added = {
+                "text_embeds": torch.randn(batch, pooled, generator=g).to(device),
+                "time_ids": torch.tensor([ids] * batch, dtype=torch.float32).to(device),
+            }
 
 
 class Step:
@@ -349,8 +370,7 @@ def run_group(rows: list[Row], *, smoke: bool, warmup: int, steps: int) -> None:
     known = models(smoke)
     for row in rows:
         try:
-            result = measure(known[row.model], row, warmup=warmup, steps=steps, smoke=smoke,
-                             flops_cache=flops_cache)
+            result = measure(known[row.model], row, warmup=warmup, steps=steps, smoke=smoke, flops_cache=flops_cache)
         except torch.cuda.OutOfMemoryError as err:
             first = str(err).split("\n")[0]
             result = {"status": "OOM", "detail": first[:200]}

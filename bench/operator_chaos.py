@@ -88,8 +88,16 @@ NAMESPACE = "default"
 CHILD_KINDS = ("jobs", "configmaps", "services")
 FINAL = ("Succeeded", "Failed")
 #: phases in the order a job goes through them; a retry may go back to Pending
-ORDER = {"Pending": 0, "Initializing": 1, "GeneratingClassImages": 2, "Training": 3, "Exporting": 4,
-         "Suspended": 0, "Succeeded": 9, "Failed": 9}
+ORDER = {
+    "Pending": 0,
+    "Initializing": 1,
+    "GeneratingClassImages": 2,
+    "Training": 3,
+    "Exporting": 4,
+    "Suspended": 0,
+    "Succeeded": 9,
+    "Failed": 9,
+}
 AIM_WAIT_S = 5.0  # an aimed kill whose moment does not come this soon is a random one
 
 
@@ -124,8 +132,13 @@ def draw_fates(rng: random.Random, n: int, retry: float, fail: float, run_s: tup
 def summary(code: ExitCode, message: str | None = None, step: int | None = None) -> str:
     """The termination message a trainer writes (the real model, dumped as the trainer does)."""
     outputs = {"model": "s3://dreambooth/default/x/model/"} if code == ExitCode.OK else None
-    return TerminationSummary(exit_code=int(code), reason="Succeeded" if code == ExitCode.OK else code.name.title()
-                              .replace("_", ""), message=message, step=step, outputs=outputs).dumps()
+    return TerminationSummary(
+        exit_code=int(code),
+        reason="Succeeded" if code == ExitCode.OK else code.name.title().replace("_", ""),
+        message=message,
+        step=step,
+        outputs=outputs,
+    ).dumps()
 
 
 # --- the cluster: Job controller, kubelet, garbage collector -------------------------------
@@ -185,11 +198,17 @@ class Cluster:
         attempt = self.ended[name]
         self.ended[name] += 1
         if fate.outcome == "fail":
-            self.kubelet.fail(pod, int(ExitCode.BAD_DATA), message=summary(
-                ExitCode.BAD_DATA, "no instance photos found under s3://training-data/x/ (on purpose)"))
+            self.kubelet.fail(
+                pod,
+                int(ExitCode.BAD_DATA),
+                message=summary(ExitCode.BAD_DATA, "no instance photos found under s3://training-data/x/ (on purpose)"),
+            )
         elif fate.outcome == "retry" and attempt == 0:
-            self.kubelet.fail(pod, int(ExitCode.STORAGE_UNAVAILABLE), message=summary(
-                ExitCode.STORAGE_UNAVAILABLE, "storage unreachable (on purpose)", step=40))
+            self.kubelet.fail(
+                pod,
+                int(ExitCode.STORAGE_UNAVAILABLE),
+                message=summary(ExitCode.STORAGE_UNAVAILABLE, "storage unreachable (on purpose)", step=40),
+            )
         else:
             self.kubelet.succeed(pod, message=summary(ExitCode.OK, step=100))
 
@@ -209,7 +228,10 @@ AIMS = {
     "before the first status": lambda plural, kind, obj, old: plural == "jobs" and kind == "ADDED" and _ours(obj),
     # a status written (the operator has not seen the answer)
     "after a status write": lambda plural, kind, obj, old: (
-        plural == "dreamboothjobs" and kind == "MODIFIED" and (obj.get("status") or {}) != ((old or {}).get("status") or {})),
+        plural == "dreamboothjobs"
+        and kind == "MODIFIED"
+        and (obj.get("status") or {}) != ((old or {}).get("status") or {})
+    ),
 }
 
 
@@ -268,8 +290,12 @@ class Ledger:
             problems.append("the phase was removed")
         elif was in FINAL and now != was:
             problems.append(f"left its final phase {was} for {now}")
-        elif was and now and ORDER[now] < ORDER[was] and not (now == "Pending" and new.get("restarts", 0)
-                                                                > old.get("restarts", 0)):
+        elif (
+            was
+            and now
+            and ORDER[now] < ORDER[was]
+            and not (now == "Pending" and new.get("restarts", 0) > old.get("restarts", 0))
+        ):
             problems.append(f"went back from {was} to {now} without a restart")
         if new.get("restarts", 0) < old.get("restarts", 0):
             problems.append(f"restarts dropped from {old.get('restarts')} to {new.get('restarts')}")
@@ -286,8 +312,11 @@ class Ledger:
 
     def duplicates(self) -> list[str]:
         """Children beyond one of each kind per DreamBoothJob."""
-        return [f"{self.names.get(owner, owner)}: {plural} {names}" for (owner, plural), names in
-                self.created.items() if len(names) > 1]
+        return [
+            f"{self.names.get(owner, owner)}: {plural} {names}"
+            for (owner, plural), names in self.created.items()
+            if len(names) > 1
+        ]
 
 
 # --- the operator, killable -------------------------------------------------------------------
@@ -298,10 +327,14 @@ class Operator:
 
     def __init__(self, kube: Kube, workdir: Path, poll_interval: int, api_timeout: int | None = None) -> None:
         self.health_port = free_port()
-        self.env = {**kube.env, "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
-                    **({"DREAMBOOTH_API_TIMEOUT_SECONDS": str(api_timeout)} if api_timeout else {}),
-                    "DREAMBOOTH_METRICS_PORT": str(free_port()), "DREAMBOOTH_HEALTH_PORT": str(self.health_port),
-                    "DREAMBOOTH_TRAINER_METRICS_PORT": str(free_port())}  # nothing listens: no metrics
+        self.env = {
+            **kube.env,
+            "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
+            **({"DREAMBOOTH_API_TIMEOUT_SECONDS": str(api_timeout)} if api_timeout else {}),
+            "DREAMBOOTH_METRICS_PORT": str(free_port()),
+            "DREAMBOOTH_HEALTH_PORT": str(self.health_port),
+            "DREAMBOOTH_TRAINER_METRICS_PORT": str(free_port()),
+        }  # nothing listens: no metrics
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
         self.starts = self.kills = self.exits = 0
@@ -311,8 +344,9 @@ class Operator:
     def start(self) -> None:
         self.starts += 1
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dreambooth.operator"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dreambooth.operator"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def up(self) -> bool:
         """Whether its liveness endpoint answers (kopf runs)."""
@@ -426,8 +460,12 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
             armed, last_kill = None, time.monotonic()
             by_aim[aim] += 1
             op.start()
-            print(f"kill {op.kills:3d} ({aim}) at {time.monotonic() - started:6.1f} s: {created} jobs created, "
-                  f"{len(ledger.final)} final, {len(deleted)} deleted", flush=True)
+            print(
+                f"kill {op.kills:3d} ({aim}) at {time.monotonic() - started:6.1f} s: {created} jobs created, "
+                f"{len(ledger.final)} final, {len(deleted)} deleted",
+                flush=True,
+            )
+
         in_flight: list[int] = []  # jobs created and not yet final, at each kill
         unbuilt: list[tuple[int, int]] = []  # jobs without children / with some, at each kill
 
@@ -482,21 +520,27 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
         left_over = orphans(kube)
         log = op.log()
         op.stop()
-        wrong = [f"{n}: {fates[n].phase}/{fates[n].restarts} expected, "
-                 f"{s.get('phase')}/{s.get('restarts', 0)} shown"
-                 for n, s in ledger.final.items() if (s.get("phase"), s.get("restarts", 0))
-                 != (fates[n].phase, fates[n].restarts)]
+        wrong = [
+            f"{n}: {fates[n].phase}/{fates[n].restarts} expected, {s.get('phase')}/{s.get('restarts', 0)} shown"
+            for n, s in ledger.final.items()
+            if (s.get("phase"), s.get("restarts", 0)) != (fates[n].phase, fates[n].restarts)
+        ]
         never = sorted(job_name(i) for i in range(created) if job_name(i) not in ledger.final)
         report = {
-            "jobs": args.jobs, "created": created, "fates": dict(collections.Counter(f.outcome for f in fates.values())),
-            "kills": op.kills, "operator_starts": op.starts,
-            "operator_exits_not_killed": op.exits, "exit_codes": op.exit_codes,
+            "jobs": args.jobs,
+            "created": created,
+            "fates": dict(collections.Counter(f.outcome for f in fates.values())),
+            "kills": op.kills,
+            "operator_starts": op.starts,
+            "operator_exits_not_killed": op.exits,
+            "exit_codes": op.exit_codes,
             "tracebacks_in_log": log.count("Traceback"),
             "warnings_in_log": log.count(" WARNING "),
             "errors_in_log": log.count(" ERROR ") + log.count(" CRITICAL "),
             "duplicates": ledger.duplicates(),
             "status_regressions": ledger.regressions,
-            "never_final": never, "wrong_final": wrong,
+            "never_final": never,
+            "wrong_final": wrong,
             "late_children": len(ledger.late_children),
             "orphans": left_over,
             "left_at_end": left,
@@ -506,8 +550,13 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
             "converged_after_last_kill_s": round(converged - last_kill, 1) if last_kill else None,
             "kill_moments_s": kill_moments,
             "kills_by_aim": dict(by_aim),
-            "jobs_in_flight_at_kills": {"min": min(in_flight), "mean": round(sum(in_flight) / len(in_flight), 1),
-                                        "max": max(in_flight)} if in_flight else None,
+            "jobs_in_flight_at_kills": {
+                "min": min(in_flight),
+                "mean": round(sum(in_flight) / len(in_flight), 1),
+                "max": max(in_flight),
+            }
+            if in_flight
+            else None,
             # what the kills interrupted: jobs not yet given any child, or only some
             "kills_with_jobs_unbuilt": sum(a > 0 for a, _ in unbuilt),
             "kills_with_jobs_half_built": sum(b > 0 for _, b in unbuilt),
@@ -515,8 +564,12 @@ def churn(args: argparse.Namespace, kills: int, share: FaultShare | None) -> dic
         }
         if share is not None:
             report["faults"] = dict(share.counts)
-            report["fault_share"] = {"conflict": share.conflict, "error": share.error, "hang": share.hang,
-                                     "hang_s": share.hang_s}
+            report["fault_share"] = {
+                "conflict": share.conflict,
+                "error": share.error,
+                "hang": share.hang,
+                "hang_s": share.hang_s,
+            }
         if args.log_dir:
             args.log_dir.mkdir(parents=True, exist_ok=True)
             (args.log_dir / "operator.log").write_text(log)
@@ -565,10 +618,18 @@ def mass_delete(args: argparse.Namespace) -> dict:
         log = op.log()
         op.stop()
     return {
-        "jobs": args.jobs, "before": before, "deleted_at_once": deleted, "gc_passes": passes,
-        "collected": collected, "settle_s": round(settled, 2), "orphans": left_over, "left_at_end": left,
-        "late_children": len(ledger.late_children), "duplicates": ledger.duplicates(),
-        "operator_exits_not_killed": op.exits, "tracebacks_in_log": log.count("Traceback"),
+        "jobs": args.jobs,
+        "before": before,
+        "deleted_at_once": deleted,
+        "gc_passes": passes,
+        "collected": collected,
+        "settle_s": round(settled, 2),
+        "orphans": left_over,
+        "left_at_end": left,
+        "late_children": len(ledger.late_children),
+        "duplicates": ledger.duplicates(),
+        "operator_exits_not_killed": op.exits,
+        "tracebacks_in_log": log.count("Traceback"),
     }
 
 
@@ -616,8 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "kills":
         report = churn(args, args.kills, None)
     elif args.bench == "faults":
-        report = churn(args, 0, FaultShare(conflict=args.conflict, error=args.error, hang=args.hang,
-                                           hang_s=args.hang_s, seed=args.seed))
+        report = churn(
+            args,
+            0,
+            FaultShare(conflict=args.conflict, error=args.error, hang=args.hang, hang_s=args.hang_s, seed=args.seed),
+        )
     else:
         report = mass_delete(args)
     print(table(report))

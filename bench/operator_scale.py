@@ -130,12 +130,17 @@ def pod_ip(i: int) -> str:
 
 
 @contextlib.contextmanager
-def operator_process(kube: Kube, workdir: Path, poll_interval: int, trainer_port: int | None,
-                     source: Path | None = None) -> Iterator[subprocess.Popen]:
+def operator_process(
+    kube: Kube, workdir: Path, poll_interval: int, trainer_port: int | None, source: Path | None = None
+) -> Iterator[subprocess.Popen]:
     """The operator (``source``: the ``dreambooth`` package under that folder, else this
     tree's), started and watching DreamBoothJobs; stopped (killed if need be) after."""
-    env = {**kube.env, "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
-           "DREAMBOOTH_METRICS_PORT": str(free_port()), "DREAMBOOTH_HEALTH_PORT": str(free_port())}
+    env = {
+        **kube.env,
+        "DREAMBOOTH_POLL_INTERVAL_SECONDS": str(poll_interval),
+        "DREAMBOOTH_METRICS_PORT": str(free_port()),
+        "DREAMBOOTH_HEALTH_PORT": str(free_port()),
+    }
     if source is not None:
         env["PYTHONPATH"] = str(source)
     if trainer_port:
@@ -143,8 +148,13 @@ def operator_process(kube: Kube, workdir: Path, poll_interval: int, trainer_port
     log_path = workdir / "operator.log"
     profile = ["-m", "cProfile", "-o", os.environ["PROFILE_TO"]] if os.environ.get("PROFILE_TO") else []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *profile, "-m", "dreambooth.operator"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=source)  # -m: the cwd comes first
+        proc = subprocess.Popen(
+            [sys.executable, *profile, "-m", "dreambooth.operator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=source,
+        )  # -m: the cwd comes first
         try:
             deadline = time.monotonic() + 60
             while sum(1 for m, p in kube.requests if m == "GET" and "dreamboothjobs" in p) < 2:
@@ -159,8 +169,7 @@ def operator_process(kube: Kube, workdir: Path, poll_interval: int, trainer_port
 # --- arrival: create -> trainer Job, create -> status ------------------------------------
 
 
-def create_jobs(kube: Kube, n: int, rate: float, created: dict[str, float],
-                stopped: threading.Event) -> None:
+def create_jobs(kube: Kube, n: int, rate: float, created: dict[str, float], stopped: threading.Event) -> None:
     """Create N jobs, job ``i`` at ``i / rate`` s (``rate`` 0: all at once), until
     ``stopped``; ``created`` gets each job's create time (another thread reads it)."""
     start = time.monotonic()
@@ -248,8 +257,9 @@ class TrainerEndpoints:
     not compete with the emulator for this process's GIL. Talks to it on CONTROL_IP."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-trainers"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-trainers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         line = self.proc.stdout.readline()  # its port, once it listens
         if not line.strip().isdigit():
             stop_process(self.proc, timeout=30)
@@ -310,8 +320,7 @@ def serve_trainers() -> None:
             return web.Response(status=404)
         scrapes[local] += 1
         metrics.step.set(int((time.time() - start) * STEPS_PER_SECOND))
-        return web.Response(body=generate_latest(metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def main() -> None:
         app = web.Application()
@@ -360,8 +369,7 @@ def progress_ages(kube: Kube, running: dict[str, tuple[str, float]]) -> dict[str
     return ages
 
 
-def measure_freshness(kube: Kube, proc: subprocess.Popen, trainers: TrainerEndpoints,
-                      poll_interval: int) -> dict:
+def measure_freshness(kube: Kube, proc: subprocess.Popen, trainers: TrainerEndpoints, poll_interval: int) -> dict:
     running = run_trainers(kube)
     trainers.start_training({ip: start for ip, start in running.values()})
     time.sleep(WARMUP_CYCLES * poll_interval)
@@ -398,16 +406,22 @@ def export_source(rev: str, into: Path) -> Path:
     operator started with it on PYTHONPATH imports that copy, not this tree's)."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "dreambooth"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    found = subprocess.run([sys.executable, "-c", "import dreambooth.operator as o; print(o.__file__)"],
-                           env={**os.environ, "PYTHONPATH": str(into)}, cwd=into, capture_output=True,
-                           text=True, check=True).stdout.strip()
+    found = subprocess.run(
+        [sys.executable, "-c", "import dreambooth.operator as o; print(o.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(into)},
+        cwd=into,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not Path(found).is_relative_to(into):
         raise SystemExit(f"the operator of {rev} would not be used: {found}")
     return into
 
 
-def measure(n: int, poll_interval: int, rate: float, freshness: bool,
-            source: Path | None = None) -> tuple[dict, dict | None]:
+def measure(
+    n: int, poll_interval: int, rate: float, freshness: bool, source: Path | None = None
+) -> tuple[dict, dict | None]:
     """One operator, N jobs: arrival (and, with ``freshness``, N jobs training)."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -416,7 +430,8 @@ def measure(n: int, poll_interval: int, rate: float, freshness: bool,
         if trainers is not None:
             stack.callback(trainers.close)
         proc = stack.enter_context(
-            operator_process(kube, workdir, poll_interval, trainers.port if trainers else None, source))
+            operator_process(kube, workdir, poll_interval, trainers.port if trainers else None, source)
+        )
         arrival = measure_arrival(kube, proc, n, rate)
         time.sleep(poll_interval * 2)  # a full poll cycle over every job, for the peak RSS
         arrival["rss_peak_mb"] = peak_rss_mb(proc.pid)
@@ -431,28 +446,41 @@ def arrival_row(r: dict) -> str:
         notes.append(f"created at only {r['achieved_rate']:.0f}/s")
     if r["missing"]:
         notes.append(f"{r['missing']} never got a status")
-    return (f"| {r['jobs']} | {arrival} | {r['children_p50']:.3f} | {r['children_p99']:.3f} "
-            f"| {r['status_p50']:.3f} | {r['status_p99']:.3f} | {r['converged_s']:.1f} "
-            f"| {r['operator_cpu_s']:.1f} | {r['rss_idle_mb']:.0f} | {r['rss_peak_mb']:.0f} |"
-            + (f" ({'; '.join(notes)})" if notes else ""))
+    return (
+        f"| {r['jobs']} | {arrival} | {r['children_p50']:.3f} | {r['children_p99']:.3f} "
+        f"| {r['status_p50']:.3f} | {r['status_p99']:.3f} | {r['converged_s']:.1f} "
+        f"| {r['operator_cpu_s']:.1f} | {r['rss_idle_mb']:.0f} | {r['rss_peak_mb']:.0f} |"
+        + (f" ({'; '.join(notes)})" if notes else "")
+    )
 
 
 def freshness_row(r: dict) -> str:
-    return (f"| {r['jobs']} | {r['age_p50']:.1f} | {r['age_p99']:.1f} | {r['age_max']:.1f} "
-            f"| {r['without_progress']} | {r['cycle_s']:.1f} | {r['cpu_per_cycle_s']:.2f} "
-            f"| {r['rss_peak_mb']:.0f} |")
+    return (
+        f"| {r['jobs']} | {r['age_p50']:.1f} | {r['age_p99']:.1f} | {r['age_max']:.1f} "
+        f"| {r['without_progress']} | {r['cycle_s']:.1f} | {r['cpu_per_cycle_s']:.2f} "
+        f"| {r['rss_peak_mb']:.0f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--rate", type=float, nargs="+", default=[0.0],
-                        help="jobs created per second (0: all in one burst); one run per value")
-    parser.add_argument("--freshness", action="store_true",
-                        help="then run every job's trainer and measure how fresh .status.progress is")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="jobs created per second (0: all in one burst); one run per value",
+    )
+    parser.add_argument(
+        "--freshness",
+        action="store_true",
+        help="then run every job's trainer and measure how fresh .status.progress is",
+    )
     parser.add_argument("--poll-interval", type=int, default=10)
-    parser.add_argument("--baseline", metavar="REV",
-                        help="measure the operator of this git revision too, alternating with this tree's")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="measure the operator of this git revision too, alternating with this tree's"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="measurements (pairs with --baseline) per row kind")
     parser.add_argument("--serve-trainers", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -473,8 +501,10 @@ def run(args: argparse.Namespace, codes: list[tuple[str, Path | None]]) -> None:
     def labelled(label: str, row: str) -> str:
         return f"| {label} {row}" if code else row
 
-    print(f"{code}| jobs | arrival | create -> Job p50 s | p99 s | create -> status p50 s | p99 s "
-          "| all converged s | operator CPU s | operator RSS idle MB | peak MB |")
+    print(
+        f"{code}| jobs | arrival | create -> Job p50 s | p99 s | create -> status p50 s | p99 s "
+        "| all converged s | operator CPU s | operator RSS idle MB | peak MB |"
+    )
     print("|---" * (10 + bool(code)) + "|", flush=True)
     fresh_rows = []
     for n in args.jobs:
@@ -487,8 +517,10 @@ def run(args: argparse.Namespace, codes: list[tuple[str, Path | None]]) -> None:
                         fresh_rows.append(labelled(label, freshness_row(fresh)))
     if fresh_rows:
         print(f"\nStatus freshness while the jobs train (poll interval {args.poll_interval} s):\n")
-        print(f"{code}| jobs | progress age p50 s | p99 s | max s | jobs without progress | poll cycle s "
-              "| operator CPU s / cycle | operator RSS peak MB |")
+        print(
+            f"{code}| jobs | progress age p50 s | p99 s | max s | jobs without progress | poll cycle s "
+            "| operator CPU s / cycle | operator RSS peak MB |"
+        )
         print("|---" * (8 + bool(code)) + "|")
         print("\n".join(fresh_rows))
 

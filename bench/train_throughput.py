@@ -45,8 +45,12 @@ SDXL_VARIANTS: dict[str, dict] = {
     "SDXL full (UNet, cached latents)": {"_family": "sdxl", "method": "full"},
     "SDXL full, buckets off": {"_family": "sdxl", "method": "full", "buckets": {"enabled": False}},
     "SDXL LoRA rank 4": {"_family": "sdxl", "method": "lora", "learningRate": 1e-4},
-    "SDXL LoRA rank 4 + both text encoders": {"_family": "sdxl", "method": "lora", "learningRate": 1e-4,
-                                              "lora": {"textEncoder": True}},
+    "SDXL LoRA rank 4 + both text encoders": {
+        "_family": "sdxl",
+        "method": "lora",
+        "learningRate": 1e-4,
+        "lora": {"textEncoder": True},
+    },
 }
 
 #: the tiny SD3-shaped model (MMDiT transformer, flow matching, CLIP-L/G + T5), same
@@ -55,8 +59,12 @@ SDXL_VARIANTS: dict[str, dict] = {
 SD3_VARIANTS: dict[str, dict] = {
     "SD3 LoRA rank 4 (T5 kept)": {"_family": "sd3", "method": "lora", "learningRate": 1e-4},
     "SD3 LoRA rank 4, T5 dropped": {"_family": "sd3", "method": "lora", "learningRate": 1e-4, "t5": "drop"},
-    "SD3 LoRA rank 4 + CLIP-L/G adapters": {"_family": "sd3", "method": "lora", "learningRate": 1e-4,
-                                            "lora": {"textEncoder": True}},
+    "SD3 LoRA rank 4 + CLIP-L/G adapters": {
+        "_family": "sd3",
+        "method": "lora",
+        "learningRate": 1e-4,
+        "lora": {"textEncoder": True},
+    },
     "SD3 full (transformer)": {"_family": "sd3", "method": "full", "_formats": ["diffusers"]},
 }
 
@@ -129,8 +137,9 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
 
     # --- the trainer's loop (fresh model and optimizer) ----------------------------------
     accelerator = make_accelerator(config.spec)
-    ctx = Context(config, root / "work", accelerator, None, open_storage(config.output_uri), TrainerMetrics(),
-                  threading.Event())
+    ctx = Context(
+        config, root / "work", accelerator, None, open_storage(config.output_uri), TrainerMetrics(), threading.Event()
+    )
     components = load_components(root / "base-model", "bench")
     examples = load_instance_examples(ctx, components)
     loop = build_loop(ctx, components, shared_parts(ctx, components, examples, None))
@@ -140,8 +149,9 @@ def measure(resolution: int, steps: int, warmup: int = 3, variant: str | None = 
     loop_s = timed(lambda: loop.run_step(next(step)), steps, warmup)
 
     trainable = sum(p.numel() * p.element_size() for p in loop.parameters)
-    frozen = sum(p.numel() * p.element_size() for m in (components.vae, *components.text_encoders)
-                 for p in m.parameters())
+    frozen = sum(
+        p.numel() * p.element_size() for m in (components.vae, *components.text_encoders) for p in m.parameters()
+    )
     adam_state = 2 * trainable
     return {
         "variant": variant,
@@ -229,15 +239,26 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.steps, variant=args.variant)))
         return
     print(f"torch threads: {os.environ['OMP_NUM_THREADS']}, batch 1, {args.steps} timed steps (median)\n")
-    header = ("resolution", "bare step ms", "loop step ms", "overhead", "steps/s", "images/s",
-              "peak RSS MB", "RSS after imports MB", "weights+grads+AdamW MB")
+    header = (
+        "resolution",
+        "bare step ms",
+        "loop step ms",
+        "overhead",
+        "steps/s",
+        "images/s",
+        "peak RSS MB",
+        "RSS after imports MB",
+        "weights+grads+AdamW MB",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for resolution in (64, 128):
         r = one(resolution, args.steps)
-        print(f"| {r['resolution']} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
-              f"| {r['steps_per_s']:.1f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
-              f"| {r['baseline_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
+        print(
+            f"| {r['resolution']} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
+            f"| {r['steps_per_s']:.1f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['baseline_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |"
+        )
     print("\nrecipe options at resolution 128:\n")
     print("| variant | loop step ms | vs default | steps/s | peak RSS MB | trained+AdamW MB |")
     print("|---|---|---|---|---|---|")
@@ -245,17 +266,23 @@ def main() -> None:
     for variant in VARIANTS:
         r = one(128, args.steps, variant)
         base = base or r["loop_step_ms"]
-        print(f"| {variant} | {r['loop_step_ms']:.1f} | {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} "
-              f"| {r['peak_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |")
+        print(
+            f"| {variant} | {r['loop_step_ms']:.1f} | {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['weights_and_adam_mb']:.1f} |"
+        )
     print("\ntiny SDXL and SD3 at resolution 128 (vs: the SD default above, same run):\n")
-    print("| variant | bare step ms | loop step ms | overhead | vs SD default | steps/s | peak RSS MB "
-          "| trained+AdamW MB |")
+    print(
+        "| variant | bare step ms | loop step ms | overhead | vs SD default | steps/s | peak RSS MB "
+        "| trained+AdamW MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for variant in (*SDXL_VARIANTS, *SD3_VARIANTS):
         r = one(128, args.steps, variant)
-        print(f"| {variant} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
-              f"| {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
-              f"| {r['weights_and_adam_mb']:.1f} |")
+        print(
+            f"| {variant} | {r['bare_step_ms']:.1f} | {r['loop_step_ms']:.1f} | {r['overhead_pct']:+.1f}% "
+            f"| {r['loop_step_ms'] / base:.2f}x | {r['steps_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['weights_and_adam_mb']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def draw_toy_cats(folder: Path, count: int = 4, size: int = RESOLUTION * 2, seed
         cx, cy, r = size // 2 + rng.randint(-8, 8), size // 2 + rng.randint(-4, 8), size // 4
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(235, 140, 40))
         for side in (-1, 1):  # ears
-            d.polygon([(cx + side * r // 2, cy - r + 4), (cx + side * r, cy - r - r // 2),
-                       (cx + side * r, cy - r // 3)], fill=(235, 140, 40))
+            d.polygon(
+                [(cx + side * r // 2, cy - r + 4), (cx + side * r, cy - r - r // 2), (cx + side * r, cy - r // 3)],
+                fill=(235, 140, 40),
+            )
         for side in (-1, 1):  # eyes
             d.ellipse((cx + side * r // 3 - 4, cy - 6, cx + side * r // 3 + 4, cy + 2), fill=(20, 20, 20))
         path = folder / f"toy-cat-{i}.png"

@@ -60,5 +60,3 @@ def load_job(path: Path, *, cluster: bool = False) -> DreamBoothJob:
 def local_defaults(output_root: str | None) -> Defaults:
     root = output_root or (Path.cwd() / "runs").as_uri()
     return Defaults(output_root=root)
-
-

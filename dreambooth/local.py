@@ -62,13 +62,14 @@ def train_job(job, *, output_root: str | None, workdir: Path, metrics_port: int)
     from dreambooth.trainer.__main__ import main as trainer_main
 
     defaults = local_defaults(output_root)
-    config = build_trainer_config(absolute_file_uris(job, Path.cwd()), defaults).model_copy(update={"metrics_port": metrics_port})
+    config = build_trainer_config(absolute_file_uris(job, Path.cwd()), defaults).model_copy(
+        update={"metrics_port": metrics_port}
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "trainer-config.json"
     config_path.write_text(json.dumps(config.wire(), indent=2))
     summary = workdir / "summary.json"
-    code = trainer_main(["--config", str(config_path), "--workdir", str(workdir),
-                         "--termination-log", str(summary)])
+    code = trainer_main(["--config", str(config_path), "--workdir", str(workdir), "--termination-log", str(summary)])
     if summary.is_file():
         print(summary.read_text())
     return code
@@ -99,8 +100,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{root / 'output' / 'samples'}.\nNext: .venv/bin/dreambooth train "
             "examples/local/toy-cat.yaml with your own photos and a real base model."
         )
-        print(f"\nLook at it in the browser: .venv/bin/dreambooth gallery {root.parent}\n"
-              f"  then open http://127.0.0.1:{DEFAULT_PORT}/jobs/local/{root.name}")
+        print(
+            f"\nLook at it in the browser: .venv/bin/dreambooth gallery {root.parent}\n"
+            f"  then open http://127.0.0.1:{DEFAULT_PORT}/jobs/local/{root.name}"
+        )
     return code
 
 
@@ -130,14 +133,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     codes = {}
     for run in the_plan.runs:
         job = validate_job(child_job(sweep, run, the_plan, out))
-        print(f"sweep {sweep.metadata.name}: run {run.number}/{len(the_plan.runs)} {job.metadata.name} "
-              f"({run.label()})", file=sys.stderr)
-        codes[job.metadata.name] = train_job(job, output_root=args.output_root, workdir=workdir / job.metadata.name,
-                                             metrics_port=args.metrics_port)
+        print(
+            f"sweep {sweep.metadata.name}: run {run.number}/{len(the_plan.runs)} {job.metadata.name} ({run.label()})",
+            file=sys.stderr,
+        )
+        codes[job.metadata.name] = train_job(
+            job, output_root=args.output_root, workdir=workdir / job.metadata.name, metrics_port=args.metrics_port
+        )
     doc = compare(compare_config(sweep, the_plan, out), workdir / "compare")
     failed = [name for name, code in codes.items() if code != ExitCode.OK]
-    print(json.dumps({"sweep": sweep.metadata.name, "runs": len(codes), "failed": failed, "rows": len(doc["rows"]),
-                      "compare": out + COMPARE_PNG, "compareJson": out + COMPARE_JSON}))
+    print(
+        json.dumps(
+            {
+                "sweep": sweep.metadata.name,
+                "runs": len(codes),
+                "failed": failed,
+                "rows": len(doc["rows"]),
+                "compare": out + COMPARE_PNG,
+                "compareJson": out + COMPARE_JSON,
+            }
+        )
+    )
     return ExitCode.OK if len(failed) < len(codes) else next(iter(codes.values()))
 
 
@@ -146,18 +162,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a DreamBoothJob manifest on this machine (no cluster)")
     p.add_argument("file", type=Path)
-    p.add_argument("--output-root", help="where outputs go when spec.output.uri is unset "
-                   "(default: file://$PWD/runs; an s3:// prefix works too)")
+    p.add_argument(
+        "--output-root",
+        help="where outputs go when spec.output.uri is unset (default: file://$PWD/runs; an s3:// prefix works too)",
+    )
     p.add_argument("--workdir", type=Path, help="scratch folder (default: runs/.work/<name>)")
-    p.add_argument("--metrics-port", type=int, default=port,
-                   help=f"serve Prometheus metrics on this port (0: off; pods use {DEFAULT_METRICS_PORT})")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=port,
+        help=f"serve Prometheus metrics on this port (0: off; pods use {DEFAULT_METRICS_PORT})",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="run a DreamBoothSweep's runs on this machine, one after another, "
-                       "and write compare.png / compare.json")
+    p = sub.add_parser(
+        "sweep",
+        help="run a DreamBoothSweep's runs on this machine, one after another, and write compare.png / compare.json",
+    )
     p.add_argument("file", type=Path)
-    p.add_argument("--output-root", help="where outputs go when the template's output.uri is unset "
-                   "(default: file://$PWD/runs)")
+    p.add_argument(
+        "--output-root", help="where outputs go when the template's output.uri is unset (default: file://$PWD/runs)"
+    )
     p.add_argument("--workdir", type=Path, help="scratch folder (default: runs/.work/<sweep>)")
     p.add_argument("--metrics-port", type=int, default=port, help="serve Prometheus metrics (0: off)")
     p.set_defaults(func=cmd_sweep)

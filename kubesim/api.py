@@ -103,8 +103,11 @@ class FaultShare:
         """The fault for this request, or None."""
         self.counts["requests"] += 1
         x = self._rng.random()
-        for kind, share in (("hang", self.hang), ("error", self.error),
-                            ("conflict", self.conflict if method in WRITES else 0.0)):
+        for kind, share in (
+            ("hang", self.hang),
+            ("error", self.error),
+            ("conflict", self.conflict if method in WRITES else 0.0),
+        ):
             if x < share:
                 self.counts[kind] += 1
                 return kind
@@ -132,8 +135,13 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {
-            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-            "message": self.message, "reason": self.reason, "details": self.details,
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
             "code": self.status,
         }
 
@@ -179,8 +187,15 @@ DEFAULT_RESOURCES: tuple[Decl, ...] = (
     Decl("batch", "v1", "jobs", "Job", True, (), ("status",), ("all",)),
     Decl("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
     Decl("coordination.k8s.io", "v1", "leases", "Lease", True),
-    Decl("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-         False, ("crd", "crds"), ("status",)),
+    Decl(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        ("crd", "crds"),
+        ("status",),
+    ),
 )
 
 #: For operators run without ``--standalone`` (kopf's peering); not declared by default.
@@ -196,8 +211,11 @@ def decls_from_crd(crd: Mapping[str, Any]) -> list[Decl]:
     names = spec.get("names") or {}
     return [
         Decl(
-            group=spec.get("group", ""), version=ver["name"], plural=names["plural"],
-            kind=names["kind"], namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+            group=spec.get("group", ""),
+            version=ver["name"],
+            plural=names["plural"],
+            kind=names["kind"],
+            namespaced=spec.get("scope", "Namespaced") == "Namespaced",
             shortnames=tuple(names.get("shortNames") or ()),
             subresources=tuple(sorted((ver.get("subresources") or {}).keys())),
             categories=tuple(names.get("categories") or ()),
@@ -256,8 +274,7 @@ def label_selector(text: str | None) -> Predicate:
         elif match["setop"]:
             values = {v.strip() for v in match["values"].split(",") if v.strip()}
             inside = match["setop"] == "in"
-            checks.append(lambda labels, k=key, vs=values, inside=inside:
-                          (k in labels and labels[k] in vs) == inside)
+            checks.append(lambda labels, k=key, vs=values, inside=inside: (k in labels and labels[k] in vs) == inside)
         else:
             checks.append(lambda labels, k=key: k in labels)
 
@@ -317,9 +334,16 @@ def merge_patch(target: Any, patch: Any) -> Any:
 #: Lists merged by a key in a strategic merge patch (the rest are replaced, as in the API's
 #: ``patchStrategy`` tags for the fields our objects use).
 _MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
-    "env": "name", "volumes": "name", "volumeMounts": "mountPath", "conditions": "type",
-    "ownerReferences": "uid", "imagePullSecrets": "name", "hostAliases": "ip",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "imagePullSecrets": "name",
+    "hostAliases": "ip",
 }
 _PRIMITIVE_MERGE = {"finalizers"}
 
@@ -365,8 +389,9 @@ def _merge_list(key: str, old: Any, new: list[Any]) -> list[Any]:
         return copy.deepcopy(new)
     items = old
     for item in new:
-        found = next((i for i, o in enumerate(items)
-                      if isinstance(o, Mapping) and o.get(merge_key) == item.get(merge_key)), None)
+        found = next(
+            (i for i, o in enumerate(items) if isinstance(o, Mapping) and o.get(merge_key) == item.get(merge_key)), None
+        )
         if item.get("$patch") == "delete":
             if found is not None:
                 items.pop(found)
@@ -398,14 +423,15 @@ def _default_job(obj: dict[str, Any], ctx: DefaultContext) -> None:
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
     spec.setdefault("manualSelector", False)
-    spec.setdefault("podReplacementPolicy",
-                    "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+    spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
     spec.setdefault("selector", {"matchLabels": {"batch.kubernetes.io/controller-uid": ctx.uid}})
     template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
     template_meta["labels"] = {
         **(template_meta.get("labels") or {}),
-        "batch.kubernetes.io/controller-uid": ctx.uid, "batch.kubernetes.io/job-name": name,
-        "controller-uid": ctx.uid, "job-name": name,
+        "batch.kubernetes.io/controller-uid": ctx.uid,
+        "batch.kubernetes.io/job-name": name,
+        "controller-uid": ctx.uid,
+        "job-name": name,
     }
 
 

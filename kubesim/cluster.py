@@ -93,8 +93,7 @@ def merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def example_manifest(example: str, s3_endpoint: str, *, name: str | None = None,
-                     **spec_changes: Any) -> dict[str, Any]:
+def example_manifest(example: str, s3_endpoint: str, *, name: str | None = None, **spec_changes: Any) -> dict[str, Any]:
     """``examples/<example>.yaml`` as a user applies it, with what this machine needs changed:
     the storage endpoint (no cluster DNS for minio.minio.svc) and :data:`TINY` training
     settings (plus ``spec_changes``). The example's S3 URIs stay as they are."""
@@ -107,8 +106,7 @@ def example_manifest(example: str, s3_endpoint: str, *, name: str | None = None,
     return doc
 
 
-def toy_cat_manifest(s3_endpoint: str, *, name: str = "toy-cat",
-                     **spec_changes: Any) -> dict[str, Any]:
+def toy_cat_manifest(s3_endpoint: str, *, name: str = "toy-cat", **spec_changes: Any) -> dict[str, Any]:
     """examples/toy-cat.yaml: :func:`example_manifest` of the README's example."""
     return example_manifest("toy-cat", s3_endpoint, name=name, **spec_changes)
 
@@ -116,15 +114,18 @@ def toy_cat_manifest(s3_endpoint: str, *, name: str = "toy-cat",
 class Operator:
     """``python -m dreambooth.operator`` as a process, its log kept (and echoed if asked)."""
 
-    def __init__(self, env: dict[str, str], log: Path,
-                 on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Path, on_line: Callable[[str], None] | None = None) -> None:
         self.env, self.log, self.on_line = env, log, on_line
         self.proc: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dreambooth.operator"], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dreambooth.operator"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self._pump = threading.Thread(target=self._copy, args=(self.proc,), daemon=True)
         self._pump.start()
 
@@ -156,8 +157,9 @@ class StatusRecorder:
         self.history: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, resource: tuple[str, str, str], kind: str, obj: dict[str, Any],
-                 old: dict[str, Any] | None) -> None:
+    def __call__(
+        self, resource: tuple[str, str, str], kind: str, obj: dict[str, Any], old: dict[str, Any] | None
+    ) -> None:
         status = obj.get("status")
         if resource[2] != "dreamboothjobs" or kind == "DELETED" or not status:
             return
@@ -184,10 +186,18 @@ class LocalCluster:
     ``prometheus``: None = where installed, True = required, False = never. The
     credentials Secret (:data:`CREDENTIALS_SECRET`) is created unless ``credentials=False``."""
 
-    def __init__(self, workdir: Path, s3_server: S3Server, *, credentials: bool = True,
-                 prometheus: bool | None = None, echo: Callable[[str, str], None] | None = None,
-                 watchers: Sequence[Any] = (), poll_seconds: int = 1,
-                 grace_seconds: int = 30) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        s3_server: S3Server,
+        *,
+        credentials: bool = True,
+        prometheus: bool | None = None,
+        echo: Callable[[str, str], None] | None = None,
+        watchers: Sequence[Any] = (),
+        poll_seconds: int = 1,
+        grace_seconds: int = 30,
+    ) -> None:
         self.workdir, self.s3 = workdir, s3_server
         self.with_credentials = credentials
         self.want_prometheus = prometheus
@@ -196,8 +206,13 @@ class LocalCluster:
         self.poll_seconds, self.grace_seconds = poll_seconds, grace_seconds
         self.bucket = f"e2e-{uuid.uuid4().hex[:12]}"
         self.s3_endpoint = s3_server.endpoint
-        self.settings = S3Settings(endpoint=s3_server.endpoint, secure=False, region="us-east-1",
-                                   access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+        self.settings = S3Settings(
+            endpoint=s3_server.endpoint,
+            secure=False,
+            region="us-east-1",
+            access_key=s3_server.access_key,
+            secret_key=s3_server.secret_key,
+        )
         self.trainer_metrics_port = free_port()
         self.operator_metrics_port = free_port()
         self.kube: Kube
@@ -240,10 +255,13 @@ class LocalCluster:
 
         # the "image's" dreambooth is this checkout's: an editable install elsewhere (another
         # worktree) must not stand in for the code under test
-        self.kubelet = ProcessKubelet(self.kube, self.workdir / "pods",
-                                      max_grace=self.grace_seconds,
-                                      on_line=lambda pod, line: self._say(pod, line),
-                                      extra_env={"PYTHONPATH": str(ROOT)})
+        self.kubelet = ProcessKubelet(
+            self.kube,
+            self.workdir / "pods",
+            max_grace=self.grace_seconds,
+            on_line=lambda pod, line: self._say(pod, line),
+            extra_env={"PYTHONPATH": str(ROOT)},
+        )
         self.jobs = JobController(self.kube)
         self.recorder = StatusRecorder(self.kube)
         self._stack.callback(self.kube.on_change(self.recorder))
@@ -252,8 +270,9 @@ class LocalCluster:
         if self.want_prometheus and binary is None:
             raise RuntimeError("prometheus is not installed (scripts/install-system-tools.sh)")
         if binary is not None:
-            self.prometheus = Prometheus(self.kube, self.workdir / "prometheus", free_port(),
-                                         self.operator_metrics_port)
+            self.prometheus = Prometheus(
+                self.kube, self.workdir / "prometheus", free_port(), self.operator_metrics_port
+            )
             self.prometheus.start(binary)
             self._stack.callback(self.prometheus.stop)
             controllers.append(self.prometheus)
@@ -276,14 +295,15 @@ class LocalCluster:
             "DREAMBOOTH_CREDENTIALS_SECRET": CREDENTIALS_SECRET,
             "DREAMBOOTH_TERMINATION_GRACE_SECONDS": str(self.grace_seconds),
         }
-        self.operator = Operator(env, self.workdir / "operator.log",
-                                 on_line=lambda line: self._say("operator", line))
+        self.operator = Operator(env, self.workdir / "operator.log", on_line=lambda line: self._say("operator", line))
         self.operator.start()
         self._stack.callback(self.operator.stop)
         # kopf is ready once it watches the resource (its second GET after the initial list)
-        self.wait_for(lambda: sum(1 for m, p in self.kube.requests
-                                  if m == "GET" and "dreamboothjobs" in p) >= 2,
-                      timeout=60, what="the operator to watch dreamboothjobs")
+        self.wait_for(
+            lambda: sum(1 for m, p in self.kube.requests if m == "GET" and "dreamboothjobs" in p) >= 2,
+            timeout=60,
+            what="the operator to watch dreamboothjobs",
+        )
 
     def _remove_bucket(self, bucket: str) -> None:
         with contextlib.suppress(Exception):
@@ -295,10 +315,18 @@ class LocalCluster:
     def create_credentials_secret(self, name: str = CREDENTIALS_SECRET) -> None:
         """The Secret a cluster admin creates: the S3 keys under the names the operator
         maps to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
-        self.kube.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                          "metadata": {"name": name, "namespace": NAMESPACE},
-                          "data": {"AWS_ACCESS_KEY_ID": _b64(self.s3.access_key),
-                                   "AWS_SECRET_ACCESS_KEY": _b64(self.s3.secret_key)}})
+        self.kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "data": {
+                    "AWS_ACCESS_KEY_ID": _b64(self.s3.access_key),
+                    "AWS_SECRET_ACCESS_KEY": _b64(self.s3.secret_key),
+                },
+            }
+        )
 
     def upload_example_inputs(self, model_dir: Path, photos_dir: Path, model_uri: str = MODEL_URI) -> None:
         """Put the base model and the photos where examples/toy-cat.yaml expects them
@@ -334,8 +362,7 @@ class LocalCluster:
         """``kubectl patch dbj <name> --type merge -p {"spec": ...}`` (or the API)."""
         body = {"spec": dict(spec)}
         if shutil.which("kubectl"):
-            done = self.kube.kubectl("patch", "dbj", name, "--type", "merge", "-p",
-                                     json.dumps(body))
+            done = self.kube.kubectl("patch", "dbj", name, "--type", "merge", "-p", json.dumps(body))
             self._say("kubectl", done.stdout.strip())
         else:
             self.kube.patch("dbj", NAMESPACE, name, body)
@@ -385,9 +412,11 @@ class LocalCluster:
         parts.append(describe(runs))
         return "\n".join(parts)
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 60,
-                 what: str = "condition", name: str | None = None) -> Any:
+    def wait_for(
+        self, predicate: Callable[[], Any], timeout: float = 60, what: str = "condition", name: str | None = None
+    ) -> Any:
         """``kube.wait_for`` that also fails fast when a controller stand-in broke."""
+
         def check() -> Any:
             if self.loop_error() is not None:
                 raise AssertionError(f"the controller loop failed: {self.loop_error()!r}")
@@ -403,17 +432,19 @@ class LocalCluster:
         return getattr(loop, "_error", None)
 
     def wait_phase(self, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
-        self.wait_for(lambda: self.status(name).get("phase") == phase, timeout=timeout,
-                      what=f"{name} in phase {phase}", name=name)
+        self.wait_for(
+            lambda: self.status(name).get("phase") == phase, timeout=timeout, what=f"{name} in phase {phase}", name=name
+        )
         return self.status(name)
 
     def ready_condition(self, name: str) -> dict[str, Any]:
         """The Ready condition (its reason and message are the status' headline), or {}."""
-        return next((c for c in self.status(name).get("conditions") or ()
-                     if c["type"] == "Ready"), {})
+        return next((c for c in self.status(name).get("conditions") or () if c["type"] == "Ready"), {})
 
     def checkpoint_steps(self, name: str) -> list[int]:
         """Steps of the complete checkpoints (a manifest written last marks one)."""
-        return sorted(int(k.split("/")[1].split("-")[1]) for k in self.keys(name)
-                      if k.startswith("checkpoints/") and k.endswith("/manifest.json"))
-
+        return sorted(
+            int(k.split("/")[1].split("-")[1])
+            for k in self.keys(name)
+            if k.startswith("checkpoints/") and k.endswith("/manifest.json")
+        )

@@ -113,6 +113,7 @@ class Network:
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion: defined variables are replaced, ``$$`` is ``$``,
     undefined references stay as they are."""
+
     def repl(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
@@ -131,7 +132,7 @@ def host_path(value: str, mounts: Mapping[str, str]) -> str:
     for mount in sorted(mounts, key=len, reverse=True):
         base = mount.rstrip("/")
         if value in (mount, base) or value.startswith(base + "/"):
-            return mounts[mount] + value[len(base):]
+            return mounts[mount] + value[len(base) :]
     return value
 
 
@@ -140,8 +141,7 @@ def rewrite(texts: list[str], replacements: list[tuple[str, str]]) -> list[str]:
     rewritten again (a mapped path holds this machine's /tmp, not the pod's)."""
     if not replacements:
         return list(texts)
-    combined = re.compile("|".join(f"(?P<r{i}>{pattern})"
-                                   for i, (pattern, _) in enumerate(replacements)))
+    combined = re.compile("|".join(f"(?P<r{i}>{pattern})" for i, (pattern, _) in enumerate(replacements)))
 
     def value(match: re.Match[str]) -> str:
         name = next(k for k, v in match.groupdict().items() if v is not None)
@@ -156,8 +156,16 @@ def _path_pattern(path: str) -> str:
 
 
 class _Setup:
-    def __init__(self, kube: Kube, pod: Mapping[str, Any], folder: Path, ip: str,
-                 network: Network, extra_env: Mapping[str, str], host_ip: str):
+    def __init__(
+        self,
+        kube: Kube,
+        pod: Mapping[str, Any],
+        folder: Path,
+        ip: str,
+        network: Network,
+        extra_env: Mapping[str, str],
+        host_ip: str,
+    ):
         self.kube, self.pod, self.folder, self.ip = kube, pod, folder, ip
         self.network, self.extra_env, self.host_ip = network, extra_env, host_ip
         self.ns = pod["metadata"]["namespace"]
@@ -173,11 +181,11 @@ class _Setup:
         found = self.kube.find("ConfigMap", self.ns, name)
         if found is None:
             if volume is not None:  # a volume that cannot be mounted: the pod waits
-                raise ContainerConfigError("ContainerCreating", (
-                    f'MountVolume.SetUp failed for volume "{volume}" : configmap "{name}" '
-                    "not found"))
-            raise ContainerConfigError("CreateContainerConfigError",
-                                       f'configmap "{name}" not found')
+                raise ContainerConfigError(
+                    "ContainerCreating",
+                    (f'MountVolume.SetUp failed for volume "{volume}" : configmap "{name}" not found'),
+                )
+            raise ContainerConfigError("CreateContainerConfigError", f'configmap "{name}" not found')
         return dict(found.get("data") or {})
 
     def volumes(self) -> tuple[dict[str, str], dict[Path, dict[str, str]]]:
@@ -201,9 +209,13 @@ class _Setup:
             elif "emptyDir" in volume:
                 files[where] = {}
             else:
-                raise ContainerConfigError("ContainerCreating", (
-                    f'MountVolume.SetUp failed for volume "{volume["name"]}" : the process '
-                    "kubelet mounts only configMap, secret and emptyDir volumes"))
+                raise ContainerConfigError(
+                    "ContainerCreating",
+                    (
+                        f'MountVolume.SetUp failed for volume "{volume["name"]}" : the process '
+                        "kubelet mounts only configMap, secret and emptyDir volumes"
+                    ),
+                )
             folders[volume["name"]] = where
         mounts: dict[str, str] = {}
         for mount in self.container.get("volumeMounts") or ():
@@ -218,14 +230,17 @@ class _Setup:
         if match := _FIELD_KEY.match(path):
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
         simple = {
-            "metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-            "metadata.uid": meta["uid"], "spec.nodeName": spec.get("nodeName", "local"),
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": spec.get("nodeName", "local"),
             "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
-            "status.podIP": self.ip, "status.podIPs": self.ip, "status.hostIP": self.host_ip,
+            "status.podIP": self.ip,
+            "status.podIPs": self.ip,
+            "status.hostIP": self.host_ip,
         }
         if path not in simple:
-            raise ContainerConfigError("CreateContainerConfigError",
-                                       f"unsupported fieldRef {path!r} (process kubelet)")
+            raise ContainerConfigError("CreateContainerConfigError", f"unsupported fieldRef {path!r} (process kubelet)")
         return simple[path]
 
     def value_from(self, ref: Mapping[str, Any]) -> str | None:
@@ -237,8 +252,7 @@ class _Setup:
                 continue
             key_ref = ref[kind]
             try:
-                data = self.secret(key_ref["name"]) if what == "Secret" else self.config_map(
-                    key_ref["name"])
+                data = self.secret(key_ref["name"]) if what == "Secret" else self.config_map(key_ref["name"])
             except ContainerConfigError:
                 if key_ref.get("optional"):
                     return None
@@ -246,18 +260,22 @@ class _Setup:
             if key_ref["key"] not in data:
                 if key_ref.get("optional"):
                     return None
-                raise ContainerConfigError("CreateContainerConfigError", (
-                    f"couldn't find key {key_ref['key']} in {what} {self.ns}/{key_ref['name']}"))
+                raise ContainerConfigError(
+                    "CreateContainerConfigError",
+                    (f"couldn't find key {key_ref['key']} in {what} {self.ns}/{key_ref['name']}"),
+                )
             return data[key_ref["key"]]
-        raise ContainerConfigError("CreateContainerConfigError",
-                                   "unsupported valueFrom (process kubelet)")
+        raise ContainerConfigError("CreateContainerConfigError", "unsupported valueFrom (process kubelet)")
 
     def environment(self, mounts: Mapping[str, str]) -> dict[str, str]:
         env: dict[str, str] = dict(IMAGE_ENV)
         env["HOSTNAME"] = self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
         for source in self.container.get("envFrom") or ():
-            data = (self.secret(source["secretRef"]["name"]) if "secretRef" in source
-                    else self.config_map(source["configMapRef"]["name"]))
+            data = (
+                self.secret(source["secretRef"]["name"])
+                if "secretRef" in source
+                else self.config_map(source["configMapRef"]["name"])
+            )
             env.update({source.get("prefix", "") + k: v for k, v in data.items()})
         for var in self.container.get("env") or ():
             if "valueFrom" in var:
@@ -268,8 +286,7 @@ class _Setup:
                 env[var["name"]] = expand(var.get("value", ""), env)
         env = {k: host_path(v, mounts) if v.startswith("/") else v for k, v in env.items()}
         env.update(HOST_ENV)
-        env["PATH"] = ":".join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin",
-                                "/bin"])
+        env["PATH"] = ":".join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
         if "/tmp" in mounts:
             env["TMPDIR"] = mounts["/tmp"]
         env["DREAMBOOTH_TERMINATION_LOG"] = str(self.folder / "termination-log")
@@ -279,8 +296,9 @@ class _Setup:
     def command(self, env: Mapping[str, str], mounts: Mapping[str, str]) -> list[str]:
         c = self.container
         argv = [expand(a, env) for a in [*c["command"], *(c.get("args") or ())]]
-        replacements = [(_path_pattern(path), mounts[path].rstrip("/"))
-                        for path in sorted(mounts, key=len, reverse=True)]
+        replacements = [
+            (_path_pattern(path), mounts[path].rstrip("/")) for path in sorted(mounts, key=len, reverse=True)
+        ]
         replacements += self.dns(" ".join(argv)) + self.ports()
         argv = rewrite(argv, replacements)
         # the image's python is this venv's; set after rewriting the pod's mount paths, which
@@ -297,8 +315,13 @@ class _Setup:
         subdomains = {p["spec"].get("subdomain") for p in self.kube.list("Pod", self.ns)} - {None}
         found = []
         for sub in sorted(subdomains, key=len, reverse=True):
-            name = re.compile(r"\b([a-z0-9]([-a-z0-9]*[a-z0-9])?)\." + re.escape(sub)
-                              + r"(\." + re.escape(self.ns) + r"(\.svc(\.cluster\.local)?)?)?\b")
+            name = re.compile(
+                r"\b([a-z0-9]([-a-z0-9]*[a-z0-9])?)\."
+                + re.escape(sub)
+                + r"(\."
+                + re.escape(self.ns)
+                + r"(\.svc(\.cluster\.local)?)?)?\b"
+            )
             for match in name.finditer(text):
                 host = match.group(1)
                 ip = self.ip if (host, sub) == own else self.network.resolve(self.ns, host, sub)
@@ -308,27 +331,43 @@ class _Setup:
         return found
 
     def ports(self) -> list[tuple[str, str]]:
-        job_uid = next((o["uid"] for o in self.pod["metadata"].get("ownerReferences") or ()
-                        if o.get("kind") == "Job"), self.pod["metadata"]["uid"])
-        return [(r"(?<![\w.-])" + str(port["containerPort"]) + r"(?![\w.])",
-                 str(self.network.host_port(job_uid, port["name"])))
-                for port in self.container.get("ports") or ()
-                if port.get("name") in REMAPPED_PORT_NAMES]
+        job_uid = next(
+            (o["uid"] for o in self.pod["metadata"].get("ownerReferences") or () if o.get("kind") == "Job"),
+            self.pod["metadata"]["uid"],
+        )
+        return [
+            (
+                r"(?<![\w.-])" + str(port["containerPort"]) + r"(?![\w.])",
+                str(self.network.host_port(job_uid, port["name"])),
+            )
+            for port in self.container.get("ports") or ()
+            if port.get("name") in REMAPPED_PORT_NAMES
+        ]
 
 
-def prepare(kube: Kube, pod: Mapping[str, Any], folder: Path, ip: str, network: Network, *,
-            extra_env: Mapping[str, str] | None = None, host_ip: str = "127.0.0.1",
-            max_grace: float = 60.0) -> Container:
+def prepare(
+    kube: Kube,
+    pod: Mapping[str, Any],
+    folder: Path,
+    ip: str,
+    network: Network,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    host_ip: str = "127.0.0.1",
+    max_grace: float = 60.0,
+) -> Container:
     """The pod's (single) container as a :class:`Container`; nothing is written yet.
     Raises :class:`ContainerConfigError` when it cannot start (yet)."""
     spec = pod["spec"]
     containers = spec.get("containers") or []
     if len(containers) != 1 or spec.get("initContainers"):
-        raise ContainerConfigError("Unsupported", "the process kubelet runs pods with one "
-                                   "container and no init containers")
+        raise ContainerConfigError(
+            "Unsupported", "the process kubelet runs pods with one container and no init containers"
+        )
     if not containers[0].get("command"):
-        raise ContainerConfigError("Unsupported", "the process kubelet needs an explicit "
-                                   "command (it has no images to read an entrypoint from)")
+        raise ContainerConfigError(
+            "Unsupported", "the process kubelet needs an explicit command (it has no images to read an entrypoint from)"
+        )
     setup = _Setup(kube, pod, folder, ip, network, extra_env or {}, host_ip)
     mounts, files = setup.volumes()
     env = setup.environment(mounts)

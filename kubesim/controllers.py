@@ -48,17 +48,22 @@ def _is_true(conditions: Iterable[Mapping[str, Any]], kind: str) -> bool:
     return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)
 
 
-def _set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str,
-                   message: str, now: str) -> list[dict[str, Any]]:
+def _set_condition(
+    conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str, now: str
+) -> list[dict[str, Any]]:
     """Set a Job condition; lastTransitionTime moves only when the status changes."""
     old = next((c for c in conditions if c["type"] == kind), None)
-    if old is not None and (old["status"], old.get("reason"), old.get("message")) == (
-            status, reason, message):
+    if old is not None and (old["status"], old.get("reason"), old.get("message")) == (status, reason, message):
         return conditions
     changed = old is None or old["status"] != status
-    new = {"type": kind, "status": status, "reason": reason, "message": message,
-           "lastProbeTime": now,
-           "lastTransitionTime": now if changed else old.get("lastTransitionTime", now)}
+    new = {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": now,
+        "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
+    }
     return [new if c is old else c for c in conditions] if old else [*conditions, new]
 
 
@@ -98,8 +103,7 @@ class JobController:
     step = reconcile
 
     def pods(self, job: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return self.kube.list("Pod", job["metadata"]["namespace"],
-                              labels={CONTROLLER_UID: job["metadata"]["uid"]})
+        return self.kube.list("Pod", job["metadata"]["namespace"], labels={CONTROLLER_UID: job["metadata"]["uid"]})
 
     def reconcile_job(self, job: Mapping[str, Any]) -> None:
         spec, status = job["spec"], dict(job.get("status") or {})
@@ -129,8 +133,7 @@ class JobController:
         live = {p["metadata"]["uid"] for p in pods}
         for gone in self._active.get(uid, set()) - live - self._removed:
             outcomes.setdefault(gone, "Failed")  # deleted while running: a failed pod
-        active = [p for p in pods if not _terminal(p)
-                  and not p["metadata"].get("deletionTimestamp")]
+        active = [p for p in pods if not _terminal(p) and not p["metadata"].get("deletionTimestamp")]
         succeeded = {int(o.split(":")[1]) for o in outcomes.values() if o.startswith("Succ")}
         failed = sum(o == "Failed" for o in outcomes.values())
         completions = spec.get("completions", 1)
@@ -138,9 +141,13 @@ class JobController:
         deadline = spec.get("activeDeadlineSeconds")
         if failure is None and failed > spec.get("backoffLimit", 6):
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
-        if (failure is None and deadline is not None and status.get("startTime")
-                and not spec.get("suspend")
-                and (now - parse_iso(status["startTime"])).total_seconds() >= deadline):
+        if (
+            failure is None
+            and deadline is not None
+            and status.get("startTime")
+            and not spec.get("suspend")
+            and (now - parse_iso(status["startTime"])).total_seconds() >= deadline
+        ):
             failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
 
         if failure is not None:
@@ -152,19 +159,18 @@ class JobController:
             self._remove(active)
             active = []
             for kind in ("SuccessCriteriaMet", "Complete"):
-                conditions = _set_condition(conditions, kind, "True", "CompletionsReached",
-                                            "Reached expected number of succeeded pods", stamp)
+                conditions = _set_condition(
+                    conditions, kind, "True", "CompletionsReached", "Reached expected number of succeeded pods", stamp
+                )
             status["completionTime"] = stamp
         elif spec.get("suspend"):
             self._remove(active)
             active = []
             status["startTime"] = None
-            conditions = _set_condition(conditions, "Suspended", "True", "JobSuspended",
-                                        "Job suspended", stamp)
+            conditions = _set_condition(conditions, "Suspended", "True", "JobSuspended", "Job suspended", stamp)
         else:
             if _is_true(conditions, "Suspended"):
-                conditions = _set_condition(conditions, "Suspended", "False", "JobResumed",
-                                            "Job resumed", stamp)
+                conditions = _set_condition(conditions, "Suspended", "False", "JobResumed", "Job resumed", stamp)
             if not status.get("startTime"):
                 status["startTime"] = stamp
             busy = {int(p["metadata"]["annotations"][INDEX]) for p in active}
@@ -178,10 +184,12 @@ class JobController:
 
         self._active[uid] = {p["metadata"]["uid"] for p in active}
         status.update(
-            active=len(active), failed=failed, succeeded=len(succeeded),
-            ready=sum(_is_true((p.get("status") or {}).get("conditions") or (), "Ready")
-                      for p in active),
-            completedIndexes=_ranges(succeeded) or None, conditions=conditions or None,
+            active=len(active),
+            failed=failed,
+            succeeded=len(succeeded),
+            ready=sum(_is_true((p.get("status") or {}).get("conditions") or (), "Ready") for p in active),
+            completedIndexes=_ranges(succeeded) or None,
+            conditions=conditions or None,
             uncountedTerminatedPods={},
         )
         if spec.get("podReplacementPolicy"):
@@ -207,13 +215,16 @@ class JobController:
                     if (code in values) == (codes.get("operator", "In") == "In"):
                         return rule["action"], (
                             f"Container {cs['name']} for pod {where} failed with exit code "
-                            f"{code} matching {rule['action']} rule at index {i}")
+                            f"{code} matching {rule['action']} rule at index {i}"
+                        )
             for pattern in rule.get("onPodConditions") or ():
                 for cond in pstatus.get("conditions") or ():
                     if cond.get("type") == pattern.get("type") and cond.get("status") == (
-                            pattern.get("status", "True")):
-                        return rule["action"], (f"Pod {where} has condition {cond['type']} "
-                                                f"matching {rule['action']} rule at index {i}")
+                        pattern.get("status", "True")
+                    ):
+                        return rule["action"], (
+                            f"Pod {where} has condition {cond['type']} matching {rule['action']} rule at index {i}"
+                        )
         return "Count", ""
 
     def _pod(self, job: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -222,22 +233,39 @@ class JobController:
         template = job["spec"]["template"]
         meta = template.get("metadata") or {}
         spec = dict(template.get("spec") or {})
-        env = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": f"metadata.annotations['{INDEX}']"}}}
+        env = {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX}']"}},
+        }
         for field in ("initContainers", "containers"):
             if field in spec:
                 spec[field] = [{**c, "env": [*(c.get("env") or ()), env]} for c in spec[field]]
         spec["hostname"] = f"{name}-{index}"
         return {
-            "apiVersion": "v1", "kind": "Pod",
+            "apiVersion": "v1",
+            "kind": "Pod",
             "metadata": {
-                "generateName": f"{name}-{index}-", "namespace": job["metadata"]["namespace"],
-                "labels": {**(meta.get("labels") or {}), JOB_NAME: name, CONTROLLER_UID: uid,
-                           "job-name": name, "controller-uid": uid, INDEX: str(index)},
+                "generateName": f"{name}-{index}-",
+                "namespace": job["metadata"]["namespace"],
+                "labels": {
+                    **(meta.get("labels") or {}),
+                    JOB_NAME: name,
+                    CONTROLLER_UID: uid,
+                    "job-name": name,
+                    "controller-uid": uid,
+                    INDEX: str(index),
+                },
                 "annotations": {**(meta.get("annotations") or {}), INDEX: str(index)},
-                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                                     "uid": uid, "controller": True,
-                                     "blockOwnerDeletion": True}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": name,
+                        "uid": uid,
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
             "spec": spec,
         }
@@ -262,98 +290,177 @@ class Kubelet:
     def _write(self, pod: Mapping[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         return self.kube.patch_status("Pod", *_ref(pod), {"status": status})
 
-    def _conditions(self, scheduled: bool, ready: bool, reason: str | None = None,
-                    message: str | None = None) -> list[dict[str, Any]]:
+    def _conditions(
+        self, scheduled: bool, ready: bool, reason: str | None = None, message: str | None = None
+    ) -> list[dict[str, Any]]:
         now = now_iso(self.clock())
         if not scheduled:
-            return [{"type": "PodScheduled", "status": "False", "reason": reason,
-                     "message": message, "lastTransitionTime": now, "lastProbeTime": None}]
-        return [{"type": kind, "status": "True" if ok else "False", "lastTransitionTime": now,
-                 "lastProbeTime": None, **({} if ok or not reason else {"reason": reason})}
-                for kind, ok in (("PodReadyToStartContainers", True), ("Initialized", True),
-                                 ("ContainersReady", ready), ("Ready", ready),
-                                 ("PodScheduled", True))]
+            return [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": now,
+                    "lastProbeTime": None,
+                }
+            ]
+        return [
+            {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": now,
+                "lastProbeTime": None,
+                **({} if ok or not reason else {"reason": reason}),
+            }
+            for kind, ok in (
+                ("PodReadyToStartContainers", True),
+                ("Initialized", True),
+                ("ContainersReady", ready),
+                ("Ready", ready),
+                ("PodScheduled", True),
+            )
+        ]
 
-    def _containers(self, pod: Mapping[str, Any], state: dict[str, Any], ready: bool,
-                    container: str | None = None,
-                    others: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return [{
-            "name": c["name"], "image": c.get("image", ""), "imageID": "",
-            "containerID": f"containerd://{pod['metadata']['uid']}-{c['name']}",
-            "ready": ready, "started": "running" in state, "restartCount": 0,
-            "state": state if container in (None, c["name"]) else (others or state),
-        } for c in pod["spec"].get("containers") or ()]
+    def _containers(
+        self,
+        pod: Mapping[str, Any],
+        state: dict[str, Any],
+        ready: bool,
+        container: str | None = None,
+        others: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "containerID": f"containerd://{pod['metadata']['uid']}-{c['name']}",
+                "ready": ready,
+                "started": "running" in state,
+                "restartCount": 0,
+                "state": state if container in (None, c["name"]) else (others or state),
+            }
+            for c in pod["spec"].get("containers") or ()
+        ]
 
-    def pending(self, pod: Mapping[str, Any] | tuple[str, str], reason: str = "ContainerCreating",
-                message: str = "") -> dict[str, Any]:
+    def pending(
+        self, pod: Mapping[str, Any] | tuple[str, str], reason: str = "ContainerCreating", message: str = ""
+    ) -> dict[str, Any]:
         """Scheduled, containers waiting: ``ImagePullBackOff``, ``ErrImagePull``,
         ``CreateContainerConfigError`` (message e.g. ``secret "x" not found``)..."""
         pod = self._pod(pod)
         waiting = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
-        return self._write(pod, {
-            "phase": "Pending", "hostIP": self.host_ip,
-            "conditions": self._conditions(True, False, "ContainersNotReady"),
-            "containerStatuses": self._containers(pod, waiting, False)})
+        return self._write(
+            pod,
+            {
+                "phase": "Pending",
+                "hostIP": self.host_ip,
+                "conditions": self._conditions(True, False, "ContainersNotReady"),
+                "containerStatuses": self._containers(pod, waiting, False),
+            },
+        )
 
-    def unschedulable(self, pod: Mapping[str, Any] | tuple[str, str],
-                      message: str = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. "
-                      "preemption: 0/1 nodes are available: 1 No preemption victims found "
-                      "for incoming pod.") -> dict[str, Any]:
+    def unschedulable(
+        self,
+        pod: Mapping[str, Any] | tuple[str, str],
+        message: str = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. "
+        "preemption: 0/1 nodes are available: 1 No preemption victims found "
+        "for incoming pod.",
+    ) -> dict[str, Any]:
         pod = self._pod(pod)
-        return self._write(pod, {"phase": "Pending", "conditions": self._conditions(
-            False, False, "Unschedulable", message=message)})
+        return self._write(
+            pod, {"phase": "Pending", "conditions": self._conditions(False, False, "Unschedulable", message=message)}
+        )
 
-    def run(self, pod: Mapping[str, Any] | tuple[str, str], ip: str = "127.0.0.2",
-            ready: bool = True) -> dict[str, Any]:
+    def run(
+        self, pod: Mapping[str, Any] | tuple[str, str], ip: str = "127.0.0.2", ready: bool = True
+    ) -> dict[str, Any]:
         """Running with ``ip`` as its pod IP (the test picks a loopback address)."""
         pod = self._pod(pod)
         now = now_iso(self.clock())
-        return self._write(pod, {
-            "phase": "Running", "hostIP": self.host_ip, "podIP": ip, "podIPs": [{"ip": ip}],
-            "startTime": now,
-            "conditions": self._conditions(True, ready, None if ready else "ContainersNotReady"),
-            "containerStatuses": self._containers(pod, {"running": {"startedAt": now}}, ready)})
+        return self._write(
+            pod,
+            {
+                "phase": "Running",
+                "hostIP": self.host_ip,
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "startTime": now,
+                "conditions": self._conditions(True, ready, None if ready else "ContainersNotReady"),
+                "containerStatuses": self._containers(pod, {"running": {"startedAt": now}}, ready),
+            },
+        )
 
-    def terminate(self, pod: Mapping[str, Any] | tuple[str, str], exit_code: int,
-                  reason: str, message: str = "", container: str | None = None,
-                  conditions: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    def terminate(
+        self,
+        pod: Mapping[str, Any] | tuple[str, str],
+        exit_code: int,
+        reason: str,
+        message: str = "",
+        container: str | None = None,
+        conditions: Iterable[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
         """Succeeded (all exit codes 0) or Failed: ``container`` (default: every one)
         terminated with ``exit_code``, ``reason`` and ``message`` (the termination
         message); the other containers exit 0."""
         pod = self._pod(pod)
         now = now_iso(self.clock())
         started = ((pod.get("status") or {}).get("startTime")) or now
-        state = {"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": started,
-                                "finishedAt": now, **({"message": message} if message else {})}}
-        done = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started,
-                               "finishedAt": now}}
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": reason,
+                "startedAt": started,
+                "finishedAt": now,
+                **({"message": message} if message else {}),
+            }
+        }
+        done = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started, "finishedAt": now}}
         phase = "Succeeded" if exit_code == 0 else "Failed"
         reason_text = "PodCompleted" if phase == "Succeeded" else "PodFailed"
-        return self._write(pod, {
-            "phase": phase, "hostIP": self.host_ip, "startTime": started,
-            "conditions": [*conditions, *self._conditions(True, False, reason_text)],
-            "containerStatuses": self._containers(pod, state, False, container, done)})
+        return self._write(
+            pod,
+            {
+                "phase": phase,
+                "hostIP": self.host_ip,
+                "startTime": started,
+                "conditions": [*conditions, *self._conditions(True, False, reason_text)],
+                "containerStatuses": self._containers(pod, state, False, container, done),
+            },
+        )
 
-    def succeed(self, pod: Mapping[str, Any] | tuple[str, str],
-                message: str = "") -> dict[str, Any]:
+    def succeed(self, pod: Mapping[str, Any] | tuple[str, str], message: str = "") -> dict[str, Any]:
         return self.terminate(pod, 0, "Completed", message)
 
-    def fail(self, pod: Mapping[str, Any] | tuple[str, str], exit_code: int = 1,
-             reason: str = "Error", message: str = "",
-             container: str | None = None) -> dict[str, Any]:
+    def fail(
+        self,
+        pod: Mapping[str, Any] | tuple[str, str],
+        exit_code: int = 1,
+        reason: str = "Error",
+        message: str = "",
+        container: str | None = None,
+    ) -> dict[str, Any]:
         return self.terminate(pod, exit_code, reason, message, container)
 
-    def oom_kill(self, pod: Mapping[str, Any] | tuple[str, str],
-                 container: str | None = None) -> dict[str, Any]:
+    def oom_kill(self, pod: Mapping[str, Any] | tuple[str, str], container: str | None = None) -> dict[str, Any]:
         return self.terminate(pod, 137, "OOMKilled", "", container)
 
-    def preempt(self, pod: Mapping[str, Any] | tuple[str, str],
-                reason: str = "PreemptionByScheduler",
-                message: str = "Preempted in order to admit critical pod") -> dict[str, Any]:
+    def preempt(
+        self,
+        pod: Mapping[str, Any] | tuple[str, str],
+        reason: str = "PreemptionByScheduler",
+        message: str = "Preempted in order to admit critical pod",
+    ) -> dict[str, Any]:
         """A disruption (preemption, eviction, drain): ``DisruptionTarget`` and Failed; the
         containers were killed (143)."""
-        disruption = {"type": "DisruptionTarget", "status": "True", "reason": reason,
-                      "message": message, "lastTransitionTime": now_iso(self.clock())}
+        disruption = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_iso(self.clock()),
+        }
         return self.terminate(pod, 143, "Error", "", None, [disruption])
 
 
@@ -391,8 +498,8 @@ class ControllerLoop:
                     controller.step()
                 with changed:
                     changed.wait_for(
-                        lambda seen=seen: self.kube._revision != seen or self._stop.is_set(),
-                        self.interval)
+                        lambda seen=seen: self.kube._revision != seen or self._stop.is_set(), self.interval
+                    )
         except BaseException as exc:  # noqa: BLE001  (stop() raises it)
             self._error = exc
 

@@ -129,14 +129,15 @@ def to_cel(value: Any, schema: Mapping[str, Any]) -> Any:
     if isinstance(value, Mapping):
         props = schema.get("properties") or {}
         extra = schema.get("additionalProperties")
-        return celtypes.MapType({
-            celtypes.StringType(k): to_cel(v, props.get(k) or (extra if isinstance(extra, Mapping)
-                                                               else {}))
-            for k, v in value.items()})
+        return celtypes.MapType(
+            {
+                celtypes.StringType(k): to_cel(v, props.get(k) or (extra if isinstance(extra, Mapping) else {}))
+                for k, v in value.items()
+            }
+        )
     if isinstance(value, list):
         items = schema.get("items")
-        return celtypes.ListType([to_cel(v, items if isinstance(items, Mapping) else {})
-                                  for v in value])
+        return celtypes.ListType([to_cel(v, items if isinstance(items, Mapping) else {}) for v in value])
     if kind == "number" and isinstance(value, int | float) and not isinstance(value, bool):
         return celtypes.DoubleType(value)
     return celpy.json_to_cel(value)
@@ -152,12 +153,10 @@ def _old_items(new: list[Any], old: Any, schema: Mapping[str, Any]) -> list[Any]
     if schema.get("x-kubernetes-list-type") != "map" or not keys or not isinstance(old, list):
         return [None] * len(new)
     by_key = {tuple(o.get(k) for k in keys): o for o in old if isinstance(o, Mapping)}
-    return [by_key.get(tuple(n.get(k) for k in keys)) if isinstance(n, Mapping) else None
-            for n in new]
+    return [by_key.get(tuple(n.get(k) for k in keys)) if isinstance(n, Mapping) else None for n in new]
 
 
-def violations(new: Any, schema: Mapping[str, Any], old: Any = None,
-               path: str = "") -> list[Violation]:
+def violations(new: Any, schema: Mapping[str, Any], old: Any = None, path: str = "") -> list[Violation]:
     """The rules ``new`` breaks, node by node from ``schema`` down (``path`` is the node's
     field path); ``old``: the stored value on an update (None on create)."""
     found: list[Violation] = []
@@ -181,11 +180,9 @@ def violations(new: Any, schema: Mapping[str, Any], old: Any = None,
                 result = exc
             if not isinstance(result, celtypes.BoolType):
                 error = str(result.args[0] if getattr(result, "args", None) else result)
-                found.append(Violation(where, text, f"{error} evaluating rule: {text}", kind,
-                                       error=error))
+                found.append(Violation(where, text, f"{error} evaluating rule: {text}", kind, error=error))
             elif not result:
-                found.append(Violation(where, text, message, kind,
-                                       rule.get("reason") or "FieldValueInvalid"))
+                found.append(Violation(where, text, message, kind, rule.get("reason") or "FieldValueInvalid"))
     if isinstance(new, Mapping):
         props = schema.get("properties") or {}
         extra = schema.get("additionalProperties")

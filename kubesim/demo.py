@@ -45,8 +45,15 @@ class Printer:
         self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
     def __call__(self, source: str, text: str) -> None:
-        colors = {"operator": "35", "status": "1;32", "kubectl": "36", "cluster": "33",
-                  "pod": "34", "prometheus": "33", "s3": "33"}
+        colors = {
+            "operator": "35",
+            "status": "1;32",
+            "kubectl": "36",
+            "cluster": "33",
+            "pod": "34",
+            "prometheus": "33",
+            "s3": "33",
+        }
         tag = f"{source:>9}"
         if self.color:
             code = colors.get(source, "90")
@@ -106,8 +113,7 @@ class StatusWatcher:
         progress = status.get("progress") or {}
         ready = next((c for c in status.get("conditions") or () if c["type"] == "Ready"), {})
         loss = progress.get("loss")
-        shown = (status.get("phase"), progress.get("summary"), loss, ready.get("reason"),
-                 status.get("restarts"))
+        shown = (status.get("phase"), progress.get("summary"), loss, ready.get("reason"), status.get("restarts"))
         if shown == self.last:
             return
         self.last = shown
@@ -124,12 +130,14 @@ class StatusWatcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubesim.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kubesim.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo-cluster")
-    parser.add_argument("--hold", action="store_true",
-                        help="keep the cluster up at the end (Ctrl-C to stop) to try kubectl")
+    parser.add_argument(
+        "--hold", action="store_true", help="keep the cluster up at the end (Ctrl-C to stop) to try kubectl"
+    )
     args = parser.parse_args(argv)
 
     from dreambooth.demo import draw_toy_cats
@@ -150,38 +158,52 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "s3").mkdir()
     with S3Server(args.workdir / "s3") as s3:
         say("s3", f"SeaweedFS S3 on {s3.endpoint}")
-        with LocalCluster(args.workdir / "cluster", s3, echo=echo_filter(say),
-                          watchers=[pods]) as cluster:
+        with LocalCluster(args.workdir / "cluster", s3, echo=echo_filter(say), watchers=[pods]) as cluster:
             pods.kube = cluster.kube
             cluster.recorder.on_change = StatusWatcher(say)
-            say("cluster", f"Kubernetes API (emulator) on {cluster.kube.url}; "
-                           f"KUBECONFIG={cluster.kube.kubeconfig}")
-            say("cluster", "controllers standing in: Job controller, kubelet (pods run as "
-                           "local processes on 127.0.0.x), garbage collector")
+            say("cluster", f"Kubernetes API (emulator) on {cluster.kube.url}; KUBECONFIG={cluster.kube.kubeconfig}")
+            say(
+                "cluster",
+                "controllers standing in: Job controller, kubelet (pods run as "
+                "local processes on 127.0.0.x), garbage collector",
+            )
             if cluster.prometheus is not None:
-                say("prometheus", f"Prometheus on {cluster.prometheus.url}, scraping trainer "
-                                  "pods every second")
+                say("prometheus", f"Prometheus on {cluster.prometheus.url}, scraping trainer pods every second")
             else:
-                say("prometheus", "not installed here (scripts/install-system-tools.sh): the "
-                                  "operator still reads the trainer's /metrics")
+                say(
+                    "prometheus",
+                    "not installed here (scripts/install-system-tools.sh): the "
+                    "operator still reads the trainer's /metrics",
+                )
             say("operator", f"running: python -m dreambooth.operator (pid {cluster.operator.proc.pid})")
-            say("s3", "uploading the base model to s3://models/sd15/ and the photos to "
-                      "s3://training-data/toy-cat/ (the example's URIs)")
+            say(
+                "s3",
+                "uploading the base model to s3://models/sd15/ and the photos to "
+                "s3://training-data/toy-cat/ (the example's URIs)",
+            )
             cluster.upload_example_inputs(model, photos)
 
             manifest = toy_cat_manifest(
-                cluster.s3_endpoint, training={"steps": args.steps},
+                cluster.s3_endpoint,
+                training={"steps": args.steps},
                 checkpointing={"everySteps": max(1, args.steps // 6)},
-                validation={"everySteps": max(1, args.steps // 3)})
-            say("cluster", "examples/toy-cat.yaml with storage.endpoint -> the local S3 and "
-                           f"tiny settings: {json.dumps(manifest['spec']['training'])}")
+                validation={"everySteps": max(1, args.steps // 3)},
+            )
+            say(
+                "cluster",
+                "examples/toy-cat.yaml with storage.endpoint -> the local S3 and "
+                f"tiny settings: {json.dumps(manifest['spec']['training'])}",
+            )
             cluster.apply(manifest)
             status = cluster.wait_phase(NAME, "Succeeded", timeout=max(300, args.steps * 2))
             time.sleep(1.5)  # the last scrapes and pod updates
             report(cluster, status, say)
             if args.hold:
-                say("cluster", f"holding; try: kubectl --kubeconfig {cluster.kube.kubeconfig} "
-                               "get dbj,jobs,pods   (Ctrl-C to stop)")
+                say(
+                    "cluster",
+                    f"holding; try: kubectl --kubeconfig {cluster.kube.kubeconfig} "
+                    "get dbj,jobs,pods   (Ctrl-C to stop)",
+                )
                 try:
                     while True:
                         time.sleep(3600)
@@ -191,16 +213,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(cluster: Any, status: dict[str, Any], say: Printer) -> None:
-    say("status", f"final: phase {status['phase']}, step {status['progress']['summary']}, "
-                  f"restarts {status['restarts']}")
+    say(
+        "status", f"final: phase {status['phase']}, step {status['progress']['summary']}, restarts {status['restarts']}"
+    )
     for kind, uri in (status.get("outputs") or {}).items():
         say("status", f"outputs.{kind}: {uri}")
     keys = sorted(cluster.keys(NAME))
     say("s3", f"{len(keys)} objects under s3://{cluster.bucket}/default/{NAME}/:")
     folders: dict[str, int] = {}
     for key in keys:  # a checkpoint or the diffusers model as one line
-        top = "/".join(key.split("/")[:2]) + "/" if key.startswith("checkpoints/") else (
-            "model/" if key.startswith("model/") else key)
+        top = (
+            "/".join(key.split("/")[:2]) + "/"
+            if key.startswith("checkpoints/")
+            else ("model/" if key.startswith("model/") else key)
+        )
         folders[top] = folders.get(top, 0) + 1
     for top, count in folders.items():
         say("s3", f"  {top}" + (f"  ({count} files)" if top.endswith("/") else ""))
@@ -209,8 +235,10 @@ def report(cluster: Any, status: dict[str, Any], say: Printer) -> None:
         values = [int(v) for _, v in cluster.prometheus.samples(selector)]
         say("prometheus", f"{selector}: {len(values)} samples, {values}")
     if shutil.which("kubectl"):
-        columns = ("NAME:.metadata.name,PHASE:.status.phase,STEP:.status.progress.summary,"
-                   "LOSS:.status.progress.loss,RESTARTS:.status.restarts")
+        columns = (
+            "NAME:.metadata.name,PHASE:.status.phase,STEP:.status.progress.summary,"
+            "LOSS:.status.progress.loss,RESTARTS:.status.restarts"
+        )
         for args in (("get", "dbj", "-o", f"custom-columns={columns}"), ("get", "jobs,pods")):
             say("kubectl", "kubectl " + " ".join(args))
             listed = cluster.kube.kubectl(*args, check=False)
@@ -218,8 +246,7 @@ def report(cluster: Any, status: dict[str, Any], say: Printer) -> None:
                 say("kubectl", "  " + line)
     local = cluster.workdir / "model"
     cluster.output(NAME).download_prefix("model/", local)
-    say("cluster", f"the model, downloaded: {local} "
-                   "(StableDiffusionPipeline.from_pretrained loads it)")
+    say("cluster", f"the model, downloaded: {local} (StableDiffusionPipeline.from_pretrained loads it)")
     say("cluster", f"operator log: {cluster.operator.log}; pod logs: {cluster.workdir / 'pods'}")
 
 

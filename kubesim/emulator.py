@@ -123,9 +123,13 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
 
     def declare(self, decl: Decl) -> None:
         self.resources[kmock.resource(decl.group, decl.version, decl.plural)] = kmock.ResourceInfo(
-            kind=decl.kind, namespaced=decl.namespaced, singular=decl.kind.lower(),
-            verbs=set(ALL_VERBS), shortnames=set(decl.shortnames),
-            categories=set(decl.categories), subresources=set(decl.subresources),
+            kind=decl.kind,
+            namespaced=decl.namespaced,
+            singular=decl.kind.lower(),
+            verbs=set(ALL_VERBS),
+            shortnames=set(decl.shortnames),
+            categories=set(decl.categories),
+            subresources=set(decl.subresources),
         )
 
     def info(self, key: Key) -> kmock.ResourceInfo:
@@ -146,8 +150,14 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             group_version = gv(key[0], key[1])
             if api_version is not None and group_version != api_version:
                 continue
-            names = {key[2], info.kind, info.singular, *info.shortnames, resource_name(key),
-                     f"{group_version}/{key[2]}"}
+            names = {
+                key[2],
+                info.kind,
+                info.singular,
+                *info.shortnames,
+                resource_name(key),
+                f"{group_version}/{key[2]}",
+            }
             if name in names or name.lower() in {n.lower() for n in names if n}:
                 matches.append(key)
         if not matches:
@@ -168,15 +178,12 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             return None
         if namespace is None and writing:
             raise NotFound("the server could not find the requested resource")
-        if writing and self.strict_namespaces and (None, namespace) not in self.table(
-                ("", "v1", "namespaces")).objects:
-            raise NotFound(f'namespaces "{namespace}" not found',
-                           {"name": namespace, "kind": "namespaces"})
+        if writing and self.strict_namespaces and (None, namespace) not in self.table(("", "v1", "namespaces")).objects:
+            raise NotFound(f'namespaces "{namespace}" not found', {"name": namespace, "kind": "namespaces"})
         return namespace
 
     def _missing(self, key: Key, name: str) -> NotFound:
-        return NotFound(f'{resource_name(key)} "{name}" not found',
-                        {"name": name, "group": key[0], "kind": key[2]})
+        return NotFound(f'{resource_name(key)} "{name}" not found', {"name": name, "group": key[0], "kind": key[2]})
 
     def op_get(self, key: Key, namespace: str | None, name: str) -> dict[str, Any]:
         namespace = self._scope(key, namespace, writing=True)
@@ -185,28 +192,37 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             raise self._missing(key, name)
         return obj
 
-    def matching(self, key: Key, namespace: str | None, labels: str | None = None,
-                 fields: str | None = None, name: str | None = None) -> Callable[[dict], bool]:
+    def matching(
+        self,
+        key: Key,
+        namespace: str | None,
+        labels: str | None = None,
+        fields: str | None = None,
+        name: str | None = None,
+    ) -> Callable[[dict], bool]:
         by_labels, by_fields = label_selector(labels), field_selector(fields)
         return lambda obj: (
             (namespace is None or obj["metadata"].get("namespace") == namespace)
             and (name is None or obj["metadata"]["name"] == name)
-            and by_labels(obj) and by_fields(obj))
+            and by_labels(obj)
+            and by_fields(obj)
+        )
 
-    def op_list(self, key: Key, namespace: str | None, labels: str | None = None,
-                fields: str | None = None) -> dict[str, Any]:
+    def op_list(
+        self, key: Key, namespace: str | None, labels: str | None = None, fields: str | None = None
+    ) -> dict[str, Any]:
         namespace = self._scope(key, namespace, writing=False)
         match = self.matching(key, namespace, labels, fields)
         table = self.table(key)
         items = [table.objects[k] for k in sorted(table.objects, key=object_order)]
         return {
-            "apiVersion": gv(key[0], key[1]), "kind": f"{self.info(key).kind}List",
+            "apiVersion": gv(key[0], key[1]),
+            "kind": f"{self.info(key).kind}List",
             "metadata": {"resourceVersion": str(self.rv)},
             "items": [obj for obj in items if match(obj)],
         }
 
-    def op_create(self, key: Key, namespace: str | None, body: Any,
-                  dry_run: bool = False) -> dict[str, Any]:
+    def op_create(self, key: Key, namespace: str | None, body: Any, dry_run: bool = False) -> dict[str, Any]:
         info = self.info(key)
         namespace = self._scope(key, namespace, writing=True)
         if not isinstance(body, Mapping):
@@ -215,31 +231,42 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         meta = obj.get("metadata") or {}
         obj["metadata"] = meta
         if meta.get("resourceVersion"):
-            raise ApiError(400, "BadRequest",
-                           "resourceVersion should not be set on objects to be created")
-        if obj.get("kind") not in (None, info.kind) or obj.get("apiVersion") not in (
-                None, gv(key[0], key[1])):
-            raise ApiError(400, "BadRequest",
-                           f"the API version in the data ({obj.get('apiVersion')}) and kind "
-                           f"({obj.get('kind')}) do not match the URL ({gv(*key[:2])}/{key[2]})")
+            raise ApiError(400, "BadRequest", "resourceVersion should not be set on objects to be created")
+        if obj.get("kind") not in (None, info.kind) or obj.get("apiVersion") not in (None, gv(key[0], key[1])):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the API version in the data ({obj.get('apiVersion')}) and kind "
+                f"({obj.get('kind')}) do not match the URL ({gv(*key[:2])}/{key[2]})",
+            )
         if info.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
-                raise ApiError(400, "BadRequest", "the namespace of the provided object does "
-                               "not match the namespace sent on the request")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
         if not meta.get("name"):
             if not meta.get("generateName"):
-                raise ApiError(422, "Invalid", f"{info.kind}.{key[0] or 'core'} is invalid: "
-                               "metadata.name: Required value: name or generateName is required")
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f"{info.kind}.{key[0] or 'core'} is invalid: "
+                    "metadata.name: Required value: name or generateName is required",
+                )
             suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
             meta["name"] = meta["generateName"] + suffix
         if (namespace, meta["name"]) in self.table(key).objects:
-            raise ApiError(409, "AlreadyExists", f'{resource_name(key)} "{meta["name"]}" already '
-                           "exists", {"name": meta["name"], "group": key[0], "kind": key[2]})
-        for server_owned in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields",
-                             "selfLink"):
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{resource_name(key)} "{meta["name"]}" already exists',
+                {"name": meta["name"], "group": key[0], "kind": key[2]},
+            )
+        for server_owned in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"):
             meta.pop(server_owned, None)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_iso(), generation=1)
         obj["apiVersion"], obj["kind"] = gv(key[0], key[1]), info.kind
@@ -264,7 +291,7 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             self.declare(decl)
         spec = crd.get("spec") or {}
         for ver in spec.get("versions") or ():
-            schema = ((ver.get("schema") or {}).get("openAPIV3Schema"))
+            schema = (ver.get("schema") or {}).get("openAPIV3Schema")
             resource = (spec.get("group", ""), ver["name"], (spec.get("names") or {})["plural"])
             if schema and ver.get("served", True):
                 self.schemas[resource] = schema
@@ -281,20 +308,33 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         found = violations(obj, schema, old)
         if found:
             kind, name = self.info(key).kind, obj["metadata"]["name"]
-            raise ApiError(422, "Invalid", f'{kind}.{key[0]} "{name}" is invalid: '
-                           f"{field_error_body(found)}", {
-                               "name": name, "group": key[0], "kind": kind,
-                               "causes": [{"reason": v.reason, "message": v.body(),
-                                           "field": v.field} for v in found]})
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{kind}.{key[0]} "{name}" is invalid: {field_error_body(found)}',
+                {
+                    "name": name,
+                    "group": key[0],
+                    "kind": kind,
+                    "causes": [{"reason": v.reason, "message": v.body(), "field": v.field} for v in found],
+                },
+            )
         return obj
 
     def _next_ip(self) -> str:
         self._ips += 1
         return f"10.96.{self._ips // 250}.{self._ips % 250 + 1}"
 
-    def op_patch(self, key: Key, namespace: str | None, name: str, patch: Any,
-                 content_type: str = MERGE, subresource: str | None = None,
-                 dry_run: bool = False) -> dict[str, Any]:
+    def op_patch(
+        self,
+        key: Key,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        content_type: str = MERGE,
+        subresource: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
         old = self.op_get(key, namespace, name)
         content_type = content_type.split(";")[0].strip()
         if content_type in (MERGE, STRATEGIC):
@@ -313,12 +353,20 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         elif content_type == APPLY:
             raise ApiError(415, "UnsupportedMediaType", "server-side apply is not emulated")
         else:
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format: {content_type}")
+            raise ApiError(
+                415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}"
+            )
         return self._update(key, old, new, subresource, dry_run)
 
-    def op_replace(self, key: Key, namespace: str | None, name: str, body: Any,
-                   subresource: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    def op_replace(
+        self,
+        key: Key,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        subresource: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
         old = self.op_get(key, namespace, name)
         if not isinstance(body, Mapping):
             raise ApiError(400, "BadRequest", "the body of the request was not an object")
@@ -329,13 +377,18 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
 
     def _check_version(self, key: Key, old: Mapping, version: str | None) -> None:
         if version is not None and str(version) != old["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {resource_name(key)} '
-                           f'"{old["metadata"]["name"]}": the object has been modified; please '
-                           "apply your changes to the latest version and try again",
-                           {"name": old["metadata"]["name"], "group": key[0], "kind": key[2]})
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Operation cannot be fulfilled on {resource_name(key)} "
+                f'"{old["metadata"]["name"]}": the object has been modified; please '
+                "apply your changes to the latest version and try again",
+                {"name": old["metadata"]["name"], "group": key[0], "kind": key[2]},
+            )
 
-    def _update(self, key: Key, old: dict[str, Any], new: Any, subresource: str | None,
-                dry_run: bool) -> dict[str, Any]:
+    def _update(
+        self, key: Key, old: dict[str, Any], new: Any, subresource: str | None, dry_run: bool
+    ) -> dict[str, Any]:
         info = self.info(key)
         if subresource is not None and subresource not in info.subresources:
             raise NotFound("the server could not find the requested resource")
@@ -355,23 +408,34 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                 if "status" in old:
                     new["status"] = copy.deepcopy(old["status"])
         meta = new["metadata"]
-        for owned in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                      "deletionGracePeriodSeconds", "generation", "resourceVersion"):
+        for owned in (
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "resourceVersion",
+        ):
             meta.pop(owned, None)
             if owned in old["metadata"]:
                 meta[owned] = old["metadata"][owned]
         new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
         if meta.get("deletionTimestamp") and not set(meta.get("finalizers") or ()) <= set(
-                old["metadata"].get("finalizers") or ()):
-            raise ApiError(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers "
-                           "can be added if the object is being deleted")
+            old["metadata"].get("finalizers") or ()
+        ):
+            raise ApiError(
+                422,
+                "Invalid",
+                "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted",
+            )
         new = self._admit(key, new, old)  # a copy: its metadata is what is stored
         meta = new["metadata"]
         if new == old:
             return old
         outside = ("metadata", "status") if with_status else ("metadata",)
-        if {k: v for k, v in new.items() if k not in outside} != {
-                k: v for k, v in old.items() if k not in outside}:
+        if {k: v for k, v in new.items() if k not in outside} != {k: v for k, v in old.items() if k not in outside}:
             meta["generation"] = old["metadata"].get("generation", 0) + 1
         if dry_run:
             return new
@@ -381,13 +445,17 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         self._serve_crd(key, new)
         return new
 
-    def op_delete(self, key: Key, namespace: str | None, name: str,
-                  options: Mapping | None = None, dry_run: bool = False) -> dict[str, Any]:
+    def op_delete(
+        self, key: Key, namespace: str | None, name: str, options: Mapping | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
         old = self.op_get(key, namespace, name)
         pre = (options.get("preconditions") if isinstance(options, Mapping) else None) or {}
         if pre.get("uid") not in (None, old["metadata"]["uid"]):
-            raise ApiError(409, "Conflict", "Precondition failed: UID in precondition: "
-                           f"{pre['uid']}, UID in object meta: {old['metadata']['uid']}")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {old['metadata']['uid']}",
+            )
         self._check_version(key, old, pre.get("resourceVersion"))
         if old["metadata"].get("deletionTimestamp") or dry_run:
             return old
@@ -395,8 +463,11 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
             self._orphan(old["metadata"]["uid"])
         if old["metadata"].get("finalizers"):
             new = copy.deepcopy(old)
-            new["metadata"].update(deletionTimestamp=now_iso(), deletionGracePeriodSeconds=0,
-                                   generation=old["metadata"].get("generation", 0) + 1)
+            new["metadata"].update(
+                deletionTimestamp=now_iso(),
+                deletionGracePeriodSeconds=0,
+                generation=old["metadata"].get("generation", 0) + 1,
+            )
             return self._commit(key, "MODIFIED", new, old)
         return self._commit(key, "DELETED", copy.deepcopy(old), old)
 
@@ -425,11 +496,13 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
                         del new["metadata"]["ownerReferences"]
                     self._commit(key, "MODIFIED", new, obj)
 
-    def op_delete_collection(self, key: Key, namespace: str | None, labels: str | None = None,
-                             fields: str | None = None) -> dict[str, Any]:
+    def op_delete_collection(
+        self, key: Key, namespace: str | None, labels: str | None = None, fields: str | None = None
+    ) -> dict[str, Any]:
         listed = self.op_list(key, namespace, labels, fields)
-        items = [self.op_delete(key, obj["metadata"].get("namespace"), obj["metadata"]["name"])
-                 for obj in listed["items"]]
+        items = [
+            self.op_delete(key, obj["metadata"].get("namespace"), obj["metadata"]["name"]) for obj in listed["items"]
+        ]
         return {**listed, "metadata": {"resourceVersion": str(self.rv)}, "items": items}
 
     def collect_garbage(self) -> list[tuple[str, str | None, str]]:
@@ -437,24 +510,24 @@ class KubeEmulator(KubeHttp, kmock.KubernetesEmulator):
         the background cascade of a real cluster's garbage collector."""
         deleted: list[tuple[str, str | None, str]] = []
         while True:
-            alive = {obj["metadata"]["uid"] for table in self.tables.values()
-                     for obj in table.objects.values()}
-            orphans = [(key, obj) for key, table in self.tables.items()
-                       for obj in table.objects.values()
-                       if obj["metadata"].get("ownerReferences")
-                       and not obj["metadata"].get("deletionTimestamp")
-                       and not any(ref.get("uid") in alive
-                                   for ref in obj["metadata"]["ownerReferences"])]
+            alive = {obj["metadata"]["uid"] for table in self.tables.values() for obj in table.objects.values()}
+            orphans = [
+                (key, obj)
+                for key, table in self.tables.items()
+                for obj in table.objects.values()
+                if obj["metadata"].get("ownerReferences")
+                and not obj["metadata"].get("deletionTimestamp")
+                and not any(ref.get("uid") in alive for ref in obj["metadata"]["ownerReferences"])
+            ]
             if not orphans:
                 return deleted
             for key, obj in orphans:  # a cascade goes on down (a Job's pods go too)
-                self.op_delete(key, obj["metadata"].get("namespace"), obj["metadata"]["name"],
-                               {"propagationPolicy": "Background"})
-                deleted.append((obj["kind"], obj["metadata"].get("namespace"),
-                                obj["metadata"]["name"]))
+                self.op_delete(
+                    key, obj["metadata"].get("namespace"), obj["metadata"]["name"], {"propagationPolicy": "Background"}
+                )
+                deleted.append((obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]))
 
-    def _commit(self, key: Key, kind: str, obj: dict[str, Any],
-                old: dict[str, Any] | None) -> dict[str, Any]:
+    def _commit(self, key: Key, kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
         table = self.table(key)
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)

@@ -117,8 +117,9 @@ class FaultProxy:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -145,8 +146,9 @@ class FaultProxy:
                 self._sockets |= {client, upstream}
             ended: list[bool] = []  # one entry per direction that ended cleanly
             for src, dst, link in ((client, upstream, self._up), (upstream, client, self._down)):
-                threading.Thread(target=self._pump, args=(src, dst, link, ended), daemon=True,
-                                 name="faultproxy-pump").start()
+                threading.Thread(
+                    target=self._pump, args=(src, dst, link, ended), daemon=True, name="faultproxy-pump"
+                ).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, link: _Link, ended: list[bool]) -> None:
         try:

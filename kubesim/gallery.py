@@ -22,9 +22,13 @@ class GalleryServer:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Self:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dreambooth.cli", "gallery", "--port", "0", *self.args],
-                                     env={**self.env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dreambooth.cli", "gallery", "--port", "0", *self.args],
+            env={**self.env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         found = threading.Event()
 
         def copy() -> None:

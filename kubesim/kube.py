@@ -44,12 +44,21 @@ import kmock
 from kubesim.api import ApiError, Decl, NotFound, labels_to_selector
 from kubesim.emulator import JSON_PATCH, MERGE, Fault, FaultShare, KubeEmulator, RecordedRequest
 
-__all__ = ["ApiError", "FaultShare", "Kube", "KubectlMissing", "NotFound", "clients_use", "kopf_registry",
-           "running_kube"]
+__all__ = [
+    "ApiError",
+    "FaultShare",
+    "Kube",
+    "KubectlMissing",
+    "NotFound",
+    "clients_use",
+    "kopf_registry",
+    "running_kube",
+]
 
 
 class KubectlMissing(FileNotFoundError):
     """kubectl is not on ``PATH`` (the test suites skip the test that needed it)."""
+
 
 T = TypeVar("T")
 
@@ -165,32 +174,36 @@ class Kube:
         except NotFound:
             return None
 
-    def list(self, kind: str, namespace: str | None = None,
-             labels: Mapping[str, str] | str | None = None,
-             fields: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self,
+        kind: str,
+        namespace: str | None = None,
+        labels: Mapping[str, str] | str | None = None,
+        fields: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Objects of a kind (all namespaces if ``namespace`` is None), filtered by a label
         selector (a dict means equality on each key, a str is a selector as in kubectl)."""
-        listed = self._call(self.emulator.op_list, self.resource(kind), namespace,
-                            labels_to_selector(labels), fields)
+        listed = self._call(self.emulator.op_list, self.resource(kind), namespace, labels_to_selector(labels), fields)
         return listed["items"]
 
-    def patch(self, kind: str, namespace: str | None, name: str,
-              patch: Mapping[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    def patch(
+        self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any] | list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """Patch the object (never its status): a dict is a JSON merge patch, a list is a
         JSON patch."""
         ctype = JSON_PATCH if isinstance(patch, list) else MERGE
-        return self._call(self.emulator.op_patch, self.resource(kind), namespace, name, patch,
-                          ctype)
+        return self._call(self.emulator.op_patch, self.resource(kind), namespace, name, patch, ctype)
 
-    def patch_status(self, kind: str, namespace: str | None, name: str,
-                     patch: Mapping[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    def patch_status(
+        self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any] | list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """Patch through the ``status`` subresource: ``{"status": {...}}`` or a JSON patch."""
         ctype = JSON_PATCH if isinstance(patch, list) else MERGE
-        return self._call(self.emulator.op_patch, self.resource(kind), namespace, name, patch,
-                          ctype, "status")
+        return self._call(self.emulator.op_patch, self.resource(kind), namespace, name, patch, ctype, "status")
 
-    def delete(self, kind: str, namespace: str | None, name: str,
-               missing_ok: bool = False, propagation: str | None = None) -> dict[str, Any] | None:
+    def delete(
+        self, kind: str, namespace: str | None, name: str, missing_ok: bool = False, propagation: str | None = None
+    ) -> dict[str, Any] | None:
         """Delete (with finalizers: mark for deletion). Owned objects stay until
         :meth:`~kubesim.controllers.GarbageCollector.collect`; ``propagation``
         (``Background``, ``Orphan``): the API's default unless given (batch/v1 Jobs orphan
@@ -210,15 +223,16 @@ class Kube:
         listed = self._server.call(self.emulator.op_delete_collection, self.resource(kind), namespace)
         return len(listed["items"])
 
-    def events(self, involved: Mapping[str, Any] | None = None,
-               namespace: str | None = None) -> list[dict[str, Any]]:
+    def events(self, involved: Mapping[str, Any] | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
         """core/v1 Events (kopf posts these), optionally only those about ``involved``."""
         uid = (involved or {}).get("metadata", {}).get("uid")
-        return [e for e in self.list("v1/events", namespace)
-                if uid is None or (e.get("involvedObject") or {}).get("uid") == uid]
+        return [
+            e
+            for e in self.list("v1/events", namespace)
+            if uid is None or (e.get("involvedObject") or {}).get("uid") == uid
+        ]
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0,
-                 what: str | None = None) -> T:
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0, what: str | None = None) -> T:
         """Call ``predicate`` after changes (at most every 10 ms, at least every 50 ms)
         until its result is truthy, and return it. A ``LookupError`` (e.g.
         :class:`NotFound`) counts as false. Blocks the calling thread: from async tests
@@ -237,11 +251,11 @@ class Kube:
             left = deadline - time.monotonic()
             if left <= 0:
                 detail = f" (last: {failure!r})" if failure else f" (last result: {result!r})"
-                raise TimeoutError(f"{what or getattr(predicate, '__name__', 'predicate')} "
-                                   f"not true within {timeout}s{detail}")
+                raise TimeoutError(
+                    f"{what or getattr(predicate, '__name__', 'predicate')} not true within {timeout}s{detail}"
+                )
             with self._changed:
-                self._changed.wait_for(lambda seen=seen: self._revision != seen,
-                                       min(left, 0.05))
+                self._changed.wait_for(lambda seen=seen: self._revision != seen, min(left, 0.05))
             time.sleep(min(left, 0.01))  # a burst of changes is one evaluation, not hundreds
 
     # -- requests and faults --------------------------------------------------------------
@@ -254,17 +268,25 @@ class Kube:
     def clear_requests(self) -> None:
         self._server.call(self.emulator.request_log.clear)
 
-    def on_change(self, hook: Callable[[tuple[str, str, str], str, dict[str, Any], dict[str, Any] | None], None]
-                  ) -> Callable[[], None]:
+    def on_change(
+        self, hook: Callable[[tuple[str, str, str], str, dict[str, Any], dict[str, Any] | None], None]
+    ) -> Callable[[], None]:
         """Call ``hook(resource, event type, new object, old object)`` after every change,
         on the emulator's loop (keep it quick; it must not call back into the emulator).
         Returns the function that removes it."""
         self._server.call(self.emulator.change_hooks.append, hook)
         return lambda: self._server.call(self.emulator.change_hooks.remove, hook)
 
-    def fail_next(self, method: str, path: str, status: int = 500, times: int = 1,
-                  reason: str = "InternalError", message: str = "injected by the test",
-                  hang_s: float = 0.0) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int = 500,
+        times: int = 1,
+        reason: str = "InternalError",
+        message: str = "injected by the test",
+        hang_s: float = 0.0,
+    ) -> None:
         """Make the next ``times`` HTTP requests with ``method`` and ``path`` in their path
         fail with ``status`` (the sync API is not affected); with ``hang_s``, held that long
         and then cut without an answer instead."""
@@ -281,17 +303,23 @@ class Kube:
         binary = shutil.which("kubectl")
         if binary is None:
             raise KubectlMissing("kubectl is not on PATH")
-        return [binary, "--kubeconfig", str(self.kubeconfig),
-                "--cache-dir", str(self.home / "kube-cache"), *args]
+        return [binary, "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.home / "kube-cache"), *args]
 
-    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against the emulator (:class:`KubectlMissing` where it is missing)."""
-        done = subprocess.run(self.kubectl_argv(*args), input=input, capture_output=True,
-                              text=True, timeout=timeout, env=self.env, check=False)
+        done = subprocess.run(
+            self.kubectl_argv(*args),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
         if check and done.returncode:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({done.returncode}):\n"
-                                 f"{done.stdout}\n{done.stderr}")
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done
 
 
@@ -321,8 +349,9 @@ def clients_use(kubeconfig: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_kube(workdir: Path, resources: Iterable[Decl] = (),
-                 crds: Iterable[Mapping[str, Any]] = ()) -> Iterator[Kube]:
+def running_kube(
+    workdir: Path, resources: Iterable[Decl] = (), crds: Iterable[Mapping[str, Any]] = ()
+) -> Iterator[Kube]:
     """A fresh emulator with a ``default`` Namespace; it does not touch ``$KUBECONFIG``
     (pass ``kube.kubeconfig`` or ``kube.env`` along, or use :func:`clients_use`).
 
@@ -342,8 +371,9 @@ def running_kube(workdir: Path, resources: Iterable[Decl] = (),
     finally:
         server.stop()
     if server.emulator.internal_errors:
-        raise AssertionError("the Kubernetes emulator failed on requests:\n"
-                             + "\n".join(server.emulator.internal_errors))
+        raise AssertionError(
+            "the Kubernetes emulator failed on requests:\n" + "\n".join(server.emulator.internal_errors)
+        )
 
 
 def kopf_registry() -> Any:
@@ -356,4 +386,3 @@ def kopf_registry() -> Any:
     from kopf._core.intents.registries import SmartOperatorRegistry
 
     return SmartOperatorRegistry()
-

@@ -161,9 +161,15 @@ class ProcessKubelet:
     container prints (live output). ``max_grace``: the longest SIGTERM grace period.
     ``extra_env``: added to every container (e.g. diagnostics switches)."""
 
-    def __init__(self, kube: Kube, root: Path, *, max_grace: float = 60.0,
-                 on_line: Callable[[str, str], None] | None = None,
-                 extra_env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        kube: Kube,
+        root: Path,
+        *,
+        max_grace: float = 60.0,
+        on_line: Callable[[str, str], None] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ):
         self.kube, self.root = kube, root
         self.max_grace, self.on_line = max_grace, on_line
         self.extra_env = dict(extra_env or {})
@@ -208,8 +214,7 @@ class ProcessKubelet:
         with self._lock:
             return [r for r in self.history if r.name.startswith(prefix) and r.running]
 
-    def hold_pull(self, seconds: float, *, index: int | str | None = None,
-                  times: int = 1) -> None:
+    def hold_pull(self, seconds: float, *, index: int | str | None = None, times: int = 1) -> None:
         """Start the next ``times`` pods of Job completion index ``index`` (None: any pod)
         ``seconds`` late: each stays Pending with its container waiting in
         ``ContainerCreating`` (a slow image pull on a fresh node) from when this kubelet
@@ -299,20 +304,26 @@ class ProcessKubelet:
         meta, spec = pod["metadata"], pod["spec"]
         ns, name = _ref(pod)
         index = (meta.get("annotations") or {}).get(INDEX)
-        job_uid = next((o["uid"] for o in meta.get("ownerReferences") or ()
-                        if o.get("kind") == "Job"), None)
-        if job_uid is not None and any(r.running and r.job_uid == job_uid and r.index == index
-                                       for r in self.processes.values()):
+        job_uid = next((o["uid"] for o in meta.get("ownerReferences") or () if o.get("kind") == "Job"), None)
+        if job_uid is not None and any(
+            r.running and r.job_uid == job_uid and r.index == index for r in self.processes.values()
+        ):
             raise ContainerConfigError("ContainerCreating")  # the old pod is still stopping
         ip = f"127.0.0.{self._next_ip}"
         folder = self.root / ns / name
-        container = prepare(self.kube, pod, folder, ip, self.network,
-                            extra_env=self.extra_env, host_ip=self.states.host_ip,
-                            max_grace=self.max_grace)
+        container = prepare(
+            self.kube,
+            pod,
+            folder,
+            ip,
+            self.network,
+            extra_env=self.extra_env,
+            host_ip=self.states.host_ip,
+            max_grace=self.max_grace,
+        )
         # everything resolved: from here on this kubelet owns the pod's lifecycle
         try:
-            self.kube.patch("Pod", ns, name, {"metadata": {
-                "finalizers": [*(meta.get("finalizers") or ()), FINALIZER]}})
+            self.kube.patch("Pod", ns, name, {"metadata": {"finalizers": [*(meta.get("finalizers") or ()), FINALIZER]}})
         except (NotFound, ApiError):
             return  # deleted meanwhile: nothing to run
         self._next_ip += 1
@@ -320,16 +331,29 @@ class ProcessKubelet:
         container.env[CONTAINER_MARKER] = meta["uid"]
         started = time.monotonic()
         proc = subprocess.Popen(
-            container.argv, env=container.env, cwd=container.workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            container.argv,
+            env=container.env,
+            cwd=container.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call
         )
         run = PodProcess(
-            namespace=ns, name=name, uid=meta["uid"], index=index, job_uid=job_uid,
+            namespace=ns,
+            name=name,
+            uid=meta["uid"],
+            index=index,
+            job_uid=job_uid,
             hostname=(spec.get("hostname") or name, spec.get("subdomain") or ""),
-            ip=ip, folder=folder, container=container, proc=proc, started_at=started)
-        run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True,
-                                      name=f"log-{name}")
+            ip=ip,
+            folder=folder,
+            container=container,
+            proc=proc,
+            started_at=started,
+        )
+        run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True, name=f"log-{name}")
         run.reader.start()
         self.processes[meta["uid"]] = run
         self.history.append(run)
@@ -369,8 +393,7 @@ class ProcessKubelet:
     def _report(self, pod: Mapping[str, Any], run: PodProcess) -> None:
         code = run.exit_code or 0
         try:
-            self.states.terminate(pod, code, "Completed" if code == 0 else "Error",
-                                  self._message(run))
+            self.states.terminate(pod, code, "Completed" if code == 0 else "Error", self._message(run))
         except NotFound:
             pass
         run.reported = True
@@ -411,8 +434,9 @@ class ProcessKubelet:
         finalizers = pod["metadata"].get("finalizers") or []
         if FINALIZER in finalizers:
             try:
-                self.kube.patch("Pod", *_ref(pod), {"metadata": {
-                    "finalizers": [f for f in finalizers if f != FINALIZER] or None}})
+                self.kube.patch(
+                    "Pod", *_ref(pod), {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER] or None}}
+                )
             except NotFound:
                 pass
 
@@ -442,8 +466,18 @@ def describe(runs: Iterable[PodProcess], tail: int = 3000) -> str:
     """The processes and the ends of their logs, for assertion messages."""
     return "\n".join(
         f"--- pod {r.namespace}/{r.name} ip {r.ip} pid {r.pid} exit {r.exit_code}\n"
-        f"{' '.join(r.argv)[:400]}\n{r.log()[-tail:]}" for r in runs)
+        f"{' '.join(r.argv)[:400]}\n{r.log()[-tail:]}"
+        for r in runs
+    )
 
 
-__all__ = ["CONTAINER_MARKER", "FINALIZER", "ContainerConfigError", "PodProcess", "ProcessKubelet", "PullHold",
-           "container_pids", "describe"]
+__all__ = [
+    "CONTAINER_MARKER",
+    "FINALIZER",
+    "ContainerConfigError",
+    "PodProcess",
+    "ProcessKubelet",
+    "PullHold",
+    "container_pids",
+    "describe",
+]

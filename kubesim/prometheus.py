@@ -48,21 +48,25 @@ def trainer_relabelings() -> list[dict[str, Any]]:
     Prometheus relabel_configs, as prometheus-operator would generate them."""
     selector = {"app.kubernetes.io/name": "dreambooth", "app.kubernetes.io/component": "trainer"}
     keep_selector = [
-        {"action": "keep", "source_labels": [_meta("__meta_kubernetes_pod_label_", k)],
-         "regex": v} for k, v in selector.items()
+        {"action": "keep", "source_labels": [_meta("__meta_kubernetes_pod_label_", k)], "regex": v}
+        for k, v in selector.items()
     ]
     return [
         *keep_selector,
-        {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-         "regex": "metrics"},
+        {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics"},
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         # the chart's own: only rank 0 serves /metrics; one label per DreamBoothJob
-        {"action": "keep", "source_labels": [_meta("__meta_kubernetes_pod_annotation_",
-                                                   INDEX_ANNOTATION)], "regex": "0"},
-        {"action": "replace", "source_labels": [
-            _meta("__meta_kubernetes_pod_label_", "dreambooth.io/job-name")],
-         "target_label": "dreambooth_job"},
+        {
+            "action": "keep",
+            "source_labels": [_meta("__meta_kubernetes_pod_annotation_", INDEX_ANNOTATION)],
+            "regex": "0",
+        },
+        {
+            "action": "replace",
+            "source_labels": [_meta("__meta_kubernetes_pod_label_", "dreambooth.io/job-name")],
+            "target_label": "dreambooth_job",
+        },
     ]
 
 
@@ -87,14 +91,17 @@ def pod_targets(pods: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             common[_meta("__meta_kubernetes_pod_annotationpresent_", key)] = "true"
         for container in pod["spec"].get("containers") or ():
             for port in container.get("ports") or ():
-                groups.append({
-                    "targets": [f"{status['podIP']}:{port['containerPort']}"],
-                    "labels": {**common,
-                               "__meta_kubernetes_pod_container_name": container["name"],
-                               "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
-                               "__meta_kubernetes_pod_container_port_number":
-                                   str(port["containerPort"])},
-                })
+                groups.append(
+                    {
+                        "targets": [f"{status['podIP']}:{port['containerPort']}"],
+                        "labels": {
+                            **common,
+                            "__meta_kubernetes_pod_container_name": container["name"],
+                            "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                            "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                        },
+                    }
+                )
     return groups
 
 
@@ -114,28 +121,38 @@ class Prometheus:
         return f"http://127.0.0.1:{self.port}"
 
     def config(self) -> dict[str, Any]:
-        scrape = [{
-            "job_name": TRAINER_JOB,
-            "metrics_path": "/metrics",
-            "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}],
-            "relabel_configs": trainer_relabelings(),
-        }]
+        scrape = [
+            {
+                "job_name": TRAINER_JOB,
+                "metrics_path": "/metrics",
+                "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}],
+                "relabel_configs": trainer_relabelings(),
+            }
+        ]
         if self.operator_metrics_port:
-            scrape.append({"job_name": OPERATOR_JOB, "static_configs": [
-                {"targets": [f"127.0.0.1:{self.operator_metrics_port}"]}]})
-        return {"global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                           "evaluation_interval": "1s"},
-                "scrape_configs": scrape}
+            scrape.append(
+                {"job_name": OPERATOR_JOB, "static_configs": [{"targets": [f"127.0.0.1:{self.operator_metrics_port}"]}]}
+            )
+        return {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": scrape,
+        }
 
     def start(self, binary: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write_targets([])
         (self.folder / "prometheus.yml").write_text(yaml.safe_dump(self.config()))
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={self.folder / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=(self.folder / "prometheus.log").open("wb"), stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={self.folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=(self.folder / "prometheus.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

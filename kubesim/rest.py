@@ -63,8 +63,12 @@ class KubeHttp:
             if share == "error":
                 raise ApiError(500, "InternalError", "an error on the server (injected by the fault share)")
             if share == "conflict":
-                raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to "
-                               "the latest version and try again (injected by the fault share)")
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to "
+                    "the latest version and try again (injected by the fault share)",
+                )
             return await self._route(raw, body)
         except ApiError as exc:
             return self._json(exc.body(), exc.status)
@@ -85,14 +89,14 @@ class KubeHttp:
 
     @staticmethod
     def _json(payload: Any, status: int = 200) -> aiohttp.web.Response:
-        return aiohttp.web.Response(body=json.dumps(payload).encode(), status=status,
-                                    content_type="application/json")
+        return aiohttp.web.Response(body=json.dumps(payload).encode(), status=status, content_type="application/json")
 
     async def _route(self, raw: aiohttp.web.BaseRequest, body: bytes) -> aiohttp.web.StreamResponse:
         parts = [p for p in raw.path.split("/") if p]
         method, query = raw.method, raw.query
-        if method == "GET" and (not parts or parts in (["version"], ["api"], ["apis"])
-                                or (parts[0] == "apis" and len(parts) == 2)):
+        if method == "GET" and (
+            not parts or parts in (["version"], ["api"], ["apis"]) or (parts[0] == "apis" and len(parts) == 2)
+        ):
             return self._json(self._discovery(parts, raw))
         if method == "GET" and parts and parts[0] in ("healthz", "livez", "readyz"):
             return aiohttp.web.Response(text="ok")
@@ -107,8 +111,11 @@ class KubeHttp:
                 raise ApiError(405, "MethodNotAllowed", "the server does not allow this method")
             return self._json(self._resource_list(group, version))
         namespace = None
-        if rest[0] == "namespaces" and len(rest) >= 3 and not (
-                group == "" and len(rest) == 3 and rest[2] in ("status", "finalize")):
+        if (
+            rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (group == "" and len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
             namespace, rest = rest[1], rest[2:]
         if len(rest) > 3:
             raise NotFound("the server could not find the requested resource")
@@ -163,22 +170,26 @@ class KubeHttp:
         groups = self._group_versions()
         if not parts:
             paths = ["/api", "/api/v1", "/apis", "/version"] + [
-                p for g, vs in groups.items() if g for p in
-                [f"/apis/{g}", *(f"/apis/{g}/{v}" for v in vs)]]
+                p for g, vs in groups.items() if g for p in [f"/apis/{g}", *(f"/apis/{g}/{v}" for v in vs)]
+            ]
             return {"paths": sorted(paths)}
         if parts == ["version"]:
-            return {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kmock",
-                    "platform": "linux/amd64"}
+            return {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kmock", "platform": "linux/amd64"}
         if parts == ["api"]:
-            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-                {"clientCIDR": "0.0.0.0/0", "serverAddress": raw.host}]}
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": raw.host}],
+            }
         if parts == ["apis"]:
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                self._api_group(g, vs) for g, vs in sorted(groups.items()) if g]}
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [self._api_group(g, vs) for g, vs in sorted(groups.items()) if g],
+            }
         if parts[1] not in groups or not parts[1]:
             raise NotFound("the server could not find the requested resource")
-        return {"kind": "APIGroup", "apiVersion": "v1", **self._api_group(parts[1],
-                                                                          groups[parts[1]])}
+        return {"kind": "APIGroup", "apiVersion": "v1", **self._api_group(parts[1], groups[parts[1]])}
 
     def _resource_list(self, group: str, version: str) -> dict[str, Any]:
         keys = [k for k in self.keys() if k[:2] == (group, version)]
@@ -187,18 +198,33 @@ class KubeHttp:
         resources = []
         for key in sorted(keys):
             info = self.info(key)
-            resources.append({
-                "name": key[2], "singularName": info.singular, "namespaced": info.namespaced,
-                "kind": info.kind, "verbs": sorted(info.verbs),
-                **({"shortNames": sorted(info.shortnames)} if info.shortnames else {}),
-                **({"categories": sorted(info.categories)} if info.categories else {}),
-            })
-            resources.extend({
-                "name": f"{key[2]}/{sub}", "singularName": "", "namespaced": info.namespaced,
-                "kind": info.kind, "verbs": list(SUBRESOURCE_VERBS),
-            } for sub in sorted(info.subresources))
-        return {"kind": "APIResourceList", "apiVersion": "v1",
-                "groupVersion": gv(group, version), "resources": resources}
+            resources.append(
+                {
+                    "name": key[2],
+                    "singularName": info.singular,
+                    "namespaced": info.namespaced,
+                    "kind": info.kind,
+                    "verbs": sorted(info.verbs),
+                    **({"shortNames": sorted(info.shortnames)} if info.shortnames else {}),
+                    **({"categories": sorted(info.categories)} if info.categories else {}),
+                }
+            )
+            resources.extend(
+                {
+                    "name": f"{key[2]}/{sub}",
+                    "singularName": "",
+                    "namespaced": info.namespaced,
+                    "kind": info.kind,
+                    "verbs": list(SUBRESOURCE_VERBS),
+                }
+                for sub in sorted(info.subresources)
+            )
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": gv(group, version),
+            "resources": resources,
+        }
 
     # -- watches --------------------------------------------------------------------------
 
@@ -216,9 +242,15 @@ class KubeHttp:
             return -1
         return table.base + bisect.bisect_right(table.events, since, key=lambda e: e[0])
 
-    async def _watch(self, raw: aiohttp.web.BaseRequest, key: Key, namespace: str | None,
-                     name: str | None, labels: str | None, fields: str | None,
-                     ) -> aiohttp.web.StreamResponse:
+    async def _watch(
+        self,
+        raw: aiohttp.web.BaseRequest,
+        key: Key,
+        namespace: str | None,
+        name: str | None,
+        labels: str | None,
+        fields: str | None,
+    ) -> aiohttp.web.StreamResponse:
         namespace = self._scope(key, namespace, writing=False)
         match = self.matching(key, namespace, labels, fields, name)
         table, info, query = self.table(key), self.info(key), raw.query
@@ -229,8 +261,9 @@ class KubeHttp:
         # The snapshot and the history position are taken without yielding to the loop.
         replay: list[tuple[str, dict[str, Any]]] = []
         if version in (None, "0") or initial:
-            replay = [("ADDED", table.objects[k]) for k in sorted(table.objects, key=object_order)
-                      if match(table.objects[k])]
+            replay = [
+                ("ADDED", table.objects[k]) for k in sorted(table.objects, key=object_order) if match(table.objects[k])
+            ]
             cursor = table.base + len(table.events)
         else:
             try:
@@ -261,10 +294,9 @@ class KubeHttp:
             while not self.closing:
                 waiter.clear()
                 if cursor < table.base:
-                    await send("ERROR", ApiError(410, "Expired", "too old resource version")
-                               .body())
+                    await send("ERROR", ApiError(410, "Expired", "too old resource version").body())
                     break
-                batch = table.events[cursor - table.base:]
+                batch = table.events[cursor - table.base :]
                 cursor += len(batch)
                 for event in batch:
                     translated = self._translate(event, match)
@@ -291,8 +323,10 @@ class KubeHttp:
         return response
 
     @staticmethod
-    def _translate(event: Event, match: Callable[[dict], bool],
-                   ) -> tuple[str, dict[str, Any]] | None:
+    def _translate(
+        event: Event,
+        match: Callable[[dict], bool],
+    ) -> tuple[str, dict[str, Any]] | None:
         """What a watcher with this filter sees: objects entering or leaving a selector are
         ADDED or DELETED for it, as on a real server."""
         _, kind, obj, old = event

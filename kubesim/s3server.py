@@ -133,9 +133,7 @@ class S3Server:
             secret_key=secret_key or self.secret_key,
             secure=False,
             region="us-east-1",
-            http_client=urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=1, read=30), retries=False
-            ),
+            http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=30), retries=False),
         )
 
     def __enter__(self) -> Self:

@@ -54,8 +54,10 @@ class TrainerConfig(ApiModel):
     job: JobRef
     spec: DreamBoothJobSpec = Field(description="The effective spec: preset applied, defaults filled.")
     requested: DreamBoothJobSpec | None = Field(
-        None, description="The job's spec as written, when its baseModel.family is auto: the trainer "
-        "applies the presets again for the family it finds in the model (spec assumes SD 1.x/2.x).")
+        None,
+        description="The job's spec as written, when its baseModel.family is auto: the trainer "
+        "applies the presets again for the family it finds in the model (spec assumes SD 1.x/2.x).",
+    )
     output_uri: StorageUri = Field(description="Prefix of this job's checkpoints, samples and model.")
     class_cache_uri: StorageUri = Field(description="Prefix under which generated class images are cached.")
     storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
@@ -117,4 +119,3 @@ def for_family(config: TrainerConfig, family: ModelFamily) -> TrainerConfig:
     if found:
         raise SpecError([FieldIssue(f"spec.{v.path}", v.message) for v in found])
     return config.model_copy(update={"spec": effective_spec(requested), "requested": None})
-

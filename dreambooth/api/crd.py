@@ -26,6 +26,8 @@ CRD_FILE = f"{CRD_NAME}.yaml"
 HEADER = "# Generated from dreambooth/api by `make crds`. Do not edit by hand.\n"
 
 _DROP = {"title", "additionalProperties"}
+
+
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
     """Convert a pydantic JSON Schema node into a structural OpenAPI v3 schema node."""
     if isinstance(node, list):
@@ -51,7 +53,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if isinstance(node.get("default"), dict) and node["default"]:
             node["default"] = {}
         # inner is structural already: its properties must not be converted twice
-        return {k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))}
+        return {
+            k: v for k, v in node.items() if k not in _DROP or (k == "additionalProperties" and isinstance(v, dict))
+        }
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[base] = node[bound]
@@ -103,10 +107,28 @@ def _attach_rules(schema: dict[str, Any]) -> None:
         node["x-kubernetes-validations"] = rules
 
 
-_KEY_ORDER = ["type", "description", "default", "enum", "format", "pattern", "minimum",
-              "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf", "minLength",
-              "maxLength", "minItems", "maxItems", "maxProperties", "required", "properties",
-              "items", "additionalProperties"]
+_KEY_ORDER = [
+    "type",
+    "description",
+    "default",
+    "enum",
+    "format",
+    "pattern",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "maxProperties",
+    "required",
+    "properties",
+    "items",
+    "additionalProperties",
+]
 
 
 def _tidy(node: Any) -> Any:
@@ -228,4 +250,3 @@ def write(root: Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
-

@@ -38,11 +38,18 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 CRD_FILE = f"{CRD_NAME}.yaml"
 CRD_PATHS = [Path("crds") / CRD_FILE, Path("charts/dreambooth-operator/crds") / CRD_FILE]
 
-_CEL_TYPES = {"number": "type(v) == double || type(v) == int", "integer": "type(v) == int",
-              "boolean": "type(v) == bool", "string": "type(v) == string"}
-_FIELD_OF = {AxisField.LEARNING_RATE: (TrainingSpec, "learning_rate"),
-             AxisField.TEXT_ENCODER_LEARNING_RATE: (TrainingSpec, "text_encoder_learning_rate"),
-             AxisField.SEED: (TrainingSpec, "seed"), AxisField.LORA_RANK: (LoraSpec, "rank")}
+_CEL_TYPES = {
+    "number": "type(v) == double || type(v) == int",
+    "integer": "type(v) == int",
+    "boolean": "type(v) == bool",
+    "string": "type(v) == string",
+}
+_FIELD_OF = {
+    AxisField.LEARNING_RATE: (TrainingSpec, "learning_rate"),
+    AxisField.TEXT_ENCODER_LEARNING_RATE: (TrainingSpec, "text_encoder_learning_rate"),
+    AxisField.SEED: (TrainingSpec, "seed"),
+    AxisField.LORA_RANK: (LoraSpec, "rank"),
+}
 
 
 def _bounds(field: AxisField) -> str:
@@ -51,6 +58,7 @@ def _bounds(field: AxisField) -> str:
         return "v in ['full', 'lora']"
     if field is AxisField.SCHEDULER:
         from dreambooth.api.spec import Sampler
+
         return "v in [" + ", ".join(f"'{s.value}'" for s in Sampler) + "]"
     if field not in _FIELD_OF:
         return "true"
@@ -67,21 +75,27 @@ def _axis_rules() -> list[dict[str, str]]:
     rules = []
     for field in AxisField:
         kind = VALUE_TYPES[field]
-        rules.append({
-            "rule": f"self.field != '{field.value}' || self.values.all(v, ({_CEL_TYPES[kind]}) && "
-                    f"{_bounds(field)})",
-            "message": f"values: {field.value} takes {kind} values within the job field's bounds "
-                       "(dreambooth validate names the one)",
-            "fieldPath": ".values",
-        })
+        rules.append(
+            {
+                "rule": f"self.field != '{field.value}' || self.values.all(v, ({_CEL_TYPES[kind]}) && "
+                f"{_bounds(field)})",
+                "message": f"values: {field.value} takes {kind} values within the job field's bounds "
+                "(dreambooth validate names the one)",
+                "fieldPath": ".values",
+            }
+        )
     return rules
 
 
 def _template_steps() -> str:
     """CEL: the template's training.steps, or its preset's for its family."""
+
     def table(family: ModelFamily) -> str:
-        return "{" + ", ".join(f"'{p.value}': {preset_value(p, 'training', 'steps', family)}"
-                               for p in Preset) + "}[self.template.preset]"
+        return (
+            "{"
+            + ", ".join(f"'{p.value}': {preset_value(p, 'training', 'steps', family)}" for p in Preset)
+            + "}[self.template.preset]"
+        )
 
     by_family = table(ModelFamily.SD)
     for family in (ModelFamily.SDXL, ModelFamily.SD3):
@@ -109,29 +123,44 @@ def _spec_rules() -> list[dict[str, str]]:
     steps = AxisField.STEPS.value
     fixed = [DreamBoothSweepSpec.model_fields[n].alias or n for n in DreamBoothSweepSpec.model_fields]
     return [
-        *({"rule": f"self.{f} == oldSelf.{f}",
-           "message": f"{f} cannot change once the sweep exists (its runs are planned from it): delete "
-                      "and re-create the sweep (only maxParallel and suspend may change)"}
-          for f in fixed if f not in MUTABLE),
-        {"rule": "self.axes.all(a, self.axes.exists_one(b, b.field == a.field))",
-         "message": "axes: a field is an axis twice: list all its values in one axis",
-         "fieldPath": ".axes"},
-        {"rule": f"self.axes.all(a, a.field != '{steps}' || a.values.all(v, type(v) != int || "
-                 f"(v >= 1 && v <= {_template_steps()})))",
-         "message": "axes: a training.steps value is above the template's training.steps (or its "
-                    "preset's): raise the template's steps or lower the value",
-         "fieldPath": ".axes"},
-        {"rule": f"{_product(False)} <= self.maxRuns",
-         "message": "axes: the training axes make more runs than maxRuns: drop values or raise maxRuns",
-         "fieldPath": ".axes"},
-        {"rule": f"{_product(True)} <= {MAX_ROWS}",
-         "message": f"axes: the axes make more than {MAX_ROWS} rows (runs x steps x schedulers): drop values",
-         "fieldPath": ".axes"},
-        {"rule": f"!self.axes.exists(a, a.field == '{AxisField.SCHEDULER.value}') || "
-                 "!has(self.template.validation.enabled) || self.template.validation.enabled",
-         "message": "template.validation.enabled: a validation.scheduler axis samples each round with "
-                    "each scheduler: validation must be enabled",
-         "fieldPath": ".template.validation.enabled"},
+        *(
+            {
+                "rule": f"self.{f} == oldSelf.{f}",
+                "message": f"{f} cannot change once the sweep exists (its runs are planned from it): delete "
+                "and re-create the sweep (only maxParallel and suspend may change)",
+            }
+            for f in fixed
+            if f not in MUTABLE
+        ),
+        {
+            "rule": "self.axes.all(a, self.axes.exists_one(b, b.field == a.field))",
+            "message": "axes: a field is an axis twice: list all its values in one axis",
+            "fieldPath": ".axes",
+        },
+        {
+            "rule": f"self.axes.all(a, a.field != '{steps}' || a.values.all(v, type(v) != int || "
+            f"(v >= 1 && v <= {_template_steps()})))",
+            "message": "axes: a training.steps value is above the template's training.steps (or its "
+            "preset's): raise the template's steps or lower the value",
+            "fieldPath": ".axes",
+        },
+        {
+            "rule": f"{_product(False)} <= self.maxRuns",
+            "message": "axes: the training axes make more runs than maxRuns: drop values or raise maxRuns",
+            "fieldPath": ".axes",
+        },
+        {
+            "rule": f"{_product(True)} <= {MAX_ROWS}",
+            "message": f"axes: the axes make more than {MAX_ROWS} rows (runs x steps x schedulers): drop values",
+            "fieldPath": ".axes",
+        },
+        {
+            "rule": f"!self.axes.exists(a, a.field == '{AxisField.SCHEDULER.value}') || "
+            "!has(self.template.validation.enabled) || self.template.validation.enabled",
+            "message": "template.validation.enabled: a validation.scheduler axis samples each round with "
+            "each scheduler: validation must be enabled",
+            "fieldPath": ".template.validation.enabled",
+        },
     ]
 
 
@@ -174,10 +203,12 @@ def open_api_schema() -> dict[str, Any]:
         "description": "A DreamBooth study: a job template trained with every combination of "
         "learning rates, steps, schedulers, ... (its axes), compared side by side.",
         "required": ["spec"],
-        "x-kubernetes-validations": [{
-            "rule": f"size(self.metadata.name) <= {MAX_SWEEP_NAME}",
-            "message": f"metadata.name: at most {MAX_SWEEP_NAME} characters (its runs are named "
-                       "<sweep>-<number>)"}],
+        "x-kubernetes-validations": [
+            {
+                "rule": f"size(self.metadata.name) <= {MAX_SWEEP_NAME}",
+                "message": f"metadata.name: at most {MAX_SWEEP_NAME} characters (its runs are named <sweep>-<number>)",
+            }
+        ],
         "properties": {
             "apiVersion": {"type": "string", "description": "dreambooth.io/v1alpha1"},
             "kind": {"type": "string", "description": KIND},
@@ -198,18 +229,31 @@ PRINTER_COLUMNS = [
 
 
 def crd() -> dict[str, Any]:
-    version = {"name": VERSION, "served": True, "storage": True, "subresources": {"status": {}},
-               "additionalPrinterColumns": PRINTER_COLUMNS,
-               "schema": {"openAPIV3Schema": open_api_schema()}}
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": PRINTER_COLUMNS,
+        "schema": {"openAPIV3Schema": open_api_schema()},
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "dreambooth-operator"}},
-        "spec": {"group": GROUP, "scope": "Namespaced",
-                 "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL,
-                           "singular": SINGULAR, "shortNames": SHORT_NAMES,
-                           "categories": copy.copy(CATEGORIES)},
-                 "versions": [version]},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": copy.copy(CATEGORIES),
+            },
+            "versions": [version],
+        },
     }
 
 

@@ -44,14 +44,19 @@ class Figures(ApiModel):
     step: int = Field(ge=0, description="The step the samples were drawn at (0: the base model).")
     subject_fidelity: float = Field(description="Mean similarity of the samples to the instance photos.")
     prompt_fidelity: float | None = Field(
-        None, description="Mean similarity of each sample to its prompt (a CLIP with a text tower only).")
+        None, description="Mean similarity of each sample to its prompt (a CLIP with a text tower only)."
+    )
     memorization: float = Field(
-        description="Per prompt, the highest similarity of a sample to a training photo; mean over prompts.")
+        description="Per prompt, the highest similarity of a sample to a training photo; mean over prompts."
+    )
     sample_similarity: float | None = Field(
-        None, description="Per prompt, the mean pairwise similarity of its samples; mean over prompts "
-        "(1: no diversity left). Needs 2 or more images per prompt.")
+        None,
+        description="Per prompt, the mean pairwise similarity of its samples; mean over prompts "
+        "(1: no diversity left). Needs 2 or more images per prompt.",
+    )
     prior_loss_drift: float | None = Field(
-        None, description="Class-image loss since the last round against the first round's, minus 1.")
+        None, description="Class-image loss since the last round against the first round's, minus 1."
+    )
 
 
 class PromptFigures(ApiModel):
@@ -92,8 +97,9 @@ def overfitting_signs(figures: Figures, thresholds: EvaluationThresholds) -> lis
     return found
 
 
-def underfitting(figures: Figures, base_subject_fidelity: float | None, total_steps: int,
-                 thresholds: EvaluationThresholds) -> bool:
+def underfitting(
+    figures: Figures, base_subject_fidelity: float | None, total_steps: int, thresholds: EvaluationThresholds
+) -> bool:
     """True once ``underfittingShare`` of the steps is done and subject fidelity is still at
     most ``underfittingMargin`` above the base model's."""
     if base_subject_fidelity is None or not total_steps:
@@ -117,24 +123,36 @@ def best(records: Sequence[Record]) -> Record | None:
     return min(eligible, key=rank)
 
 
-def explain(signs: Sequence[Sign], figures: Figures, thresholds: EvaluationThresholds,
-            base_subject_fidelity: float | None = None) -> str:
+def explain(
+    signs: Sequence[Sign],
+    figures: Figures,
+    thresholds: EvaluationThresholds,
+    base_subject_fidelity: float | None = None,
+) -> str:
     """A condition message naming each sign with its figure and threshold."""
     parts = []
     for sign in signs:
         if sign is Sign.MEMORIZATION:
-            parts.append(f"memorization {figures.memorization:.3f} >= {thresholds.memorization}: the samples "
-                         "reproduce the training photos")
+            parts.append(
+                f"memorization {figures.memorization:.3f} >= {thresholds.memorization}: the samples "
+                "reproduce the training photos"
+            )
         elif sign is Sign.DIVERSITY_COLLAPSE:
-            parts.append(f"sample similarity {figures.sample_similarity:.3f} >= {thresholds.diversity_collapse}: "
-                         "a prompt's samples are all alike")
+            parts.append(
+                f"sample similarity {figures.sample_similarity:.3f} >= {thresholds.diversity_collapse}: "
+                "a prompt's samples are all alike"
+            )
         elif sign is Sign.PRIOR_LOSS_DRIFT:
-            parts.append(f"class-image loss {figures.prior_loss_drift:+.0%} against the first round "
-                         f"(threshold +{thresholds.prior_loss_drift:.0%}): the model forgets its class")
+            parts.append(
+                f"class-image loss {figures.prior_loss_drift:+.0%} against the first round "
+                f"(threshold +{thresholds.prior_loss_drift:.0%}): the model forgets its class"
+            )
         elif sign is Sign.SUBJECT_NOT_LEARNED:
-            parts.append(f"subject fidelity {figures.subject_fidelity:.3f} is within "
-                         f"{thresholds.underfitting_margin} of the base model's {base_subject_fidelity:.3f} "
-                         f"at step {figures.step}: the subject does not appear")
+            parts.append(
+                f"subject fidelity {figures.subject_fidelity:.3f} is within "
+                f"{thresholds.underfitting_margin} of the base model's {base_subject_fidelity:.3f} "
+                f"at step {figures.step}: the subject does not appear"
+            )
     text = "; ".join(parts)
     if signs and signs[0] is not Sign.SUBJECT_NOT_LEARNED:
         text += " (lower the learning rate or the steps; use the best checkpoint)"

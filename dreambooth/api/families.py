@@ -13,8 +13,16 @@ from dreambooth.api.spec import OutputFormat, Sampler
 DIFFUSION_SAMPLERS = frozenset(Sampler) - {Sampler.FLOW_EULER}
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: both streams of every MMDiT block (diffusers' train_dreambooth_lora_sd3.py default)
-SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+SD3_LORA_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,27 @@ class FamilyFacts:
 
 
 FACTS: dict[ModelFamily, FamilyFacts] = {
-    ModelFamily.SD: FamilyFacts("Stable Diffusion 1.x/2.x", frozenset(OutputFormat), textual_inversion=True,
-                                min_resolution=64, min_bucket_side=32),
-    ModelFamily.SDXL: FamilyFacts("Stable Diffusion XL", frozenset(OutputFormat), textual_inversion=False,
-                                  min_resolution=64, min_bucket_side=32),
-    ModelFamily.SD3: FamilyFacts("Stable Diffusion 3", frozenset({OutputFormat.DIFFUSERS, OutputFormat.LORA,
-                                                                   OutputFormat.LORA_KOHYA}),
-                                 textual_inversion=False, min_resolution=64, min_bucket_side=32,
-                                 samplers=frozenset({Sampler.FLOW_EULER}), class_sampler=Sampler.FLOW_EULER,
-                                 flow_matching=True, t5=True, full_text_encoder=False,
-                                 lora_targets=SD3_LORA_TARGETS),
+    ModelFamily.SD: FamilyFacts(
+        "Stable Diffusion 1.x/2.x",
+        frozenset(OutputFormat),
+        textual_inversion=True,
+        min_resolution=64,
+        min_bucket_side=32,
+    ),
+    ModelFamily.SDXL: FamilyFacts(
+        "Stable Diffusion XL", frozenset(OutputFormat), textual_inversion=False, min_resolution=64, min_bucket_side=32
+    ),
+    ModelFamily.SD3: FamilyFacts(
+        "Stable Diffusion 3",
+        frozenset({OutputFormat.DIFFUSERS, OutputFormat.LORA, OutputFormat.LORA_KOHYA}),
+        textual_inversion=False,
+        min_resolution=64,
+        min_bucket_side=32,
+        samplers=frozenset({Sampler.FLOW_EULER}),
+        class_sampler=Sampler.FLOW_EULER,
+        flow_matching=True,
+        t5=True,
+        full_text_encoder=False,
+        lora_targets=SD3_LORA_TARGETS,
+    ),
 }

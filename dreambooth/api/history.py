@@ -49,9 +49,14 @@ class Point:
     @classmethod
     def from_wire(cls, data: dict) -> Point:
         prior = data.get("priorLoss")
-        return cls(step=int(data["step"]), loss=float(data["loss"]),
-                   instance_loss=float(data.get("instanceLoss", data["loss"])), lr=float(data["lr"]),
-                   time=float(data.get("time", 0.0)), prior_loss=None if prior is None else float(prior))
+        return cls(
+            step=int(data["step"]),
+            loss=float(data["loss"]),
+            instance_loss=float(data.get("instanceLoss", data["loss"])),
+            lr=float(data["lr"]),
+            time=float(data.get("time", 0.0)),
+            prior_loss=None if prior is None else float(prior),
+        )
 
 
 def _short(value: float) -> float:

@@ -30,10 +30,10 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    name: str = Field(min_length=1, max_length=k8s_names.DNS_LABEL_MAX,
-                      pattern=k8s_names.anchored(k8s_names.DNS_LABEL))
-    namespace: str | None = Field(None, min_length=1, max_length=k8s_names.DNS_LABEL_MAX,
-                                  pattern=k8s_names.anchored(k8s_names.DNS_LABEL))
+    name: str = Field(min_length=1, max_length=k8s_names.DNS_LABEL_MAX, pattern=k8s_names.anchored(k8s_names.DNS_LABEL))
+    namespace: str | None = Field(
+        None, min_length=1, max_length=k8s_names.DNS_LABEL_MAX, pattern=k8s_names.anchored(k8s_names.DNS_LABEL)
+    )
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     annotations: dict[LabelKey, str] = Field(default_factory=dict)
     uid: str | None = None
@@ -86,7 +86,7 @@ def _path(loc: tuple[Any, ...]) -> str:
         if part == _KEY:
             continue
         if isinstance(part, str) and len(part) > _PART_MAX:  # a huge map key
-            part = f"{part[:_PART_MAX - 24]}...({len(part)} characters)"
+            part = f"{part[: _PART_MAX - 24]}...({len(part)} characters)"
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -96,9 +96,7 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] |
     for part in loc:
         if isinstance(part, int):
             continue
-        field = next(
-            (f for n, f in model.model_fields.items() if (f.alias or n) == part), None
-        )
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
         if field is None:
             return None
         inner = _model_in(field.annotation)
@@ -146,8 +144,10 @@ def issues_from(err: ValidationError, root: type[BaseModel], prefix: str = "") -
                     message += "; allowed here: " + ", ".join(allowed)
         elif isinstance(e.get("input"), bool) and e["type"] in _STRING_ERRORS:
             word = "yes/on/true" if e["input"] else "no/off/false"
-            message += (f" (got {str(e['input']).lower()}: YAML reads an unquoted {word} as a boolean; "
-                        "quote the value, e.g. 'no')")
+            message += (
+                f" (got {str(e['input']).lower()}: YAML reads an unquoted {word} as a boolean; "
+                "quote the value, e.g. 'no')"
+            )
         elif isinstance(e.get("input"), str | int | float | bool) and e["type"] != "value_error":
             message += f" (got {shown(e['input'])})"
         path = _path(loc)
@@ -169,7 +169,10 @@ def validate_spec(data: Any, *, cluster: bool = False, prefix: str = "spec") -> 
     """
     try:
         spec = DreamBoothJobSpec.model_validate_json(
-            _as_json(data), strict=True, by_alias=True, by_name=False,
+            _as_json(data),
+            strict=True,
+            by_alias=True,
+            by_name=False,
             context={"cluster": cluster, "skip_rules": True},
         )
     except ValidationError as err:
@@ -183,11 +186,11 @@ def validate_spec(data: Any, *, cluster: bool = False, prefix: str = "spec") -> 
 def validate_job(data: Any, *, cluster: bool = False) -> DreamBoothJob:
     """Validate a whole DreamBoothJob object (as read from YAML or the API)."""
     if not isinstance(data, dict):
-        raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, "
-                                    "metadata and spec")])
+        raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, metadata and spec")])
     try:
-        job = DreamBoothJob.model_validate_json(_as_json(data), strict=True, by_alias=True, by_name=False,
-                                                context={"cluster": cluster, "skip_rules": True})
+        job = DreamBoothJob.model_validate_json(
+            _as_json(data), strict=True, by_alias=True, by_name=False, context={"cluster": cluster, "skip_rules": True}
+        )
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothJob)) from None
     found = violations(job.spec)

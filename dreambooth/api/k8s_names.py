@@ -84,8 +84,7 @@ WORDS: dict[str, str] = {
     "a DNS name (e.g. nvidia.com/gpu.product)",
     anchored(SECRET_KEY): "use a Secret key: letters, digits, '-', '_' and '.', not '.' or '..' "
     "and not starting with '..' (e.g. AWS_SECRET_ACCESS_KEY)",
-    anchored(ENDPOINT): "use host or host:port with a port from 1 to 65535 and no scheme "
-    "(e.g. minio.minio.svc:9000)",
+    anchored(ENDPOINT): "use host or host:port with a port from 1 to 65535 and no scheme (e.g. minio.minio.svc:9000)",
     anchored(QUANTITY): "use a Kubernetes quantity such as 64Gi, 512Mi or 8 (a number, then "
     "optionally one of m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei; no space, no 'B')",
     anchored(IMAGE): "use an image reference such as ghcr.io/org/trainer:1.2 or "
@@ -108,8 +107,7 @@ def words(pattern: str) -> str | None:
 def qualified_name_problem(key: str) -> str | None:
     """Why ``key`` is no label key / nodeSelector key (``IsQualifiedName``); None: it is one."""
     prefix, slash, _name = key.rpartition("/")
-    if (len(prefix) > DNS_SUBDOMAIN_MAX or not _QUALIFIED_RE.fullmatch(key)
-            or (slash and not prefix)):
+    if len(prefix) > DNS_SUBDOMAIN_MAX or not _QUALIFIED_RE.fullmatch(key) or (slash and not prefix):
         return "is not a label key: " + WORDS[anchored(QUALIFIED_NAME)].removeprefix("use a label key: ")
     return None
 

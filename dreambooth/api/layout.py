@@ -47,8 +47,7 @@ def lora_kohya(name: str) -> str:
 
 
 #: the final model's key by output format, in the order the first one asked for names it
-FINAL_MODEL = {"diffusers": MODEL, "lora": LORA, "safetensors": SINGLE_FILE,
-               "lora-kohya": LORA}
+FINAL_MODEL = {"diffusers": MODEL, "lora": LORA, "safetensors": SINGLE_FILE, "lora-kohya": LORA}
 
 
 def final_model(formats) -> str:
@@ -72,7 +71,7 @@ def sample_grid(step: int, scheduler: str | None = None) -> str:
 def checkpoint_step(key: str) -> tuple[int, str] | None:
     """``(step, the rest of the key)`` for a key inside a checkpoint folder, else None."""
     found = _CHECKPOINT.match(key)
-    return (int(found.group(1)), key[found.end():]) if found else None
+    return (int(found.group(1)), key[found.end() :]) if found else None
 
 
 def sample_grid_step(key: str) -> int | None:

@@ -52,8 +52,7 @@ _INF = {".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"}
 _NAN = {".nan", ".NaN", ".NAN"}
 _FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
 _INT = re.compile(r"^[-+]?(0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|0[0-7]*|[1-9][0-9]*)$")
-_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
-         b"\xfe\xff": "UTF-16"}
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
 
 
 class ManifestError(ValueError):
@@ -87,8 +86,7 @@ class _Resolver(yaml.resolver.BaseResolver):
         return super().resolve(kind, value, implicit)
 
 
-class _Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer,
-              _Resolver):
+class _Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer, _Resolver):
     def __init__(self, stream: str) -> None:
         yaml.reader.Reader.__init__(self, stream)
         yaml.scanner.Scanner.__init__(self)
@@ -105,8 +103,9 @@ def _decode(raw: bytes, name: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ManifestError(f"{name}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x}): save the "
-                            "file as UTF-8") from None
+        raise ManifestError(
+            f"{name}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x}): save the file as UTF-8"
+        ) from None
 
 
 def _line(node: Node) -> str:
@@ -125,8 +124,11 @@ class _Builder:
     def build(self, node: Node, depth: int = 0) -> Any:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise self.fail(node, f"more than {MAX_NODES} values once its aliases are expanded "
-                            "(an alias bomb?): a DreamBoothJob needs a few hundred")
+            raise self.fail(
+                node,
+                f"more than {MAX_NODES} values once its aliases are expanded "
+                "(an alias bomb?): a DreamBoothJob needs a few hundred",
+            )
         if depth > MAX_DEPTH:
             raise self.fail(node, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, ScalarNode):
@@ -152,8 +154,11 @@ class _Builder:
                 raise self.fail(key_node, "a mapping key must be a plain value, not a list or mapping")
             key = _key_text(self.scalar(key_node))
             if key in out:
-                raise self.fail(key_node, f"duplicate key {key!r} (kubectl refuses it; with YAML "
-                                "alone the last one would silently win): keep one")
+                raise self.fail(
+                    key_node,
+                    f"duplicate key {key!r} (kubectl refuses it; with YAML "
+                    "alone the last one would silently win): keep one",
+                )
             out[key] = self.build(value_node, depth + 1)
         return {**{k: v for k, v in merged.items() if k not in out}, **out}
 
@@ -240,8 +245,9 @@ def loads(text: str, name: str = "<input>") -> list[Document]:
                 docs.extend(_documents(where, _Builder(name).build(node)))
     except yaml.reader.ReaderError as err:
         code = err.character if isinstance(err.character, int) else ord(err.character)
-        raise ManifestError(f"{name}: character {err.position + 1} is U+{code:04X}, a control character "
-                            "YAML does not allow: remove it") from None
+        raise ManifestError(
+            f"{name}: character {err.position + 1} is U+{code:04X}, a control character YAML does not allow: remove it"
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f", line {mark.line + 1}" if mark else ""
@@ -257,8 +263,7 @@ def _check_nesting(text: str, name: str) -> None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise ManifestError(f"{name}, line {event.start_mark.line + 1}: nested deeper than "
-                                    f"{MAX_DEPTH} levels")
+                raise ManifestError(f"{name}, line {event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -269,11 +274,15 @@ def _documents(where: str, data: Any) -> list[Document]:
     if isinstance(data, dict) and data.get("kind") == "List" and isinstance(data.get("items"), list):
         return [Document(f"{where}, item {i + 1}", item) for i, item in enumerate(data["items"])]
     if isinstance(data, list):
-        raise ManifestError(f"{where}: a YAML list at the top; kubectl expects one object per document "
-                            "(separate them with ---) or a kind: List with items")
+        raise ManifestError(
+            f"{where}: a YAML list at the top; kubectl expects one object per document "
+            "(separate them with ---) or a kind: List with items"
+        )
     if not isinstance(data, dict):
-        raise ManifestError(f"{where}: {type(data).__name__} {str(data)[:40]!r} is not an object with "
-                            "apiVersion, kind, metadata and spec")
+        raise ManifestError(
+            f"{where}: {type(data).__name__} {str(data)[:40]!r} is not an object with "
+            "apiVersion, kind, metadata and spec"
+        )
     return [Document(where, data)]
 
 
@@ -283,8 +292,10 @@ def read(path: Path) -> list[Document]:
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise ManifestError(f"{name} is {size // 1024} KiB; a manifest the API server takes is at "
-                                f"most {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+            raise ManifestError(
+                f"{name} is {size // 1024} KiB; a manifest the API server takes is at "
+                f"most {MAX_FILE_BYTES // (1024 * 1024)} MiB"
+            )
         raw = path.read_bytes()
     except OSError as err:
         raise ManifestError(f"cannot read {name}: {err.strerror or err}") from None

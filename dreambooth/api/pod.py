@@ -36,28 +36,49 @@ class Reserved:
 #: Checked in this order; the first match explains the refusal. The operator's own
 #: variables (dreambooth/operator/podtemplate.py ``_env``) must all be covered: a test checks.
 RESERVED_ENV: tuple[Reserved, ...] = (
-    Reserved(("HOME", "XDG_CACHE_HOME", "HF_HOME", "JOB_COMPLETION_INDEX"), ("DREAMBOOTH_",),
-             "set by the operator in every trainer pod (config, caches, rank)"),
-    Reserved((), ("AWS_",),
-             "S3 settings and credentials, which come from spec.storage (endpoint, region, "
-             "credentialsSecret)", "set them there"),
-    Reserved((), ("PYTHON",),
-             "set by the image and the operator (PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE)"),
-    Reserved(("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-              "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
-             ("TORCH_ELASTIC_", "TORCHELASTIC_", "ACCELERATE_"),
-             "set by accelerate/torchrun for each training process from resources.nodes and "
-             "resources.gpusPerNode"),
-    Reserved(("CUDA_VISIBLE_DEVICES",), ("NVIDIA_",),
-             "the GPUs a container sees, set by the device plugin from resources.gpusPerNode "
-             "(another value could expose GPUs the pod was not given)"),
+    Reserved(
+        ("HOME", "XDG_CACHE_HOME", "HF_HOME", "JOB_COMPLETION_INDEX"),
+        ("DREAMBOOTH_",),
+        "set by the operator in every trainer pod (config, caches, rank)",
+    ),
+    Reserved(
+        (),
+        ("AWS_",),
+        "S3 settings and credentials, which come from spec.storage (endpoint, region, credentialsSecret)",
+        "set them there",
+    ),
+    Reserved((), ("PYTHON",), "set by the image and the operator (PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE)"),
+    Reserved(
+        (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "GROUP_WORLD_SIZE",
+            "ROLE_RANK",
+            "ROLE_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ),
+        ("TORCH_ELASTIC_", "TORCHELASTIC_", "ACCELERATE_"),
+        "set by accelerate/torchrun for each training process from resources.nodes and resources.gpusPerNode",
+    ),
+    Reserved(
+        ("CUDA_VISIBLE_DEVICES",),
+        ("NVIDIA_",),
+        "the GPUs a container sees, set by the device plugin from resources.gpusPerNode "
+        "(another value could expose GPUs the pod was not given)",
+    ),
 )
 
 _CREDENTIAL_RE = re.compile(CREDENTIAL_PATTERN)
 _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
-CREDENTIAL_WHY = ("looks like a credential: env values are literal and readable by anyone who "
-                  "can read the job, so credentials reach pods only from Secrets "
-                  "(spec.storage.credentialsSecret): remove it")
+CREDENTIAL_WHY = (
+    "looks like a credential: env values are literal and readable by anyone who "
+    "can read the job, so credentials reach pods only from Secrets "
+    "(spec.storage.credentialsSecret): remove it"
+)
 
 
 def reserved_label(reserved: Reserved) -> str:
@@ -68,8 +89,10 @@ def reserved_label(reserved: Reserved) -> str:
 def env_name_problem(name: str) -> str | None:
     """Why ``name`` may not be set through spec.resources.env or trainer.env; None: it may."""
     if len(name) > ENV_NAME_MAX or not _ENV_NAME_RE.match(name):
-        return (f"{name!r} is not an environment variable name: letters, digits and '_', "
-                f"not starting with a digit, at most {ENV_NAME_MAX} characters")
+        return (
+            f"{name!r} is not an environment variable name: letters, digits and '_', "
+            f"not starting with a digit, at most {ENV_NAME_MAX} characters"
+        )
     for reserved in RESERVED_ENV:
         if name in reserved.names:
             return f"{name} is reserved, {reserved.why}: {reserved.action}"
@@ -122,14 +145,14 @@ def resource_name_problem(name: str, gpu_resource: str | None) -> str | None:
     if name in OWN_FIELDS:
         return f"{name} has its own field: use {OWN_FIELDS[name]}"
     if name == gpu_resource or (gpu_resource is None and (name.endswith("/gpu") or is_mig(name))):
-        return (f"{name} is the job's GPU: request it with resources.gpusPerNode "
-                "(and resources.gpu.resourceName)")
-    if len(name) > 253 or not (_EXTENDED_RE.match(name) or _HUGEPAGES_RE.match(name)) \
-            or "kubernetes.io/" in name:
-        return (f"{name!r} is not an extended resource name: use <domain>/<name> as the device "
-                "plugin advertises it under the node's allocatable resources (e.g. "
-                "rdma/rdma_shared_device_a, nvidia.com/hostdev), or hugepages-<size> "
-                "(e.g. hugepages-2Mi)")
+        return f"{name} is the job's GPU: request it with resources.gpusPerNode (and resources.gpu.resourceName)"
+    if len(name) > 253 or not (_EXTENDED_RE.match(name) or _HUGEPAGES_RE.match(name)) or "kubernetes.io/" in name:
+        return (
+            f"{name!r} is not an extended resource name: use <domain>/<name> as the device "
+            "plugin advertises it under the node's allocatable resources (e.g. "
+            "rdma/rdma_shared_device_a, nvidia.com/hostdev), or hugepages-<size> "
+            "(e.g. hugepages-2Mi)"
+        )
     return None
 
 

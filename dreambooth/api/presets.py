@@ -31,8 +31,15 @@ class ModelFamily(StrEnum):
 
 #: Fallbacks for preset-controlled fields (section -> field (wire name) -> value).
 BASE: dict[str, dict[str, Any]] = {
-    "training": {"steps": 400, "learningRate": 2e-6, "batchSize": 1, "trainTextEncoder": False,
-                 "method": "full", "resolution": 512, "buckets": {"enabled": False}},
+    "training": {
+        "steps": 400,
+        "learningRate": 2e-6,
+        "batchSize": 1,
+        "trainTextEncoder": False,
+        "method": "full",
+        "resolution": 512,
+        "buckets": {"enabled": False},
+    },
     "prior": {"enabled": False, "numImages": 100},
     # the seed: DDIM beat PNDM and LMS clearly on overfit models, up to 100 steps worked well
     "validation": {"scheduler": "ddim", "inferenceSteps": 100},
@@ -70,8 +77,15 @@ PRESETS: dict[Preset, dict[str, dict[str, Any]]] = {
 #: on: SDXL was trained on them and conditions on each image's size and crop (its paper).
 FAMILY_BASE: dict[ModelFamily, dict[str, dict[str, Any]]] = {
     ModelFamily.SDXL: {
-        "training": {"method": "lora", "resolution": 1024, "steps": 500, "learningRate": 1e-4, "batchSize": 4,
-                     "trainTextEncoder": False, "buckets": {"enabled": True}},
+        "training": {
+            "method": "lora",
+            "resolution": 1024,
+            "steps": 500,
+            "learningRate": 1e-4,
+            "batchSize": 4,
+            "trainTextEncoder": False,
+            "buckets": {"enabled": True},
+        },
         "validation": {"scheduler": "euler", "inferenceSteps": 25},
     },
 }
@@ -83,8 +97,15 @@ FAMILY_BASE: dict[ModelFamily, dict[str, dict[str, Any]]] = {
 #: 512). Samples: StableDiffusion3Pipeline's flow-matching Euler scheduler at its default 28
 #: steps.
 FAMILY_BASE[ModelFamily.SD3] = {
-    "training": {"method": "lora", "resolution": 1024, "steps": 500, "learningRate": 4e-4, "batchSize": 4,
-                 "trainTextEncoder": False, "maxSequenceLength": 77},
+    "training": {
+        "method": "lora",
+        "resolution": 1024,
+        "steps": 500,
+        "learningRate": 4e-4,
+        "batchSize": 4,
+        "trainTextEncoder": False,
+        "maxSequenceLength": 77,
+    },
     "validation": {"scheduler": "flow_euler", "inferenceSteps": 28},
 }
 #: The same recipe for every SDXL preset: the example reports it for a face too, and faces
@@ -110,8 +131,7 @@ FAMILY_PRESETS[ModelFamily.SD3] = {
 def preset_value(preset: Preset, section: str, field: str, family: ModelFamily = ModelFamily.SD) -> Any:
     """The value ``preset`` gives ``section.field`` for ``family``: the family's preset, the
     family's base, the SD 1.x preset, then :data:`BASE`."""
-    for table in (FAMILY_PRESETS.get(family, {}).get(preset, {}), FAMILY_BASE.get(family, {}),
-                  PRESETS[preset], BASE):
+    for table in (FAMILY_PRESETS.get(family, {}).get(preset, {}), FAMILY_BASE.get(family, {}), PRESETS[preset], BASE):
         value = table.get(section, {}).get(field)
         if value is not None:
             return value
@@ -121,6 +141,7 @@ def preset_value(preset: Preset, section: str, field: str, family: ModelFamily =
 def describe(section: str, field: str) -> str:
     """One line for a field's description: its default under each preset (SD 1.x/2.x; SDXL
     and SD3 where they differ)."""
+
     def values(family: ModelFamily) -> list[str]:
         found = [(preset, preset_value(preset, section, field, family)) for preset in Preset]
         return [f"{p} {v!r}".replace("True", "true").replace("False", "false") for p, v in found if v is not None]

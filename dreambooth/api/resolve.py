@@ -72,8 +72,7 @@ def effective_spec(spec: DreamBoothJobSpec, detected: ModelFamily | None = None)
     training = spec.training.model_copy(update=t_fill)
     prior = spec.prior.model_copy(update=_fill(spec.prior, "prior", spec.preset, family))
     if not prior.enabled:  # a disabled feature gets no settings (dreambooth.api.rules refuses them)
-        prior = prior.model_copy(update={"class_prompt": spec.prior.class_prompt,
-                                         "num_images": spec.prior.num_images})
+        prior = prior.model_copy(update={"class_prompt": spec.prior.class_prompt, "num_images": spec.prior.num_images})
 
     t_updates: dict[str, Any] = {}
     if training.t5 is T5Mode.DROP and spec.training.max_sequence_length is None:

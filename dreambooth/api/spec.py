@@ -23,9 +23,7 @@ from dreambooth.api.uris import REVISION, Scheme, UriError, check_revision, pars
 
 
 class ApiModel(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
     def wire(self) -> dict[str, Any]:
         """The object as it appears in YAML/JSON: camelCase, unset optional fields left out."""
@@ -39,8 +37,7 @@ class ApiModel(BaseModel):
 #: words, not blank, no control characters (they would reach file names, logs and Events)
 Prompt = Annotated[str, Field(min_length=1, max_length=1000, pattern=anchored(k8s.PROMPT))]
 #: an object name (DNS subdomain): a Secret, a PriorityClass
-Name = Annotated[str, Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX,
-                            pattern=anchored(k8s.DNS_SUBDOMAIN))]
+Name = Annotated[str, Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX, pattern=anchored(k8s.DNS_SUBDOMAIN))]
 Quantity = Annotated[str, Field(max_length=64, pattern=anchored(k8s.QUANTITY))]
 
 
@@ -52,11 +49,11 @@ def _prefix_fits(key: str) -> str:
 
 
 #: a label key, nodeSelector key or taint key (the CRD cannot check a map's keys: model-only)
-LabelKey = Annotated[str, Field(max_length=k8s.QUALIFIED_NAME_MAX,
-                                pattern=anchored(k8s.QUALIFIED_NAME)), AfterValidator(_prefix_fits)]
+LabelKey = Annotated[
+    str, Field(max_length=k8s.QUALIFIED_NAME_MAX, pattern=anchored(k8s.QUALIFIED_NAME)), AfterValidator(_prefix_fits)
+]
 LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=anchored(k8s.LABEL_VALUE))]
-SecretKey = Annotated[str, Field(min_length=1, max_length=k8s.SECRET_KEY_MAX,
-                                 pattern=anchored(k8s.SECRET_KEY))]
+SecretKey = Annotated[str, Field(min_length=1, max_length=k8s.SECRET_KEY_MAX, pattern=anchored(k8s.SECRET_KEY))]
 
 DATA_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC)
 MODEL_URI_PATTERN = uri_pattern(Scheme.S3, Scheme.PVC, Scheme.HF)
@@ -233,9 +230,7 @@ class InstanceSpec(ApiModel):
         description="Prompt with the identifier of the subject, e.g. 'a photo of zwx toy cat'. "
         "The identifier need not be rare like 'sks'; natural words work."
     )
-    use_captions: bool = Field(
-        True, description="Use a photo's same-named .txt file as its prompt when present."
-    )
+    use_captions: bool = Field(True, description="Use a photo's same-named .txt file as its prompt when present.")
 
 
 class PriorSpec(ApiModel):
@@ -270,9 +265,7 @@ class LoraSpec(ApiModel):
     """LoRA adapter settings (only with training.method lora)."""
 
     rank: int = Field(4, ge=1, le=256, description="Rank of the LoRA update matrices.")
-    alpha: float | None = Field(
-        None, gt=0, le=1024, description="LoRA scaling alpha. Default: the rank."
-    )
+    alpha: float | None = Field(None, gt=0, le=1024, description="LoRA scaling alpha. Default: the rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
         None,
@@ -285,8 +278,9 @@ class LoraSpec(ApiModel):
         "attn.to_add_out).",
     )
     text_encoder: bool = Field(
-        False, description="Also train LoRA adapters on the text encoder's attention (SD3: the "
-        "two CLIP encoders; T5 never trains)."
+        False,
+        description="Also train LoRA adapters on the text encoder's attention (SD3: the "
+        "two CLIP encoders; T5 never trains).",
     )
 
 
@@ -309,9 +303,7 @@ class TextualInversionSpec(ApiModel):
         pattern=_TOKEN,
         description="An existing single token the new embedding starts from, e.g. 'cat'.",
     )
-    learning_rate: float = Field(
-        5e-4, gt=0, le=1.0, description="Learning rate of the embedding-only phase."
-    )
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Learning rate of the embedding-only phase.")
 
 
 class FlowMatchingSpec(ApiModel):
@@ -319,8 +311,7 @@ class FlowMatchingSpec(ApiModel):
 
     weighting: Weighting = Field(
         Weighting.LOGIT_NORMAL,
-        description="logit_normal (the SD3 paper's and diffusers' default), mode, cosmap or "
-        "uniform.",
+        description="logit_normal (the SD3 paper's and diffusers' default), mode, cosmap or uniform.",
     )
     logit_mean: float = Field(0.0, ge=-10, le=10, description="Mean of logit_normal.")
     logit_std: float = Field(1.0, gt=0, le=10, description="Standard deviation of logit_normal.")
@@ -380,9 +371,7 @@ class BucketsSpec(ApiModel):
 class TrainingSpec(ApiModel):
     """How to fine-tune. Prefer a low learning rate and more steps: DreamBooth overfits fast."""
 
-    steps: int | None = Field(
-        None, ge=1, le=1_000_000, description="Optimizer steps." + describe("training", "steps")
-    )
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps." + describe("training", "steps"))
     learning_rate: float | None = Field(
         None,
         gt=0,
@@ -418,8 +407,9 @@ class TrainingSpec(ApiModel):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation, data and noise.")
     method: Method | None = Field(
-        None, description="full: fine-tune the weights; lora: train small adapters. Default: "
-        "the family's (full for SD 1.x/2.x, lora for SDXL and SD3)."
+        None,
+        description="full: fine-tune the weights; lora: train small adapters. Default: "
+        "the family's (full for SD 1.x/2.x, lora for SDXL and SD3).",
     )
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora only).")
     train_text_encoder: bool | None = Field(
@@ -431,13 +421,10 @@ class TrainingSpec(ApiModel):
         None,
         ge=1,
         le=1_000_000,
-        description="Freeze the text encoder after this many steps. Default: train it "
-        "for all steps.",
+        description="Freeze the text encoder after this many steps. Default: train it for all steps.",
     )
     lr_scheduler: LRScheduler = Field(LRScheduler.CONSTANT, description="Learning-rate schedule.")
-    lr_warmup_steps: int = Field(
-        0, ge=0, le=1_000_000, description="Warmup steps of the learning-rate schedule."
-    )
+    lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Warmup steps of the learning-rate schedule.")
     max_grad_norm: float = Field(1.0, gt=0, le=1000, description="Gradient clipping norm.")
     mixed_precision: MixedPrecision = Field(
         MixedPrecision.NO,
@@ -472,17 +459,19 @@ class TrainingSpec(ApiModel):
         "cached latents; avoid for subjects whose sides differ (text, logos).",
     )
     max_sequence_length: int | None = Field(
-        None, ge=1, le=512, description="SD3: tokens of the prompt that T5 reads (at most 512). "
-        "Default: 77 (diffusers' SD3 scripts)."
+        None,
+        ge=1,
+        le=512,
+        description="SD3: tokens of the prompt that T5 reads (at most 512). Default: 77 (diffusers' SD3 scripts).",
     )
     t5: T5Mode | None = Field(
-        None, description="SD3: keep the T5 text encoder, or drop it (its part of the prompt "
+        None,
+        description="SD3: keep the T5 text encoder, or drop it (its part of the prompt "
         "becomes zeros, as StableDiffusion3Pipeline does with text_encoder_3=None): the "
-        "documented way to fit smaller GPUs. Default: keep."
+        "documented way to fit smaller GPUs. Default: keep.",
     )
     flow_matching: FlowMatchingSpec | None = Field(
-        None, description="SD3: sigma sampling and loss weighting. Default: logit_normal, "
-        "preconditioned."
+        None, description="SD3: sigma sampling and loss weighting. Default: logit_normal, preconditioned."
     )
     textual_inversion: TextualInversionSpec | None = Field(
         None,
@@ -500,8 +489,9 @@ class ValidationSpec(ApiModel):
         max_length=16,
         description="Prompts to sample (rows of the grid). Default: instance.prompt.",
     )
-    negative_prompt: str | None = Field(None, max_length=1000, pattern=anchored(k8s.TEXT),
-                                        description="Negative prompt.")
+    negative_prompt: str | None = Field(
+        None, max_length=1000, pattern=anchored(k8s.TEXT), description="Negative prompt."
+    )
     every_steps: int | None = Field(
         None,
         ge=1,
@@ -522,9 +512,12 @@ class ValidationSpec(ApiModel):
         "axis sets it). Evaluation judges the main scheduler's samples only.",
     )
     inference_steps: int | None = Field(
-        None, ge=1, le=1000, description="Inference steps per image. Default: the family's (SD "
+        None,
+        ge=1,
+        le=1000,
+        description="Inference steps per image. Default: the family's (SD "
         "1.x/2.x: 100, which worked well with DDIM; SDXL: 25, diffusers' SDXL DreamBooth example; "
-        "SD3: 28, StableDiffusion3Pipeline's)."
+        "SD3: 28, StableDiffusion3Pipeline's).",
     )
     images_per_prompt: int = Field(4, ge=1, le=16, description="Images per prompt (grid columns).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
@@ -551,29 +544,39 @@ class EvaluationThresholds(ApiModel):
     """When a sample round counts as a sign of over- or underfitting (docs/evaluation.md)."""
 
     memorization: float = Field(
-        0.95, gt=0, le=1.0,
+        0.95,
+        gt=0,
+        le=1.0,
         description="Overfitting (reason Memorization) when the mean over prompts of each prompt's "
         "highest similarity of a sample to a training photo reaches this: every prompt "
         "reproduces the photos.",
     )
     diversity_collapse: float = Field(
-        0.95, gt=0, le=1.0,
+        0.95,
+        gt=0,
+        le=1.0,
         description="Overfitting (reason DiversityCollapse) when the mean pairwise similarity of a "
         "prompt's samples, averaged over prompts, reaches this: the samples are all the same "
         "(needs validation.imagesPerPrompt >= 2).",
     )
     prior_loss_drift: float = Field(
-        0.5, gt=0, le=100,
+        0.5,
+        gt=0,
+        le=100,
         description="Overfitting (reason PriorLossDrift) when the class-image loss since the last "
         "round is this fraction above its value in the first round (0.5: 50% higher), with prior "
         "preservation on: the model forgets its class.",
     )
     underfitting_share: float = Field(
-        0.5, gt=0, le=1.0,
+        0.5,
+        gt=0,
+        le=1.0,
         description="Underfitting is judged once this share of the steps is done.",
     )
     underfitting_margin: float = Field(
-        0.02, ge=0, le=1.0,
+        0.02,
+        ge=0,
+        le=1.0,
         description="Underfitting (reason SubjectNotLearned) when subject fidelity is at most this "
         "much above the base model's (measured before the first step).",
     )
@@ -649,8 +652,7 @@ class StorageSpec(ApiModel):
         None,
         max_length=253,
         pattern=anchored(k8s.ENDPOINT),
-        description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the "
-        "operator's.",
+        description="host[:port] of the S3 API, e.g. minio.minio.svc:9000. Default: the operator's.",
     )
     secure: bool | None = Field(None, description="Use TLS. Default: the operator's (true).")
     region: str = Field("us-east-1", min_length=1, max_length=64, description="S3 region.")
@@ -664,22 +666,35 @@ class StorageSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration (as in a Pod spec)."""
 
-    key: str | None = Field(None, max_length=253, pattern=anchored(k8s.optional(k8s.QUALIFIED_NAME)),
-                            description="Taint key (a label key); empty matches all, with "
-                            "operator Exists.")
-    operator: str = Field("Equal", pattern=say("^(Equal|Exists)$", "use Equal or Exists"),
-                          description="Equal or Exists (which takes no value).")
-    value: str | None = Field(None, max_length=k8s.LABEL_VALUE_MAX,
-                              pattern=anchored(k8s.LABEL_VALUE),
-                              description="Taint value (a label value) for Equal.")
+    key: str | None = Field(
+        None,
+        max_length=253,
+        pattern=anchored(k8s.optional(k8s.QUALIFIED_NAME)),
+        description="Taint key (a label key); empty matches all, with operator Exists.",
+    )
+    operator: str = Field(
+        "Equal",
+        pattern=say("^(Equal|Exists)$", "use Equal or Exists"),
+        description="Equal or Exists (which takes no value).",
+    )
+    value: str | None = Field(
+        None,
+        max_length=k8s.LABEL_VALUE_MAX,
+        pattern=anchored(k8s.LABEL_VALUE),
+        description="Taint value (a label value) for Equal.",
+    )
     effect: str | None = Field(
         None,
-        pattern=say("^(NoSchedule|PreferNoSchedule|NoExecute)$",
-                    "use NoSchedule, PreferNoSchedule or NoExecute, or leave it out to match all"),
+        pattern=say(
+            "^(NoSchedule|PreferNoSchedule|NoExecute)$",
+            "use NoSchedule, PreferNoSchedule or NoExecute, or leave it out to match all",
+        ),
         description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
     )
     toleration_seconds: int | None = Field(
-        None, ge=0, le=2**31 - 1,
+        None,
+        ge=0,
+        le=2**31 - 1,
         description="How long a NoExecute taint is tolerated (only with effect NoExecute).",
     )
 
@@ -688,8 +703,11 @@ class GpuSpec(ApiModel):
     resource_name: str = Field(
         "nvidia.com/gpu",
         max_length=253,
-        pattern=say(r"^[a-z0-9.-]+/[a-z0-9._-]+$", "use <domain>/<name> in lowercase as the device "
-                    "plugin advertises it, e.g. nvidia.com/gpu or nvidia.com/mig-3g.20gb"),
+        pattern=say(
+            r"^[a-z0-9.-]+/[a-z0-9._-]+$",
+            "use <domain>/<name> in lowercase as the device "
+            "plugin advertises it, e.g. nvidia.com/gpu or nvidia.com/mig-3g.20gb",
+        ),
         description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, or a MIG "
         "profile such as nvidia.com/mig-3g.20gb). A MIG slice is one CUDA device: with a MIG "
         "profile, gpusPerNode must be 1.",
@@ -702,8 +720,9 @@ class EnvVar(ApiModel):
     name: str = Field(
         min_length=1,
         max_length=ENV_NAME_MAX,
-        pattern=say(ENV_NAME_PATTERN, "use letters, digits and '_', not starting with a digit "
-                    "(e.g. NCCL_SOCKET_IFNAME)"),
+        pattern=say(
+            ENV_NAME_PATTERN, "use letters, digits and '_', not starting with a digit (e.g. NCCL_SOCKET_IFNAME)"
+        ),
         description="Variable name, e.g. NCCL_SOCKET_IFNAME. Names the operator, the launcher "
         "or the device plugin set (DREAMBOOTH_*, AWS_*, PYTHON*, HOME, HF_HOME, RANK, "
         "CUDA_VISIBLE_DEVICES, NVIDIA_*, ...) and names that look like credentials are refused.",
@@ -730,16 +749,18 @@ class ResourcesSpec(ApiModel):
         "8Gi", description="Size of /dev/shm (data loaders and NCCL need more than the default)."
     )
     node_selector: dict[LabelKey, LabelValue] = Field(
-        default_factory=dict, max_length=32,
+        default_factory=dict,
+        max_length=32,
         description="Node labels the pods must match (label keys and values).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     image: str | None = Field(
-        None, max_length=k8s.IMAGE_MAX, pattern=anchored(k8s.IMAGE),
-        description="Trainer image reference ([registry[:port]/]path[:tag][@digest]). "
-        "Default: the operator's.",
+        None,
+        max_length=k8s.IMAGE_MAX,
+        pattern=anchored(k8s.IMAGE),
+        description="Trainer image reference ([registry[:port]/]path[:tag][@digest]). Default: the operator's.",
     )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")
     env: list[EnvVar] = Field(
@@ -769,12 +790,9 @@ class RunPolicySpec(ApiModel):
 
     suspend: bool = Field(
         False,
-        description="Stop the pods and keep the checkpoints; set back to false to resume "
-        "(Kueue uses this).",
+        description="Stop the pods and keep the checkpoints; set back to false to resume (Kueue uses this).",
     )
-    backoff_limit: int = Field(
-        3, ge=0, le=100, description="Pod failures retried (each resumes from a checkpoint)."
-    )
+    backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures retried (each resumes from a checkpoint).")
     active_deadline_seconds: int | None = Field(
         None, ge=1, le=2**31 - 1, description="Fail the job after this many seconds. Default: none."
     )
@@ -815,21 +833,14 @@ class DreamBoothJobSpec(ApiModel):
     instance: InstanceSpec = Field(description="The subject's photos and prompt.")
     prior: PriorSpec = Field(default_factory=PriorSpec, description="Prior preservation.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
-    validation: ValidationSpec = Field(
-        default_factory=ValidationSpec, description="Sample grids during training."
-    )
+    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Sample grids during training.")
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec, description="Judge the sample rounds (over- and underfitting)."
     )
-    checkpointing: CheckpointingSpec = Field(
-        default_factory=CheckpointingSpec, description="Checkpoints for resuming."
-    )
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints for resuming.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Results.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3/MinIO access.")
-    resources: ResourcesSpec = Field(
-        default_factory=ResourcesSpec, description="Pods, GPUs and scheduling."
-    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs and scheduling.")
     run_policy: RunPolicySpec = Field(
         default_factory=RunPolicySpec, description="Suspend, retries, deadlines, cleanup."
     )
-

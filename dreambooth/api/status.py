@@ -97,10 +97,17 @@ class Reason(StrEnum):
 
 
 #: Pending reasons that mean "on its way", not "needs you"
-BENIGN_PENDING: frozenset[str] = frozenset({
-    Reason.CREATING, Reason.WAITING_FOR_PODS, Reason.SCHEDULING, Reason.CONTAINER_CREATING,
-    Reason.POD_INITIALIZING, Reason.RESTARTING, Reason.RECREATING,
-})
+BENIGN_PENDING: frozenset[str] = frozenset(
+    {
+        Reason.CREATING,
+        Reason.WAITING_FOR_PODS,
+        Reason.SCHEDULING,
+        Reason.CONTAINER_CREATING,
+        Reason.POD_INITIALIZING,
+        Reason.RESTARTING,
+        Reason.RECREATING,
+    }
+)
 
 
 def progress_summary(step: int, total: int) -> tuple[float, str]:
@@ -113,8 +120,11 @@ def progress_summary(step: int, total: int) -> tuple[float, str]:
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: str = Field(max_length=316, description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
-                      "Overfitting and Underfitting with spec.evaluation.enabled.")
+    type: str = Field(
+        max_length=316,
+        description="Ready, Running, Succeeded, Failed, Suspended, Stalled; "
+        "Overfitting and Underfitting with spec.evaluation.enabled.",
+    )
     status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = Field(
         max_length=1024,
@@ -161,24 +171,31 @@ class Evaluation(Figures):
     """The latest evaluated sample round (docs/evaluation.md) and the best checkpoint so far."""
 
     base_subject_fidelity: float | None = Field(
-        None, description="Subject fidelity of the base model's samples (before the first step).")
+        None, description="Subject fidelity of the base model's samples (before the first step)."
+    )
     score: float | None = Field(None, description="subjectFidelity + promptFidelity of the latest round.")
     best_checkpoint: CheckpointRef | None = Field(
-        None, description="The checkpoint with the best score so far, rounds without an overfitting sign first.")
+        None, description="The checkpoint with the best score so far, rounds without an overfitting sign first."
+    )
     updated_at: Timestamp | None = Field(
-        None, description="When these figures were read.", json_schema_extra={"format": "date-time"})
+        None, description="When these figures were read.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class Outputs(ApiModel):
     model: str | None = Field(None, max_length=2048, description="Final diffusers model folder.")
     single_file: str | None = Field(None, max_length=2048, description="Single-file .safetensors.")
     lora: str | None = Field(None, max_length=2048, description="LoRA weights folder.")
-    lora_kohya: str | None = Field(None, max_length=2048,
-                                   description="LoRA weights in the kohya/WebUI format (one .safetensors).")
+    lora_kohya: str | None = Field(
+        None, max_length=2048, description="LoRA weights in the kohya/WebUI format (one .safetensors)."
+    )
     samples: str | None = Field(None, max_length=2048, description="Folder of sample grids.")
     best_checkpoint: str | None = Field(
-        None, max_length=2048, description="The checkpoint to use: the best evaluated one (the final "
-        "model's folder when the last step is best); what output.export: best exported.")
+        None,
+        max_length=2048,
+        description="The checkpoint to use: the best evaluated one (the final "
+        "model's folder when the last step is best); what output.export: best exported.",
+    )
 
 
 class DreamBoothJobStatus(ApiModel):
@@ -190,8 +207,11 @@ class DreamBoothJobStatus(ApiModel):
     )
     progress: Progress | None = Field(None, description="Training progress.")
     family: str | None = Field(
-        None, max_length=32, description="The base model's family (sd, sdxl): the one baseModel.family "
-        "names, or the one the trainer found in the model for auto.")
+        None,
+        max_length=32,
+        description="The base model's family (sd, sdxl): the one baseModel.family "
+        "names, or the one the trainer found in the model for auto.",
+    )
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
     evaluation: Evaluation | None = Field(None, description="The latest evaluated sample round.")
     outputs: Outputs | None = Field(None, description="Where the results are.")
@@ -202,6 +222,4 @@ class DreamBoothJobStatus(ApiModel):
     completion_time: Timestamp | None = Field(
         None, description="When the job finished.", json_schema_extra={"format": "date-time"}
     )
-    observed_generation: int | None = Field(
-        None, ge=0, description="The spec generation the status describes."
-    )
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation the status describes.")

@@ -70,10 +70,15 @@ class AxisField(StrEnum):
 SAMPLING_AXES = frozenset({AxisField.STEPS, AxisField.SCHEDULER})
 #: what each axis's values are on the wire (the CRD checks the same with CEL)
 VALUE_TYPES: dict[AxisField, str] = {
-    AxisField.LEARNING_RATE: "number", AxisField.TEXT_ENCODER_LEARNING_RATE: "number",
-    AxisField.PRIOR: "boolean", AxisField.TRAIN_TEXT_ENCODER: "boolean",
-    AxisField.METHOD: "string", AxisField.LORA_RANK: "integer", AxisField.SEED: "integer",
-    AxisField.STEPS: "integer", AxisField.SCHEDULER: "string",
+    AxisField.LEARNING_RATE: "number",
+    AxisField.TEXT_ENCODER_LEARNING_RATE: "number",
+    AxisField.PRIOR: "boolean",
+    AxisField.TRAIN_TEXT_ENCODER: "boolean",
+    AxisField.METHOD: "string",
+    AxisField.LORA_RANK: "integer",
+    AxisField.SEED: "integer",
+    AxisField.STEPS: "integer",
+    AxisField.SCHEDULER: "string",
 }
 #: settings of a feature that an axis turns off (the rules refuse them without it)
 _DROPPED_WHEN_OFF = {
@@ -84,8 +89,12 @@ _DROPPED_WHEN_OFF = {
 #: an axis value: any JSON scalar on the wire (the CRD keeps it as is); its field decides
 AxisValue = Annotated[
     Any,
-    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True,
-                    "description": "A value of the field: a number, a boolean or a string."}),
+    WithJsonSchema(
+        {
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A value of the field: a number, a boolean or a string.",
+        }
+    ),
 ]
 
 
@@ -97,12 +106,15 @@ class Axis(ApiModel):
         "training.textEncoderLearningRate, prior.enabled, training.trainTextEncoder, "
         "training.method, training.lora.rank, training.seed (each value trains a run), "
         "training.steps (one run trains to the largest value and is judged at each), "
-        "validation.scheduler (the same checkpoints are sampled with each).")
+        "validation.scheduler (the same checkpoints are sampled with each)."
+    )
     values: list[AxisValue] = Field(
-        min_length=1, max_length=MAX_VALUES,
+        min_length=1,
+        max_length=MAX_VALUES,
         description="The values to try, each once, of the field's type (numbers for learning "
         "rates, true/false for prior.enabled and trainTextEncoder, integers for steps, seed and "
-        "rank, names for method and scheduler).")
+        "rank, names for method and scheduler).",
+    )
 
 
 class DreamBoothSweepSpec(ApiModel):
@@ -110,16 +122,18 @@ class DreamBoothSweepSpec(ApiModel):
 
     template: DreamBoothJobSpec = Field(description="The DreamBoothJob spec every run starts from.")
     axes: list[Axis] = Field(
-        min_length=1, max_length=MAX_AXES,
+        min_length=1,
+        max_length=MAX_AXES,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["field"]},
         description="The fields to vary, each once. Runs: the product of the training axes' "
-        "values; rows: runs x steps values x schedulers.")
+        "values; rows: runs x steps values x schedulers.",
+    )
     max_parallel: int = Field(
-        1, ge=1, le=MAX_RUNS,
-        description="Runs not yet finished at once (a queue's quota: the others wait).")
+        1, ge=1, le=MAX_RUNS, description="Runs not yet finished at once (a queue's quota: the others wait)."
+    )
     max_runs: int = Field(
-        16, ge=1, le=MAX_RUNS,
-        description="The most runs the axes may make; a sweep making more is refused.")
+        16, ge=1, le=MAX_RUNS, description="The most runs the axes may make; a sweep making more is refused."
+    )
     suspend: bool = Field(False, description="Suspend every run (set back to false to resume them).")
 
 
@@ -189,8 +203,10 @@ def plan(spec: DreamBoothSweepSpec) -> Plan:
     eff = effective_spec(spec.template)
     training = [a for a in spec.axes if a.field not in SAMPLING_AXES]
     combos = itertools.product(*(a.values for a in training))
-    runs = tuple(Run(i + 1, tuple((a.field.value, v) for a, v in zip(training, combo, strict=True)))
-                 for i, combo in enumerate(combos))
+    runs = tuple(
+        Run(i + 1, tuple((a.field.value, v) for a, v in zip(training, combo, strict=True)))
+        for i, combo in enumerate(combos)
+    )
     steps = tuple(sorted(_axis(spec, AxisField.STEPS) or [eff.training.steps]))
     schedulers = tuple(_axis(spec, AxisField.SCHEDULER) or [eff.validation.scheduler.value])
     return Plan(runs, steps, schedulers)
@@ -249,8 +265,7 @@ def child_spec(spec: DreamBoothSweepSpec, run: Run, the_plan: Plan) -> dict[str,
 
 # --- validation ----------------------------------------------------------------------------
 
-_TYPE_WORDS = {"number": "a number", "boolean": "true or false", "integer": "an integer",
-               "string": "a name"}
+_TYPE_WORDS = {"number": "a number", "boolean": "true or false", "integer": "an integer", "string": "a name"}
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -272,16 +287,16 @@ def sweep_violations(spec: DreamBoothSweepSpec, prefix: str = "spec") -> list[Fi
     for i, axis in enumerate(spec.axes):
         where = f"{prefix}.axes[{i}]"
         if axis.field in seen:
-            issues.append(FieldIssue(f"{where}.field", f"{axis.field.value} is an axis twice: list "
-                                     "all its values in one axis"))
+            issues.append(
+                FieldIssue(f"{where}.field", f"{axis.field.value} is an axis twice: list all its values in one axis")
+            )
         seen.add(axis.field)
         kind = VALUE_TYPES[axis.field]
         shown_values: list[str] = []
         for j, value in enumerate(axis.values):
             at = f"{where}.values[{j}]"
             if not _type_ok(kind, value):
-                issues.append(FieldIssue(at, f"{axis.field.value} takes {_TYPE_WORDS[kind]} "
-                                         f"(got {value!r})"))
+                issues.append(FieldIssue(at, f"{axis.field.value} takes {_TYPE_WORDS[kind]} (got {value!r})"))
                 continue
             if repr(value) in shown_values:
                 issues.append(FieldIssue(at, f"{value!r} is listed twice"))
@@ -289,22 +304,39 @@ def sweep_violations(spec: DreamBoothSweepSpec, prefix: str = "spec") -> list[Fi
             shown_values.append(repr(value))
             if axis.field is AxisField.STEPS:
                 if value < 1 or value > eff.training.steps:
-                    issues.append(FieldIssue(at, f"{value} steps is outside 1..{eff.training.steps}, "
-                                             "the template's training.steps: raise the template's "
-                                             "steps or lower the value"))
+                    issues.append(
+                        FieldIssue(
+                            at,
+                            f"{value} steps is outside 1..{eff.training.steps}, "
+                            "the template's training.steps: raise the template's "
+                            "steps or lower the value",
+                        )
+                    )
                 continue
             issues.extend(_value_issues(template, axis.field, value, at))
     if AxisField.SCHEDULER in seen and not spec.template.validation.enabled:
-        issues.append(FieldIssue(f"{prefix}.template.validation.enabled", "a validation.scheduler axis "
-                                 "samples each round with each scheduler: validation must be enabled"))
+        issues.append(
+            FieldIssue(
+                f"{prefix}.template.validation.enabled",
+                "a validation.scheduler axis samples each round with each scheduler: validation must be enabled",
+            )
+        )
     runs = run_count(spec)
     if runs > spec.max_runs:
-        issues.append(FieldIssue(f"{prefix}.axes", f"the training axes make {runs} runs, more than "
-                                 f"maxRuns {spec.max_runs}: drop values or raise maxRuns"))
+        issues.append(
+            FieldIssue(
+                f"{prefix}.axes",
+                f"the training axes make {runs} runs, more than maxRuns {spec.max_runs}: drop values or raise maxRuns",
+            )
+        )
     rows = math.prod(len(a.values) for a in spec.axes)
     if rows > MAX_ROWS:
-        issues.append(FieldIssue(f"{prefix}.axes", f"the axes make {rows} rows (runs x steps x "
-                                 f"schedulers), more than {MAX_ROWS}: drop values"))
+        issues.append(
+            FieldIssue(
+                f"{prefix}.axes",
+                f"the axes make {rows} rows (runs x steps x schedulers), more than {MAX_ROWS}: drop values",
+            )
+        )
     return issues
 
 
@@ -316,8 +348,14 @@ def _value_issues(template: dict[str, Any], field: AxisField, value: Any, at: st
         out = []
         for issue in err.issues:
             path = issue.path.removeprefix("spec.")
-            out.append(FieldIssue(at, f"{field.value}: {issue.message}" if path == field.value
-                                  else f"with {field.value} {_shown(value)}: {path}: {issue.message}"))
+            out.append(
+                FieldIssue(
+                    at,
+                    f"{field.value}: {issue.message}"
+                    if path == field.value
+                    else f"with {field.value} {_shown(value)}: {path}: {issue.message}",
+                )
+            )
         return out
     return []
 
@@ -326,18 +364,20 @@ def validate_sweep(data: Any, *, cluster: bool = False) -> DreamBoothSweep:
     """Validate a whole DreamBoothSweep; raise :class:`SpecError` naming every bad field."""
     what = "DreamBoothSweep"
     if not isinstance(data, dict):
-        raise SpecError([FieldIssue("(document)", "must be a mapping with apiVersion, kind, "
-                                    "metadata and spec")], what=what)
+        raise SpecError(
+            [FieldIssue("(document)", "must be a mapping with apiVersion, kind, metadata and spec")], what=what
+        )
     try:
         sweep = DreamBoothSweep.model_validate_json(
-            _as_json(data), strict=True, by_alias=True, by_name=False,
-            context={"cluster": cluster, "skip_rules": True})
+            _as_json(data), strict=True, by_alias=True, by_name=False, context={"cluster": cluster, "skip_rules": True}
+        )
     except ValidationError as err:
         raise SpecError(issues_from(err, DreamBoothSweep), what=what) from None
     issues = []
     if len(sweep.metadata.name) > MAX_SWEEP_NAME:
-        issues.append(FieldIssue("metadata.name", f"at most {MAX_SWEEP_NAME} characters (its runs "
-                                 "are named <sweep>-<number>)"))
+        issues.append(
+            FieldIssue("metadata.name", f"at most {MAX_SWEEP_NAME} characters (its runs are named <sweep>-<number>)")
+        )
     found = violations(sweep.spec.template)
     issues += [FieldIssue(f"spec.template.{v.path}", v.message) for v in found]
     if not found:

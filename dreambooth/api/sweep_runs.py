@@ -56,13 +56,23 @@ def child_job(sweep: DreamBoothSweep, run: Run, the_plan: Plan, sweep_out: str) 
     name = run_name(meta.name, run.number)
     spec = child_spec(sweep.spec, run, the_plan)
     spec.setdefault("output", {})["uri"] = run_output_uri(sweep_out, name)
-    metadata: dict[str, Any] = {"name": name, "labels": {**meta.labels, SWEEP_LABEL: meta.name,
-                                                         RUN_LABEL: str(run.number)}}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**meta.labels, SWEEP_LABEL: meta.name, RUN_LABEL: str(run.number)},
+    }
     if meta.namespace:
         metadata["namespace"] = meta.namespace
     if meta.uid:
-        metadata["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": SWEEP_KIND, "name": meta.name,
-                                        "uid": meta.uid, "controller": True, "blockOwnerDeletion": True}]
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": SWEEP_KIND,
+                "name": meta.name,
+                "uid": meta.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
@@ -90,11 +100,19 @@ def compare_config(sweep: DreamBoothSweep, the_plan: Plan, output: str) -> Compa
     spec: DreamBoothSweepSpec = sweep.spec
     eff = effective_spec(spec.template)
     names = [run_name(sweep.metadata.name, r.number) for r in the_plan.runs]
-    runs = [CompareRun(name=n, label=r.label(), values=dict(r.values), output=run_output_uri(output, n))
-            for n, r in zip(names, the_plan.runs, strict=True)]
-    return CompareConfig(sweep=sweep.metadata.name, output=output, runs=runs, steps=list(the_plan.steps),
-                         schedulers=list(the_plan.schedulers), prompts=list(eff.validation.prompts),
-                         resolution=eff.training.resolution)
+    runs = [
+        CompareRun(name=n, label=r.label(), values=dict(r.values), output=run_output_uri(output, n))
+        for n, r in zip(names, the_plan.runs, strict=True)
+    ]
+    return CompareConfig(
+        sweep=sweep.metadata.name,
+        output=output,
+        runs=runs,
+        steps=list(the_plan.steps),
+        schedulers=list(the_plan.schedulers),
+        prompts=list(eff.validation.prompts),
+        resolution=eff.training.resolution,
+    )
 
 
 _FIGURE_NAMES = {f.alias or n for n, f in Figures.model_fields.items()} | set(Figures.model_fields)

@@ -25,14 +25,17 @@ class SweepRow(ApiModel):
 
     run: str = Field(max_length=63, description="The run's DreamBoothJob.")
     values: dict[str, str] = Field(
-        default_factory=dict, max_length=16,
-        description="The run's value of each training axis (as text), e.g. training.learningRate: 5e-06.")
+        default_factory=dict,
+        max_length=16,
+        description="The run's value of each training axis (as text), e.g. training.learningRate: 5e-06.",
+    )
     step: int = Field(ge=0, description="The checkpoint's step (a training.steps value).")
     scheduler: str = Field(max_length=32, description="The scheduler the samples were drawn with.")
     phase: str = Field("Pending", max_length=32, description="The run's phase.")
     final_loss: float | None = Field(None, description="The run's last training loss.")
     evaluation: Figures | None = Field(
-        None, description="The evaluation of this step's samples (the run's main scheduler), once known.")
+        None, description="The evaluation of this step's samples (the run's main scheduler), once known."
+    )
     samples: str | None = Field(None, max_length=2048, description="The sample grid of this row.")
     best_checkpoint: str | None = Field(None, max_length=2048, description="The run's best checkpoint.")
     message: str = Field("", max_length=1024, description="Why the run failed, when it did.")
@@ -49,8 +52,9 @@ class DreamBoothSweepStatus(ApiModel):
     summary: str = Field("", max_length=32, description="finished/total runs, for kubectl get.")
     best_run: str | None = Field(None, max_length=63, description="The run with the best evaluation score.")
     best_step: int | None = Field(None, ge=0, description="The best run's best step.")
-    rows: list[SweepRow] = Field(default_factory=list, max_length=MAX_ROWS,
-                                 description="One row per (run, step, scheduler).")
+    rows: list[SweepRow] = Field(
+        default_factory=list, max_length=MAX_ROWS, description="One row per (run, step, scheduler)."
+    )
     compare: str | None = Field(None, max_length=2048, description="compare.png: rows runs x steps, columns prompts.")
     compare_json: str | None = Field(None, max_length=2048, description="compare.json: every figure.")
     message: str = Field("", max_length=4096, description="What the sweep is waiting for, or why it failed.")

@@ -34,6 +34,7 @@ BEST_CHECKPOINT_STEP = PREFIX + "evaluation_best_step"
 MODEL = PREFIX + "model"
 MODEL_FAMILY_LABEL = "family"
 
+
 class TrainerPhase(StrEnum):
     """Values of the phase metric's label, in the order a run goes through them (a failed
     run ends in its termination summary, not in a phase)."""

@@ -42,8 +42,7 @@ def verdict_name(rank: int) -> str:
 class TerminationSummary(BaseModel):
     """One line of JSON: ``{"exitCode": 0, "reason": "Succeeded", "step": 400, ...}``."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
-                              frozen=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
     exit_code: int
     #: CamelCase, for conditions: Succeeded, BadData, Preempted, Unexpected, ProcessLost, ...
@@ -71,7 +70,8 @@ class TerminationSummary(BaseModel):
         if excess > 0 and self.message:
             keep = self.message.encode()[: max(0, len(self.message.encode()) - excess - 3)]
             text = self.model_copy(update={"message": keep.decode(errors="ignore") + "..."}).model_dump_json(
-                by_alias=True, exclude_none=True)
+                by_alias=True, exclude_none=True
+            )
         return text
 
     @classmethod
@@ -94,6 +94,7 @@ def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int) -> Termi
     succeeded: the first process's summary. None when no process reported: the launcher
     failed before (e.g. a rendezvous timeout), and the pod's log says what it saw (the
     kubelet takes its tail as the termination message)."""
+
     def first(found: list[TerminationSummary]) -> TerminationSummary | None:
         return min(found, key=lambda v: (v.finished_at or 0.0, v.rank or 0), default=None)
 
@@ -108,9 +109,11 @@ def pod_verdict(verdicts: Sequence[TerminationSummary], processes: int) -> Termi
     if len(ranks) < processes:
         missing = processes - len(ranks)
         return TerminationSummary(
-            exit_code=ExitCode.UNEXPECTED, reason=PROCESS_LOST,
+            exit_code=ExitCode.UNEXPECTED,
+            reason=PROCESS_LOST,
             message=f"{missing} of the pod's {processes} training processes ended without a verdict "
-            "(killed by a signal, e.g. the out-of-memory killer): see the pod's log")
+            "(killed by a signal, e.g. the out-of-memory killer): see the pod's log",
+        )
     if stopped:
         return first(stopped)
     return min(verdicts, key=lambda v: v.rank or 0)

@@ -196,8 +196,7 @@ def _check_segments(text: str, kind: Scheme, segments: list[str]) -> None:
     # whitespace, '?' and '#' are refused before: a segment SEGMENT refuses is '.' or '..'
     if not all(_SEGMENT_RE.fullmatch(s) for s in segments):
         raise UriError(
-            f"{shown(text)}: a path must not contain '.' or '..' segments: use "
-            f"{EXAMPLES[kind]} without them"
+            f"{shown(text)}: a path must not contain '.' or '..' segments: use {EXAMPLES[kind]} without them"
         )
 
 

@@ -26,23 +26,48 @@ def _env(name: str, default: str = "") -> str:
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gallery", help="a read-only web gallery of jobs: progress, loss curves, sample grids")
-    p.add_argument("root", nargs="?", type=Path, help="a folder of local runs (e.g. runs/); "
-                   "without it, the DreamBoothJobs of the cluster")
-    p.add_argument("--host", default=_env("GALLERY_HOST", "127.0.0.1"),
-                   help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=int(_env("GALLERY_PORT", str(DEFAULT_PORT))),
-                   help=f"port (default {DEFAULT_PORT}; 0: any free one)")
-    p.add_argument("--namespace", action="append", default=None,
-                   help="a namespace to show (repeat; default: $DREAMBOOTH_NAMESPACES, else all)")
-    p.add_argument("--output-root", default=_env("OUTPUT_ROOT"),
-                   help="where outputs are when a job's spec.output.uri is unset (the operator's)")
+    p.add_argument(
+        "root",
+        nargs="?",
+        type=Path,
+        help="a folder of local runs (e.g. runs/); without it, the DreamBoothJobs of the cluster",
+    )
+    p.add_argument(
+        "--host",
+        default=_env("GALLERY_HOST", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("GALLERY_PORT", str(DEFAULT_PORT))),
+        help=f"port (default {DEFAULT_PORT}; 0: any free one)",
+    )
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        help="a namespace to show (repeat; default: $DREAMBOOTH_NAMESPACES, else all)",
+    )
+    p.add_argument(
+        "--output-root",
+        default=_env("OUTPUT_ROOT"),
+        help="where outputs are when a job's spec.output.uri is unset (the operator's)",
+    )
     p.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT"), help="host:port of S3/MinIO")
-    p.add_argument("--s3-insecure", action="store_true", default=_env("S3_SECURE", "true").lower() == "false",
-                   help="plain HTTP to S3")
-    p.add_argument("--s3-credentials-dir", type=Path, default=Path(_env("S3_CREDENTIALS_DIR")) if
-                   _env("S3_CREDENTIALS_DIR") else None,
-                   help="folder with files AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a mounted "
-                   "Secret; default: those environment variables)")
+    p.add_argument(
+        "--s3-insecure",
+        action="store_true",
+        default=_env("S3_SECURE", "true").lower() == "false",
+        help="plain HTTP to S3",
+    )
+    p.add_argument(
+        "--s3-credentials-dir",
+        type=Path,
+        default=Path(_env("S3_CREDENTIALS_DIR")) if _env("S3_CREDENTIALS_DIR") else None,
+        help="folder with files AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a mounted "
+        "Secret; default: those environment variables)",
+    )
     p.set_defaults(func=cmd_gallery)
 
 

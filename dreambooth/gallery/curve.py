@@ -66,16 +66,19 @@ def _label(value: float) -> str:
 def loss_curve(points: list[Point], *, width: int = WIDTH, height: int = HEIGHT) -> str:
     """The SVG (an empty-state message when there is no history yet)."""
     if not points:
-        return (f'<svg class="curve" viewBox="0 0 {width} 60" role="img" aria-label="no history yet">'
-                f'<text x="{width // 2}" y="34" text-anchor="middle" class="muted">'
-                'no history.jsonl yet: the curve appears after the first checkpoint or sample</text></svg>')
+        return (
+            f'<svg class="curve" viewBox="0 0 {width} 60" role="img" aria-label="no history yet">'
+            f'<text x="{width // 2}" y="34" text-anchor="middle" class="muted">'
+            "no history.jsonl yet: the curve appears after the first checkpoint or sample</text></svg>"
+        )
     plot_w, plot_h = width - LEFT - RIGHT, height - TOP - BOTTOM
     steps = [p.step for p in points]
     x_low, x_high = min(steps), max(steps)
     x_high = x_high if x_high > x_low else x_low + 1
     all_series = series_of(points)
-    ranges = {axis: _range([v for s in all_series if s.axis == axis for _, v in s.values])
-              for axis in ("left", "right")}
+    ranges = {
+        axis: _range([v for s in all_series if s.axis == axis for _, v in s.values]) for axis in ("left", "right")
+    }
 
     def x(step: float) -> float:
         return LEFT + (step - x_low) / (x_high - x_low) * plot_w
@@ -84,20 +87,28 @@ def loss_curve(points: list[Point], *, width: int = WIDTH, height: int = HEIGHT)
         low, high = ranges[axis]
         return TOP + plot_h - (value - low) / (high - low) * plot_h
 
-    parts = [(f'<svg class="curve" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="loss and learning rate by step, steps {x_low} to {max(steps)}">'),
-             f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>']
+    parts = [
+        (
+            f'<svg class="curve" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="loss and learning rate by step, steps {x_low} to {max(steps)}">'
+        ),
+        f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>',
+    ]
     for tick in nice_ticks(*ranges["left"]):
         ty = y(tick, "left")
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
-                     f'<text class="tick" x="{LEFT - 6}" y="{ty + 4:.1f}" text-anchor="end">{_label(tick)}</text>')
+        parts.append(
+            f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
+            f'<text class="tick" x="{LEFT - 6}" y="{ty + 4:.1f}" text-anchor="end">{_label(tick)}</text>'
+        )
     for tick in nice_ticks(*ranges["right"], count=4):
         ty = y(tick, "right")
         parts.append(f'<text class="tick lr" x="{LEFT + plot_w + 6}" y="{ty + 4:.1f}">{_label(tick)}</text>')
     for tick in nice_ticks(x_low, x_high, count=6):
         if tick == int(tick):
             tx = x(tick)
-            parts.append(f'<text class="tick" x="{tx:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{int(tick)}</text>')
+            parts.append(
+                f'<text class="tick" x="{tx:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{int(tick)}</text>'
+            )
     parts.append(f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">step</text>')
     for s in all_series:
         coords = " ".join(f"{x(step):.1f},{y(v, s.axis):.1f}" for step, v in s.values if math.isfinite(v))
@@ -105,10 +116,14 @@ def loss_curve(points: list[Point], *, width: int = WIDTH, height: int = HEIGHT)
     legend_x = LEFT + 8
     for i, s in enumerate(all_series):
         lx = legend_x + i * 130
-        parts.append(f'<line class="series {s.css}" x1="{lx}" x2="{lx + 18}" y1="{TOP - 14}" y2="{TOP - 14}"/>'
-                     f'<text class="legend" x="{lx + 22}" y="{TOP - 10}">{escape(s.name)}</text>')
+        parts.append(
+            f'<line class="series {s.css}" x1="{lx}" x2="{lx + 18}" y1="{TOP - 14}" y2="{TOP - 14}"/>'
+            f'<text class="legend" x="{lx + 22}" y="{TOP - 10}">{escape(s.name)}</text>'
+        )
     last = points[-1]
-    parts.append(f'<text class="legend" x="{LEFT + plot_w}" y="{TOP - 10}" text-anchor="end">'
-                 f'step {last.step}: loss {last.loss:.4f}</text>')
+    parts.append(
+        f'<text class="legend" x="{LEFT + plot_w}" y="{TOP - 10}" text-anchor="end">'
+        f"step {last.step}: loss {last.loss:.4f}</text>"
+    )
     parts.append("</svg>")
     return "".join(parts)

@@ -16,8 +16,12 @@ _SERVED = re.compile(
     r"|lora/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.safetensors)$"
 )
 
-CONTENT_TYPES = {".png": "image/png", ".jsonl": "application/x-ndjson", ".json": "application/json",
-                 ".safetensors": "application/octet-stream"}
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jsonl": "application/x-ndjson",
+    ".json": "application/json",
+    ".safetensors": "application/octet-stream",
+}
 
 
 class KeyRefused(ValueError):

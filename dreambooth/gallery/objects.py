@@ -89,6 +89,7 @@ class FileStore(Store):
             if not self.root.is_dir():
                 return []
             return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
         return await asyncio.to_thread(walk)
 
     async def read(self, key: str, limit: int = 16 << 20) -> bytes | None:
@@ -119,8 +120,13 @@ class S3Store(Store):
 
         self.bucket, self.prefix = bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
-        self._client = Minio(access.endpoint, access_key=access.access_key, secret_key=access.secret_key,
-                             secure=access.secure, region=access.region)
+        self._client = Minio(
+            access.endpoint,
+            access_key=access.access_key,
+            secret_key=access.secret_key,
+            secure=access.secure,
+            region=access.region,
+        )
 
     def _error(self, err: Exception) -> Exception:
         from minio.error import S3Error
@@ -133,8 +139,11 @@ class S3Store(Store):
 
     async def keys(self) -> list[str]:
         def walk() -> list[str]:
-            return sorted(o.object_name[len(self.prefix):]
-                          for o in self._client.list_objects(self.bucket, prefix=self.prefix, recursive=True))
+            return sorted(
+                o.object_name[len(self.prefix) :]
+                for o in self._client.list_objects(self.bucket, prefix=self.prefix, recursive=True)
+            )
+
         try:
             return await asyncio.to_thread(walk)
         except Exception as err:  # noqa: BLE001  (mapped to a message without secrets)
@@ -153,6 +162,7 @@ class S3Store(Store):
             finally:
                 response.close()
                 response.release_conn()
+
         try:
             return await asyncio.to_thread(get)
         except Unavailable:

@@ -75,12 +75,18 @@ def outputs_of(keys: list[str], evaluation: bytes | None = None) -> Outputs:
     figures = evaluation_figures(evaluation)
     steps = sorted(set(grids) | set(figures))
     present = set(keys)
-    exports = [k for k in (layout.MODEL, layout.SINGLE_FILE, layout.LORA)
-               if k in present or any(key.startswith(k) for key in keys if k.endswith("/"))]
+    exports = [
+        k
+        for k in (layout.MODEL, layout.SINGLE_FILE, layout.LORA)
+        if k in present or any(key.startswith(k) for key in keys if k.endswith("/"))
+    ]
     return Outputs(
         steps=[StepView(s, grids.get(s), s in complete, figures.get(s, {})) for s in steps],
-        progression=layout.PROGRESSION in present, history=layout.HISTORY in present,
-        evaluation=layout.EVALUATION in present, result=layout.RESULT in present, exports=exports,
+        progression=layout.PROGRESSION in present,
+        history=layout.HISTORY in present,
+        evaluation=layout.EVALUATION in present,
+        result=layout.RESULT in present,
+        exports=exports,
     )
 
 

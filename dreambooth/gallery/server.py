@@ -30,8 +30,10 @@ log = logging.getLogger("dreambooth.gallery")
 
 #: what pages may load and do: their own script and style files, images from here, polling
 #: here; nothing inline, no frames, no plugins, no form posts elsewhere
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -71,8 +73,7 @@ async def guard(request: web.Request, handler):
 
 def _error_page(request: web.Request, status: int, message: str) -> web.Response:
     body = f'<h1>{status}</h1><p class="notice">{esc(message)}</p><p><a href="/">all jobs</a></p>'
-    html = render("base.html", title=str(status), page="error", live="", where=request.app[WHERE],
-                  html={"body": body})
+    html = render("base.html", title=str(status), page="error", live="", where=request.app[WHERE], html={"body": body})
     return web.Response(status=status, text=html, content_type="text/html")
 
 
@@ -97,8 +98,7 @@ async def jobs(request: web.Request) -> web.Response:
 
 async def jobs_live(request: web.Request) -> web.Response:
     rows, _, _ = await _rows(request)
-    return web.json_response({"rows": rows_html(rows), "count": str(len(rows))},
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response({"rows": rows_html(rows), "count": str(len(rows))}, headers={"Cache-Control": "no-store"})
 
 
 async def job_data(request: web.Request) -> JobData:
@@ -143,8 +143,7 @@ async def job_file(request: web.Request) -> web.StreamResponse:
     except Unavailable as err:
         raise web.HTTPServiceUnavailable(text=f"{err}\n") from None
     cache = "private, max-age=300" if key.endswith(".png") else "no-store"
-    response = web.StreamResponse(headers={"Content-Type": content_type(key), "Cache-Control": cache,
-                                           **HEADERS})
+    response = web.StreamResponse(headers={"Content-Type": content_type(key), "Cache-Control": cache, **HEADERS})
     if size:
         response.content_length = size
     if key.endswith(".safetensors"):

@@ -62,8 +62,9 @@ class KubeSource(Source):
     """DreamBoothJobs from the API; a list is cached for ``ttl`` seconds (1,000 jobs, many
     browsers polling: one list call a second at most)."""
 
-    def __init__(self, kube, *, namespaces: tuple[str, ...], s3: S3Access | None,
-                 defaults: Defaults, ttl: float = 1.0) -> None:
+    def __init__(
+        self, kube, *, namespaces: tuple[str, ...], s3: S3Access | None, defaults: Defaults, ttl: float = 1.0
+    ) -> None:
         super().__init__(namespaces)
         self.kube, self.s3, self.defaults, self.ttl = kube, s3, defaults, ttl
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
@@ -99,8 +100,7 @@ class KubeSource(Source):
 
 
 def _is_output(folder: Path) -> bool:
-    return any((folder / name).exists() for name in (layout.RESULT, layout.HISTORY, layout.SAMPLES,
-                                                      layout.CHECKPOINTS))
+    return any((folder / name).exists() for name in (layout.RESULT, layout.HISTORY, layout.SAMPLES, layout.CHECKPOINTS))
 
 
 class LocalSource(Source):
@@ -122,10 +122,13 @@ class LocalSource(Source):
         found: dict[str, dict[str, Any]] = {}
         for depth in ("*", "*/*", "*/*/*"):
             for folder in sorted(self.root.glob(depth)):
-                if folder.is_dir() and _is_output(folder) and not any(p.name.startswith(".") for p in
-                                                                      folder.relative_to(self.root).parents
-                                                                      if p.name) \
-                        and not folder.name.startswith(".") and not _inside_found(folder, found):
+                if (
+                    folder.is_dir()
+                    and _is_output(folder)
+                    and not any(p.name.startswith(".") for p in folder.relative_to(self.root).parents if p.name)
+                    and not folder.name.startswith(".")
+                    and not _inside_found(folder, found)
+                ):
                     obj = self._object(folder, configs.get(str(folder.resolve())))
                     found[obj["metadata"]["name"]] = obj
         return found
@@ -149,19 +152,29 @@ class LocalSource(Source):
         else:
             phase = "Stopped" if points else "Pending"
         percent = round(min(100.0, 100.0 * step / total), 1) if total else 0.0
-        progress: dict[str, Any] = {"step": step, "totalSteps": total, "percent": percent,
-                                    "summary": f"{step}/{total}" if total else str(step)}
+        progress: dict[str, Any] = {
+            "step": step,
+            "totalSteps": total,
+            "percent": percent,
+            "summary": f"{step}/{total}" if total else str(step),
+        }
         if points:
             progress.update(loss=points[-1].loss, learningRate=points[-1].lr)
             if phase == "Training" and len(points) > 1 and total:
                 rate = (points[-1].step - points[0].step) / max(1e-6, points[-1].time - points[0].time)
                 progress["etaSeconds"] = int((total - step) / rate) if rate > 0 else None
         created = min((p.stat().st_mtime for p in folder.iterdir()), default=time.time())
-        return {"apiVersion": "dreambooth.io/v1alpha1", "kind": KIND,
-                "metadata": {"namespace": LOCAL_NAMESPACE, "name": name, "creationTimestamp": _stamp(created)},
-                "spec": spec,
-                "status": {"phase": phase, "progress": progress,
-                           "family": (spec.get("baseModel") or {}).get("family") or "sd"}}
+        return {
+            "apiVersion": "dreambooth.io/v1alpha1",
+            "kind": KIND,
+            "metadata": {"namespace": LOCAL_NAMESPACE, "name": name, "creationTimestamp": _stamp(created)},
+            "spec": spec,
+            "status": {
+                "phase": phase,
+                "progress": progress,
+                "family": (spec.get("baseModel") or {}).get("family") or "sd",
+            },
+        }
 
     async def jobs(self) -> list[dict[str, Any]]:
         return list((await asyncio.to_thread(self._scan)).values())

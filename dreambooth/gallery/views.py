@@ -120,9 +120,14 @@ def loss_text(loss: float | None) -> str:
 
 #: what a condition that holds means, in words
 _HOLDS = {
-    "Ready": "ready", "Running": "running", "Succeeded": "finished successfully", "Failed": "failed",
-    "Suspended": "suspended", "Stalled": "stalled: its step has not moved",
-    "Overfitting": "overfitting", "Underfitting": "underfitting",
+    "Ready": "ready",
+    "Running": "running",
+    "Succeeded": "finished successfully",
+    "Failed": "failed",
+    "Suspended": "suspended",
+    "Stalled": "stalled: its step has not moved",
+    "Overfitting": "overfitting",
+    "Underfitting": "underfitting",
 }
 
 
@@ -145,8 +150,16 @@ def condition_lines(status: dict[str, Any]) -> list[ConditionLine]:
         what = _HOLDS.get(kind, kind)
         sentence = {True: f"The job is {what}", False: f"The job is not {what}"}.get(holds, f"{kind}: unknown")
         reason = str(cond.get("reason") or "")
-        lines.append(ConditionLine(kind, holds, sentence + (f" ({reason})" if reason else "") + ".",
-                                   reason, str(cond.get("message") or ""), cond.get("lastTransitionTime")))
+        lines.append(
+            ConditionLine(
+                kind,
+                holds,
+                sentence + (f" ({reason})" if reason else "") + ".",
+                reason,
+                str(cond.get("message") or ""),
+                cond.get("lastTransitionTime"),
+            )
+        )
     lines.sort(key=lambda c: (c.holds is not True,))
     return lines
 
@@ -172,6 +185,14 @@ def facts(obj: dict[str, Any], now: datetime | None = None) -> Facts:
     status = obj.get("status") or {}
     progress = status.get("progress") or {}
     lr = progress.get("learningRate")
-    return Facts(phase=row.phase, percent=row.percent, summary=row.summary, loss=loss_text(row.loss),
-                 lr=f"{lr:.3g}" if isinstance(lr, int | float) else "", eta=duration(row.eta_seconds),
-                 family=row.family, age=age(row.created, now), restarts=int(status.get("restarts") or 0))
+    return Facts(
+        phase=row.phase,
+        percent=row.percent,
+        summary=row.summary,
+        loss=loss_text(row.loss),
+        lr=f"{lr:.3g}" if isinstance(lr, int | float) else "",
+        eta=duration(row.eta_seconds),
+        family=row.family,
+        age=age(row.created, now),
+        restarts=int(status.get("restarts") or 0),
+    )

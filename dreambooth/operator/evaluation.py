@@ -29,38 +29,51 @@ def best_uri(step: int, out: str, total_steps: int, formats: Sequence[str]) -> s
     return out + (layout.final_model(formats) if step >= total_steps else layout.checkpoint(step))
 
 
-def evaluation_from(snapshot: TrainerSnapshot | None, previous: DreamBoothJobStatus | None,
-                    ended: Sequence[Termination], *, out: str, total_steps: int, formats: Sequence[str],
-                    now: datetime) -> Evaluation | None:
+def evaluation_from(
+    snapshot: TrainerSnapshot | None,
+    previous: DreamBoothJobStatus | None,
+    ended: Sequence[Termination],
+    *,
+    out: str,
+    total_steps: int,
+    formats: Sequence[str],
+    now: datetime,
+) -> Evaluation | None:
     """The status's evaluation: the succeeded trainer's own, else the latest scrape, else
     what the status showed (a scrape without figures never erases them)."""
     before = previous.evaluation if previous else None
-    final = next((t.summary.evaluation for t in reversed(ended)
-                  if t.exit_code == 0 and t.summary and t.summary.evaluation), None)
+    final = next(
+        (t.summary.evaluation for t in reversed(ended) if t.exit_code == 0 and t.summary and t.summary.evaluation), None
+    )
     seen = final
     if seen is None and snapshot is not None and snapshot.evaluation is not None:
         best = None
         if snapshot.best_step is not None:
-            best = CheckpointRef(step=snapshot.best_step,
-                                 uri=best_uri(snapshot.best_step, out, total_steps, formats))
+            best = CheckpointRef(step=snapshot.best_step, uri=best_uri(snapshot.best_step, out, total_steps, formats))
         seen = snapshot.evaluation.model_copy(update={"best_checkpoint": best})
     if seen is None:
         return before
     if before is not None and before.model_copy(update={"updated_at": None}) == seen.model_copy(
-            update={"updated_at": None}):
+        update={"updated_at": None}
+    ):
         return before  # unchanged: no new timestamp, no status churn
     return seen.model_copy(update={"updated_at": rfc3339(now)})
 
 
-def signs(evaluation: Evaluation | None, thresholds: EvaluationThresholds,
-          total_steps: int) -> list[tuple[str, str, str, str]]:
+def signs(
+    evaluation: Evaluation | None, thresholds: EvaluationThresholds, total_steps: int
+) -> list[tuple[str, str, str, str]]:
     """``(type, status, reason, message)`` of the Overfitting and Underfitting conditions."""
     if evaluation is None:
         waiting = "no sample round evaluated yet"
-        return [(ConditionType.OVERFITTING, "Unknown", Reason.NOT_EVALUATED, waiting),
-                (ConditionType.UNDERFITTING, "Unknown", Reason.NOT_EVALUATED, waiting)]
-    figures = (f"step {evaluation.step}: subject fidelity {evaluation.subject_fidelity:.3f}, memorization "
-               f"{evaluation.memorization:.3f}")
+        return [
+            (ConditionType.OVERFITTING, "Unknown", Reason.NOT_EVALUATED, waiting),
+            (ConditionType.UNDERFITTING, "Unknown", Reason.NOT_EVALUATED, waiting),
+        ]
+    figures = (
+        f"step {evaluation.step}: subject fidelity {evaluation.subject_fidelity:.3f}, memorization "
+        f"{evaluation.memorization:.3f}"
+    )
     over = judged.overfitting_signs(evaluation, thresholds)
     if over:
         overfitting = ("True", over[0].value, judged.explain(over, evaluation, thresholds))

@@ -24,7 +24,8 @@ class Event:
 
 
 def transition_events(
-    previous: DreamBoothJobStatus | None, current: DreamBoothJobStatus,
+    previous: DreamBoothJobStatus | None,
+    current: DreamBoothJobStatus,
     obs: Observation | None = None,
 ) -> list[Event]:
     """The Events to emit for going from ``previous`` to ``current`` (empty: nothing new).
@@ -60,13 +61,18 @@ def transition_events(
     was_stalled = condition_of(previous, ConditionType.STALLED)
     if stalled is not None and stalled.status == "True" and (was_stalled is None or was_stalled.status != "True"):
         events.append(Event("Warning", Reason.STALLED, stalled.message))
-    elif was_stalled is not None and was_stalled.status == "True" and current.phase is Phase.TRAINING and (
-        stalled is None or stalled.status == "False"
+    elif (
+        was_stalled is not None
+        and was_stalled.status == "True"
+        and current.phase is Phase.TRAINING
+        and (stalled is None or stalled.status == "False")
     ):
         events.append(Event("Normal", Reason.PROGRESSING, stalled.message if stalled else ""))
     old_cp = previous.last_checkpoint.step if previous and previous.last_checkpoint else None
     if current.last_checkpoint is not None and current.last_checkpoint.step != old_cp:
-        events.append(Event("Normal", Reason.CHECKPOINT_SAVED,
-                            f"step {current.last_checkpoint.step}: {current.last_checkpoint.uri}"))
+        events.append(
+            Event(
+                "Normal", Reason.CHECKPOINT_SAVED, f"step {current.last_checkpoint.step}: {current.last_checkpoint.uri}"
+            )
+        )
     return events
-

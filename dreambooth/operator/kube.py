@@ -124,28 +124,54 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the DreamBoothJob's status (a merge patch on the status subresource;
         lists such as conditions are replaced whole, nulls clear fields)."""
-        await self._raw(self.custom.patch_namespaced_custom_object_status,
-                        GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-                        _content_type="application/merge-patch+json", read=False)
+        await self._raw(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+            read=False,
+        )
 
     async def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace a DreamBoothSweep's status (a merge patch, as :meth:`patch_status`)."""
-        await self._raw(self.custom.patch_namespaced_custom_object_status,
-                        GROUP, VERSION, namespace, SWEEPS, name, {"status": status},
-                        _content_type="application/merge-patch+json", read=False)
+        await self._raw(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            SWEEPS,
+            name,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+            read=False,
+        )
 
     # --- a sweep's runs ------------------------------------------------------------------
 
     async def dreambooth_jobs(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        return (await self._raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                                label_selector=selector))["items"]
+        return (
+            await self._raw(
+                self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, label_selector=selector
+            )
+        )["items"]
 
     async def create_dreambooth_job(self, obj: dict[str, Any]) -> bool:
         """Create a sweep's run unless it exists (True: created)."""
         try:
-            await self._raw(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                            obj["metadata"]["namespace"], PLURAL, obj, read=False)
+            await self._raw(
+                self.custom.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                obj["metadata"]["namespace"],
+                PLURAL,
+                obj,
+                read=False,
+            )
         except ApiException as err:
             if err.status == 409:
                 return False
@@ -154,9 +180,17 @@ class Kube:
         return True
 
     async def suspend_dreambooth_job(self, namespace: str, name: str, suspend: bool) -> None:
-        await self._raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-                        {"spec": {"runPolicy": {"suspend": suspend}}},
-                        _content_type="application/merge-patch+json", read=False)
+        await self._raw(
+            self.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"spec": {"runPolicy": {"suspend": suspend}}},
+            _content_type="application/merge-patch+json",
+            read=False,
+        )
 
     async def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj`` (what ``kubectl describe`` shows). Best effort: an
@@ -164,13 +198,24 @@ class Kube:
         meta = obj["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta.get("uid")},
-            "type": type, "reason": reason, "message": message[:1024],
-            "source": {"component": "dreambooth-operator"}, "reportingComponent": "dreambooth-operator",
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "dreambooth-operator"},
+            "reportingComponent": "dreambooth-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
         }
         try:
             await self._raw(self.core.create_namespaced_event, meta["namespace"], event, read=False)
@@ -180,8 +225,12 @@ class Kube:
     async def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the trainer Job ``uid`` (a newer one of that name stays: 409) and its pods,
         in the background: batch/v1's default would orphan them. Gone already: fine."""
-        options = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
-                   "preconditions": {"uid": uid}}
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": uid},
+        }
         try:
             await self._raw(self.batch.delete_namespaced_job, name, namespace, body=options, read=False)
         except ApiException as err:
@@ -193,8 +242,9 @@ class Kube:
 
     async def delete_dreambooth_job(self, namespace: str, name: str) -> None:
         try:
-            await self._raw(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-                            read=False)
+            await self._raw(
+                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, read=False
+            )
         except ApiException as err:
             if err.status != 404:
                 raise

@@ -46,14 +46,19 @@ class OperatorMetrics:
         self.jobs = PhaseCollector()
         self.registry.register(self.jobs)
         self.reconcile_seconds = Histogram(
-            RECONCILE_SECONDS, "Time to reconcile one DreamBoothJob (create or observe).",
-            ["handler"], registry=self.registry,
+            RECONCILE_SECONDS,
+            "Time to reconcile one DreamBoothJob (create or observe).",
+            ["handler"],
+            registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
         )
         self.errors = Counter(ERRORS, "Handler errors (retried by kopf).", ["handler"], registry=self.registry)
         self.transitions = Counter(
-            TRANSITIONS, "DreamBoothJobs that entered each phase (counted when the operator writes it).",
-            ["phase"], registry=self.registry)
+            TRANSITIONS,
+            "DreamBoothJobs that entered each phase (counted when the operator writes it).",
+            ["phase"],
+            registry=self.registry,
+        )
         for phase in Phase:  # every series exists from the start: increase() sees the first one
             self.transitions.labels(phase.value)
 

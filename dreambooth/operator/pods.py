@@ -23,8 +23,6 @@ class Verdict:
     message: str = ""
 
 
-
-
 def get(obj: Mapping[str, Any] | None, *path: str) -> Any:
     for key in path:
         if not isinstance(obj, Mapping):
@@ -125,9 +123,12 @@ class Termination:
 #: pod 0 waiting for the others, or another pod waiting for pod 0
 _RENDEZVOUS_TIMEOUT = re.compile(
     r"Timed out after \d+ seconds waiting for clients\. \d+/\d+ clients joined\."
-    r"|The client socket has timed out after \d+ms while trying to connect to \([^)]*\)")
-RENDEZVOUS_HINT = ("the pods did not all start within runPolicy.rendezvousTimeoutSeconds: raise it above "
-                   "the slowest scheduling and image pull, or let Kueue admit the pods together")
+    r"|The client socket has timed out after \d+ms while trying to connect to \([^)]*\)"
+)
+RENDEZVOUS_HINT = (
+    "the pods did not all start within runPolicy.rendezvousTimeoutSeconds: raise it above "
+    "the slowest scheduling and image pull, or let Kueue admit the pods together"
+)
 
 
 def termination(pod: Mapping[str, Any]) -> Termination | None:
@@ -145,8 +146,11 @@ def termination(pod: Mapping[str, Any]) -> Termination | None:
     disrupted = camel_reason(disruption.get("reason"), Reason.DISRUPTED) if disruption else None
     if not terminated:  # evicted, or deleted before it started
         return Termination(
-            pod=pod_name(pod), exit_code=None, k8s_reason=get(pod, "status", "reason"),
-            trainer_reason=None, message=get(pod, "status", "message") or "",
+            pod=pod_name(pod),
+            exit_code=None,
+            k8s_reason=get(pod, "status", "reason"),
+            trainer_reason=None,
+            message=get(pod, "status", "message") or "",
             disruption=disrupted,
         )
     t = terminated[0]
@@ -173,7 +177,6 @@ def terminations(pods: Sequence[Mapping[str, Any]]) -> list[Termination]:
     return sorted(found, key=lambda t: (t.finished_at, t.pod))
 
 
-
 _SECRET = re.compile(r'secret "([^"]+)" not found', re.IGNORECASE)
 _SECRET_KEY = re.compile(r"couldn't find key (\S+) in Secret (\S+)", re.IGNORECASE)
 _CONFIGMAP = re.compile(r'configmap "([^"]+)" not found', re.IGNORECASE)
@@ -186,13 +189,19 @@ def waiting_verdict(pod: Mapping[str, Any], reason: str, message: str) -> Verdic
         return Verdict(Phase.PENDING, Reason.IMAGE_PULL_BACK_OFF, where + " (check resources.image and pull secrets)")
     if reason == "CreateContainerConfigError":
         if m := _SECRET.search(message):
-            return Verdict(Phase.PENDING, Reason.SECRET_NOT_FOUND,
-                           f'{where}: create Secret "{m.group(1)}" in {namespace}, or point '
-                           "spec.storage.credentialsSecret at one that exists")
+            return Verdict(
+                Phase.PENDING,
+                Reason.SECRET_NOT_FOUND,
+                f'{where}: create Secret "{m.group(1)}" in {namespace}, or point '
+                "spec.storage.credentialsSecret at one that exists",
+            )
         if m := _SECRET_KEY.search(message):
-            return Verdict(Phase.PENDING, Reason.SECRET_KEY_NOT_FOUND,
-                           f"{where}: add key {m.group(1)} to that Secret, or set "
-                           "spec.storage.credentialsSecret's accessKeyKey/secretKeyKey")
+            return Verdict(
+                Phase.PENDING,
+                Reason.SECRET_KEY_NOT_FOUND,
+                f"{where}: add key {m.group(1)} to that Secret, or set "
+                "spec.storage.credentialsSecret's accessKeyKey/secretKeyKey",
+            )
         if _CONFIGMAP.search(message):
             return Verdict(Phase.PENDING, Reason.CONFIG_MAP_NOT_FOUND, where)
     return Verdict(Phase.PENDING, camel_reason(reason, Reason.CONTAINER_WAITING), where)
@@ -200,9 +209,7 @@ def waiting_verdict(pod: Mapping[str, Any], reason: str, message: str) -> Verdic
 
 def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
     """Why ``pod`` (not yet running the trainer) waits, or None if it runs."""
-    scheduled = next(
-        (c for c in get(pod, "status", "conditions") or () if c.get("type") == "PodScheduled"), None
-    )
+    scheduled = next((c for c in get(pod, "status", "conditions") or () if c.get("type") == "PodScheduled"), None)
     if scheduled is not None and scheduled.get("status") == "False":
         reason = camel_reason(scheduled.get("reason"), Reason.UNSCHEDULABLE)
         message = scheduled.get("message") or ""
@@ -228,5 +235,3 @@ def pod_blocked(pod: Mapping[str, Any]) -> Verdict | None:
             return Verdict(Phase.PENDING, Reason.SCHEDULING, f"pod {pod_name(pod)}: waiting for a node")
         return Verdict(Phase.PENDING, Reason.CONTAINER_CREATING, f"pod {pod_name(pod)}: starting containers")
     return None
-
-

@@ -56,8 +56,14 @@ SHUTDOWN_TIMEOUT_SECONDS = 15
 
 def launch_script(launch: str, processes: int) -> str:
     """The shell a pod with ``processes`` training processes runs around ``launch``."""
-    return LAUNCH_SCRIPT.format(launch=launch, processes=processes, workdir=WORKDIR,
-                                verdicts=VERDICTS_DIR, stop=STOP_FILE, verdict=VERDICT_MODULE)
+    return LAUNCH_SCRIPT.format(
+        launch=launch,
+        processes=processes,
+        workdir=WORKDIR,
+        verdicts=VERDICTS_DIR,
+        stop=STOP_FILE,
+        verdict=VERDICT_MODULE,
+    )
 
 
 def command(inputs: TrainerInputs) -> list[str]:
@@ -65,18 +71,28 @@ def command(inputs: TrainerInputs) -> list[str]:
     res = inputs.job.spec.resources
     if res.num_processes == 1:
         return ["python", "-m", TRAINER_MODULE]
-    lines = [["accelerate", "launch", "--multi_gpu"],
-             ["--num_processes", str(res.num_processes), "--num_machines", str(res.nodes)]]
+    lines = [
+        ["accelerate", "launch", "--multi_gpu"],
+        ["--num_processes", str(res.num_processes), "--num_machines", str(res.nodes)],
+    ]
     if res.nodes > 1:
         # static rendezvous (torchrun's default): pod 0's TCPStore waits this long for the
         # other pods, and they wait as long for it (without it: 900 s, torchrun's LaunchConfig)
         timeout = inputs.job.spec.run_policy.rendezvous_timeout_seconds
-        lines += [["--machine_rank", f'"${{{naming.COMPLETION_INDEX_ENV}:?}}"'],
-                  ["--main_process_ip", naming.rendezvous_host(inputs.name),
-                   "--main_process_port", str(naming.RENDEZVOUS_PORT)],
-                  ["--rdzv_conf", f"timeout={timeout}"]]
-    lines += [["--mixed_precision", str(inputs.job.spec.training.mixed_precision),
-               "--dynamo_backend", "no"], ["-m", TRAINER_MODULE]]
+        lines += [
+            ["--machine_rank", f'"${{{naming.COMPLETION_INDEX_ENV}:?}}"'],
+            [
+                "--main_process_ip",
+                naming.rendezvous_host(inputs.name),
+                "--main_process_port",
+                str(naming.RENDEZVOUS_PORT),
+            ],
+            ["--rdzv_conf", f"timeout={timeout}"],
+        ]
+    lines += [
+        ["--mixed_precision", str(inputs.job.spec.training.mixed_precision), "--dynamo_backend", "no"],
+        ["-m", TRAINER_MODULE],
+    ]
     launch = " \\\n  ".join(" ".join(line) for line in lines)
     return ["/bin/sh", "-c", launch_script(launch, max(1, res.gpus_per_node))]
 
@@ -91,8 +107,10 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-        {"name": naming.COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {
-            "fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX_ANNOTATION}']"}}},
+        {
+            "name": naming.COMPLETION_INDEX_ENV,
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX_ANNOTATION}']"}},
+        },
     ]
     if inputs.job.spec.resources.num_processes > 1:  # see LAUNCH_SCRIPT
         env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_TIMEOUT_SECONDS)})
@@ -102,8 +120,7 @@ def _env(inputs: TrainerInputs) -> list[dict[str, Any]]:
     env.append({"name": "AWS_REGION", "value": storage.region})
     ref = credentials(inputs)
     if ref is not None:
-        for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key),
-                         ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
+        for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key), ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
     return env + extra_env(inputs)
 
@@ -122,8 +139,9 @@ def extra_resources(inputs: TrainerInputs) -> dict[str, str]:
     a zero drops the request. Never the job's GPU, which gpusPerNode requests."""
     res = inputs.job.spec.resources
     merged = dict(inputs.settings.trainer_extra_resources) | res.extra_resources
-    return {name: amount for name, amount in sorted(merged.items())
-            if name != res.gpu.resource_name and not is_zero(amount)}
+    return {
+        name: amount for name, amount in sorted(merged.items()) if name != res.gpu.resource_name and not is_zero(amount)
+    }
 
 
 def _resources(inputs: TrainerInputs) -> dict[str, Any]:
@@ -142,8 +160,7 @@ def _volumes(inputs: TrainerInputs) -> tuple[list[dict[str, Any]], list[dict[str
         {"name": "config", "configMap": {"name": naming.config_map_name(inputs.name)}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory",
-                                      "sizeLimit": inputs.job.spec.resources.shared_memory}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": inputs.job.spec.resources.shared_memory}},
     ]
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -152,10 +169,10 @@ def _volumes(inputs: TrainerInputs) -> tuple[list[dict[str, Any]], list[dict[str
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     for claim in claim_mounts(inputs):
-        volumes.append({"name": claim.volume, "persistentVolumeClaim": {
-            "claimName": claim.claim, "readOnly": claim.read_only}})
-        mounts.append({"name": claim.volume, "mountPath": claim.mount_path,
-                       "readOnly": claim.read_only})
+        volumes.append(
+            {"name": claim.volume, "persistentVolumeClaim": {"claimName": claim.claim, "readOnly": claim.read_only}}
+        )
+        mounts.append({"name": claim.volume, "mountPath": claim.mount_path, "readOnly": claim.read_only})
     return volumes, mounts
 
 
@@ -166,8 +183,7 @@ def _container(inputs: TrainerInputs, mounts: list[dict[str, Any]]) -> dict[str,
         "command": command(inputs),
         "env": _env(inputs),
         "ports": [
-            {"name": "metrics", "containerPort": inputs.settings.trainer_metrics_port,
-             "protocol": "TCP"},
+            {"name": "metrics", "containerPort": inputs.settings.trainer_metrics_port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": naming.RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(inputs),

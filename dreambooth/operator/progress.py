@@ -136,15 +136,20 @@ def parse_metrics(text: str) -> TrainerSnapshot | None:
 
 def _evaluation(value) -> tuple[Evaluation | None, int | None]:
     """The evaluation gauges (NaN, i.e. None, until the first round after the base model's)."""
-    step, subject, memorization = (value(n) for n in (names.EVALUATION_STEP, names.SUBJECT_FIDELITY,
-                                                      names.MEMORIZATION))
+    step, subject, memorization = (
+        value(n) for n in (names.EVALUATION_STEP, names.SUBJECT_FIDELITY, names.MEMORIZATION)
+    )
     if step is None or subject is None or memorization is None or step < 1:
         return None, None
     best = value(names.BEST_CHECKPOINT_STEP)
     return Evaluation(
-        step=int(step), subject_fidelity=subject, memorization=memorization,
-        prompt_fidelity=value(names.PROMPT_FIDELITY), sample_similarity=value(names.SAMPLE_SIMILARITY),
-        prior_loss_drift=value(names.PRIOR_LOSS_DRIFT), score=value(names.EVALUATION_SCORE),
+        step=int(step),
+        subject_fidelity=subject,
+        memorization=memorization,
+        prompt_fidelity=value(names.PROMPT_FIDELITY),
+        sample_similarity=value(names.SAMPLE_SIMILARITY),
+        prior_loss_drift=value(names.PRIOR_LOSS_DRIFT),
+        score=value(names.EVALUATION_SCORE),
         base_subject_fidelity=value(names.BASE_SUBJECT_FIDELITY),
     ), int(best) if best is not None and best >= 1 else None
 

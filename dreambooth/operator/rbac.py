@@ -50,44 +50,70 @@ class Permission:
 
 #: In every watched namespace (a Role per namespace, or the ClusterRole when cluster-wide).
 OPERATOR: tuple[Permission, ...] = (
-    Permission(GROUP, PLURAL, ("list", "watch", "delete"),
-               "kopf watches jobs (raw events only: it never patches them); the operator deletes a job "
-               "after ttlSecondsAfterFinished"),
+    Permission(
+        GROUP,
+        PLURAL,
+        ("list", "watch", "delete"),
+        "kopf watches jobs (raw events only: it never patches them); the operator deletes a job "
+        "after ttlSecondsAfterFinished",
+    ),
     Permission(GROUP, f"{PLURAL}/status", ("patch",), "the operator is the only writer of .status"),
-    Permission(GROUP, f"{PLURAL}/finalizers", ("update",),
-               "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"),
+    Permission(
+        GROUP,
+        f"{PLURAL}/finalizers",
+        ("update",),
+        "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)",
+    ),
     Permission(GROUP, SWEEPS, ("list", "watch"), "the operator runs each DreamBoothSweep's jobs"),
     Permission(GROUP, f"{SWEEPS}/status", ("patch",), "the operator is the only writer of a sweep's .status"),
-    Permission(GROUP, f"{SWEEPS}/finalizers", ("update",),
-               "a sweep's jobs carry ownerReferences with blockOwnerDeletion"),
-    Permission(GROUP, PLURAL, ("create", "patch"),
-               "a sweep's runs are DreamBoothJobs: create them, suspend and resume them with the sweep"),
+    Permission(
+        GROUP, f"{SWEEPS}/finalizers", ("update",), "a sweep's jobs carry ownerReferences with blockOwnerDeletion"
+    ),
+    Permission(
+        GROUP,
+        PLURAL,
+        ("create", "patch"),
+        "a sweep's runs are DreamBoothJobs: create them, suspend and resume them with the sweep",
+    ),
     Permission("", "configmaps", ("create",), "the trainer config of each job"),
     Permission("", "services", ("create",), "the headless Service of each job's pods"),
-    Permission("batch", "jobs", ("create", "get", "list", "patch", "delete"),
-               "the Indexed Job: create, observe (all of a namespace's at once), suspend/resume; "
-               "delete a multi-node job's failed Job to restart all its pods together (the garbage "
-               "collector deletes it with its DreamBoothJob)"),
+    Permission(
+        "batch",
+        "jobs",
+        ("create", "get", "list", "patch", "delete"),
+        "the Indexed Job: create, observe (all of a namespace's at once), suspend/resume; "
+        "delete a multi-node job's failed Job to restart all its pods together (the garbage "
+        "collector deletes it with its DreamBoothJob)",
+    ),
     Permission("", "pods", ("list",), "pod states (reasons such as Unschedulable, OOMKilled) and rank 0's IP"),
     Permission("", "events", ("create",), "kopf posts Events about jobs (core v1 events)"),
 )
 
 #: Cluster-scoped reads kopf makes in either mode.
 KOPF_CLUSTER: tuple[Permission, ...] = (
-    Permission("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
-               "kopf follows CRD changes (observation.resource_observer)"),
+    Permission(
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        ("list", "watch"),
+        "kopf follows CRD changes (observation.resource_observer)",
+    ),
 )
 
 #: Cluster-scoped reads kopf makes only when it serves a list of namespaces.
 KOPF_NAMESPACES: tuple[Permission, ...] = (
-    Permission("", "namespaces", ("list", "watch"),
-               "kopf follows the watched namespaces (observation.namespace_observer)"),
+    Permission(
+        "", "namespaces", ("list", "watch"), "kopf follows the watched namespaces (observation.namespace_observer)"
+    ),
 )
 
 #: The gallery's (gallery.enabled, its own ServiceAccount): it only reads DreamBoothJobs.
 GALLERY: tuple[Permission, ...] = (
-    Permission(GROUP, PLURAL, ("get", "list", "watch"),
-               "dreambooth/gallery/kube.py lists a namespace's jobs and reads one; it never writes"),
+    Permission(
+        GROUP,
+        PLURAL,
+        ("get", "list", "watch"),
+        "dreambooth/gallery/kube.py lists a namespace's jobs and reads one; it never writes",
+    ),
 )
 
 _VERB_ORDER = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
@@ -150,12 +176,13 @@ def render_template() -> str:
         "*/}}",
     ]
     for name, constant, where in _DEFINES:
-        out += ["", f"{{{{/* rbac.{constant}: {where} */}}}}",
-                f'{{{{- define "dreambooth-operator.rules.{name}" -}}}}']
+        out += ["", f"{{{{/* rbac.{constant}: {where} */}}}}", f'{{{{- define "dreambooth-operator.rules.{name}" -}}}}']
         for rule in policy_rules(globals()[constant]):
-            out += [f"- apiGroups: {_flow(rule['apiGroups'])}",
-                    f"  resources: {_flow(rule['resources'])}",
-                    f"  verbs: {_flow(rule['verbs'])}"]
+            out += [
+                f"- apiGroups: {_flow(rule['apiGroups'])}",
+                f"  resources: {_flow(rule['resources'])}",
+                f"  verbs: {_flow(rule['verbs'])}",
+            ]
         out.append("{{- end }}")
     return "\n".join(out) + "\n"
 

@@ -72,8 +72,9 @@ class Action(Enum):
         return RECONCILE if self in (Action.REPORT_INVALID, Action.ENSURE) else POLL
 
 
-def next_action(previous: DreamBoothJobStatus | None, typed: TypedJob | InvalidJob | None,
-                view: NamespaceView | None, name: str) -> Action:
+def next_action(
+    previous: DreamBoothJobStatus | None, typed: TypedJob | InvalidJob | None, view: NamespaceView | None, name: str
+) -> Action:
     """Pure. ``typed`` may be None for a finished job (it is not needed); ``view``: the poll
     cycle's listing of the job's namespace (None: nothing is known, read what is needed)."""
     if previous is not None and previous.phase.finished:
@@ -109,8 +110,9 @@ def _cycle_done(cycles: set[asyncio.Task[None]]) -> Any:
 
 
 class Reconciler:
-    def __init__(self, settings: OperatorSettings, kube: Kube, http: aiohttp.ClientSession,
-                 metrics: OperatorMetrics) -> None:
+    def __init__(
+        self, settings: OperatorSettings, kube: Kube, http: aiohttp.ClientSession, metrics: OperatorMetrics
+    ) -> None:
         self.settings, self.kube, self.http, self.metrics = settings, kube, http, metrics
         self.jobs: dict[Key, dict[str, Any]] = {}  # the newest copy of every job seen
         self.busy: set[Key] = set()  # jobs being synced now
@@ -120,8 +122,9 @@ class Reconciler:
     @classmethod
     async def start(cls, settings: OperatorSettings) -> Reconciler:
         """Connect to the API, serve the metrics, start the poll loop."""
-        reconciler = cls(settings, await Kube.connect(settings.api_timeout_seconds), aiohttp.ClientSession(),
-                         OperatorMetrics())
+        reconciler = cls(
+            settings, await Kube.connect(settings.api_timeout_seconds), aiohttp.ClientSession(), OperatorMetrics()
+        )
         if settings.metrics_port:
             reconciler.metrics.serve(settings.metrics_port)
         reconciler.poller = asyncio.create_task(reconciler.poll_forever())
@@ -180,8 +183,9 @@ class Reconciler:
         except Exception as err:  # noqa: BLE001  (retried by the poller, every poll interval)
             self.metrics.errors.labels(action.handler).inc()
             if action.handler == RECONCILE:
-                log.warning("reconciling %s/%s failed (retried in %ss): %s", *key,
-                            self.settings.poll_interval_seconds, err)
+                log.warning(
+                    "reconciling %s/%s failed (retried in %ss): %s", *key, self.settings.poll_interval_seconds, err
+                )
             else:
                 log.warning("refreshing %s/%s failed: %s", *key, err)
         finally:
@@ -202,14 +206,16 @@ class Reconciler:
             await self.kube.delete_dreambooth_job(meta["namespace"], meta["name"])
             self.metrics.jobs.forget(meta["namespace"], meta["name"])
 
-    async def _report_invalid(self, body: dict[str, Any], invalid: InvalidJob,
-                              previous: DreamBoothJobStatus | None) -> None:
+    async def _report_invalid(
+        self, body: dict[str, Any], invalid: InvalidJob, previous: DreamBoothJobStatus | None
+    ) -> None:
         """Permanent until the spec changes (a new generation is validated again)."""
         status = invalid_spec_status(list(invalid.issues), invalid.generation, datetime.now(UTC), previous)
         await self._write(body, previous, status)
 
-    async def _ensure(self, body: dict[str, Any], typed: TypedJob, previous: DreamBoothJobStatus | None,
-                      view: NamespaceView | None) -> None:
+    async def _ensure(
+        self, body: dict[str, Any], typed: TypedJob, previous: DreamBoothJobStatus | None, view: NamespaceView | None
+    ) -> None:
         """Create (idempotently) the ConfigMap, headless Service and Indexed Job, owned by
         the job (deleting it deletes them); the Job last: its pods mount the rest. A new
         Job only once no pod of the job runs or stops: two generations never train at once."""
@@ -218,7 +224,9 @@ class Reconciler:
             return
         await asyncio.gather(*(self.kube.ensure(child) for child in first))
         meta = typed.job.metadata
-        pods = view.trainer_pods(meta.name) if view else await self.kube.pods(meta.namespace, naming.selector(meta.name))
+        pods = (
+            view.trainer_pods(meta.name) if view else await self.kube.pods(meta.namespace, naming.selector(meta.name))
+        )
         if self.gone(body):
             return
         if not any(map(running_or_stopping, pods)) and await self.kube.ensure(trainer):
@@ -233,19 +241,32 @@ class Reconciler:
         new children for it (the garbage collector would delete them; a trainer pod would
         start meanwhile)."""
         current = self.jobs.get(job_key(body))
-        return (current is None or current["metadata"].get("uid") != body["metadata"].get("uid")
-                or bool(current["metadata"].get("deletionTimestamp")))
+        return (
+            current is None
+            or current["metadata"].get("uid") != body["metadata"].get("uid")
+            or bool(current["metadata"].get("deletionTimestamp"))
+        )
 
-    async def _observe(self, body: dict[str, Any], typed: TypedJob, previous: DreamBoothJobStatus | None,
-                       view: NamespaceView | None, pods: list[dict[str, Any]] | None = None) -> None:
+    async def _observe(
+        self,
+        body: dict[str, Any],
+        typed: TypedJob,
+        previous: DreamBoothJobStatus | None,
+        view: NamespaceView | None,
+        pods: list[dict[str, Any]] | None = None,
+    ) -> None:
         current, obs = await self.observe(typed, previous, view, pods)
         await self._sync_suspend(typed, obs.job)
         await self._write(body, previous, current, obs)
         await self._act(typed, obs, current)
 
-    async def observe(self, typed: TypedJob, previous: DreamBoothJobStatus | None,
-                      view: NamespaceView | None = None,
-                      pods: list[dict[str, Any]] | None = None) -> tuple[DreamBoothJobStatus, Observation]:
+    async def observe(
+        self,
+        typed: TypedJob,
+        previous: DreamBoothJobStatus | None,
+        view: NamespaceView | None = None,
+        pods: list[dict[str, Any]] | None = None,
+    ) -> tuple[DreamBoothJobStatus, Observation]:
         """The Job and the job's pods (from the poll cycle's ``view``, else read now; ``pods``:
         just listed), rank 0's metrics; the status computed from them (pure)."""
         meta = typed.job.metadata
@@ -263,8 +284,14 @@ class Reconciler:
                 snapshot = await scrape(url, session=self.http)
         return self._status(typed, previous, batch_job, pods, snapshot)
 
-    def _status(self, typed: TypedJob, previous: DreamBoothJobStatus | None, batch_job: dict[str, Any] | None,
-                pods: list[dict[str, Any]], snapshot: Any) -> tuple[DreamBoothJobStatus, Observation]:
+    def _status(
+        self,
+        typed: TypedJob,
+        previous: DreamBoothJobStatus | None,
+        batch_job: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        snapshot: Any,
+    ) -> tuple[DreamBoothJobStatus, Observation]:
         obs = observation(typed, self.settings, batch_job, pods, snapshot)
         return compute_status(obs, previous, datetime.now(UTC)), obs
 
@@ -284,12 +311,22 @@ class Reconciler:
         if obs.job is not None and next_step(obs.job, obs.pods, status) is Step.DELETE_JOB:
             meta = typed.job.metadata
             name = naming.trainer_name(meta.name)
-            log.info("deleting the failed Job %s/%s: all %d pods of %s restart together", meta.namespace, name,
-                     obs.nodes, meta.name)
+            log.info(
+                "deleting the failed Job %s/%s: all %d pods of %s restart together",
+                meta.namespace,
+                name,
+                obs.nodes,
+                meta.name,
+            )
             await self.kube.delete_job(meta.namespace, name, obs.job["metadata"]["uid"])
 
-    async def _write(self, body: dict[str, Any], previous: DreamBoothJobStatus | None,
-                     status: DreamBoothJobStatus, obs: Observation | None = None) -> None:
+    async def _write(
+        self,
+        body: dict[str, Any],
+        previous: DreamBoothJobStatus | None,
+        status: DreamBoothJobStatus,
+        obs: Observation | None = None,
+    ) -> None:
         """The whole status in one merge patch when it changed (nulls clear fields), then the
         phase metrics (they follow the status at once) and the Events the change implies.
         The poll loop's copy of the job gets the new status at once."""
@@ -355,7 +392,9 @@ class Reconciler:
 
         async def view(namespace: str) -> NamespaceView | None:
             try:
-                jobs, pods = await asyncio.gather(self.kube.jobs(namespace, managed), self.kube.pods(namespace, managed))
+                jobs, pods = await asyncio.gather(
+                    self.kube.jobs(namespace, managed), self.kube.pods(namespace, managed)
+                )
             except Exception as err:  # noqa: BLE001  (logged; the next cycle tries again)
                 self.metrics.errors.labels(POLL).inc()
                 log.warning("listing the trainer Jobs and pods of namespace %s failed: %s", namespace, err)

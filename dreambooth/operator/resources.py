@@ -65,10 +65,18 @@ def service(inputs: TrainerInputs) -> dict[str, Any]:
             "selector": naming.selector(inputs.name),
             "publishNotReadyAddresses": True,
             "ports": [
-                {"name": "rendezvous", "port": naming.RENDEZVOUS_PORT, "protocol": "TCP",
-                 "targetPort": naming.RENDEZVOUS_PORT},
-                {"name": "metrics", "port": inputs.settings.trainer_metrics_port,
-                 "protocol": "TCP", "targetPort": "metrics"},
+                {
+                    "name": "rendezvous",
+                    "port": naming.RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                    "targetPort": naming.RENDEZVOUS_PORT,
+                },
+                {
+                    "name": "metrics",
+                    "port": inputs.settings.trainer_metrics_port,
+                    "protocol": "TCP",
+                    "targetPort": "metrics",
+                },
             ],
         },
     }
@@ -85,12 +93,19 @@ def pod_failure_policy(nodes: int = 1) -> dict[str, Any]:
     was one (the disrupted pod itself is gone within seconds) and the operator restarts all
     pods without counting it."""
     disruption = {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    return {"rules": [
-        {"action": "Ignore" if nodes == 1 else "FailJob", **disruption},
-        {"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER, "operator": "In",
-            "values": sorted(int(code) for code in DO_NOT_RETRY)}},
-    ]}
+    return {
+        "rules": [
+            {"action": "Ignore" if nodes == 1 else "FailJob", **disruption},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": sorted(int(code) for code in DO_NOT_RETRY),
+                },
+            },
+        ]
+    }
 
 
 def job(inputs: TrainerInputs) -> dict[str, Any]:

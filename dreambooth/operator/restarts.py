@@ -102,9 +102,15 @@ def _disrupted(cond: Mapping[str, Any], culprit: Termination | None) -> bool:
 
 
 def attempt_end(
-    job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *, nodes: int,
-    backoff_limit: int, previous_restarts: int, deadline_seconds: int | None,
-    started_at: str | None, now: datetime,
+    job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    nodes: int,
+    backoff_limit: int,
+    previous_restarts: int,
+    deadline_seconds: int | None,
+    started_at: str | None,
+    now: datetime,
 ) -> AttemptEnd | None:
     """What the failed Job of a multi-node job means; None when there is nothing to decide
     (a single-node job, no Job, or a Job that has not failed)."""
@@ -144,28 +150,40 @@ def describe_cause(attempt: AttemptEnd) -> str:
     return "a pod of the job failed"
 
 
-def attempt_verdict(attempt: AttemptEnd, *, nodes: int, backoff_limit: int,
-                    deadline_seconds: int | None, started_at: str | None) -> Verdict | None:
+def attempt_verdict(
+    attempt: AttemptEnd, *, nodes: int, backoff_limit: int, deadline_seconds: int | None, started_at: str | None
+) -> Verdict | None:
     """The phase and headline of a multi-node job whose attempt ended (None: FINAL, which
     the phase machine reports as the Job's failure)."""
     what = describe_cause(attempt)
     again = f"restarting all {nodes} pods from the newest checkpoint"
     if attempt.end is End.RESTART:
-        return Verdict(Phase.PENDING, Reason.RESTARTING,
-                       f"{what}; {again} (restart {attempt.restarts} of at most {backoff_limit})")
+        return Verdict(
+            Phase.PENDING, Reason.RESTARTING, f"{what}; {again} (restart {attempt.restarts} of at most {backoff_limit})"
+        )
     if attempt.end is End.DISRUPTED:
-        return Verdict(Phase.PENDING, Reason.PREEMPTED,
-                       f"{what}; {again} (a disruption: not counted against runPolicy.backoffLimit)")
+        return Verdict(
+            Phase.PENDING,
+            Reason.PREEMPTED,
+            f"{what}; {again} (a disruption: not counted against runPolicy.backoffLimit)",
+        )
     if attempt.end is End.SPENT:
         reason = Reason.OOM_KILLED if attempt.cause is not None and attempt.cause.oom else Reason.BACKOFF_LIMIT_EXCEEDED
-        return Verdict(Phase.FAILED, reason, f"the trainer failed {attempt.restarts} times "
-                       f"(runPolicy.backoffLimit {backoff_limit}); last failure: {what}")
+        return Verdict(
+            Phase.FAILED,
+            reason,
+            f"the trainer failed {attempt.restarts} times "
+            f"(runPolicy.backoffLimit {backoff_limit}); last failure: {what}",
+        )
     if attempt.end is End.OUT_OF_TIME:
         spent = format_duration(float(deadline_seconds or 0))
-        return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
-                       f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline_seconds}s = "
-                       f"{spent}, counted from its first start at {started_at}): not restarted; "
-                       f"last failure: {what}")
+        return Verdict(
+            Phase.FAILED,
+            Reason.DEADLINE_EXCEEDED,
+            f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline_seconds}s = "
+            f"{spent}, counted from its first start at {started_at}): not restarted; "
+            f"last failure: {what}",
+        )
     return None
 
 
@@ -184,8 +202,7 @@ def running_or_stopping(pod: Mapping[str, Any]) -> bool:
     return get(pod, "status", "phase") not in ("Succeeded", "Failed")
 
 
-def next_step(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
-              status: DreamBoothJobStatus) -> Step:
+def next_step(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], status: DreamBoothJobStatus) -> Step:
     """What to do with the trainer Job, given what was seen and the status just computed.
 
     Two generations of pods never run at once: a trainer Job is created only when no pod of
@@ -195,8 +212,12 @@ def next_step(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
         return Step.NONE
     if job is not None:
         ready = next((c for c in status.conditions if c.type == ConditionType.READY), None)
-        if (failed_condition(job) is not None and status.phase is Phase.PENDING
-                and ready is not None and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED)):
+        if (
+            failed_condition(job) is not None
+            and status.phase is Phase.PENDING
+            and ready is not None
+            and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED)
+        ):
             return Step.DELETE_JOB
         return Step.NONE
     return Step.WAIT if any(running_or_stopping(p) for p in pods) else Step.CREATE_JOB

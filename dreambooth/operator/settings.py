@@ -86,13 +86,15 @@ class OperatorSettings:
             except ValueError as err:
                 problems.append(f"{var}={raw!r}: {err}")
         if values.get("trainer_metrics_port") == RENDEZVOUS_PORT:
-            problems.append(f"{PREFIX}TRAINER_METRICS_PORT={RENDEZVOUS_PORT}: the trainer's "
-                            "rendezvous uses that port; pick another")
-        ports = (values.get("metrics_port", cls.metrics_port),
-                 values.get("health_port", cls.health_port))
+            problems.append(
+                f"{PREFIX}TRAINER_METRICS_PORT={RENDEZVOUS_PORT}: the trainer's rendezvous uses that port; pick another"
+            )
+        ports = (values.get("metrics_port", cls.metrics_port), values.get("health_port", cls.health_port))
         if ports[0] == ports[1]:
-            problems.append(f"{PREFIX}METRICS_PORT and {PREFIX}HEALTH_PORT are both {ports[0]}: "
-                            "the operator serves them separately; use two ports")
+            problems.append(
+                f"{PREFIX}METRICS_PORT and {PREFIX}HEALTH_PORT are both {ports[0]}: "
+                "the operator serves them separately; use two ports"
+            )
         if problems:
             raise SettingsError(problems)
         return cls(**values)
@@ -125,8 +127,7 @@ def _endpoint(raw: str) -> str | None:
     if not raw:
         return None
     if "://" in raw:
-        raise ValueError("give host[:port] without a scheme (TLS is DREAMBOOTH_S3_SECURE), "
-                         "e.g. minio.minio.svc:9000")
+        raise ValueError("give host[:port] without a scheme (TLS is DREAMBOOTH_S3_SECURE), e.g. minio.minio.svc:9000")
     if not _ENDPOINT_RE.match(raw) or len(raw) > 253:
         raise ValueError("use host[:port], e.g. minio.minio.svc:9000")
     return raw
@@ -152,8 +153,10 @@ def _namespaces(raw: str) -> tuple[str, ...]:
     names = [n.strip() for n in raw.split(",") if n.strip()]
     bad = [n for n in names if len(n) > 63 or not _LABEL_RE.match(n)]
     if bad:
-        raise ValueError(f"not namespace names: {', '.join(bad)} (use a comma-separated list, "
-                         "e.g. team-a,team-b; empty: all namespaces)")
+        raise ValueError(
+            f"not namespace names: {', '.join(bad)} (use a comma-separated list, "
+            "e.g. team-a,team-b; empty: all namespaces)"
+        )
     return tuple(sorted(set(names)))
 
 
@@ -174,8 +177,12 @@ def _trainer_env(raw: str) -> tuple[tuple[str, str], ...]:
         return ()
     data = _json(raw, _ENV_EXAMPLE)
     if not isinstance(data, list) or not all(
-            isinstance(v, dict) and set(v) <= {"name", "value"} and isinstance(v.get("name"), str)
-            and isinstance(v.get("value", ""), str) for v in data):
+        isinstance(v, dict)
+        and set(v) <= {"name", "value"}
+        and isinstance(v.get("name"), str)
+        and isinstance(v.get("value", ""), str)
+        for v in data
+    ):
         raise ValueError(f"use a list of {{name, value}} with string values, e.g. {_ENV_EXAMPLE}")
     problems, seen = [], set()
     for var in data:
@@ -201,8 +208,10 @@ def _trainer_extra_resources(raw: str) -> tuple[tuple[str, str], ...]:
     for name, amount in data.items():
         problem = resource_name_problem(name, gpu_resource=None)
         if problem is None and is_hugepages(name):
-            problem = f"{name}: hugepages need a job's memory request, so set them per job " \
+            problem = (
+                f"{name}: hugepages need a job's memory request, so set them per job "
                 "(spec.resources.extraResources with spec.resources.memory)"
+            )
         text = str(amount) if isinstance(amount, int) and not isinstance(amount, bool) else amount
         if problem is None and not (isinstance(text, str) and text.isdigit()):
             problem = f"{name}: {amount!r} is not a whole number of devices, e.g. 1"

@@ -65,12 +65,27 @@ from dreambooth.operator.verdict import (
     verdict,
 )
 
-__all__ = ["BENIGN_PENDING", "CONDITION_TYPES", "DEFAULT_STALL_TIMEOUT", "Observation", "compute_status",
-           "condition_of", "conditions_for", "invalid_spec_status", "verdict"]
+__all__ = [
+    "BENIGN_PENDING",
+    "CONDITION_TYPES",
+    "DEFAULT_STALL_TIMEOUT",
+    "Observation",
+    "compute_status",
+    "condition_of",
+    "conditions_for",
+    "invalid_spec_status",
+    "verdict",
+]
 
 #: always all of them, in this order
-CONDITION_TYPES = (ConditionType.READY, ConditionType.RUNNING, ConditionType.SUCCEEDED,
-                   ConditionType.FAILED, ConditionType.SUSPENDED, ConditionType.STALLED)
+CONDITION_TYPES = (
+    ConditionType.READY,
+    ConditionType.RUNNING,
+    ConditionType.SUCCEEDED,
+    ConditionType.FAILED,
+    ConditionType.SUSPENDED,
+    ConditionType.STALLED,
+)
 
 _MAX_MESSAGE = 32768
 
@@ -79,8 +94,13 @@ _MAX_MESSAGE = 32768
 
 
 def _condition(
-    ctype: str, status: str, reason: str, message: str,
-    previous: DreamBoothJobStatus | None, generation: int, now: datetime,
+    ctype: str,
+    status: str,
+    reason: str,
+    message: str,
+    previous: DreamBoothJobStatus | None,
+    generation: int,
+    now: datetime,
 ) -> Condition:
     old = next((c for c in (previous.conditions if previous else ()) if c.type == ctype), None)
     keep = old is not None and old.status == status
@@ -95,13 +115,17 @@ def _condition(
 
 
 def conditions_for(
-    v: Verdict, stalled: tuple[str, str, str],
-    previous: DreamBoothJobStatus | None, generation: int, now: datetime,
+    v: Verdict,
+    stalled: tuple[str, str, str],
+    previous: DreamBoothJobStatus | None,
+    generation: int,
+    now: datetime,
 ) -> list[Condition]:
     """All six conditions for verdict ``v``; ``stalled`` is (status, reason, message).
 
     Every condition's reason is the headline reason; the message goes on Ready and on the
     conditions that are True (``kubectl describe`` says it once)."""
+
     def make(ctype: str, true: bool, always: bool = False) -> Condition:
         message = v.message if true or always else ""
         return _condition(ctype, "True" if true else "False", v.reason, message, previous, generation, now)
@@ -119,8 +143,9 @@ def conditions_for(
 # --- the status ---------------------------------------------------------------------------
 
 
-def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
-             ended: list[Termination]) -> Outputs | None:
+def _outputs(
+    v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None, ended: list[Termination]
+) -> Outputs | None:
     out = obs.out
     prev = previous.outputs if previous and previous.outputs else Outputs()
     samples = prev.samples
@@ -129,8 +154,9 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
     if v.phase is not Phase.SUCCEEDED:
         result = prev.model_copy(update={"samples": samples})
     else:
-        written = next((t.summary.outputs for t in reversed(ended)
-                        if t.exit_code == 0 and t.summary and t.summary.outputs), None)
+        written = next(
+            (t.summary.outputs for t in reversed(ended) if t.exit_code == 0 and t.summary and t.summary.outputs), None
+        )
         if written:  # what the trainer reports it wrote
             result = Outputs(
                 model=written.get(OutputFormat.DIFFUSERS.value),
@@ -154,12 +180,15 @@ def _outputs(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
     return result if any(result.model_dump().values()) else None
 
 
-def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None,
-              ended: list[Termination], now: datetime) -> Progress | None:
+def _progress(
+    v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None, ended: list[Termination], now: datetime
+) -> Progress | None:
     before = previous.progress if previous else None
     progress = progress_from(obs.snapshot, before, now, obs.images_per_step, obs.total_steps)
-    if v.phase is Phase.TRAINING and progress is not None and (
-        previous is None or previous.phase is not Phase.TRAINING
+    if (
+        v.phase is Phase.TRAINING
+        and progress is not None
+        and (previous is None or previous.phase is not Phase.TRAINING)
     ):  # (re)entering training: the stall clock starts now, not at the last step seen
         progress = progress.model_copy(update={"step_changed_at": rfc3339(now)})
     if v.phase is Phase.SUCCEEDED:
@@ -174,11 +203,18 @@ def _progress(v: Verdict, obs: Observation, previous: DreamBoothJobStatus | None
         base = progress or Progress()
         stamp = rfc3339(now)
         percent, summary = progress_summary(step, total or step)
-        return base.model_copy(update={
-            "step": step, "total_steps": total or step, "percent": percent, "summary": summary, "eta_seconds": 0,
-            "loss": loss, "updated_at": stamp,
-            "step_changed_at": stamp if base.step != step else base.step_changed_at,
-        })
+        return base.model_copy(
+            update={
+                "step": step,
+                "total_steps": total or step,
+                "percent": percent,
+                "summary": summary,
+                "eta_seconds": 0,
+                "loss": loss,
+                "updated_at": stamp,
+                "step_changed_at": stamp if base.step != step else base.step_changed_at,
+            }
+        )
     if v.phase not in RUNNING_PHASES and progress is not None and progress.eta_seconds is not None:
         progress = progress.model_copy(update={"eta_seconds": None})
     return progress
@@ -198,17 +234,20 @@ def _stalled(v: Verdict, obs: Observation, progress: Progress | None, now: datet
     return "False", Reason.PROGRESSING, f"step {progress.summary}"
 
 
-def compute_status(
-    obs: Observation, previous: DreamBoothJobStatus | None, now: datetime
-) -> DreamBoothJobStatus:
+def compute_status(obs: Observation, previous: DreamBoothJobStatus | None, now: datetime) -> DreamBoothJobStatus:
     """The whole status for ``obs``. Pure: same inputs, same status."""
     ended = terminations(obs.pods)
     job_status = get(obs.job, "status") or {}
     start_time = (previous.start_time if previous else None) or job_status.get("startTime")
     attempt = attempt_end(
-        obs.job, obs.pods, nodes=obs.nodes, backoff_limit=obs.backoff_limit,
+        obs.job,
+        obs.pods,
+        nodes=obs.nodes,
+        backoff_limit=obs.backoff_limit,
         previous_restarts=previous.restarts if previous else 0,
-        deadline_seconds=obs.deadline_seconds, started_at=start_time, now=now,
+        deadline_seconds=obs.deadline_seconds,
+        started_at=start_time,
+        now=now,
     )
     v = verdict(obs, previous, attempt, start_time)
     if (
@@ -218,8 +257,7 @@ def compute_status(
         and _ready_reason(previous) != Reason.INVALID_SPEC
     ):  # finished is final: the Job may be gone (ttlSecondsAfterFinished)
         ready = ready_condition(previous)
-        v = Verdict(previous.phase, ready.reason if ready else previous.phase.value,
-                    ready.message if ready else "")
+        v = Verdict(previous.phase, ready.reason if ready else previous.phase.value, ready.message if ready else "")
     progress = _progress(v, obs, previous, ended, now)
     outputs = _outputs(v, obs, previous, ended)
     if v.phase in RUNNING_PHASES and not v.message:
@@ -229,13 +267,15 @@ def compute_status(
 
     checkpoint = previous.last_checkpoint if previous else None
     snap = obs.snapshot
-    if snap is not None and snap.last_checkpoint_step and (
-        checkpoint is None or checkpoint.step != snap.last_checkpoint_step
+    if (
+        snap is not None
+        and snap.last_checkpoint_step
+        and (checkpoint is None or checkpoint.step != snap.last_checkpoint_step)
     ):
         checkpoint = CheckpointRef(
-                step=snap.last_checkpoint_step,
-                uri=obs.out + layout.checkpoint(snap.last_checkpoint_step),
-            )
+            step=snap.last_checkpoint_step,
+            uri=obs.out + layout.checkpoint(snap.last_checkpoint_step),
+        )
 
     before = previous.restarts if previous else 0
     if attempt is not None:  # a multi-node attempt ended: counted once, whatever the polls
@@ -247,21 +287,29 @@ def compute_status(
     completion_time = previous.completion_time if previous else None
     if v.phase.finished and completion_time is None:
         finished = true_condition(obs.job, "Failed") or true_condition(obs.job, "FailureTarget")
-        completion_time = (
-            job_status.get("completionTime")
-            or (finished or {}).get("lastTransitionTime")
-            or rfc3339(now)
-        )
+        completion_time = job_status.get("completionTime") or (finished or {}).get("lastTransitionTime") or rfc3339(now)
 
     conditions = conditions_for(v, _stalled(v, obs, progress, now), previous, obs.generation, now)
     evaluation = None
     if obs.evaluation is not None:  # spec.evaluation: figures, best checkpoint, Overfitting, Underfitting
-        evaluation = evaluation_from(snap, previous, ended, out=obs.out, total_steps=obs.total_steps,
-                                     formats=[f.value for f in obs.formats], now=now)
-        conditions += [_condition(*sign, previous, obs.generation, now)
-                       for sign in signs(evaluation, obs.evaluation, obs.total_steps)]
-        if evaluation is not None and evaluation.best_checkpoint is not None and not (
-                outputs is not None and outputs.best_checkpoint):
+        evaluation = evaluation_from(
+            snap,
+            previous,
+            ended,
+            out=obs.out,
+            total_steps=obs.total_steps,
+            formats=[f.value for f in obs.formats],
+            now=now,
+        )
+        conditions += [
+            _condition(*sign, previous, obs.generation, now)
+            for sign in signs(evaluation, obs.evaluation, obs.total_steps)
+        ]
+        if (
+            evaluation is not None
+            and evaluation.best_checkpoint is not None
+            and not (outputs is not None and outputs.best_checkpoint)
+        ):
             outputs = (outputs or Outputs()).model_copy(update={"best_checkpoint": evaluation.best_checkpoint.uri})
     family = (snap.family if snap else None) or (previous.family if previous else None) or obs.family
     return DreamBoothJobStatus(
@@ -298,9 +346,17 @@ def _running_message(phase: Phase, progress: Progress | None) -> str:
 def _success_message(progress: Progress | None, outputs: Outputs | None) -> str:
     text = f"trained {progress.step} steps" if progress else "training finished"
     if outputs is not None:
-        where = [f"{k} {u}" for k, u in (("model", outputs.model), ("single file", outputs.single_file),
-                                         ("LoRA", outputs.lora), ("kohya LoRA", outputs.lora_kohya),
-                                         ("samples", outputs.samples)) if u]
+        where = [
+            f"{k} {u}"
+            for k, u in (
+                ("model", outputs.model),
+                ("single file", outputs.single_file),
+                ("LoRA", outputs.lora),
+                ("kohya LoRA", outputs.lora_kohya),
+                ("samples", outputs.samples),
+            )
+            if u
+        ]
         text += "; " + ", ".join(where)
     return text
 
@@ -311,7 +367,9 @@ def _ready_reason(status: DreamBoothJobStatus | None) -> str | None:
 
 
 def invalid_spec_status(
-    issues: Sequence[str], generation: int, now: datetime,
+    issues: Sequence[str],
+    generation: int,
+    now: datetime,
     previous: DreamBoothJobStatus | None = None,
 ) -> DreamBoothJobStatus:
     """Failed with reason InvalidSpec: the spec cannot run as written (no Job is created)."""

@@ -76,8 +76,9 @@ class Sweeper:
         try:
             await self._sync(body)
         except Exception as err:  # noqa: BLE001  (retried every poll interval)
-            log.warning("reconciling sweep %s/%s failed (retried in %ss): %s", *key,
-                        self.settings.poll_interval_seconds, err)
+            log.warning(
+                "reconciling sweep %s/%s failed (retried in %ss): %s", *key, self.settings.poll_interval_seconds, err
+            )
         finally:
             self.busy.discard(key)
 
@@ -86,8 +87,9 @@ class Sweeper:
         try:
             sweep = validate_sweep(body, cluster=True)
         except SpecError as err:
-            status = DreamBoothSweepStatus(phase=SweepPhase.FAILED, message=str(err)[:4096],
-                                           observed_generation=body["metadata"].get("generation"))
+            status = DreamBoothSweepStatus(
+                phase=SweepPhase.FAILED, message=str(err)[:4096], observed_generation=body["metadata"].get("generation")
+            )
             await self._write(body, status)
             return
         defaults = self.settings.defaults()
@@ -109,9 +111,12 @@ class Sweeper:
             if outcome is not None:
                 status = sweeps.sweep_status(sweep, children, defaults, compared=outcome, summary=summary)
             if outcome is False:
-                status = status.model_copy(update={
-                    "phase": SweepPhase.FAILED,
-                    "message": f"the comparison Job {job['metadata']['name']} failed: see its pod's log"})
+                status = status.model_copy(
+                    update={
+                        "phase": SweepPhase.FAILED,
+                        "message": f"the comparison Job {job['metadata']['name']} failed: see its pod's log",
+                    }
+                )
         await self._write(body, status)
 
     async def _write(self, body: dict[str, Any], status: DreamBoothSweepStatus) -> None:

@@ -72,9 +72,12 @@ def actions(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]], d
             if run_name(sweep.metadata.name, run.number) not in children:
                 create.append(child_job(sweep, run, the_plan, out))
                 unfinished += 1
-    suspend = [(name, sweep.spec.suspend) for name, child in sorted(children.items())
-               if not _finished(child)
-               and bool(((child.get("spec") or {}).get("runPolicy") or {}).get("suspend")) != sweep.spec.suspend]
+    suspend = [
+        (name, sweep.spec.suspend)
+        for name, child in sorted(children.items())
+        if not _finished(child)
+        and bool(((child.get("spec") or {}).get("runPolicy") or {}).get("suspend")) != sweep.spec.suspend
+    ]
     return Actions(create, suspend)
 
 
@@ -87,8 +90,14 @@ def _failure(status: DreamBoothJobStatus) -> str:
     return f"{failed.reason}: {failed.message}"[:1024] if failed else ""
 
 
-def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, Any] | None,
-         out: str, judged_rows: Mapping[tuple[str, int], judged.Figures]) -> SweepRow:
+def _row(
+    sweep: DreamBoothSweep,
+    the_plan: Plan,
+    row: Row,
+    child: Mapping[str, Any] | None,
+    out: str,
+    judged_rows: Mapping[tuple[str, int], judged.Figures],
+) -> SweepRow:
     run = the_plan.runs[row.run - 1]
     name = run_name(sweep.metadata.name, row.run)
     status = _status_of(child)
@@ -105,7 +114,9 @@ def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, A
     if main and (name, row.step) in judged_rows:  # the comparison's: every step
         cells["evaluation"] = judged_rows[(name, row.step)]
     elif main and figures is not None and figures.step == row.step:  # the run's latest round
-        cells["evaluation"] = judged.Figures.model_validate(figures.model_dump(include=set(judged.Figures.model_fields)))
+        cells["evaluation"] = judged.Figures.model_validate(
+            figures.model_dump(include=set(judged.Figures.model_fields))
+        )
     if status.phase is Phase.SUCCEEDED or (status.progress and status.progress.step >= row.step):
         cells["samples"] = run_output_uri(out, name) + layout.sample_grid(row.step, None if main else row.scheduler)
     if status.outputs is not None:
@@ -115,8 +126,11 @@ def _row(sweep: DreamBoothSweep, the_plan: Plan, row: Row, child: Mapping[str, A
     return SweepRow(**cells)
 
 
-def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]],
-             judged_rows: Mapping[tuple[str, int], judged.Figures] | None = None) -> tuple[str, int] | None:
+def best_run(
+    sweep: DreamBoothSweep,
+    children: Mapping[str, Mapping[str, Any]],
+    judged_rows: Mapping[tuple[str, int], judged.Figures] | None = None,
+) -> tuple[str, int] | None:
     """The (run, step) whose round ranks first by dreambooth.api.evaluation's score (rounds
     with an overfitting sign last) among the succeeded runs: over every step's round once
     the comparison reported them, else over each run's latest round."""
@@ -124,8 +138,10 @@ def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]],
     succeeded = {n for n, c in children.items() if (s := _status_of(c)) is not None and s.phase is Phase.SUCCEEDED}
     if judged_rows:
         rows = [(run, figures) for (run, _), figures in sorted(judged_rows.items()) if run in succeeded]
-        records = [judged.Record(**f.model_dump(), checkpoint=run, signs=judged.overfitting_signs(f, thresholds))
-                   for run, f in rows]
+        records = [
+            judged.Record(**f.model_dump(), checkpoint=run, signs=judged.overfitting_signs(f, thresholds))
+            for run, f in rows
+        ]
         chosen = judged.best(records)
         return next(((run, f.step) for (run, f), r in zip(rows, records, strict=True) if r is chosen), None)
     candidates = []
@@ -135,15 +151,24 @@ def best_run(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]],
             continue
         figures = judged.Figures.model_validate(status.evaluation.model_dump(include=set(judged.Figures.model_fields)))
         best = status.evaluation.best_checkpoint
-        record = judged.Record(**figures.model_dump(), checkpoint=best.uri if best else name,
-                               signs=judged.overfitting_signs(figures, thresholds))
+        record = judged.Record(
+            **figures.model_dump(),
+            checkpoint=best.uri if best else name,
+            signs=judged.overfitting_signs(figures, thresholds),
+        )
         candidates.append((record, name, best.step if best else figures.step))
     chosen = judged.best([c[0] for c in candidates])
     return next(((n, s) for r, n, s in candidates if r is chosen), None) if chosen else None
 
 
-def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any]], defaults: Defaults,
-                 *, compared: bool = False, summary: CompareSummary | None = None) -> DreamBoothSweepStatus:
+def sweep_status(
+    sweep: DreamBoothSweep,
+    children: Mapping[str, Mapping[str, Any]],
+    defaults: Defaults,
+    *,
+    compared: bool = False,
+    summary: CompareSummary | None = None,
+) -> DreamBoothSweepStatus:
     """The sweep's status: one row per (run, step, scheduler), the counts, the best run.
     ``compared``: compare.png and compare.json are written (the end of the sweep);
     ``summary``: the figures of every evaluated row, from the comparison pod."""
@@ -171,24 +196,42 @@ def sweep_status(sweep: DreamBoothSweep, children: Mapping[str, Mapping[str, Any
         phase, message = SweepPhase.PENDING, "creating the runs"
     best = best_run(sweep, children, judged_rows)
     return DreamBoothSweepStatus(
-        phase=phase, runs_total=total, runs_created=created, runs_succeeded=succeeded, runs_failed=failed,
-        summary=f"{succeeded + failed}/{total}", best_run=best[0] if best else None,
-        best_step=best[1] if best else None, rows=rows,
-        compare=out + COMPARE_PNG if compared else None, compare_json=out + COMPARE_JSON if compared else None,
-        message=message, observed_generation=sweep.metadata.generation)
+        phase=phase,
+        runs_total=total,
+        runs_created=created,
+        runs_succeeded=succeeded,
+        runs_failed=failed,
+        summary=f"{succeeded + failed}/{total}",
+        best_run=best[0] if best else None,
+        best_step=best[1] if best else None,
+        rows=rows,
+        compare=out + COMPARE_PNG if compared else None,
+        compare_json=out + COMPARE_JSON if compared else None,
+        message=message,
+        observed_generation=sweep.metadata.generation,
+    )
 
 
 def children_of(sweep_name: str, jobs: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """The sweep's runs among a namespace's DreamBoothJobs (by label)."""
-    return {j["metadata"]["name"]: j for j in jobs
-            if ((j.get("metadata") or {}).get("labels") or {}).get(SWEEP_LABEL) == sweep_name}
+    return {
+        j["metadata"]["name"]: j
+        for j in jobs
+        if ((j.get("metadata") or {}).get("labels") or {}).get(SWEEP_LABEL) == sweep_name
+    }
 
 
 # --- the comparison Job ----------------------------------------------------------------------
 
 #: the compare pod's environment taken from a run's trainer pod: S3 and the image's folders
-_COMPARE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
-                "DREAMBOOTH_WORKDIR")
+_COMPARE_ENV = (
+    "HOME",
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "DREAMBOOTH_WORKDIR",
+)
 COMPARE_CONTAINER = "compare"
 
 
@@ -209,31 +252,62 @@ def compare_job(sweep: DreamBoothSweep, settings: OperatorSettings) -> dict[str,
     trainer_pod = podtemplate.pod_template(inputs)["spec"]
     (trainer,) = trainer_pod["containers"]
     config = compare_config(sweep, the_plan, out)
-    config = config.model_copy(update={
-        "output": trainerinputs.local_uri(config.output),
-        "runs": [r.model_copy(update={"output": trainerinputs.local_uri(r.output)}) for r in config.runs]})
+    config = config.model_copy(
+        update={
+            "output": trainerinputs.local_uri(config.output),
+            "runs": [r.model_copy(update={"output": trainerinputs.local_uri(r.output)}) for r in config.runs],
+        }
+    )
     env = [e for e in trainer["env"] if e["name"].startswith("AWS_") or e["name"] in _COMPARE_ENV]
     env.append({"name": CONFIG_ENV, "value": config.model_dump_json(by_alias=True).replace("$", "$$")})
     keep = {"tmp", "cache"} | {c.volume for c in trainerinputs.claim_mounts(inputs)}
-    container = {"name": COMPARE_CONTAINER, "image": trainer["image"],
-                 "command": ["python", "-m", "dreambooth.trainer.compare"], "env": env,
-                 "volumeMounts": [m for m in trainer["volumeMounts"] if m["name"] in keep],
-                 "securityContext": trainer["securityContext"],
-                 # the figures of every evaluated row, for the status (sweep_runs.CompareSummary)
-                 "terminationMessagePath": podtemplate.TERMINATION_LOG,
-                 "terminationMessagePolicy": "FallbackToLogsOnError"}
-    pod = {"restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
-           "securityContext": trainer_pod["securityContext"], "containers": [container],
-           "volumes": [v for v in trainer_pod["volumes"] if v["name"] in keep]}
+    container = {
+        "name": COMPARE_CONTAINER,
+        "image": trainer["image"],
+        "command": ["python", "-m", "dreambooth.trainer.compare"],
+        "env": env,
+        "volumeMounts": [m for m in trainer["volumeMounts"] if m["name"] in keep],
+        "securityContext": trainer["securityContext"],
+        # the figures of every evaluated row, for the status (sweep_runs.CompareSummary)
+        "terminationMessagePath": podtemplate.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": trainer_pod["securityContext"],
+        "containers": [container],
+        "volumes": [v for v in trainer_pod["volumes"] if v["name"] in keep],
+    }
     meta = sweep.metadata
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": compare_job_name(meta.name), "namespace": meta.namespace,
-                         "labels": {SWEEP_LABEL: meta.name, naming.MANAGED_BY_LABEL: naming.MANAGER},
-                         "ownerReferences": [{"apiVersion": API_VERSION, "kind": SWEEP_KIND, "name": meta.name,
-                                              "uid": meta.uid, "controller": True, "blockOwnerDeletion": True}]},
-            # Indexed with one completion, as the trainer's Jobs: one pod, retried twice
-            "spec": {"completionMode": "Indexed", "completions": 1, "parallelism": 1, "backoffLimit": 2, "template": {"metadata": {"labels": {SWEEP_LABEL: meta.name}},
-                                                     "spec": pod}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": compare_job_name(meta.name),
+            "namespace": meta.namespace,
+            "labels": {SWEEP_LABEL: meta.name, naming.MANAGED_BY_LABEL: naming.MANAGER},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": SWEEP_KIND,
+                    "name": meta.name,
+                    "uid": meta.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        # Indexed with one completion, as the trainer's Jobs: one pod, retried twice
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 2,
+            "template": {"metadata": {"labels": {SWEEP_LABEL: meta.name}}, "spec": pod},
+        },
+    }
 
 
 def compare_outcome(job: Mapping[str, Any] | None) -> bool | None:

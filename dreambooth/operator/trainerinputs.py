@@ -35,8 +35,10 @@ class TrainerInputs:
         meta = self.job.metadata
         missing = [f for f in ("name", "namespace", "uid") if not getattr(meta, f)]
         if missing:
-            raise ValueError(f"DreamBoothJob metadata lacks {', '.join(missing)}: build children "
-                             "from the object the API server returned")
+            raise ValueError(
+                f"DreamBoothJob metadata lacks {', '.join(missing)}: build children "
+                "from the object the API server returned"
+            )
 
     @property
     def name(self) -> str:
@@ -92,8 +94,7 @@ def claim_mounts(inputs: TrainerInputs) -> list[ClaimMount]:
         if parsed.scheme is Scheme.PVC:
             writable[parsed.authority] = writable.get(parsed.authority, False) or written
     return [
-        ClaimMount(claim, read_only=not writable[claim], volume=f"pvc-{i}")
-        for i, claim in enumerate(sorted(writable))
+        ClaimMount(claim, read_only=not writable[claim], volume=f"pvc-{i}") for i, claim in enumerate(sorted(writable))
     ]
 
 
@@ -108,19 +109,23 @@ def trainer_config(inputs: TrainerInputs) -> TrainerConfig:
         base_model = rewritten(spec.base_model)
         if base_model.vae:
             base_model = base_model.model_copy(update={"vae": local_uri(base_model.vae)})
-        return spec.model_copy(update={
-            "base_model": base_model,
-            "instance": rewritten(spec.instance),
-            "prior": rewritten(spec.prior),
-            "output": rewritten(spec.output),
-        })
+        return spec.model_copy(
+            update={
+                "base_model": base_model,
+                "instance": rewritten(spec.instance),
+                "prior": rewritten(spec.prior),
+                "output": rewritten(spec.output),
+            }
+        )
 
-    return config.model_copy(update={
-        "spec": rewritten_spec(config.spec),
-        "requested": rewritten_spec(config.requested) if config.requested else None,
-        "output_uri": local_uri(config.output_uri),
-        "class_cache_uri": local_uri(config.class_cache_uri),
-    })
+    return config.model_copy(
+        update={
+            "spec": rewritten_spec(config.spec),
+            "requested": rewritten_spec(config.requested) if config.requested else None,
+            "output_uri": local_uri(config.output_uri),
+            "class_cache_uri": local_uri(config.class_cache_uri),
+        }
+    )
 
 
 def credentials(inputs: TrainerInputs) -> SecretKeyRef | None:

@@ -76,8 +76,12 @@ def typed_job(body: Mapping[str, Any], settings: OperatorSettings) -> TypedJob |
     meta = body["metadata"]
     try:
         job = validate_job(
-            {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(meta),
-             "spec": dict(body.get("spec") or {})},
+            {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "metadata": dict(meta),
+                "spec": dict(body.get("spec") or {}),
+            },
             cluster=True,
         )
     except SpecError as err:
@@ -122,23 +126,34 @@ def previous_status(body: Mapping[str, Any]) -> DreamBoothJobStatus | None:
         return None
 
 
-def observation(typed: TypedJob, settings: OperatorSettings, batch_job: dict[str, Any] | None,
-                pods: Sequence[dict[str, Any]], snapshot: TrainerSnapshot | None) -> Observation:
+def observation(
+    typed: TypedJob,
+    settings: OperatorSettings,
+    batch_job: dict[str, Any] | None,
+    pods: Sequence[dict[str, Any]],
+    snapshot: TrainerSnapshot | None,
+) -> Observation:
     """What the phase machine computes a status from. With a Job: its own pods (an earlier
     attempt's may still be going)."""
     return Observation.of(
-        typed.effective, generation=typed.generation, output_uri=typed.output_uri,
-        job=batch_job, pods=of_job(batch_job, pods), snapshot=snapshot,
+        typed.effective,
+        generation=typed.generation,
+        output_uri=typed.output_uri,
+        job=batch_job,
+        pods=of_job(batch_job, pods),
+        snapshot=snapshot,
         stall_timeout=timedelta(seconds=settings.stall_timeout_seconds),
         name=typed.job.metadata.name,
     )
 
 
-def trainer_inputs(typed: TypedJob, settings: OperatorSettings, previous: DreamBoothJobStatus | None,
-                   now: datetime) -> trainerinputs.TrainerInputs:
+def trainer_inputs(
+    typed: TypedJob, settings: OperatorSettings, previous: DreamBoothJobStatus | None, now: datetime
+) -> trainerinputs.TrainerInputs:
     """What a Job created now is built from: the restarts counted so far, and the seconds
     since the job first started (its activeDeadlineSeconds counts from then)."""
     started = parse_time(previous.start_time) if previous else None
     elapsed = int((now - started).total_seconds()) if started else 0
-    return trainerinputs.TrainerInputs(typed.job, settings, restarts=previous.restarts if previous else 0,
-                                   elapsed_seconds=elapsed)
+    return trainerinputs.TrainerInputs(
+        typed.job, settings, restarts=previous.restarts if previous else 0, elapsed_seconds=elapsed
+    )

@@ -78,7 +78,6 @@ TRAINER_PHASE = {
 }
 
 
-
 # --- inputs and outputs ----------------------------------------------------------------
 
 
@@ -170,7 +169,9 @@ def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termi
         text = f"the trainer failed {count} times" + (f" (backoffLimit {limit})" if limit is not None else "")
         if latest is not None:
             text += f"; last failure: {latest.describe()}"
-        return Verdict(Phase.FAILED, Reason.OOM_KILLED if latest and latest.oom else Reason.BACKOFF_LIMIT_EXCEEDED, text)
+        return Verdict(
+            Phase.FAILED, Reason.OOM_KILLED if latest and latest.oom else Reason.BACKOFF_LIMIT_EXCEEDED, text
+        )
     text = job_message
     if latest is not None:
         text = f"{text}; last failure: {latest.describe()}" if text else latest.describe()
@@ -178,26 +179,43 @@ def _failed_verdict(cond: Mapping[str, Any], obs: Observation, ended: list[Termi
 
 
 def _attempt_verdict(obs: Observation, attempt: AttemptEnd, started_at: str | None) -> Verdict | None:
-    return attempt_verdict(attempt, nodes=obs.nodes, backoff_limit=obs.backoff_limit,
-                           deadline_seconds=obs.deadline_seconds, started_at=started_at)
+    return attempt_verdict(
+        attempt,
+        nodes=obs.nodes,
+        backoff_limit=obs.backoff_limit,
+        deadline_seconds=obs.deadline_seconds,
+        started_at=started_at,
+    )
 
 
 def _without_job(obs: Observation, previous: DreamBoothJobStatus | None) -> Verdict:
     """No trainer Job: between two attempts of a multi-node job, gone (deleted by hand?)
     while its pods still stop, or not created yet."""
     ready = ready_condition(previous)
-    if previous is not None and previous.phase is Phase.PENDING and ready and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED):
+    if (
+        previous is not None
+        and previous.phase is Phase.PENDING
+        and ready
+        and ready.reason in (Reason.RESTARTING, Reason.PREEMPTED)
+    ):
         return Verdict(Phase.PENDING, ready.reason, ready.message)
     left = sum(1 for p in obs.pods if running_or_stopping(p))
     if left:
-        return Verdict(Phase.PENDING, Reason.RECREATING,
-                       f"the trainer Job is gone (deleted by hand?): waiting for its {left} pod(s) to stop "
-                       "before creating a new one, which resumes from the newest checkpoint")
+        return Verdict(
+            Phase.PENDING,
+            Reason.RECREATING,
+            f"the trainer Job is gone (deleted by hand?): waiting for its {left} pod(s) to stop "
+            "before creating a new one, which resumes from the newest checkpoint",
+        )
     return Verdict(Phase.PENDING, Reason.CREATING, "creating the trainer Job")
 
 
-def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
-            attempt: AttemptEnd | None = None, started_at: str | None = None) -> Verdict:
+def verdict(
+    obs: Observation,
+    previous: DreamBoothJobStatus | None,
+    attempt: AttemptEnd | None = None,
+    started_at: str | None = None,
+) -> Verdict:
     """The phase and headline reason of ``obs`` (messages of running phases are filled in
     by :func:`compute_status`, which knows the progress). ``attempt``: what the failed Job
     of a multi-node job means (restarts.py)."""
@@ -212,13 +230,18 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
                     return v
                 return _failed_verdict(cond, obs, ended)
     if obs.suspend:
-        return Verdict(Phase.SUSPENDED, Reason.SUSPEND_REQUESTED,
-                       "spec.runPolicy.suspend is true: pods are stopped, checkpoints kept; "
-                       "set it to false to resume")
+        return Verdict(
+            Phase.SUSPENDED,
+            Reason.SUSPEND_REQUESTED,
+            "spec.runPolicy.suspend is true: pods are stopped, checkpoints kept; set it to false to resume",
+        )
     if job is not None and (get(job, "spec", "suspend") or true_condition(job, "Suspended")):
-        return Verdict(Phase.SUSPENDED, Reason.JOB_SUSPENDED,
-                       "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
-                       "from its newest checkpoint when unsuspended")
+        return Verdict(
+            Phase.SUSPENDED,
+            Reason.JOB_SUSPENDED,
+            "the Job is suspended (queued by Kueue, or suspended by hand); it resumes "
+            "from its newest checkpoint when unsuspended",
+        )
     if job is None:
         return _without_job(obs, previous)
     active = sorted((p for p in obs.pods if is_active(p)), key=pod_name)
@@ -233,8 +256,11 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
         if failures:
             latest = failures[-1]
             reason = Reason.PREEMPTED if latest.disruption else Reason.RESTARTING
-            again = (f"restarting all {obs.nodes} pods from the newest checkpoint" if obs.nodes > 1
-                     else "a new pod resumes from the newest checkpoint")
+            again = (
+                f"restarting all {obs.nodes} pods from the newest checkpoint"
+                if obs.nodes > 1
+                else "a new pod resumes from the newest checkpoint"
+            )
             return Verdict(Phase.PENDING, reason, f"{latest.describe()}; {again}")
         return Verdict(Phase.PENDING, Reason.WAITING_FOR_PODS, "waiting for the Job controller to create pods")
     if obs.snapshot is not None and obs.snapshot.phase in TRAINER_PHASE:
@@ -244,7 +270,6 @@ def verdict(obs: Observation, previous: DreamBoothJobStatus | None,
     else:
         phase = Phase.INITIALIZING
     return Verdict(phase, phase.value)
-
 
 
 def condition_of(status: DreamBoothJobStatus | None, ctype: str) -> Condition | None:

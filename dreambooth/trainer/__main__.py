@@ -31,14 +31,25 @@ log = logging.getLogger("dreambooth.trainer")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dreambooth.trainer", description=__doc__)
-    p.add_argument("--config", type=Path, default=Path(os.environ.get("DREAMBOOTH_CONFIG", "/etc/dreambooth/config.json")),
-                   help="TrainerConfig JSON (default: $DREAMBOOTH_CONFIG or /etc/dreambooth/config.json)")
-    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")),
-                   help="scratch space for downloads and exports (default: $DREAMBOOTH_WORKDIR or /tmp/dreambooth)")
-    p.add_argument("--termination-log", type=Path,
-                   default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", str(TERMINATION_LOG))),
-                   help="where to write the one-line JSON summary, if that file's folder exists "
-                   "(default: $DREAMBOOTH_TERMINATION_LOG or /dev/termination-log)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("DREAMBOOTH_CONFIG", "/etc/dreambooth/config.json")),
+        help="TrainerConfig JSON (default: $DREAMBOOTH_CONFIG or /etc/dreambooth/config.json)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")),
+        help="scratch space for downloads and exports (default: $DREAMBOOTH_WORKDIR or /tmp/dreambooth)",
+    )
+    p.add_argument(
+        "--termination-log",
+        type=Path,
+        default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", str(TERMINATION_LOG))),
+        help="where to write the one-line JSON summary, if that file's folder exists "
+        "(default: $DREAMBOOTH_TERMINATION_LOG or /dev/termination-log)",
+    )
     return p.parse_args(argv)
 
 
@@ -132,16 +143,24 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = run(config, args.workdir, stop=stop)
         # the last step's loss (none when resumed after it)
-        summary = TerminationSummary(exit_code=ExitCode.OK, reason=SUCCEEDED, step=outcome.step,
-                                     loss=outcome.loss, outputs=outcome.outputs or None,
-                                     evaluation=outcome.evaluation)
+        summary = TerminationSummary(
+            exit_code=ExitCode.OK,
+            reason=SUCCEEDED,
+            step=outcome.step,
+            loss=outcome.loss,
+            outputs=outcome.outputs or None,
+            evaluation=outcome.evaluation,
+        )
     except TrainerError as err:
         log.error("%s", err)
         summary = TerminationSummary(exit_code=err.exit_code, reason=err.reason, message=str(err))
     except Exception as err:  # noqa: BLE001  (a bug: keep the traceback, retry the pod)
         log.error("unexpected error: %s\n%s", err, traceback.format_exc())
-        summary = TerminationSummary(exit_code=ExitCode.UNEXPECTED, reason=exit_reason(ExitCode.UNEXPECTED),
-                                     message=f"{type(err).__name__}: {err}")
+        summary = TerminationSummary(
+            exit_code=ExitCode.UNEXPECTED,
+            reason=exit_reason(ExitCode.UNEXPECTED),
+            message=f"{type(err).__name__}: {err}",
+        )
     summary = summary.model_copy(update={"rank": rank, "finished_at": time.time()})
     write_verdict(args.workdir, summary)
     write_summary(args.termination_log, summary)

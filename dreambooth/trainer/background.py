@@ -43,8 +43,9 @@ class Background:
     """The main process's storage thread: jobs run one at a time, first in, first out."""
 
     def __init__(self, device=None) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreambooth-storage",
-                                        initializer=_use_device, initargs=(device,))
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="dreambooth-storage", initializer=_use_device, initargs=(device,)
+        )
         self._last: Future | None = None
         self._failed: list[BaseException] = []
         self._lock = threading.Lock()
@@ -122,7 +123,7 @@ def together(accelerator, work: Future | None, *, poll_s: float, what: str) -> A
         raise error
     if flags[1]:
         failed = [str(rank) for rank in range(processes) if flags[2 + rank]]
-        raise TrainerError(f"process {', '.join(failed)} failed while {what}; its log has the cause",
-                           exit_code=ExitCode(int(flags[1])))
+        raise TrainerError(
+            f"process {', '.join(failed)} failed while {what}; its log has the cause", exit_code=ExitCode(int(flags[1]))
+        )
     return work.result() if work is not None else None
-

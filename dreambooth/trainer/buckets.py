@@ -68,8 +68,11 @@ class Framing:
         b, flip = training.buckets, training.random_flip
         if b is None or not b.enabled:
             return cls.square(training.resolution, flip=flip)
-        return cls(tuple(bucket_sizes(training.resolution, b.min_side, b.max_side, b.step)), flip=flip,
-                   max_upscale=b.max_upscale)
+        return cls(
+            tuple(bucket_sizes(training.resolution, b.min_side, b.max_side, b.step)),
+            flip=flip,
+            max_upscale=b.max_upscale,
+        )
 
     def for_classes(self, photo_buckets: Sequence[Size]) -> Framing:
         """Class images: in every bucket the photos use, never refused for their size."""
@@ -170,8 +173,10 @@ class Draw:
         """The cached class variant of each position: class image, in the micro-batch's bucket."""
         bucket = self.photo_buckets[self._photos(positions[:1])[0]]
         images = dataset_indices(positions, self.class_images, self.seed)
-        return [self._variant(image * self.buckets + bucket, CLASS_STREAM + p)
-                for image, p in zip(images, positions, strict=True)]
+        return [
+            self._variant(image * self.buckets + bucket, CLASS_STREAM + p)
+            for image, p in zip(images, positions, strict=True)
+        ]
 
 
 @lru_cache(maxsize=8)
@@ -182,5 +187,5 @@ def _epoch(seed: int, photo_buckets: tuple[int, ...], micro_size: int) -> tuple[
         photos = [i for i, b in enumerate(photo_buckets) if b == bucket]
         order = [photos[i] for i in torch.randperm(len(photos), generator=generator).tolist()]
         filled = [order[i % len(order)] for i in range(-(-len(order) // micro_size) * micro_size)]
-        batches += [tuple(filled[i:i + micro_size]) for i in range(0, len(filled), micro_size)]
+        batches += [tuple(filled[i : i + micro_size]) for i in range(0, len(filled), micro_size)]
     return tuple(batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())

@@ -26,7 +26,6 @@ from dreambooth.trainer.storage import Storage, parallel
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     step: int
@@ -46,8 +45,9 @@ def save(storage: Storage, folder: Path, step: int, *, keep: int, protect: int |
     hash it), the manifest last, then prune (never the checkpoint of step ``protect``)."""
     checkpoint = Checkpoint(step, layout.checkpoint(step))
     storage.delete_prefix(checkpoint.prefix)  # debris of an earlier, interrupted attempt
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.name != layout.MANIFEST)
+    names = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != layout.MANIFEST
+    )
 
     def put(name: str) -> dict:
         path = folder / name
@@ -79,9 +79,7 @@ def _manifest(storage: Storage, step: int, present: dict[str, int]) -> dict | No
     try:
         manifest = json.loads(storage.read_bytes(layout.checkpoint(step) + layout.MANIFEST))
         files = manifest["files"]
-        complete = manifest["step"] == step and all(
-            present.get(name) == meta["size"] for name, meta in files.items()
-        )
+        complete = manifest["step"] == step and all(present.get(name) == meta["size"] for name, meta in files.items())
     except (ValueError, KeyError, TypeError):
         return None
     return manifest if complete else None

@@ -61,9 +61,15 @@ def _run_rows(run: CompareRun, config: CompareConfig, workdir: Path):
         for k, scheduler in enumerate(config.schedulers):
             key = layout.sample_grid(step, None if k == 0 else scheduler)
             cells = _cells(store, key, config, workdir)
-            record = {"run": run.name, "values": run.values, "step": step, "scheduler": scheduler,
-                      "succeeded": succeeded, "samples": store.uri(key) if cells else None,
-                      "evaluation": evaluations.get(step) if k == 0 else None}
+            record = {
+                "run": run.name,
+                "values": run.values,
+                "step": step,
+                "scheduler": scheduler,
+                "succeeded": succeeded,
+                "samples": store.uri(key) if cells else None,
+                "evaluation": evaluations.get(step) if k == 0 else None,
+            }
             label = f"{run.label}, step {step}, {scheduler}" + ("" if cells else " (no samples)")
             yield record, label, cells
 
@@ -82,8 +88,13 @@ def compare(config: CompareConfig, workdir: Path) -> dict[str, Any]:
     png = workdir / COMPARE_PNG
     grid(rows, labels, title="columns: " + " | ".join(config.prompts)).save(png)
     out.upload_file(png, COMPARE_PNG)
-    doc = {"sweep": config.sweep, "prompts": config.prompts, "steps": config.steps,
-           "schedulers": config.schedulers, "rows": records}
+    doc = {
+        "sweep": config.sweep,
+        "prompts": config.prompts,
+        "steps": config.steps,
+        "schedulers": config.schedulers,
+        "rows": records,
+    }
     out.write_bytes(COMPARE_JSON, json.dumps(doc, indent=1).encode())
     log.info("wrote %s and %s (%d rows)", out.uri(COMPARE_PNG), out.uri(COMPARE_JSON), len(records))
     return doc

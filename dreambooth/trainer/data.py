@@ -53,13 +53,12 @@ def read_image(path: Path, *, where: str) -> Image.Image:
         with Image.open(path) as img:
             return ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(
-            f"{where} is not a readable image ({err.__class__.__name__}): replace or delete it"
-        ) from None
+        raise DataError(f"{where} is not a readable image ({err.__class__.__name__}): replace or delete it") from None
 
 
-def frame(img: Image.Image, target: tuple[int, int], *, flip: bool = False, where: str,
-          max_upscale: float | None = None) -> tuple[torch.Tensor, SampleSize]:
+def frame(
+    img: Image.Image, target: tuple[int, int], *, flip: bool = False, where: str, max_upscale: float | None = None
+) -> tuple[torch.Tensor, SampleSize]:
     """Resize ``img`` to cover ``target`` (height, width), center-crop, maybe mirror, scale to
     [-1, 1]; and the photo's size and the crop's top-left corner in resized pixels (mirrored
     with the pixels, as SDXL's time ids expect)."""
@@ -118,8 +117,7 @@ def load_examples(
     return examples
 
 
-def sample_positions(step: int, micro: int, rank: int, *, per_device: int, processes: int,
-                     accumulation: int) -> range:
+def sample_positions(step: int, micro: int, rank: int, *, per_device: int, processes: int, accumulation: int) -> range:
     """Global positions (in the run's stream of samples) that ``rank`` trains on in
     micro-batch ``micro`` of ``step``; ranks never overlap."""
     per_step = per_device * processes * accumulation

@@ -22,8 +22,9 @@ from dreambooth.trainer.errors import ConfigError, GpuUnavailableError
 log = logging.getLogger("dreambooth.trainer")
 
 
-def check_gpus(spec: DreamBoothJobSpec, *, available: bool, count: int, local_rank: int,
-               cuda_version: str | None) -> None:
+def check_gpus(
+    spec: DreamBoothJobSpec, *, available: bool, count: int, local_rank: int, cuda_version: str | None
+) -> None:
     """Raise :class:`GpuUnavailableError` when the job asks for GPUs this process cannot use."""
     wanted = spec.resources.gpus_per_node
     if wanted == 0:
@@ -70,14 +71,19 @@ def make_accelerator(spec: DreamBoothJobSpec):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    check_gpus(spec, available=torch.cuda.is_available(),
-               count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-               local_rank=int(os.environ.get("LOCAL_RANK", "0")), cuda_version=torch.version.cuda)
+    check_gpus(
+        spec,
+        available=torch.cuda.is_available(),
+        count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        cuda_version=torch.version.cuda,
+    )
     cpu = spec.resources.gpus_per_node == 0
     if cpu and spec.training.mixed_precision is MixedPrecision.FP16:
         raise ConfigError("training.mixedPrecision fp16 needs a GPU (resources.gpusPerNode >= 1): use no or bf16")
     accelerator = Accelerator(
-        mixed_precision=spec.training.mixed_precision.value, cpu=cpu,
+        mixed_precision=spec.training.mixed_precision.value,
+        cpu=cpu,
         kwargs_handlers=[process_group_kwargs(spec.run_policy.collective_timeout_seconds)],
     )
     expected = spec.resources.num_processes

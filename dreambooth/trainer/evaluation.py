@@ -65,9 +65,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def measure(step: int, prompts: Sequence[PromptSamples], photos: torch.Tensor, *,
-            prior_loss: float | None = None, first_prior_loss: float | None = None,
-            base: bool = False) -> Record:
+def measure(
+    step: int,
+    prompts: Sequence[PromptSamples],
+    photos: torch.Tensor,
+    *,
+    prior_loss: float | None = None,
+    first_prior_loss: float | None = None,
+    base: bool = False,
+) -> Record:
     """The record of one round: per prompt and averaged over the prompts (every validation
     prompt counts as a subject prompt)."""
     rows = [

@@ -38,8 +38,18 @@ FEATURE_EXTRACTOR = "feature_extractor"
 class Evaluator:
     """Image (and, with a full CLIP, text) embeddings."""
 
-    def __init__(self, vision, projection, processor, *, device, text=None, text_projection=None,
-                 tokenizer=None, source: str = "") -> None:
+    def __init__(
+        self,
+        vision,
+        projection,
+        processor,
+        *,
+        device,
+        text=None,
+        text_projection=None,
+        tokenizer=None,
+        source: str = "",
+    ) -> None:
         self.vision, self.projection, self.processor = vision.to(device).eval(), projection.to(device), processor
         self.text = text.to(device).eval() if text is not None else None
         self.text_projection = text_projection.to(device) if text_projection is not None else None
@@ -55,11 +65,21 @@ class Evaluator:
             processor = CLIPImageProcessor.from_pretrained(folder)
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f"evaluation.model.uri {source} is not a CLIPModel folder with its tokenizer "
-                             f"and preprocessor_config.json ({err}); save one with CLIPModel.save_pretrained "
-                             "and CLIPProcessor.save_pretrained") from None
-        return cls(model.vision_model, model.visual_projection, processor, device=device, text=model.text_model,
-                   text_projection=model.text_projection, tokenizer=tokenizer, source=source)
+            raise ModelError(
+                f"evaluation.model.uri {source} is not a CLIPModel folder with its tokenizer "
+                f"and preprocessor_config.json ({err}); save one with CLIPModel.save_pretrained "
+                "and CLIPProcessor.save_pretrained"
+            ) from None
+        return cls(
+            model.vision_model,
+            model.visual_projection,
+            processor,
+            device=device,
+            text=model.text_model,
+            text_projection=model.text_projection,
+            tokenizer=tokenizer,
+            source=source,
+        )
 
     @classmethod
     def from_safety_checker(cls, model: Path, source: str, device) -> Evaluator:
@@ -71,10 +91,17 @@ class Evaluator:
             checker = StableDiffusionSafetyChecker.from_pretrained(model / SAFETY_CHECKER)
             processor = CLIPImageProcessor.from_pretrained(model / FEATURE_EXTRACTOR)
         except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f"{source}: its safety_checker/ and feature_extractor/ cannot serve as the "
-                             f"evaluator ({err}); set evaluation.model.uri to a CLIPModel folder") from None
-        return cls(checker.vision_model, checker.visual_projection, processor, device=device,
-                   source=f"{source} ({SAFETY_CHECKER}/)")
+            raise ModelError(
+                f"{source}: its safety_checker/ and feature_extractor/ cannot serve as the "
+                f"evaluator ({err}); set evaluation.model.uri to a CLIPModel folder"
+            ) from None
+        return cls(
+            checker.vision_model,
+            checker.visual_projection,
+            processor,
+            device=device,
+            source=f"{source} ({SAFETY_CHECKER}/)",
+        )
 
     @property
     def has_text(self) -> bool:
@@ -90,8 +117,13 @@ class Evaluator:
     def texts(self, prompts: Sequence[str]) -> torch.Tensor | None:
         if self.text is None:
             return None
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.tokenizer.model_max_length,
+        ).input_ids.to(self.device)
         return self.text_projection(self.text(input_ids=ids).pooler_output).float().cpu()
 
 
@@ -129,8 +161,9 @@ class Rounds:
         """``record`` with its checkpoint, signs and score, kept (replacing one of the same step)."""
         signs = [] if record.base else judged.overfitting_signs(record, self.thresholds)
         base = self.base
-        if not record.base and judged.underfitting(record, base.subject_fidelity if base else None,
-                                                   self.total_steps, self.thresholds):
+        if not record.base and judged.underfitting(
+            record, base.subject_fidelity if base else None, self.total_steps, self.thresholds
+        ):
             signs.append(Sign.SUBJECT_NOT_LEARNED)
         record = record.model_copy(update={"checkpoint": checkpoint, "signs": signs, "score": judged.score(record)})
         self.records = sorted([r for r in self.records if r.step != record.step] + [record], key=lambda r: r.step)
@@ -164,9 +197,13 @@ class Rounds:
             return None
         best, base = self.best(), self.base
         return Evaluation(
-            step=latest.step, subject_fidelity=latest.subject_fidelity, prompt_fidelity=latest.prompt_fidelity,
-            memorization=latest.memorization, sample_similarity=latest.sample_similarity,
-            prior_loss_drift=latest.prior_loss_drift, score=latest.score,
+            step=latest.step,
+            subject_fidelity=latest.subject_fidelity,
+            prompt_fidelity=latest.prompt_fidelity,
+            memorization=latest.memorization,
+            sample_similarity=latest.sample_similarity,
+            prior_loss_drift=latest.prior_loss_drift,
+            score=latest.score,
             base_subject_fidelity=base.subject_fidelity if base else None,
             best_checkpoint=CheckpointRef(step=best.step, uri=uri_of(best.checkpoint)) if best else None,
         )
@@ -175,23 +212,36 @@ class Rounds:
 class Judge:
     """The main process's evaluator: embeds the photos and prompts once, then each round."""
 
-    def __init__(self, evaluator: Evaluator, photos: Sequence[Image.Image], prompts: Sequence[str],
-                 rounds: Rounds) -> None:
+    def __init__(
+        self, evaluator: Evaluator, photos: Sequence[Image.Image], prompts: Sequence[str], rounds: Rounds
+    ) -> None:
         self.evaluator, self.prompts, self.rounds = evaluator, list(prompts), rounds
         self.photos = evaluator.images(photos)
         self.text = evaluator.texts(self.prompts)
-        log.info("evaluating sample rounds with %s%s", evaluator.source,
-                 "" if evaluator.has_text else " (image-image figures only)")
+        log.info(
+            "evaluating sample rounds with %s%s",
+            evaluator.source,
+            "" if evaluator.has_text else " (image-image figures only)",
+        )
 
-    def round(self, step: int, rows: Sequence[Sequence[Image.Image]], checkpoint: str | None, *,
-              base: bool = False) -> Record:
-        samples = [PromptSamples(p, self.evaluator.images(images), None if self.text is None else self.text[i])
-                   for i, (p, images) in enumerate(zip(self.prompts, rows, strict=True))]
+    def round(
+        self, step: int, rows: Sequence[Sequence[Image.Image]], checkpoint: str | None, *, base: bool = False
+    ) -> Record:
+        samples = [
+            PromptSamples(p, self.evaluator.images(images), None if self.text is None else self.text[i])
+            for i, (p, images) in enumerate(zip(self.prompts, rows, strict=True))
+        ]
         prior = None if base else self.rounds.take_prior_loss()
-        record = measure(step, samples, self.photos, prior_loss=prior,
-                         first_prior_loss=self.rounds.first_prior_loss, base=base)
+        record = measure(
+            step, samples, self.photos, prior_loss=prior, first_prior_loss=self.rounds.first_prior_loss, base=base
+        )
         record = self.rounds.judge(record, checkpoint)
-        log.info("evaluation step %d: subject fidelity %.3f%s, memorization %.3f%s", step, record.subject_fidelity,
-                 f", prompt fidelity {record.prompt_fidelity:.3f}" if record.prompt_fidelity is not None else "",
-                 record.memorization, f"; signs: {', '.join(record.signs)}" if record.signs else "")
+        log.info(
+            "evaluation step %d: subject fidelity %.3f%s, memorization %.3f%s",
+            step,
+            record.subject_fidelity,
+            f", prompt fidelity {record.prompt_fidelity:.3f}" if record.prompt_fidelity is not None else "",
+            record.memorization,
+            f"; signs: {', '.join(record.signs)}" if record.signs else "",
+        )
         return record

@@ -22,8 +22,9 @@ from dreambooth.trainer.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def export(family: Family, pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path,
-           name: str) -> dict[str, str]:
+def export(
+    family: Family, pipeline, formats: list[OutputFormat], storage: Storage, workdir: Path, name: str
+) -> dict[str, str]:
     """Write ``pipeline`` (of the job ``name``) in every format asked for; returns {format: uri}."""
     out: dict[str, str] = {}
     if OutputFormat.DIFFUSERS in formats:

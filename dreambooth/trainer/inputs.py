@@ -29,8 +29,12 @@ ANY = frozenset(Scheme)  # every scheme a spec may name; fetch_prefix says what 
 #: what an hf:// evaluator is fetched with: a CLIPModel folder (files at its root)
 CLIP_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 #: what an hf:// baseModel.vae is fetched with: a lone AutoencoderKL (or a model's vae/)
-VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors"]
+VAE_PATTERNS = [
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
 
 
 def s3_settings(config: TrainerConfig) -> S3Settings | None:
@@ -43,9 +47,9 @@ def s3_settings(config: TrainerConfig) -> S3Settings | None:
     return S3Settings.from_env(config.storage.endpoint, config.storage.secure, config.storage.region)
 
 
-
-def fetch_prefix(uri: Uri | str, s3: S3Settings | None, dest: Path, *, what: str,
-                 empty: type[TrainerError] = DataError) -> Path:
+def fetch_prefix(
+    uri: Uri | str, s3: S3Settings | None, dest: Path, *, what: str, empty: type[TrainerError] = DataError
+) -> Path:
     """A local folder with the objects below ``uri`` (file:// URIs are used in place)."""
     parsed = storage_uri(uri, ANY)
     if parsed.scheme is Scheme.PVC:
@@ -66,14 +70,19 @@ def fetch_once(ctx: Context, key: str, work) -> Path:
     return Path(once_per_node(ctx.accelerator, ctx.workdir, key, lambda: str(work())))
 
 
-def fetch_model(ctx: Context, key: str, uri: str, revision: str | None, *, what: str,
-                patterns: list[str] | None = None) -> Path:
+def fetch_model(
+    ctx: Context, key: str, uri: str, revision: str | None, *, what: str, patterns: list[str] | None = None
+) -> Path:
     parsed = storage_uri(uri, ANY)
     if parsed.scheme is Scheme.HF:
-        return fetch_once(ctx, key, lambda: fetch_from_hub(
-            parsed.authority, revision or parsed.revision, ctx.workdir / "hub", patterns=patterns))
-    return fetch_once(ctx, key, lambda: fetch_prefix(
-        parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
+        return fetch_once(
+            ctx,
+            key,
+            lambda: fetch_from_hub(
+                parsed.authority, revision or parsed.revision, ctx.workdir / "hub", patterns=patterns
+            ),
+        )
+    return fetch_once(ctx, key, lambda: fetch_prefix(parsed, ctx.s3, ctx.workdir / key, what=what, empty=NotFoundError))
 
 
 def fetch_base_model(ctx: Context) -> Path:
@@ -90,8 +99,14 @@ def open_judge(ctx: Context, components: Components, instances: list[Example]) -
     judging.check_source(ctx, components.path)
     clip = None
     if evaluation.model.uri:
-        clip = fetch_model(ctx, "evaluator", evaluation.model.uri, evaluation.model.revision,
-                           what="evaluation model files", patterns=CLIP_PATTERNS)
+        clip = fetch_model(
+            ctx,
+            "evaluator",
+            evaluation.model.uri,
+            evaluation.model.revision,
+            what="evaluation model files",
+            patterns=CLIP_PATTERNS,
+        )
     if ctx.main:
         ctx.judge = judging.make_judge(ctx, clip, components.path, instances)
 
@@ -109,8 +124,10 @@ def open_model(ctx: Context) -> Components:
     try:
         ctx.config = for_family(ctx.config, ModelFamily(components.family.name))
     except SpecError as err:
-        raise ConfigError(f"the model is {components.family.title}, which this job's spec does not fit: "
-                          + "; ".join(map(str, err.issues))) from None
+        raise ConfigError(
+            f"the model is {components.family.title}, which this job's spec does not fit: "
+            + "; ".join(map(str, err.issues))
+        ) from None
     components.family.configure(components, ctx.spec.training, model.uri)
     log.info("model family %s (%s)", components.family.name, components.family.title)
     return components
@@ -131,8 +148,11 @@ def load_instance_examples(ctx: Context, components: Components) -> list[Example
                 f"and UNet downsampling), e.g. {max(multiple, value // multiple * multiple)}"
             )
     components.family.check_resolution(components, training.resolution)
-    folder = fetch_once(ctx, "instance", lambda: fetch_prefix(
-        ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"))
+    folder = fetch_once(
+        ctx,
+        "instance",
+        lambda: fetch_prefix(ctx.spec.instance.uri, ctx.s3, ctx.workdir / "instance", what="instance photos"),
+    )
     examples = load_examples(
         folder,
         prompt=ctx.spec.instance.prompt,
@@ -142,8 +162,12 @@ def load_instance_examples(ctx: Context, components: Components) -> list[Example
         framing=Framing.for_photos(training),
     )
     buckets = sorted({e.size.target for e in examples})
-    log.info("%d photos in %d bucket(s): %s", len(examples) // len(Framing.for_photos(training).flips),
-             len(buckets), ", ".join(f"{w}x{h}" for h, w in buckets))
+    log.info(
+        "%d photos in %d bucket(s): %s",
+        len(examples) // len(Framing.for_photos(training).flips),
+        len(buckets),
+        ", ".join(f"{w}x{h}" for h, w in buckets),
+    )
     return examples
 
 

@@ -27,6 +27,7 @@ from dreambooth.trainer.evaluator import (
 
 log = logging.getLogger("dreambooth.trainer")
 
+
 def final_model_key(ctx: Context) -> str:
     """The key of the final model, for the record of the last step."""
     return layout.final_model(f.value for f in ctx.spec.output.formats or [])
@@ -38,7 +39,8 @@ def check_source(ctx: Context, model: Path) -> None:
         raise ConfigError(
             "evaluation.enabled needs an evaluator: set evaluation.model.uri to a CLIPModel folder (e.g. a "
             f"saved openai/clip-vit-large-patch14), or use a base model with safety_checker/ ({ctx.spec.base_model.uri} "
-            "has none)")
+            "has none)"
+        )
 
 
 def make_judge(ctx: Context, clip: Path | None, model: Path, instances) -> Judge:

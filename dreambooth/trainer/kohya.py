@@ -51,11 +51,13 @@ def text_model_path(path: str) -> str:
 
 def ldm_path(rules: Rules) -> Callable[[str], str]:
     """A UNet module path in the original layout, by the single file's table ``rules``."""
+
     def renamed(path: str) -> str:
         found = rename(rules, f"{path}.weight")
         if found is None:
             raise KohyaExportError(f"cannot name the UNet module {path!r} in the original layout")
         return found.removesuffix(".weight")
+
     return renamed
 
 
@@ -73,13 +75,15 @@ def adapters(part: Part) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     out: dict[str, torch.Tensor] = {}
-    for path, layer in (part.module.named_modules() if part.module is not None else ()):
+    for path, layer in part.module.named_modules() if part.module is not None else ():
         if not isinstance(layer, LoraLayer) or not layer.lora_A:
             continue
         names = list(layer.lora_A)
         if len(names) != 1 or layer.use_dora.get(names[0]):
-            raise KohyaExportError(f"{part.prefix} module {path!r} has adapters {names} (DoRA: "
-                                   f"{bool(layer.use_dora.get(names[0]))}); one plain LoRA adapter is expected")
+            raise KohyaExportError(
+                f"{part.prefix} module {path!r} has adapters {names} (DoRA: "
+                f"{bool(layer.use_dora.get(names[0]))}); one plain LoRA adapter is expected"
+            )
         down, up = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
         key = f"{part.prefix}_{part.path(path).replace('.', '_')}"
         if f"{key}.alpha" in out:
@@ -97,7 +101,11 @@ def save_kohya_lora(pipeline: Any, path: Path, parts: Sequence[Part], *, base_mo
         raise KohyaExportError("the model has no LoRA adapters to export (lora-kohya needs training.method: lora)")
     ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")})
     alphas = sorted({float(t) for k, t in tensors.items() if k.endswith(".alpha")})
-    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": base_model,
-                "ss_v2": str(base_model == SD_V2), "ss_network_dim": ",".join(map(str, ranks)),
-                "ss_network_alpha": ",".join(f"{a:g}" for a in alphas)}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": base_model,
+        "ss_v2": str(base_model == SD_V2),
+        "ss_network_dim": ",".join(map(str, ranks)),
+        "ss_network_alpha": ",".join(f"{a:g}" for a in alphas),
+    }
     return write(tensors, path, pipeline, {"layout": "kohya-lora"}, metadata=metadata)

@@ -135,9 +135,19 @@ class StepLoss:
     prior: torch.Tensor | None
 
 
-def diffusion_loss(family: Family, denoiser, scheduler, latents, cond: Conditioning, sizes: list[SampleSize],
-                   gens: list[torch.Generator], *, training: TrainingSpec, n_prior: int,
-                   prior_weight: float) -> StepLoss:
+def diffusion_loss(
+    family: Family,
+    denoiser,
+    scheduler,
+    latents,
+    cond: Conditioning,
+    sizes: list[SampleSize],
+    gens: list[torch.Generator],
+    *,
+    training: TrainingSpec,
+    n_prior: int,
+    prior_weight: float,
+) -> StepLoss:
     """Noise ``latents`` the family's way (DDPM, flow matching), predict with its
     ``denoiser``; the last ``n_prior`` rows are class images. ``gens`` holds one generator
     per row."""
@@ -197,9 +207,14 @@ class Loop:
     def _micro_batch(self, step: int, micro: int):
         """Latents, prompts and per-sample generators of this rank's share of a micro-batch."""
         a, seed = self.accelerator, self.training.seed
-        positions = sample_positions(step, micro, a.process_index, per_device=self.per_device,
-                                     processes=a.num_processes,
-                                     accumulation=self.training.gradient_accumulation_steps)
+        positions = sample_positions(
+            step,
+            micro,
+            a.process_index,
+            per_device=self.per_device,
+            processes=a.num_processes,
+            accumulation=self.training.gradient_accumulation_steps,
+        )
         idx = self.draw.instances(positions)
         gens = generators(seed, positions, a.device)
         latents = [self.instances.sample(idx, gens)]
@@ -234,14 +249,25 @@ class Loop:
                 with a.autocast():
                     cond = self.prompts(prompts, training=train_te)
                     loss = diffusion_loss(
-                        self.family, self.denoiser, self.scheduler, latents, cond, sizes, gens,
-                        training=self.training, n_prior=n_prior, prior_weight=self.prior_weight,
+                        self.family,
+                        self.denoiser,
+                        self.scheduler,
+                        latents,
+                        cond,
+                        sizes,
+                        gens,
+                        training=self.training,
+                        n_prior=n_prior,
+                        prior_weight=self.prior_weight,
                     )
                 a.backward(loss.total / accumulation)
-            sums += torch.stack([
-                loss.total.detach(), loss.instance.detach(),
-                loss.prior.detach() if loss.prior is not None else torch.zeros((), device=a.device),
-            ]).float()
+            sums += torch.stack(
+                [
+                    loss.total.detach(),
+                    loss.instance.detach(),
+                    loss.prior.detach() if loss.prior is not None else torch.zeros((), device=a.device),
+                ]
+            ).float()
         if self.before_optimizer_step is not None:
             self.before_optimizer_step()
         if a.scaler is not None:
@@ -276,4 +302,3 @@ class Throughput:
         self._last = now
         self.value = rate if self.value is None else self.smoothing * self.value + (1 - self.smoothing) * rate
         return self.value
-

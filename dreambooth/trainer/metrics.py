@@ -34,9 +34,7 @@ class TrainerMetrics:
         self.step = Gauge(names.STEP, "Optimizer steps completed.", registry=r)
         self.total_steps = Gauge(names.TOTAL_STEPS, "Optimizer steps of the whole run.", registry=r)
         self.loss = Gauge(names.LOSS, "Training loss of the last optimizer step.", registry=r)
-        self.instance_loss = Gauge(
-            names.INSTANCE_LOSS, "Loss on the instance images of the last step.", registry=r
-        )
+        self.instance_loss = Gauge(names.INSTANCE_LOSS, "Loss on the instance images of the last step.", registry=r)
         self.prior_loss = Gauge(
             names.PRIOR_LOSS, "Prior-preservation loss on class images of the last step.", registry=r
         )
@@ -56,18 +54,22 @@ class TrainerMetrics:
         self.checkpoint_upload_failures = Counter(
             names.CHECKPOINT_UPLOAD_FAILURES, "Checkpoint uploads that failed.", registry=r
         )
-        self.gpu_memory_bytes = Gauge(
-            names.GPU_MEMORY_BYTES, "Peak GPU memory allocated by this process.", registry=r
-        )
+        self.gpu_memory_bytes = Gauge(names.GPU_MEMORY_BYTES, "Peak GPU memory allocated by this process.", registry=r)
         evaluation = (
             ("evaluation_step", names.EVALUATION_STEP, "Step of the latest evaluated sample round."),
             ("subject_fidelity", names.SUBJECT_FIDELITY, "Mean CLIP similarity of the samples to the instance photos."),
             ("base_subject_fidelity", names.BASE_SUBJECT_FIDELITY, "Subject fidelity of the base model's samples."),
             ("prompt_fidelity", names.PROMPT_FIDELITY, "Mean CLIP similarity of the samples to their prompts."),
-            ("memorization", names.MEMORIZATION,
-             "Per prompt, the highest similarity of a sample to a training photo; mean over prompts."),
-            ("sample_similarity", names.SAMPLE_SIMILARITY,
-             "Mean pairwise similarity of a prompt's samples; mean over prompts (1: no diversity)."),
+            (
+                "memorization",
+                names.MEMORIZATION,
+                "Per prompt, the highest similarity of a sample to a training photo; mean over prompts.",
+            ),
+            (
+                "sample_similarity",
+                names.SAMPLE_SIMILARITY,
+                "Mean pairwise similarity of a prompt's samples; mean over prompts (1: no diversity).",
+            ),
             ("prior_loss_drift", names.PRIOR_LOSS_DRIFT, "Class-image loss against the first round's, minus 1."),
             ("evaluation_score", names.EVALUATION_SCORE, "Subject fidelity + prompt fidelity of the latest round."),
             ("best_step", names.BEST_CHECKPOINT_STEP, "Step of the best evaluated checkpoint so far."),
@@ -77,12 +79,11 @@ class TrainerMetrics:
             gauge.set(float("nan"))
             setattr(self, attr, gauge)
         self.family = Info(names.MODEL, "The base model, as the trainer found it (its family).", registry=r)
-        self.phase = Enum(
-            names.PHASE, "What the trainer is doing.", states=list(names.TRAINER_PHASES), registry=r
-        )
+        self.phase = Enum(names.PHASE, "What the trainer is doing.", states=list(names.TRAINER_PHASES), registry=r)
 
     def report_evaluation(self, evaluation) -> None:
         """Publish ``evaluation`` (a :class:`dreambooth.api.status.Evaluation`)."""
+
         def put(gauge, value) -> None:
             gauge.set(float("nan") if value is None else value)
 

@@ -15,8 +15,15 @@ from dreambooth.trainer.errors import (
 log = logging.getLogger(__name__)
 
 #: what we download from a hub repository (no .bin duplicates, no fp16/ema variants)
-HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.model",
-                "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+]
 
 
 def fetch_from_hub(repo: str, revision: str | None, cache_dir: Path, patterns: list[str] | None = None) -> Path:

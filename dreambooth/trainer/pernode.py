@@ -44,8 +44,7 @@ def once_per_node(accelerator, workdir: Path, key: str, work: Callable[[], str])
             _publish(answer, {"error": {"code": int(err.exit_code), "message": str(err)}})
             raise
         except Exception as err:
-            _publish(answer, {"error": {"code": int(ExitCode.UNEXPECTED),
-                                        "message": f"{type(err).__name__}: {err}"}})
+            _publish(answer, {"error": {"code": int(ExitCode.UNEXPECTED), "message": f"{type(err).__name__}: {err}"}})
             raise
         _publish(answer, {"value": value})
         return value
@@ -65,11 +64,9 @@ def _await(path: Path, key: str) -> str:
         time.sleep(POLL_SECONDS)
         if time.monotonic() - last_report >= REPORT_EVERY_SECONDS:
             last_report = time.monotonic()
-            log.info("waiting for this pod's first process to fetch %s (%.0f s so far)", key,
-                     last_report - started)
+            log.info("waiting for this pod's first process to fetch %s (%.0f s so far)", key, last_report - started)
     content = json.loads(path.read_text())
     if "error" in content:
         error = content["error"]
-        raise TrainerError(f"{error['message']} (seen by this pod's first process)",
-                           exit_code=ExitCode(error["code"]))
+        raise TrainerError(f"{error['message']} (seen by this pod's first process)", exit_code=ExitCode(error["code"]))
     return content["value"]

@@ -39,7 +39,6 @@ from dreambooth.trainer.sampling import generate, grid, progression
 log = logging.getLogger("dreambooth.trainer")
 
 
-
 def modules_of(ctx: Context, loop: Loop) -> dict[str, torch.nn.Module]:
     """The denoiser and text encoders being trained, by their names in checkpoints (the
     family's folder names: unet, text_encoder, text_encoder_2)."""
@@ -51,8 +50,13 @@ def modules_of(ctx: Context, loop: Loop) -> dict[str, torch.nn.Module]:
 def run_facts(ctx: Context, loop: Loop) -> dict:
     """What must not change between a checkpoint and the run resuming from it."""
     t = ctx.spec.training
-    return {"processes": ctx.accelerator.num_processes, "batchSize": t.batch_size, "method": t.method.value,
-            "trainTextEncoder": bool(t.train_text_encoder), "phase": loop.phase}
+    return {
+        "processes": ctx.accelerator.num_processes,
+        "batchSize": t.batch_size,
+        "method": t.method.value,
+        "trainTextEncoder": bool(t.train_text_encoder),
+        "phase": loop.phase,
+    }
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -94,8 +98,14 @@ def restore(ctx: Context, loop: Loop, found: Found | None, phase_start: int) -> 
     if found is None or found.step < phase_start:
         return
     if found.phase == loop.phase:
-        state.read(found.folder, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                   lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+        state.read(
+            found.folder,
+            modules=modules_of(ctx, loop),
+            optimizer=loop.optimizer,
+            lr_scheduler=loop.lr_scheduler,
+            facts=run_facts(ctx, loop),
+            extras=loop.extras,
+        )
     else:
         state.read_extras(found.folder, loop.extras, device=ctx.accelerator.device)
     log.info("resumed from %s at step %d", ctx.output.uri(layout.checkpoint(found.step)), found.step)
@@ -113,14 +123,14 @@ def save_checkpoint(ctx: Context, loop: Loop, step: int, *, must: bool = True) -
     upload fails for want of storage, that is reported (metric, log) and training goes on:
     the next checkpoint tries again."""
     a = ctx.accelerator
-    together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
-             what="uploading the previous checkpoint")
+    together(
+        a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s, what="uploading the previous checkpoint"
+    )
     upload = None
     if ctx.main and not must:
         ctx.background.post(upload_checkpoint, ctx, write_checkpoint(ctx, loop, step), step, False)
     elif ctx.main:  # training stops here: the storage thread writes too, and a failure reaches all
-        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step,
-                                                                 True))
+        upload = ctx.background.submit(lambda: upload_checkpoint(ctx, write_checkpoint(ctx, loop, step), step, True))
     if not must:
         return None
     return together(a, upload, poll_s=ctx.poll_s, what=f"saving the checkpoint of step {step}")
@@ -130,8 +140,15 @@ def write_checkpoint(ctx: Context, loop: Loop, step: int) -> Path:
     """The checkpoint of ``step`` in a new folder of the workdir (main process)."""
     folder = Path(tempfile.mkdtemp(dir=ctx.workdir, prefix="checkpoint-"))
     try:
-        state.write(folder, step=step, modules=modules_of(ctx, loop), optimizer=loop.optimizer,
-                    lr_scheduler=loop.lr_scheduler, facts=run_facts(ctx, loop), extras=loop.extras)
+        state.write(
+            folder,
+            step=step,
+            modules=modules_of(ctx, loop),
+            optimizer=loop.optimizer,
+            lr_scheduler=loop.lr_scheduler,
+            facts=run_facts(ctx, loop),
+            extras=loop.extras,
+        )
         judging.save_records(ctx, folder)
         (folder / layout.HISTORY).write_bytes(ctx.history.up_to(step).to_bytes())
     except BaseException:
@@ -146,8 +163,9 @@ def upload_checkpoint(ctx: Context, folder: Path, step: int, must: bool) -> str 
     Pruning spares the best evaluated checkpoint (judged before this one was written)."""
     try:
         with ctx.metrics.checkpoint_upload_seconds.time():
-            saved = checkpoints.save(ctx.output, folder, step, keep=ctx.spec.checkpointing.keep,
-                                     protect=judging.best_step(ctx))
+            saved = checkpoints.save(
+                ctx.output, folder, step, keep=ctx.spec.checkpointing.keep, protect=judging.best_step(ctx)
+            )
         ctx.metrics.last_checkpoint_step.set(step)
         upload_history(ctx, (folder / layout.HISTORY).read_bytes())
         uri = ctx.output.uri(saved.prefix)
@@ -216,8 +234,7 @@ def ema_weights(ctx: Context, loop: Loop):
         swap()
 
 
-def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False,
-                sampler=None):
+def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: bool = False, sampler=None):
     """The pipeline of the model being trained: for samples, the parts on the device (frozen
     ones in the compute dtype); for the export, the float32 originals of the frozen parts.
     ``sampler``: another scheduler than validation.scheduler (compareSchedulers)."""
@@ -228,13 +245,15 @@ def pipeline_of(ctx: Context, components: Components, loop: Loop, *, export: boo
     return components.family.pipeline(
         vae=components.vae if export else loop.vae,
         text_encoders=components.text_encoders if export and frozen_te else modules[1:],
-        tokenizers=components.tokenizers, denoiser=modules[0],
+        tokenizers=components.tokenizers,
+        denoiser=modules[0],
         scheduler=scheduler_for(sampler or ctx.spec.validation.scheduler, components.noise_scheduler.config),
     )
 
 
-def sample_round(ctx: Context, components: Components, loop: Loop, step: int, checkpoint: str | None, *,
-                 base: bool = False) -> None:
+def sample_round(
+    ctx: Context, components: Components, loop: Loop, step: int, checkpoint: str | None, *, base: bool = False
+) -> None:
     """Draw the samples of ``step`` (every process); with spec.evaluation the main process
     judges them (``checkpoint``: the key holding these weights) and publishes the figures.
     ``base``: the base model's round before the first step (judged, no grid uploaded)."""
@@ -244,8 +263,7 @@ def sample_round(ctx: Context, components: Components, loop: Loop, step: int, ch
         judging.publish(ctx)
 
 
-def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *,
-                 upload: bool = True) -> list | None:
+def save_samples(ctx: Context, components: Components, loop: Loop, step: int, *, upload: bool = True) -> list | None:
     """samples/step-<step>.png: rows = prompts, columns = images. Prompt ``i`` is drawn by
     rank ``i % processes`` with the generator it has on one process (the same grid on 1 or
     N processes); the main process assembles the grid and its storage thread uploads it.
@@ -274,12 +292,21 @@ def _draw(ctx: Context, components: Components, loop: Loop, step: int, sampler, 
         was_training = [m.training for m in modules]
         for module in modules:
             module.eval()
-        with (a.autocast(), ema_weights(ctx, loop), loop.prompts.on_device(),  # the pipeline encodes prompts
-              borrowed([loop.vae], a.device, loop.vae_park)):  # and decodes latents
-            drawn = generate(pipeline_of(ctx, components, loop, sampler=sampler), validation,
-                             resolution=ctx.spec.training.resolution, seed=ctx.spec.training.seed,
-                             device=a.device, rows=mine,
-                             options=components.family.sampling_options(ctx.spec.training))
+        with (
+            a.autocast(),
+            ema_weights(ctx, loop),
+            loop.prompts.on_device(),  # the pipeline encodes prompts
+            borrowed([loop.vae], a.device, loop.vae_park),
+        ):  # and decodes latents
+            drawn = generate(
+                pipeline_of(ctx, components, loop, sampler=sampler),
+                validation,
+                resolution=ctx.spec.training.resolution,
+                seed=ctx.spec.training.seed,
+                device=a.device,
+                rows=mine,
+                options=components.family.sampling_options(ctx.spec.training),
+            )
         for module, training in zip(modules, was_training, strict=True):
             module.train(training)
         rows = dict(zip(mine, drawn, strict=True))
@@ -312,9 +339,7 @@ def save_progression(ctx: Context) -> None:
     from PIL import Image
 
     found = sorted(
-        (step, o.key)
-        for o in ctx.output.list(layout.SAMPLES)
-        if (step := layout.sample_grid_step(o.key)) is not None
+        (step, o.key) for o in ctx.output.list(layout.SAMPLES) if (step := layout.sample_grid_step(o.key)) is not None
     )
     grids = []
     for step, key in found:
@@ -335,8 +360,9 @@ def finish(ctx: Context, components: Components, loop: Loop, outcome: Outcome) -
     a = ctx.accelerator
     if ctx.metrics:
         ctx.metrics.phase.state(TrainerPhase.EXPORTING)
-    together(a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s,
-             what="uploading checkpoints and samples")
+    together(
+        a, ctx.background.fence() if ctx.main else None, poll_s=ctx.poll_s, what="uploading checkpoints and samples"
+    )
     job = None
     if ctx.main:
         job = ctx.background.submit(_export, ctx, components, loop, outcome)
@@ -347,8 +373,9 @@ def _export(ctx: Context, components: Components, loop: Loop, outcome: Outcome) 
     best = judging.load_best(ctx, loop, modules_of(ctx, loop), outcome.step)  # output.export: best
     with ema_weights(ctx, loop):
         pipeline = pipeline_of(ctx, components, loop, export=True)
-        outcome.outputs = export(components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir,
-                                 ctx.config.job.name)
+        outcome.outputs = export(
+            components.family, pipeline, ctx.spec.output.formats, ctx.output, ctx.workdir, ctx.config.job.name
+        )
     if ctx.spec.validation.enabled:
         save_progression(ctx)
         outcome.outputs["samples"] = ctx.output.uri(layout.SAMPLES)

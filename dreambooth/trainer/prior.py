@@ -43,10 +43,24 @@ def sampler_of(family: str) -> dict:
     return {**SAMPLER, "scheduler": FACTS[ModelFamily(family)].class_sampler.value}
 
 
-def cache_key(*, model: str, revision: str | None, prompt: str, resolution: int, count: int,
-              family: str = "sd", vae: str | None = None) -> str:
-    facts = {"model": model, "revision": revision, "prompt": prompt, "resolution": resolution,
-             "count": count, **sampler_of(family)}
+def cache_key(
+    *,
+    model: str,
+    revision: str | None,
+    prompt: str,
+    resolution: int,
+    count: int,
+    family: str = "sd",
+    vae: str | None = None,
+) -> str:
+    facts = {
+        "model": model,
+        "revision": revision,
+        "prompt": prompt,
+        "resolution": resolution,
+        "count": count,
+        **sampler_of(family),
+    }
     if vae:  # another VAE decodes other images (keys without one stay as they were)
         facts["vae"] = vae
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
@@ -82,24 +96,42 @@ def _generate_share(ctx, components, store: Storage, count: int, workdir: Path) 
     done = done[0]
     mine = missing_share(done, count, a.process_index, a.num_processes)
     if ctx.main:
-        log.info("generating %d class images for %r into %s (%d already there) with %s",
-                 count - len(done & {_name(i) for i in range(count)}), prior.class_prompt, store.uri(), len(done),
-                 components.family.pipeline_name)
+        log.info(
+            "generating %d class images for %r into %s (%d already there) with %s",
+            count - len(done & {_name(i) for i in range(count)}),
+            prior.class_prompt,
+            store.uri(),
+            len(done),
+            components.family.pipeline_name,
+        )
     if not mine:
         return
     pipeline = components.family.pipeline(
-        vae=components.vae, text_encoders=components.text_encoders, tokenizers=components.tokenizers,
+        vae=components.vae,
+        text_encoders=components.text_encoders,
+        tokenizers=components.tokenizers,
         denoiser=components.denoiser,
-        scheduler=scheduler_for(Sampler(sampler_of(components.family.name)["scheduler"]),
-                                components.noise_scheduler.config),
+        scheduler=scheduler_for(
+            Sampler(sampler_of(components.family.name)["scheduler"]), components.noise_scheduler.config
+        ),
     ).to(a.device)
-    settings = ValidationSpec(prompts=[prior.class_prompt], inference_steps=SAMPLER["inferenceSteps"],
-                              guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
+    settings = ValidationSpec(
+        prompts=[prior.class_prompt],
+        inference_steps=SAMPLER["inferenceSteps"],
+        guidance_scale=SAMPLER["guidanceScale"],
+        images_per_prompt=1,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     for n, index in enumerate(mine):
         with a.autocast():
-            [[image]] = generate(pipeline, settings, resolution=resolution, seed=SAMPLER["seed"] + index,
-                                 device=a.device, options=components.family.sampling_options(ctx.spec.training))
+            [[image]] = generate(
+                pipeline,
+                settings,
+                resolution=resolution,
+                seed=SAMPLER["seed"] + index,
+                device=a.device,
+                options=components.family.sampling_options(ctx.spec.training),
+            )
         path = workdir / _name(index)
         image.save(path)
         store.upload_file(path, path.name)
@@ -122,8 +154,15 @@ def class_examples(ctx, components, framing: Framing | None = None) -> list[Exam
         store = open_storage(source, ctx.s3)
     else:
         model = ctx.spec.base_model
-        key = cache_key(model=model.uri, revision=model.revision, prompt=prompt, resolution=training.resolution,
-                        count=count, family=components.family.name, vae=model.vae)
+        key = cache_key(
+            model=model.uri,
+            revision=model.revision,
+            prompt=prompt,
+            resolution=training.resolution,
+            count=count,
+            family=components.family.name,
+            vae=model.vae,
+        )
         source = ctx.config.class_cache_uri.rstrip("/") + f"/{key}/"
         store = open_storage(source, ctx.s3)
         if not _complete(store, count):
@@ -133,10 +172,13 @@ def class_examples(ctx, components, framing: Framing | None = None) -> list[Exam
             a.wait_for_everyone()  # the shares differ by one image at most
             if ctx.main:
                 files = {o.key: o.size for o in store.list() if o.key != layout.MANIFEST}
-                store.write_bytes(layout.MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
+                store.write_bytes(
+                    layout.MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode()
+                )
             a.wait_for_everyone()
         else:
             log.info("reusing %d cached class images from %s", count, source)
+
     def download() -> str:
         shutil.rmtree(folder, ignore_errors=True)
         if store.list():
@@ -146,12 +188,21 @@ def class_examples(ctx, components, framing: Framing | None = None) -> list[Exam
     once_per_node(a, ctx.workdir, "class-images", download)
     paths = find_images(folder)
     if not paths:
-        raise DataError(f"no class images found under {source}: upload some there or drop prior.uri "
-                        "to have them generated")
+        raise DataError(
+            f"no class images found under {source}: upload some there or drop prior.uri to have them generated"
+        )
     if len(paths) < count:
-        log.warning("only %d class images under %s (prior.numImages is %d): training with those",
-                    len(paths), source, count)
-    examples = load_examples(folder, prompt=prompt, resolution=training.resolution, use_captions=False,
-                             source_uri=source, framing=framing, limit=count)
+        log.warning(
+            "only %d class images under %s (prior.numImages is %d): training with those", len(paths), source, count
+        )
+    examples = load_examples(
+        folder,
+        prompt=prompt,
+        resolution=training.resolution,
+        use_captions=False,
+        source_uri=source,
+        framing=framing,
+        limit=count,
+    )
     torch.manual_seed(training.seed)  # generation consumed random numbers; training starts afresh
     return examples

@@ -60,8 +60,16 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             done = step + 1
             outcome.step, outcome.loss = done, float(values["loss"])
             if ctx.main:
-                ctx.history.add(Point(done, values["loss"], values["instance_loss"], values["lr"], time.time(),
-                                      values.get("prior_loss")))
+                ctx.history.add(
+                    Point(
+                        done,
+                        values["loss"],
+                        values["instance_loss"],
+                        values["lr"],
+                        time.time(),
+                        values.get("prior_loss"),
+                    )
+                )
             speed = throughput.tick() if done > start + 1 else None
             if ctx.metrics:
                 report(ctx.metrics, done, values, speed)
@@ -79,11 +87,11 @@ def train(ctx: Context, components: Components, loop: Loop, start: int, end: int
             if not stopping and spec.validation.enabled and (done % spec.validation.every_steps == 0 or done == end):
                 persist.sample_round(ctx, components, loop, done, round_key(ctx, loop, done, checkpoint))
             if checkpoint:
-                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) \
-                    or outcome.last_checkpoint
+                outcome.last_checkpoint = persist.save_checkpoint(ctx, loop, done, must=must) or outcome.last_checkpoint
             if stopping:
-                raise Preempted(f"stopped by SIGTERM after step {done}; the checkpoint is saved and "
-                                "the next pod resumes from it")
+                raise Preempted(
+                    f"stopped by SIGTERM after step {done}; the checkpoint is saved and the next pod resumes from it"
+                )
             persist.publish_history(ctx)
     finally:
         progress.close()
@@ -124,8 +132,9 @@ def report(m: TrainerMetrics, step: int, values: dict[str, float], speed: float 
         m.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
 
 
-def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = None,
-        metrics: TrainerMetrics | None = None) -> Outcome:
+def run(
+    config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = None, metrics: TrainerMetrics | None = None
+) -> Outcome:
     """Train ``config`` to the end, resuming from its newest checkpoint if there is one."""
     accelerator = make_accelerator(config.spec)
     if accelerator.is_main_process and metrics is None:
@@ -136,8 +145,9 @@ def run(config: TrainerConfig, workdir: Path, *, stop: threading.Event | None = 
         metrics = None
     workdir.mkdir(parents=True, exist_ok=True)
     s3 = s3_settings(config)
-    ctx = Context(config, workdir, accelerator, s3, open_storage(config.output_uri, s3), metrics,
-                  stop or threading.Event())
+    ctx = Context(
+        config, workdir, accelerator, s3, open_storage(config.output_uri, s3), metrics, stop or threading.Event()
+    )
     try:
         return _run(ctx)
     finally:

@@ -43,8 +43,16 @@ def scheduler_for(sampler: Sampler, config) -> object:
 
 
 @torch.no_grad()
-def generate(pipeline, validation: ValidationSpec, *, resolution: int, seed: int, device,
-             rows: Sequence[int] | None = None, options: dict | None = None) -> list[list[Image.Image]]:
+def generate(
+    pipeline,
+    validation: ValidationSpec,
+    *,
+    resolution: int,
+    seed: int,
+    device,
+    rows: Sequence[int] | None = None,
+    options: dict | None = None,
+) -> list[list[Image.Image]]:
     """``imagesPerPrompt`` images for each prompt (or for the prompts numbered ``rows``), the
     same seed every time (comparable grids): prompt ``i`` draws from seed ``seed + i``, so a
     row is the same image whichever process draws it. ``options``: the family's further

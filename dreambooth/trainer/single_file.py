@@ -39,26 +39,61 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 
 _PARAMS = {"weight": "weight", "bias": "bias"}
-_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "conv_shortcut": "skip_connection"}
-_VAE_FIXED = {"encoder.conv_norm_out": "encoder.norm_out",
-              "decoder.conv_norm_out": "decoder.norm_out",
-              **{name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in",
-                                         "decoder.conv_out", "quant_conv", "post_quant_conv")}}
-_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-               "conv_shortcut": "nin_shortcut"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-                  "to_out.0": "proj_out",  # and the names diffusers used before 0.15:
-                  "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_OPENCLIP_FIXED: Rules = {"embeddings.token_embedding": ("token_embedding", _PARAMS),
-                          "embeddings.position_embedding": ("", {"weight": "positional_embedding"}),
-                          "final_layer_norm": ("ln_final", _PARAMS)}
-_OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
-                   "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.in_proj": "attn"}  # q, k, v stacked by openclip()
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_FIXED = {
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    **{
+        name: name
+        for name in (
+            "encoder.conv_in",
+            "encoder.conv_out",
+            "decoder.conv_in",
+            "decoder.conv_out",
+            "quant_conv",
+            "post_quant_conv",
+        )
+    },
+}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",  # and the names diffusers used before 0.15:
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
+_OPENCLIP_FIXED: Rules = {
+    "embeddings.token_embedding": ("token_embedding", _PARAMS),
+    "embeddings.position_embedding": ("", {"weight": "positional_embedding"}),
+    "final_layer_norm": ("ln_final", _PARAMS),
+}
+_OPENCLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.in_proj": "attn",
+}  # q, k, v stacked by openclip()
 _IN_PROJ = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
 _ADAPTER_PARTS = {"base_layer", "lora_A", "lora_B", "lora_down", "lora_up", "lora_magnitude_vector"}
 
@@ -157,24 +192,19 @@ def vae_rules(sd: StateDict) -> Rules:
     last to run) and names the two middle resnets ``block_1``/``block_2``."""
     rules: Rules = {k: (v, _PARAMS) for k, v in _VAE_FIXED.items()}
     for block, count in _layers(sd, r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.").items():
-        rules[f"encoder.down_blocks.{block}.downsamplers.0.conv"] = (
-            f"encoder.down.{block}.downsample.conv", _PARAMS)
+        rules[f"encoder.down_blocks.{block}.downsamplers.0.conv"] = (f"encoder.down.{block}.downsample.conv", _PARAMS)
         for layer in range(count):
-            rules[f"encoder.down_blocks.{block}.resnets.{layer}"] = (
-                f"encoder.down.{block}.block.{layer}", _VAE_RESNET)
+            rules[f"encoder.down_blocks.{block}.resnets.{layer}"] = (f"encoder.down.{block}.block.{layer}", _VAE_RESNET)
     up = _layers(sd, r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.")
     for block, count in up.items():
         level = len(up) - 1 - block
-        rules[f"decoder.up_blocks.{block}.upsamplers.0.conv"] = (
-            f"decoder.up.{level}.upsample.conv", _PARAMS)
+        rules[f"decoder.up_blocks.{block}.upsamplers.0.conv"] = (f"decoder.up.{level}.upsample.conv", _PARAMS)
         for layer in range(count):
-            rules[f"decoder.up_blocks.{block}.resnets.{layer}"] = (
-                f"decoder.up.{level}.block.{layer}", _VAE_RESNET)
+            rules[f"decoder.up_blocks.{block}.resnets.{layer}"] = (f"decoder.up.{level}.block.{layer}", _VAE_RESNET)
     for part in ("encoder", "decoder"):
         rules[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTENTION)
         for layer in range(2):
-            rules[f"{part}.mid_block.resnets.{layer}"] = (f"{part}.mid.block_{layer + 1}",
-                                                          _VAE_RESNET)
+            rules[f"{part}.mid_block.resnets.{layer}"] = (f"{part}.mid.block_{layer + 1}", _VAE_RESNET)
     return rules
 
 
@@ -193,21 +223,18 @@ def vae(sd: StateDict) -> dict[str, torch.Tensor]:
 def _text_model(sd: StateDict) -> dict[str, torch.Tensor]:
     """Keys below ``text_model.`` (transformers 5.6+ dropped that level from ``CLIPTextModel``;
     older state dicts have it), less ``position_ids``: a constant ``arange`` buffer."""
-    return {k.removeprefix("text_model."): v for k, v in sd.items()
-            if not k.endswith("position_ids")}
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
 def clip(sd: StateDict, prefix: str = CLIP_PREFIX, component: str = "text encoder") -> dict[str, torch.Tensor]:
     """SD 1.x (and SDXL's first encoder): the transformers ``CLIPTextModel`` layout (with
     ``text_model.``)."""
     flat = _text_model(sd)
-    rules: Rules = {name: (f"text_model.{name}", None)
-                    for name in ("embeddings", "encoder", "final_layer_norm")}
+    rules: Rules = {name: (f"text_model.{name}", None) for name in ("embeddings", "encoder", "final_layer_norm")}
     return _apply(flat, rules, prefix, component)
 
 
-def openclip(sd: StateDict, prefix: str = OPENCLIP_PREFIX,
-             component: str = "text encoder") -> dict[str, torch.Tensor]:
+def openclip(sd: StateDict, prefix: str = OPENCLIP_PREFIX, component: str = "text encoder") -> dict[str, torch.Tensor]:
     """SD 2.x (and SDXL's second encoder): OpenCLIP's layout, with q/k/v stacked into one
     ``in_proj`` per layer, and a ``CLIPTextModelWithProjection``'s projection as OpenCLIP's
     ``text_projection`` matrix (``x @ text_projection``: the transpose of a linear weight).
@@ -224,12 +251,12 @@ def openclip(sd: StateDict, prefix: str = OPENCLIP_PREFIX,
                 raise SingleFileExportError(f"text encoder {name} lacks a q, k or v {param}")
             flat[f"{name}.in_proj.{param}"] = torch.cat(parts)
     rules: Rules = dict(_OPENCLIP_FIXED)
-    for layer in range(1 + max((int(m[1]) for k in flat if (m := re.match(
-            r"encoder\.layers\.(\d+)\.", k))), default=-1)):
+    for layer in range(
+        1 + max((int(m[1]) for k in flat if (m := re.match(r"encoder\.layers\.(\d+)\.", k))), default=-1)
+    ):
         for old, new in _OPENCLIP_LAYER.items():
             leaves = _IN_PROJ if old.endswith("in_proj") else None
-            rules[f"encoder.layers.{layer}.{old}"] = (f"transformer.resblocks.{layer}.{new}",
-                                                      leaves)
+            rules[f"encoder.layers.{layer}.{old}"] = (f"transformer.resblocks.{layer}.{new}", leaves)
     out = _apply(flat, rules, prefix, component)
     if projection is not None:
         out[f"{prefix}text_projection"] = projection.T
@@ -251,8 +278,7 @@ def to_original_state_dict(
     ``in_proj``. Raises :class:`SingleFileExportError` naming any key it cannot place.
     """
     if text_encoder_layout not in ("clip", "openclip"):
-        raise ValueError(
-            f"text_encoder_layout must be 'clip' or 'openclip', not {text_encoder_layout!r}")
+        raise ValueError(f"text_encoder_layout must be 'clip' or 'openclip', not {text_encoder_layout!r}")
     text = clip if text_encoder_layout == "clip" else openclip
     return {**unet(unet_sd), **vae(vae_sd), **text(text_encoder_sd)}
 
@@ -292,22 +318,33 @@ def save_single_file(
         act = getattr(getattr(text_encoder, "config", None), "hidden_act", "quick_gelu")
         text_encoder_layout = "openclip" if act == "gelu" else "clip"
     tensors = to_original_state_dict(unet_sd, vae_sd, text_sd, text_encoder_layout=text_encoder_layout)
-    return write(tensors, path, model, {"layout": "ldm", "text_encoder": text_encoder_layout},
-                 dtype=dtype, metadata=metadata)
+    return write(
+        tensors, path, model, {"layout": "ldm", "text_encoder": text_encoder_layout}, dtype=dtype, metadata=metadata
+    )
 
 
-def write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, model: Any, info: Mapping[str, str], *,
-          dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> pathlib.Path:
+def write(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    model: Any,
+    info: Mapping[str, str],
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> pathlib.Path:
     """Write ``tensors`` (cast to ``dtype``) as one ``.safetensors`` file, atomically; the header
     says ``info`` plus the model's prediction type and the dtype."""
     for key, tensor in tensors.items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.detach().to("cpu").contiguous()
-    scheduler = (model.get("scheduler") if isinstance(model, Mapping) else getattr(model, "scheduler", None))
+    scheduler = model.get("scheduler") if isinstance(model, Mapping) else getattr(model, "scheduler", None)
     config = getattr(scheduler, "config", {})
-    info = {**info, "prediction_type": config.get("prediction_type", "unknown"),
-            "dtype": str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")}
+    info = {
+        **info,
+        "prediction_type": config.get("prediction_type", "unknown"),
+        "dtype": str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch."),
+    }
     header = {**(metadata or {}), "format": "pt", "dreambooth": json.dumps(info)}
 
     from safetensors.torch import save_file

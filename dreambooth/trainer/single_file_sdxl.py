@@ -36,20 +36,26 @@ TEXT_TIME = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2"
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def to_sdxl_state_dict(unet_sd: StateDict, vae_sd: StateDict, text_encoder_sd: StateDict,
-                       text_encoder_2_sd: StateDict) -> dict[str, torch.Tensor]:
+def to_sdxl_state_dict(
+    unet_sd: StateDict, vae_sd: StateDict, text_encoder_sd: StateDict, text_encoder_2_sd: StateDict
+) -> dict[str, torch.Tensor]:
     """Merge the diffusers/transformers state dicts of an SDXL pipeline into one SGM-layout
     state dict; raises :class:`~dreambooth.trainer.single_file.SingleFileExportError` naming
     any key it cannot place."""
-    return {**unet(unet_sd, TEXT_TIME), **vae(vae_sd),
-            **clip(text_encoder_sd, TEXT_ENCODER_1_PREFIX, "text encoder"),
-            **openclip(text_encoder_2_sd, TEXT_ENCODER_2_PREFIX, "text encoder 2")}
+    return {
+        **unet(unet_sd, TEXT_TIME),
+        **vae(vae_sd),
+        **clip(text_encoder_sd, TEXT_ENCODER_1_PREFIX, "text encoder"),
+        **openclip(text_encoder_2_sd, TEXT_ENCODER_2_PREFIX, "text encoder 2"),
+    }
 
 
-def save_sdxl_single_file(model: Any, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                          metadata: dict[str, str] | None = None) -> pathlib.Path:
+def save_sdxl_single_file(
+    model: Any, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> pathlib.Path:
     """Write ``model`` (a ``StableDiffusionXLPipeline``, or a mapping of its parts) to ``path``
     as one SGM-layout ``.safetensors`` file, atomically; return the path."""
     tensors = to_sdxl_state_dict(*parts(model, PARTS))
-    return write(tensors, path, model, {"layout": "sgm", "text_encoder": "clip+openclip"},
-                 dtype=dtype, metadata=metadata)
+    return write(
+        tensors, path, model, {"layout": "sgm", "text_encoder": "clip+openclip"}, dtype=dtype, metadata=metadata
+    )

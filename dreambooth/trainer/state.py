@@ -43,8 +43,16 @@ def trained_parameters(modules: dict[str, torch.nn.Module], optimizer: torch.opt
                 yield f"{prefix}.{name}", param
 
 
-def write(folder: Path, *, step: int, modules, optimizer, lr_scheduler, facts: dict[str, Any],
-          extras: dict[str, Any] | None = None) -> None:
+def write(
+    folder: Path,
+    *,
+    step: int,
+    modules,
+    optimizer,
+    lr_scheduler,
+    facts: dict[str, Any],
+    extras: dict[str, Any] | None = None,
+) -> None:
     """Write the state; ``extras`` are further objects with ``state_dict()`` (e.g. EMA)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in trained_parameters(modules, optimizer)}
@@ -65,8 +73,9 @@ def write(folder: Path, *, step: int, modules, optimizer, lr_scheduler, facts: d
     (folder / STATE).write_text(json.dumps({"step": step, **facts}, indent=1))
 
 
-def read(folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any],
-         extras: dict[str, Any] | None = None) -> int:
+def read(
+    folder: Path, *, modules, optimizer, lr_scheduler, facts: dict[str, Any], extras: dict[str, Any] | None = None
+) -> int:
     """Restore everything from ``folder``; returns the step to continue from.
 
     ``facts`` must match what the checkpoint was written with (e.g. the number of

@@ -57,9 +57,11 @@ def add_token(spec: DreamBoothJobSpec, components) -> TokenEmbedding | None:
     if ti is None:
         return None
     if len(components.text_encoders) != 1:
-        raise ConfigError(f"training.textualInversion is not supported for {components.family.title} models "
-                          "(it learns one text encoder's token): drop it, or train with "
-                          "training.trainTextEncoder instead")
+        raise ConfigError(
+            f"training.textualInversion is not supported for {components.family.title} models "
+            "(it learns one text encoder's token): drop it, or train with "
+            "training.trainTextEncoder instead"
+        )
     [tokenizer], [text_encoder] = components.tokenizers, components.text_encoders
     init_ids = tokenizer.encode(ti.initializer_token, add_special_tokens=False)
     if len(init_ids) != 1:

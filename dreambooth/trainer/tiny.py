@@ -86,9 +86,7 @@ def build_tiny_model(
     from transformers import CLIPTextModel
 
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}"
-        )
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     vocab, merges = tokenizer_files()
     with built_in_place(path, resolution=resolution) as work:
         with torch.random.fork_rng(devices=[]):
@@ -127,7 +125,8 @@ def build_tiny_model(
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"],
                 "scheduler": ["diffusers", "PNDMScheduler"],
-                "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"] if safety_checker
+                "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]
+                if safety_checker
                 else [None, None],
                 "feature_extractor": ["transformers", "CLIPImageProcessor"] if safety_checker else [None, None],
                 "requires_safety_checker": safety_checker,
@@ -136,8 +135,9 @@ def build_tiny_model(
     return pathlib.Path(path)
 
 
-def build_tiny_vae(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
-                   scaling_factor: float = 0.13025) -> pathlib.Path:
+def build_tiny_vae(
+    path: str | os.PathLike, *, seed: int = 0, resolution: int = 64, scaling_factor: float = 0.13025
+) -> pathlib.Path:
     """Write a lone tiny random ``AutoencoderKL`` folder (what ``baseModel.vae`` names, as
     ``AutoencoderKL.save_pretrained`` writes it) to ``path`` and return the path. The tiny
     models' VAE shape; SDXL's scaling factor unless told."""
@@ -149,8 +149,9 @@ def build_tiny_vae(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
     return pathlib.Path(path)
 
 
-def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int = 64,
-                    text_encoder_2_width: int = 32) -> pathlib.Path:
+def build_tiny_sdxl(
+    path: str | os.PathLike, *, seed: int = 0, resolution: int = 64, text_encoder_2_width: int = 32
+) -> pathlib.Path:
     """Write a tiny random SDXL-shaped diffusers model to ``path`` and return the path.
 
     The folder of a ``StableDiffusionXLPipeline`` (``text_encoder/`` a ``CLIPTextModel``,
@@ -200,23 +201,44 @@ def build_tiny_sdxl(path: str | os.PathLike, *, seed: int = 0, resolution: int =
         write_tokenizer(work / "tokenizer", vocab, merges)
         write_tokenizer(work / "tokenizer_2", vocab, merges)
         (work / "scheduler").mkdir()
-        write_json(work / "scheduler" / "scheduler_config.json", {
-            "_class_name": "EulerDiscreteScheduler", "_diffusers_version": diffusers.__version__,
-            "num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-            "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
-            "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
-            "skip_prk_steps": True, "prediction_type": "epsilon", "trained_betas": None,
-        })
-        write_json(work / "model_index.json", {
-            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
-            "force_zeros_for_empty_prompt": True,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "image_encoder": [None, None], "feature_extractor": [None, None],
-        })
+        write_json(
+            work / "scheduler" / "scheduler_config.json",
+            {
+                "_class_name": "EulerDiscreteScheduler",
+                "_diffusers_version": diffusers.__version__,
+                "num_train_timesteps": 1000,
+                "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "steps_offset": 1,
+                "timestep_spacing": "leading",
+                "interpolation_type": "linear",
+                "use_karras_sigmas": False,
+                "clip_sample": False,
+                "sample_max_value": 1.0,
+                "set_alpha_to_one": False,
+                "skip_prk_steps": True,
+                "prediction_type": "epsilon",
+                "trained_betas": None,
+            },
+        )
+        write_json(
+            work / "model_index.json",
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "force_zeros_for_empty_prompt": True,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "image_encoder": [None, None],
+                "feature_extractor": [None, None],
+            },
+        )
     return pathlib.Path(path)
 
 

@@ -34,21 +34,41 @@ CLIP_INIT_FACTOR = 5.0
 def clip_config(vocab: dict[str, int], image_size: int):
     from transformers import CLIPConfig, CLIPVisionConfig
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=image_size, patch_size=8,
-                              hidden_act="quick_gelu", initializer_factor=CLIP_INIT_FACTOR)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        hidden_act="quick_gelu",
+        initializer_factor=CLIP_INIT_FACTOR,
+    )
     text = {**text_config(vocab).to_dict(), "initializer_factor": CLIP_INIT_FACTOR}
-    return CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32,
-                      initializer_factor=CLIP_INIT_FACTOR)
+    return CLIPConfig(
+        text_config=text, vision_config=vision.to_dict(), projection_dim=32, initializer_factor=CLIP_INIT_FACTOR
+    )
 
 
 def write_image_processor(folder: pathlib.Path, image_size: int) -> None:
-    write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3,
-    })
+    write_json(
+        folder / "preprocessor_config.json",
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": image_size},
+            "do_center_crop": True,
+            "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+            "do_convert_rgb": True,
+            "resample": 3,
+        },
+    )
 
 
 def write_safety_checker(work: pathlib.Path, vocab: dict[str, int], seed: int) -> None:
@@ -83,4 +103,3 @@ def build_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int =
         tokenizer.rmdir()
         write_image_processor(work, image_size)
     return pathlib.Path(path)
-

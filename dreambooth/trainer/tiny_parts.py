@@ -66,9 +66,7 @@ def write_json(path: pathlib.Path, data: dict) -> None:
 def write_tokenizer(folder: pathlib.Path, vocab: dict[str, int], merges: list[str]) -> None:
     folder.mkdir()
     write_json(folder / "vocab.json", vocab)
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     write_json(folder / "special_tokens_map.json", special)
     write_json(

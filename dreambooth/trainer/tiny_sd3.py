@@ -65,16 +65,33 @@ def build_tiny_sd3(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             SD3Transformer2DModel(
-                sample_size=resolution // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_WIDTH,
-                caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32, qk_norm="rms_norm",
+                sample_size=resolution // 8,
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                joint_attention_dim=T5_WIDTH,
+                caption_projection_dim=32,
+                pooled_projection_dim=64,
+                pos_embed_max_size=32,
+                qk_norm="rms_norm",
             ).save_pretrained(work / "transformer")
             torch.manual_seed(seed + 1)
             AutoencoderKL(
-                sample_size=resolution, in_channels=3, out_channels=3, latent_channels=16,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
-                scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR, use_quant_conv=False,
+                sample_size=resolution,
+                in_channels=3,
+                out_channels=3,
+                latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 8, 16, 16),
+                layers_per_block=1,
+                norm_num_groups=8,
+                scaling_factor=SCALING_FACTOR,
+                shift_factor=SHIFT_FACTOR,
+                use_quant_conv=False,
                 use_post_quant_conv=False,
             ).save_pretrained(work / "vae")
             encoders = []
@@ -82,29 +99,52 @@ def build_tiny_sd3(path: str | os.PathLike, *, seed: int = 0, resolution: int = 
                 torch.manual_seed(seed + 2 + i)
                 encoders.append(CLIPTextModelWithProjection(text_config(vocab)))
             torch.manual_seed(seed + 4)
-            t5 = T5EncoderModel(T5Config(vocab_size=len(t5_vocabulary()), d_model=T5_WIDTH, d_kv=8, d_ff=64,
-                                         num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                                         decoder_start_token_id=0))
+            t5 = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(t5_vocabulary()),
+                    d_model=T5_WIDTH,
+                    d_kv=8,
+                    d_ff=64,
+                    num_layers=2,
+                    num_heads=4,
+                    relative_attention_num_buckets=8,
+                    feed_forward_proj="gated-gelu",
+                    pad_token_id=0,
+                    eos_token_id=1,
+                    decoder_start_token_id=0,
+                )
+            )
         for name, model in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (*encoders, t5), strict=True):
             save_quietly(model, work / name)
         write_tokenizer(work / "tokenizer", vocab, merges)
         write_tokenizer(work / "tokenizer_2", vocab, merges)
         write_t5_tokenizer(work / "tokenizer_3")
         (work / "scheduler").mkdir()
-        write_json(work / "scheduler" / "scheduler_config.json", {
-            "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": diffusers.__version__,
-            "num_train_timesteps": 1000, "shift": 3.0,
-        })
-        write_json(work / "model_index.json", {
-            "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
-            "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_3": ["transformers", "T5EncoderModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "tokenizer_3": ["transformers", "T5TokenizerFast"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "image_encoder": [None, None], "feature_extractor": [None, None],
-        })
+        write_json(
+            work / "scheduler" / "scheduler_config.json",
+            {
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "_diffusers_version": diffusers.__version__,
+                "num_train_timesteps": 1000,
+                "shift": 3.0,
+            },
+        )
+        write_json(
+            work / "model_index.json",
+            {
+                "_class_name": "StableDiffusion3Pipeline",
+                "_diffusers_version": diffusers.__version__,
+                "transformer": ["diffusers", "SD3Transformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "text_encoder_3": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "image_encoder": [None, None],
+                "feature_extractor": [None, None],
+            },
+        )
     return pathlib.Path(path)

@@ -42,8 +42,13 @@ def _lora_config(spec: DreamBoothJobSpec, targets: list[str]):
     from peft import LoraConfig
 
     lora = spec.training.lora
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=targets, init_lora_weights="gaussian")
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+    )
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -70,8 +75,9 @@ def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.M
         if id(tensor) in memo:
             continue
         cast = tensor.detach().to(device, dtype if tensor.is_floating_point() else tensor.dtype)
-        memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(
-            tensor, torch.nn.Parameter) else cast
+        memo[id(tensor)] = (
+            torch.nn.Parameter(cast, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else cast
+        )
     return copy.deepcopy(module, memo)
 
 
@@ -89,17 +95,27 @@ def keeps_originals(spec: DreamBoothJobSpec) -> bool:
     return spec.training.method is Method.FULL
 
 
-def select(spec: DreamBoothJobSpec, denoiser, text_encoders: list, *, device, dtype,
-           trainable: int | None = None,
-           unread: Callable[[list], list[torch.nn.Parameter]] = lambda encoders: []) -> Trainables:
+def select(
+    spec: DreamBoothJobSpec,
+    denoiser,
+    text_encoders: list,
+    *,
+    device,
+    dtype,
+    trainable: int | None = None,
+    unread: Callable[[list], list[torch.nn.Parameter]] = lambda encoders: [],
+) -> Trainables:
     """Freeze, adapt and place the models for ``spec``'s method; returns what trains. The
     text encoders train together (SDXL's two alike) or not at all; only the first
     ``trainable`` of them may (None: all), the others are frozen whatever the method;
     ``unread(encoders)`` (the family's) names their parameters the conditioning never
     reads, which stay frozen too."""
     t = spec.training
-    fixed = [frozen(te, device, dtype, keep_original=keeps_originals(spec)) for te in text_encoders[trainable:]] \
-        if trainable is not None else []
+    fixed = (
+        [frozen(te, device, dtype, keep_original=keeps_originals(spec)) for te in text_encoders[trainable:]]
+        if trainable is not None
+        else []
+    )
     text_encoders = text_encoders[:trainable]
     te_lr = t.text_encoder_learning_rate or t.learning_rate
     if t.method is Method.LORA:

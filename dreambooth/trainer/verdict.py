@@ -31,21 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, required=True, help="training processes of this pod")
     p.add_argument("--launcher-exit-code", type=int, required=True, help="what accelerate launch exited with")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("DREAMBOOTH_WORKDIR", "/tmp/dreambooth")))
-    p.add_argument("--termination-log", type=Path,
-                   default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", "/dev/termination-log")))
+    p.add_argument(
+        "--termination-log",
+        type=Path,
+        default=Path(os.environ.get("DREAMBOOTH_TERMINATION_LOG", "/dev/termination-log")),
+    )
     args = p.parse_args(argv)
     verdict = pod_verdict(read_verdicts(args.workdir / VERDICTS_DIR), args.processes)
     if verdict is None:  # the launcher failed before any process reported: its log says why
-        print(f"dreambooth: no training process reported; accelerate launch exited with "
-              f"{args.launcher_exit_code}", file=sys.stderr)
+        print(
+            f"dreambooth: no training process reported; accelerate launch exited with {args.launcher_exit_code}",
+            file=sys.stderr,
+        )
         return args.launcher_exit_code or ExitCode.UNEXPECTED
     try:
         args.termination_log.write_text(verdict.dumps())
     except OSError as err:
         print(f"dreambooth: could not write the termination message {args.termination_log}: {err}", file=sys.stderr)
     where = f" (rank {verdict.rank})" if verdict.rank is not None else ""
-    print(f"dreambooth: pod verdict: exit {verdict.exit_code} {verdict.reason}{where}"
-          + (f": {verdict.message}" if verdict.message and verdict.exit_code else ""), file=sys.stderr)
+    print(
+        f"dreambooth: pod verdict: exit {verdict.exit_code} {verdict.reason}{where}"
+        + (f": {verdict.message}" if verdict.message and verdict.exit_code else ""),
+        file=sys.stderr,
+    )
     return verdict.exit_code
 
 

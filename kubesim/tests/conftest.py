@@ -12,15 +12,15 @@ from kubesim.tests.fixtures import s3_server  # noqa: F401
 
 #: The custom resource these tests use, declared without a CRD object (no schema: any spec
 #: is stored as sent). test_crds.py installs real CRD objects.
-DBJ_DECL = Decl("dreambooth.io", "v1alpha1", "dreamboothjobs", "DreamBoothJob", True, ("dbj",),
-                ("status",), ("all", "dreambooth"))
+DBJ_DECL = Decl(
+    "dreambooth.io", "v1alpha1", "dreamboothjobs", "DreamBoothJob", True, ("dbj",), ("status",), ("all", "dreambooth")
+)
 
 
 @pytest.fixture
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     """A fresh emulator for one test, with ``$KUBECONFIG`` pointing at it."""
-    with (running_kube(tmp_path_factory.mktemp("kube"), resources=[DBJ_DECL]) as handle,
-          clients_use(handle.kubeconfig)):
+    with running_kube(tmp_path_factory.mktemp("kube"), resources=[DBJ_DECL]) as handle, clients_use(handle.kubeconfig):
         yield handle
 
 
@@ -31,4 +31,3 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
         return (yield)
     except KubectlMissing as exc:
         pytest.skip(str(exc))
-

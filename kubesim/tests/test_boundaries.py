@@ -46,22 +46,25 @@ def test_kubesim_never_imports_the_test_tree():
 
 
 def test_only_the_dreambooth_cluster_and_demo_import_dreambooth():
-    offenders = {m for m, n in imports(ROOT / "kubesim").items()
-                 if "dreambooth" in top(n) and m not in DREAMBOOTH_AWARE}
+    offenders = {
+        m for m, n in imports(ROOT / "kubesim").items() if "dreambooth" in top(n) and m not in DREAMBOOTH_AWARE
+    }
     assert offenders == set()
 
 
 def test_the_product_imports_neither_kubesim_nor_tests():
-    offenders = {m: sorted(top(n) & {"kubesim", "tests"})
-                 for m, n in imports(ROOT / "dreambooth").items() if top(n) & {"kubesim", "tests"}}
+    offenders = {
+        m: sorted(top(n) & {"kubesim", "tests"})
+        for m, n in imports(ROOT / "dreambooth").items()
+        if top(n) & {"kubesim", "tests"}
+    }
     assert offenders == {}
 
 
 def test_the_wheel_and_the_images_leave_kubesim_out():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     find = config["tool"]["setuptools"]["packages"]["find"]
-    packages = setuptools.find_packages(str(ROOT), include=find["include"],
-                                        exclude=find.get("exclude", ()))
+    packages = setuptools.find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ()))
     assert "dreambooth" in packages
     assert not [p for p in packages if p.split(".")[0] in ("kubesim", "tests")], packages
     copied = re.findall(r"^COPY\s+(.+?)\s+\S+$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)

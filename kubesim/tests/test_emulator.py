@@ -32,6 +32,7 @@ DBJ = "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs"
 MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
+
 @pytest.fixture(autouse=True)
 def _sys_path_restored(monkeypatch):
     """kopf's file loader (``kopf run path.py``) puts the file's folder first on sys.path and
@@ -39,7 +40,8 @@ def _sys_path_restored(monkeypatch):
     it import that folder's operator.py instead of the standard library's ``operator``."""
     monkeypatch.setattr(sys, "path", list(sys.path))
 
-OPERATOR = '''
+
+OPERATOR = """
 import pathlib
 
 import kopf
@@ -76,22 +78,25 @@ async def created(body, name, namespace, patch, **_):
     await k8s.CoreV1Api(API).create_namespaced_config_map(namespace, config_map)
     patch.status["phase"] = "Created"
     kopf.info(body, reason="Created", message=f"ConfigMap {name}-config")
-'''
+"""
 
 
 def dbj(name: str, steps: int = 5, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-            "metadata": {"name": name, "namespace": "default", "labels": labels},
-            "spec": {"steps": steps}}
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"steps": steps},
+    }
 
 
-ON_DELETE = '''
+ON_DELETE = """
 
 @kopf.on.delete("dreambooth.io", "v1alpha1", "dreamboothjobs")
 async def deleted(name, **_):
     with CALLS.open("a") as calls:
         calls.write("deleted:" + name + "\\n")
-'''
+"""
 
 
 def operator_file(tmp_path: Path, on_delete: bool = False) -> Path:
@@ -108,8 +113,7 @@ def calls(path: Path) -> list[str]:
 
 def run_kopf(kube: Kube, path: Path) -> KopfRunner:
     """kopf as in production (``kopf run``), in this process, with a fresh registry."""
-    return KopfRunner(["run", "--standalone", "-A", "--verbose", str(path)],
-                      registry=kopf_registry(), timeout=30)
+    return KopfRunner(["run", "--standalone", "-A", "--verbose", str(path)], registry=kopf_registry(), timeout=30)
 
 
 def wait_watching(kube: Kube, path: str = DBJ.replace("/namespaces/default", "")) -> None:
@@ -160,12 +164,10 @@ def test_kopf_handles_200_objects_without_slowing_down(kube, tmp_path):
         async def create_all() -> None:
             async with aiohttp.ClientSession(kube.url) as session:
                 for batch in range(0, 200, 50):
-                    await asyncio.gather(*(session.post(DBJ, json=dbj(f"job-{i}"))
-                                           for i in range(batch, batch + 50)))
+                    await asyncio.gather(*(session.post(DBJ, json=dbj(f"job-{i}")) for i in range(batch, batch + 50)))
 
         asyncio.run(create_all())
-        kube.wait_for(lambda: sum(bool(j.get("status")) for j in kube.list("dbj")) == 200,
-                      60, "200 statuses")
+        kube.wait_for(lambda: sum(bool(j.get("status")) for j in kube.list("dbj")) == 200, 60, "200 statuses")
         elapsed = time.monotonic() - started
     assert sorted(calls(path)) == sorted(f"job-{i}" for i in range(200))
     assert len(kube.list("ConfigMap", "default")) == 200
@@ -174,6 +176,7 @@ def test_kopf_handles_200_objects_without_slowing_down(kube, tmp_path):
 
 def test_request_cost_does_not_grow_with_history(kube):
     """Stock kmock replays its whole request log on every request: cost grows with use."""
+
     async def create(names: range) -> float:
         started = time.monotonic()
         async with aiohttp.ClientSession(kube.url) as session:
@@ -201,12 +204,11 @@ async def test_kubernetes_asyncio_lists_creates_patches_and_watches(kube):
     await k8s_config.load_kube_config()  # the fixture's $KUBECONFIG
     async with k8s.ApiClient() as api:
         core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
-        await core.create_namespaced_config_map("default", {
-            "metadata": {"name": "a", "labels": {"dreambooth.io/job-name": "toy"}},
-            "data": {"x": "1"}})
+        await core.create_namespaced_config_map(
+            "default", {"metadata": {"name": "a", "labels": {"dreambooth.io/job-name": "toy"}}, "data": {"x": "1"}}
+        )
         await core.create_namespaced_config_map("default", {"metadata": {"name": "b"}})
-        listed = await core.list_namespaced_config_map(
-            "default", label_selector="dreambooth.io/job-name=toy")
+        listed = await core.list_namespaced_config_map("default", label_selector="dreambooth.io/job-name=toy")
         assert [cm.metadata.name for cm in listed.items] == ["a"]
         since = listed.metadata.resource_version
 
@@ -216,21 +218,34 @@ async def test_kubernetes_asyncio_lists_creates_patches_and_watches(kube):
         assert int(patched.metadata.resource_version) > int(since)
 
         created = await custom.create_namespaced_custom_object(
-            "dreambooth.io", "v1alpha1", "default", "dreamboothjobs", dbj("toy"))
+            "dreambooth.io", "v1alpha1", "default", "dreamboothjobs", dbj("toy")
+        )
         await custom.patch_namespaced_custom_object_status(
-            "dreambooth.io", "v1alpha1", "default", "dreamboothjobs", "toy",
-            {"status": {"phase": "Pending"}}, _content_type="application/merge-patch+json")
+            "dreambooth.io",
+            "v1alpha1",
+            "default",
+            "dreamboothjobs",
+            "toy",
+            {"status": {"phase": "Pending"}},
+            _content_type="application/merge-patch+json",
+        )
         after = await custom.patch_namespaced_custom_object(
-            "dreambooth.io", "v1alpha1", "default", "dreamboothjobs", "toy",
+            "dreambooth.io",
+            "v1alpha1",
+            "default",
+            "dreamboothjobs",
+            "toy",
             {"spec": {"steps": 9}, "status": {"phase": "Ignored"}},
-            _content_type="application/merge-patch+json")
+            _content_type="application/merge-patch+json",
+        )
         assert after["status"] == {"phase": "Pending"}  # not through the main object
         assert after["metadata"]["generation"] == created["metadata"]["generation"] + 1
 
         # A watch from the list's resourceVersion sees only what happened since.
         seen = []
-        async with k8s_watch.Watch().stream(core.list_namespaced_config_map, "default",
-                                            resource_version=since, timeout_seconds=2) as stream:
+        async with k8s_watch.Watch().stream(
+            core.list_namespaced_config_map, "default", resource_version=since, timeout_seconds=2
+        ) as stream:
             async for event in stream:
                 seen.append((event["type"], event["object"].metadata.name))
                 if len(seen) == 1:
@@ -266,21 +281,28 @@ def test_kubectl_apply_get_watch_patch_delete(kube):
     assert "created" in kube.kubectl("apply", "--validate=false", "-f", "-", input=DBJ_YAML).stdout
     assert "toy" in kube.kubectl("get", "dbj").stdout
     assert kube.kubectl("get", "dbj", "toy", "-o", "jsonpath={.spec.steps}").stdout == "3"
-    assert "configured" in kube.kubectl("apply", "--validate=false", "-f", "-",
-                                        input=DBJ_YAML.replace("3", "4")).stdout
+    assert "configured" in kube.kubectl("apply", "--validate=false", "-f", "-", input=DBJ_YAML.replace("3", "4")).stdout
     assert kube.get("dbj", "default", "toy")["spec"]["steps"] == 4
 
     watch = subprocess.Popen(
-        kube.kubectl_argv("get", "dbj", "-w", "--output-watch-events", "-o",
-                          "jsonpath={.type} {.object.status.phase}{'\\n'}"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kube.env)
+        kube.kubectl_argv(
+            "get", "dbj", "-w", "--output-watch-events", "-o", "jsonpath={.type} {.object.status.phase}{'\\n'}"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kube.env,
+    )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in watch.stdout],  # type: ignore
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in watch.stdout],  # type: ignore
+        daemon=True,
+    ).start()
     try:
         assert lines.get(timeout=30).split() == ["ADDED"]
-        kube.kubectl("patch", "dbj", "toy", "--subresource=status", "--type=merge",
-                     "-p", '{"status": {"phase": "Training"}}')
+        kube.kubectl(
+            "patch", "dbj", "toy", "--subresource=status", "--type=merge", "-p", '{"status": {"phase": "Training"}}'
+        )
         assert lines.get(timeout=30).split() == ["MODIFIED", "Training"]
     finally:
         watch.kill()
@@ -293,11 +315,14 @@ def test_kubectl_apply_get_watch_patch_delete(kube):
 # the API semantics kopf and the operator rely on (raw HTTP)
 
 
-def http(kube: Kube, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def http(
+    kube: Kube, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     async def go() -> tuple[int, Any]:
-        async with (aiohttp.ClientSession(kube.url) as session,
-                    session.request(method, path, json=body, headers=headers) as rsp):
+        async with (
+            aiohttp.ClientSession(kube.url) as session,
+            session.request(method, path, json=body, headers=headers) as rsp,
+        ):
             return rsp.status, await rsp.json()
 
     return asyncio.run(go())
@@ -310,12 +335,10 @@ def test_server_side_metadata_generation_and_status_subresource(kube):
     assert meta["namespace"] == "default" and meta["generation"] == 1
     assert meta["uid"] and meta["creationTimestamp"].endswith("Z")
     assert http(kube, "POST", DBJ, dbj("toy"))[0] == 409
-    _, named = http(kube, "POST", "/api/v1/namespaces/default/configmaps",
-                    {"metadata": {"generateName": "cm-"}})
+    _, named = http(kube, "POST", "/api/v1/namespaces/default/configmaps", {"metadata": {"generateName": "cm-"}})
     assert named["metadata"]["name"].startswith("cm-") and len(named["metadata"]["name"]) == 8
 
-    _, job = http(kube, "PATCH", f"{DBJ}/toy/status", {"status": {"phase": "Pending"},
-                                                       "spec": {"steps": 99}}, MERGE)
+    _, job = http(kube, "PATCH", f"{DBJ}/toy/status", {"status": {"phase": "Pending"}, "spec": {"steps": 99}}, MERGE)
     assert job["status"] == {"phase": "Pending"} and job["spec"]["steps"] == 5
     assert job["metadata"]["generation"] == 1  # a status change is no new generation
     _, job = http(kube, "PATCH", f"{DBJ}/toy", {"metadata": {"labels": {"a": "b"}}}, MERGE)
@@ -326,11 +349,19 @@ def test_server_side_metadata_generation_and_status_subresource(kube):
     _, same = http(kube, "PATCH", f"{DBJ}/toy", {"spec": {"steps": 6}}, MERGE)
     assert same["metadata"]["resourceVersion"] == version  # no change, no new version
 
-    assert http(kube, "PATCH", f"{DBJ}/toy", {"metadata": {"resourceVersion": "1"},
-                                              "spec": {"steps": 1}}, MERGE)[0] == 409
-    code, error = http(kube, "PATCH", f"{DBJ}/toy", [
-        {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}], JSON_PATCH)
+    assert (
+        http(kube, "PATCH", f"{DBJ}/toy", {"metadata": {"resourceVersion": "1"}, "spec": {"steps": 1}}, MERGE)[0] == 409
+    )
+    code, error = http(
+        kube,
+        "PATCH",
+        f"{DBJ}/toy",
+        [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["x"]},
+        ],
+        JSON_PATCH,
+    )
     assert code == 422 and error["kind"] == "Status"
     assert kube.get("dbj", "default", "toy")["metadata"]["resourceVersion"] == version
     assert http(kube, "PATCH", f"{DBJ}/toy", {"x": 1}, {"Content-Type": "text/plain"})[0] == 415
@@ -353,18 +384,22 @@ def test_finalizers_delay_deletion_until_removed(kube):
 
 def watch_lines(kube: Kube, query: str, count: int, during=None) -> list[tuple[str, str]]:
     """The first ``count`` events of a watch on configmaps (``during`` runs once it is open)."""
+
     async def go() -> list[tuple[str, str]]:
         url = f"/api/v1/namespaces/default/configmaps?watch=true&{query}"
-        async with (aiohttp.ClientSession(kube.url) as session,
-                    session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as rsp):
+        async with (
+            aiohttp.ClientSession(kube.url) as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as rsp,
+        ):
             assert rsp.headers["Content-Type"].startswith("application/json")
             if during is not None:
                 await asyncio.to_thread(during)
             out: list[tuple[str, str]] = []
             async for line in rsp.content:
                 event = json.loads(line)
-                out.append((event["type"], event["object"].get("metadata", {}).get("name")
-                            or str(event["object"].get("code"))))
+                out.append(
+                    (event["type"], event["object"].get("metadata", {}).get("name") or str(event["object"].get("code")))
+                )
                 if len(out) == count:
                     break
             return out
@@ -374,8 +409,7 @@ def watch_lines(kube: Kube, query: str, count: int, during=None) -> list[tuple[s
 
 def test_watches_replay_only_newer_events_and_follow_selectors(kube):
     def cm(name: str, **labels: str) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": name, "labels": labels}}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": labels}}
 
     kube.create(cm("old", app="x"))
     mark = kube.create(cm("mark"))["metadata"]["resourceVersion"]
@@ -387,8 +421,7 @@ def test_watches_replay_only_newer_events_and_follow_selectors(kube):
         kube.patch("cm", "default", "mark", {"metadata": {"labels": {"app": "x"}}})
         kube.patch("cm", "default", "old", {"metadata": {"labels": {"app": "y"}}})
 
-    selected = watch_lines(kube, f"labelSelector=app%3Dx&resourceVersion={kube.emulator.rv}",
-                           2, relabel)
+    selected = watch_lines(kube, f"labelSelector=app%3Dx&resourceVersion={kube.emulator.rv}", 2, relabel)
     assert selected == [("ADDED", "mark"), ("DELETED", "old")]
 
     kube.emulator.max_history = 4  # compacts the history: an old version is gone
@@ -400,8 +433,7 @@ def test_watches_replay_only_newer_events_and_follow_selectors(kube):
 
 def test_label_selectors_on_lists(kube):
     for name, labels in [("a", {"k": "1", "t": "x"}), ("b", {"k": "2"}), ("c", {})]:
-        kube.create({"apiVersion": "v1", "kind": "Secret",
-                     "metadata": {"name": name, "labels": labels}})
+        kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels}})
 
     def names(selector: str) -> list[str]:
         return [s["metadata"]["name"] for s in kube.list("Secret", "default", selector)]
@@ -441,10 +473,13 @@ def test_a_fault_share_answers_409_only_to_writes_500_to_any_and_cuts_held_reque
 def test_delete_all_deletes_the_collection_and_leaves_the_owned_to_the_collector(kube):
     owner = kube.create(dbj("toy"))
     kube.create(dbj("other"))
-    ref = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob", "name": "toy",
-           "uid": owner["metadata"]["uid"]}
-    kube.create({"apiVersion": "v1", "kind": "ConfigMap",
-                 "metadata": {"name": "toy-config", "ownerReferences": [ref]}})
+    ref = {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothJob",
+        "name": "toy",
+        "uid": owner["metadata"]["uid"],
+    }
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "toy-config", "ownerReferences": [ref]}})
     assert kube.delete_all("dbj", "default") == 2
     assert kube.list("dbj", "default") == [] and len(kube.list("configmaps", "default")) == 1
     GarbageCollector(kube).collect()
@@ -455,23 +490,36 @@ def test_delete_all_deletes_the_collection_and_leaves_the_owned_to_the_collector
 # (d) the Job controller and kubelet stand-ins
 
 
-def indexed_job(name: str = "toy-trainer", nodes: int = 2, backoff: int = 1,
-                **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {
-                "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
-                "backoffLimit": backoff,
-                "podFailurePolicy": {"rules": [
-                    {"action": "Ignore",
-                     "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    {"action": "FailJob", "onExitCodes": {
-                        "containerName": "trainer", "operator": "In", "values": [3, 4]}}]},
-                "template": {
-                    "metadata": {"labels": {"dreambooth.io/job-name": "toy"}},
-                    "spec": {"restartPolicy": "Never", "subdomain": name,
-                             "containers": [{"name": "trainer", "image": "trainer:test"}]}},
-                **spec}}
+def indexed_job(name: str = "toy-trainer", nodes: int = 2, backoff: int = 1, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": backoff,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3, 4]},
+                    },
+                ]
+            },
+            "template": {
+                "metadata": {"labels": {"dreambooth.io/job-name": "toy"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": name,
+                    "containers": [{"name": "trainer", "image": "trainer:test"}],
+                },
+            },
+            **spec,
+        },
+    }
 
 
 def pods(kube: Kube) -> list[dict[str, Any]]:
@@ -527,8 +575,7 @@ def test_fail_job_rule_fails_the_job_at_once(kube):
     kubelet.run(second)
     failed = kubelet.fail(first, exit_code=3, message='{"reason": "BadData"}')
     terminated = failed["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated == {**terminated, "exitCode": 3, "reason": "Error",
-                          "message": '{"reason": "BadData"}'}
+    assert terminated == {**terminated, "exitCode": 3, "reason": "Error", "message": '{"reason": "BadData"}'}
     jobs.reconcile()
     job = kube.get("Job", "default", "toy-trainer")
     assert condition(job, "Failed")["reason"] == "PodFailurePolicy"
@@ -546,8 +593,7 @@ def test_other_failures_are_retried_until_the_backoff_limit(kube):
     jobs.reconcile()
     job = kube.get("Job", "default", "toy-trainer")
     assert job["status"]["failed"] == 1 and condition(job, "Failed") is None
-    retry = [p for p in pods(kube) if p["spec"]["hostname"] == "toy-trainer-0"
-             and p["status"]["phase"] == "Pending"]
+    retry = [p for p in pods(kube) if p["spec"]["hostname"] == "toy-trainer-0" and p["status"]["phase"] == "Pending"]
     assert len(retry) == 1 and retry[0]["metadata"]["name"] != first["metadata"]["name"]
     kubelet.fail(retry[0], exit_code=1)
     jobs.reconcile()
@@ -607,8 +653,7 @@ def test_kubelet_pending_states(kube):
     assert state == {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}
     stuck = kubelet.unschedulable(pod)
     scheduled = stuck["status"]["conditions"][0]
-    assert (scheduled["type"], scheduled["status"], scheduled["reason"]) == (
-        "PodScheduled", "False", "Unschedulable")
+    assert (scheduled["type"], scheduled["status"], scheduled["reason"]) == ("PodScheduled", "False", "Unschedulable")
 
 
 def test_controller_loop_and_garbage_collection(kube):

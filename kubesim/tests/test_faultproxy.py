@@ -51,8 +51,13 @@ def test_s3_works_through_the_proxy_and_a_limit_slows_uploads(s3_server, tmp_pat
     (tmp_path / "blob").write_bytes(data)
     with FaultProxy(s3_server.endpoint) as proxy:
         proxy.limit(upload=1024 * 1024)
-        client = Minio(proxy.endpoint, access_key=s3_server.access_key,
-                       secret_key=s3_server.secret_key, secure=False, region="us-east-1")
+        client = Minio(
+            proxy.endpoint,
+            access_key=s3_server.access_key,
+            secret_key=s3_server.secret_key,
+            secure=False,
+            region="us-east-1",
+        )
         started = time.monotonic()
         client.fput_object(bucket, "blob", str(tmp_path / "blob"))
         took = time.monotonic() - started

@@ -19,27 +19,45 @@ pytestmark = pytest.mark.timeout(60)
 
 def pod(name: str, script: str, **extra) -> dict:
     container = {
-        "name": "main", "image": "busybox", "command": ["/bin/sh", "-c", script],
+        "name": "main",
+        "image": "busybox",
+        "command": ["/bin/sh", "-c", script],
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "config", "mountPath": "/etc/app", "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/app", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
         **extra.pop("container", {}),
     }
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "default",
-                         "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
-            "spec": {"containers": [container], "terminationGracePeriodSeconds": 5,
-                     "volumes": [{"name": "config", "configMap": {"name": "app"}},
-                                 {"name": "tmp", "emptyDir": {}}], **extra}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+        },
+        "spec": {
+            "containers": [container],
+            "terminationGracePeriodSeconds": 5,
+            "volumes": [{"name": "config", "configMap": {"name": "app"}}, {"name": "tmp", "emptyDir": {}}],
+            **extra,
+        },
+    }
 
 
 @pytest.fixture
 def node(kube, tmp_path):
-    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app"},
-                 "data": {"greeting.txt": "hello from a ConfigMap"}})
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "app"},
+            "data": {"greeting.txt": "hello from a ConfigMap"},
+        }
+    )
     kubelet = ProcessKubelet(kube, tmp_path / "pods", max_grace=5)
-    with ControllerLoop(kube, JobController(kube), GarbageCollector(kube), kubelet,
-                        interval=0.05):
+    with ControllerLoop(kube, JobController(kube), GarbageCollector(kube), kubelet, interval=0.05):
         yield kubelet
     kubelet.shutdown()
 
@@ -49,22 +67,43 @@ def phase(kube, name):
 
 
 def terminated(kube, name):
-    return kube.get("pods", "default", name)["status"]["containerStatuses"][0]["state"][
-        "terminated"]
+    return kube.get("pods", "default", name)["status"]["containerStatuses"][0]["state"]["terminated"]
 
 
 def test_volumes_env_and_secrets_are_resolved_and_mapped(kube, node):
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys"},
-                 "data": {"token": base64.b64encode(b"s3cr3t").decode()}})
-    script = ('cat "$CONFIG"; echo; echo "token=$TOKEN index=$INDEX greeting=$GREETING";'
-              ' echo "tmp=$TMPDIR work=$(pwd)"; printf done > /dev/termination-log')
-    kube.create(pod("env", script, container={"env": [
-        {"name": "CONFIG", "value": "/etc/app/greeting.txt"},
-        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "token"}}},
-        {"name": "INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
-        {"name": "GREETING", "value": "$(CONFIG) says hi"},
-    ]}))
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "keys"},
+            "data": {"token": base64.b64encode(b"s3cr3t").decode()},
+        }
+    )
+    script = (
+        'cat "$CONFIG"; echo; echo "token=$TOKEN index=$INDEX greeting=$GREETING";'
+        ' echo "tmp=$TMPDIR work=$(pwd)"; printf done > /dev/termination-log'
+    )
+    kube.create(
+        pod(
+            "env",
+            script,
+            container={
+                "env": [
+                    {"name": "CONFIG", "value": "/etc/app/greeting.txt"},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "token"}}},
+                    {
+                        "name": "INDEX",
+                        "valueFrom": {
+                            "fieldRef": {
+                                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                            }
+                        },
+                    },
+                    {"name": "GREETING", "value": "$(CONFIG) says hi"},
+                ]
+            },
+        )
+    )
     kube.wait_for(lambda: phase(kube, "env") == "Succeeded", what="the pod to succeed")
     run = node.process("env")
     log = run.log()
@@ -83,18 +122,23 @@ def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(kube, node):
     kube.create(pod("waits", 'echo "key=$KEY"', container={"env": env}))
 
     def waiting():
-        statuses = (kube.get("pods", "default", "waits").get("status") or {}).get(
-            "containerStatuses") or [{}]
+        statuses = (kube.get("pods", "default", "waits").get("status") or {}).get("containerStatuses") or [{}]
         return statuses[0].get("state", {}).get("waiting")
 
     found = kube.wait_for(waiting, what="a waiting container")
-    assert found == {"reason": "CreateContainerConfigError",
-                     "message": 'secret "later" not found'}
+    assert found == {"reason": "CreateContainerConfigError", "message": 'secret "later" not found'}
     assert node.history == []
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "later"},
-                 "data": {"x": base64.b64encode(b"1").decode()}})
-    kube.wait_for(lambda: "couldn't find key k in Secret default/later" in str(waiting()),
-                  what="the missing key reported")
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "later"},
+            "data": {"x": base64.b64encode(b"1").decode()},
+        }
+    )
+    kube.wait_for(
+        lambda: "couldn't find key k in Secret default/later" in str(waiting()), what="the missing key reported"
+    )
     kube.patch("secrets", "default", "later", {"data": {"k": base64.b64encode(b"v").decode()}})
     kube.wait_for(lambda: phase(kube, "waits") == "Succeeded", what="the pod to run")
     assert "key=v" in node.process("waits").log()
@@ -102,7 +146,12 @@ def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(kube, node):
 
 def test_exit_codes_and_the_termination_message_fallback(kube, node):
     kube.create(pod("fails", "echo line one; echo last words; exit 3"))
-    kube.create(pod("killed", "sleep 30", ))
+    kube.create(
+        pod(
+            "killed",
+            "sleep 30",
+        )
+    )
     kube.wait_for(lambda: phase(kube, "fails") == "Failed", what="a failed pod")
     state = terminated(kube, "fails")
     assert (state["exitCode"], state["reason"]) == (3, "Error")
@@ -115,8 +164,9 @@ def test_exit_codes_and_the_termination_message_fallback(kube, node):
 
 
 def test_deleting_a_pod_sends_sigterm_then_removes_it(kube, node):
-    kube.create(pod("graceful", "trap 'echo bye > /tmp/got-term; exit 0' TERM; echo trapped; "
-                                "while true; do sleep 0.1; done"))
+    kube.create(
+        pod("graceful", "trap 'echo bye > /tmp/got-term; exit 0' TERM; echo trapped; while true; do sleep 0.1; done")
+    )
     run = sleep_until(lambda: node.process("graceful"), 10)
     assert sleep_until(lambda: "trapped" in run.log(), 10)  # a TERM before the trap kills the shell
     marker = run.folder / "volumes" / "tmp" / "got-term"  # the pod's /tmp is its emptyDir
@@ -127,32 +177,50 @@ def test_deleting_a_pod_sends_sigterm_then_removes_it(kube, node):
     kube.wait_for(lambda: kube.find("pods", "default", "graceful") is None, what="pod gone")
     assert marker.read_text() == "bye\n" and not run.running
 
-    kube.create(pod("stubborn", "trap '' TERM; echo trapped; while true; do sleep 0.1; done",
-                    terminationGracePeriodSeconds=1))
+    kube.create(
+        pod("stubborn", "trap '' TERM; echo trapped; while true; do sleep 0.1; done", terminationGracePeriodSeconds=1)
+    )
     run = sleep_until(lambda: node.process("stubborn"), 10)
     assert sleep_until(lambda: "trapped" in run.log(), 10)
     kube.wait_for(lambda: phase(kube, "stubborn") == "Running", what="running")
     kube.delete("pods", "default", "stubborn")
-    kube.wait_for(lambda: kube.find("pods", "default", "stubborn") is None, timeout=20,
-                  what="killed after the grace period (1 s)")
+    kube.wait_for(
+        lambda: kube.find("pods", "default", "stubborn") is None, timeout=20, what="killed after the grace period (1 s)"
+    )
     assert run.exit_code == 128 + signal.SIGKILL
 
 
 def test_pods_of_an_indexed_job_find_pod_zero_by_its_dns_name(kube, node):
-    template = pod("unused", "echo rendezvous at toy-trainer-0.toy-trainer:29500", container={
-        "ports": [{"name": "rendezvous", "containerPort": 29500}]})
+    template = pod(
+        "unused",
+        "echo rendezvous at toy-trainer-0.toy-trainer:29500",
+        container={"ports": [{"name": "rendezvous", "containerPort": 29500}]},
+    )
     template["spec"]["subdomain"] = "toy-trainer"
-    kube.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "toy-trainer"},
-                 "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2,
-                          "template": {"spec": template["spec"]}}})
-    kube.wait_for(lambda: any(c["type"] == "Complete" for c in (kube.get(
-        "jobs", "default", "toy-trainer").get("status") or {}).get("conditions") or ()),
-        what="the Job complete")
+    kube.create(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "toy-trainer"},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": 2,
+                "parallelism": 2,
+                "template": {"spec": template["spec"]},
+            },
+        }
+    )
+    kube.wait_for(
+        lambda: any(
+            c["type"] == "Complete"
+            for c in (kube.get("jobs", "default", "toy-trainer").get("status") or {}).get("conditions") or ()
+        ),
+        what="the Job complete",
+    )
     zero, one = sorted(node.history, key=lambda r: r.index)
     port = zero.log().split(":")[-1].strip()
     assert zero.log() == one.log() == f"rendezvous at {zero.ip}:{port}\n"
     assert port != "29500" and zero.ip != one.ip
-
 
 
 def test_a_held_image_pull_starts_one_index_late(kube, node):
@@ -160,19 +228,42 @@ def test_a_held_image_pull_starts_one_index_late(kube, node):
     hold = 2.0
     node.hold_pull(hold, index=1)
     template = pod("unused", "echo started")
-    kube.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "late"},
-                 "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2,
-                          "template": {"spec": template["spec"]}}})
+    kube.create(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "late"},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": 2,
+                "parallelism": 2,
+                "template": {"spec": template["spec"]},
+            },
+        }
+    )
     kube.wait_for(lambda: len(node.history) == 1, what="pod 0 started")
-    (held,) = [p for p in kube.list("pods", "default")
-               if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
-    status = kube.wait_for(lambda: (s := kube.get("pods", "default", held["metadata"]["name"]).get("status"))
-                           and s.get("containerStatuses") and s, what="pod 1's container status")
+    (held,) = [
+        p
+        for p in kube.list("pods", "default")
+        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
+    ]
+    status = kube.wait_for(
+        lambda: (
+            (s := kube.get("pods", "default", held["metadata"]["name"]).get("status"))
+            and s.get("containerStatuses")
+            and s
+        ),
+        what="pod 1's container status",
+    )
     assert status["phase"] == "Pending"
     assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
-    kube.wait_for(lambda: any(c["type"] == "Complete" for c in (kube.get(
-        "jobs", "default", "late").get("status") or {}).get("conditions") or ()),
-        what="the Job complete")
+    kube.wait_for(
+        lambda: any(
+            c["type"] == "Complete"
+            for c in (kube.get("jobs", "default", "late").get("status") or {}).get("conditions") or ()
+        ),
+        what="the Job complete",
+    )
     zero, one = sorted(node.history, key=lambda r: r.index)
     assert one.started_at - zero.started_at >= hold
     assert zero.ended_at is not None and one.ended_at >= one.started_at
@@ -181,8 +272,11 @@ def test_a_held_image_pull_starts_one_index_late(kube, node):
     again = pod("index-1-again", "echo quick")
     again["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = "1"
     kube.create(again)
-    kube.wait_for(lambda: phase(kube, "index-1-again") == "Succeeded", timeout=hold * 0.75,
-                  what="a pod of index 1 started without waiting")
+    kube.wait_for(
+        lambda: phase(kube, "index-1-again") == "Succeeded",
+        timeout=hold * 0.75,
+        what="a pod of index 1 started without waiting",
+    )
 
 
 def test_killing_the_main_process_ends_every_process_of_the_container(kube, node):

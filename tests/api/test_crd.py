@@ -62,10 +62,8 @@ FORBIDDEN = {"$ref", "$defs", "definitions", "anyOf", "allOf", "oneOf", "not", "
 
 
 def test_schema_has_no_constructs_a_structural_schema_forbids():
-    offenders = [f"{path}: {sorted(FORBIDDEN & set(node))}" for path, node in NODES
-                 if FORBIDDEN & set(node)]
-    offenders += [f"{path}: nullable without type" for path, node in NODES
-                  if "nullable" in node and "type" not in node]
+    offenders = [f"{path}: {sorted(FORBIDDEN & set(node))}" for path, node in NODES if FORBIDDEN & set(node)]
+    offenders += [f"{path}: nullable without type" for path, node in NODES if "nullable" in node and "type" not in node]
     assert offenders == []
 
 
@@ -80,9 +78,12 @@ def test_objects_say_what_they_hold():
     """An object with neither properties nor additionalProperties is pruned to {} by the
     API server (only the root's metadata is special)."""
     empty = [
-        path for path, node in NODES
-        if node.get("type") == "object" and path != ".metadata"
-        and "properties" not in node and "additionalProperties" not in node
+        path
+        for path, node in NODES
+        if node.get("type") == "object"
+        and path != ".metadata"
+        and "properties" not in node
+        and "additionalProperties" not in node
         and not node.get("x-kubernetes-preserve-unknown-fields")
     ]
     both = [path for path, node in NODES if "properties" in node and "additionalProperties" in node]
@@ -118,9 +119,7 @@ def test_every_property_has_a_description():
         for name, prop in (node.get("properties") or {}).items()
         if not str(prop.get("description", "")).strip()
     ]
-    assert missing == [], "properties without a description (kubectl explain shows nothing):\n" + (
-        "\n".join(missing)
-    )
+    assert missing == [], "properties without a description (kubectl explain shows nothing):\n" + ("\n".join(missing))
 
 
 # --- names, printer columns, subresources --------------------------------------------------
@@ -135,7 +134,9 @@ def test_names_scope_and_version():
     assert names["shortNames"] == SHORT_NAMES == ["dbj"]
     assert names["categories"] == CATEGORIES and "dreambooth" in names["categories"]
     assert (names["singular"], names["plural"], names["listKind"]) == (
-        "dreamboothjob", "dreamboothjobs", "DreamBoothJobList"
+        "dreamboothjob",
+        "dreamboothjobs",
+        "DreamBoothJobList",
     )
     assert VERSION_ENTRY["name"] == VERSION == "v1alpha1"
     assert VERSION_ENTRY["served"] and VERSION_ENTRY["storage"]
@@ -145,14 +146,18 @@ def test_names_scope_and_version():
 def test_printer_columns():
     columns = VERSION_ENTRY["additionalPrinterColumns"]
     assert [(c["name"], c.get("priority", 0)) for c in columns] == [
-        ("Phase", 0), ("Progress", 0), ("Loss", 0), ("Age", 0), ("Family", 1), ("Checkpoint", 1), ("Model", 1)
+        ("Phase", 0),
+        ("Progress", 0),
+        ("Loss", 0),
+        ("Age", 0),
+        ("Family", 1),
+        ("Checkpoint", 1),
+        ("Model", 1),
     ]
     assert next(c for c in columns if c["name"] == "Age")["type"] == "date"
 
 
-@pytest.mark.parametrize(
-    "column", [c for c in crd.PRINTER_COLUMNS if c["name"] != "Age"], ids=lambda c: c["name"]
-)
+@pytest.mark.parametrize("column", [c for c in crd.PRINTER_COLUMNS if c["name"] != "Age"], ids=lambda c: c["name"])
 def test_printer_columns_point_at_status_fields(column):
     """A column whose jsonPath names no field shows an empty cell forever."""
     node = SCHEMA
@@ -174,8 +179,9 @@ def test_crd_is_a_valid_customresourcedefinition():
     "break_it",
     [
         lambda c: c["spec"]["versions"][0].update(printerColumns=[]),
-        lambda c: c["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        .update({"x-kubernetes-validation": []}),
+        lambda c: c["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].update(
+            {"x-kubernetes-validation": []}
+        ),
         lambda c: c["spec"]["names"].update(shortNames="dbj"),
     ],
     ids=["unknown-version-field", "misspelt-extension", "wrong-type"],
@@ -244,8 +250,9 @@ def test_examples_pass_every_rule_on_create_and_on_an_unchanged_update(raw):
 
 
 def _immutable_message(field: str) -> str:
-    return f"{field} cannot change once the job exists; delete and re-create the job (only " \
-        "runPolicy.suspend may change)"
+    return (
+        f"{field} cannot change once the job exists; delete and re-create the job (only runPolicy.suspend may change)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,11 +290,11 @@ def test_only_suspend_may_change_on_update(changes, rejected_for, minimal_spec):
 def test_every_field_but_suspend_has_a_rule_that_keeps_it():
     """Nothing else tells a user that an edit has no effect on a running job (the operator
     keeps no record of the spec it started from), so every field must be covered."""
-    kept = {(path, r["message"].split(" cannot change")[0]) for path, r in all_rules()
-            if "oldSelf" in r["rule"]}
+    kept = {(path, r["message"].split(" cannot change")[0]) for path, r in all_rules() if "oldSelf" in r["rule"]}
     run_policy = SPEC_SCHEMA["properties"]["runPolicy"]["properties"]
     assert kept == {(".spec", f) for f in SPEC_SCHEMA["properties"] if f != "runPolicy"} | {
-        (".spec.runPolicy", f) for f in run_policy if f != "suspend"}
+        (".spec.runPolicy", f) for f in run_policy if f != "suspend"
+    }
 
 
 def test_suspend_can_be_switched_back_and_forth(minimal_spec):
@@ -315,75 +322,121 @@ AGREE = [
     ("batch-2-gpus", {"training.batchSize": 4, "resources.gpusPerNode": 2}, True),
     ("batch-3-gpus", {"training.batchSize": 4, "resources.gpusPerNode": 3}, False),
     ("batch-cpu", {"training.batchSize": 3, "resources.gpusPerNode": 0}, True),
-    ("batch-cpu-nodes", {"training.batchSize": 3, "resources.gpusPerNode": 0,
-                         "resources.nodes": 2}, False),
-    ("batch-accumulation", {"training.batchSize": 8, "resources.gpusPerNode": 2,
-                            "training.gradientAccumulationSteps": 4}, True),
-    ("batch-accumulation-over", {"training.batchSize": 8, "resources.gpusPerNode": 2,
-                                 "training.gradientAccumulationSteps": 3}, False),
-    ("batch-nodes", {"training.batchSize": 32, "resources.nodes": 2,
-                     "resources.gpusPerNode": 8}, True),
-    ("batch-nodes-over", {"training.batchSize": 24, "resources.nodes": 2,
-                          "resources.gpusPerNode": 8}, False),
-    ("prior-uri-enabled", {"prior.enabled": True, "prior.classPrompt": "a cat",
-                           "prior.uri": "s3://training-data/cats/"}, True),
-    ("prior-uri-disabled", {"prior.enabled": False, "prior.uri": "s3://training-data/cats/"},
-     False),
-    ("prior-uri-unset-object", {"preset": "object", "prior.uri": "s3://training-data/cats/"},
-     False),
+    ("batch-cpu-nodes", {"training.batchSize": 3, "resources.gpusPerNode": 0, "resources.nodes": 2}, False),
+    (
+        "batch-accumulation",
+        {"training.batchSize": 8, "resources.gpusPerNode": 2, "training.gradientAccumulationSteps": 4},
+        True,
+    ),
+    (
+        "batch-accumulation-over",
+        {"training.batchSize": 8, "resources.gpusPerNode": 2, "training.gradientAccumulationSteps": 3},
+        False,
+    ),
+    ("batch-nodes", {"training.batchSize": 32, "resources.nodes": 2, "resources.gpusPerNode": 8}, True),
+    ("batch-nodes-over", {"training.batchSize": 24, "resources.nodes": 2, "resources.gpusPerNode": 8}, False),
+    (
+        "prior-uri-enabled",
+        {"prior.enabled": True, "prior.classPrompt": "a cat", "prior.uri": "s3://training-data/cats/"},
+        True,
+    ),
+    ("prior-uri-disabled", {"prior.enabled": False, "prior.uri": "s3://training-data/cats/"}, False),
+    ("prior-uri-unset-object", {"preset": "object", "prior.uri": "s3://training-data/cats/"}, False),
     ("prior-uri-face", {"preset": "face", "prior.uri": "s3://training-data/people/"}, True),
-    ("prior-uri-face-switched-off", {"preset": "face", "prior.enabled": False,
-                                     "prior.uri": "s3://training-data/people/"}, False),
+    (
+        "prior-uri-face-switched-off",
+        {"preset": "face", "prior.enabled": False, "prior.uri": "s3://training-data/people/"},
+        False,
+    ),
     ("lora-with-lora", {"training.method": "lora", "training.lora": {"rank": 8}}, True),
     ("lora-with-full", {"training.method": "full", "training.lora": {"rank": 8}}, False),
     ("kohya-with-lora", {"training.method": "lora", "output.formats": ["lora", "lora-kohya"]}, True),
     ("kohya-with-full", {"training.method": "full", "output.formats": ["diffusers", "lora-kohya"]}, False),
     ("kohya-default-method-sd", {"output.formats": ["lora-kohya"]}, False),
     ("kohya-default-method-sdxl", {"baseModel.family": "sdxl", "output.formats": ["lora-kohya"]}, True),
-    ("te-steps-ok", {"training.steps": 100, "training.trainTextEncoder": True,
-                     "training.textEncoderSteps": 100}, True),
-    ("te-steps-over", {"training.steps": 100, "training.trainTextEncoder": True,
-                       "training.textEncoderSteps": 101}, False),
+    ("te-steps-ok", {"training.steps": 100, "training.trainTextEncoder": True, "training.textEncoderSteps": 100}, True),
+    (
+        "te-steps-over",
+        {"training.steps": 100, "training.trainTextEncoder": True, "training.textEncoderSteps": 101},
+        False,
+    ),
     ("warmup-ok", {"training.steps": 100, "training.lrWarmupSteps": 99}, True),
     ("warmup-equal", {"training.steps": 100, "training.lrWarmupSteps": 100}, False),
     ("warmup-none", {"training.steps": 1, "training.lrWarmupSteps": 0}, True),
-    ("mig-one", {"resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"},
-                 "resources.gpusPerNode": 1}, True),
-    ("mig-two", {"resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"},
-                 "resources.gpusPerNode": 2, "training.batchSize": 2}, False),
+    ("mig-one", {"resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"}, "resources.gpusPerNode": 1}, True),
+    (
+        "mig-two",
+        {
+            "resources.gpu": {"resourceName": "nvidia.com/mig-3g.20gb"},
+            "resources.gpusPerNode": 2,
+            "training.batchSize": 2,
+        },
+        False,
+    ),
     ("gpus-two", {"resources.gpusPerNode": 2, "training.batchSize": 2}, True),
-    ("env-nccl", {"resources.env": [{"name": "NCCL_IB_HCA", "value": "mlx5"},
-                                    {"name": "NCCL_DEBUG", "value": "INFO"}]}, True),
-    *[(f"env-{name.lower()}", {"resources.env": [{"name": "NCCL_DEBUG"}, {"name": name}]}, False)
-      for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "JOB_COMPLETION_INDEX", "DREAMBOOTH_X",
-                   "AWS_REGION", "PYTHONPATH", "RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID",
-                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "ACCELERATE_MIXED_PRECISION",
-                   "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "db_password",
-                   "MY_API_KEY", "AccessKey")],
+    (
+        "env-nccl",
+        {"resources.env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}, {"name": "NCCL_DEBUG", "value": "INFO"}]},
+        True,
+    ),
+    *[
+        (f"env-{name.lower()}", {"resources.env": [{"name": "NCCL_DEBUG"}, {"name": name}]}, False)
+        for name in (
+            "HOME",
+            "HF_HOME",
+            "XDG_CACHE_HOME",
+            "JOB_COMPLETION_INDEX",
+            "DREAMBOOTH_X",
+            "AWS_REGION",
+            "PYTHONPATH",
+            "RANK",
+            "MASTER_ADDR",
+            "TORCHELASTIC_RUN_ID",
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+            "ACCELERATE_MIXED_PRECISION",
+            "CUDA_VISIBLE_DEVICES",
+            "NVIDIA_VISIBLE_DEVICES",
+            "HF_TOKEN",
+            "db_password",
+            "MY_API_KEY",
+            "AccessKey",
+        )
+    ],
     ("buckets-ok", {"training.buckets": {"enabled": True, "minSide": 256, "maxSide": 1024}}, True),
     ("buckets-min-off-step", {"training.buckets": {"enabled": True, "minSide": 200, "maxSide": 1024}}, False),
     ("buckets-max-off-step", {"training.buckets": {"enabled": True, "maxSide": 1000}}, False),
-    ("buckets-min-over-max", {"training.buckets": {"enabled": True, "minSide": 512, "maxSide": 256,
-                                                   "step": 64}}, False),
+    (
+        "buckets-min-over-max",
+        {"training.buckets": {"enabled": True, "minSide": 512, "maxSide": 256, "step": 64}},
+        False,
+    ),
     ("extra-rdma", {"resources.extraResources": {"rdma/rdma_shared_device_a": "1"}}, True),
     ("extra-gpu", {"resources.extraResources": {"nvidia.com/gpu": "1"}}, False),
-    ("extra-own-gpu", {"resources.gpu": {"resourceName": "amd.com/gpu"},
-                       "resources.extraResources": {"amd.com/gpu": "1"}}, False),
+    (
+        "extra-own-gpu",
+        {"resources.gpu": {"resourceName": "amd.com/gpu"}, "resources.extraResources": {"amd.com/gpu": "1"}},
+        False,
+    ),
     ("extra-cpu", {"resources.extraResources": {"cpu": "1"}}, False),
     ("extra-memory", {"resources.extraResources": {"memory": "1Gi"}}, False),
     ("te-steps-without-te", {"training.textEncoderSteps": 10}, False),
     ("te-steps-face", {"preset": "face", "training.textEncoderSteps": 10}, True),
-    ("te-steps-face-lora", {"preset": "face", "training.method": "lora",
-                            "training.textEncoderSteps": 10}, False),
+    ("te-steps-face-lora", {"preset": "face", "training.method": "lora", "training.textEncoderSteps": 10}, False),
     ("ema-with-lora", {"training.method": "lora", "training.ema": True}, False),
     ("ema-with-sdxl-default", {"baseModel.family": "sdxl", "training.ema": True}, False),
     ("ema-with-full", {"training.method": "full", "training.ema": True}, True),
     # what a named family cannot take (SD3: T5, flow matching, nf4; the others: none of it)
     ("sd3-t5-length", {"baseModel.family": "sd3", "training.maxSequenceLength": 256}, True),
-    ("sd3-t5-length-t5-kept", {"baseModel.family": "sd3", "training.t5": "keep",
-                               "training.maxSequenceLength": 512}, True),
-    ("sd3-t5-length-t5-dropped", {"baseModel.family": "sd3", "training.t5": "drop",
-                                  "training.maxSequenceLength": 256}, False),
+    (
+        "sd3-t5-length-t5-kept",
+        {"baseModel.family": "sd3", "training.t5": "keep", "training.maxSequenceLength": 512},
+        True,
+    ),
+    (
+        "sd3-t5-length-t5-dropped",
+        {"baseModel.family": "sd3", "training.t5": "drop", "training.maxSequenceLength": 256},
+        False,
+    ),
     ("sd3-t5-drop", {"baseModel.family": "sd3", "training.t5": "drop"}, True),
     ("sdxl-t5", {"baseModel.family": "sdxl", "training.t5": "drop"}, False),
     ("sd-t5-length", {"baseModel.family": "sd", "training.maxSequenceLength": 77}, False),
@@ -391,27 +444,58 @@ AGREE = [
     ("sdxl-flow", {"baseModel.family": "sdxl", "training.flowMatching": {"weighting": "mode"}}, False),
     ("sd3-snr", {"baseModel.family": "sd3", "training.snrGamma": 5.0}, False),
     ("sd-snr", {"baseModel.family": "sd", "training.snrGamma": 5.0}, True),
-    ("sd3-nf4-cpu", {"baseModel.family": "sd3", "baseModel.quantization": "nf4",
-                     "resources.gpusPerNode": 0}, False),
-    ("sd3-nf4-full", {"baseModel.family": "sd3", "baseModel.quantization": "nf4",
-                      "resources.gpusPerNode": 1, "training.method": "full",
-                      "output.formats": ["diffusers"]}, False),
-    ("sd3-nf4-lora-gpu", {"baseModel.family": "sd3", "baseModel.quantization": "nf4",
-                          "resources.gpusPerNode": 1, "training.method": "lora"}, False),  # not yet
-    ("sdxl-nf4", {"baseModel.family": "sdxl", "baseModel.quantization": "nf4",
-                  "resources.gpusPerNode": 1}, False),
+    ("sd3-nf4-cpu", {"baseModel.family": "sd3", "baseModel.quantization": "nf4", "resources.gpusPerNode": 0}, False),
+    (
+        "sd3-nf4-full",
+        {
+            "baseModel.family": "sd3",
+            "baseModel.quantization": "nf4",
+            "resources.gpusPerNode": 1,
+            "training.method": "full",
+            "output.formats": ["diffusers"],
+        },
+        False,
+    ),
+    (
+        "sd3-nf4-lora-gpu",
+        {
+            "baseModel.family": "sd3",
+            "baseModel.quantization": "nf4",
+            "resources.gpusPerNode": 1,
+            "training.method": "lora",
+        },
+        False,
+    ),  # not yet
+    ("sdxl-nf4", {"baseModel.family": "sdxl", "baseModel.quantization": "nf4", "resources.gpusPerNode": 1}, False),
     ("sd3-none-quantization", {"baseModel.family": "sd3", "baseModel.quantization": "none"}, True),
     ("sd3-own-sampler", {"baseModel.family": "sd3", "validation.scheduler": "flow_euler"}, True),
     ("sd3-ddim", {"baseModel.family": "sd3", "validation.scheduler": "ddim"}, False),
-    ("sd3-ddim-validation-off", {"baseModel.family": "sd3", "validation.enabled": False,
-                                 "validation.scheduler": "ddim"}, False),  # the export's scheduler
+    (
+        "sd3-ddim-validation-off",
+        {"baseModel.family": "sd3", "validation.enabled": False, "validation.scheduler": "ddim"},
+        False,
+    ),  # the export's scheduler
     ("sd-flow-euler", {"baseModel.family": "sd", "validation.scheduler": "flow_euler"}, False),
-    ("sd3-full-text-encoder", {"baseModel.family": "sd3", "training.method": "full",
-                               "output.formats": ["diffusers"], "training.trainTextEncoder": True}, False),
-    ("sd3-lora-text-encoder-adapters", {"baseModel.family": "sd3", "training.method": "lora",
-                                        "training.lora": {"textEncoder": True}}, True),
-    ("sd3-single-file", {"baseModel.family": "sd3", "training.method": "full",
-                         "output.formats": ["safetensors"]}, False),
+    (
+        "sd3-full-text-encoder",
+        {
+            "baseModel.family": "sd3",
+            "training.method": "full",
+            "output.formats": ["diffusers"],
+            "training.trainTextEncoder": True,
+        },
+        False,
+    ),
+    (
+        "sd3-lora-text-encoder-adapters",
+        {"baseModel.family": "sd3", "training.method": "lora", "training.lora": {"textEncoder": True}},
+        True,
+    ),
+    (
+        "sd3-single-file",
+        {"baseModel.family": "sd3", "training.method": "full", "output.formats": ["safetensors"]},
+        False,
+    ),
 ]
 
 
@@ -454,8 +538,7 @@ def test_env_names_are_a_map_list_so_the_api_server_refuses_duplicates():
 apply_crd_defaults = kube_crds.apply_defaults  # what the API server stores
 
 
-@pytest.mark.parametrize("changes", [c[1] for c in AGREE + PYTHON_ONLY],
-                         ids=[c[0] for c in AGREE + PYTHON_ONLY])
+@pytest.mark.parametrize("changes", [c[1] for c in AGREE + PYTHON_ONLY], ids=[c[0] for c in AGREE + PYTHON_ONLY])
 def test_model_dump_stands_in_for_api_server_defaulting(changes, minimal_spec):
     raw = with_paths(minimal_spec, changes)
     defaulted = apply_crd_defaults(raw, SPEC_SCHEMA)
@@ -490,17 +573,34 @@ def rule_inputs(draw) -> dict[str, Any]:
         "prior.classPrompt": st.none() | st.just("a photo of a cat"),
         "prior.uri": st.none() | st.just("s3://training-data/cats/"),
         "training.lora": st.none() | st.just({"rank": 4}),
-        "resources.gpu": st.none() | st.sampled_from(
-            [{"resourceName": "nvidia.com/mig-3g.20gb"}, {"resourceName": "amd.com/gpu"}]),
-        "resources.env": st.none() | st.lists(st.builds(
-            lambda name: {"name": name, "value": "1"},
-            st.sampled_from(["NCCL_DEBUG", "NCCL_IB_HCA", "HOME", "AWS_REGION", "RANK",
-                             "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "OMP_NUM_THREADS"])),
-            max_size=3, unique_by=lambda v: v["name"]),
-        "resources.extraResources": st.none() | st.dictionaries(
-            st.sampled_from(["rdma/hca", "nvidia.com/gpu", "amd.com/gpu", "cpu", "hugepages-2Mi",
-                             "ephemeral-storage"]), st.sampled_from(["0", "1", "500m", "1Gi"]),
-            max_size=3),
+        "resources.gpu": st.none()
+        | st.sampled_from([{"resourceName": "nvidia.com/mig-3g.20gb"}, {"resourceName": "amd.com/gpu"}]),
+        "resources.env": st.none()
+        | st.lists(
+            st.builds(
+                lambda name: {"name": name, "value": "1"},
+                st.sampled_from(
+                    [
+                        "NCCL_DEBUG",
+                        "NCCL_IB_HCA",
+                        "HOME",
+                        "AWS_REGION",
+                        "RANK",
+                        "NVIDIA_VISIBLE_DEVICES",
+                        "HF_TOKEN",
+                        "OMP_NUM_THREADS",
+                    ]
+                ),
+            ),
+            max_size=3,
+            unique_by=lambda v: v["name"],
+        ),
+        "resources.extraResources": st.none()
+        | st.dictionaries(
+            st.sampled_from(["rdma/hca", "nvidia.com/gpu", "amd.com/gpu", "cpu", "hugepages-2Mi", "ephemeral-storage"]),
+            st.sampled_from(["0", "1", "500m", "1Gi"]),
+            max_size=3,
+        ),
         "resources.memory": st.none() | st.just("64Gi"),
     }
     for path, strategy in optional.items():
@@ -510,8 +610,12 @@ def rule_inputs(draw) -> dict[str, Any]:
     return changes
 
 
-@settings(max_examples=300, derandomize=True, deadline=None,  # minimal_spec is only read: with_paths copies
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    derandomize=True,
+    deadline=None,  # minimal_spec is only read: with_paths copies
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(changes=rule_inputs())
 def test_cel_never_rejects_what_python_accepts(changes, minimal_spec):
     raw = with_paths(minimal_spec, changes)

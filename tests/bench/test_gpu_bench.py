@@ -47,8 +47,15 @@ def positive(cell: str) -> float:
 def test_cpu_smoke_runs_every_row_and_path(tmp_path):
     out = tmp_path / "gpu.md"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-smoke", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-smoke", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = out.read_text()
     assert text in done.stdout  # printed and written
@@ -60,15 +67,25 @@ def test_cpu_smoke_runs_every_row_and_path(tmp_path):
     rows = table(text, "UNet training step")
     plan = [row for group in gpu_unet.plan() for row in group]
     models = gpu_unet.models(smoke=True)
-    assert [(r["model"], int(r["batch"]), r["method"], r["optimizer"], r["compile"], r["grad ckpt"])
-            for r in rows] == [(models[p.model].label, p.batch, p.method, p.optimizer, p.compile,
-                                "on" if p.checkpointing else "off") for p in plan]
+    assert [(r["model"], int(r["batch"]), r["method"], r["optimizer"], r["compile"], r["grad ckpt"]) for r in rows] == [
+        (models[p.model].label, p.batch, p.method, p.optimizer, p.compile, "on" if p.checkpointing else "off")
+        for p in plan
+    ]
     flops: dict[tuple[str, str], dict[int, float]] = {}
     trainable: dict[tuple[str, str], float] = {}
     for r in rows:
         assert r["result"] == "ok", r
-        for column in ("px", "steps/s", "images/s", "first step s", "TFLOP/step", "TFLOP/s", "of matmul",
-                       "peak mem GB", "trainable M"):
+        for column in (
+            "px",
+            "steps/s",
+            "images/s",
+            "first step s",
+            "TFLOP/step",
+            "TFLOP/s",
+            "of matmul",
+            "peak mem GB",
+            "trainable M",
+        ):
             positive(r[column])
         assert r["MFU"] == "n/a"  # a CPU has no datasheet peak
         assert float(r["images/s"]) == pytest.approx(float(r["steps/s"]) * int(r["batch"]), rel=0.02)
@@ -122,12 +139,24 @@ def test_full_size_unets_are_the_published_ones():
     assert {k: m.pixels for k, m in gpu_unet.models(smoke=False).items()} == {"sd15": 512, "sdxl": 1024}
 
 
-@pytest.mark.parametrize(("name", "tflops"), [
-    ("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.5),
-    ("NVIDIA H200", 989.5), ("NVIDIA H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA L4", 121.0), ("NVIDIA A10G", 70.0),
-    ("NVIDIA A10", 125.0), ("NVIDIA L40", None), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.5),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H200", 989.5),
+        ("NVIDIA H200 NVL", 835.5),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.05),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A10G", 70.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA L40", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_bf16_peak_from_the_device_name(name, tflops):
     peak, source = gpu_common.bf16_peak(name)
     assert peak == tflops
@@ -138,8 +167,15 @@ def record(steps, *, devices=("cuda",), changed=True, **extra) -> dict:
     phases = {}
     for s in steps:
         phases.setdefault(s.get("phase", "dreambooth"), {"before": "0x1", "after": "0x2" if changed else "0x1"})
-    return {"exit_code": 0, "steps": steps, "phases": phases, "devices": list(devices),
-            "param_dtypes": ["torch.float32"], "mixed_precision": "fp16", **extra}
+    return {
+        "exit_code": 0,
+        "steps": steps,
+        "phases": phases,
+        "devices": list(devices),
+        "param_dtypes": ["torch.float32"],
+        "mixed_precision": "fp16",
+        **extra,
+    }
 
 
 def path(key: str) -> gpu_paths.Path_:
@@ -147,22 +183,29 @@ def path(key: str) -> gpu_paths.Path_:
 
 
 def test_judging_the_fp16_runs():
-    steps = [{"step": i, "phase": "dreambooth", "loss": 0.5, "scale": s} for i, s in enumerate([65536.0, 32768.0,
-                                                                                                32768.0])]
+    steps = [
+        {"step": i, "phase": "dreambooth", "loss": 0.5, "scale": s} for i, s in enumerate([65536.0, 32768.0, 32768.0])
+    ]
     ok, figure, problems = gpu_paths.judge(path("fp16"), record(steps), cuda=True)
     assert (ok, figure, problems) == (True, "scale 65536 -> 32768 (1 overflow step(s) skipped)", [])
 
     no_scaler = [{k: v for k, v in s.items() if k != "scale"} for s in steps]
     assert "no fp16 loss scaler on some steps" in gpu_paths.judge(path("fp16"), record(no_scaler), cuda=True)[2]
-    assert "dreambooth: the trained weights did not change" in gpu_paths.judge(
-        path("fp16"), record(steps, changed=False), cuda=True)[2]
-    assert "trained weights on ['cpu'], not cuda" in gpu_paths.judge(
-        path("fp16"), record(steps, devices=("cpu",)), cuda=True)[2]
+    assert (
+        "dreambooth: the trained weights did not change"
+        in gpu_paths.judge(path("fp16"), record(steps, changed=False), cuda=True)[2]
+    )
+    assert (
+        "trained weights on ['cpu'], not cuda"
+        in gpu_paths.judge(path("fp16"), record(steps, devices=("cpu",)), cuda=True)[2]
+    )
     nan = [{**steps[0], "loss": float("nan")}]
     assert not gpu_paths.judge(path("fp16"), record(nan), cuda=True)[0]
 
-    ti = [{"step": i, "phase": p, "loss": 0.4, "scale": 256.0}
-          for i, p in enumerate(["textual_inversion"] * 3 + ["dreambooth"] * 3)]
+    ti = [
+        {"step": i, "phase": p, "loss": 0.4, "scale": 256.0}
+        for i, p in enumerate(["textual_inversion"] * 3 + ["dreambooth"] * 3)
+    ]
     ok, figure, _ = gpu_paths.judge(path("fp16-ti"), record(ti), cuda=True)
     assert ok and "textual_inversion: 3 steps, dreambooth: 3 steps" in figure
     assert "phases run" in gpu_paths.judge(path("fp16-ti"), record(ti[3:]), cuda=True)[2][0]
@@ -174,25 +217,37 @@ def test_judging_the_gpu_run():
     steps = [{"step": 0, "phase": "dreambooth", "loss": 0.5}]
     log = "rank0 INFO dreambooth.trainer: TF32 allowed for fp32 matmuls and convolutions on NVIDIA H200\n"
     assert gpu_paths.judge(path("gpu1"), record(steps), cuda=True, log=log) == (
-        True, "weights on cuda; TF32 allowed", [])
+        True,
+        "weights on cuda; TF32 allowed",
+        [],
+    )
     assert gpu_paths.judge(path("gpu1"), record(steps), cuda=True, log="")[2] == ["the trainer did not allow TF32"]
     assert gpu_paths.judge(path("gpu1"), record(steps, devices=("cpu",)), cuda=True, log=log)[2] == [
-        "trained weights on ['cpu'], not cuda"]
+        "trained weights on ['cpu'], not cuda"
+    ]
 
 
 def test_judging_the_parked_text_encoders():
     steps = [{"step": s, "phase": "dreambooth", "loss": 0.1} for s in range(4)]
 
     def record(where, vae=("cpu",), sampled=True):
-        return {"exit_code": 0, "steps": steps, "devices": ["cuda"], "phases": {"dreambooth": {"before": 1, "after": 2}},
-                "text_encoder_devices": where, "vae_devices": list(vae), "sampled": sampled}
+        return {
+            "exit_code": 0,
+            "steps": steps,
+            "devices": ["cuda"],
+            "phases": {"dreambooth": {"before": 1, "after": 2}},
+            "text_encoder_devices": where,
+            "vae_devices": list(vae),
+            "sampled": sampled,
+        }
 
     ok, figure, _ = gpu_paths.judge(path("sd3-lora"), record(["cpu"]), cuda=True)
     assert ok and figure == "text encoders on cpu, VAE on cpu between steps; samples written"
     assert "text encoders were on ['cuda']" in gpu_paths.judge(path("sd3-lora"), record(["cuda"]), cuda=True)[2][0]
     assert "VAE was on ['cuda']" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], ["cuda"]), cuda=True)[2][0]
-    assert "no sample round was written" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], sampled=False),
-                                                           cuda=True)[2]
+    assert (
+        "no sample round was written" in gpu_paths.judge(path("sd3-lora"), record(["cpu"], sampled=False), cuda=True)[2]
+    )
 
 
 def test_judging_the_8bit_optimizer_run():
@@ -202,14 +257,21 @@ def test_judging_the_8bit_optimizer_run():
     assert ok and figure == "AdamW8bit, 12 uint8 state tensors on cuda"
     plain = record(steps, optimizer="torch.optim.adamw.AdamW", uint8_states=0, state_devices=[])
     assert set(gpu_paths.judge(path("adamw8bit"), plain, cuda=True)[2]) == {
-        "optimizer torch.optim.adamw.AdamW", "no 8-bit optimizer state"}
+        "optimizer torch.optim.adamw.AdamW",
+        "no 8-bit optimizer state",
+    }
 
 
 def test_bitsandbytes_wheel_keeps_only_the_cpu_and_cuda13_libraries(tmp_path):
     wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
-    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
-             "bitsandbytes/libbitsandbytes_cuda118.so", "bitsandbytes/libbitsandbytes_cuda128.so",
-             "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_rocm64.so"]
+    names = [
+        "bitsandbytes/__init__.py",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+        "bitsandbytes/libbitsandbytes_cuda118.so",
+        "bitsandbytes/libbitsandbytes_cuda128.so",
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+        "bitsandbytes/libbitsandbytes_rocm64.so",
+    ]
     record_name = "bitsandbytes-0.50.2.dist-info/RECORD"
     with zipfile.ZipFile(wheel, "w") as z:
         for n in names:
@@ -219,14 +281,18 @@ def test_bitsandbytes_wheel_keeps_only_the_cpu_and_cuda13_libraries(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         kept = [n for n in z.namelist() if n != record_name]
         listed = [line.split(",")[0] for line in z.read(record_name).decode().splitlines() if line]
-    assert kept == ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
-                    "bitsandbytes/libbitsandbytes_cuda130.so"]
+    assert kept == [
+        "bitsandbytes/__init__.py",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+    ]
     assert listed == [*kept, record_name]
 
 
 def test_a_row_that_fails_is_reported_and_the_next_one_runs(capsys):
-    gpu_unet.run_group([gpu_unet.Row("sd15", 1, optimizer="adamw16"), gpu_unet.Row("nope", 1)],
-                       smoke=True, warmup=1, steps=1)
+    gpu_unet.run_group(
+        [gpu_unet.Row("sd15", 1, optimizer="adamw16"), gpu_unet.Row("nope", 1)], smoke=True, warmup=1, steps=1
+    )
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["row"]["model"] for r in results] == ["sd15", "nope"]
     assert results[0]["status"].startswith("error: SpecError: invalid DreamBoothJob")
@@ -240,14 +306,34 @@ def test_mfu_is_model_flops_per_second_over_the_named_peak(tmp_path):
     import gpu_bench
 
     args = argparse.Namespace(cpu_smoke=False, peak_tflops=None, warmup=3, steps=10, budget=450.0, argv=[])
-    info = {"kind": "cuda", "name": "NVIDIA H200", "count": 1, "memory_gb": 139.8, "capability": "9.0",
-            "cuda": "13.0", "host": "h", "python": "3.12.3", "versions": {"torch": "2.11.0"},
-            "matmul_tflops": 790.0, "matmul_how": "8192x8192x8192 bf16, median of 10"}
+    info = {
+        "kind": "cuda",
+        "name": "NVIDIA H200",
+        "count": 1,
+        "memory_gb": 139.8,
+        "capability": "9.0",
+        "cuda": "13.0",
+        "host": "h",
+        "python": "3.12.3",
+        "versions": {"torch": "2.11.0"},
+        "matmul_tflops": 790.0,
+        "matmul_how": "8192x8192x8192 bf16, median of 10",
+    }
     report = gpu_bench.Report(tmp_path / "gpu.md", args, info)
     first, second, *rest = report.rows
-    report.row(first.key, {"status": "ok", "steps_per_s": 40.0, "images_per_s": 40.0, "first_step_s": 0.5,
-                           "flops_per_step": 2.4e12, "peak_memory_bytes": 20 * 2**30, "params": 859_520_964,
-                           "trainable": 859_520_964})
+    report.row(
+        first.key,
+        {
+            "status": "ok",
+            "steps_per_s": 40.0,
+            "images_per_s": 40.0,
+            "first_step_s": 0.5,
+            "flops_per_step": 2.4e12,
+            "peak_memory_bytes": 20 * 2**30,
+            "params": 859_520_964,
+            "trainable": 859_520_964,
+        },
+    )
     report.row(second.key, {"status": "OOM"})
     rows = table((tmp_path / "gpu.md").read_text(), "UNet training step")
     assert rows[0]["TFLOP/s"] == "96" and rows[0]["MFU"] == "9.7%" and rows[0]["of matmul"] == "12.2%"

@@ -45,8 +45,24 @@ def test_the_operator_killed_while_jobs_come_and_go_loses_nothing_and_duplicates
 
 @pytest.mark.slow
 def test_an_api_failing_a_share_of_requests_leaves_the_operator_running_and_every_job_converged(tmp_path):
-    report = run(tmp_path, "faults", "--jobs", "20", "--rate", "4", "--seed", "1", "--error", "0.1",
-                 "--conflict", "0.1", "--hang", "0.03", "--api-timeout", "2")
+    report = run(
+        tmp_path,
+        "faults",
+        "--jobs",
+        "20",
+        "--rate",
+        "4",
+        "--seed",
+        "1",
+        "--error",
+        "0.1",
+        "--conflict",
+        "0.1",
+        "--hang",
+        "0.03",
+        "--api-timeout",
+        "2",
+    )
     faults = report["faults"]
     assert faults["error"] > 0 and faults["conflict"] > 0, faults  # the faults were felt
     assert report["operator_starts"] == 1, report  # no crash loop: never restarted
@@ -63,7 +79,11 @@ def test_jobs_deleted_at_once_leave_no_orphan(tmp_path):
 
 # --- the checks themselves can fail (fast) -------------------------------------------------
 
-DBJ, JOBS, CONFIGMAPS = ("dreambooth.io", "v1alpha1", "dreamboothjobs"), ("batch", "v1", "jobs"), ("", "v1", "configmaps")
+DBJ, JOBS, CONFIGMAPS = (
+    ("dreambooth.io", "v1alpha1", "dreamboothjobs"),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "configmaps"),
+)
 
 
 def dbj(status: dict | None = None) -> dict:
@@ -71,8 +91,7 @@ def dbj(status: dict | None = None) -> dict:
 
 
 def child(name: str, owner: str = "u1") -> dict:
-    return {"metadata": {"name": name, "labels": {"dreambooth.io/job-name": "a"},
-                         "ownerReferences": [{"uid": owner}]}}
+    return {"metadata": {"name": name, "labels": {"dreambooth.io/job-name": "a"}, "ownerReferences": [{"uid": owner}]}}
 
 
 def test_the_ledger_sees_a_second_child_of_one_job_and_a_child_made_after_its_owner_went():
@@ -88,13 +107,16 @@ def test_the_ledger_sees_a_second_child_of_one_job_and_a_child_made_after_its_ow
     assert ledger.late_children == ["configmaps/a-trainer-config"] and len(ledger.duplicates()) == 2
 
 
-@pytest.mark.parametrize(("old", "new", "problem"), [
-    ({"phase": "Succeeded"}, {"phase": "Training"}, "left its final phase Succeeded for Training"),
-    ({"phase": "Training"}, {}, "the phase was removed"),
-    ({"phase": "Training"}, {"phase": "Pending"}, "went back from Training to Pending without a restart"),
-    ({"phase": "Pending", "restarts": 1}, {"phase": "Pending", "restarts": 0}, "restarts dropped from 1 to 0"),
-    ({"phase": "Pending", "startTime": "t1"}, {"phase": "Pending", "startTime": "t2"}, "startTime changed"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ({"phase": "Succeeded"}, {"phase": "Training"}, "left its final phase Succeeded for Training"),
+        ({"phase": "Training"}, {}, "the phase was removed"),
+        ({"phase": "Training"}, {"phase": "Pending"}, "went back from Training to Pending without a restart"),
+        ({"phase": "Pending", "restarts": 1}, {"phase": "Pending", "restarts": 0}, "restarts dropped from 1 to 0"),
+        ({"phase": "Pending", "startTime": "t1"}, {"phase": "Pending", "startTime": "t2"}, "startTime changed"),
+    ],
+)
 def test_the_ledger_sees_a_status_that_went_back(old, new, problem):
     ledger = operator_chaos.Ledger()
     ledger(DBJ, "ADDED", dbj(old), None)

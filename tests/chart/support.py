@@ -63,8 +63,7 @@ def _render(values_json: str, name: str, namespace: str) -> tuple[tuple[str, str
     return tuple(sorted(chart().render(values, name=name, namespace=namespace).items()))
 
 
-def render(values: dict[str, Any] | None = None, *, name: str = RELEASE,
-           namespace: str = NAMESPACE) -> dict[str, str]:
+def render(values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
     """template path -> rendered text (NOTES.txt included), as `helm template` would."""
     return dict(_render(json.dumps(values or {}, sort_keys=True), name, namespace))
 
@@ -134,8 +133,7 @@ def grafana_to_promql(expr: str) -> str:
 
 def dashboard_queries(board: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(panel title, PromQL with Grafana's variables substituted) of every panel target."""
-    return [(p["title"], grafana_to_promql(t["expr"]))
-            for p in dashboard_panels(board) for t in p.get("targets", [])]
+    return [(p["title"], grafana_to_promql(t["expr"])) for p in dashboard_panels(board) for t in p.get("targets", [])]
 
 
 def variable_queries(board: dict[str, Any] | None = None) -> list[str]:
@@ -152,18 +150,88 @@ def variable_queries(board: dict[str, Any] | None = None) -> list[str]:
 
 
 _FUNCTIONS = {
-    "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max",
-    "clamp_min", "count_over_time", "day_of_month", "day_of_week", "days_in_month", "delta", "deriv",
-    "exp", "floor", "histogram_quantile", "holt_winters", "hour", "idelta", "increase", "irate",
-    "label_join", "label_replace", "last_over_time", "ln", "log2", "log10", "max_over_time",
-    "min_over_time", "minute", "month", "predict_linear", "present_over_time", "quantile_over_time",
-    "rate", "resets", "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "stddev_over_time",
-    "stdvar_over_time", "sum_over_time", "time", "timestamp", "vector", "year",
+    "abs",
+    "absent",
+    "absent_over_time",
+    "avg_over_time",
+    "ceil",
+    "changes",
+    "clamp",
+    "clamp_max",
+    "clamp_min",
+    "count_over_time",
+    "day_of_month",
+    "day_of_week",
+    "days_in_month",
+    "delta",
+    "deriv",
+    "exp",
+    "floor",
+    "histogram_quantile",
+    "holt_winters",
+    "hour",
+    "idelta",
+    "increase",
+    "irate",
+    "label_join",
+    "label_replace",
+    "last_over_time",
+    "ln",
+    "log2",
+    "log10",
+    "max_over_time",
+    "min_over_time",
+    "minute",
+    "month",
+    "predict_linear",
+    "present_over_time",
+    "quantile_over_time",
+    "rate",
+    "resets",
+    "round",
+    "scalar",
+    "sgn",
+    "sort",
+    "sort_desc",
+    "sqrt",
+    "stddev_over_time",
+    "stdvar_over_time",
+    "sum_over_time",
+    "time",
+    "timestamp",
+    "vector",
+    "year",
 }
-_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
-                 "bottomk", "topk", "quantile"}
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
-             "and", "or", "unless", "atan2", "inf", "nan"}
+_AGGREGATIONS = {
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "atan2",
+    "inf",
+    "nan",
+}
 _LABEL_LISTS = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 
 
@@ -195,6 +263,8 @@ def metric_names(expr: str) -> set[str]:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed: run scripts/install-system-tools.sh "
-                    "(apt-get install --no-install-recommends prometheus)")
+        pytest.skip(
+            f"{name} is not installed: run scripts/install-system-tools.sh "
+            "(apt-get install --no-install-recommends prometheus)"
+        )
     return path

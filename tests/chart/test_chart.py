@@ -68,8 +68,10 @@ def test_every_rendered_manifest_is_valid_for_kubernetes_1_29_to_1_33(name):
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as err:
-                raise AssertionError(f"{obj['kind']} {obj['metadata']['name']} is invalid for "
-                                     f"Kubernetes {version}: {err.message} at {list(err.path)}") from None
+                raise AssertionError(
+                    f"{obj['kind']} {obj['metadata']['name']} is invalid for "
+                    f"Kubernetes {version}: {err.message} at {list(err.path)}"
+                ) from None
         checked.add(obj["kind"])
     assert {"Deployment", "ServiceAccount"} <= checked
 
@@ -89,8 +91,16 @@ def test_defaults_render_the_operator_and_nothing_optional():
 
 def test_everything_renders_each_optional_object():
     kinds = {o["kind"] for o in objects(EVERYTHING)}
-    assert kinds >= {"CustomResourceDefinition", "ServiceMonitor", "PodMonitor", "PrometheusRule",
-                     "ConfigMap", "NetworkPolicy", "Role", "RoleBinding"}
+    assert kinds >= {
+        "CustomResourceDefinition",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "NetworkPolicy",
+        "Role",
+        "RoleBinding",
+    }
 
 
 def test_every_namespaced_object_says_its_namespace():
@@ -159,11 +169,16 @@ def test_crds_folder_is_the_default_and_not_templated():
 def test_schema_is_strict_at_every_level():
     """Every object node either lists its properties with additionalProperties: false or is a
     map of strings/quantities, or a Kubernetes object passed through (affinity parts, env)."""
-    passthrough = {"/global", "/affinity/nodeAffinity", "/affinity/podAffinity",
-                   "/affinity/podAntiAffinity", "/operator/extraEnv/items",
-                   "/networkPolicy/metricsFrom/items/namespaceSelector",
-                   "/networkPolicy/metricsFrom/items/podSelector",
-                   "/networkPolicy/metricsFrom/items/ipBlock"}
+    passthrough = {
+        "/global",
+        "/affinity/nodeAffinity",
+        "/affinity/podAffinity",
+        "/affinity/podAntiAffinity",
+        "/operator/extraEnv/items",
+        "/networkPolicy/metricsFrom/items/namespaceSelector",
+        "/networkPolicy/metricsFrom/items/podSelector",
+        "/networkPolicy/metricsFrom/items/ipBlock",
+    }
 
     def walk(node: dict[str, Any], path: str) -> None:
         if node.get("type") == "object" and path not in passthrough:
@@ -236,33 +251,49 @@ def test_values_yaml_and_schema_have_the_same_keys():
     chart().validate_schema(production_values())
 
 
-@pytest.mark.parametrize(("values", "path", "says"), [
-    ({"imagee": {"tag": "1"}}, "at ''", "additional properties 'imagee' not allowed"),
-    ({"serviceMonitor": {"enabeld": True}}, "at '/serviceMonitor'", "'enabeld' not allowed"),
-    ({"serviceMonitor": {"enabled": "yes"}}, "at '/serviceMonitor/enabled'", "got string, want boolean"),
-    ({"operator": {"pollIntervalSeconds": "10"}}, "at '/operator/pollIntervalSeconds'", "got string, want integer"),
-    ({"operator": {"pollIntervalSeconds": 0}}, "at '/operator/pollIntervalSeconds'", "minimum"),
-    ({"watchNamespaces": "team-a"}, "at '/watchNamespaces'", "got string, want array"),
-    ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'", "does not match pattern"),
-    ({"storage": {"outputRoot": "gs://bucket"}}, "at '/storage/outputRoot'", "does not match pattern"),
-    ({"storage": {"endpoint": "http://minio:9000"}}, "at '/storage/endpoint'", "does not match pattern"),
-    ({"trainer": {"metricsPort": 29500}}, "at '/trainer/metricsPort'", "'not' failed"),
-    ({"trainer": {"image": {"pullPolicy": "Always"}}}, "at '/trainer/image'", "'pullPolicy' not allowed"),
-    ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'", ""),
-    ({"operator": {"extraEnv": [{"name": "DREAMBOOTH_NAMESPACES", "value": "x"}]}},
-     "at '/operator/extraEnv/0/name'", "'not' failed"),
-    ({"tolerations": [{"key": "gpu", "efect": "NoSchedule"}]}, "at '/tolerations/0'", "'efect' not allowed"),
-    ({"trainer": {"env": [{"name": "HOME", "value": "/root"}]}}, "at '/trainer/env/0/name'", "'not' failed"),
-    ({"trainer": {"env": [{"name": "NCCL DEBUG", "value": "INFO"}]}}, "at '/trainer/env/0/name'",
-     "does not match pattern"),
-    ({"trainer": {"env": [{"name": "NCCL_DEBUG"}]}}, "at '/trainer/env/0'", "missing property 'value'"),
-    ({"trainer": {"env": [{"name": "HF_TOKEN", "valueFrom": {}}]}}, "at '/trainer/env/0'", "'valueFrom' not allowed"),
-    ({"trainer": {"env": {"NCCL_DEBUG": "INFO"}}}, "at '/trainer/env'", "got object, want array"),
-    ({"trainer": {"extraResources": {"cpu": 4}}}, "invalid propertyName 'cpu'", ""),
-    ({"trainer": {"extraResources": {"nvidia.com/gpu": 1}}}, "invalid propertyName 'nvidia.com/gpu'", ""),
-    ({"trainer": {"extraResources": {"rdma/hca": "500m"}}}, "at '/trainer/extraResources/rdma~1hca'",
-     "'oneOf' failed"),
-])
+@pytest.mark.parametrize(
+    ("values", "path", "says"),
+    [
+        ({"imagee": {"tag": "1"}}, "at ''", "additional properties 'imagee' not allowed"),
+        ({"serviceMonitor": {"enabeld": True}}, "at '/serviceMonitor'", "'enabeld' not allowed"),
+        ({"serviceMonitor": {"enabled": "yes"}}, "at '/serviceMonitor/enabled'", "got string, want boolean"),
+        ({"operator": {"pollIntervalSeconds": "10"}}, "at '/operator/pollIntervalSeconds'", "got string, want integer"),
+        ({"operator": {"pollIntervalSeconds": 0}}, "at '/operator/pollIntervalSeconds'", "minimum"),
+        ({"watchNamespaces": "team-a"}, "at '/watchNamespaces'", "got string, want array"),
+        ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'", "does not match pattern"),
+        ({"storage": {"outputRoot": "gs://bucket"}}, "at '/storage/outputRoot'", "does not match pattern"),
+        ({"storage": {"endpoint": "http://minio:9000"}}, "at '/storage/endpoint'", "does not match pattern"),
+        ({"trainer": {"metricsPort": 29500}}, "at '/trainer/metricsPort'", "'not' failed"),
+        ({"trainer": {"image": {"pullPolicy": "Always"}}}, "at '/trainer/image'", "'pullPolicy' not allowed"),
+        ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'", ""),
+        (
+            {"operator": {"extraEnv": [{"name": "DREAMBOOTH_NAMESPACES", "value": "x"}]}},
+            "at '/operator/extraEnv/0/name'",
+            "'not' failed",
+        ),
+        ({"tolerations": [{"key": "gpu", "efect": "NoSchedule"}]}, "at '/tolerations/0'", "'efect' not allowed"),
+        ({"trainer": {"env": [{"name": "HOME", "value": "/root"}]}}, "at '/trainer/env/0/name'", "'not' failed"),
+        (
+            {"trainer": {"env": [{"name": "NCCL DEBUG", "value": "INFO"}]}},
+            "at '/trainer/env/0/name'",
+            "does not match pattern",
+        ),
+        ({"trainer": {"env": [{"name": "NCCL_DEBUG"}]}}, "at '/trainer/env/0'", "missing property 'value'"),
+        (
+            {"trainer": {"env": [{"name": "HF_TOKEN", "valueFrom": {}}]}},
+            "at '/trainer/env/0'",
+            "'valueFrom' not allowed",
+        ),
+        ({"trainer": {"env": {"NCCL_DEBUG": "INFO"}}}, "at '/trainer/env'", "got object, want array"),
+        ({"trainer": {"extraResources": {"cpu": 4}}}, "invalid propertyName 'cpu'", ""),
+        ({"trainer": {"extraResources": {"nvidia.com/gpu": 1}}}, "invalid propertyName 'nvidia.com/gpu'", ""),
+        (
+            {"trainer": {"extraResources": {"rdma/hca": "500m"}}},
+            "at '/trainer/extraResources/rdma~1hca'",
+            "'oneOf' failed",
+        ),
+    ],
+)
 def test_schema_rejects_bad_values_naming_the_path(values, path, says):
     from helm_python import HelmValuesError
 
@@ -273,12 +304,17 @@ def test_schema_rejects_bad_values_naming_the_path(values, path, says):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
 
 
-@pytest.mark.parametrize(("values", "says"), [
-    ({"metrics": {"port": 8081}}, "metrics.port and operator.healthPort are both 8081"),
-    ({"networkPolicy": {"enabled": True}}, "set networkPolicy.namespaces"),
-    ({"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}},
-     "serviceMonitor.enabled needs metrics.service.enabled"),
-])
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ({"metrics": {"port": 8081}}, "metrics.port and operator.healthPort are both 8081"),
+        ({"networkPolicy": {"enabled": True}}, "set networkPolicy.namespaces"),
+        (
+            {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}},
+            "serviceMonitor.enabled needs metrics.service.enabled",
+        ),
+    ],
+)
 def test_values_the_schema_cannot_judge_fail_the_render_with_a_message(values, says):
     from helm_python import HelmRenderError
 
@@ -340,26 +376,69 @@ def test_production_values_reach_the_operator_settings():
 
 
 def test_trainer_env_and_extra_resources_reach_the_operator_settings():
-    values = {"trainer": {
-        "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"}, {"name": "NCCL_DEBUG", "value": "INFO"}],
-        "extraResources": {"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": "8", "example.com/big": 1000000},
-    }}
+    values = {
+        "trainer": {
+            "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"}, {"name": "NCCL_DEBUG", "value": "INFO"}],
+            "extraResources": {"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": "8", "example.com/big": 1000000},
+        }
+    }
     settings = OperatorSettings.from_env(container_env(_operator_container(values)))
     assert settings.trainer_env == (("NCCL_SOCKET_IFNAME", "^lo,docker"), ("NCCL_DEBUG", "INFO"))
     assert settings.trainer_extra_resources == (
-        ("example.com/big", "1000000"), ("nvidia.com/hostdev", "8"), ("rdma/rdma_shared_device_a", "1"))
+        ("example.com/big", "1000000"),
+        ("nvidia.com/hostdev", "8"),
+        ("rdma/rdma_shared_device_a", "1"),
+    )
 
 
 #: names the operator's settings refuse and names they accept: the chart's schema must agree,
 #: so that a bad value fails `helm install` instead of crash-looping the operator
-ENV_NAMES = ["HOME", "HF_HOME", "XDG_CACHE_HOME", "JOB_COMPLETION_INDEX", "DREAMBOOTH_X", "AWS_REGION",
-             "PYTHONPATH", "RANK", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_X", "TORCH_ELASTIC_X",
-             "ACCELERATE_X", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "my_password",
-             "S3_SECRET", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG", "NCCL_P2P_DISABLE",
-             "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "_X", "1X", "A-B"]
-RESOURCE_NAMES = ["rdma/rdma_shared_device_a", "nvidia.com/hostdev", "example.com/fpga", "cpu", "memory",
-                  "nvidia.com/gpu", "amd.com/gpu", "nvidia.com/mig-3g.20gb", "hugepages-2Mi",
-                  "ephemeral-storage", "kubernetes.io/x", "node.kubernetes.io/x", "rdma", "Rdma/x"]
+ENV_NAMES = [
+    "HOME",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "JOB_COMPLETION_INDEX",
+    "DREAMBOOTH_X",
+    "AWS_REGION",
+    "PYTHONPATH",
+    "RANK",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "TORCHELASTIC_X",
+    "TORCH_ELASTIC_X",
+    "ACCELERATE_X",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "HF_TOKEN",
+    "my_password",
+    "S3_SECRET",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "NCCL_DEBUG",
+    "NCCL_P2P_DISABLE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "OMP_NUM_THREADS",
+    "HF_HUB_OFFLINE",
+    "_X",
+    "1X",
+    "A-B",
+]
+RESOURCE_NAMES = [
+    "rdma/rdma_shared_device_a",
+    "nvidia.com/hostdev",
+    "example.com/fpga",
+    "cpu",
+    "memory",
+    "nvidia.com/gpu",
+    "amd.com/gpu",
+    "nvidia.com/mig-3g.20gb",
+    "hugepages-2Mi",
+    "ephemeral-storage",
+    "kubernetes.io/x",
+    "node.kubernetes.io/x",
+    "rdma",
+    "Rdma/x",
+]
 
 
 def _settings_accept(var: str, value: str) -> bool:
@@ -412,7 +491,9 @@ def test_large_numbers_stay_integers():
 
 
 def test_extra_env_is_appended():
-    env = container_env(_operator_container({"operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://p:3128"}]}}))
+    env = container_env(
+        _operator_container({"operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://p:3128"}]}})
+    )
     assert env["HTTPS_PROXY"] == "http://p:3128"
 
 
@@ -449,8 +530,13 @@ def test_network_policy_lets_the_operator_reach_the_trainers_metrics_port():
 
 
 def test_network_policy_namespaces_and_extra_scrapers():
-    values = {"networkPolicy": {"enabled": True, "namespaces": ["ml"],
-                                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}}
+    values = {
+        "networkPolicy": {
+            "enabled": True,
+            "namespaces": ["ml"],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        }
+    }
     (policy,) = of_kind(objects(values), "NetworkPolicy")
     assert policy["metadata"]["namespace"] == "ml"
     assert policy["spec"]["ingress"][0]["from"][1] == {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}

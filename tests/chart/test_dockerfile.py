@@ -30,8 +30,17 @@ from tests.chart.support import ROOT, objects
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: what must never be in the operator image
-HEAVY = {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "safetensors",
-         "triton", "torchvision"}
+HEAVY = {
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "peft",
+    "safetensors",
+    "triton",
+    "torchvision",
+}
 #: what a second copy of the CUDA libraries looks like in an image: a CUDA base image, or an
 #: OS package of the CUDA runtime, cuDNN, cuBLAS or NCCL
 CUDA_BASE = re.compile(r"(?i)(^|/)(nvidia/cuda|cuda)[:/-]|nvcr\.io/nvidia/(cuda|pytorch)")
@@ -102,8 +111,7 @@ def shell_commands(run: str) -> list[list[str]]:
 
 def pip_installs(stage: Stage) -> list[list[str]]:
     """The argument lists of every `pip install` in the stage's RUN instructions."""
-    return [words[2:] for run in stage.all("RUN") for words in shell_commands(run)
-            if words[:2] == ["pip", "install"]]
+    return [words[2:] for run in stage.all("RUN") for words in shell_commands(run) if words[:2] == ["pip", "install"]]
 
 
 def bind_mounts(stage: Stage) -> dict[str, str]:
@@ -143,8 +151,14 @@ def _python_of(stage: str) -> str:
 
 def apt_installs(stage: Stage) -> list[str]:
     """The packages of every `apt-get install` in the stage."""
-    return [w for run in stage.all("RUN") for words in shell_commands(run)
-            if words[:2] == ["apt-get", "install"] for w in words[2:] if not w.startswith("-")]
+    return [
+        w
+        for run in stage.all("RUN")
+        for words in shell_commands(run)
+        if words[:2] == ["apt-get", "install"]
+        for w in words[2:]
+        if not w.startswith("-")
+    ]
 
 
 @pytest.mark.parametrize("stage", ["operator", "trainer"])
@@ -186,7 +200,7 @@ def test_the_driver_the_cuda_wheel_needs_is_documented():
     tag = re.search(r"/whl/cu(\d+)(\d)$", ARGS["TORCH_INDEX_URL"])
     cuda = f"{tag.group(1)}.{tag.group(2)}"
     deploy = (ROOT / "docs" / "deploy.md").read_text()
-    drivers = re.split(r"\n#{2,3} ", deploy[deploy.index("### Drivers"):])[0]
+    drivers = re.split(r"\n#{2,3} ", deploy[deploy.index("### Drivers") :])[0]
     assert f"cu{tag.group(1)}{tag.group(2)}" in drivers and f"CUDA {cuda}" in drivers
     assert re.search(r">= ?\d{3}\.\d+", drivers), "a minimum driver version"
     assert "docs.nvidia.com" in drivers, "the source of the driver table"
@@ -212,8 +226,13 @@ def test_every_pip_install_uses_the_projects_pins(stage):
 
 def test_installed_extras_are_operator_and_trainer():
     def extras(stage: str) -> set[str]:
-        return {extra for words in pip_installs(STAGES[stage]) for w in words
-                if (m := re.search(r"\.whl\)?\[([\w,]+)\]$", w)) for extra in m.group(1).split(",")}
+        return {
+            extra
+            for words in pip_installs(STAGES[stage])
+            for w in words
+            if (m := re.search(r"\.whl\)?\[([\w,]+)\]$", w))
+            for extra in m.group(1).split(",")
+        }
 
     # the gallery is served from the operator's image (no torch either)
     assert extras("operator") == {"operator", "gallery"}
@@ -259,8 +278,9 @@ def _closure(requirements: list[str], python: str) -> set[str]:
             pytest.fail(f"{req.name} (needed on Python {python}) is not installed here to read its requirements")
         for sub in dist.requires or []:
             sub_req = Requirement(sub)
-            if sub_req.marker is None or any(sub_req.marker.evaluate({**env, "extra": e})
-                                             for e in (req.extras or {""})):
+            if sub_req.marker is None or any(
+                sub_req.marker.evaluate({**env, "extra": e}) for e in (req.extras or {""})
+            ):
                 todo.append(Requirement(str(sub_req).split(";")[0]))
     return seen
 
@@ -280,8 +300,9 @@ def test_trainer_install_set_is_fully_pinned():
     closure = _closure(project["dependencies"] + project["optional-dependencies"]["trainer"], _python_of("trainer"))
     assert {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "peft"} <= closure
     # the CUDA wheel's own nvidia-*/triton dependencies come with it from PyTorch's index
-    unpinned = {n for n in closure - set(constraints()) - PIP_FREEZE_OMITS
-                if not n.startswith("nvidia-") and n != "triton"}
+    unpinned = {
+        n for n in closure - set(constraints()) - PIP_FREEZE_OMITS if not n.startswith("nvidia-") and n != "triton"
+    }
     assert not unpinned, f"in the trainer image but not in constraints.txt: {unpinned}"
 
 
@@ -337,13 +358,22 @@ def test_files_the_build_reads_exist_and_are_in_the_context(stage):
 
 
 def test_dockerignore_keeps_the_package_and_leaves_out_the_rest():
-    package = [str(p.relative_to(ROOT)) for p in (ROOT / "dreambooth").rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts]
+    package = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "dreambooth").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     assert package and not [p for p in package if dockerignore_excludes(p)]
     for kept in ("pyproject.toml", "README.md", "constraints.txt", "dreambooth/py.typed"):
         assert not dockerignore_excludes(kept), kept
-    for left_out in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "charts/dreambooth-operator/Chart.yaml",
-                     "runs/demo/output/model.safetensors", "dreambooth/__pycache__/cli.cpython-311.pyc"):
+    for left_out in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "charts/dreambooth-operator/Chart.yaml",
+        "runs/demo/output/model.safetensors",
+        "dreambooth/__pycache__/cli.cpython-311.pyc",
+    ):
         assert dockerignore_excludes(left_out), left_out
 
 

@@ -48,9 +48,15 @@ from tests.chart.support import (
 PROMETHEUS_SERIES = {"up"}
 #: labels Prometheus or prometheus-operator put on every scraped series
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "container", "endpoint", "service"}
-_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
-             "summary": ("", "_sum", "_count"), "gauge": ("",), "stateset": ("",), "info": ("_info",),
-             "unknown": ("",)}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+    "gauge": ("",),
+    "stateset": ("",),
+    "info": ("_info",),
+    "unknown": ("",),
+}
 
 
 def exported(registry: CollectorRegistry) -> dict[str, set[str]]:
@@ -62,7 +68,8 @@ def exported(registry: CollectorRegistry) -> dict[str, set[str]]:
         for sample in family.samples:
             labels |= set(sample.labels)
         collector = registry._names_to_collectors.get(family.name) or registry._names_to_collectors.get(
-            family.name + "_total")
+            family.name + "_total"
+        )
         labels |= set(getattr(collector, "_labelnames", ()) or ())
         if family.type == "histogram":
             labels.add("le")
@@ -82,25 +89,39 @@ def podmonitor() -> dict[str, Any]:
 
 
 def relabel_target_labels() -> set[str]:
-    return {r["targetLabel"] for e in podmonitor()["spec"]["podMetricsEndpoints"]
-            for r in e.get("relabelings", []) if r.get("targetLabel")}
+    return {
+        r["targetLabel"]
+        for e in podmonitor()["spec"]["podMetricsEndpoints"]
+        for r in e.get("relabelings", [])
+        if r.get("targetLabel")
+    }
 
 
 def all_queries() -> list[tuple[str, str]]:
     """(where, PromQL) of every alert, dashboard panel and dashboard variable."""
-    return ([(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
-            + [(f"panel {title}", expr) for title, expr in dashboard_queries()]
-            + [("variable", expr) for expr in variable_queries()])
+    return (
+        [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+        + [(f"panel {title}", expr) for title, expr in dashboard_queries()]
+        + [("variable", expr) for expr in variable_queries()]
+    )
 
 
 # --------------------------------------------------------------------------- names
 
 
 def test_the_registries_export_what_the_contract_names():
-    for name in (telemetry.STEP, telemetry.LOSS, telemetry.IMAGES_PER_SECOND, telemetry.GPU_MEMORY_BYTES,
-                 telemetry.CHECKPOINT_UPLOAD_SECONDS + "_bucket", telemetry.CHECKPOINT_UPLOAD_FAILURES + "_total",
-                 telemetry.PHASE, "dreambooth_operator_jobs", "dreambooth_operator_reconcile_seconds_bucket",
-                 TRANSITIONS):
+    for name in (
+        telemetry.STEP,
+        telemetry.LOSS,
+        telemetry.IMAGES_PER_SECOND,
+        telemetry.GPU_MEMORY_BYTES,
+        telemetry.CHECKPOINT_UPLOAD_SECONDS + "_bucket",
+        telemetry.CHECKPOINT_UPLOAD_FAILURES + "_total",
+        telemetry.PHASE,
+        "dreambooth_operator_jobs",
+        "dreambooth_operator_reconcile_seconds_bucket",
+        TRANSITIONS,
+    ):
         assert name in EXPORTED, name
     assert EXPORTED[telemetry.PHASE] == {telemetry.PHASE}
     assert EXPORTED["dreambooth_operator_jobs"] == {"phase"}
@@ -108,7 +129,7 @@ def test_the_registries_export_what_the_contract_names():
 
 def test_metric_names_reads_promql():
     assert metric_names('histogram_quantile(0.9, sum by (le, job) (rate(a_bucket{x="y"}[5m])))') == {"a_bucket"}
-    assert metric_names("changes(a[900s]) == 0 and on (pod) (a offset 900s) and on (pod) (b{c=\"d\"} == 1)") == {"a", "b"}
+    assert metric_names('changes(a[900s]) == 0 and on (pod) (a offset 900s) and on (pod) (b{c="d"} == 1)') == {"a", "b"}
     assert metric_names('absent(up{job="x"} == 1)') == {"up"}
     assert metric_names("max by (namespace) (a) / max by (namespace) (b)") == {"a", "b"}
 
@@ -140,26 +161,36 @@ def test_the_dashboard_shows_what_the_issue_asks_for():
     used = set()
     for _, expr in dashboard_queries():
         used |= metric_names(expr)
-    for name in ("dreambooth_operator_jobs",                      # jobs by phase
-                 telemetry.STEP, telemetry.TOTAL_STEPS,           # step progress per job
-                 telemetry.LOSS,                                  # loss per job
-                 telemetry.IMAGES_PER_SECOND,                     # images/s
-                 telemetry.CHECKPOINT_UPLOAD_SECONDS + "_bucket",  # checkpoint upload time
-                 telemetry.GPU_MEMORY_BYTES):                     # GPU memory
+    for name in (
+        "dreambooth_operator_jobs",  # jobs by phase
+        telemetry.STEP,
+        telemetry.TOTAL_STEPS,  # step progress per job
+        telemetry.LOSS,  # loss per job
+        telemetry.IMAGES_PER_SECOND,  # images/s
+        telemetry.CHECKPOINT_UPLOAD_SECONDS + "_bucket",  # checkpoint upload time
+        telemetry.GPU_MEMORY_BYTES,
+    ):  # GPU memory
         assert name in used, name
 
 
 def test_alerts_are_the_four_the_issue_names():
-    assert [r["alert"] for r in alert_rules()] == ["DreamBoothJobStalled", "DreamBoothJobFailed",
-                                                    "DreamBoothOperatorDown", "DreamBoothCheckpointUploadFailing"]
+    assert [r["alert"] for r in alert_rules()] == [
+        "DreamBoothJobStalled",
+        "DreamBoothJobFailed",
+        "DreamBoothOperatorDown",
+        "DreamBoothCheckpointUploadFailing",
+    ]
     for rule in alert_rules():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
 def test_stall_window_follows_the_operators_stall_timeout():
-    (stalled,) = [r for r in alert_rules({**MONITORING, "operator": {"stallTimeoutSeconds": 1800}})
-                  if r["alert"] == "DreamBoothJobStalled"]
+    (stalled,) = [
+        r
+        for r in alert_rules({**MONITORING, "operator": {"stallTimeoutSeconds": 1800}})
+        if r["alert"] == "DreamBoothJobStalled"
+    ]
     assert "[1800s]" in stalled["expr"] and "offset 1800s" in stalled["expr"]
 
 
@@ -173,13 +204,14 @@ def _write_rules(tmp_path: Path, groups: list[dict[str, Any]]) -> Path:
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("promtool"), *args], check=False, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([require_tool("promtool"), *args], check=False, capture_output=True, text=True, timeout=60)
 
 
 def test_promtool_checks_the_alerts_and_every_dashboard_query(tmp_path):
-    queries = [{"record": f"dreambooth_dashboard:query_{i}", "expr": expr}
-               for i, (_, expr) in enumerate(dashboard_queries() + [("variable", q) for q in variable_queries()])]
+    queries = [
+        {"record": f"dreambooth_dashboard:query_{i}", "expr": expr}
+        for i, (_, expr) in enumerate(dashboard_queries() + [("variable", q) for q in variable_queries()])
+    ]
     path = _write_rules(tmp_path, rule_groups() + [{"name": "dashboard", "rules": queries}])
     done = _promtool("check", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -205,8 +237,9 @@ def _trainer(job: str, step: str, phase: str = "training", minutes: int = 50) ->
     labels = {**TRAINER, "pod": f"{job}-trainer-0-abcde", "dreambooth_job": job}
     out = [_series(telemetry.STEP, step, **labels)]
     for state in telemetry.TRAINER_PHASES:
-        out.append(_series(telemetry.PHASE, f"{int(state == phase)}x{minutes}", **labels,
-                           dreambooth_trainer_phase=state))
+        out.append(
+            _series(telemetry.PHASE, f"{int(state == phase)}x{minutes}", **labels, dreambooth_trainer_phase=state)
+        )
     return out
 
 
@@ -221,8 +254,10 @@ def _expected(alert: str, labels: dict[str, str], value: str = "0") -> dict[str,
         assert "{{" not in text, text
         return text
 
-    return {"exp_labels": {**labels, **rule["labels"]},
-            "exp_annotations": {k: expand(v) for k, v in rule["annotations"].items()}}
+    return {
+        "exp_labels": {**labels, **rule["labels"]},
+        "exp_annotations": {k: expand(v) for k, v in rule["annotations"].items()},
+    }
 
 
 def _stalled(job: str) -> dict[str, Any]:
@@ -232,23 +267,26 @@ def _stalled(job: str) -> dict[str, Any]:
 def test_promtool_unit_tests_the_alerts(tmp_path):
     rules = _write_rules(tmp_path, rule_groups())
     tests = [
-        {   # DreamBoothJobStalled (operator.stallTimeoutSeconds: 900)
+        {  # DreamBoothJobStalled (operator.stallTimeoutSeconds: 900)
             "interval": "1m",
             "input_series": [
-                *_trainer("stuck", "0+1x10 10x40"),            # 10 steps, then none from minute 10
-                *_trainer("fast", "0+1x50"),                   # a step every minute
+                *_trainer("stuck", "0+1x10 10x40"),  # 10 steps, then none from minute 10
+                *_trainer("fast", "0+1x50"),  # a step every minute
                 *_trainer("prior", "0x50", phase="generating_class_images"),  # no steps, not training yet
-                *_trainer("fresh", "_x19 5x30"),               # a new pod at minute 20, stuck at once
+                *_trainer("fresh", "_x19 5x30"),  # a new pod at minute 20, stuck at once
             ],
             "alert_rule_test": [
                 {"eval_time": "24m", "alertname": "DreamBoothJobStalled", "exp_alerts": []},
                 {"eval_time": "27m", "alertname": "DreamBoothJobStalled", "exp_alerts": [_stalled("stuck")]},
                 {"eval_time": "34m", "alertname": "DreamBoothJobStalled", "exp_alerts": [_stalled("stuck")]},
-                {"eval_time": "40m", "alertname": "DreamBoothJobStalled",
-                 "exp_alerts": [_stalled("fresh"), _stalled("stuck")]},
+                {
+                    "eval_time": "40m",
+                    "alertname": "DreamBoothJobStalled",
+                    "exp_alerts": [_stalled("fresh"), _stalled("stuck")],
+                },
             ],
         },
-        {   # DreamBoothJobFailed: a job enters phase Failed at minute 11; the operator
+        {  # DreamBoothJobFailed: a job enters phase Failed at minute 11; the operator
             # restarts at minute 30 (its counter starts again at 0) and two more fail at 32
             "interval": "1m",
             "input_series": [
@@ -257,49 +295,87 @@ def test_promtool_unit_tests_the_alerts(tmp_path):
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "DreamBoothJobFailed", "exp_alerts": []},
-                {"eval_time": "15m", "alertname": "DreamBoothJobFailed", "exp_alerts": [
-                    _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "1")]},
+                {
+                    "eval_time": "15m",
+                    "alertname": "DreamBoothJobFailed",
+                    "exp_alerts": [
+                        _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "1")
+                    ],
+                },
                 {"eval_time": "25m", "alertname": "DreamBoothJobFailed", "exp_alerts": []},
-                {"eval_time": "35m", "alertname": "DreamBoothJobFailed", "exp_alerts": [
-                    _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "2")]},
+                {
+                    "eval_time": "35m",
+                    "alertname": "DreamBoothJobFailed",
+                    "exp_alerts": [
+                        _expected("DreamBoothJobFailed", {"phase": "Failed", **OPERATOR_UP, "pod": "op-0"}, "2")
+                    ],
+                },
             ],
         },
-        {   # DreamBoothOperatorDown: scrapes fail from minute 11; 5 minutes later it fires
+        {  # DreamBoothOperatorDown: scrapes fail from minute 11; 5 minutes later it fires
             "interval": "1m",
             "input_series": [_series("up", "1x10 0x20", **OPERATOR_UP)],
             "alert_rule_test": [
                 {"eval_time": "14m", "alertname": "DreamBoothOperatorDown", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "DreamBoothOperatorDown",
-                 "exp_alerts": [_expected("DreamBoothOperatorDown", {})]},
+                {
+                    "eval_time": "20m",
+                    "alertname": "DreamBoothOperatorDown",
+                    "exp_alerts": [_expected("DreamBoothOperatorDown", {})],
+                },
             ],
         },
-        {   # ... and when the operator is not scraped at all
+        {  # ... and when the operator is not scraped at all
             "interval": "1m",
             "input_series": [_series("up", "1x30", job="something-else", namespace=NAMESPACE)],
             "alert_rule_test": [
                 {"eval_time": "3m", "alertname": "DreamBoothOperatorDown", "exp_alerts": []},
-                {"eval_time": "10m", "alertname": "DreamBoothOperatorDown",
-                 "exp_alerts": [_expected("DreamBoothOperatorDown", {})]},
+                {
+                    "eval_time": "10m",
+                    "alertname": "DreamBoothOperatorDown",
+                    "exp_alerts": [_expected("DreamBoothOperatorDown", {})],
+                },
             ],
         },
-        {   # DreamBoothCheckpointUploadFailing
+        {  # DreamBoothCheckpointUploadFailing
             "interval": "1m",
-            "input_series": [_series(telemetry.CHECKPOINT_UPLOAD_FAILURES + "_total", "0x10 1x60",
-                                     **TRAINER, pod="cat-trainer-0-abcde", dreambooth_job="cat")],
+            "input_series": [
+                _series(
+                    telemetry.CHECKPOINT_UPLOAD_FAILURES + "_total",
+                    "0x10 1x60",
+                    **TRAINER,
+                    pod="cat-trainer-0-abcde",
+                    dreambooth_job="cat",
+                )
+            ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "DreamBoothCheckpointUploadFailing", "exp_alerts": []},
-                {"eval_time": "15m", "alertname": "DreamBoothCheckpointUploadFailing", "exp_alerts": [
-                    _expected("DreamBoothCheckpointUploadFailing",
-                              {**TRAINER, "pod": "cat-trainer-0-abcde", "dreambooth_job": "cat"}, "1")]},
+                {
+                    "eval_time": "15m",
+                    "alertname": "DreamBoothCheckpointUploadFailing",
+                    "exp_alerts": [
+                        _expected(
+                            "DreamBoothCheckpointUploadFailing",
+                            {**TRAINER, "pod": "cat-trainer-0-abcde", "dreambooth_job": "cat"},
+                            "1",
+                        )
+                    ],
+                },
                 {"eval_time": "60m", "alertname": "DreamBoothCheckpointUploadFailing", "exp_alerts": []},
             ],
         },
     ]
     test_file = tmp_path / "alerts-test.yaml"
-    test_file.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m",
-                                         "tests": tests}, sort_keys=False))
-    done = subprocess.run([require_tool("promtool"), "test", "rules", test_file.name], check=False, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    test_file.write_text(
+        yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}, sort_keys=False)
+    )
+    done = subprocess.run(
+        [require_tool("promtool"), "test", "rules", test_file.name],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
@@ -333,10 +409,16 @@ def _meta(prefix: str, key: str) -> str:
 def test_podmonitor_keeps_rank_0_and_labels_series_with_the_job_name():
     (endpoint,) = podmonitor()["spec"]["podMetricsEndpoints"]
     keep, job = endpoint["relabelings"]
-    assert keep == {"action": "keep", "regex": "0", "sourceLabels": [
-        _meta("__meta_kubernetes_pod_annotation_", naming.COMPLETION_INDEX_ANNOTATION)]}
-    assert job == {"action": "replace", "targetLabel": "dreambooth_job",
-                   "sourceLabels": [_meta("__meta_kubernetes_pod_label_", naming.JOB_NAME_LABEL)]}
+    assert keep == {
+        "action": "keep",
+        "regex": "0",
+        "sourceLabels": [_meta("__meta_kubernetes_pod_annotation_", naming.COMPLETION_INDEX_ANNOTATION)],
+    }
+    assert job == {
+        "action": "replace",
+        "targetLabel": "dreambooth_job",
+        "sourceLabels": [_meta("__meta_kubernetes_pod_label_", naming.JOB_NAME_LABEL)],
+    }
 
 
 def test_servicemonitor_selects_the_operator_metrics_service():
@@ -353,13 +435,20 @@ def test_servicemonitor_selects_the_operator_metrics_service():
 
 #: the fields of prometheus-operator's monitoring.coreos.com/v1 kinds this chart writes
 _FIELDS = {
-    "ServiceMonitor": {"spec": {"selector", "namespaceSelector", "endpoints"},
-                       "endpoints": {"port", "path", "interval", "scrapeTimeout"}},
-    "PodMonitor": {"spec": {"selector", "namespaceSelector", "podMetricsEndpoints"},
-                   "podMetricsEndpoints": {"port", "path", "interval", "scrapeTimeout", "relabelings"},
-                   "relabelings": {"action", "sourceLabels", "targetLabel", "regex"}},
-    "PrometheusRule": {"spec": {"groups"}, "groups": {"name", "rules"},
-                       "rules": {"alert", "expr", "for", "labels", "annotations"}},
+    "ServiceMonitor": {
+        "spec": {"selector", "namespaceSelector", "endpoints"},
+        "endpoints": {"port", "path", "interval", "scrapeTimeout"},
+    },
+    "PodMonitor": {
+        "spec": {"selector", "namespaceSelector", "podMetricsEndpoints"},
+        "podMetricsEndpoints": {"port", "path", "interval", "scrapeTimeout", "relabelings"},
+        "relabelings": {"action", "sourceLabels", "targetLabel", "regex"},
+    },
+    "PrometheusRule": {
+        "spec": {"groups"},
+        "groups": {"name", "rules"},
+        "rules": {"alert", "expr", "for", "labels", "annotations"},
+    },
 }
 
 
@@ -392,8 +481,9 @@ def test_dashboard_configmap_follows_the_sidecar_convention():
     (config_map,) = [o for o in of_kind(objects(MONITORING), "ConfigMap")]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["dreambooth.json"]) == dashboard()
-    custom = objects({"grafanaDashboard": {"enabled": True, "namespace": "monitoring",
-                                           "annotations": {"grafana_folder": "ML"}}})
+    custom = objects(
+        {"grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "ML"}}}
+    )
     (config_map,) = of_kind(custom, "ConfigMap")
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "ML"}

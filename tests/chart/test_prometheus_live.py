@@ -71,12 +71,15 @@ def prometheus_config(trainer_port: int, idle_port: int, operator_port: int) -> 
     service = one(objects(MONITORING), "Service")
 
     def pod_target(port: int, index: str, pod: str) -> dict[str, Any]:
-        return {"targets": [f"127.0.0.1:{port}"], "labels": {
-            "__meta_kubernetes_namespace": JOB_NAMESPACE,
-            "__meta_kubernetes_pod_name": pod,
-            _meta("__meta_kubernetes_pod_label_", naming.JOB_NAME_LABEL): JOB,
-            _meta("__meta_kubernetes_pod_annotation_", naming.COMPLETION_INDEX_ANNOTATION): index,
-        }}
+        return {
+            "targets": [f"127.0.0.1:{port}"],
+            "labels": {
+                "__meta_kubernetes_namespace": JOB_NAMESPACE,
+                "__meta_kubernetes_pod_name": pod,
+                _meta("__meta_kubernetes_pod_label_", naming.JOB_NAME_LABEL): JOB,
+                _meta("__meta_kubernetes_pod_annotation_", naming.COMPLETION_INDEX_ANNOTATION): index,
+            },
+        }
 
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -85,8 +88,10 @@ def prometheus_config(trainer_port: int, idle_port: int, operator_port: int) -> 
             {
                 "job_name": TRAINER_SCRAPE_JOB,
                 "metrics_path": endpoint["path"],
-                "static_configs": [pod_target(trainer_port, "0", POD),
-                                   pod_target(idle_port, "1", POD.replace("-0-", "-1-"))],
+                "static_configs": [
+                    pod_target(trainer_port, "0", POD),
+                    pod_target(idle_port, "1", POD.replace("-0-", "-1-")),
+                ],
                 # what prometheus-operator puts first (namespace, pod), then the chart's own
                 "relabel_configs": [
                     {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
@@ -96,8 +101,12 @@ def prometheus_config(trainer_port: int, idle_port: int, operator_port: int) -> 
             },
             {
                 "job_name": service["metadata"]["name"],  # the ServiceMonitor's job label
-                "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"],
-                                    "labels": {"namespace": NAMESPACE, "pod": f"{RELEASE}-5d9f7-x2x4q"}}],
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{operator_port}"],
+                        "labels": {"namespace": NAMESPACE, "pod": f"{RELEASE}-5d9f7-x2x4q"},
+                    }
+                ],
             },
         ],
     }
@@ -154,15 +163,33 @@ def trainer_run(prometheus_binary, operator_endpoint, tmp_path, tiny_model_dir, 
     """A real tiny training run (file:// storage) serving rank 0's metrics; killed at the end.
     Yields (metrics port, process, log file)."""
     port = free_port()
-    doc = job_document(tiny_model_dir.as_uri() + "/", toy_cat_dir.as_uri() + "/",
-                       (tmp_path / "output").as_uri() + "/", name=JOB, steps=2000, every=5)
+    doc = job_document(
+        tiny_model_dir.as_uri() + "/",
+        toy_cat_dir.as_uri() + "/",
+        (tmp_path / "output").as_uri() + "/",
+        name=JOB,
+        steps=2000,
+        every=5,
+    )
     config = write_config(trainer_config(doc, metrics_port=port), tmp_path / "trainer")
     log = tmp_path / "trainer.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dreambooth.trainer", "--config", str(config),
-             "--workdir", str(tmp_path / "trainer" / "work"), "--termination-log", str(tmp_path / "termination")],
-            env=trainer_env(), stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "dreambooth.trainer",
+                "--config",
+                str(config),
+                "--workdir",
+                str(tmp_path / "trainer" / "work"),
+                "--termination-log",
+                str(tmp_path / "termination"),
+            ],
+            env=trainer_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     yield port, proc, log
     if proc.poll() is None:
         proc.kill()
@@ -177,12 +204,22 @@ def prometheus(prometheus_binary, tmp_path, trainer_run, operator_endpoint):
     folder.mkdir()
     (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}))
     (folder / "prometheus.yml").write_text(
-        yaml.safe_dump(prometheus_config(trainer_port, free_port(), operator_endpoint)))
+        yaml.safe_dump(prometheus_config(trainer_port, free_port(), operator_endpoint))
+    )
     port = free_port()
     proc = subprocess.Popen(
-        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for("prometheus to start", lambda: proc.poll() is None and api(port, "status/buildinfo"), 30)
         yield port
@@ -222,17 +259,29 @@ def test_prometheus_scrapes_training_and_operator_and_answers_the_dashboard(prom
     targets = api(port, "targets", state="active")["activeTargets"]
     trainer_targets = [t for t in targets if t["scrapePool"] == TRAINER_SCRAPE_JOB]
     assert [t["labels"]["pod"] for t in trainer_targets] == [POD]
-    wait_for("both targets up", lambda: {t["health"] for t in api(port, "targets", state="active")[
-        "activeTargets"]} == {"up"}, timeout=30)
+    wait_for(
+        "both targets up",
+        lambda: {t["health"] for t in api(port, "targets", state="active")["activeTargets"]} == {"up"},
+        timeout=30,
+    )
 
     # every dashboard query runs; the per-job ones find the run (after two checkpoint uploads)
-    wait_for("two checkpoint uploads", lambda: query(port, f"{telemetry.CHECKPOINT_UPLOAD_SECONDS}_count >= 2"
-                                                     f" and changes({telemetry.CHECKPOINT_UPLOAD_SECONDS}_count[1m]) > 0"))
+    wait_for(
+        "two checkpoint uploads",
+        lambda: query(
+            port,
+            f"{telemetry.CHECKPOINT_UPLOAD_SECONDS}_count >= 2"
+            f" and changes({telemetry.CHECKPOINT_UPLOAD_SECONDS}_count[1m]) > 0",
+        ),
+    )
     optional = ("failures", "prior_loss", "errors_total")  # may have no series in a healthy run
 
     def queries_without_data() -> list[str]:
-        return [f"{title}: {expr}" for title, expr in dashboard_queries() + [("variable", q) for q in variable_queries()]
-                if not query(port, expr) and not any(word in expr for word in optional)]
+        return [
+            f"{title}: {expr}"
+            for title, expr in dashboard_queries() + [("variable", q) for q in variable_queries()]
+            if not query(port, expr) and not any(word in expr for word in optional)
+        ]
 
     deadline = time.monotonic() + 15
     while (empty := queries_without_data()) and time.monotonic() < deadline:
@@ -242,6 +291,9 @@ def test_prometheus_scrapes_training_and_operator_and_answers_the_dashboard(prom
     # the alert rules load and evaluate without errors; none fires during a healthy run
     rules = [r for g in api(port, "rules")["groups"] for r in g["rules"]]
     assert len(rules) == 4, rules
-    wait_for("every rule evaluated", lambda: {r["health"] for g in api(port, "rules")["groups"]
-                                              for r in g["rules"]} == {"ok"}, timeout=30)
+    wait_for(
+        "every rule evaluated",
+        lambda: {r["health"] for g in api(port, "rules")["groups"] for r in g["rules"]} == {"ok"},
+        timeout=30,
+    )
     assert not [r["name"] for r in rules if r["state"] == "firing"]

@@ -58,12 +58,18 @@ def _api_classes(tree: ast.Module) -> dict[str, type]:
     """``self.core = client.CoreV1Api(api)`` in Kube.__init__ -> {"core": CoreV1Api}."""
     out = {}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Attribute)
-                and isinstance(node.targets[0].value, ast.Name) and node.targets[0].value.id == "self"
-                and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
-                and isinstance(node.value.func.value, ast.Name) and node.value.func.value.id == "client"
-                and node.value.func.attr.endswith("Api")):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Attribute)
+            and isinstance(node.targets[0].value, ast.Name)
+            and node.targets[0].value.id == "self"
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and isinstance(node.value.func.value, ast.Name)
+            and node.value.func.value.id == "client"
+            and node.value.func.attr.endswith("Api")
+        ):
             out[node.targets[0].attr] = getattr(client, node.value.func.attr)
     return out
 
@@ -120,9 +126,13 @@ def kube_calls(module=kube, expected=frozenset({"core", "batch", "custom"})) -> 
             if n.args:
                 calls.setdefault(id(n.args[0]), (n, n.args[1:]))
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
-                and node.value.attr in apis):
+        if not (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+            and node.value.attr in apis
+        ):
             continue
         api, method = apis[node.value.attr], node.attr
         path, http = _request(api, method)
@@ -134,8 +144,7 @@ def kube_calls(module=kube, expected=frozenset({"core", "batch", "custom"})) -> 
             for name, arg in zip(names, args, strict=False):
                 if (value := _resolve(arg, module)) is not None:
                     params[name] = value
-            watch = any(k.arg == "watch" and isinstance(k.value, ast.Constant) and k.value.value
-                        for k in call.keywords)
+            watch = any(k.arg == "watch" and isinstance(k.value, ast.Constant) and k.value.value for k in call.keywords)
         unresolved = {p for p in re.findall(r"\{(\w+)\}", path) if p not in ("namespace", "name")} - set(params)
         assert not unresolved, f"{method}: cannot tell {unresolved} from the call"
         yield f"{api.__name__}.{method}", _triple(path, http, params, watch)
@@ -153,7 +162,8 @@ def handler_needs() -> set[Triple]:
         kopf.set_default_registry(default)
     # handlers that make kopf keep state on the object (annotations, finalizers)
     stateful = {h.selector for h in registry._changing.get_all_handlers()} | {
-        h.selector for h in registry._spawning.get_all_handlers()}
+        h.selector for h in registry._spawning.get_all_handlers()
+    }
     watching = {h.selector for h in registry._watching.get_all_handlers()}
     assert stateful | watching, "no kopf handlers registered"
     needs: set[Triple] = set()
@@ -184,10 +194,15 @@ def owner_needs() -> set[Triple]:
                 assert ref["apiVersion"].split("/")[0] == GROUP
                 needs.add((GROUP, f"{PLURAL}/finalizers", "update"))
     # a sweep's runs and its comparison Job are owned by the sweep
-    sweep = validate_sweep(yaml.safe_load((ROOT / "examples" / "sweep-object.yaml").read_text()) | {
-        "metadata": {"name": "study", "namespace": "team-a", "uid": "6b1d8a52-0c3e-4f7a-9d2b-1e5f3a4c7b80"}})
+    sweep = validate_sweep(
+        yaml.safe_load((ROOT / "examples" / "sweep-object.yaml").read_text())
+        | {"metadata": {"name": "study", "namespace": "team-a", "uid": "6b1d8a52-0c3e-4f7a-9d2b-1e5f3a4c7b80"}}
+    )
     the_plan = plan(sweep.spec)
-    for child in (child_job(sweep, the_plan.runs[0], the_plan, "s3://b/"), sweeps.compare_job(sweep, OperatorSettings())):
+    for child in (
+        child_job(sweep, the_plan.runs[0], the_plan, "s3://b/"),
+        sweeps.compare_job(sweep, OperatorSettings()),
+    ):
         for ref in child["metadata"].get("ownerReferences", []):
             if ref.get("blockOwnerDeletion"):
                 needs.add((GROUP, f"{SWEEPS}/finalizers", "update"))
@@ -215,8 +230,7 @@ def test_kopf_cluster_permissions_are_the_resources_kopf_observes():
     assert kopf.__version__.startswith("1.45"), "re-check kopf's RBAC needs (rbac.py docstring)"
     crds, namespaces = references.CRDS, references.NAMESPACES
     assert rbac.triples(rbac.KOPF_CLUSTER) == {(crds.group, crds.any_name, v) for v in ("list", "watch")}
-    assert rbac.triples(rbac.KOPF_NAMESPACES) == {(namespaces.group, namespaces.any_name, v)
-                                                       for v in ("list", "watch")}
+    assert rbac.triples(rbac.KOPF_NAMESPACES) == {(namespaces.group, namespaces.any_name, v) for v in ("list", "watch")}
     observation = inspect.getsource(__import__("kopf._core.reactor.observation", fromlist=["x"]))
     assert "references.CRDS" in observation and "references.NAMESPACES" in observation
     # namespaces are listed only for a list of namespaces: "not clusterwide"
@@ -227,8 +241,9 @@ def test_kopf_cluster_permissions_are_the_resources_kopf_observes():
 
 
 def _normalized(rules: list[dict[str, Any]]) -> list[str]:
-    return sorted(json.dumps({k: sorted(v) if k != "verbs" else v for k, v in r.items()}, sort_keys=True)
-                  for r in rules)
+    return sorted(
+        json.dumps({k: sorted(v) if k != "verbs" else v for k, v in r.items()}, sort_keys=True) for r in rules
+    )
 
 
 def _rule_triples(rules: list[dict[str, Any]]) -> set[Triple]:
@@ -239,8 +254,11 @@ def test_committed_rbac_template_is_generated_from_rbac_py():
     assert (ROOT / rbac.TEMPLATE).read_text() == rbac.render_template(), "run `make crds`"
 
 
-@pytest.mark.parametrize("values", [{}, {"storage": {"endpoint": "minio:9000"}, "serviceMonitor": {"enabled": True}}],
-                         ids=["defaults", "other values"])
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"storage": {"endpoint": "minio:9000"}, "serviceMonitor": {"enabled": True}}],
+    ids=["defaults", "other values"],
+)
 def test_cluster_wide_chart_renders_rbac_py_rules(values):
     objs = objects(values)
     assert not of_kind(objs, "Role") and not of_kind(objs, "RoleBinding")
@@ -248,8 +266,11 @@ def test_cluster_wide_chart_renders_rbac_py_rules(values):
     assert _normalized(role["rules"]) == _normalized(rbac.policy_rules(rbac.cluster_wide()))
     assert _rule_triples(role["rules"]) == rbac.triples(rbac.cluster_wide())
     assert ("", "namespaces", "list") not in _rule_triples(role["rules"])  # kopf does not list them cluster-wide
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
 
 

@@ -13,8 +13,7 @@ from tests.support.grids import assert_grid
 RESOLUTION, PROMPTS = 64, ["a photo of zwx toy cat", "a photo of zwx toy cat on the beach"]
 
 
-def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch,
-                                                             capsys):
+def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch, capsys):
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "sd15")
     shutil.copytree(toy_cat_dir, tmp_path / "photos" / "toy-cat")
     (tmp_path / "no-class-images").mkdir()
@@ -22,7 +21,9 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
 
     build_tiny_clip(tmp_path / "clip")
     sweep = {
-        "apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothSweep", "metadata": {"name": "study"},
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothSweep",
+        "metadata": {"name": "study"},
         "spec": {
             "template": {
                 "baseModel": {"uri": "file://./models/sd15"},
@@ -35,9 +36,11 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
                 "resources": {"gpusPerNode": 0},
                 "output": {"uri": "file://./runs/study"},
             },
-            "axes": [{"field": "prior.enabled", "values": [False, True]},
-                     {"field": "training.steps", "values": [2, 4]},
-                     {"field": "validation.scheduler", "values": ["ddim", "pndm"]}],
+            "axes": [
+                {"field": "prior.enabled", "values": [False, True]},
+                {"field": "training.steps", "values": [2, 4]},
+                {"field": "validation.scheduler", "values": ["ddim", "pndm"]},
+            ],
         },
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
@@ -52,12 +55,23 @@ def test_a_local_sweep_runs_each_job_once_and_compares_them(tiny_model_dir, toy_
     assert (out / "runs" / "study-1" / "result.json").is_file()
     assert not (out / "runs" / "study-2" / "result.json").exists()
     assert {p.name for p in (out / "runs" / "study-1" / "samples").glob("step-*.png")} == {
-        "step-2.png", "step-2-pndm.png", "step-4.png", "step-4-pndm.png"}
+        "step-2.png",
+        "step-2-pndm.png",
+        "step-4.png",
+        "step-4-pndm.png",
+    }
 
     doc = json.loads((out / "compare.json").read_text())
     assert [(r["run"], r["step"], r["scheduler"]) for r in doc["rows"]] == [
-        ("study-1", 2, "ddim"), ("study-1", 2, "pndm"), ("study-1", 4, "ddim"), ("study-1", 4, "pndm"),
-        ("study-2", 2, "ddim"), ("study-2", 2, "pndm"), ("study-2", 4, "ddim"), ("study-2", 4, "pndm")]
+        ("study-1", 2, "ddim"),
+        ("study-1", 2, "pndm"),
+        ("study-1", 4, "ddim"),
+        ("study-1", 4, "pndm"),
+        ("study-2", 2, "ddim"),
+        ("study-2", 2, "pndm"),
+        ("study-2", 4, "ddim"),
+        ("study-2", 4, "pndm"),
+    ]
     assert all(r["succeeded"] and r["samples"] for r in doc["rows"][:4])
     assert not any(r["succeeded"] or r["samples"] for r in doc["rows"][4:])
     assert doc["rows"][0]["values"] == {"prior.enabled": False}

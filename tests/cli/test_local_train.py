@@ -37,12 +37,19 @@ def test_the_readme_demo_trains_and_prints_only_our_own_lines(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "dreambooth.cli", "demo", "--root", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "dreambooth.cli", "demo", "--root", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "demo" / "output" / "model" / "model_index.json").is_file()
-    ours = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ rank0 (INFO|WARNING) dreambooth[.\w]*: |"
-                      r"demo: |\{\"exitCode\":0|Done\. |Next: |Look at it in the browser: |  then open http")
+    ours = re.compile(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ rank0 (INFO|WARNING) dreambooth[.\w]*: |"
+        r"demo: |\{\"exitCode\":0|Done\. |Next: |Look at it in the browser: |  then open http"
+    )
     foreign = [line for line in (done.stdout + done.stderr).splitlines() if line and not ours.match(line)]
     assert not foreign, foreign

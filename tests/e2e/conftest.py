@@ -20,10 +20,8 @@ def cluster(tmp_path, s3_server, tiny_model_dir, toy_cat_dir) -> Iterator[LocalC
 
 
 @pytest.fixture
-def cluster_without_credentials(tmp_path, s3_server, tiny_model_dir,
-                                toy_cat_dir) -> Iterator[LocalCluster]:
+def cluster_without_credentials(tmp_path, s3_server, tiny_model_dir, toy_cat_dir) -> Iterator[LocalCluster]:
     """Like ``cluster``, but nobody has created the credentials Secret yet."""
-    with LocalCluster(tmp_path / "cluster", s3_server, credentials=False,
-                      prometheus=False) as local:
+    with LocalCluster(tmp_path / "cluster", s3_server, credentials=False, prometheus=False) as local:
         local.upload_example_inputs(tiny_model_dir, toy_cat_dir)
         yield local

@@ -21,8 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 STEPS = 30
 #: the CPU's numbers: fp32, one image per step without accumulation (the examples' 4
 #: accumulation steps would need 4 images per step), few steps
-SMALL = {"training": {"steps": STEPS, "mixedPrecision": "no", "gradientAccumulationSteps": 1},
-         "checkpointing": {"everySteps": 15}, "validation": {"everySteps": 15}}
+SMALL = {
+    "training": {"steps": STEPS, "mixedPrecision": "no", "gradientAccumulationSteps": 1},
+    "checkpointing": {"everySteps": 15},
+    "validation": {"everySteps": 15},
+}
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,24 @@ class Example:
 
 
 EXAMPLES = {
-    "sdxl": Example("sdxl", "sdxl-lora-object", "tiny_sdxl_dir",
-                    {"uri": "s3://models/sdxl-base/", "family": "sdxl", "vae": "s3://models/sdxl-vae-fp16-fix/"},
-                    "StableDiffusionXLPipeline",
-                    logs=("the VAE is s3://models/sdxl-vae-fp16-fix/'s (spec.baseModel.vae)",)),
+    "sdxl": Example(
+        "sdxl",
+        "sdxl-lora-object",
+        "tiny_sdxl_dir",
+        {"uri": "s3://models/sdxl-base/", "family": "sdxl", "vae": "s3://models/sdxl-vae-fp16-fix/"},
+        "StableDiffusionXLPipeline",
+        logs=("the VAE is s3://models/sdxl-vae-fp16-fix/'s (spec.baseModel.vae)",),
+    ),
     # t5: drop, as the example says for GPUs under 40 GB: the pipeline is loaded without T5
-    "sd3": Example("sd3", "sd35-lora-object", "tiny_sd3_dir", {"uri": "s3://models/sd35-medium/", "family": "sd3"},
-                   "StableDiffusion3Pipeline", load={"text_encoder_3": None, "tokenizer_3": None},
-                   exports=("lora/toy-cat-sd35_kohya.safetensors",)),  # ComfyUI's file
+    "sd3": Example(
+        "sd3",
+        "sd35-lora-object",
+        "tiny_sd3_dir",
+        {"uri": "s3://models/sd35-medium/", "family": "sd3"},
+        "StableDiffusion3Pipeline",
+        load={"text_encoder_3": None, "tokenizer_3": None},
+        exports=("lora/toy-cat-sd35_kohya.safetensors",),
+    ),  # ComfyUI's file
 }
 
 
@@ -76,8 +89,13 @@ def test_the_example_succeeds_as_a_job_of_its_family(run):
     for line in example.logs:
         assert line in logs
     keys = cluster.keys(name)
-    assert {"lora/pytorch_lora_weights.safetensors", "result.json", "samples/progression.png",
-            f"samples/step-{STEPS}.png", *example.exports} <= keys, sorted(keys)
+    assert {
+        "lora/pytorch_lora_weights.safetensors",
+        "result.json",
+        "samples/progression.png",
+        f"samples/step-{STEPS}.png",
+        *example.exports,
+    } <= keys, sorted(keys)
     assert "model/model_index.json" not in keys  # a LoRA job exports the adapter only
     assert status["outputs"]["lora"] == cluster.output(name).uri("lora/"), status["outputs"]
 
@@ -93,8 +111,16 @@ def test_its_lora_loads_into_the_family_pipeline_and_changes_what_it_draws(run, 
     pipe.set_progress_bar_config(disable=True)
 
     def draw() -> Any:
-        return np.asarray(pipe("a photo of zwx toy cat", num_inference_steps=2, height=64, width=64,
-                               generator=torch.Generator().manual_seed(0)).images[0], dtype=np.int16)
+        return np.asarray(
+            pipe(
+                "a photo of zwx toy cat",
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                generator=torch.Generator().manual_seed(0),
+            ).images[0],
+            dtype=np.int16,
+        )
 
     before = draw()
     pipe.load_lora_weights(tmp_path / "lora")

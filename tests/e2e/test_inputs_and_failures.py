@@ -37,15 +37,20 @@ def test_an_invalid_job_fails_with_invalid_spec_and_an_event(cluster: LocalClust
     assert cluster.kubelet.history == [] and cluster.status(NAME)["phase"] == "Failed"
 
 
-def test_a_missing_credentials_secret_is_a_clear_condition_and_no_crash_loop(
-        cluster_without_credentials: LocalCluster):
+def test_a_missing_credentials_secret_is_a_clear_condition_and_no_crash_loop(cluster_without_credentials: LocalCluster):
     cluster = cluster_without_credentials
-    cluster.apply(toy_cat_manifest(cluster.s3_endpoint, training={"steps": 10},
-                                   checkpointing={"everySteps": 5},
-                                   validation={"enabled": False}))
+    cluster.apply(
+        toy_cat_manifest(
+            cluster.s3_endpoint, training={"steps": 10}, checkpointing={"everySteps": 5}, validation={"enabled": False}
+        )
+    )
 
-    cluster.wait_for(lambda: cluster.ready_condition(NAME).get("reason") == "SecretNotFound",
-                     timeout=30, what="Ready reason SecretNotFound", name=NAME)
+    cluster.wait_for(
+        lambda: cluster.ready_condition(NAME).get("reason") == "SecretNotFound",
+        timeout=30,
+        what="Ready reason SecretNotFound",
+        name=NAME,
+    )
     ready = cluster.ready_condition(NAME)
     assert cluster.status(NAME)["phase"] == "Pending"
     assert 'secret "minio-credentials" not found' in ready["message"]
@@ -81,17 +86,23 @@ def test_cached_class_images_are_reused_without_generating(cluster: LocalCluster
     for index, path in enumerate(draw_toy_cats(tmp_path / "class", count=count, seed=7)):
         cache.upload_file(path, f"class-{index:05d}.png")
     files = {o.key: o.size for o in cache.list()}
-    cache.write_bytes(MANIFEST, json.dumps({"prompt": prompt, "count": count,
-                                            "files": files}).encode())
+    cache.write_bytes(MANIFEST, json.dumps({"prompt": prompt, "count": count, "files": files}).encode())
     before = {(o.key, o.size) for o in cache.list()}
 
-    cluster.apply(toy_cat_manifest(
-        cluster.s3_endpoint, training={"steps": 20}, checkpointing={"everySteps": 10},
-        validation={"everySteps": 20},
-        prior={"enabled": True, "classPrompt": prompt, "numImages": count}))
-    config = json.loads(cluster.wait_for(
-        lambda: cluster.kube.find("configmaps", "default", f"{NAME}-trainer-config"),
-        what="the ConfigMap")["data"]["config.json"])
+    cluster.apply(
+        toy_cat_manifest(
+            cluster.s3_endpoint,
+            training={"steps": 20},
+            checkpointing={"everySteps": 10},
+            validation={"everySteps": 20},
+            prior={"enabled": True, "classPrompt": prompt, "numImages": count},
+        )
+    )
+    config = json.loads(
+        cluster.wait_for(
+            lambda: cluster.kube.find("configmaps", "default", f"{NAME}-trainer-config"), what="the ConfigMap"
+        )["data"]["config.json"]
+    )
     assert config["classCacheUri"] + key + "/" == cache_uri
 
     status = cluster.wait_phase(NAME, "Succeeded", timeout=90)

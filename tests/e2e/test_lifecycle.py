@@ -26,6 +26,7 @@ _RESUMED = re.compile(r"resumed from \S+/checkpoint-(\d+)/ at step (\d+)")
 
 def first_checkpoint(cluster: LocalCluster, timeout: float = 90) -> PodProcess:
     """Wait for the job's (only) trainer process to log its first checkpoint; return it."""
+
     def logged() -> PodProcess | None:
         runs = cluster.processes(NAME)
         return runs[-1] if runs and _CHECKPOINT.search(runs[-1].log()) else None
@@ -52,8 +53,7 @@ def test_a_killed_trainer_is_retried_and_resumes_from_the_newest_checkpoint(clus
     assert failed is first and failed.exit_code == 137
     pod = cluster.kube.get("pods", "default", failed.name)
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert (pod["status"]["phase"], terminated["exitCode"], terminated["reason"]) == (
-        "Failed", 137, "Error")
+    assert (pod["status"]["phase"], terminated["exitCode"], terminated["reason"]) == ("Failed", 137, "Error")
     job = cluster.kube.get("jobs", "default", f"{NAME}-trainer")
     assert job["status"]["failed"] == 1 and job["status"]["succeeded"] == 1
 
@@ -108,9 +108,13 @@ def test_suspend_then_resume_continues_from_the_checkpoint(cluster: LocalCluster
 
 def test_a_two_node_job_trains_with_gloo_and_writes_one_set_of_outputs(cluster: LocalCluster):
     steps, every = 60, 10
-    manifest = toy_cat_manifest(cluster.s3_endpoint, training={"batchSize": 2, "steps": steps},
-                                checkpointing={"everySteps": every},
-                                validation={"everySteps": steps}, resources={"nodes": 2})
+    manifest = toy_cat_manifest(
+        cluster.s3_endpoint,
+        training={"batchSize": 2, "steps": steps},
+        checkpointing={"everySteps": every},
+        validation={"everySteps": steps},
+        resources={"nodes": 2},
+    )
     cluster.apply(manifest)
     cluster.wait_phase(NAME, "Succeeded", timeout=150)
 
@@ -140,10 +144,8 @@ def test_a_two_node_job_trains_with_gloo_and_writes_one_set_of_outputs(cluster: 
     assert job["status"]["succeeded"] == 2 and job["status"]["completedIndexes"] == "0-1"
 
 
-def test_deleting_a_running_job_stops_its_processes_and_removes_its_children(
-        cluster: LocalCluster):
-    cluster.apply(toy_cat_manifest(cluster.s3_endpoint, training={"steps": 2000},
-                                   checkpointing={"everySteps": 10}))
+def test_deleting_a_running_job_stops_its_processes_and_removes_its_children(cluster: LocalCluster):
+    cluster.apply(toy_cat_manifest(cluster.s3_endpoint, training={"steps": 2000}, checkpointing={"everySteps": 10}))
     process = first_checkpoint(cluster)
     cluster.wait_phase(NAME, "Training", timeout=30)
     assert process.running
@@ -152,8 +154,9 @@ def test_deleting_a_running_job_stops_its_processes_and_removes_its_children(
     # the garbage collector deletes the ConfigMap, Service and Job, then the Job's pods;
     # the kubelet stops the pod's process (SIGTERM: it checkpoints and exits)
     for kind in ("dbj", "jobs", "configmaps", "services", "pods"):
-        cluster.wait_for(lambda kind=kind: not cluster.kube.list(kind, "default"), timeout=60,
-                         what=f"no {kind} left", name=NAME)
+        cluster.wait_for(
+            lambda kind=kind: not cluster.kube.list(kind, "default"), timeout=60, what=f"no {kind} left", name=NAME
+        )
     assert process.exit_code == ExitCode.PREEMPTED, process.log()[-3000:]
     assert not cluster.kubelet.running()
     assert len(cluster.processes(NAME)) == 1  # nothing was restarted

@@ -27,9 +27,14 @@ _RESUMED = re.compile(r"rank(\d) INFO \S+: resumed from \S+/checkpoint-(\d+)/ at
 
 
 def two_nodes(cluster: LocalCluster, steps: int, every: int, **run_policy) -> dict:
-    return toy_cat_manifest(cluster.s3_endpoint, training={"batchSize": 2, "steps": steps},
-                            checkpointing={"everySteps": every}, validation={"everySteps": steps},
-                            resources={"nodes": 2}, runPolicy=run_policy)
+    return toy_cat_manifest(
+        cluster.s3_endpoint,
+        training={"batchSize": 2, "steps": steps},
+        checkpointing={"everySteps": every},
+        validation={"everySteps": steps},
+        resources={"nodes": 2},
+        runPolicy=run_policy,
+    )
 
 
 def of_index(runs: list[PodProcess], index: str) -> list[PodProcess]:
@@ -38,13 +43,15 @@ def of_index(runs: list[PodProcess], index: str) -> list[PodProcess]:
 
 def restarting_statuses(cluster: LocalCluster) -> list[dict]:
     """The Ready conditions of the statuses the job had between two attempts."""
-    readies = [next(c for c in s.get("conditions") or () if c["type"] == "Ready")
-               for s in cluster.history(NAME) if s.get("conditions")]
+    readies = [
+        next(c for c in s.get("conditions") or () if c["type"] == "Ready")
+        for s in cluster.history(NAME)
+        if s.get("conditions")
+    ]
     return [c for c in readies if c["reason"] == "Restarting"]
 
 
-def test_multi_node_pod_failure_restarts_all_pods_together_from_the_newest_checkpoint(
-        cluster: LocalCluster):
+def test_multi_node_pod_failure_restarts_all_pods_together_from_the_newest_checkpoint(cluster: LocalCluster):
     steps, every = 60, 10  # ~6 s of training: pod 1 dies at its first checkpoint, well before the end
     cluster.apply(two_nodes(cluster, steps, every))
 
@@ -57,8 +64,7 @@ def test_multi_node_pod_failure_restarts_all_pods_together_from_the_newest_check
     (rank1,) = of_index(cluster.processes(NAME), "1")
     cluster.kubelet.kill(rank1)  # the node's OOM killer, a crash: pod 1 fails with 137
     # the operator ends the attempt: pod 0 is stopped too, not left waiting in a collective
-    assert sleep_until(lambda: rank0.exit_code is not None and rank1.exit_code is not None, 60), \
-        cluster.explain(NAME)
+    assert sleep_until(lambda: rank0.exit_code is not None and rank1.exit_code is not None, 60), cluster.explain(NAME)
     kept = cluster.checkpoint_steps(NAME)  # the complete checkpoints when the attempt ended
     assert kept and kept[-1] < steps, kept
 
@@ -95,8 +101,7 @@ def test_multi_node_pod_failure_restarts_all_pods_together_from_the_newest_check
     assert job["status"]["succeeded"] == 2 and job["spec"]["backoffLimit"] == 0
 
 
-def test_multi_node_pod_that_starts_late_still_joins_within_the_rendezvous_timeout(
-        cluster: LocalCluster):
+def test_multi_node_pod_that_starts_late_still_joins_within_the_rendezvous_timeout(cluster: LocalCluster):
     timeout, late = 10, 4  # runPolicy.rendezvousTimeoutSeconds; pod 1's lateness in attempt 2
     # attempt 1: pod 1's image pull takes far longer than the timeout (the attempt fails
     # before it ends); attempt 2: pod 1 is late, but within the timeout

@@ -26,15 +26,28 @@ LABEL = "dreambooth.io/sweep"
 
 
 def sweep_manifest(cluster: LocalCluster, name: str, axes: list[dict[str, Any]], **template: Any) -> dict[str, Any]:
-    return {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothSweep", "metadata": {"name": name},
-            "spec": {"maxParallel": 1, "axes": axes, "template": {
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "maxParallel": 1,
+            "axes": axes,
+            "template": {
                 "baseModel": {"uri": MODEL_URI},
                 "instance": {"uri": PHOTOS_URI, "prompt": PROMPTS[0]},
                 "training": {"steps": 4, "batchSize": 1, "resolution": RESOLUTION, "learningRate": 1e-3},
                 "validation": {"prompts": PROMPTS, "inferenceSteps": 2, "imagesPerPrompt": 1},
-                "storage": {"endpoint": cluster.s3_endpoint, "secure": False,
-                            "credentialsSecret": {"name": CREDENTIALS_SECRET}},
-                "resources": {"gpusPerNode": 0}, **template}}}
+                "storage": {
+                    "endpoint": cluster.s3_endpoint,
+                    "secure": False,
+                    "credentialsSecret": {"name": CREDENTIALS_SECRET},
+                },
+                "resources": {"gpusPerNode": 0},
+                **template,
+            },
+        },
+    }
 
 
 class Unfinished:
@@ -60,8 +73,9 @@ def sweep_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
 
 
 def wait_sweep(cluster: LocalCluster, name: str, phase: str, timeout: float) -> dict[str, Any]:
-    cluster.wait_for(lambda: sweep_status(cluster, name).get("phase") == phase, timeout=timeout,
-                     what=f"sweep {name} {phase}")
+    cluster.wait_for(
+        lambda: sweep_status(cluster, name).get("phase") == phase, timeout=timeout, what=f"sweep {name} {phase}"
+    )
     return sweep_status(cluster, name)
 
 
@@ -89,11 +103,18 @@ def study(cluster, tmp_path_factory):
     unfinished = Unfinished("study")
     stop = cluster.kube.on_change(unfinished)
     try:
-        cluster.apply(sweep_manifest(cluster, "study", [
-            {"field": "training.learningRate", "values": [1e-3, 5e-4]},
-            {"field": "training.steps", "values": [2, 4]},
-            {"field": "validation.scheduler", "values": ["ddim", "pndm"]}],
-            evaluation={"enabled": True, "model": {"uri": CLIP_URI}}))
+        cluster.apply(
+            sweep_manifest(
+                cluster,
+                "study",
+                [
+                    {"field": "training.learningRate", "values": [1e-3, 5e-4]},
+                    {"field": "training.steps", "values": [2, 4]},
+                    {"field": "validation.scheduler", "values": ["ddim", "pndm"]},
+                ],
+                evaluation={"enabled": True, "model": {"uri": CLIP_URI}},
+            )
+        )
         status = wait_sweep(cluster, "study", "Succeeded", timeout=300)
     finally:
         stop()
@@ -107,7 +128,8 @@ def test_two_runs_for_eight_rows_never_more_than_max_parallel(cluster, study):
     assert (status["runsTotal"], status["runsSucceeded"], status["runsFailed"], status["summary"]) == (2, 2, 0, "2/2")
     rows = status["rows"]
     assert [(r["run"], r["step"], r["scheduler"]) for r in rows] == [
-        (f"study-{n}", step, s) for n in (1, 2) for step in (2, 4) for s in ("ddim", "pndm")]
+        (f"study-{n}", step, s) for n in (1, 2) for step in (2, 4) for s in ("ddim", "pndm")
+    ]
     assert all(r["phase"] == "Succeeded" and r["finalLoss"] is not None for r in rows)
     assert rows[0]["values"] == {"training.learningRate": "0.001"}
     # every step's round of the main scheduler is evaluated (the comparison pod reports them)
@@ -130,38 +152,55 @@ def test_compare_png_and_json_are_in_the_sweeps_prefix(cluster, study):
     doc = json.loads(store.read_bytes("compare.json"))
     assert len(doc["rows"]) == 8 and all(r["succeeded"] and r["samples"] for r in doc["rows"])
     assert [r["evaluation"] is not None for r in doc["rows"]] == [True, False] * 4  # ddim judged, pndm drawn
-    assert {o.key for o in store.list("runs/")} >= {"runs/study-1/samples/step-2-pndm.png",
-                                                    "runs/study-2/samples/step-4.png"}
+    assert {o.key for o in store.list("runs/")} >= {
+        "runs/study-1/samples/step-2-pndm.png",
+        "runs/study-2/samples/step-4.png",
+    }
 
 
 def test_a_failing_run_shows_in_its_rows_and_the_other_finishes(cluster):
-    cluster.apply(sweep_manifest(cluster, "priors", [{"field": "prior.enabled", "values": [True, False]}],
-                                 prior={"enabled": True, "classPrompt": "a photo of a cat",
-                                        "uri": "s3://training-data/no-class-images/"}))
+    cluster.apply(
+        sweep_manifest(
+            cluster,
+            "priors",
+            [{"field": "prior.enabled", "values": [True, False]}],
+            prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": "s3://training-data/no-class-images/"},
+        )
+    )
     status = wait_sweep(cluster, "priors", "Succeeded", timeout=240)
     assert (status["runsSucceeded"], status["runsFailed"]) == (1, 1)
     failed, ok = status["rows"]
     assert failed["phase"] == "Failed" and "no class images" in failed["message"]
     assert ok["phase"] == "Succeeded"
-    doc = json.loads(open_storage(f"s3://{cluster.bucket}/{NAMESPACE}/priors/", cluster.settings)
-                     .read_bytes("compare.json"))
+    doc = json.loads(
+        open_storage(f"s3://{cluster.bucket}/{NAMESPACE}/priors/", cluster.settings).read_bytes("compare.json")
+    )
     assert [r["succeeded"] for r in doc["rows"]] == [False, True]
 
 
 def test_deleting_the_sweep_deletes_its_runs(cluster, study):
     assert runs(cluster, "study")
     cluster.kube.delete("DreamBoothSweep", NAMESPACE, "study")
-    cluster.wait_for(lambda: not runs(cluster, "study") and not cluster.kube.find("Job", NAMESPACE, "study-compare"),
-                     timeout=60, what="the sweep's runs and comparison Job gone")
+    cluster.wait_for(
+        lambda: not runs(cluster, "study") and not cluster.kube.find("Job", NAMESPACE, "study-compare"),
+        timeout=60,
+        what="the sweep's runs and comparison Job gone",
+    )
 
 
 def test_suspending_the_sweep_suspends_its_running_run_and_starts_no_other(cluster):
-    manifest = sweep_manifest(cluster, "paused", [{"field": "training.learningRate", "values": [1e-3, 5e-4]}],
-                              validation={"enabled": False}, checkpointing={"everySteps": 500})
+    manifest = sweep_manifest(
+        cluster,
+        "paused",
+        [{"field": "training.learningRate", "values": [1e-3, 5e-4]}],
+        validation={"enabled": False},
+        checkpointing={"everySteps": 500},
+    )
     manifest["spec"]["template"]["training"]["steps"] = 5000  # long enough to be caught training
     cluster.apply(manifest)
-    cluster.wait_for(lambda: (cluster.status("paused-1").get("phase") == "Training"), timeout=120,
-                     what="the first run training")
+    cluster.wait_for(
+        lambda: cluster.status("paused-1").get("phase") == "Training", timeout=120, what="the first run training"
+    )
     cluster.kube.patch("DreamBoothSweep", NAMESPACE, "paused", {"spec": {"suspend": True}})
     status = wait_sweep(cluster, "paused", "Suspended", timeout=60)
     cluster.wait_phase("paused-1", "Suspended", timeout=60)

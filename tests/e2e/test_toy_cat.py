@@ -72,14 +72,18 @@ def test_it_was_applied_as_a_user_would(run: LocalCluster):
 
 def test_model_single_file_and_sample_grids_are_in_s3(run: LocalCluster):
     keys = run.keys(NAME)
-    assert {"model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
-            "model.safetensors", "result.json", "samples/progression.png"} <= keys, sorted(keys)
+    assert {
+        "model/model_index.json",
+        "model/unet/diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "result.json",
+        "samples/progression.png",
+    } <= keys, sorted(keys)
     assert {f"samples/step-{s}.png" for s in (STEPS // 2, STEPS)} <= keys
     assert run.checkpoint_steps(NAME) == [STEPS - 2 * EVERY, STEPS - EVERY]  # keep: 2; the last step is exported
     out = f"s3://{run.bucket}/default/{NAME}/"
     outputs = run.status(NAME)["outputs"]
-    assert outputs == {"model": out + "model/", "singleFile": out + "model.safetensors",
-                       "samples": out + "samples/"}
+    assert outputs == {"model": out + "model/", "singleFile": out + "model.safetensors", "samples": out + "samples/"}
     result = json.loads(run.output(NAME).read_bytes("result.json"))
     assert result["step"] == STEPS
 
@@ -90,8 +94,7 @@ def test_the_model_loads_in_stable_diffusion_pipeline(run: LocalCluster, tmp_pat
     folder = tmp_path / "model"
     run.output(NAME).download_prefix("model/", folder)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    image = pipe("a photo of zwx toy cat", num_inference_steps=2, height=64, width=64,
-                 output_type="np").images[0]
+    image = pipe("a photo of zwx toy cat", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
 
@@ -109,8 +112,9 @@ def test_prometheus_scraped_the_step_series(run: LocalCluster):
     loss = run.prometheus.samples(f'dreambooth_trainer_loss{{dreambooth_job="{NAME}"}}')
     assert any(v > 0 for _, v in loss)
     # the operator's own metrics (the ServiceMonitor's target): one job, succeeded
-    run.prometheus.wait_for('dreambooth_operator_jobs{phase="Succeeded"}',
-                            lambda found: found and float(found[0]["value"][1]) == 1.0)
+    run.prometheus.wait_for(
+        'dreambooth_operator_jobs{phase="Succeeded"}', lambda found: found and float(found[0]["value"][1]) == 1.0
+    )
 
 
 def test_kubectl_get_shows_the_job(run: LocalCluster):
@@ -127,8 +131,11 @@ def test_no_credential_appears_in_any_log_event_status_or_object(run: LocalClust
 
     secrets = [run.s3.access_key, run.s3.secret_key]
     forms = {s for secret in secrets for s in (secret, base64.b64encode(secret.encode()).decode())}
-    places = {"operator log": run.operator.output(), "trainer logs": run.logs(NAME),
-              "status history": json.dumps(run.history(NAME))}
+    places = {
+        "operator log": run.operator.output(),
+        "trainer logs": run.logs(NAME),
+        "status history": json.dumps(run.history(NAME)),
+    }
     for kind in ("dbj", "configmaps", "jobs", "pods", "services", "events"):
         for obj in run.kube.list(kind):
             places[f"{kind}/{obj['metadata']['name']}"] = json.dumps(obj)

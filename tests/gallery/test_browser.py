@@ -17,7 +17,8 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
     reason="no chromium/chromedriver: scripts/install-system-tools.sh installs them with apt "
-           "(sudo apt-get install --no-install-recommends chromium chromium-driver)")
+    "(sudo apt-get install --no-install-recommends chromium chromium-driver)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,16 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--window-size=1280,1400",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1280,1400",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -52,7 +60,10 @@ def read(browser, selector: str, what: str = "textContent") -> str | None:
     live parts, so a WebDriver element found before may be gone by the time it is read."""
     return browser.execute_script(
         "const e = document.querySelector(arguments[0]); return e && (arguments[1] === 'textContent' "
-        "? e.textContent : e.getAttribute(arguments[1]))", selector, what)
+        "? e.textContent : e.getAttribute(arguments[1]))",
+        selector,
+        what,
+    )
 
 
 def console_errors(browser) -> list[str]:
@@ -63,13 +74,15 @@ def test_the_jobs_page_lists_the_jobs(world, browser, artifacts):
     browser.get(world.url)
     by_job = browser.execute_script(  # read in the page: the rows are replaced every 2 s
         "return Object.fromEntries(Array.from(document.querySelectorAll('#rows tr[data-job]'))"
-        ".map(r => [r.dataset.job, r.textContent]))")
+        ".map(r => [r.dataset.job, r.textContent]))"
+    )
     assert set(by_job) == {f"{NAMESPACE}/toy-cat", f"{NAMESPACE}/toy-cat-live"}
     assert "Succeeded" in by_job[f"{NAMESPACE}/toy-cat"] and f"{STEPS}/{STEPS}" in by_job[f"{NAMESPACE}/toy-cat"]
     browser.save_screenshot(str(artifacts / "jobs.png"))
     browser.get(world.url + "?phase=Succeeded")
-    assert browser.execute_script("return Array.from(document.querySelectorAll('#rows tr[data-job]'))"
-                                  ".map(r => r.dataset.job)") == [f"{NAMESPACE}/toy-cat"]
+    assert browser.execute_script(
+        "return Array.from(document.querySelectorAll('#rows tr[data-job]')).map(r => r.dataset.job)"
+    ) == [f"{NAMESPACE}/toy-cat"]
     assert not console_errors(browser)  # CSP violations would show here
 
 
@@ -84,12 +97,25 @@ def test_the_job_page_shows_the_curve_and_every_checkpoints_grid_and_steps_throu
     steps = list(range(EVERY, STEPS + 1, EVERY))
     figures = browser.find_elements(By.CSS_SELECTOR, "#checkpoints figure.grid")
     assert [int(f.get_attribute("data-step")) for f in figures] == steps
-    widths = wait_until(lambda: (w := browser.execute_script(
-        "return Array.from(document.querySelectorAll('figure.grid img')).map(i => i.complete ? i.naturalWidth : 0)"))
-        and all(w) and w, what="every grid to load")
+    widths = wait_until(
+        lambda: (
+            (
+                w := browser.execute_script(
+                    "return Array.from(document.querySelectorAll('figure.grid img')).map(i => i.complete ? i.naturalWidth : 0)"
+                )
+            )
+            and all(w)
+            and w
+        ),
+        what="every grid to load",
+    )
     assert len(widths) == len(steps) and all(w > 0 for w in widths)
-    assert browser.execute_script(
-        "const i = document.querySelector('img.progression'); return i.complete && i.naturalWidth") > 0
+    assert (
+        browser.execute_script(
+            "const i = document.querySelector('img.progression'); return i.complete && i.naturalWidth"
+        )
+        > 0
+    )
 
     def shown() -> tuple[str, list[str]]:
         visible = [f.get_attribute("data-step") for f in figures if f.is_displayed()]

@@ -27,8 +27,9 @@ def test_local_runs_are_found_with_their_phase_and_progress(tmp_path):
     live.mkdir(parents=True)
     (live / "history.jsonl").write_bytes(history(10))
     (tmp_path / ".work" / "toy-cat").mkdir(parents=True)
-    (tmp_path / ".work" / "toy-cat" / "trainer-config.json").write_text(json.dumps(
-        {"output_uri": live.as_uri() + "/", "spec": {"training": {"steps": 40}}}))
+    (tmp_path / ".work" / "toy-cat" / "trainer-config.json").write_text(
+        json.dumps({"output_uri": live.as_uri() + "/", "spec": {"training": {"steps": 40}}})
+    )
     source = LocalSource(tmp_path)
     jobs = {o["metadata"]["name"]: o for o in asyncio.run(source.jobs())}
     assert set(jobs) == {"demo", "default.toy-cat"}

@@ -28,20 +28,23 @@ def request(world, path: str, method: str = "GET") -> tuple[int, dict[str, str],
 JOB = f"/jobs/{NAMESPACE}/toy-cat"
 
 
-@pytest.mark.parametrize("path", [
-    f"{JOB}/files/../../other/toy-cat/samples/step-2.png",
-    f"{JOB}/files/samples/../../../other/toy-cat/result.json",
-    f"{JOB}/files/samples/..%2f..%2fresult.json",
-    f"{JOB}/files/%2e%2e/%2e%2e/models/tiny/model_index.json",
-    f"{JOB}/files/checkpoints/checkpoint-4/optimizer.pt",
-    f"{JOB}/files/checkpoints/checkpoint-4/manifest.json",
-    f"{JOB}/files/model/model_index.json",
-    f"{JOB}/files//etc/passwd",
-    "/jobs/other/toy-cat/files/samples/step-2.png",
-    "/jobs/other/toy-cat",
-    "/jobs/kube-system/anything/live",
-    "/static/../../pyproject.toml",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{JOB}/files/../../other/toy-cat/samples/step-2.png",
+        f"{JOB}/files/samples/../../../other/toy-cat/result.json",
+        f"{JOB}/files/samples/..%2f..%2fresult.json",
+        f"{JOB}/files/%2e%2e/%2e%2e/models/tiny/model_index.json",
+        f"{JOB}/files/checkpoints/checkpoint-4/optimizer.pt",
+        f"{JOB}/files/checkpoints/checkpoint-4/manifest.json",
+        f"{JOB}/files/model/model_index.json",
+        f"{JOB}/files//etc/passwd",
+        "/jobs/other/toy-cat/files/samples/step-2.png",
+        "/jobs/other/toy-cat",
+        "/jobs/kube-system/anything/live",
+        "/static/../../pyproject.toml",
+    ],
+)
 def test_keys_outside_the_job_traversal_and_other_namespaces_are_refused(world, path):
     status, _, body = request(world, path)
     assert status == 404, (path, status, body[:200])
@@ -61,9 +64,22 @@ def test_there_is_no_write_endpoint(world, method, path):
 
 
 def test_no_answer_carries_an_s3_credential_and_all_have_the_security_headers(world):
-    paths = ["/", "/live", "/?namespace=ml&phase=Succeeded", JOB, f"{JOB}/live", "/jobs/ml/toy-cat-live",
-             f"{JOB}/files/history.jsonl", f"{JOB}/files/result.json", f"{JOB}/files/samples/progression.png",
-             "/jobs/other/toy-cat", f"{JOB}/files/../x", "/static/gallery.js", "/static/gallery.css", "/nowhere"]
+    paths = [
+        "/",
+        "/live",
+        "/?namespace=ml&phase=Succeeded",
+        JOB,
+        f"{JOB}/live",
+        "/jobs/ml/toy-cat-live",
+        f"{JOB}/files/history.jsonl",
+        f"{JOB}/files/result.json",
+        f"{JOB}/files/samples/progression.png",
+        "/jobs/other/toy-cat",
+        f"{JOB}/files/../x",
+        "/static/gallery.js",
+        "/static/gallery.css",
+        "/nowhere",
+    ]
     secrets = [world.s3.secret_key.encode(), world.s3.access_key.encode()]
     for path in paths:
         status, headers, body = request(world, path)

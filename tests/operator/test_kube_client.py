@@ -11,7 +11,11 @@ from tests.support.kube import kube  # noqa: F401
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("proxy_env", "trusts_env"), [({}, False), ({"HTTPS_PROXY": "http://proxy:3128"}, True)])
 async def test_the_environment_is_consulted_per_request_only_when_it_names_a_proxy(
-        kube, monkeypatch, proxy_env, trusts_env):  # noqa: F811
+    kube,  # noqa: F811
+    monkeypatch,
+    proxy_env,
+    trusts_env,
+):
     """aiohttp looks up proxies and ~/.netrc in a thread before every request of a session
     that trusts the environment; without proxy variables that is pure cost."""
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
@@ -22,8 +26,12 @@ async def test_the_environment_is_consulted_per_request_only_when_it_names_a_pro
     try:
         assert client.api.rest_client.pool_manager.trust_env is trusts_env
         if not trusts_env:  # and it still talks to the API server
-            probe = {"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": "probe", "namespace": "default"}, "data": {}}
+            probe = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "probe", "namespace": "default"},
+                "data": {},
+            }
             assert await client.ensure(probe) is True
             assert kube.get("configmaps", "default", "probe")
             assert await client.ensure(probe) is False  # it exists
@@ -46,8 +54,9 @@ async def test_error_responses_raise_and_a_missing_job_is_none(kube):  # noqa: F
         assert await client.pods("default", {"app": "x"}) == []
         kube.fail_next("POST", "/namespaces/default/configmaps", status=403, reason="Forbidden")
         with pytest.raises(ApiException) as err:
-            await client.ensure({"apiVersion": "v1", "kind": "ConfigMap",
-                                 "metadata": {"name": "cm", "namespace": "default"}})
+            await client.ensure(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "namespace": "default"}}
+            )
         assert err.value.status == 403
     finally:
         await client.close()

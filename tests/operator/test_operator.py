@@ -76,8 +76,11 @@ def _operator(kube, tmp_path, argv, **extra_env):  # noqa: F811
     op.trainer_port = trainer_port
     op.start()
     # kopf is ready once it watches the resource (its second GET after the initial list)
-    kube.wait_for(lambda: sum(1 for m, p in kube.requests if m == "GET" and "dreamboothjobs" in p) >= 2,
-                  timeout=30, what=f"the operator to watch dreamboothjobs\n{op.output()}")
+    kube.wait_for(
+        lambda: sum(1 for m, p in kube.requests if m == "GET" and "dreamboothjobs" in p) >= 2,
+        timeout=30,
+        what=f"the operator to watch dreamboothjobs\n{op.output()}",
+    )
     yield op
     op.stop()
 
@@ -106,10 +109,14 @@ def wait_phase(kube, op, name, phase, timeout=45, **progress):  # noqa: F811
     def reached():
         status = status_of(kube, name)
         return status.get("phase") == phase and all(
-            (status.get("progress") or {}).get(k) == v for k, v in progress.items())
+            (status.get("progress") or {}).get(k) == v for k, v in progress.items()
+        )
 
-    kube.wait_for(reached, timeout=timeout,
-                  what=f"{name} in phase {phase} {progress or ''}: {status_of(kube, name)}\n{op.output()[-3000:]}")
+    kube.wait_for(
+        reached,
+        timeout=timeout,
+        what=f"{name} in phase {phase} {progress or ''}: {status_of(kube, name)}\n{op.output()[-3000:]}",
+    )
     return status_of(kube, name)
 
 
@@ -129,6 +136,7 @@ def trainer_endpoint(op, step, total=400, loss=0.25, phase="training"):
 def operator_metrics(op) -> dict[str, float]:
     """The operator's own /metrics, as {'name{labels}': value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{op.env['DREAMBOOTH_METRICS_PORT']}/metrics", timeout=5).read()
+
     def key(sample) -> str:
         labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
         return f"{sample.name}{{{labels}}}" if labels else sample.name
@@ -186,7 +194,9 @@ def test_a_job_runs_to_success_with_progress_and_outputs(kube, operator):  # noq
 
 def test_kopf_run_on_the_package_and_the_command_both_run_the_operator(kube, any_operator):  # noqa: F811
     kube.create(example("toy-cat"))
-    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what=f"the trainer Job\n{any_operator.output()}")
+    kube.wait_for(
+        lambda: kube.find("jobs", "default", "toy-cat-trainer"), what=f"the trainer Job\n{any_operator.output()}"
+    )
     assert wait_phase(kube, any_operator, "toy-cat", "Pending")
 
 
@@ -210,8 +220,9 @@ def test_an_oom_killed_trainer_fails_the_job_with_reason_oomkilled(kube, operato
     assert ready["reason"] == "OOMKilled"
     # the operator's metrics count the failure once (what the DreamBoothJobFailed alert reads)
     failed = 'dreambooth_operator_job_phase_transitions_total{phase="Failed"}'
-    kube.wait_for(lambda: operator_metrics(operator)[failed] == 1.0, timeout=10,
-                  what="the failure counted")  # just after the status write
+    kube.wait_for(
+        lambda: operator_metrics(operator)[failed] == 1.0, timeout=10, what="the failure counted"
+    )  # just after the status write
     assert operator_metrics(operator)[failed] == 1.0
     time.sleep(2.5)  # two more poll cycles see the job Failed again: not a new failure
     assert operator_metrics(operator)[failed] == 1.0
@@ -240,8 +251,11 @@ def test_an_invalid_spec_fails_with_invalid_spec_and_an_event(kube, operator):  
     ready = condition_in(status, "Ready")
     assert ready["reason"] == "InvalidSpec" and "spec.prior.classPrompt" in ready["message"]
     # the Event follows the status write: wait for it rather than race it
-    kube.wait_for(lambda: any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec"
-                              for e in kube.events(dbj)), timeout=30, what="a Warning InvalidSpec Event")
+    kube.wait_for(
+        lambda: any(e.get("type") == "Warning" and e.get("reason") == "InvalidSpec" for e in kube.events(dbj)),
+        timeout=30,
+        what="a Warning InvalidSpec Event",
+    )
     assert kube.find("jobs", "default", "toy-cat-trainer") is None
 
 
@@ -251,8 +265,9 @@ def test_a_missing_credentials_secret_is_a_clear_pending_reason(kube, operator):
     pod = first_pod(kube, jc)
     kubelet.pending(pod, reason="CreateContainerConfigError", message='secret "minio-credentials" not found')
     wait_phase(kube, operator, "toy-cat", "Pending")
-    kube.wait_for(lambda: condition(kube, "toy-cat", "Ready")["reason"] == "SecretNotFound",
-                  what="reason SecretNotFound")
+    kube.wait_for(
+        lambda: condition(kube, "toy-cat", "Ready")["reason"] == "SecretNotFound", what="reason SecretNotFound"
+    )
     ready = condition(kube, "toy-cat", "Ready")
     assert "minio-credentials" in ready["message"]
 
@@ -265,15 +280,17 @@ def test_suspend_removes_the_pods_and_resume_brings_them_back(kube, operator):  
     wait_phase(kube, operator, "toy-cat", "Training", step=50)
 
     kube.patch("dbj", "default", "toy-cat", {"spec": {"runPolicy": {"suspend": True}}})
-    kube.wait_for(lambda: kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend") is True,
-                  what="the Job suspended")
+    kube.wait_for(
+        lambda: kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend") is True, what="the Job suspended"
+    )
     jc.reconcile()
     assert kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"}) == []
     wait_phase(kube, operator, "toy-cat", "Suspended")
 
     kube.patch("dbj", "default", "toy-cat", {"spec": {"runPolicy": {"suspend": False}}})
-    kube.wait_for(lambda: not kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend"),
-                  what="the Job resumed")
+    kube.wait_for(
+        lambda: not kube.get("jobs", "default", "toy-cat-trainer")["spec"].get("suspend"), what="the Job resumed"
+    )
     jc.reconcile()
     pods = kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"})
     assert len(pods) == 1
@@ -305,8 +322,11 @@ def test_an_api_request_never_answered_times_out_and_the_next_cycle_retries_it(k
     operator = next(_operator(kube, tmp_path, Operator.MAIN, DREAMBOOTH_API_TIMEOUT_SECONDS="2"))
     try:
         kube.create(example("toy-cat"))
-        kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), timeout=20,
-                      what=f"the trainer Job, created after the held request timed out\n{operator.output()[-2000:]}")
+        kube.wait_for(
+            lambda: kube.find("jobs", "default", "toy-cat-trainer"),
+            timeout=20,
+            what=f"the trainer Job, created after the held request timed out\n{operator.output()[-2000:]}",
+        )
         assert wait_phase(kube, operator, "toy-cat", "Pending")
         assert "reconciling default/toy-cat failed" in operator.output()
     finally:
@@ -325,13 +345,20 @@ def test_a_request_held_for_one_job_does_not_hold_back_the_status_of_the_others(
         kube.wait_for(lambda name=name: kube.find("jobs", "default", f"{name}-trainer"), what=f"{name}'s Job")
         wait_phase(kube, operator, name, "Pending")
     jc.reconcile()
-    pods = {name: kube.list("pods", "default", labels={"dreambooth.io/job-name": name})[0]
-            for name in ("toy-cat", "toy-dog")}
+    pods = {
+        name: kube.list("pods", "default", labels={"dreambooth.io/job-name": name})[0]
+        for name in ("toy-cat", "toy-dog")
+    }
     kube.fail_next("PATCH", "/dreamboothjobs/toy-cat/status", hang_s=600)
     kube.clear_requests()
     kubelet.run(pods["toy-cat"], ip=POD_IP)  # a new phase: the status write that is held
-    kube.wait_for(lambda: ("PATCH", "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs/toy-cat/status")
-                  in kube.requests, timeout=15, what="toy-cat's held status write")
+    kube.wait_for(
+        lambda: (
+            ("PATCH", "/apis/dreambooth.io/v1alpha1/namespaces/default/dreamboothjobs/toy-cat/status") in kube.requests
+        ),
+        timeout=15,
+        what="toy-cat's held status write",
+    )
     kubelet.run(pods["toy-dog"], ip=POD_IP)
     kubelet.succeed(pods["toy-dog"], message=json.dumps({"exitCode": 0, "reason": "Succeeded", "step": 400}))
     jc.reconcile()
@@ -353,7 +380,6 @@ def test_deleting_a_job_deletes_its_children(kube, operator):  # noqa: F811
         assert kube.list(kind, "default") == [], kind
 
 
-
 def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811
     kube.create(example("toy-cat", runPolicy={"ttlSecondsAfterFinished": 1}))
     jc, kubelet = JobController(kube), Kubelet(kube)
@@ -362,14 +388,18 @@ def test_a_finished_job_is_deleted_after_its_ttl(kube, operator):  # noqa: F811
     kubelet.succeed(pod)
     jc.reconcile()
     wait_phase(kube, operator, "toy-cat", "Succeeded")
-    kube.wait_for(lambda: kube.find("dbj", "default", "toy-cat") is None, timeout=15,
-                  what=f"the job deleted after its TTL\n{operator.output()[-2000:]}")
+    kube.wait_for(
+        lambda: kube.find("dbj", "default", "toy-cat") is None,
+        timeout=15,
+        what=f"the job deleted after its TTL\n{operator.output()[-2000:]}",
+    )
 
 
 def immutable(field: str) -> str:
     """The CRD's message for an edit of ``field`` after creation (dreambooth/api/crd.py)."""
-    return (f"{field} cannot change once the job exists; delete and re-create the job (only "
-            "runPolicy.suspend may change)")
+    return (
+        f"{field} cannot change once the job exists; delete and re-create the job (only runPolicy.suspend may change)"
+    )
 
 
 def test_spec_changes_after_creation_are_refused_by_the_api_server_with_the_crds_message(kube, operator):  # noqa: F811
@@ -380,29 +410,41 @@ def test_spec_changes_after_creation_are_refused_by_the_api_server_with_the_crds
     kube.create(example("toy-cat"))
     wait_phase(kube, operator, "toy-cat", "Pending")
     before = kube.get("dbj", "default", "toy-cat")
-    for edit, where, field in (({"training": {"steps": 999}}, "spec", "training"),
-                               ({"runPolicy": {"ttlSecondsAfterFinished": 60}}, "spec.runPolicy",
-                                "ttlSecondsAfterFinished")):
+    for edit, where, field in (
+        ({"training": {"steps": 999}}, "spec", "training"),
+        ({"runPolicy": {"ttlSecondsAfterFinished": 60}}, "spec.runPolicy", "ttlSecondsAfterFinished"),
+    ):
         with pytest.raises(ApiError) as err:
             kube.patch("dbj", "default", "toy-cat", {"spec": edit})
         assert err.value.status == 422 and err.value.message == (
-            f'DreamBoothJob.dreambooth.io "toy-cat" is invalid: {where}: Invalid value: "object": '
-            f"{immutable(field)}")
+            f'DreamBoothJob.dreambooth.io "toy-cat" is invalid: {where}: Invalid value: "object": {immutable(field)}'
+        )
     after = kube.get("dbj", "default", "toy-cat")
     assert after["spec"] == before["spec"] and after["metadata"]["generation"] == before["metadata"]["generation"]
     config = json.loads(kube.get("configmaps", "default", "toy-cat-trainer-config")["data"]["config.json"])
     assert config["spec"]["training"]["steps"] == 400  # the running job keeps its spec
 
     # what a user sees (skipped where kubectl is missing: the refusal above is the same)
-    done = kube.kubectl("patch", "dbj", "toy-cat", "--type", "merge", "-p",
-                        json.dumps({"spec": {"training": {"steps": 999}}}), check=False)
+    done = kube.kubectl(
+        "patch",
+        "dbj",
+        "toy-cat",
+        "--type",
+        "merge",
+        "-p",
+        json.dumps({"spec": {"training": {"steps": 999}}}),
+        check=False,
+    )
     assert done.returncode == 1
-    assert (f'The DreamBoothJob "toy-cat" is invalid: spec: Invalid value: "object": '
-            f"{immutable('training')}") in done.stderr
+    assert (
+        f'The DreamBoothJob "toy-cat" is invalid: spec: Invalid value: "object": {immutable("training")}'
+    ) in done.stderr
     # suspend is the one field that may change, and it takes effect
     kube.kubectl("patch", "dbj", "toy-cat", "--type", "merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
-    kube.wait_for(lambda: kube.get("jobs", "default", "toy-cat-trainer")["spec"]["suspend"] is True,
-                  what=f"the Job suspended\n{operator.output()[-2000:]}")
+    kube.wait_for(
+        lambda: kube.get("jobs", "default", "toy-cat-trainer")["spec"]["suspend"] is True,
+        what=f"the Job suspended\n{operator.output()[-2000:]}",
+    )
 
 
 def test_the_operator_keeps_no_state_on_the_job_and_retries_what_failed(kube, operator):  # noqa: F811
@@ -419,8 +461,12 @@ def test_the_operator_keeps_no_state_on_the_job_and_retries_what_failed(kube, op
 
     uid = kube.get("jobs", "default", "toy-cat-trainer")["metadata"]["uid"]
     kube.delete("jobs", "default", "toy-cat-trainer")
-    kube.wait_for(lambda: (kube.find("jobs", "default", "toy-cat-trainer") or {}).get("metadata", {}).get("uid")
-                  not in (None, uid), what=f"the trainer Job created again\n{operator.output()[-2000:]}")
+    kube.wait_for(
+        lambda: (
+            (kube.find("jobs", "default", "toy-cat-trainer") or {}).get("metadata", {}).get("uid") not in (None, uid)
+        ),
+        what=f"the trainer Job created again\n{operator.output()[-2000:]}",
+    )
 
 
 def test_multi_node_job_restarts_all_pods_together_once_the_old_ones_are_gone(kube, operator):  # noqa: F811
@@ -431,8 +477,10 @@ def test_multi_node_job_restarts_all_pods_together_once_the_old_ones_are_gone(ku
     jc, kubelet, gc = JobController(kube), Kubelet(kube), GarbageCollector(kube)
     first = kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"), what="the trainer Job")
     jc.reconcile()
-    pod0, pod1 = sorted(kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"}),
-                        key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+    pod0, pod1 = sorted(
+        kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"}),
+        key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"],
+    )
     # pod 0 takes a while to stop (it checkpoints on SIGTERM): a finalizer keeps it for now
     kube.patch("pods", "default", pod0["metadata"]["name"], {"metadata": {"finalizers": ["test/stopping"]}})
     kubelet.run(pod0, ip=POD_IP)
@@ -442,8 +490,10 @@ def test_multi_node_job_restarts_all_pods_together_once_the_old_ones_are_gone(ku
 
     status = wait_phase(kube, operator, "toy-cat", "Pending")
     kube.wait_for(lambda: condition(kube, "toy-cat", "Ready")["reason"] == "Restarting", what="Restarting")
-    kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer") is None,
-                  what=f"the failed Job deleted\n{operator.output()[-2000:]}")
+    kube.wait_for(
+        lambda: kube.find("jobs", "default", "toy-cat-trainer") is None,
+        what=f"the failed Job deleted\n{operator.output()[-2000:]}",
+    )
     assert ("DELETE", "/apis/batch/v1/namespaces/default/jobs/toy-cat-trainer") in kube.requests
     status = status_of(kube, "toy-cat")
     assert status["restarts"] == 1
@@ -456,15 +506,18 @@ def test_multi_node_job_restarts_all_pods_together_once_the_old_ones_are_gone(ku
     time.sleep(2.5)  # two poll cycles: no new Job while an old pod may still write
     assert kube.find("jobs", "default", "toy-cat-trainer") is None
     kube.patch("pods", "default", pod0["metadata"]["name"], {"metadata": {"finalizers": None}})
-    second = kube.wait_for(lambda: kube.find("jobs", "default", "toy-cat-trainer"),
-                           what=f"the new Job\n{operator.output()[-2000:]}")
+    second = kube.wait_for(
+        lambda: kube.find("jobs", "default", "toy-cat-trainer"), what=f"the new Job\n{operator.output()[-2000:]}"
+    )
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
     assert second["metadata"]["annotations"]["dreambooth.io/restarts"] == "1"
     assert second["spec"]["backoffLimit"] == 0
     jc.reconcile()
     new_pods = kube.list("pods", "default", labels={"dreambooth.io/job-name": "toy-cat"})
-    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
-                  for p in new_pods) == ["0", "1"]  # all pods, a new pod 0 too
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in new_pods) == [
+        "0",
+        "1",
+    ]  # all pods, a new pod 0 too
 
     # a preemption ends the attempt too, and restarts it without counting
     kubelet.preempt(new_pods[1])

@@ -40,18 +40,24 @@ def test_job_env_follows_the_operators_own_and_wins_over_its_defaults_per_name()
 
 def test_extra_resources_are_requested_and_limited_alike_and_the_job_wins():
     container = trainer(resources.job(inputs_for(cluster_extras_doc(), CLUSTER_SETTINGS)))
-    expected = {"nvidia.com/gpu": "4", "memory": "256Gi", "hugepages-2Mi": "1Gi",
-                "nvidia.com/hostdev": "4", "rdma/rdma_shared_device_a": "1"}
+    expected = {
+        "nvidia.com/gpu": "4",
+        "memory": "256Gi",
+        "hugepages-2Mi": "1Gi",
+        "nvidia.com/hostdev": "4",
+        "rdma/rdma_shared_device_a": "1",
+    }
     assert container["resources"] == {"limits": expected, "requests": expected}
     more = make_job(CLUSTER_JOB, resources={"extraResources": {"rdma/rdma_shared_device_a": "2"}})
-    assert trainer(resources.job(inputs_for(more, CLUSTER_SETTINGS)))["resources"]["limits"][
-        "rdma/rdma_shared_device_a"] == "2"
+    assert (
+        trainer(resources.job(inputs_for(more, CLUSTER_SETTINGS)))["resources"]["limits"]["rdma/rdma_shared_device_a"]
+        == "2"
+    )
 
 
 def test_a_zero_drops_an_operator_default():
     """A CPU-only job on a cluster whose SRE requests RDMA devices for every trainer pod."""
-    doc = make_job(CLUSTER_JOB, resources={"gpusPerNode": 0,
-                                 "extraResources": {"rdma/rdma_shared_device_a": "0"}})
+    doc = make_job(CLUSTER_JOB, resources={"gpusPerNode": 0, "extraResources": {"rdma/rdma_shared_device_a": "0"}})
     assert "resources" not in trainer(resources.job(inputs_for(doc, CLUSTER_SETTINGS)))
 
 
@@ -59,8 +65,11 @@ def test_the_gpu_is_counted_by_gpus_per_node_only():
     """Even when an operator default names the GPU resource a job uses (here a vendor name
     the settings cannot know to be a GPU), the pod asks for gpusPerNode of it."""
     settings = OperatorSettings(trainer_extra_resources=(("example.com/accelerator", "8"),))
-    doc = make_job(CLUSTER_JOB, resources={"gpusPerNode": 2, "gpu": {"resourceName": "example.com/accelerator"}},
-                      training={"batchSize": 2})
+    doc = make_job(
+        CLUSTER_JOB,
+        resources={"gpusPerNode": 2, "gpu": {"resourceName": "example.com/accelerator"}},
+        training={"batchSize": 2},
+    )
     limits = trainer(resources.job(inputs_for(doc, settings)))["resources"]["limits"]
     assert limits == {"example.com/accelerator": "2"}
 
@@ -77,8 +86,8 @@ def kubernetes_expand(value: str, defined: dict[str, str]) -> str:
                 continue
             end = value.find(")", i + 2)
             if value[i + 1] == "(" and end != -1:
-                name = value[i + 2:end]
-                out.append(defined.get(name, value[i:end + 1]))
+                name = value[i + 2 : end]
+                out.append(defined.get(name, value[i : end + 1]))
                 i = end + 1
                 continue
         out.append(value[i])
@@ -86,14 +95,14 @@ def kubernetes_expand(value: str, defined: dict[str, str]) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("value", ["eth0", "^docker,lo", "=mlx5_0:1", "$(HOME)", "a$$b", "cost $5",
-                                   "ends with $", "$(UNDEFINED", ""])
+@pytest.mark.parametrize(
+    "value", ["eth0", "^docker,lo", "=mlx5_0:1", "$(HOME)", "a$$b", "cost $5", "ends with $", "$(UNDEFINED", ""]
+)
 def test_values_reach_the_process_literally(value):
     doc = make_job(CLUSTER_JOB, resources={"env": [{"name": "NCCL_SOCKET_IFNAME", "value": value}]})
     env = trainer(resources.job(inputs_for(doc)))["env"]
     defined = {e["name"]: e["value"] for e in env if "value" in e}
-    assert kubernetes_expand(env_of(resources.job(inputs_for(doc)))["NCCL_SOCKET_IFNAME"]["value"],
-                             defined) == value
+    assert kubernetes_expand(env_of(resources.job(inputs_for(doc)))["NCCL_SOCKET_IFNAME"]["value"], defined) == value
 
 
 def test_the_expansion_model_is_kubernetes_own():
@@ -128,10 +137,12 @@ def test_each_reserved_group_explains_itself():
 
 
 def test_settings_read_the_charts_json():
-    s = OperatorSettings.from_env({
-        "DREAMBOOTH_TRAINER_ENV": '[{"name": "NCCL_IB_HCA", "value": "mlx5"}, {"name": "NCCL_DEBUG", "value": "INFO"}]',
-        "DREAMBOOTH_TRAINER_EXTRA_RESOURCES": '{"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": "8"}',
-    })
+    s = OperatorSettings.from_env(
+        {
+            "DREAMBOOTH_TRAINER_ENV": '[{"name": "NCCL_IB_HCA", "value": "mlx5"}, {"name": "NCCL_DEBUG", "value": "INFO"}]',
+            "DREAMBOOTH_TRAINER_EXTRA_RESOURCES": '{"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": "8"}',
+        }
+    )
     assert s.trainer_env == (("NCCL_IB_HCA", "mlx5"), ("NCCL_DEBUG", "INFO"))
     assert s.trainer_extra_resources == (("nvidia.com/hostdev", "8"), ("rdma/rdma_shared_device_a", "1"))
     for empty in ("", "[]", "{}"):
@@ -139,23 +150,26 @@ def test_settings_read_the_charts_json():
         assert OperatorSettings.from_env({var: empty}) == OperatorSettings()
 
 
-@pytest.mark.parametrize(("var", "raw", "says"), [
-    ("TRAINER_ENV", "NCCL_DEBUG=INFO", "not JSON: use e.g. [{\"name\""),
-    ("TRAINER_ENV", '{"NCCL_DEBUG": "INFO"}', "use a list of {name, value}"),
-    ("TRAINER_ENV", '[{"name": "NCCL_P2P_DISABLE", "value": 1}]', "with string values"),
-    ("TRAINER_ENV", '[{"name": "AWS_REGION", "value": "x"}]', "come from spec.storage"),
-    ("TRAINER_ENV", '[{"name": "WANDB_API_KEY", "value": "x"}]', "looks like a credential"),
-    ("TRAINER_ENV", '[{"name": "A"}, {"name": "A"}]', "A is listed twice"),
-    ("TRAINER_ENV", '[{"name": "1A"}]', "is not an environment variable name"),
-    ("TRAINER_EXTRA_RESOURCES", '[{"rdma/hca": 1}]', "use an object of resource name -> number"),
-    ("TRAINER_EXTRA_RESOURCES", '{"memory": "1Gi"}', "memory has its own field"),
-    ("TRAINER_EXTRA_RESOURCES", '{"nvidia.com/gpu": 1}', "request it with resources.gpusPerNode"),
-    ("TRAINER_EXTRA_RESOURCES", '{"nvidia.com/mig-1g.10gb": 1}', "the job's GPU"),
-    ("TRAINER_EXTRA_RESOURCES", '{"hugepages-2Mi": "1Gi"}', "set them per job"),
-    ("TRAINER_EXTRA_RESOURCES", '{"rdma/hca": 0.5}', "0.5 is not a whole number of devices"),
-    ("TRAINER_EXTRA_RESOURCES", '{"rdma/hca": true}', "not a whole number"),
-    ("TRAINER_EXTRA_RESOURCES", '{"rdma": 1}', "not an extended resource name"),
-])
+@pytest.mark.parametrize(
+    ("var", "raw", "says"),
+    [
+        ("TRAINER_ENV", "NCCL_DEBUG=INFO", 'not JSON: use e.g. [{"name"'),
+        ("TRAINER_ENV", '{"NCCL_DEBUG": "INFO"}', "use a list of {name, value}"),
+        ("TRAINER_ENV", '[{"name": "NCCL_P2P_DISABLE", "value": 1}]', "with string values"),
+        ("TRAINER_ENV", '[{"name": "AWS_REGION", "value": "x"}]', "come from spec.storage"),
+        ("TRAINER_ENV", '[{"name": "WANDB_API_KEY", "value": "x"}]', "looks like a credential"),
+        ("TRAINER_ENV", '[{"name": "A"}, {"name": "A"}]', "A is listed twice"),
+        ("TRAINER_ENV", '[{"name": "1A"}]', "is not an environment variable name"),
+        ("TRAINER_EXTRA_RESOURCES", '[{"rdma/hca": 1}]', "use an object of resource name -> number"),
+        ("TRAINER_EXTRA_RESOURCES", '{"memory": "1Gi"}', "memory has its own field"),
+        ("TRAINER_EXTRA_RESOURCES", '{"nvidia.com/gpu": 1}', "request it with resources.gpusPerNode"),
+        ("TRAINER_EXTRA_RESOURCES", '{"nvidia.com/mig-1g.10gb": 1}', "the job's GPU"),
+        ("TRAINER_EXTRA_RESOURCES", '{"hugepages-2Mi": "1Gi"}', "set them per job"),
+        ("TRAINER_EXTRA_RESOURCES", '{"rdma/hca": 0.5}', "0.5 is not a whole number of devices"),
+        ("TRAINER_EXTRA_RESOURCES", '{"rdma/hca": true}', "not a whole number"),
+        ("TRAINER_EXTRA_RESOURCES", '{"rdma": 1}', "not an extended resource name"),
+    ],
+)
 def test_settings_refuse_what_a_job_may_not_set_either(var, raw, says):
     with pytest.raises(SettingsError) as err:
         OperatorSettings.from_env({f"DREAMBOOTH_{var}": raw})

@@ -34,8 +34,9 @@ from dreambooth.trainer.metrics import TrainerMetrics  # the exporter: the contr
 T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 
 
-def trainer_metrics(*, phase="training", step=120, total=400, loss=0.1234, lr=2e-6, ips=8.0,
-                    checkpoint=100) -> TrainerMetrics:
+def trainer_metrics(
+    *, phase="training", step=120, total=400, loss=0.1234, lr=2e-6, ips=8.0, checkpoint=100
+) -> TrainerMetrics:
     m = TrainerMetrics()
     m.phase.state(phase)
     m.total_steps.set(total)
@@ -61,8 +62,13 @@ def exposition(**kwargs) -> str:
 def test_parses_what_the_trainer_exports():
     snap = parse_metrics(exposition())
     assert snap == TrainerSnapshot(
-        step=120, total_steps=400, loss=pytest.approx(0.1234), learning_rate=pytest.approx(2e-6),
-        images_per_second=8.0, last_checkpoint_step=100, phase="training",
+        step=120,
+        total_steps=400,
+        loss=pytest.approx(0.1234),
+        learning_rate=pytest.approx(2e-6),
+        images_per_second=8.0,
+        last_checkpoint_step=100,
+        phase="training",
     )
 
 
@@ -83,14 +89,17 @@ def test_a_fresh_process_reports_nothing_measured():
         pytest.param(f"{names.STEP} 7\n", TrainerSnapshot(step=7), id="step only"),
         pytest.param(
             f"# TYPE {names.STEP} gauge\n{names.STEP} 7\n{names.LOSS} NaN\n{names.LEARNING_RATE} +Inf\n",
-            TrainerSnapshot(step=7), id="non-finite values dropped",
+            TrainerSnapshot(step=7),
+            id="non-finite values dropped",
         ),
         pytest.param(
             f'{names.PHASE}{{{names.PHASE}="training"}} 1\n{names.PHASE}{{{names.PHASE}="bogus"}} 1\n',
-            TrainerSnapshot(phase="training"), id="phase only, unknown state ignored",
+            TrainerSnapshot(phase="training"),
+            id="phase only, unknown state ignored",
         ),
-        pytest.param(f"{names.TOTAL_STEPS} 400\n{names.STEP} 3.0\n",
-                     TrainerSnapshot(step=3, total_steps=400), id="no TYPE lines"),
+        pytest.param(
+            f"{names.TOTAL_STEPS} 400\n{names.STEP} 3.0\n", TrainerSnapshot(step=3, total_steps=400), id="no TYPE lines"
+        ),
     ],
 )
 def test_partial_metrics_give_what_is_there(text, expected):
@@ -152,8 +161,7 @@ def test_unreachable_endpoint_keeps_the_last_progress():
 
 def test_a_restarted_trainer_does_not_reset_the_shown_step():
     """A new pod reports step 0 until it has resumed and trained a step."""
-    last = progress_from(TrainerSnapshot(step=300, total_steps=400, loss=0.2, learning_rate=1e-6),
-                         None, T0, 1)
+    last = progress_from(TrainerSnapshot(step=300, total_steps=400, loss=0.2, learning_rate=1e-6), None, T0, 1)
     fresh = TrainerSnapshot(step=0, total_steps=400, last_checkpoint_step=300, phase="initializing")
     p = progress_from(fresh, last, T0 + timedelta(minutes=2), 1)
     assert (p.step, p.loss, p.learning_rate, p.summary) == (300, 0.2, 1e-6, "300/400")
@@ -192,8 +200,12 @@ def test_progress_is_always_a_valid_status(step, total, ips, per_step):
 
 @pytest.mark.parametrize(
     ("idle", "stalled"),
-    [(timedelta(0), False), (timedelta(minutes=9, seconds=59), False),
-     (timedelta(minutes=10), True), (timedelta(hours=3), True)],
+    [
+        (timedelta(0), False),
+        (timedelta(minutes=9, seconds=59), False),
+        (timedelta(minutes=10), True),
+        (timedelta(hours=3), True),
+    ],
 )
 def test_stalled_when_the_step_has_not_moved_for_the_timeout(idle, stalled):
     p = progress_from(TrainerSnapshot(step=42, total_steps=100), None, T0, 1)
@@ -224,8 +236,10 @@ def test_durations_read_well():
 
 
 def _pod(index: str | None, phase="Running", ip="10.1.2.3", deleting=False):
-    meta = {"name": f"p{index}", "annotations": {} if index is None else
-            {"batch.kubernetes.io/job-completion-index": index}}
+    meta = {
+        "name": f"p{index}",
+        "annotations": {} if index is None else {"batch.kubernetes.io/job-completion-index": index},
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-24T10:00:00Z"
     return {"metadata": meta, "status": {"phase": phase, "podIP": ip}}
@@ -290,8 +304,10 @@ async def _serve(handler) -> tuple[web.AppRunner, str]:
         pytest.param(lambda: web.Response(status=500, text=f"{names.STEP} 5\n"), id="HTTP 500"),
         pytest.param(lambda: web.Response(status=404), id="HTTP 404"),
         pytest.param(lambda: web.Response(text="<html>proxy error</html>"), id="not metrics"),
-        pytest.param(lambda: web.Response(body=b"\xff\xfe\x00garbage", content_type="text/plain",
-                                          charset="utf-8"), id="undecodable"),
+        pytest.param(
+            lambda: web.Response(body=b"\xff\xfe\x00garbage", content_type="text/plain", charset="utf-8"),
+            id="undecodable",
+        ),
     ],
 )
 async def test_scrape_of_a_bad_answer_is_none(respond):

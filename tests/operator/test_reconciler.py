@@ -92,18 +92,31 @@ WITH_JOB = NamespaceView.of([{"metadata": {"name": "toy-cat-trainer"}}], [])
 WITHOUT_JOB = NamespaceView.of([], [])
 
 
-@pytest.mark.parametrize(("previous", "typed", "view", "action"), [
-    (status(Phase.SUCCEEDED), None, None, Action.EXPIRE),
-    (status(Phase.FAILED), None, WITH_JOB, Action.EXPIRE),
-    (None, INVALID, None, Action.REPORT_INVALID),
-    (status(Phase.TRAINING), INVALID, WITH_JOB, Action.REPORT_INVALID),  # edited to invalid, no CEL
-    (None, TYPED, None, Action.ENSURE),  # just created, or its first sync failed
-    (None, TYPED, WITH_JOB, Action.ENSURE),  # no status yet: children too
-    (status(Phase.TRAINING), TYPED, None, Action.ENSURE),  # first look since the operator started
-    (status(Phase.PENDING), TYPED, WITHOUT_JOB, Action.ENSURE),  # its Job is gone (restart, by hand)
-    (status(Phase.TRAINING), TYPED, WITH_JOB, Action.OBSERVE),
-], ids=["finished", "failed-with-a-job", "new-invalid", "running-made-invalid", "new", "new-with-view",
-        "first-look", "job-gone", "running"])
+@pytest.mark.parametrize(
+    ("previous", "typed", "view", "action"),
+    [
+        (status(Phase.SUCCEEDED), None, None, Action.EXPIRE),
+        (status(Phase.FAILED), None, WITH_JOB, Action.EXPIRE),
+        (None, INVALID, None, Action.REPORT_INVALID),
+        (status(Phase.TRAINING), INVALID, WITH_JOB, Action.REPORT_INVALID),  # edited to invalid, no CEL
+        (None, TYPED, None, Action.ENSURE),  # just created, or its first sync failed
+        (None, TYPED, WITH_JOB, Action.ENSURE),  # no status yet: children too
+        (status(Phase.TRAINING), TYPED, None, Action.ENSURE),  # first look since the operator started
+        (status(Phase.PENDING), TYPED, WITHOUT_JOB, Action.ENSURE),  # its Job is gone (restart, by hand)
+        (status(Phase.TRAINING), TYPED, WITH_JOB, Action.OBSERVE),
+    ],
+    ids=[
+        "finished",
+        "failed-with-a-job",
+        "new-invalid",
+        "running-made-invalid",
+        "new",
+        "new-with-view",
+        "first-look",
+        "job-gone",
+        "running",
+    ],
+)
 def test_what_a_sync_does_follows_from_what_it_sees(previous, typed, view, action):
     assert next_action(previous, typed, view, "toy-cat") is action
     assert action.handler == ("reconcile" if action in (Action.REPORT_INVALID, Action.ENSURE) else "poll")
@@ -247,8 +260,14 @@ async def test_a_job_deleted_while_a_poll_cycle_runs_gets_no_new_children(kube, 
 
 def test_importing_the_operator_never_reads_the_settings():
     env = {"DREAMBOOTH_POLL_INTERVAL_SECONDS": "often", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", "import dreambooth.operator"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", "import dreambooth.operator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
 
 

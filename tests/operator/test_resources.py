@@ -76,7 +76,8 @@ def example_inputs() -> list[tuple[str, TrainerInputs]]:
 
 
 def pvc_doc() -> dict[str, Any]:
-    return make_job(CLUSTER_JOB, 
+    return make_job(
+        CLUSTER_JOB,
         baseModel={"uri": "pvc://models/sd15", "vae": "pvc://models/vae-ft-mse"},
         instance={"uri": "pvc://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
         prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": "pvc://training-data/cats/"},
@@ -85,8 +86,7 @@ def pvc_doc() -> dict[str, Any]:
 
 
 def long_name_doc() -> dict[str, Any]:
-    doc = make_job(CLUSTER_JOB, resources={"nodes": naming.MAX_NODES, "gpusPerNode": 8},
-                      training={"batchSize": 512})
+    doc = make_job(CLUSTER_JOB, resources={"nodes": naming.MAX_NODES, "gpusPerNode": 8}, training={"batchSize": 512})
     doc["metadata"]["name"] = "a" * 40 + "-" + "b" * 22  # 63 characters
     return doc
 
@@ -134,11 +134,14 @@ def test_golden(name: str):
     assert path.exists(), f"no golden file {path}: run with UPDATE_GOLDEN=1 to create it"
     expected = path.read_text()
     if rendered != expected:
-        diff = "".join(difflib.unified_diff(
-            expected.splitlines(True), rendered.splitlines(True), str(path), "rendered"))
-        pytest.fail(f"rendered children of examples/{name}.yaml differ from {path}.\nIf the "
-                    "change is intended, regenerate with UPDATE_GOLDEN=1 python -m pytest "
-                    f"tests/operator/test_resources.py and review the diff.\n{diff[:6000]}")
+        diff = "".join(
+            difflib.unified_diff(expected.splitlines(True), rendered.splitlines(True), str(path), "rendered")
+        )
+        pytest.fail(
+            f"rendered children of examples/{name}.yaml differ from {path}.\nIf the "
+            "change is intended, regenerate with UPDATE_GOLDEN=1 python -m pytest "
+            f"tests/operator/test_resources.py and review the diff.\n{diff[:6000]}"
+        )
     # the golden file round-trips to the same objects (block literals lose nothing)
     assert list(yaml.safe_load_all(expected)) == resources.children(inputs)
 
@@ -146,7 +149,8 @@ def test_golden(name: str):
 def test_examples_covered():
     assert {p.stem for p in EXAMPLES} >= {"toy-cat", "multi-gpu", "multi-node", "lora", "face"}
     assert {p.stem for p in GOLDEN.glob("*.yaml")} == {p.stem for p in EXAMPLES}, (
-        "stale or missing golden files: run with UPDATE_GOLDEN=1")
+        "stale or missing golden files: run with UPDATE_GOLDEN=1"
+    )
 
 
 # ------------------------------------------------------------------------------ schema
@@ -155,18 +159,25 @@ def test_examples_covered():
 #: what a real GPU cluster adds: NCCL variables and RDMA devices from the operator's
 #: settings (the chart's trainer.env / trainer.extraResources) and from the job
 CLUSTER_SETTINGS = OperatorSettings(
-    s3_endpoint="minio.minio.svc:9000", credentials_secret="dreambooth-s3",
+    s3_endpoint="minio.minio.svc:9000",
+    credentials_secret="dreambooth-s3",
     trainer_env=(("NCCL_SOCKET_IFNAME", "eth0"), ("NCCL_DEBUG", "WARN")),
     trainer_extra_resources=(("rdma/rdma_shared_device_a", "1"),),
 )
 
 
 def cluster_extras_doc() -> dict[str, Any]:
-    return make_job(CLUSTER_JOB, resources={
-        "nodes": 2, "gpusPerNode": 4, "memory": "256Gi",
-        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
-        "extraResources": {"nvidia.com/hostdev": "4", "hugepages-2Mi": "1Gi"},
-    }, training={"batchSize": 8})
+    return make_job(
+        CLUSTER_JOB,
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 4,
+            "memory": "256Gi",
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
+            "extraResources": {"nvidia.com/hostdev": "4", "hugepages-2Mi": "1Gi"},
+        },
+        training={"batchSize": 8},
+    )
 
 
 def all_cases() -> list[tuple[str, TrainerInputs]]:
@@ -194,8 +205,9 @@ def test_valid_for_kubernetes(case: str, version: str):
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             path = ".".join(map(str, err.absolute_path))
-            pytest.fail(f"{case}: {obj['kind']} invalid for Kubernetes {version} at {path}: "
-                        f"{err.message}", pytrace=False)
+            pytest.fail(
+                f"{case}: {obj['kind']} invalid for Kubernetes {version} at {path}: {err.message}", pytrace=False
+            )
 
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -213,7 +225,9 @@ def test_names_and_labels_the_api_server_accepts(case: str):
     assert DNS_LABEL.match(job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
     pod = pod_spec(job)
     labels = [o["metadata"]["labels"] for o in (cm, svc, job)] + [
-        job["spec"]["template"]["metadata"]["labels"], svc["spec"]["selector"]]
+        job["spec"]["template"]["metadata"]["labels"],
+        svc["spec"]["selector"],
+    ]
     for value in (v for group in labels for v in group.values()):
         assert len(value) <= 63 and LABEL_VALUE.match(value), value
     for volume in pod["volumes"]:
@@ -233,13 +247,28 @@ def test_names_and_labels_the_api_server_accepts(case: str):
 # ------------------------------------------------------------------------------ security
 
 
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                      "persistentVolumeClaim", "projected", "secret"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
-                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
-                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 
 
 def restricted_violations(template: dict[str, Any]) -> list[str]:
@@ -265,13 +294,15 @@ def restricted_violations(template: dict[str, Any]) -> list[str]:
         found.append("pod seccomp profile is Unconfined")
     if psc.get("appArmorProfile", {}).get("type") == "Unconfined":
         found.append("pod AppArmor profile is Unconfined")
-    if any(v == "unconfined" for k, v in meta.get("annotations", {}).items()
-           if k.startswith("container.apparmor.security.beta.kubernetes.io/")):
+    if any(
+        v == "unconfined"
+        for k, v in meta.get("annotations", {}).items()
+        if k.startswith("container.apparmor.security.beta.kubernetes.io/")
+    ):
         found.append("AppArmor annotation is unconfined")
     if spec.get("automountServiceAccountToken") is not False:
         found.append("automountServiceAccountToken is not false")
-    containers = [(k, c) for k in ("initContainers", "containers", "ephemeralContainers")
-                  for c in spec.get(k, [])]
+    containers = [(k, c) for k in ("initContainers", "containers", "ephemeralContainers") for c in spec.get(k, [])]
     for kind, c in containers:
         where = f"{kind} {c['name']}"
         sc = c.get("securityContext", {})
@@ -297,8 +328,12 @@ def restricted_violations(template: dict[str, Any]) -> list[str]:
         if sc.get("windowsOptions", {}).get("hostProcess"):
             found.append(f"{where}: Windows hostProcess")
         se = {**psc.get("seLinuxOptions", {}), **sc.get("seLinuxOptions", {})}
-        if se.get("user") or se.get("role") or se.get("type", "") not in (
-                "", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+        if (
+            se.get("user")
+            or se.get("role")
+            or se.get("type", "")
+            not in ("", "container_t", "container_init_t", "container_kvm_t", "container_engine_t")
+        ):
             found.append(f"{where}: seLinuxOptions {se}")
         if any(p.get("hostPort") for p in c.get("ports", [])):
             found.append(f"{where}: uses a hostPort")
@@ -313,23 +348,33 @@ def test_pod_security_restricted(case: str):
     assert restricted_violations(job["spec"]["template"]) == []
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda s: s["securityContext"].pop("runAsNonRoot") and
-     s["containers"][0]["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
-    (lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
-     "allowPrivilegeEscalation"),
-    (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=[]), "drop ALL"),
-    (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
-     "adds capabilities"),
-    (lambda s: s["securityContext"].pop("seccompProfile"), "seccomp"),
-    (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
-    (lambda s: s.update(hostNetwork=True), "hostNetwork"),
-    (lambda s: s["containers"][0]["ports"][0].update(hostPort=9090), "hostPort"),
-    (lambda s: s["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
-     "writable"),
-    (lambda s: s.pop("automountServiceAccountToken"), "automountServiceAccountToken"),
-    (lambda s: s["securityContext"].update(runAsUser=0), "UID 0"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            lambda s: (
+                s["securityContext"].pop("runAsNonRoot") and s["containers"][0]["securityContext"].pop("runAsNonRoot")
+            ),
+            "runAsNonRoot",
+        ),
+        (
+            lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+            "allowPrivilegeEscalation",
+        ),
+        (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=[]), "drop ALL"),
+        (
+            lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+            "adds capabilities",
+        ),
+        (lambda s: s["securityContext"].pop("seccompProfile"), "seccomp"),
+        (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+        (lambda s: s.update(hostNetwork=True), "hostNetwork"),
+        (lambda s: s["containers"][0]["ports"][0].update(hostPort=9090), "hostPort"),
+        (lambda s: s["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False), "writable"),
+        (lambda s: s.pop("automountServiceAccountToken"), "automountServiceAccountToken"),
+        (lambda s: s["securityContext"].update(runAsUser=0), "UID 0"),
+    ],
+)
 def test_restricted_checker_catches(change, expected):
     """The checker is only worth something if it fails on what it should."""
     template = copy.deepcopy(resources.job(dict(CASES)["toy-cat"])["spec"]["template"])
@@ -348,6 +393,7 @@ def test_credentials_only_as_secret_refs(case: str):
         if CREDENTIAL_NAME.search(var["name"]):
             assert "value" not in var, f"{var['name']} has a literal value"
             assert set(var["valueFrom"]) == {"secretKeyRef"}, var
+
     # The config JSON names Secrets at most (the user's reference), never holds key values.
     def walk(node: Any, path: str) -> None:
         if isinstance(node, dict):
@@ -360,20 +406,30 @@ def test_credentials_only_as_secret_refs(case: str):
         elif isinstance(node, list):
             for i, value in enumerate(node):
                 walk(value, f"{path}[{i}]")
+
     walk(json.loads(cm["data"]["config.json"]), "")
 
 
 def test_secret_from_spec_else_settings_else_none():
     with_spec = env_of(resources.job(inputs_for(job_doc(ROOT / "examples/toy-cat.yaml"))))
     assert with_spec["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
-        "name": "minio-credentials", "key": "AWS_ACCESS_KEY_ID"}
+        "name": "minio-credentials",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
     assert with_spec["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "minio-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+        "name": "minio-credentials",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert with_spec["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio.svc:9000"
     from_settings = env_of(resources.job(inputs_for(make_job(CLUSTER_JOB))))
     assert from_settings["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "dreambooth-s3"
-    custom_keys = make_job(CLUSTER_JOB, storage={"credentialsSecret": {
-        "name": "s3", "accessKeyKey": "user", "secretKeyKey": "password"}, "secure": True})
+    custom_keys = make_job(
+        CLUSTER_JOB,
+        storage={
+            "credentialsSecret": {"name": "s3", "accessKeyKey": "user", "secretKeyKey": "password"},
+            "secure": True,
+        },
+    )
     env = env_of(resources.job(inputs_for(custom_keys)))
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "password"}
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "https://minio.minio.svc:9000"
@@ -398,20 +454,28 @@ def test_pvc_uris_are_mounted_and_rewritten():
     assert "pvc://" not in json.dumps(config.wire())
 
     job = resources.job(inputs)
-    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod_spec(job)["volumes"]
-              if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v
+    }
     assert {c: v["persistentVolumeClaim"]["readOnly"] for c, v in claims.items()} == {
-        "models": True, "training-data": True, "results": False}
+        "models": True,
+        "training-data": True,
+        "results": False,
+    }
     mounts = {m["name"]: m for m in trainer(job)["volumeMounts"]}
     for claim, volume in claims.items():
         mount = mounts[volume["name"]]
         assert mount["mountPath"] == f"/mnt/pvc/{claim}"
         assert mount["readOnly"] is volume["persistentVolumeClaim"]["readOnly"]
     # every local path the trainer gets lies on a mount, written ones on a writable one
-    for uri, written in [(config.spec.base_model.uri, False), (config.spec.base_model.vae, False),
-                         (config.spec.instance.uri, False),
-                         (config.spec.prior.uri, False), (config.output_uri, True),
-                         (config.class_cache_uri, True)]:
+    for uri, written in [
+        (config.spec.base_model.uri, False),
+        (config.spec.base_model.vae, False),
+        (config.spec.instance.uri, False),
+        (config.spec.prior.uri, False),
+        (config.output_uri, True),
+        (config.class_cache_uri, True),
+    ]:
         path = uri.removeprefix("file://")
         (mount,) = [m for m in mounts.values() if path.startswith(m["mountPath"] + "/")]
         assert not (written and mount.get("readOnly")), uri
@@ -421,8 +485,7 @@ def test_pvc_claim_read_and_written_is_writable_and_settings_root_may_be_a_pvc()
     doc = make_job(CLUSTER_JOB, instance={"uri": "pvc://shared/photos/", "prompt": "a photo of zwx cat"})
     inputs = inputs_for(doc, OperatorSettings(output_root="pvc://shared/runs"))
     assert trainerinputs.trainer_config(inputs).output_uri == "file:///mnt/pvc/shared/runs/team-a/toy-cat/"
-    assert trainerinputs.claim_mounts(inputs) == [
-        trainerinputs.ClaimMount("shared", read_only=False, volume="pvc-0")]
+    assert trainerinputs.claim_mounts(inputs) == [trainerinputs.ClaimMount("shared", read_only=False, volume="pvc-0")]
 
 
 def test_config_map_is_what_the_trainer_parses():
@@ -477,10 +540,10 @@ def test_multi_node_rendezvous():
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
-    assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {"fieldRef": {
-        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
-    assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(
-        podtemplate.SHUTDOWN_TIMEOUT_SECONDS)
+    assert env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert env_of(job)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == str(podtemplate.SHUTDOWN_TIMEOUT_SECONDS)
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
     ports = {p["name"]: p["containerPort"] for p in trainer(job)["ports"]}
@@ -542,14 +605,20 @@ def _run_launch(tmp_path: Path, modes: str, *, term_after_ready: bool = False):
     script = script.replace("--mixed_precision bf16", "--mixed_precision no")
     script = script.replace("-m dreambooth.trainer &", "-m stub_trainer &")
     pod_env = {e["name"]: e["value"] for e in trainer(job)["env"] if "value" in e}
-    env = {**os.environ, "STUB_MODES": modes, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": pod_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"],
-           "DREAMBOOTH_WORKDIR": str(work), "DREAMBOOTH_TERMINATION_LOG": str(log),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    env = {
+        **os.environ,
+        "STUB_MODES": modes,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": pod_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"],
+        "DREAMBOOTH_WORKDIR": str(work),
+        "DREAMBOOTH_TERMINATION_LOG": str(log),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+    }
     started = time.monotonic()
-    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     if term_after_ready:
         deadline = time.monotonic() + 90
         while len(list(work.glob("ready-*"))) < 2:
@@ -562,7 +631,8 @@ def _run_launch(tmp_path: Path, modes: str, *, term_after_ready: bool = False):
 
 
 accelerate_missing = pytest.mark.skipif(
-    not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate not installed")
+    not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate not installed"
+)
 
 
 @accelerate_missing
@@ -664,13 +734,24 @@ def test_multi_node_rendezvous_timeout_reaches_torchs_static_rendezvous():
     # what `accelerate launch` does with pod 1's arguments before handing over to torchrun
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(_launch_argv(job, index=1)))
     prepare_multi_gpu_env(args)
-    config, _, _ = torchrun.config_from_args(_filter_args(
-        args, torchrun.get_args_parser(), ["--training_script", args.training_script,
-                                           "--training_script_args", args.training_script_args]))
+    config, _, _ = torchrun.config_from_args(
+        _filter_args(
+            args,
+            torchrun.get_args_parser(),
+            ["--training_script", args.training_script, "--training_script_args", args.training_script_args],
+        )
+    )
     assert config.rdzv_backend == "static" and config.rdzv_configs["timeout"] == "3600"
-    handler = create_rdzv_handler(RendezvousParameters(
-        backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
-        min_nodes=config.min_nodes, max_nodes=config.max_nodes, **config.rdzv_configs))
+    handler = create_rdzv_handler(
+        RendezvousParameters(
+            backend=config.rdzv_backend,
+            endpoint=config.rdzv_endpoint,
+            run_id=config.run_id,
+            min_nodes=config.min_nodes,
+            max_nodes=config.max_nodes,
+            **config.rdzv_configs,
+        )
+    )
     assert handler.timeout.total_seconds() == 3600 and handler.world_size == 2
     single = trainer(resources.job(dict(CASES)["multi-gpu"]))["command"][2]
     assert "--rdzv_conf" not in single  # one node: no rendezvous across pods
@@ -682,15 +763,13 @@ def test_run_policy_and_scheduling():
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 86400
     assert "ttlSecondsAfterFinished" not in spec
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                   "effect": "NoSchedule"}]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["priorityClassName"] == "training"
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
     dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     assert trainer(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    ttl = resources.job(inputs_for(make_job(CLUSTER_JOB, runPolicy={"ttlSecondsAfterFinished": 60,
-                                                          "suspend": True})))
+    ttl = resources.job(inputs_for(make_job(CLUSTER_JOB, runPolicy={"ttlSecondsAfterFinished": 60, "suspend": True})))
     assert ttl["spec"]["suspend"] is True
     # the job's ttl deletes the DreamBoothJob (the Job follows); a Job deleted on its own
     # before the operator saw it finish would look like one to re-create
@@ -700,22 +779,37 @@ def test_run_policy_and_scheduling():
 def test_gpus_and_image():
     cpu = resources.job(dict(CASES)["cpu-only"])
     assert "resources" not in trainer(cpu)
-    custom = make_job(CLUSTER_JOB, resources={"gpusPerNode": 1, "gpu": {"resourceName": "amd.com/gpu"},
-                                    "image": "registry.local/trainer:dev", "memory": "32Gi"})
+    custom = make_job(
+        CLUSTER_JOB,
+        resources={
+            "gpusPerNode": 1,
+            "gpu": {"resourceName": "amd.com/gpu"},
+            "image": "registry.local/trainer:dev",
+            "memory": "32Gi",
+        },
+    )
     c = trainer(resources.job(inputs_for(custom)))
     assert c["image"] == "registry.local/trainer:dev"
-    assert c["resources"] == {"limits": {"amd.com/gpu": "1", "memory": "32Gi"},
-                              "requests": {"amd.com/gpu": "1", "memory": "32Gi"}}
+    assert c["resources"] == {
+        "limits": {"amd.com/gpu": "1", "memory": "32Gi"},
+        "requests": {"amd.com/gpu": "1", "memory": "32Gi"},
+    }
     assert trainer(resources.job(dict(CASES)["toy-cat"]))["image"] == SETTINGS.trainer_image
 
 
 def test_every_child_is_owned_and_labelled():
     for case, inputs in CASES:
         for obj in resources.children(inputs):
-            assert obj["metadata"]["ownerReferences"] == [{
-                "apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothJob",
-                "name": inputs.name, "uid": UID, "controller": True, "blockOwnerDeletion": True,
-            }], case
+            assert obj["metadata"]["ownerReferences"] == [
+                {
+                    "apiVersion": "dreambooth.io/v1alpha1",
+                    "kind": "DreamBoothJob",
+                    "name": inputs.name,
+                    "uid": UID,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ], case
             assert obj["metadata"]["namespace"] == NAMESPACE
             assert naming.labels(inputs.name).items() <= obj["metadata"]["labels"].items()
         pod_labels = resources.job(inputs)["spec"]["template"]["metadata"]["labels"]
@@ -792,10 +886,12 @@ def test_file_uris_are_refused():
 
 
 def test_operator_modules_do_not_import_torch():
-    code = ("import sys, dreambooth.operator.resources, dreambooth.operator.settings\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', "
-            "'accelerate', 'transformers') or m.startswith('dreambooth.trainer')]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, dreambooth.operator.resources, dreambooth.operator.settings\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', "
+        "'accelerate', 'transformers') or m.startswith('dreambooth.trainer')]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -806,45 +902,68 @@ def test_settings_defaults():
     s = OperatorSettings.from_env({})
     assert s == OperatorSettings()
     assert (s.trainer_image, s.output_root, s.s3_secure) == (
-        "ghcr.io/dreambooth-operator/trainer:0.1.0", "s3://dreambooth", True)
-    assert (s.poll_interval_seconds, s.stall_timeout_seconds, s.trainer_metrics_port,
-            s.metrics_port, s.health_port, s.termination_grace_seconds) == (
-        10, 900, 9090, 8080, 8081, 300)
+        "ghcr.io/dreambooth-operator/trainer:0.1.0",
+        "s3://dreambooth",
+        True,
+    )
+    assert (
+        s.poll_interval_seconds,
+        s.stall_timeout_seconds,
+        s.trainer_metrics_port,
+        s.metrics_port,
+        s.health_port,
+        s.termination_grace_seconds,
+    ) == (10, 900, 9090, 8080, 8081, 300)
     assert s.namespaces == () and s.credentials_secret is None and s.s3_endpoint is None
 
 
 def test_settings_from_env():
-    s = OperatorSettings.from_env({
-        "DREAMBOOTH_TRAINER_IMAGE": "registry.local/trainer:1",
-        "DREAMBOOTH_OUTPUT_ROOT": "s3://outputs/",
-        "DREAMBOOTH_S3_ENDPOINT": "minio.minio.svc:9000",
-        "DREAMBOOTH_S3_SECURE": "false",
-        "DREAMBOOTH_CREDENTIALS_SECRET": "minio-credentials",
-        "DREAMBOOTH_NAMESPACES": " team-b, team-a ,,",
-        "DREAMBOOTH_POLL_INTERVAL_SECONDS": "5",
-        "DREAMBOOTH_TERMINATION_GRACE_SECONDS": "600",
-    })
+    s = OperatorSettings.from_env(
+        {
+            "DREAMBOOTH_TRAINER_IMAGE": "registry.local/trainer:1",
+            "DREAMBOOTH_OUTPUT_ROOT": "s3://outputs/",
+            "DREAMBOOTH_S3_ENDPOINT": "minio.minio.svc:9000",
+            "DREAMBOOTH_S3_SECURE": "false",
+            "DREAMBOOTH_CREDENTIALS_SECRET": "minio-credentials",
+            "DREAMBOOTH_NAMESPACES": " team-b, team-a ,,",
+            "DREAMBOOTH_POLL_INTERVAL_SECONDS": "5",
+            "DREAMBOOTH_TERMINATION_GRACE_SECONDS": "600",
+        }
+    )
     assert s.namespaces == ("team-a", "team-b") and s.s3_secure is False
     assert s.output_root == "s3://outputs" and s.poll_interval_seconds == 5
     d = s.defaults()
     assert (d.output_root, d.s3_endpoint, d.s3_secure, d.metrics_port) == (
-        "s3://outputs", "minio.minio.svc:9000", False, 9090)
+        "s3://outputs",
+        "minio.minio.svc:9000",
+        False,
+        9090,
+    )
 
 
 def test_settings_errors_name_every_bad_variable():
     with pytest.raises(SettingsError) as err:
-        OperatorSettings.from_env({
-            "DREAMBOOTH_OUTPUT_ROOT": "gs://bucket",
-            "DREAMBOOTH_S3_ENDPOINT": "http://minio:9000",
-            "DREAMBOOTH_S3_SECURE": "maybe",
-            "DREAMBOOTH_CREDENTIALS_SECRET": "Bad_Name",
-            "DREAMBOOTH_NAMESPACES": "ok,NOT OK",
-            "DREAMBOOTH_POLL_INTERVAL_SECONDS": "0",
-            "DREAMBOOTH_TRAINER_METRICS_PORT": "nine",
-        })
+        OperatorSettings.from_env(
+            {
+                "DREAMBOOTH_OUTPUT_ROOT": "gs://bucket",
+                "DREAMBOOTH_S3_ENDPOINT": "http://minio:9000",
+                "DREAMBOOTH_S3_SECURE": "maybe",
+                "DREAMBOOTH_CREDENTIALS_SECRET": "Bad_Name",
+                "DREAMBOOTH_NAMESPACES": "ok,NOT OK",
+                "DREAMBOOTH_POLL_INTERVAL_SECONDS": "0",
+                "DREAMBOOTH_TRAINER_METRICS_PORT": "nine",
+            }
+        )
     message = str(err.value)
-    for var in ("OUTPUT_ROOT", "S3_ENDPOINT", "S3_SECURE", "CREDENTIALS_SECRET", "NAMESPACES",
-                "POLL_INTERVAL_SECONDS", "TRAINER_METRICS_PORT"):
+    for var in (
+        "OUTPUT_ROOT",
+        "S3_ENDPOINT",
+        "S3_SECURE",
+        "CREDENTIALS_SECRET",
+        "NAMESPACES",
+        "POLL_INTERVAL_SECONDS",
+        "TRAINER_METRICS_PORT",
+    ):
         assert f"DREAMBOOTH_{var}=" in message, var
     assert len(err.value.problems) == 7
     with pytest.raises(SettingsError, match="rendezvous"):

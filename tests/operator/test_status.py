@@ -37,18 +37,32 @@ def at(minutes: float) -> datetime:
 # --- builders -------------------------------------------------------------------------------
 
 
-def cond(ctype: str, reason: str = "", message: str = "", status: str = "True",
-         when: str = "2026-11-24T11:00:00Z") -> dict[str, Any]:
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": when}
+def cond(
+    ctype: str, reason: str = "", message: str = "", status: str = "True", when: str = "2026-11-24T11:00:00Z"
+) -> dict[str, Any]:
+    return {"type": ctype, "status": status, "reason": reason, "message": message, "lastTransitionTime": when}
 
 
-def job(*, conditions=(), failed=0, active=0, succeeded=0, suspended=False, backoff_limit=3,
-        deadline=None, start_time="2026-11-24T09:59:00Z", completion_time=None,
-        restarts_before: int | None = None) -> dict[str, Any]:
+def job(
+    *,
+    conditions=(),
+    failed=0,
+    active=0,
+    succeeded=0,
+    suspended=False,
+    backoff_limit=3,
+    deadline=None,
+    start_time="2026-11-24T09:59:00Z",
+    completion_time=None,
+    restarts_before: int | None = None,
+) -> dict[str, Any]:
     """A trainer Job; ``restarts_before``: its dreambooth.io/restarts annotation."""
-    status: dict[str, Any] = {"active": active, "failed": failed, "succeeded": succeeded,
-                              "conditions": list(conditions)}
+    status: dict[str, Any] = {
+        "active": active,
+        "failed": failed,
+        "succeeded": succeeded,
+        "conditions": list(conditions),
+    }
     if start_time and not suspended:
         status["startTime"] = start_time
     if completion_time:
@@ -67,10 +81,18 @@ def summary(code: ExitCode | int, reason: str | None = None, message: str = "", 
     return json.dumps({k: v for k, v in body.items() if v is not None})
 
 
-def pod(name: str = "toy-cat-trainer-0-x1", *, index: int = 0, phase: str = "Running",
-        waiting: tuple[str, str] | None = None, init_waiting: tuple[str, str] | None = None,
-        terminated: dict[str, Any] | None = None, conditions=(), finished: str = "2026-11-24T10:30:00Z",
-        deleting: bool = False) -> dict[str, Any]:
+def pod(
+    name: str = "toy-cat-trainer-0-x1",
+    *,
+    index: int = 0,
+    phase: str = "Running",
+    waiting: tuple[str, str] | None = None,
+    init_waiting: tuple[str, str] | None = None,
+    terminated: dict[str, Any] | None = None,
+    conditions=(),
+    finished: str = "2026-11-24T10:30:00Z",
+    deleting: bool = False,
+) -> dict[str, Any]:
     """A trainer pod. ``terminated``: exitCode, reason, message (the termination message)."""
     state: dict[str, Any] = {"running": {"startedAt": "2026-11-24T10:00:00Z"}}
     if waiting:
@@ -87,24 +109,42 @@ def pod(name: str = "toy-cat-trainer-0-x1", *, index: int = 0, phase: str = "Run
         status["initContainerStatuses"] = [
             {"name": "fetch", "state": {"waiting": {"reason": init_waiting[0], "message": init_waiting[1]}}}
         ]
-    meta: dict[str, Any] = {"name": name, "namespace": "team-a",
-                            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": "team-a",
+        "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-24T10:31:00Z"
     return {"metadata": meta, "status": status}
 
 
-def failed_pod(code: int, reason: str = "Error", message: str = "", name: str = "toy-cat-trainer-0-f1",
-               finished: str = "2026-11-24T10:30:00Z", conditions=(), index: int = 0,
-               deleting: bool = False) -> dict[str, Any]:
-    return pod(name, index=index, phase="Failed", terminated={"exitCode": code, "reason": reason, "message": message},
-               finished=finished, conditions=conditions, deleting=deleting)
+def failed_pod(
+    code: int,
+    reason: str = "Error",
+    message: str = "",
+    name: str = "toy-cat-trainer-0-f1",
+    finished: str = "2026-11-24T10:30:00Z",
+    conditions=(),
+    index: int = 0,
+    deleting: bool = False,
+) -> dict[str, Any]:
+    return pod(
+        name,
+        index=index,
+        phase="Failed",
+        terminated={"exitCode": code, "reason": reason, "message": message},
+        finished=finished,
+        conditions=conditions,
+        deleting=deleting,
+    )
 
 
 def succeeded_pod(outputs: dict[str, str] | None = None, step: int = 400, **extra) -> dict[str, Any]:
     message = summary(0, "Succeeded", step=step, outputs=outputs or {}, **extra)
-    return pod("toy-cat-trainer-0-ok", phase="Succeeded",
-               terminated={"exitCode": 0, "reason": "Completed", "message": message})
+    return pod(
+        "toy-cat-trainer-0-ok", phase="Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": message}
+    )
 
 
 def snap(phase: str = "training", step: int = 120, total: int = 400, **kw) -> TrainerSnapshot:
@@ -132,8 +172,9 @@ def ready(status: DreamBoothJobStatus) -> Condition:
 
 SECRET_MISSING = ("CreateContainerConfigError", 'secret "minio-credentials" not found')
 OOM = {"exitCode": 137, "reason": "OOMKilled", "message": ""}
-UNSCHEDULABLE = cond("PodScheduled", "Unschedulable",
-                     "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.", status="False")
+UNSCHEDULABLE = cond(
+    "PodScheduled", "Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.", status="False"
+)
 RUNNING_JOB = job(active=1)
 
 # --- the table ---------------------------------------------------------------------------------
@@ -142,93 +183,334 @@ CASES = [
     # id, observation, phase, Ready reason, substring of Ready message
     ("no Job yet", obs(None), Phase.PENDING, "Creating", "creating"),
     ("Job without pods", obs(job()), Phase.PENDING, "WaitingForPods", ""),
-    ("pod not yet scheduled", obs(RUNNING_JOB, [pod(phase="Pending")]) , Phase.PENDING, "Scheduling", ""),
-    ("unschedulable", obs(RUNNING_JOB, [pod(phase="Pending", conditions=[UNSCHEDULABLE])]),
-     Phase.PENDING, "Unschedulable", "Insufficient nvidia.com/gpu"),
-    ("scheduling gated (Kueue)", obs(RUNNING_JOB, [pod(phase="Pending", conditions=[
-        cond("PodScheduled", "SchedulingGated", "Scheduling is blocked", status="False")])]),
-     Phase.PENDING, "SchedulingGated", "blocked"),
-    ("ErrImagePull", obs(RUNNING_JOB, [pod(phase="Pending", waiting=("ErrImagePull", "pull access denied"))]),
-     Phase.PENDING, "ImagePullBackOff", "pull access denied"),
-    ("ImagePullBackOff", obs(RUNNING_JOB, [pod(phase="Pending", waiting=(
-        "ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:nope"'))]),
-     Phase.PENDING, "ImagePullBackOff", "resources.image"),
-    ("init container image", obs(RUNNING_JOB, [pod(phase="Pending", waiting=("PodInitializing", ""),
-                                                   init_waiting=("ImagePullBackOff", "no such image"))]),
-     Phase.PENDING, "ImagePullBackOff", "no such image"),
-    ("credentials Secret missing", obs(RUNNING_JOB, [pod(phase="Pending", waiting=SECRET_MISSING)]),
-     Phase.PENDING, "SecretNotFound", 'create Secret "minio-credentials" in team-a'),
-    ("credentials Secret lacks a key", obs(RUNNING_JOB, [pod(phase="Pending", waiting=(
-        "CreateContainerConfigError", "couldn't find key AWS_ACCESS_KEY_ID in Secret team-a/minio"))]),
-     Phase.PENDING, "SecretKeyNotFound", "accessKeyKey"),
-    ("other config error", obs(RUNNING_JOB, [pod(phase="Pending", waiting=(
-        "CreateContainerConfigError", "runAsNonRoot and image will run as root"))]),
-     Phase.PENDING, "CreateContainerConfigError", "runAsNonRoot"),
-    ("containers starting", obs(RUNNING_JOB, [pod(phase="Pending", waiting=("ContainerCreating", ""),
-                                                  conditions=[cond("PodScheduled")])]),
-     Phase.PENDING, "ContainerCreating", ""),
-    ("one of two nodes unschedulable", obs(job(active=2), [
-        pod(), pod("toy-cat-trainer-1-y", index=1, phase="Pending", conditions=[UNSCHEDULABLE])],
-        snapshot=snap("initializing", step=0)),
-     Phase.PENDING, "Unschedulable", "toy-cat-trainer-1-y"),
+    ("pod not yet scheduled", obs(RUNNING_JOB, [pod(phase="Pending")]), Phase.PENDING, "Scheduling", ""),
+    (
+        "unschedulable",
+        obs(RUNNING_JOB, [pod(phase="Pending", conditions=[UNSCHEDULABLE])]),
+        Phase.PENDING,
+        "Unschedulable",
+        "Insufficient nvidia.com/gpu",
+    ),
+    (
+        "scheduling gated (Kueue)",
+        obs(
+            RUNNING_JOB,
+            [
+                pod(
+                    phase="Pending",
+                    conditions=[cond("PodScheduled", "SchedulingGated", "Scheduling is blocked", status="False")],
+                )
+            ],
+        ),
+        Phase.PENDING,
+        "SchedulingGated",
+        "blocked",
+    ),
+    (
+        "ErrImagePull",
+        obs(RUNNING_JOB, [pod(phase="Pending", waiting=("ErrImagePull", "pull access denied"))]),
+        Phase.PENDING,
+        "ImagePullBackOff",
+        "pull access denied",
+    ),
+    (
+        "ImagePullBackOff",
+        obs(
+            RUNNING_JOB,
+            [pod(phase="Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:nope"'))],
+        ),
+        Phase.PENDING,
+        "ImagePullBackOff",
+        "resources.image",
+    ),
+    (
+        "init container image",
+        obs(
+            RUNNING_JOB,
+            [pod(phase="Pending", waiting=("PodInitializing", ""), init_waiting=("ImagePullBackOff", "no such image"))],
+        ),
+        Phase.PENDING,
+        "ImagePullBackOff",
+        "no such image",
+    ),
+    (
+        "credentials Secret missing",
+        obs(RUNNING_JOB, [pod(phase="Pending", waiting=SECRET_MISSING)]),
+        Phase.PENDING,
+        "SecretNotFound",
+        'create Secret "minio-credentials" in team-a',
+    ),
+    (
+        "credentials Secret lacks a key",
+        obs(
+            RUNNING_JOB,
+            [
+                pod(
+                    phase="Pending",
+                    waiting=(
+                        "CreateContainerConfigError",
+                        "couldn't find key AWS_ACCESS_KEY_ID in Secret team-a/minio",
+                    ),
+                )
+            ],
+        ),
+        Phase.PENDING,
+        "SecretKeyNotFound",
+        "accessKeyKey",
+    ),
+    (
+        "other config error",
+        obs(
+            RUNNING_JOB,
+            [pod(phase="Pending", waiting=("CreateContainerConfigError", "runAsNonRoot and image will run as root"))],
+        ),
+        Phase.PENDING,
+        "CreateContainerConfigError",
+        "runAsNonRoot",
+    ),
+    (
+        "containers starting",
+        obs(RUNNING_JOB, [pod(phase="Pending", waiting=("ContainerCreating", ""), conditions=[cond("PodScheduled")])]),
+        Phase.PENDING,
+        "ContainerCreating",
+        "",
+    ),
+    (
+        "one of two nodes unschedulable",
+        obs(
+            job(active=2),
+            [pod(), pod("toy-cat-trainer-1-y", index=1, phase="Pending", conditions=[UNSCHEDULABLE])],
+            snapshot=snap("initializing", step=0),
+        ),
+        Phase.PENDING,
+        "Unschedulable",
+        "toy-cat-trainer-1-y",
+    ),
     ("running, metrics not read yet", obs(RUNNING_JOB, [pod()]), Phase.INITIALIZING, "Initializing", "base model"),
     ("initializing", obs(RUNNING_JOB, [pod()], snap("initializing", step=0)), Phase.INITIALIZING, "Initializing", ""),
-    ("class images", obs(RUNNING_JOB, [pod()], snap("generating_class_images", step=0)),
-     Phase.GENERATING_CLASS_IMAGES, "GeneratingClassImages", "class images"),
-    ("training", obs(RUNNING_JOB, [pod()], snap()), Phase.TRAINING, "Training",
-     "step 120/400 (30.0%), loss 0.1234, ETA 2m20s"),
+    (
+        "class images",
+        obs(RUNNING_JOB, [pod()], snap("generating_class_images", step=0)),
+        Phase.GENERATING_CLASS_IMAGES,
+        "GeneratingClassImages",
+        "class images",
+    ),
+    (
+        "training",
+        obs(RUNNING_JOB, [pod()], snap()),
+        Phase.TRAINING,
+        "Training",
+        "step 120/400 (30.0%), loss 0.1234, ETA 2m20s",
+    ),
     ("exporting", obs(RUNNING_JOB, [pod()], snap("exporting", step=400)), Phase.EXPORTING, "Exporting", "export"),
-    ("trainer done, pod finishing", obs(RUNNING_JOB, [pod()], snap("succeeded", step=400)),
-     Phase.EXPORTING, "Exporting", ""),
+    (
+        "trainer done, pod finishing",
+        obs(RUNNING_JOB, [pod()], snap("succeeded", step=400)),
+        Phase.EXPORTING,
+        "Exporting",
+        "",
+    ),
     ("pods done, Job not yet Complete", obs(job(succeeded=1), [succeeded_pod()]), Phase.EXPORTING, "Exporting", ""),
-    ("a pod failed, replacement coming", obs(job(failed=1), [failed_pod(20, message=summary(
-        ExitCode.STORAGE_UNAVAILABLE, "StorageUnavailable", "minio.minio.svc:9000 unreachable"))]),
-     Phase.PENDING, "Restarting", "StorageUnavailable (exit 20): minio.minio.svc:9000 unreachable"),
-    ("a pod was preempted", obs(job(), [failed_pod(21, message=summary(ExitCode.PREEMPTED, "Preempted", "stopped"),
-                                                   conditions=[cond("DisruptionTarget", "PreemptionByScheduler")])]),
-     Phase.PENDING, "Preempted", "PreemptionByScheduler"),
-    ("terminating pods ignored", obs(job(failed=1), [pod(deleting=True), failed_pod(1)]), Phase.PENDING, "Restarting", ""),
-    ("Job complete", obs(job(conditions=[cond("Complete")], succeeded=1), [succeeded_pod()]),
-     Phase.SUCCEEDED, "Succeeded", "trained 400 steps"),
-    ("success criteria met", obs(job(conditions=[cond("SuccessCriteriaMet", "CompletionsReached")]), []),
-     Phase.SUCCEEDED, "Succeeded", ""),
-    ("backoff limit exceeded", obs(job(conditions=[cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=4), [
-        failed_pod(1, message=summary(ExitCode.UNEXPECTED, "Unexpected", "RuntimeError: NCCL timeout"))]),
-     Phase.FAILED, "BackoffLimitExceeded", "failed 4 times (backoffLimit 3); last failure: pod toy-cat-trainer-0-f1: Unexpected (exit 1): RuntimeError: NCCL timeout"),
-    ("CUDA out of memory", obs(job(conditions=[cond("Failed", "BackoffLimitExceeded")], failed=4), [
-        failed_pod(1, message=summary(1, "Unexpected", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))]),
-     Phase.FAILED, "BackoffLimitExceeded", "CUDAOutOfMemory (exit 1): OutOfMemoryError"),
-    ("OOMKilled", obs(job(conditions=[cond("Failed", "BackoffLimitExceeded")], failed=4), [
-        failed_pod(1, finished="2026-11-24T10:10:00Z", name="a"),
-        pod("b", phase="Failed", terminated=OOM, finished="2026-11-24T10:20:00Z")]),
-     Phase.FAILED, "OOMKilled", "raise resources.memory"),
-    ("deadline exceeded", obs(job(conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")], deadline=3600), [pod()]),
-     Phase.FAILED, "DeadlineExceeded", "activeDeadlineSeconds (3600s): Job was active longer"),
-    ("bad data, not retried", obs(job(conditions=[cond("Failed", "PodFailurePolicy", "Container trainer for pod team-a/x failed with exit code 11 matching FailJob rule at index 1")]), [
-        failed_pod(11, message=summary(ExitCode.BAD_DATA, "BadData", "no images found under s3://data/toy-cat/: upload them there, or fix the URI"))]),
-     Phase.FAILED, "BadData", "no images found under s3://data/toy-cat/"),
-    ("storage auth, FailureTarget first", obs(job(conditions=[cond("FailureTarget", "PodFailurePolicy")]), [
-        failed_pod(1, name="older", finished="2026-11-24T10:00:00Z"),
-        failed_pod(12, message=summary(ExitCode.STORAGE_AUTH, "StorageAuth", "Access Denied: check the Secret"))]),
-     Phase.FAILED, "StorageAuth", "Access Denied: check the Secret"),
-    ("do-not-retry code, log tail as message", obs(job(conditions=[cond("Failed", "PodFailurePolicy")]), [
-        failed_pod(13, message="Traceback ...\nNoSuchBucket: models")]),
-     Phase.FAILED, "NotFound", "NoSuchBucket: models"),
-    ("PodFailurePolicy without pods", obs(job(conditions=[cond("Failed", "PodFailurePolicy", "exit code 14")]), []),
-     Phase.FAILED, "PodFailurePolicy", "exit code 14"),
-    ("other Job failure", obs(job(conditions=[cond("Failed", "MaxFailedIndexesExceeded", "too many")]), []),
-     Phase.FAILED, "MaxFailedIndexesExceeded", "too many"),
-    ("spec suspended", obs(job(suspended=True, active=1), [pod(deleting=True)], suspend=True),
-     Phase.SUSPENDED, "SuspendRequested", "set it to false to resume"),
-    ("Job suspended (Kueue)", obs(job(suspended=True, conditions=[cond("Suspended", "JobSuspended")]), []),
-     Phase.SUSPENDED, "JobSuspended", "Kueue"),
-    ("finished beats suspend", obs(job(conditions=[cond("Complete")]), [succeeded_pod()], suspend=True),
-     Phase.SUCCEEDED, "Succeeded", ""),
+    (
+        "a pod failed, replacement coming",
+        obs(
+            job(failed=1),
+            [
+                failed_pod(
+                    20,
+                    message=summary(
+                        ExitCode.STORAGE_UNAVAILABLE, "StorageUnavailable", "minio.minio.svc:9000 unreachable"
+                    ),
+                )
+            ],
+        ),
+        Phase.PENDING,
+        "Restarting",
+        "StorageUnavailable (exit 20): minio.minio.svc:9000 unreachable",
+    ),
+    (
+        "a pod was preempted",
+        obs(
+            job(),
+            [
+                failed_pod(
+                    21,
+                    message=summary(ExitCode.PREEMPTED, "Preempted", "stopped"),
+                    conditions=[cond("DisruptionTarget", "PreemptionByScheduler")],
+                )
+            ],
+        ),
+        Phase.PENDING,
+        "Preempted",
+        "PreemptionByScheduler",
+    ),
+    (
+        "terminating pods ignored",
+        obs(job(failed=1), [pod(deleting=True), failed_pod(1)]),
+        Phase.PENDING,
+        "Restarting",
+        "",
+    ),
+    (
+        "Job complete",
+        obs(job(conditions=[cond("Complete")], succeeded=1), [succeeded_pod()]),
+        Phase.SUCCEEDED,
+        "Succeeded",
+        "trained 400 steps",
+    ),
+    (
+        "success criteria met",
+        obs(job(conditions=[cond("SuccessCriteriaMet", "CompletionsReached")]), []),
+        Phase.SUCCEEDED,
+        "Succeeded",
+        "",
+    ),
+    (
+        "backoff limit exceeded",
+        obs(
+            job(
+                conditions=[cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+                failed=4,
+            ),
+            [failed_pod(1, message=summary(ExitCode.UNEXPECTED, "Unexpected", "RuntimeError: NCCL timeout"))],
+        ),
+        Phase.FAILED,
+        "BackoffLimitExceeded",
+        "failed 4 times (backoffLimit 3); last failure: pod toy-cat-trainer-0-f1: Unexpected (exit 1): RuntimeError: NCCL timeout",
+    ),
+    (
+        "CUDA out of memory",
+        obs(
+            job(conditions=[cond("Failed", "BackoffLimitExceeded")], failed=4),
+            [
+                failed_pod(
+                    1, message=summary(1, "Unexpected", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+                )
+            ],
+        ),
+        Phase.FAILED,
+        "BackoffLimitExceeded",
+        "CUDAOutOfMemory (exit 1): OutOfMemoryError",
+    ),
+    (
+        "OOMKilled",
+        obs(
+            job(conditions=[cond("Failed", "BackoffLimitExceeded")], failed=4),
+            [
+                failed_pod(1, finished="2026-11-24T10:10:00Z", name="a"),
+                pod("b", phase="Failed", terminated=OOM, finished="2026-11-24T10:20:00Z"),
+            ],
+        ),
+        Phase.FAILED,
+        "OOMKilled",
+        "raise resources.memory",
+    ),
+    (
+        "deadline exceeded",
+        obs(
+            job(
+                conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")],
+                deadline=3600,
+            ),
+            [pod()],
+        ),
+        Phase.FAILED,
+        "DeadlineExceeded",
+        "activeDeadlineSeconds (3600s): Job was active longer",
+    ),
+    (
+        "bad data, not retried",
+        obs(
+            job(
+                conditions=[
+                    cond(
+                        "Failed",
+                        "PodFailurePolicy",
+                        "Container trainer for pod team-a/x failed with exit code 11 matching FailJob rule at index 1",
+                    )
+                ]
+            ),
+            [
+                failed_pod(
+                    11,
+                    message=summary(
+                        ExitCode.BAD_DATA,
+                        "BadData",
+                        "no images found under s3://data/toy-cat/: upload them there, or fix the URI",
+                    ),
+                )
+            ],
+        ),
+        Phase.FAILED,
+        "BadData",
+        "no images found under s3://data/toy-cat/",
+    ),
+    (
+        "storage auth, FailureTarget first",
+        obs(
+            job(conditions=[cond("FailureTarget", "PodFailurePolicy")]),
+            [
+                failed_pod(1, name="older", finished="2026-11-24T10:00:00Z"),
+                failed_pod(
+                    12, message=summary(ExitCode.STORAGE_AUTH, "StorageAuth", "Access Denied: check the Secret")
+                ),
+            ],
+        ),
+        Phase.FAILED,
+        "StorageAuth",
+        "Access Denied: check the Secret",
+    ),
+    (
+        "do-not-retry code, log tail as message",
+        obs(
+            job(conditions=[cond("Failed", "PodFailurePolicy")]),
+            [failed_pod(13, message="Traceback ...\nNoSuchBucket: models")],
+        ),
+        Phase.FAILED,
+        "NotFound",
+        "NoSuchBucket: models",
+    ),
+    (
+        "PodFailurePolicy without pods",
+        obs(job(conditions=[cond("Failed", "PodFailurePolicy", "exit code 14")]), []),
+        Phase.FAILED,
+        "PodFailurePolicy",
+        "exit code 14",
+    ),
+    (
+        "other Job failure",
+        obs(job(conditions=[cond("Failed", "MaxFailedIndexesExceeded", "too many")]), []),
+        Phase.FAILED,
+        "MaxFailedIndexesExceeded",
+        "too many",
+    ),
+    (
+        "spec suspended",
+        obs(job(suspended=True, active=1), [pod(deleting=True)], suspend=True),
+        Phase.SUSPENDED,
+        "SuspendRequested",
+        "set it to false to resume",
+    ),
+    (
+        "Job suspended (Kueue)",
+        obs(job(suspended=True, conditions=[cond("Suspended", "JobSuspended")]), []),
+        Phase.SUSPENDED,
+        "JobSuspended",
+        "Kueue",
+    ),
+    (
+        "finished beats suspend",
+        obs(job(conditions=[cond("Complete")]), [succeeded_pod()], suspend=True),
+        Phase.SUCCEEDED,
+        "Succeeded",
+        "",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("observation", "phase", "reason", "message"),
-                         [pytest.param(*case[1:], id=case[0]) for case in CASES])
+@pytest.mark.parametrize(
+    ("observation", "phase", "reason", "message"), [pytest.param(*case[1:], id=case[0]) for case in CASES]
+)
 def test_phase_machine(observation, phase, reason, message):
     status = compute_status(observation, None, T0)
     assert status.phase is phase
@@ -280,8 +562,14 @@ def test_false_conditions_carry_the_headline_reason():
 def test_conditions_keep_their_transition_time_until_their_status_changes():
     s1 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=10)), None, at(0))
     s2 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=20)), s1, at(1))
-    s3 = compute_status(obs(job(conditions=[cond("Failed", "PodFailurePolicy")]),
-                            [failed_pod(11, message=summary(11, "BadData", "bad"))]), s2, at(2))
+    s3 = compute_status(
+        obs(
+            job(conditions=[cond("Failed", "PodFailurePolicy")]),
+            [failed_pod(11, message=summary(11, "BadData", "bad"))],
+        ),
+        s2,
+        at(2),
+    )
     c1, c2, c3 = conditions(s1), conditions(s2), conditions(s3)
     assert c1["Running"].last_transition_time == "2026-11-24T10:00:00Z"
     assert c2["Running"].last_transition_time == "2026-11-24T10:00:00Z"  # still True
@@ -305,15 +593,22 @@ def test_conditions_carry_the_observed_generation():
 
 
 def test_a_finished_job_stays_finished_when_its_job_is_gone():
-    done = compute_status(obs(job(conditions=[cond("Complete")], completion_time="2026-11-24T12:00:00Z"),
-                              [succeeded_pod()]), None, at(0))
+    done = compute_status(
+        obs(job(conditions=[cond("Complete")], completion_time="2026-11-24T12:00:00Z"), [succeeded_pod()]), None, at(0)
+    )
     later = compute_status(obs(None, []), done, at(60))
     assert later == done
 
 
 def test_a_failure_keeps_its_reason_once_pods_are_gone():
-    failed = compute_status(obs(job(conditions=[cond("Failed", "PodFailurePolicy")]),
-                                [failed_pod(11, message=summary(11, "BadData", "bad image"))]), None, at(0))
+    failed = compute_status(
+        obs(
+            job(conditions=[cond("Failed", "PodFailurePolicy")]),
+            [failed_pod(11, message=summary(11, "BadData", "bad image"))],
+        ),
+        None,
+        at(0),
+    )
     later = compute_status(obs(job(conditions=[cond("Failed", "PodFailurePolicy")]), []), failed, at(5))
     assert ready(later).reason == "PodFailurePolicy"  # refined from what is seen now...
     gone = compute_status(obs(None, []), failed, at(5))
@@ -354,11 +649,15 @@ def test_start_and_completion_times():
     assert pending.start_time is None and pending.completion_time is None
     running = compute_status(obs(job(active=1, start_time="2026-11-24T09:59:00Z"), [pod()]), pending, at(1))
     assert running.start_time == "2026-11-24T09:59:00Z"
-    done = compute_status(obs(job(conditions=[cond("Complete")], completion_time="2026-11-24T12:00:00Z"),
-                              [succeeded_pod()]), running, at(120))
+    done = compute_status(
+        obs(job(conditions=[cond("Complete")], completion_time="2026-11-24T12:00:00Z"), [succeeded_pod()]),
+        running,
+        at(120),
+    )
     assert (done.start_time, done.completion_time) == ("2026-11-24T09:59:00Z", "2026-11-24T12:00:00Z")
-    failed = compute_status(obs(job(conditions=[cond("Failed", "DeadlineExceeded", when="2026-11-24T11:11:11Z")])),
-                            running, at(75))
+    failed = compute_status(
+        obs(job(conditions=[cond("Failed", "DeadlineExceeded", when="2026-11-24T11:11:11Z")])), running, at(75)
+    )
     assert failed.completion_time == "2026-11-24T11:11:11Z"
 
 
@@ -390,18 +689,28 @@ def test_outputs_on_success_are_the_formats_asked_for(formats, model, single_fil
     status = compute_status(obs(COMPLETE, [], formats=formats, name="toy-cat"), None, T0)
     o = status.outputs
     assert (o.model, o.single_file, o.lora, o.lora_kohya, o.samples) == (
-        model, single_file, lora, kohya, OUT + "samples/")
+        model,
+        single_file,
+        lora,
+        kohya,
+        OUT + "samples/",
+    )
 
 
 def test_outputs_reported_by_the_trainer_win():
     written = {"diffusers": "s3://elsewhere/model/", "samples": "s3://elsewhere/samples/"}
     status = compute_status(obs(COMPLETE, [succeeded_pod(written)], formats=(D, S)), None, T0)
     assert (status.outputs.model, status.outputs.single_file, status.outputs.samples) == (
-        "s3://elsewhere/model/", None, "s3://elsewhere/samples/")
+        "s3://elsewhere/model/",
+        None,
+        "s3://elsewhere/samples/",
+    )
     written = {"lora": "s3://elsewhere/lora/", "lora-kohya": "s3://elsewhere/lora/x_kohya.safetensors"}
     status = compute_status(obs(COMPLETE, [succeeded_pod(written)], formats=(L, K)), None, T0)
     assert (status.outputs.lora, status.outputs.lora_kohya) == (
-        "s3://elsewhere/lora/", "s3://elsewhere/lora/x_kohya.safetensors")
+        "s3://elsewhere/lora/",
+        "s3://elsewhere/lora/x_kohya.safetensors",
+    )
     assert "kohya LoRA s3://elsewhere/lora/x_kohya.safetensors" in ready(status).message
 
 
@@ -424,9 +733,17 @@ def test_no_samples_when_validation_is_off():
 
 def test_observation_from_the_effective_spec():
     def spec(**training) -> DreamBoothJobSpec:
-        return effective_spec(DreamBoothJobSpec.model_validate(make_job(
-            preset="face", instance={"uri": "s3://data/me/", "prompt": "a photo of zwx person"},
-            training=training, validation={"enabled": False}, runPolicy={"suspend": True})["spec"]))
+        return effective_spec(
+            DreamBoothJobSpec.model_validate(
+                make_job(
+                    preset="face",
+                    instance={"uri": "s3://data/me/", "prompt": "a photo of zwx person"},
+                    training=training,
+                    validation={"enabled": False},
+                    runPolicy={"suspend": True},
+                )["spec"]
+            )
+        )
 
     o = Observation.of(spec(method="lora"), generation=2, output_uri=OUT, job=None)
     assert o.formats == (L,) and o.suspend and not o.samples and o.generation == 2
@@ -481,7 +798,8 @@ def test_no_eta_when_not_running():
 def _training(step: int, minute: float, previous, snapshot=True, timeout=timedelta(minutes=10)):
     return compute_status(
         obs(RUNNING_JOB, [pod()], snap(step=step) if snapshot else None, stall_timeout=timeout),
-        previous, at(minute),
+        previous,
+        at(minute),
     )
 
 
@@ -531,8 +849,13 @@ def test_events_for_a_run():
     s1 = compute_status(obs(RUNNING_JOB, [pod(phase="Pending", waiting=SECRET_MISSING)]), s0, at(1))
     s2 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=100, last_checkpoint_step=100)), s1, at(2))
     s3 = compute_status(obs(RUNNING_JOB, [pod()], snap(step=110, last_checkpoint_step=100)), s2, at(3))
-    o4 = obs(job(failed=1, active=1), [pod("toy-cat-trainer-0-x1", phase="Failed", terminated=OOM),
-                                       pod("toy-cat-trainer-0-x2", phase="Pending", waiting=("ContainerCreating", ""))])
+    o4 = obs(
+        job(failed=1, active=1),
+        [
+            pod("toy-cat-trainer-0-x1", phase="Failed", terminated=OOM),
+            pod("toy-cat-trainer-0-x2", phase="Pending", waiting=("ContainerCreating", "")),
+        ],
+    )
     s4 = compute_status(o4, s3, at(4))
     o5 = obs(COMPLETE, [succeeded_pod()])
     s5 = compute_status(o5, s4, at(5))
@@ -541,7 +864,9 @@ def test_events_for_a_run():
     (e1,) = transition_events(s0, s1)
     assert (e1.type, e1.reason) == ("Warning", "SecretNotFound") and "minio-credentials" in e1.message
     assert [(e.type, e.reason) for e in transition_events(s1, s2)] == [
-        ("Normal", "Training"), ("Normal", "CheckpointSaved")]
+        ("Normal", "Training"),
+        ("Normal", "CheckpointSaved"),
+    ]
     assert transition_events(s2, s3) == []  # progress alone makes no events
     events = transition_events(s3, s4, o4)
     assert [(e.type, e.reason) for e in events] == [("Normal", "Pending"), ("Warning", "Restarted")]
@@ -552,12 +877,26 @@ def test_events_for_a_run():
 
 def test_failure_event_carries_the_trainers_reason():
     before = compute_status(obs(RUNNING_JOB, [pod()], snap()), None, at(0))
-    after = compute_status(obs(job(conditions=[cond("Failed", "PodFailurePolicy")]), [failed_pod(
-        12, message=summary(12, "StorageAuth", "s3://out/: Access Denied; check Secret minio-credentials"))]),
-        before, at(1))
+    after = compute_status(
+        obs(
+            job(conditions=[cond("Failed", "PodFailurePolicy")]),
+            [
+                failed_pod(
+                    12, message=summary(12, "StorageAuth", "s3://out/: Access Denied; check Secret minio-credentials")
+                )
+            ],
+        ),
+        before,
+        at(1),
+    )
     assert transition_events(before, after) == [
-        Event("Warning", "StorageAuth", "pod toy-cat-trainer-0-f1: StorageAuth (exit 12): s3://out/: "
-              "Access Denied; check Secret minio-credentials (not retried)")]
+        Event(
+            "Warning",
+            "StorageAuth",
+            "pod toy-cat-trainer-0-f1: StorageAuth (exit 12): s3://out/: "
+            "Access Denied; check Secret minio-credentials (not retried)",
+        )
+    ]
 
 
 def test_stall_events():
@@ -571,8 +910,7 @@ def test_stall_events():
 def test_benign_pending_reasons_make_no_warnings():
     s0 = compute_status(obs(None), None, at(0))
     for reason in sorted(BENIGN_PENDING - {"Creating", "Restarting"}):
-        s1 = s0.model_copy(update={"conditions": [c.model_copy(update={"reason": reason})
-                                                  for c in s0.conditions]})
+        s1 = s0.model_copy(update={"conditions": [c.model_copy(update={"reason": reason}) for c in s0.conditions]})
         assert transition_events(s0, s1) == []
 
 

@@ -18,16 +18,31 @@ UID = "6b1d8a52-0c3e-4f7a-9d2b-1e5f3a4c7b80"
 
 
 def sweep_doc(max_parallel: int = 1, suspend: bool = False) -> dict[str, Any]:
-    return {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamBoothSweep",
-            "metadata": {"name": "study", "namespace": "team-a", "uid": UID, "generation": 1,
-                         "labels": {"kueue.x-k8s.io/queue-name": "gpus"}},
-            "spec": {"template": {"baseModel": {"uri": "s3://models/sd15/"},
-                                  "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
-                                  "training": {"steps": 4}},
-                     "axes": [{"field": "training.learningRate", "values": [5e-6, 2e-6]},
-                              {"field": "training.steps", "values": [2, 4]},
-                              {"field": "validation.scheduler", "values": ["ddim", "pndm"]}],
-                     "maxParallel": max_parallel, "suspend": suspend}}
+    return {
+        "apiVersion": "dreambooth.io/v1alpha1",
+        "kind": "DreamBoothSweep",
+        "metadata": {
+            "name": "study",
+            "namespace": "team-a",
+            "uid": UID,
+            "generation": 1,
+            "labels": {"kueue.x-k8s.io/queue-name": "gpus"},
+        },
+        "spec": {
+            "template": {
+                "baseModel": {"uri": "s3://models/sd15/"},
+                "instance": {"uri": "s3://training-data/toy-cat/", "prompt": "a photo of zwx toy cat"},
+                "training": {"steps": 4},
+            },
+            "axes": [
+                {"field": "training.learningRate", "values": [5e-6, 2e-6]},
+                {"field": "training.steps", "values": [2, 4]},
+                {"field": "validation.scheduler", "values": ["ddim", "pndm"]},
+            ],
+            "maxParallel": max_parallel,
+            "suspend": suspend,
+        },
+    }
 
 
 def typed(**kw):
@@ -47,8 +62,7 @@ def test_runs_are_owned_labelled_valid_jobs_below_the_sweeps_prefix():
     job = created[0]
     (owner,) = job["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("DreamBoothSweep", "study", UID, True)
-    assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpus", SWEEP_LABEL: "study",
-                                         RUN_LABEL: "1"}
+    assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpus", SWEEP_LABEL: "study", RUN_LABEL: "1"}
     assert job["spec"]["output"]["uri"] == "s3://dreambooth/team-a/study/runs/study-1/"
     outs = [validate_job(j, cluster=True).spec.output.uri for j in created]
     # the runs share the bucket's class-image cache (and so its generated class images)
@@ -82,11 +96,26 @@ def test_status_rows_counts_failure_and_best_run():
     sweep = typed(max_parallel=2)
     jobs = sweeps.actions(sweep, {}, DEFAULTS).create
     children = {
-        "study-1": with_status(jobs[0], "Succeeded", progress={"step": 4, "totalSteps": 4, "loss": 0.12},
-                               evaluation=figures(4, 0.8), outputs={"bestCheckpoint": "s3://x/model/"}),
-        "study-2": with_status(jobs[1], "Failed", conditions=[{
-            "type": "Failed", "status": "True", "reason": "BadData", "message": "no photos under s3://...",
-            "lastTransitionTime": "2026-12-04T20:00:00Z"}]),
+        "study-1": with_status(
+            jobs[0],
+            "Succeeded",
+            progress={"step": 4, "totalSteps": 4, "loss": 0.12},
+            evaluation=figures(4, 0.8),
+            outputs={"bestCheckpoint": "s3://x/model/"},
+        ),
+        "study-2": with_status(
+            jobs[1],
+            "Failed",
+            conditions=[
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BadData",
+                    "message": "no photos under s3://...",
+                    "lastTransitionTime": "2026-12-04T20:00:00Z",
+                }
+            ],
+        ),
     }
     status = sweeps.sweep_status(sweep, children, DEFAULTS)
     assert len(status.rows) == 8
@@ -118,8 +147,9 @@ def test_the_comparison_is_a_cpu_job_of_the_trainer_image_owned_by_the_sweep():
     from dreambooth.api.sweep_runs import CONFIG_ENV, CompareConfig
     from dreambooth.operator.settings import OperatorSettings
 
-    settings = OperatorSettings(trainer_image="registry.example/dreambooth-trainer:1.0",
-                                credentials_secret="minio-credentials")
+    settings = OperatorSettings(
+        trainer_image="registry.example/dreambooth-trainer:1.0", credentials_secret="minio-credentials"
+    )
     job = sweeps.compare_job(typed(), settings)
     assert job["metadata"]["name"] == "study-compare"
     assert job["metadata"]["ownerReferences"][0]["uid"] == UID
@@ -131,8 +161,10 @@ def test_the_comparison_is_a_cpu_job_of_the_trainer_image_owned_by_the_sweep():
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
     config = CompareConfig.model_validate_json(env[CONFIG_ENV]["value"])
     assert config.output == "s3://dreambooth/team-a/study/"
-    assert [r.output for r in config.runs] == ["s3://dreambooth/team-a/study/runs/study-1/",
-                                               "s3://dreambooth/team-a/study/runs/study-2/"]
+    assert [r.output for r in config.runs] == [
+        "s3://dreambooth/team-a/study/runs/study-1/",
+        "s3://dreambooth/team-a/study/runs/study-2/",
+    ]
     assert (config.steps, config.schedulers) == ([2, 4], ["ddim", "pndm"])
     assert sweeps.compare_outcome(None) is None
     assert sweeps.compare_outcome({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) is True
@@ -142,14 +174,28 @@ def test_the_comparison_is_a_cpu_job_of_the_trainer_image_owned_by_the_sweep():
 def test_the_comparison_pods_figures_fill_every_steps_row():
     from dreambooth.api.sweep_runs import TERMINATION_MAX, CompareSummary, summary_of
 
-    compare_json = {"rows": [
-        {"run": "study-1", "step": 2, "scheduler": "ddim", "evaluation": {**figures(2, 0.6), "prompts": [{"x": 1}]}},
-        {"run": "study-1", "step": 2, "scheduler": "pndm", "evaluation": None},
-        {"run": "study-1", "step": 4, "scheduler": "ddim", "evaluation": figures(4, 0.7)}]}
+    compare_json = {
+        "rows": [
+            {
+                "run": "study-1",
+                "step": 2,
+                "scheduler": "ddim",
+                "evaluation": {**figures(2, 0.6), "prompts": [{"x": 1}]},
+            },
+            {"run": "study-1", "step": 2, "scheduler": "pndm", "evaluation": None},
+            {"run": "study-1", "step": 4, "scheduler": "ddim", "evaluation": figures(4, 0.7)},
+        ]
+    }
     summary = summary_of(compare_json)
     assert [(r.run, r.figures.step) for r in summary.rows] == [("study-1", 2), ("study-1", 4)]
-    pod = {"status": {"phase": "Succeeded", "containerStatuses": [
-        {"name": "compare", "state": {"terminated": {"exitCode": 0, "message": summary.dumps()}}}]}}
+    pod = {
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {"name": "compare", "state": {"terminated": {"exitCode": 0, "message": summary.dumps()}}}
+            ],
+        }
+    }
     assert sweeps.compare_summary([pod]) == summary
 
     sweep = typed(max_parallel=2)
@@ -161,8 +207,7 @@ def test_the_comparison_pods_figures_fill_every_steps_row():
     assert judged[("study-1", 2, "pndm")] is None
     assert judged[("study-2", 2, "ddim")] is None and judged[("study-2", 4, "ddim")].subject_fidelity == 0.7
     assert (status.best_run, status.best_step) == ("study-1", 4)  # 0.7 > 0.6, over every step
-    better = summary_of({"rows": [{"run": "study-2", "step": 2, "evaluation": figures(2, 0.9)},
-                                  *compare_json["rows"]]})
+    better = summary_of({"rows": [{"run": "study-2", "step": 2, "evaluation": figures(2, 0.9)}, *compare_json["rows"]]})
     status = sweeps.sweep_status(sweep, children, DEFAULTS, compared=True, summary=better)
     assert (status.best_run, status.best_step) == ("study-2", 2)  # an earlier checkpoint of another run
 

@@ -19,6 +19,9 @@ def assert_grid(image, *, rows: int, columns: int, size: int, title: bool = True
     pixels = np.asarray(image.convert("RGB"))
     bands = ([0] if title else []) + [top + r * (size + LABEL_HEIGHT) for r in range(rows)]
     for y in bands:
-        inked = np.nonzero((pixels[y:y + LABEL_HEIGHT] < 128).any(axis=(0, 2)))[0]
-        assert inked.size and inked.max() < pixels.shape[1] - 2, (y, inked.max() if inked.size else None,
-                                                                   pixels.shape[1])
+        inked = np.nonzero((pixels[y : y + LABEL_HEIGHT] < 128).any(axis=(0, 2)))[0]
+        assert inked.size and inked.max() < pixels.shape[1] - 2, (
+            y,
+            inked.max() if inked.size else None,
+            pixels.shape[1],
+        )

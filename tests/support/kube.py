@@ -27,6 +27,8 @@ DREAMBOOTH_JOBS = tuple(decls_from_crd(crd.crd()))
 @pytest.fixture
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     """A fresh emulator for one test, with ``$KUBECONFIG`` pointing at it."""
-    with (running_kube(tmp_path_factory.mktemp("kube"), resources=DREAMBOOTH_JOBS) as handle,
-          clients_use(handle.kubeconfig)):
+    with (
+        running_kube(tmp_path_factory.mktemp("kube"), resources=DREAMBOOTH_JOBS) as handle,
+        clients_use(handle.kubeconfig),
+    ):
         yield handle

@@ -17,9 +17,17 @@ from dreambooth.trainer.storage import S3Settings, open_storage
 from tests.support.jobs import DROP, make_job
 
 
-def job_document(model_uri: str, instance_uri: str, output_uri: str, *, name: str = "toy-cat",
-                 steps: int = 30, every: int = 10, training: dict[str, Any] | None = None,
-                 **spec: Any) -> dict[str, Any]:
+def job_document(
+    model_uri: str,
+    instance_uri: str,
+    output_uri: str,
+    *,
+    name: str = "toy-cat",
+    steps: int = 30,
+    every: int = 10,
+    training: dict[str, Any] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
     """``make_job`` (tests/support/jobs.py) for a short CPU run of a tiny model: the object
     preset at 64 px, batch 2, samples at the end, ``every`` steps a checkpoint, no GPU; in
     namespace ``ml``. ``training`` merges into the run's training settings; every other
@@ -34,15 +42,13 @@ def job_document(model_uri: str, instance_uri: str, output_uri: str, *, name: st
         "output": {"uri": output_uri},
         "resources": {"gpusPerNode": 0},
     }
-    return make_job({section: DROP for section in spec}, metadata={"name": name, "namespace": "ml"},
-                    **(run | spec))
+    return make_job({section: DROP for section in spec}, metadata={"name": name, "namespace": "ml"}, **(run | spec))
 
 
 def trainer_config(doc: dict[str, Any], *, endpoint: str | None = None, metrics_port: int = 0) -> TrainerConfig:
     job = validate_job(doc)
     return build_trainer_config(
-        job, Defaults(output_root="file:///unused", s3_endpoint=endpoint, s3_secure=False,
-                      metrics_port=metrics_port)
+        job, Defaults(output_root="file:///unused", s3_endpoint=endpoint, s3_secure=False, metrics_port=metrics_port)
     )
 
 
@@ -58,16 +64,31 @@ def trainer_env(s3: S3Settings | None = None, secret_key: str | None = None) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if s3 is not None:
-        env.update(AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=secret_key or s3.secret_key,
-                   AWS_ENDPOINT_URL_S3=f"http://{s3.endpoint}")
+        env.update(
+            AWS_ACCESS_KEY_ID=s3.access_key,
+            AWS_SECRET_ACCESS_KEY=secret_key or s3.secret_key,
+            AWS_ENDPOINT_URL_S3=f"http://{s3.endpoint}",
+        )
     return env
 
 
 def start_trainer(config_path: Path, workdir: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dreambooth.trainer", "--config", str(config_path),
-         "--workdir", str(workdir), "--termination-log", str(workdir / "termination-log")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "dreambooth.trainer",
+            "--config",
+            str(config_path),
+            "--workdir",
+            str(workdir),
+            "--termination-log",
+            str(workdir / "termination-log"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -78,18 +99,38 @@ def run_trainer(config_path: Path, workdir: Path, env: dict[str, str], timeout: 
     return proc.returncode, out, termination_summary(workdir)
 
 
-def launch(processes: int, config_path: Path, workdir: Path, env: dict[str, str], *,
-           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def launch(
+    processes: int, config_path: Path, workdir: Path, env: dict[str, str], *, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """``accelerate launch`` of the trainer with ``processes`` CPU processes on this machine
     (gloo), as a multi-GPU pod runs it; the log lines carry each process's rank."""
     from kubesim.net import free_port
 
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if processes > 1:
         argv += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    argv += ["-m", "dreambooth.trainer", "--config", str(config_path), "--workdir", str(workdir),
-             "--termination-log", str(workdir / "termination-log")]
+    argv += [
+        "-m",
+        "dreambooth.trainer",
+        "--config",
+        str(config_path),
+        "--workdir",
+        str(workdir),
+        "--termination-log",
+        str(workdir / "termination-log"),
+    ]
     env = {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -109,8 +150,15 @@ def download(settings: S3Settings | None, uri: str, dest: Path) -> Path:
 
 
 @torch.no_grad()
-def denoising_loss(model_dir: Path, images_dir: Path, prompt: str, *, draws: int = 48, seed: int = 1234,
-                   training: dict[str, Any] | None = None) -> float:
+def denoising_loss(
+    model_dir: Path,
+    images_dir: Path,
+    prompt: str,
+    *,
+    draws: int = 48,
+    seed: int = 1234,
+    training: dict[str, Any] | None = None,
+) -> float:
     """Mean error of ``model_dir``'s prediction of its training target (the noise, or SD3's
     flow-matching ``noise - x``) on the photos, over fixed draws.
 
@@ -171,8 +219,15 @@ def images_with_lora(pipeline_class, model_dir: Path, lora: Path | None, prompt:
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(lora.parent, weight_name=lora.name) if lora.is_file() else pipe.load_lora_weights(lora)
-    out = pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="pt",
-               generator=torch.Generator().manual_seed(0), **call)
+    out = pipe(
+        prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        **call,
+    )
     return out.images
 
 

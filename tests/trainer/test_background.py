@@ -48,18 +48,32 @@ for fail in (False, True):
 
 def two_processes() -> dict[tuple[bool, int], dict]:
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                              "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": ""})
-             for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "CUDA_VISIBLE_DEVICES": "",
+            },
+        )
+        for rank in (0, 1)
+    ]
     results = {}
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         for line in out.splitlines():
             if line.startswith("RESULT "):
-                found = json.loads(line[len("RESULT "):])
+                found = json.loads(line[len("RESULT ") :])
                 results[found["fail"], found["rank"]] = found
     return results
 

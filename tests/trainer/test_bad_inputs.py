@@ -29,8 +29,9 @@ def run_in_process(tmp_path, monkeypatch, caplog):
         summary_path = tmp_path / "termination-log"
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            code = trainer_main(["--config", str(path), "--workdir", str(tmp_path / "work"),
-                                 "--termination-log", str(summary_path)])
+            code = trainer_main(
+                ["--config", str(path), "--workdir", str(tmp_path / "work"), "--termination-log", str(summary_path)]
+            )
         summary = json.loads(summary_path.read_text())
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors and "Traceback" not in errors[-1].getMessage(), "a traceback is no explanation"
@@ -49,7 +50,9 @@ def inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
 
 
 def doc(bucket, *, model="models/tiny/", data="data/cat/", out="out/", **kw):
-    return job_document(f"s3://{bucket}/{model}", f"s3://{bucket}/{data}", f"s3://{bucket}/{out}", steps=2, every=2, **kw)
+    return job_document(
+        f"s3://{bucket}/{model}", f"s3://{bucket}/{data}", f"s3://{bucket}/{out}", steps=2, every=2, **kw
+    )
 
 
 def test_empty_instance_prefix(inputs, run_in_process):
@@ -69,16 +72,21 @@ def test_broken_image_is_named(inputs, run_in_process):
 
 def test_wrong_credentials(inputs, run_in_process):
     s3, bucket = inputs
-    code, message = run_in_process(trainer_config(doc(bucket), endpoint=s3.endpoint), s3,
-                                   secret_key="not-the-secret-123")
+    code, message = run_in_process(
+        trainer_config(doc(bucket), endpoint=s3.endpoint), s3, secret_key="not-the-secret-123"
+    )
     assert code is ExitCode.STORAGE_AUTH
     assert "credentialsSecret" in message and "not-the-secret-123" not in message
 
 
 def test_missing_bucket(inputs, run_in_process):
     s3, bucket = inputs
-    config = trainer_config(job_document(f"s3://{bucket}/models/tiny/", "s3://no-such-bucket-here/cat/",
-                                         f"s3://{bucket}/out/", steps=2, every=2), endpoint=s3.endpoint)
+    config = trainer_config(
+        job_document(
+            f"s3://{bucket}/models/tiny/", "s3://no-such-bucket-here/cat/", f"s3://{bucket}/out/", steps=2, every=2
+        ),
+        endpoint=s3.endpoint,
+    )
     code, message = run_in_process(config, s3)
     assert code is ExitCode.NOT_FOUND
     assert "no-such-bucket-here" in message
@@ -87,8 +95,13 @@ def test_missing_bucket(inputs, run_in_process):
 def test_unknown_model_layout(inputs, run_in_process):
     s3, bucket = inputs
     store = open_storage(f"s3://{bucket}/models/flux/", s3)
-    for name in ("transformer/config.json", "vae/config.json", "text_encoder/config.json",
-                 "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+    for name in (
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    ):
         store.write_bytes(name, b"{}")
     store.write_bytes("model_index.json", json.dumps({"_class_name": "FluxPipeline"}).encode())
     code, message = run_in_process(trainer_config(doc(bucket, model="models/flux/"), endpoint=s3.endpoint), s3)
@@ -99,15 +112,25 @@ def test_unknown_model_layout(inputs, run_in_process):
 
 
 def test_not_a_model_folder(toy_cat_dir, tmp_path, run_in_process):
-    config = trainer_config(job_document(toy_cat_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2))
+    config = trainer_config(
+        job_document(toy_cat_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)
+    )
     code, message = run_in_process(config)
     assert code is ExitCode.BAD_MODEL
     assert "missing model_index.json" in message
 
 
 def test_resolution_the_model_cannot_take(tiny_model_dir, toy_cat_dir, tmp_path, run_in_process):
-    config = trainer_config(job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(),
-                                         steps=2, every=2, training={"resolution": 72}))
+    config = trainer_config(
+        job_document(
+            tiny_model_dir.as_uri(),
+            toy_cat_dir.as_uri(),
+            (tmp_path / "o").as_uri(),
+            steps=2,
+            every=2,
+            training={"resolution": 72},
+        )
+    )
     code, message = run_in_process(config)
     assert code is ExitCode.INVALID_CONFIG
     assert "training.resolution 72" in message and "multiple of 16" in message
@@ -115,21 +138,42 @@ def test_resolution_the_model_cannot_take(tiny_model_dir, toy_cat_dir, tmp_path,
 
 def test_invalid_config_file(tmp_path, run_in_process):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"apiVersion": "dreambooth.io/v1alpha1", "kind": "TrainerConfig",
-                                "job": {"name": "x"}, "outputUri": "file:///tmp/x/", "classCacheUri": "file:///tmp/c/",
-                                "spec": {"baseModel": {"uri": "file:///m"}, "instance": {"uri": "file:///i", "prompt": "p"},
-                                         "training": {"steps": 0}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "dreambooth.io/v1alpha1",
+                "kind": "TrainerConfig",
+                "job": {"name": "x"},
+                "outputUri": "file:///tmp/x/",
+                "classCacheUri": "file:///tmp/c/",
+                "spec": {
+                    "baseModel": {"uri": "file:///m"},
+                    "instance": {"uri": "file:///i", "prompt": "p"},
+                    "training": {"steps": 0},
+                },
+            }
+        )
+    )
     code, message = run_in_process(path)
     assert code is ExitCode.INVALID_CONFIG
     assert "spec.training.steps" in message
 
 
-def test_a_gpu_pod_without_cuda_fails_instead_of_training_on_the_cpu(tiny_model_dir, toy_cat_dir, tmp_path,
-                                                                      run_in_process):
+def test_a_gpu_pod_without_cuda_fails_instead_of_training_on_the_cpu(
+    tiny_model_dir, toy_cat_dir, tmp_path, run_in_process
+):
     """Defect: a job asking for GPUs on a node whose driver or device plugin is broken trained
     on the pod's CPU, silently and for days. Now it stops at once with a reason to act on."""
-    config = trainer_config(job_document(tiny_model_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(),
-                                         steps=2, every=2, resources={"gpusPerNode": 1}))
+    config = trainer_config(
+        job_document(
+            tiny_model_dir.as_uri(),
+            toy_cat_dir.as_uri(),
+            (tmp_path / "o").as_uri(),
+            steps=2,
+            every=2,
+            resources={"gpusPerNode": 1},
+        )
+    )
     code, message = run_in_process(config)  # this machine's torch is a CPU build
     assert code is ExitCode.GPU_UNAVAILABLE and code in DO_NOT_RETRY
     assert "resources.gpusPerNode is 1" in message and "CPU-only build" in message
@@ -137,8 +181,14 @@ def test_a_gpu_pod_without_cuda_fails_instead_of_training_on_the_cpu(tiny_model_
 
 
 def test_do_not_retry_codes_are_the_input_errors():
-    assert {c.name for c in DO_NOT_RETRY} == {"INVALID_CONFIG", "BAD_DATA", "STORAGE_AUTH", "NOT_FOUND", "BAD_MODEL",
-                                              "GPU_UNAVAILABLE"}
+    assert {c.name for c in DO_NOT_RETRY} == {
+        "INVALID_CONFIG",
+        "BAD_DATA",
+        "STORAGE_AUTH",
+        "NOT_FOUND",
+        "BAD_MODEL",
+        "GPU_UNAVAILABLE",
+    }
     assert ExitCode.STORAGE_UNAVAILABLE not in DO_NOT_RETRY and ExitCode.PREEMPTED not in DO_NOT_RETRY
 
 
@@ -207,6 +257,7 @@ def _without(part):
         shutil.copytree(models["sdxl"], broken)
         shutil.rmtree(broken / part)
         return broken, {}
+
     return build
 
 
@@ -222,28 +273,46 @@ def _sdxl_made_for_256(models, tmp_path):
 
 BAD_MODELS = {  # (model folder, job changes) -> exit code, what the message says
     "an SDXL folder without text_encoder_2/": (
-        _without("text_encoder_2"), ExitCode.BAD_MODEL,
-        "is not a Stable Diffusion XL model we can train: missing text_encoder_2/config.json"),
+        _without("text_encoder_2"),
+        ExitCode.BAD_MODEL,
+        "is not a Stable Diffusion XL model we can train: missing text_encoder_2/config.json",
+    ),
     "an SDXL folder without tokenizer_2/": (
-        _without("tokenizer_2"), ExitCode.BAD_MODEL, "missing tokenizer_2/tokenizer_config.json"),
+        _without("tokenizer_2"),
+        ExitCode.BAD_MODEL,
+        "missing tokenizer_2/tokenizer_config.json",
+    ),
     "baseModel.family sdxl on an SD 1.x folder": (
-        _forced("sdxl", "sd"), ExitCode.BAD_MODEL,
-        ("baseModel.family is sdxl but {model} holds a Stable Diffusion 1.x/2.x model (StableDiffusionPipeline): "
-         "set baseModel.family: sd")),
+        _forced("sdxl", "sd"),
+        ExitCode.BAD_MODEL,
+        (
+            "baseModel.family is sdxl but {model} holds a Stable Diffusion 1.x/2.x model (StableDiffusionPipeline): "
+            "set baseModel.family: sd"
+        ),
+    ),
     "baseModel.family sd on an SDXL folder": (
-        _forced("sd", "sdxl"), ExitCode.BAD_MODEL,
-        ("baseModel.family is sd but {model} holds a Stable Diffusion XL model (StableDiffusionXLPipeline): "
-         "set baseModel.family: sdxl")),
+        _forced("sd", "sdxl"),
+        ExitCode.BAD_MODEL,
+        (
+            "baseModel.family is sd but {model} holds a Stable Diffusion XL model (StableDiffusionXLPipeline): "
+            "set baseModel.family: sdxl"
+        ),
+    ),
     "a resolution below the SDXL model's": (
-        _sdxl_made_for_256, ExitCode.INVALID_CONFIG,
-        ("training.resolution 64 is below what this Stable Diffusion XL model takes: it is made for 256 px "
-         "(unet/config.json sample_size 32 x VAE factor 8); train at 128 px or more")),
+        _sdxl_made_for_256,
+        ExitCode.INVALID_CONFIG,
+        (
+            "training.resolution 64 is below what this Stable Diffusion XL model takes: it is made for 256 px "
+            "(unet/config.json sample_size 32 x VAE factor 8); train at 128 px or more"
+        ),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD_MODELS)
-def test_a_model_the_job_cannot_train_is_named(case, tiny_model_dir, tiny_sdxl_dir, toy_cat_dir, tmp_path,
-                                               run_in_process):
+def test_a_model_the_job_cannot_train_is_named(
+    case, tiny_model_dir, tiny_sdxl_dir, toy_cat_dir, tmp_path, run_in_process
+):
     build, exit_code, says = BAD_MODELS[case]
     model, changes = build({"sd": tiny_model_dir, "sdxl": tiny_sdxl_dir}, tmp_path)
     doc = job_document(model.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2)

@@ -85,9 +85,15 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 def bucket_job(model, photos, out, *, family="sd", steps=6, every=3, training=None, **spec):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every,
-                       training={"buckets": BUCKETS, "randomFlip": True, "method": "full", **(training or {})},
-                       **spec)
+    doc = job_document(
+        model.as_uri(),
+        photos.as_uri(),
+        out.as_uri(),
+        steps=steps,
+        every=every,
+        training={"buckets": BUCKETS, "randomFlip": True, "method": "full", **(training or {})},
+        **spec,
+    )
     doc["spec"]["baseModel"]["family"] = family
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["output"]["formats"] = ["diffusers"]
@@ -110,8 +116,9 @@ def test_buckets_hold_about_resolution_squared_pixels_in_both_orientations():
 
 def test_a_photo_is_covered_center_cropped_and_mirrored_with_its_crop(mixed_photos):
     framing = Framing(tuple(bucket_sizes(64, 32, 128, 16)), flip=True)
-    examples = load_examples(mixed_photos, prompt="p", resolution=64, use_captions=False, source_uri="s3://b/p/",
-                             framing=framing)
+    examples = load_examples(
+        mixed_photos, prompt="p", resolution=64, use_captions=False, source_uri="s3://b/p/", framing=framing
+    )
     assert len(examples) == 2 * len(PHOTO_SIZES)
     for plain, mirror in zip(examples[::2], examples[1::2], strict=True):
         assert (plain.flipped, mirror.flipped) == (False, True) and plain.name == mirror.name
@@ -134,8 +141,9 @@ def micro_batches(draw, *, processes, steps, batch, accumulation):
         for micro in range(accumulation):
             rows = []
             for rank in range(processes):
-                positions = sample_positions(step, micro, rank, per_device=per_device, processes=processes,
-                                             accumulation=accumulation)
+                positions = sample_positions(
+                    step, micro, rank, per_device=per_device, processes=processes, accumulation=accumulation
+                )
                 rows += list(zip(draw.instances(positions), draw.classes(positions), strict=True))
             out[step, micro] = rows
     return out
@@ -148,10 +156,16 @@ def test_the_draw_is_one_bucket_per_micro_batch_and_the_same_on_any_number_of_pr
     assert runs[1] == runs[2] == runs[4]
     # a fresh draw, asked in another order, says the same: nothing depends on what came before
     again = Draw(seed=7, micro_size=4, photo_buckets=photo_buckets, flips=2, class_images=5)
-    assert {k: runs[1][k] for k in reversed(list(runs[1]))} == \
-        {k: list(zip(again.instances(range(k[0] * 8 + k[1] * 4, k[0] * 8 + k[1] * 4 + 4)),
-                     again.classes(range(k[0] * 8 + k[1] * 4, k[0] * 8 + k[1] * 4 + 4)), strict=True))
-         for k in reversed(list(runs[1]))}
+    assert {k: runs[1][k] for k in reversed(list(runs[1]))} == {
+        k: list(
+            zip(
+                again.instances(range(k[0] * 8 + k[1] * 4, k[0] * 8 + k[1] * 4 + 4)),
+                again.classes(range(k[0] * 8 + k[1] * 4, k[0] * 8 + k[1] * 4 + 4)),
+                strict=True,
+            )
+        )
+        for k in reversed(list(runs[1]))
+    }
     epoch = 1 + 1 + 1  # micro-batches an epoch: ceil(3/4) + ceil(2/4) + ceil(1/4)
     seen_flips = set()
     for index, rows in enumerate(runs[1].values()):
@@ -165,8 +179,9 @@ def test_the_draw_is_one_bucket_per_micro_batch_and_the_same_on_any_number_of_pr
             window = list(runs[1].values())[index - epoch + 1 : index + 1]
             assert {v // 2 for rows_ in window for v, _ in rows_} == set(range(len(photo_buckets)))
     assert seen_flips == {0, 1}
-    assert Draw(seed=8, micro_size=4, photo_buckets=photo_buckets, flips=2, class_images=5).instances(range(24)) != \
-        draw.instances(range(24))
+    assert Draw(seed=8, micro_size=4, photo_buckets=photo_buckets, flips=2, class_images=5).instances(
+        range(24)
+    ) != draw.instances(range(24))
 
 
 # --- real runs ----------------------------------------------------------------------------------
@@ -201,14 +216,22 @@ def mirrored(original, target, crop) -> bool | None:
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_photos_of_three_aspect_ratios_train_in_one_job(family, monkeypatch, tiny_model_dir, tiny_sdxl_dir,
-                                                       mixed_photos, class_images, tmp_path):
+def test_photos_of_three_aspect_ratios_train_in_one_job(
+    family, monkeypatch, tiny_model_dir, tiny_sdxl_dir, mixed_photos, class_images, tmp_path
+):
     """Each micro-batch's photos and class images share a bucket; each sample carries its own
     original size and crop (mirrored when flipped) into SDXL's time ids."""
     model = tiny_sdxl_dir if family == "sdxl" else tiny_model_dir
     recorder = Recorder(monkeypatch, FAMILIES[family])
-    doc = bucket_job(model, mixed_photos, tmp_path / "out", family=family, steps=8, every=8,
-                     prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": class_images.as_uri()})
+    doc = bucket_job(
+        model,
+        mixed_photos,
+        tmp_path / "out",
+        family=family,
+        steps=8,
+        every=8,
+        prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": class_images.as_uri()},
+    )
     outcome = run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
     assert outcome.step == 8 and outcome.loss == outcome.loss  # finite, not NaN
     assert (tmp_path / "out" / "model" / "model_index.json").is_file()
@@ -239,8 +262,15 @@ def test_stopped_runs_with_buckets_resume_to_the_same_weights(tiny_sdxl_dir, mix
     results = []
     for stop_at in (None, 3):
         out = tmp_path / f"out-{stop_at}"
-        doc = bucket_job(tiny_sdxl_dir, mixed_photos, out, family="sdxl", steps=6, every=1,
-                         prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": class_images.as_uri()})
+        doc = bucket_job(
+            tiny_sdxl_dir,
+            mixed_photos,
+            out,
+            family="sdxl",
+            steps=6,
+            every=1,
+            prior={"enabled": True, "classPrompt": "a photo of a cat", "uri": class_images.as_uri()},
+        )
         config = trainer_config(doc)
         if stop_at:
             metrics = TrainerMetrics()
@@ -258,15 +288,21 @@ def test_kill_9_with_buckets_resumes_to_the_same_weights(tiny_model_dir, mixed_p
 
     steps, every, env = 14, 3, trainer_env()
     unet = "model/unet/diffusion_pytorch_model.safetensors"
-    straight = write_config(trainer_config(bucket_job(tiny_model_dir, mixed_photos, tmp_path / "a", steps=steps,
-                                                      every=every)), tmp_path / "ca")
+    straight = write_config(
+        trainer_config(bucket_job(tiny_model_dir, mixed_photos, tmp_path / "a", steps=steps, every=every)),
+        tmp_path / "ca",
+    )
     code, log, _ = run_trainer(straight, tmp_path / "wa", env)
     assert code == 0, log
     assert "6 photos in 3 bucket(s): 80x48, 64x64, 48x80" in log
 
     port = free_port()
-    killed = write_config(trainer_config(bucket_job(tiny_model_dir, mixed_photos, tmp_path / "b", steps=steps,
-                                                    every=every), metrics_port=port), tmp_path / "cb")
+    killed = write_config(
+        trainer_config(
+            bucket_job(tiny_model_dir, mixed_photos, tmp_path / "b", steps=steps, every=every), metrics_port=port
+        ),
+        tmp_path / "cb",
+    )
     proc = start_trainer(killed, tmp_path / "wb", env)
     wait_for_step(proc, port, random.Random().randint(2 * every + 1, steps - every))
     proc.send_signal(signal.SIGKILL)
@@ -283,11 +319,18 @@ def test_two_processes_with_buckets_train_like_one(tiny_model_dir, mixed_photos,
     unets = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
-        doc = bucket_job(tiny_model_dir, mixed_photos, out, steps=4, every=4,
-                         training={"batchSize": 4, "gradientAccumulationSteps": 2})
+        doc = bucket_job(
+            tiny_model_dir,
+            mixed_photos,
+            out,
+            steps=4,
+            every=4,
+            training={"batchSize": 4, "gradientAccumulationSteps": 2},
+        )
         doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
-        done = launch(processes, write_config(trainer_config(doc), tmp_path / f"c{processes}"),
-                      tmp_path / f"w{processes}", env)
+        done = launch(
+            processes, write_config(trainer_config(doc), tmp_path / f"c{processes}"), tmp_path / f"w{processes}", env
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         unets[processes] = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     base = load_file(next((tiny_model_dir / "unet").glob("*.safetensors")))
@@ -311,8 +354,12 @@ def test_a_photo_that_would_be_enlarged_past_max_upscale_is_named(tiny_model_dir
 
 
 def test_a_bucket_step_off_the_models_downsampling_is_refused(tiny_model_dir, mixed_photos, tmp_path):
-    doc = bucket_job(tiny_model_dir, mixed_photos, tmp_path / "out",
-                     training={"buckets": {"enabled": True, "minSide": 32, "maxSide": 128, "step": 8}})
+    doc = bucket_job(
+        tiny_model_dir,
+        mixed_photos,
+        tmp_path / "out",
+        training={"buckets": {"enabled": True, "minSide": 32, "maxSide": 128, "step": 8}},
+    )
     with pytest.raises(ConfigError) as err:
         run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
     assert "training.buckets.step 8 does not fit this model: it must be a multiple of 16" in str(err.value)

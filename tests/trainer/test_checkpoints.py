@@ -24,8 +24,12 @@ def test_the_manifest_holds_each_files_size_and_sha256_and_comes_last(tmp_path):
     files = {"trainable.safetensors": os.urandom(3000), "optimizer.pt": os.urandom(5000), "state.json": b"{}"}
     saved = checkpoints.save(store, folder_with(tmp_path, "c", files), 10, keep=2)
     manifest = json.loads(store.read_bytes(saved.prefix + layout.MANIFEST))
-    assert manifest == {"step": 10, "files": {
-        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}}
+    assert manifest == {
+        "step": 10,
+        "files": {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
+        },
+    }
     assert [c.step for c in checkpoints.complete(store)] == [10]
 
 

@@ -55,8 +55,10 @@ def s3_job(bucket: str, out: str, **kw):
 
 def log_times(log: str) -> list[tuple[float, int, str]]:
     """(seconds, rank, message) of every log line of the trainer's format."""
-    return [(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(rank), message)
-            for t, rank, message in _LINE.findall(log)]
+    return [
+        (datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(rank), message)
+        for t, rank, message in _LINE.findall(log)
+    ]
 
 
 def first(lines, rank: int, pattern: str) -> float:
@@ -75,8 +77,10 @@ def test_collective_timeout_is_not_tripped_by_uploads_and_exports_longer_than_it
     settings, name = bucket
     doc = s3_job(name, "job", steps=4, every=2, training={"batchSize": 2})
     doc["spec"].update(
-        resources={"nodes": 2, "gpusPerNode": 0}, runPolicy={"collectiveTimeoutSeconds": TIMEOUT_S},
-        validation={"prompts": PROMPTS, "imagesPerPrompt": 1, "inferenceSteps": 2, "everySteps": 4})
+        resources={"nodes": 2, "gpusPerNode": 0},
+        runPolicy={"collectiveTimeoutSeconds": TIMEOUT_S},
+        validation={"prompts": PROMPTS, "imagesPerPrompt": 1, "inferenceSteps": 2, "everySteps": 4},
+    )
     doc["spec"]["output"]["formats"] = ["diffusers"]
     env = {**trainer_env(settings), "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
     with FaultProxy(settings.endpoint) as proxy:
@@ -95,8 +99,9 @@ def test_collective_timeout_is_not_tripped_by_uploads_and_exports_longer_than_it
     for _, rank, message in lines:
         if m := re.match(r"weights step=(\d+) checksum=(\S+)", message):
             sums.setdefault(int(m.group(1)), {})[rank] = m.group(2)
-    assert sorted(sums) == [1, 2, 3, 4] and all(len(set(by_rank.values())) == 1 == len(by_rank) - 1
-                                               for by_rank in sums.values()), sums
+    assert sorted(sums) == [1, 2, 3, 4] and all(
+        len(set(by_rank.values())) == 1 == len(by_rank) - 1 for by_rank in sums.values()
+    ), sums
 
     out = open_storage(f"s3://{name}/job/", settings)
     assert [c.step for c in checkpoints.complete(out)] == [2]
@@ -146,19 +151,26 @@ def local_inputs_s3_output(tiny_model_dir, toy_cat_dir, name: str, **kw):
 
 
 def through(settings: S3Settings, proxy: FaultProxy) -> S3Settings:
-    return S3Settings(proxy.endpoint, secure=False, region=settings.region, access_key=settings.access_key,
-                      secret_key=settings.secret_key)
+    return S3Settings(
+        proxy.endpoint,
+        secure=False,
+        region=settings.region,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+    )
 
 
 def test_collective_timeout_a_failed_periodic_upload_is_reported_and_training_goes_on(
-        s3_bucket, tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch, caplog):
+    s3_bucket, tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch, caplog
+):
     settings, name = s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", settings.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", settings.secret_key)
     metrics = TrainerMetrics()
     with FaultProxy(settings.endpoint) as proxy:
-        config = trainer_config(local_inputs_s3_output(tiny_model_dir, toy_cat_dir, name, steps=6, every=2),
-                                endpoint=proxy.endpoint)
+        config = trainer_config(
+            local_inputs_s3_output(tiny_model_dir, toy_cat_dir, name, steps=6, every=2), endpoint=proxy.endpoint
+        )
         outcome = run(config, tmp_path / "w", metrics=metrics, stop=OutageAt(metrics, proxy, 2))
     assert outcome.step == 6 and metrics.step._value.get() == 6
     assert metrics.checkpoint_upload_failures._value.get() == 1
@@ -169,7 +181,8 @@ def test_collective_timeout_a_failed_periodic_upload_is_reported_and_training_go
 
 
 def test_collective_timeout_sigterm_during_an_upload_still_leaves_a_complete_checkpoint(
-        s3_bucket, tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch):
+    s3_bucket, tiny_model_dir, toy_cat_dir, tmp_path, monkeypatch
+):
     settings, name = s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", settings.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", settings.secret_key)
@@ -180,8 +193,9 @@ def test_collective_timeout_sigterm_during_an_upload_still_leaves_a_complete_che
     stop.is_set = lambda: bool(is_set() and not landed_at_stop.append(metrics.last_checkpoint_step._value.get()))
     with FaultProxy(settings.endpoint) as proxy:
         proxy.limit(upload=4_000_000)  # ~2.5 s per checkpoint: step 2's is in flight at step 3
-        config = trainer_config(local_inputs_s3_output(tiny_model_dir, toy_cat_dir, name, steps=6, every=2),
-                                endpoint=proxy.endpoint)
+        config = trainer_config(
+            local_inputs_s3_output(tiny_model_dir, toy_cat_dir, name, steps=6, every=2), endpoint=proxy.endpoint
+        )
         with pytest.raises(Preempted):
             run(config, tmp_path / "w", metrics=metrics, stop=stop)
     assert landed_at_stop[0] < 2, "step 2's upload had landed before the stop: no test"

@@ -15,8 +15,7 @@ from tests.support.trainer import job_document
 
 
 def spec(gpus: int):
-    doc = job_document("file:///m/", "file:///p/", "file:///o/", steps=2, every=2,
-                       resources={"gpusPerNode": gpus})
+    doc = job_document("file:///m/", "file:///p/", "file:///o/", steps=2, every=2, resources={"gpusPerNode": gpus})
     return validate_job(doc).spec
 
 
@@ -82,9 +81,11 @@ def test_text_encoders_are_on_the_device_exactly_while_they_encode(parked, tiny_
     device, park = torch.device("cpu"), torch.device("cpu") if parked else None
     moves: list[tuple[int, torch.device]] = []
     for i, text_encoder in enumerate(components.text_encoders):
+
         def to(target, _i=i, _to=text_encoder.to):
             moves.append((_i, target))
             return _to(target)
+
         text_encoder.to = to
     prompts = PromptEncoder(components.family, components.tokenizers, components.text_encoders, device, park=park)
     every = len(components.text_encoders)
@@ -99,5 +100,4 @@ def test_text_encoders_are_on_the_device_exactly_while_they_encode(parked, tiny_
         assert moves == [(i, device) for i in range(every)] * parked
     assert moves == expected
     reference = PromptEncoder(components.family, components.tokenizers, components.text_encoders, device)
-    assert torch.equal(reference(["a photo of zwx toy cat"], training=False).rows()[0].embeds,
-                       first.rows()[0].embeds)
+    assert torch.equal(reference(["a photo of zwx toy cat"], training=False).rows()[0].embeds, first.rows()[0].embeds)

@@ -58,14 +58,28 @@ def noise(n: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def evaluated_job(model: Path, images: Path, out: Path, clip: Path | None, *, steps=STEPS, every=EVERY,
-                  training=None, evaluation=None, **spec):
-    doc = job_document(model.as_uri(), images.as_uri(), out.as_uri(), steps=steps, every=every,
-                       training=training, **spec)
+def evaluated_job(
+    model: Path,
+    images: Path,
+    out: Path,
+    clip: Path | None,
+    *,
+    steps=STEPS,
+    every=EVERY,
+    training=None,
+    evaluation=None,
+    **spec,
+):
+    doc = job_document(
+        model.as_uri(), images.as_uri(), out.as_uri(), steps=steps, every=every, training=training, **spec
+    )
     doc["spec"]["validation"] = {"inferenceSteps": 4, "imagesPerPrompt": 2, "everySteps": every, "prompts": PROMPTS}
     doc["spec"]["checkpointing"]["keep"] = 1
-    doc["spec"]["evaluation"] = {"enabled": True, **({"model": {"uri": clip.as_uri()}} if clip else {}),
-                                 **(evaluation or {})}
+    doc["spec"]["evaluation"] = {
+        "enabled": True,
+        **({"model": {"uri": clip.as_uri()}} if clip else {}),
+        **(evaluation or {}),
+    }
     return doc
 
 
@@ -75,13 +89,31 @@ def lines(out: Path) -> list[dict]:
 
 def final_status(config, outcome, **obs):
     """What the operator makes of a succeeded trainer pod's termination summary."""
-    summary = TerminationSummary(exit_code=0, reason="Succeeded", step=outcome.step, loss=outcome.loss,
-                                 outputs=outcome.outputs, evaluation=outcome.evaluation)
-    pod = {"metadata": {"name": "toy-cat-trainer-0-ok"}, "status": {"phase": "Succeeded", "containerStatuses": [
-        {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
-                                                     "message": summary.dumps()}}}]}}
-    job = {"metadata": {"name": "toy-cat-trainer"}, "spec": {}, "status": {
-        "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    summary = TerminationSummary(
+        exit_code=0,
+        reason="Succeeded",
+        step=outcome.step,
+        loss=outcome.loss,
+        outputs=outcome.outputs,
+        evaluation=outcome.evaluation,
+    )
+    pod = {
+        "metadata": {"name": "toy-cat-trainer-0-ok"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": summary.dumps()}},
+                }
+            ],
+        },
+    }
+    job = {
+        "metadata": {"name": "toy-cat-trainer"},
+        "spec": {},
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+    }
     observation = Observation.of(config.spec, generation=1, output_uri=config.output_uri, job=job, pods=[pod], **obs)
     return compute_status(observation, None, datetime(2026, 11, 24, tzinfo=UTC))
 
@@ -120,8 +152,9 @@ def test_samples_all_alike_are_a_diversity_collapse(evaluator):
     assert overfitting_signs(record, EvaluationThresholds()) == [Sign.DIVERSITY_COLLAPSE]
 
 
-@pytest.mark.parametrize(("current", "first", "drift"), [(1.5, 1.0, 0.5), (0.5, 1.0, -0.5), (None, 1.0, None),
-                                                         (1.0, None, None)])
+@pytest.mark.parametrize(
+    ("current", "first", "drift"), [(1.5, 1.0, 0.5), (0.5, 1.0, -0.5), (None, 1.0, None), (1.0, None, None)]
+)
 def test_prior_loss_drift_is_the_rise_against_the_first_value(current, first, drift):
     assert prior_loss_drift(current, first) == (pytest.approx(drift) if drift is not None else None)
 
@@ -131,14 +164,16 @@ def test_prompt_fidelity_prefers_the_prompts_own_text(evaluator, toy_cat_dir):
     text = evaluator.texts(PROMPTS)
     record = measure(1, [PromptSamples(PROMPTS[0], images, text[0])], images)
     assert record.prompt_fidelity == pytest.approx(
-        torch.nn.functional.cosine_similarity(images, text[0:1]).mean().item(), abs=1e-5)
+        torch.nn.functional.cosine_similarity(images, text[0:1]).mean().item(), abs=1e-5
+    )
 
 
 # --- a tiny run judged by the tiny CLIP -----------------------------------------------------------
 
 
 def test_a_run_writes_one_line_per_round_exposes_gauges_and_the_operator_copies_them(
-        tiny_model_dir, toy_cat_dir, clip_dir, tmp_path):
+    tiny_model_dir, toy_cat_dir, clip_dir, tmp_path
+):
     out = tmp_path / "out"
     config = trainer_config(evaluated_job(tiny_model_dir, toy_cat_dir, out, clip_dir))
     metrics = TrainerMetrics()
@@ -148,8 +183,11 @@ def test_a_run_writes_one_line_per_round_exposes_gauges_and_the_operator_copies_
     records = lines(out)  # the base model's round, then one per checkpoint, then the final model
     assert [r["step"] for r in records] == [0, 4, 8, 12]
     assert records[0]["base"] is True and "checkpoint" not in records[0]
-    assert [r["checkpoint"] for r in records[1:]] == ["checkpoints/checkpoint-4/", "checkpoints/checkpoint-8/",
-                                                       "model/"]
+    assert [r["checkpoint"] for r in records[1:]] == [
+        "checkpoints/checkpoint-4/",
+        "checkpoints/checkpoint-8/",
+        "model/",
+    ]
     assert all(len(r["prompts"]) == 2 and r["promptFidelity"] is not None for r in records)
     latest = records[-1]
 
@@ -163,14 +201,18 @@ def test_a_run_writes_one_line_per_round_exposes_gauges_and_the_operator_copies_
     assert snapshot.best_step == best["step"]
 
     # the operator while it runs (the gauges) and once it has succeeded (the summary)
-    running = compute_status(Observation.of(config.spec, generation=1, output_uri=config.output_uri, job=None,
-                                            snapshot=snapshot), None, datetime(2026, 11, 24, tzinfo=UTC))
+    running = compute_status(
+        Observation.of(config.spec, generation=1, output_uri=config.output_uri, job=None, snapshot=snapshot),
+        None,
+        datetime(2026, 11, 24, tzinfo=UTC),
+    )
     status = final_status(config, outcome)
     for shown in (running.evaluation, status.evaluation):
         assert shown.step == 12 and shown.memorization == pytest.approx(latest["memorization"])
         assert shown.best_checkpoint.step == best["step"]
     assert status.evaluation.best_checkpoint.uri == (out / best["checkpoint"]).as_uri().rstrip("/") + (
-        "/" if best["checkpoint"].endswith("/") else "")
+        "/" if best["checkpoint"].endswith("/") else ""
+    )
     assert status.outputs.best_checkpoint == status.evaluation.best_checkpoint.uri
     assert conditions(status)["Overfitting"].status == "False"
     assert conditions(status)["Overfitting"].reason == "NoSign"
@@ -181,8 +223,11 @@ def test_a_run_writes_one_line_per_round_exposes_gauges_and_the_operator_copies_
 
 def test_a_stopped_and_resumed_run_lists_every_round_once(tiny_model_dir, toy_cat_dir, clip_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(trainer_config(evaluated_job(tiny_model_dir, toy_cat_dir, straight, clip_dir)), tmp_path / "w0",
-        metrics=TrainerMetrics())
+    run(
+        trainer_config(evaluated_job(tiny_model_dir, toy_cat_dir, straight, clip_dir)),
+        tmp_path / "w0",
+        metrics=TrainerMetrics(),
+    )
     config = trainer_config(evaluated_job(tiny_model_dir, toy_cat_dir, resumed, clip_dir))
     metrics = TrainerMetrics()
     with pytest.raises(Preempted):  # stops after step 6: checkpoint 6 holds the rounds 0 and 4
@@ -209,8 +254,9 @@ def test_export_best_exports_the_checkpoint_the_status_names(tiny_model_dir, toy
     exported = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in exported.items())
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
-    image = pipe(PROMPTS[0], num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        PROMPTS[0], num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -222,8 +268,14 @@ def base_samples(model: Path, folder: Path) -> Path:
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(PROMPTS[0], num_images_per_prompt=2, num_inference_steps=4, height=64, width=64,
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        PROMPTS[0],
+        num_images_per_prompt=2,
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     folder.mkdir()
     for i, image in enumerate(images):
         image.save(folder / f"sample-{i}.png")

@@ -13,14 +13,20 @@ from dreambooth.trainer.run import run
 from tests.support.trainer import job_document, trainer_config
 
 #: per family: the model fixture and the pipeline that must draw the class images
-FAMILIES = {"sd": ("tiny_model_dir", "StableDiffusionPipeline"),
-            "sdxl": ("tiny_sdxl_dir", "StableDiffusionXLPipeline")}
+FAMILIES = {"sd": ("tiny_model_dir", "StableDiffusionPipeline"), "sdxl": ("tiny_sdxl_dir", "StableDiffusionXLPipeline")}
 
 
 def prior_job(model, photos, out, name, family):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), name=name, steps=4, every=2,
-                       training={"method": "full"},
-                       prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": 3})
+    doc = job_document(
+        model.as_uri(),
+        photos.as_uri(),
+        out.as_uri(),
+        name=name,
+        steps=4,
+        every=2,
+        training={"method": "full"},
+        prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": 3},
+    )
     doc["spec"]["baseModel"]["family"] = family
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["output"]["formats"] = ["diffusers"]
@@ -66,8 +72,12 @@ def first_class_image(model, pipeline_class):
 
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model)
     pipe.scheduler = scheduler_for(Sampler(SAMPLER["scheduler"]), pipe.scheduler.config)
-    settings = ValidationSpec(prompts=["a photo of a cat"], inference_steps=SAMPLER["inferenceSteps"],
-                              guidance_scale=SAMPLER["guidanceScale"], images_per_prompt=1)
+    settings = ValidationSpec(
+        prompts=["a photo of a cat"],
+        inference_steps=SAMPLER["inferenceSteps"],
+        guidance_scale=SAMPLER["guidanceScale"],
+        images_per_prompt=1,
+    )
     [[image]] = generate(pipe, settings, resolution=64, seed=SAMPLER["seed"], device="cpu")
     return image
 

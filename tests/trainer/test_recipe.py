@@ -29,8 +29,9 @@ from tests.support.trainer import (
 
 
 def local_job(model, photos, out, *, steps=4, every=2, training=None, **spec):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every,
-                       training=training, **spec)
+    doc = job_document(
+        model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every, training=training, **spec
+    )
     if "validation" not in spec:
         doc["spec"]["validation"] = {"enabled": False}
     return doc
@@ -47,8 +48,14 @@ def checkpoint_tensors(out, step):
 
 def test_text_encoder_trains_until_text_encoder_steps_then_freezes(tiny_model_dir, toy_cat_dir, tmp_path):
     out = tmp_path / "out"  # 7 steps: the last one is exported, not checkpointed
-    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=7, every=1,
-                    training={"trainTextEncoder": True, "textEncoderSteps": 3, "textEncoderLearningRate": 5e-4})
+    doc = local_job(
+        tiny_model_dir,
+        toy_cat_dir,
+        out,
+        steps=7,
+        every=1,
+        training={"trainTextEncoder": True, "textEncoderSteps": 3, "textEncoderLearningRate": 5e-4},
+    )
     doc["spec"]["checkpointing"]["keep"] = 10
     train(doc, tmp_path / "w")
     te = {s: {k: v for k, v in checkpoint_tensors(out, s).items() if k.startswith("text_encoder.")} for s in (1, 3, 6)}
@@ -64,9 +71,14 @@ def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir,
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=6, every=3,
-                    training={"method": "lora", "learningRate": 1e-2,
-                              "lora": {"rank": 4, "alpha": 8, "textEncoder": True}})
+    doc = local_job(
+        tiny_model_dir,
+        toy_cat_dir,
+        out,
+        steps=6,
+        every=3,
+        training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "alpha": 8, "textEncoder": True}},
+    )
     doc["spec"]["output"]["formats"] = ["lora", "lora-kohya"]
     outcome, _ = train(doc, tmp_path / "w")
     kohya = out / "lora" / "toy-cat_kohya.safetensors"
@@ -75,7 +87,9 @@ def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir,
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
     assert {float(v) for k, v in keys.items() if k.endswith(".alpha")} == {8.0}
-    assert_kohya_lora_draws_like_diffusers(StableDiffusionPipeline, tiny_model_dir, out, kohya, "a photo of zwx toy cat")
+    assert_kohya_lora_draws_like_diffusers(
+        StableDiffusionPipeline, tiny_model_dir, out, kohya, "a photo of zwx toy cat"
+    )
     saved = checkpoint_tensors(out, 3)
     assert saved and all("lora" in k for k in saved), "a LoRA checkpoint holds only the adapters"
     assert any(k.startswith("text_encoder.") for k in saved)
@@ -98,9 +112,21 @@ def test_lora_exports_adapters_that_diffusers_loads(tiny_model_dir, toy_cat_dir,
 
 
 def test_8bit_adam_gradient_checkpointing_snr_and_offset_noise_train(tiny_model_dir, toy_cat_dir, tmp_path):
-    doc = local_job(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=3, every=2,
-                    training={"optimizer": "adamw8bit", "gradientCheckpointing": True, "snrGamma": 5.0,
-                              "noiseOffset": 0.1, "lrScheduler": "cosine", "lrWarmupSteps": 1})
+    doc = local_job(
+        tiny_model_dir,
+        toy_cat_dir,
+        tmp_path / "out",
+        steps=3,
+        every=2,
+        training={
+            "optimizer": "adamw8bit",
+            "gradientCheckpointing": True,
+            "snrGamma": 5.0,
+            "noiseOffset": 0.1,
+            "lrScheduler": "cosine",
+            "lrWarmupSteps": 1,
+        },
+    )
     metrics = TrainerMetrics()
     run(trainer_config(doc), tmp_path / "w", metrics=metrics)
     assert metrics.step._value.get() == 3
@@ -125,8 +151,14 @@ def test_ema_weights_are_exported(tiny_model_dir, toy_cat_dir, tmp_path):
 def test_sample_grids_and_progression(tiny_model_dir, toy_cat_dir, tmp_path):
     out = tmp_path / "out"
     prompts = ["a photo of zwx toy cat", "a photo of zwx toy cat in a box", "zwx toy cat, watercolor"]
-    doc = local_job(tiny_model_dir, toy_cat_dir, out, steps=4, every=2,
-                    validation={"prompts": prompts, "imagesPerPrompt": 2, "inferenceSteps": 3, "everySteps": 2})
+    doc = local_job(
+        tiny_model_dir,
+        toy_cat_dir,
+        out,
+        steps=4,
+        every=2,
+        validation={"prompts": prompts, "imagesPerPrompt": 2, "inferenceSteps": 3, "everySteps": 2},
+    )
     train(doc, tmp_path / "w")
     for step in (2, 4):
         with Image.open(out / "samples" / f"step-{step}.png") as grid:
@@ -150,10 +182,11 @@ def test_v_prediction_model_trains(toy_cat_dir, tmp_path):
 RESUMABLE = {
     "8-bit AdamW": ({"optimizer": "adamw8bit"}, "model/unet/diffusion_pytorch_model.safetensors"),
     "EMA": ({"ema": True}, "model/unet/diffusion_pytorch_model.safetensors"),
-    "text encoder": ({"trainTextEncoder": True, "textEncoderSteps": 3},
-                     "model/text_encoder/model.safetensors"),
-    "LoRA": ({"method": "lora", "learningRate": 1e-2, "lora": {"textEncoder": True}},
-             "lora/pytorch_lora_weights.safetensors"),
+    "text encoder": ({"trainTextEncoder": True, "textEncoderSteps": 3}, "model/text_encoder/model.safetensors"),
+    "LoRA": (
+        {"method": "lora", "learningRate": 1e-2, "lora": {"textEncoder": True}},
+        "lora/pytorch_lora_weights.safetensors",
+    ),
 }
 
 
@@ -178,8 +211,14 @@ def test_stopped_runs_resume_to_the_same_weights(tiny_model_dir, toy_cat_dir, tm
 #: per family: the model fixture and the exported parts compared (file in each folder)
 TWO_PROCESS_FAMILIES = {
     "sd": ("tiny_model_dir", {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}),
-    "sdxl": ("tiny_sdxl_dir", {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
-                               "text_encoder_2": "model.safetensors"}),
+    "sdxl": (
+        "tiny_sdxl_dir",
+        {
+            "unet": "diffusion_pytorch_model.safetensors",
+            "text_encoder": "model.safetensors",
+            "text_encoder_2": "model.safetensors",
+        },
+    ),
 }
 
 
@@ -192,8 +231,13 @@ def test_two_processes_train_like_one(family, request, toy_cat_dir, tmp_path):
     fixture, exported = TWO_PROCESS_FAMILIES[family]
     model = request.getfixturevalue(fixture)
     training = {"batchSize": 4, "gradientAccumulationSteps": 2, "trainTextEncoder": True, "method": "full"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DREAMBOOTH_DEBUG_WEIGHT_CHECKSUMS": "1",
+    }
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
@@ -202,13 +246,30 @@ def test_two_processes_train_like_one(family, request, toy_cat_dir, tmp_path):
         doc["spec"]["output"]["formats"] = ["diffusers"]
         doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
         config_path = write_config(trainer_config(doc), tmp_path / f"c{processes}")
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         if processes > 1:
             launch += ["--multi_gpu", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-        proc = subprocess.run(launch + ["-m", "dreambooth.trainer", "--config", str(config_path),
-                                        "--workdir", str(tmp_path / f"w{processes}")],
-                              check=False, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            launch
+            + ["-m", "dreambooth.trainer", "--config", str(config_path), "--workdir", str(tmp_path / f"w{processes}")],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         if processes > 1:
             # both ranks hold identical weights after every step
@@ -220,12 +281,16 @@ def test_two_processes_train_like_one(family, request, toy_cat_dir, tmp_path):
             # only rank 0 writes checkpoints (once per checkpoint; the last step is exported)
             uploads = re.findall(r"rank(\d) INFO \S+ checkpoint (\S+)", proc.stderr)
             assert uploads == [("0", (out / "checkpoints" / "checkpoint-2").as_uri() + "/")], uploads
-        results[processes] = {f"{part}.{k}": v for part, file in exported.items()
-                              for k, v in load_file(out / "model" / part / file).items()}
+        results[processes] = {
+            f"{part}.{k}": v
+            for part, file in exported.items()
+            for k, v in load_file(out / "model" / part / file).items()
+        }
     one, two = results[1], results[2]
     assert one.keys() == two.keys() and all(any(k.startswith(f"{part}.") for k in one) for part in exported)
-    base = {f"{part}.{k}": v for part in exported
-            for k, v in load_file(next((model / part).glob("*.safetensors"))).items()}
+    base = {
+        f"{part}.{k}": v for part in exported for k, v in load_file(next((model / part).glob("*.safetensors"))).items()
+    }
     # Adam normalises updates, so float-rounding differences of the gradient all-reduce show
     # up as tiny differences in a few weights; a wrong data shard or unsynchronised gradients
     # would make the two runs differ by about as much as they moved.

@@ -65,8 +65,11 @@ def wait_for_step(proc: subprocess.Popen, port: int, at_least: int, timeout: flo
 #: the families a kill -9 resumes for: (model fixture, training options, the exported file compared)
 FAMILIES = {
     "sd": ("tiny_model_dir", {}, "model/unet/diffusion_pytorch_model.safetensors"),
-    "sdxl": ("tiny_sdxl_dir", {"method": "lora", "lora": {"textEncoder": True}},
-             "lora/pytorch_lora_weights.safetensors"),  # SDXL's default, both encoders' adapters too
+    "sdxl": (
+        "tiny_sdxl_dir",
+        {"method": "lora", "lora": {"textEncoder": True}},
+        "lora/pytorch_lora_weights.safetensors",
+    ),  # SDXL's default, both encoders' adapters too
 }
 
 
@@ -78,17 +81,22 @@ def bucket_with_inputs(s3_bucket, tiny_model_dir, toy_cat_dir):
     return settings, bucket
 
 
-def config_for(settings, bucket, output: str, port: int = 0, *, model: str = "models/tiny/",
-               training: dict | None = None):
-    doc = job_document(f"s3://{bucket}/{model}", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
-                       steps=STEPS, every=EVERY, training=training)
+def config_for(
+    settings, bucket, output: str, port: int = 0, *, model: str = "models/tiny/", training: dict | None = None
+):
+    doc = job_document(
+        f"s3://{bucket}/{model}",
+        f"s3://{bucket}/data/cat/",
+        f"s3://{bucket}/{output}/",
+        steps=STEPS,
+        every=EVERY,
+        training=training,
+    )
     return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f != "sd" else [])
-                                    for f in FAMILIES])
-def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(family, bucket_with_inputs, request,
-                                                                      tmp_path):
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f != "sd" else []) for f in FAMILIES])
+def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(family, bucket_with_inputs, request, tmp_path):
     settings, bucket = bucket_with_inputs
     fixture, training, artifact = FAMILIES[family]
     model = f"models/{family}/"
@@ -114,8 +122,10 @@ def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(family, 
     out = open_storage(f"s3://{bucket}/killed/", settings)
     out.write_bytes("checkpoints/checkpoint-9999/trainable.safetensors", b"half an upload")
     out.write_bytes("checkpoints/checkpoint-9998/trainable.safetensors", b"short")
-    out.write_bytes("checkpoints/checkpoint-9998/manifest.json",
-                    json.dumps({"step": 9998, "files": {"trainable.safetensors": {"size": 999, "sha256": "0"}}}).encode())
+    out.write_bytes(
+        "checkpoints/checkpoint-9998/manifest.json",
+        json.dumps({"step": 9998, "files": {"trainable.safetensors": {"size": 999, "sha256": "0"}}}).encode(),
+    )
 
     code, log, summary = run_trainer(config_path, tmp_path / "b" / "work", env)
     assert code == 0, log
@@ -134,8 +144,10 @@ def test_kill_9_at_a_random_step_resumes_and_ends_with_the_same_weights(family, 
     assert [p.step for p in killed_history] == [p.step for p in straight_history] == list(range(1, STEPS + 1))
     assert [p.loss for p in killed_history] == [p.loss for p in straight_history]
 
-    a, b = (load_file(open_storage(f"s3://{bucket}/{run}/", settings).download(artifact, tmp_path / run / "w"))
-            for run in ("straight", "killed"))
+    a, b = (
+        load_file(open_storage(f"s3://{bucket}/{run}/", settings).download(artifact, tmp_path / run / "w"))
+        for run in ("straight", "killed")
+    )
     assert a.keys() == b.keys()
     different = [k for k in a if not (a[k] == b[k]).all()]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
@@ -154,8 +166,7 @@ def test_metrics_advance_pass_promtool_and_sigterm_saves_a_checkpoint(bucket_wit
 
     promtool = shutil.which("promtool")
     if promtool:  # Debian's prometheus package; .ci/run installs it
-        check = subprocess.run([promtool, "check", "metrics"], check=False, input=text, capture_output=True,
-                               text=True)
+        check = subprocess.run([promtool, "check", "metrics"], check=False, input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
 
     proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on preemption, suspend or drain
@@ -179,8 +190,14 @@ def local_doc(model, photos, out, **kw):
 
 def test_kill_9_during_class_image_generation_keeps_the_images_already_drawn(tiny_model_dir, toy_cat_dir, tmp_path):
     count = 12
-    doc = local_doc(tiny_model_dir, toy_cat_dir, tmp_path / "jobs" / "face", steps=2, every=2,
-                    prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": count})
+    doc = local_doc(
+        tiny_model_dir,
+        toy_cat_dir,
+        tmp_path / "jobs" / "face",
+        steps=2,
+        every=2,
+        prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": count},
+    )
     config_path = write_config(trainer_config(doc), tmp_path)
     cache = tmp_path / "jobs" / ".cache" / "class-images"
     proc = start_trainer(config_path, tmp_path / "work", trainer_env())
@@ -202,8 +219,14 @@ def test_kill_9_during_class_image_generation_keeps_the_images_already_drawn(tin
 
 def test_kill_9_during_textual_inversion_resumes_in_phase_one(tiny_model_dir, toy_cat_dir, tmp_path):
     port = free_port()
-    doc = local_doc(tiny_model_dir, toy_cat_dir, tmp_path / "out", steps=4, every=2,
-                    training={"textualInversion": {"steps": 40, "placeholderToken": "<zwx>", "initializerToken": "cat"}})
+    doc = local_doc(
+        tiny_model_dir,
+        toy_cat_dir,
+        tmp_path / "out",
+        steps=4,
+        every=2,
+        training={"textualInversion": {"steps": 40, "placeholderToken": "<zwx>", "initializerToken": "cat"}},
+    )
     doc["spec"]["instance"]["prompt"] = "a photo of <zwx> toy cat"
     config = trainer_config(doc, metrics_port=port)
     config_path = write_config(config, tmp_path)

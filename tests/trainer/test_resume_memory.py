@@ -62,6 +62,8 @@ def test_resume_reads_the_checkpoint_without_copying_it_into_memory(tmp_path):
         assert state.read(tmp_path, modules=modules, optimizer=optimizer, lr_scheduler=schedule, facts={}) == 1
     grown = resume.peak - before
     assert written > 250 * 2**20, written
-    assert grown < 0.1 * written, f"resuming took {grown / 2**20:.0f} MiB of own memory for a {written / 2**20:.0f} MiB checkpoint"
+    assert grown < 0.1 * written, (
+        f"resuming took {grown / 2**20:.0f} MiB of own memory for a {written / 2**20:.0f} MiB checkpoint"
+    )
     assert all(torch.equal(a, b) for a, b in zip(saved, modules["unet"].parameters(), strict=True))
     assert len(optimizer.state) == TENSORS

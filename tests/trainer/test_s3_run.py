@@ -27,8 +27,9 @@ def s3_job(s3_bucket, tiny_model_dir, toy_cat_dir, tmp_path):
     upload(settings, f"s3://{bucket}/data/toy-cat/", toy_cat_dir)
 
     def build(**kwargs):
-        return job_document(f"s3://{bucket}/models/tiny-sd/", f"s3://{bucket}/data/toy-cat/",
-                            f"s3://{bucket}/jobs/toy-cat/", **kwargs)
+        return job_document(
+            f"s3://{bucket}/models/tiny-sd/", f"s3://{bucket}/data/toy-cat/", f"s3://{bucket}/jobs/toy-cat/", **kwargs
+        )
 
     return settings, bucket, build
 
@@ -45,8 +46,12 @@ def test_s3_to_s3_run_learns_and_exports_a_loadable_model(s3_job, tiny_model_dir
     result = json.loads(download(settings, out, tmp_path / "out").joinpath("result.json").read_text())
     assert result["outputs"]["diffusers"] == out + "model/"
     keys = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    assert {"model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
-            "model.safetensors", "samples/step-60.png"} <= keys
+    assert {
+        "model/model_index.json",
+        "model/unet/diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "samples/step-60.png",
+    } <= keys
     # keep=2: only the two newest checkpoints remain, each with its manifest; the last step
     # is exported, not checkpointed
     assert {k.split("/")[1] for k in keys if k.startswith("checkpoints/")} == {"checkpoint-20", "checkpoint-40"}
@@ -61,6 +66,7 @@ def test_s3_to_s3_run_learns_and_exports_a_loadable_model(s3_job, tiny_model_dir
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out" / "model")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # the seed's sampler travels with it
-    image = pipe("a photo of zwx toy cat", num_inference_steps=3, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of zwx toy cat", num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)

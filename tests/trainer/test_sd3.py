@@ -46,13 +46,21 @@ def test_the_tiny_sd3_model_is_an_sd3_pipeline_folder(tiny_sd3_dir, tmp_path):
     assert type(pipe.tokenizer_3).__name__.startswith("T5Tokenizer")
     ids = pipe.tokenizer_3(PROMPT).input_ids
     assert ids[-1] == pipe.tokenizer_3.eos_token_id and pipe.tokenizer_3.unk_token_id not in ids
-    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=77,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        max_sequence_length=77,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
     config = pipe.transformer.config
     assert config.joint_attention_dim == pipe.text_encoder_3.config.d_model
-    assert config.pooled_projection_dim == pipe.text_encoder.config.projection_dim + \
-        pipe.text_encoder_2.config.projection_dim
+    assert (
+        config.pooled_projection_dim
+        == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    )
     clip = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert clip < config.joint_attention_dim  # the CLIP states are really padded
     assert pipe.vae.config.shift_factor and pipe.vae.config.latent_channels == 16
@@ -61,13 +69,17 @@ def test_the_tiny_sd3_model_is_an_sd3_pipeline_folder(tiny_sd3_dir, tmp_path):
     FAMILIES["sd3"].configure(components, TrainingSpec(), "tiny")
     with torch.no_grad():
         ours = FAMILIES["sd3"].encode(components.tokenizers, components.text_encoders, [PROMPT], "cpu")
-        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=77)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=77
+        )
     assert ours.embeds.shape == (1, 77 + 77, config.joint_attention_dim)
     assert torch.allclose(ours.embeds, embeds, atol=1e-6) and torch.allclose(ours.pooled, pooled, atol=1e-6)
     again = build_tiny_sd3(tmp_path / "again")
-    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors",
-                 "tokenizer_3/tokenizer.json"):
+    for part in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "text_encoder_3/model.safetensors",
+        "tokenizer_3/tokenizer.json",
+    ):
         assert (again / part).read_bytes() == (tiny_sd3_dir / part).read_bytes(), part
 
 
@@ -106,8 +118,13 @@ def test_flow_matching_draws_sigmas_and_targets_by_the_formulas(weighting, tiny_
 
     # preconditioning: the reference's loss on (noisy - sigma * pred) against x is ours
     # weighted by sigma^2
-    pre = flow_matching(scheduler, x, noise, [torch.Generator().manual_seed(i) for i in range(n)],
-                        TrainingSpec(flow_matching=flow.model_copy(update={"precondition": True})))
+    pre = flow_matching(
+        scheduler,
+        x,
+        noise,
+        [torch.Generator().manual_seed(i) for i in range(n)],
+        TrainingSpec(flow_matching=flow.model_copy(update={"precondition": True})),
+    )
     pred = torch.randn_like(x)
     reference = ((pred * -s + pre.noisy - x) ** 2).mean(dim=(1, 2, 3)) * expected
     ours = ((pred - pre.target) ** 2).mean(dim=(1, 2, 3)) * pre.weights
@@ -124,10 +141,19 @@ def test_sd3_lora_learns_and_loads_in_diffusers(t5, s3_bucket, tiny_sd3_dir, toy
     settings, bucket = s3_bucket
     upload(settings, f"s3://{bucket}/models/sd3/", tiny_sd3_dir)
     upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
-    doc = sd3_job(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/jobs/{t5}/", steps=60,
-                  formats=["lora", "lora-kohya"],
-                  training={"method": "lora", "learningRate": 1e-2, "t5": t5,
-                            "lora": {"rank": 8, "alpha": 4, "textEncoder": t5 == "keep"}})
+    doc = sd3_job(
+        f"s3://{bucket}/models/sd3/",
+        f"s3://{bucket}/data/cat/",
+        f"s3://{bucket}/jobs/{t5}/",
+        steps=60,
+        formats=["lora", "lora-kohya"],
+        training={
+            "method": "lora",
+            "learningRate": 1e-2,
+            "t5": t5,
+            "lora": {"rank": 8, "alpha": 4, "textEncoder": t5 == "keep"},
+        },
+    )
     config = write_config(trainer_config(doc, endpoint=settings.endpoint), tmp_path)
     code, log, summary = run_trainer(config, tmp_path / "w", trainer_env(settings))
     assert code == 0 and summary["step"] == 60, log
@@ -139,8 +165,9 @@ def test_sd3_lora_learns_and_loads_in_diffusers(t5, s3_bucket, tiny_sd3_dir, toy
     assert any(k.startswith("text_encoder_2.") for k in keys) == (t5 == "keep")
     assert not any(k.startswith("text_encoder_3.") for k in keys)  # T5 never trains
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, **({"text_encoder_3": None,
-                                                                       "tokenizer_3": None} if t5 == "drop" else {}))
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        tiny_sd3_dir, **({"text_encoder_3": None, "tokenizer_3": None} if t5 == "drop" else {})
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(out / "lora")
     image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, max_sequence_length=77).images[0]
@@ -168,8 +195,11 @@ def assert_comfyui_applies_the_same_update(comfy, base_dir, fused, *, text_encod
     from diffusers import StableDiffusion3Pipeline
 
     base = StableDiffusion3Pipeline.from_pretrained(base_dir, text_encoder_3=None, tokenizer_3=None)
-    parts = {"lora_transformer": ("transformer", ""), "lora_te1": ("text_encoder", "text_model."),
-             "lora_te2": ("text_encoder_2", "text_model.")}
+    parts = {
+        "lora_transformer": ("transformer", ""),
+        "lora_te1": ("text_encoder", "text_model."),
+        "lora_te2": ("text_encoder_2", "text_model."),
+    }
     names = {}  # ComfyUI's key -> (part, the module's state-dict key)
     for prefix, (part, below) in parts.items():
         for key in getattr(base, part).state_dict():
@@ -193,9 +223,15 @@ def test_sd3_full_fine_tune_learns_and_exports_a_loadable_folder(tiny_sd3_dir, t
     from diffusers import StableDiffusion3Pipeline
 
     out = tmp_path / "out"
-    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=60, formats=["diffusers"],
-                  training={"method": "full", "learningRate": 1e-3},
-                  validation={"inferenceSteps": 2, "imagesPerPrompt": 1, "everySteps": 60})
+    doc = sd3_job(
+        tiny_sd3_dir,
+        toy_cat_dir,
+        out,
+        steps=60,
+        formats=["diffusers"],
+        training={"method": "full", "learningRate": 1e-3},
+        validation={"inferenceSteps": 2, "imagesPerPrompt": 1, "everySteps": 60},
+    )
     outcome = run(trainer_config(doc), tmp_path / "w", metrics=TrainerMetrics())
     assert (out / "samples" / "step-60.png").is_file() and "samples" in outcome.outputs
     before = denoising_loss(tiny_sd3_dir, toy_cat_dir, PROMPT)
@@ -237,19 +273,32 @@ def _issues(doc) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize(("family", "training", "base", "gpus", "expected"), [
-    ("sd3", {"maxSequenceLength": 513}, {}, 0, "spec.training.maxSequenceLength"),
-    ("sd3", {"maxSequenceLength": 256, "t5": "drop"}, {}, 0,
-     "spec.training.maxSequenceLength: is the prompt length T5 reads, and training.t5 is drop"),
-    ("sd3", {}, {"quantization": "nf4"}, 0, "spec.baseModel.quantization: nf4 (bitsandbytes 4-bit) needs GPUs"),
-    ("sd3", {"method": "full"}, {"quantization": "nf4"}, 1,
-     "spec.baseModel.quantization: nf4 quantizes the frozen transformer of a LoRA run"),
-    ("sd3", {}, {"quantization": "nf4"}, 1, "spec.baseModel.quantization: nf4 is not supported yet"),
-    ("sd3", {"snrGamma": 5.0}, {}, 0, "spec.training.snrGamma: Min-SNR weighting is for DDPM models"),
-    ("sd3", {"method": "full", "trainTextEncoder": True}, {}, 0, "spec.training.trainTextEncoder"),
-    ("sd", {"t5": "drop"}, {}, 0, "spec.training.t5: only applies to models with a T5 text encoder"),
-    ("sdxl", {"flowMatching": {"weighting": "mode"}}, {}, 0, "spec.training.flowMatching: only applies"),
-])
+@pytest.mark.parametrize(
+    ("family", "training", "base", "gpus", "expected"),
+    [
+        ("sd3", {"maxSequenceLength": 513}, {}, 0, "spec.training.maxSequenceLength"),
+        (
+            "sd3",
+            {"maxSequenceLength": 256, "t5": "drop"},
+            {},
+            0,
+            "spec.training.maxSequenceLength: is the prompt length T5 reads, and training.t5 is drop",
+        ),
+        ("sd3", {}, {"quantization": "nf4"}, 0, "spec.baseModel.quantization: nf4 (bitsandbytes 4-bit) needs GPUs"),
+        (
+            "sd3",
+            {"method": "full"},
+            {"quantization": "nf4"},
+            1,
+            "spec.baseModel.quantization: nf4 quantizes the frozen transformer of a LoRA run",
+        ),
+        ("sd3", {}, {"quantization": "nf4"}, 1, "spec.baseModel.quantization: nf4 is not supported yet"),
+        ("sd3", {"snrGamma": 5.0}, {}, 0, "spec.training.snrGamma: Min-SNR weighting is for DDPM models"),
+        ("sd3", {"method": "full", "trainTextEncoder": True}, {}, 0, "spec.training.trainTextEncoder"),
+        ("sd", {"t5": "drop"}, {}, 0, "spec.training.t5: only applies to models with a T5 text encoder"),
+        ("sdxl", {"flowMatching": {"weighting": "mode"}}, {}, 0, "spec.training.flowMatching: only applies"),
+    ],
+)
 def test_what_sd3_cannot_take_is_refused_naming_the_field(family, training, base, gpus, expected, tmp_path):
     doc = job_document("s3://models/m/", "s3://data/cat/", "s3://out/o/", steps=10, every=10, training=training)
     doc["spec"]["baseModel"].update(family=family, **base)
@@ -270,16 +319,20 @@ def test_sd3_samples_only_with_its_own_scheduler():
 
 
 def _s3_sd3_config(settings, bucket, output, *, port=0, **training):
-    doc = sd3_job(f"s3://{bucket}/models/sd3/", f"s3://{bucket}/data/cat/", f"s3://{bucket}/{output}/",
-                       steps=24, every=4, formats=["lora"],
-                       training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True},
-                                 **training})
+    doc = sd3_job(
+        f"s3://{bucket}/models/sd3/",
+        f"s3://{bucket}/data/cat/",
+        f"s3://{bucket}/{output}/",
+        steps=24,
+        every=4,
+        formats=["lora"],
+        training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 4, "textEncoder": True}, **training},
+    )
     return trainer_config(doc, endpoint=settings.endpoint, metrics_port=port)
 
 
 @pytest.mark.slow
-def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, tiny_sd3_dir, toy_cat_dir,
-                                                                   tmp_path):
+def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, tiny_sd3_dir, toy_cat_dir, tmp_path):
     """S3 to S3, as a pod runs it: a run killed (SIGKILL) after its second checkpoint and
     restarted ends with the adapters (transformer and both CLIP encoders) of a run never
     stopped, bit for bit; every flow-matching draw belongs to the sample's position."""
@@ -298,8 +351,9 @@ def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, 
     upload(settings, f"s3://{bucket}/models/sd3/", tiny_sd3_dir)
     upload(settings, f"s3://{bucket}/data/cat/", toy_cat_dir)
     env = trainer_env(settings)
-    code, log, _ = run_trainer(write_config(_s3_sd3_config(settings, bucket, "straight"), tmp_path / "a"),
-                               tmp_path / "a" / "work", env)
+    code, log, _ = run_trainer(
+        write_config(_s3_sd3_config(settings, bucket, "straight"), tmp_path / "a"), tmp_path / "a" / "work", env
+    )
     assert code == 0, log
 
     port = free_port()
@@ -311,8 +365,10 @@ def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, 
     code, log, summary = run_trainer(config_path, tmp_path / "b" / "work", env)
     assert code == 0 and "resumed from" in log, log
     assert summary["step"] == 24
-    files = [load_file(download(settings, f"s3://{bucket}/{run}/lora/", tmp_path / run) /
-                       "pytorch_lora_weights.safetensors") for run in ("straight", "killed")]
+    files = [
+        load_file(download(settings, f"s3://{bucket}/{run}/lora/", tmp_path / run) / "pytorch_lora_weights.safetensors")
+        for run in ("straight", "killed")
+    ]
     assert files[0].keys() == files[1].keys() and any(k.startswith("text_encoder.") for k in files[0])
     different = [k for k in files[0] if not torch.equal(files[0][k], files[1][k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
@@ -320,9 +376,15 @@ def test_sd3_lora_from_s3_killed_with_9_resumes_to_the_same_adapters(s3_bucket, 
 
 def test_sd3_prior_preservation_generates_class_images_with_its_own_scheduler(tiny_sd3_dir, toy_cat_dir, tmp_path):
     out = tmp_path / "jobs" / "face"
-    doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=2, formats=["lora"],
-                  training={"method": "lora", "t5": "drop"},
-                  prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": 2})
+    doc = sd3_job(
+        tiny_sd3_dir,
+        toy_cat_dir,
+        out,
+        steps=2,
+        formats=["lora"],
+        training={"method": "lora", "t5": "drop"},
+        prior={"enabled": True, "classPrompt": "a photo of a cat", "numImages": 2},
+    )
     metrics = TrainerMetrics()
     outcome = run(trainer_config(doc), tmp_path / "w", metrics=metrics)
     assert outcome.step == 2
@@ -330,11 +392,13 @@ def test_sd3_prior_preservation_generates_class_images_with_its_own_scheduler(ti
     assert len(cached) == 2
     from dreambooth.trainer.prior import cache_key
 
-    key = cache_key(model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64, count=2,
-                    family="sd3")
+    key = cache_key(
+        model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64, count=2, family="sd3"
+    )
     assert cached[0].parent.name == key  # flow-matching Euler is part of the key: not SD's DDIM images
-    assert key != cache_key(model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64,
-                            count=2)
+    assert key != cache_key(
+        model=tiny_sd3_dir.as_uri(), revision=None, prompt="a photo of a cat", resolution=64, count=2
+    )
 
 
 @pytest.mark.slow
@@ -346,12 +410,28 @@ def test_sd3_two_processes_train_like_one(tiny_sd3_dir, toy_cat_dir, tmp_path):
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out-{processes}"
-        doc = sd3_job(tiny_sd3_dir, toy_cat_dir, out, steps=4, every=2, formats=["lora"],
-                      training={"method": "lora", "learningRate": 1e-2, "batchSize": 4,
-                                "gradientAccumulationSteps": 2, "lora": {"textEncoder": True}})
+        doc = sd3_job(
+            tiny_sd3_dir,
+            toy_cat_dir,
+            out,
+            steps=4,
+            every=2,
+            formats=["lora"],
+            training={
+                "method": "lora",
+                "learningRate": 1e-2,
+                "batchSize": 4,
+                "gradientAccumulationSteps": 2,
+                "lora": {"textEncoder": True},
+            },
+        )
         doc["spec"]["resources"] = {"nodes": processes, "gpusPerNode": 0}
-        done = launch(processes, write_config(trainer_config(doc), tmp_path / f"c{processes}"),
-                      tmp_path / f"w{processes}", trainer_env())
+        done = launch(
+            processes,
+            write_config(trainer_config(doc), tmp_path / f"c{processes}"),
+            tmp_path / f"w{processes}",
+            trainer_env(),
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         results[processes] = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     one, two = results[1], results[2]

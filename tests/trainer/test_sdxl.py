@@ -37,8 +37,9 @@ def tiny_sdxl_wide_dir(tmp_path_factory):
 
 
 def sdxl_job(model, photos, out, *, steps, training, formats, every=None, **spec):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every or steps,
-                       training=training, **spec)
+    doc = job_document(
+        model.as_uri(), photos.as_uri(), out.as_uri(), steps=steps, every=every or steps, training=training, **spec
+    )
     doc["spec"]["baseModel"]["family"] = "sdxl"
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["output"]["formats"] = formats
@@ -51,14 +52,17 @@ def test_the_tiny_sdxl_model_is_an_sdxl_pipeline_folder(tiny_sdxl_dir):
     assert detect(tiny_sdxl_dir, "tiny").name == "sdxl"
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[
+        0
+    ]
     assert image.size == (64, 64)
     unet = pipe.unet.config
     widths = [pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size]
     assert unet.cross_attention_dim == sum(widths)
-    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + \
-        pipe.text_encoder_2.config.projection_dim
+    assert (
+        unet.projection_class_embeddings_input_dim
+        == 6 * unet.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
+    )
 
 
 @pytest.fixture
@@ -76,8 +80,14 @@ def sdxl_s3(s3_bucket, tiny_sdxl_dir, toy_cat_dir, tmp_path, monkeypatch):
 
 
 def sdxl_s3_job(settings, bucket, *, steps, training, formats, vae=False):
-    doc = job_document(f"s3://{bucket}/models/tiny-sdxl/", f"s3://{bucket}/data/toy-cat/", f"s3://{bucket}/out/",
-                       steps=steps, every=steps // 2, training=training)
+    doc = job_document(
+        f"s3://{bucket}/models/tiny-sdxl/",
+        f"s3://{bucket}/data/toy-cat/",
+        f"s3://{bucket}/out/",
+        steps=steps,
+        every=steps // 2,
+        training=training,
+    )
     doc["spec"]["baseModel"]["family"] = "sdxl"
     if vae:  # fetched from S3 like the base model (the same weights here: the criterion compares)
         doc["spec"]["baseModel"]["vae"] = f"s3://{bucket}/models/sdxl-vae/"
@@ -86,15 +96,20 @@ def sdxl_s3_job(settings, bucket, *, steps, training, formats, vae=False):
     return trainer_config(doc, endpoint=settings.endpoint)
 
 
-def test_sdxl_lora_on_unet_and_both_text_encoders_learns_from_s3_to_s3_and_loads(sdxl_s3, tiny_sdxl_dir,
-                                                                                 toy_cat_dir, tmp_path):
+def test_sdxl_lora_on_unet_and_both_text_encoders_learns_from_s3_to_s3_and_loads(
+    sdxl_s3, tiny_sdxl_dir, toy_cat_dir, tmp_path
+):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     settings, bucket = sdxl_s3
-    config = sdxl_s3_job(settings, bucket, steps=60, formats=["lora", "lora-kohya"],
-                         training={"method": "lora", "learningRate": 1e-2,
-                                   "lora": {"rank": 8, "alpha": 16, "textEncoder": True}})
+    config = sdxl_s3_job(
+        settings,
+        bucket,
+        steps=60,
+        formats=["lora", "lora-kohya"],
+        training={"method": "lora", "learningRate": 1e-2, "lora": {"rank": 8, "alpha": 16, "textEncoder": True}},
+    )
     outcome = run(config, tmp_path / "w", metrics=TrainerMetrics())
     assert outcome.step == 60 and set(outcome.outputs) == {"lora", "lora-kohya"}
     out = download(settings, f"s3://{bucket}/out/", tmp_path / "out")
@@ -130,13 +145,15 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_learns_from_s3_to_s3_and_loads
     assert after < 0.96 * before, (before, after)
 
 
-def test_sdxl_full_fine_tune_learns_from_s3_to_s3_and_exports_a_loadable_folder(sdxl_s3, tiny_sdxl_dir,
-                                                                                toy_cat_dir, tmp_path):
+def test_sdxl_full_fine_tune_learns_from_s3_to_s3_and_exports_a_loadable_folder(
+    sdxl_s3, tiny_sdxl_dir, toy_cat_dir, tmp_path
+):
     from diffusers import StableDiffusionXLPipeline
 
     settings, bucket = sdxl_s3
-    config = sdxl_s3_job(settings, bucket, steps=60, formats=["diffusers"], vae=True,
-                         training={"method": "full", "learningRate": 1e-3})
+    config = sdxl_s3_job(
+        settings, bucket, steps=60, formats=["diffusers"], vae=True, training={"method": "full", "learningRate": 1e-3}
+    )
     outcome = run(config, tmp_path / "w", metrics=TrainerMetrics())
     assert outcome.outputs["diffusers"] == f"s3://{bucket}/out/model/"
     out = download(settings, f"s3://{bucket}/out/", tmp_path / "out")
@@ -149,8 +166,9 @@ def test_sdxl_full_fine_tune_learns_from_s3_to_s3_and_exports_a_loadable_folder(
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # SDXL's validation sampler travels
     assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
-    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[
+        0
+    ]
     assert image.size == (64, 64)
 
 
@@ -161,8 +179,14 @@ def test_sdxl_single_file_reads_back_to_the_trained_weights(tiny_sdxl_wide_dir, 
     from safetensors import safe_open
 
     out = tmp_path / "out"
-    config = sdxl_job(tiny_sdxl_wide_dir, toy_cat_dir, out, steps=3, formats=["diffusers", "safetensors"],
-                      training={"method": "full", "learningRate": 1e-3, "trainTextEncoder": True})
+    config = sdxl_job(
+        tiny_sdxl_wide_dir,
+        toy_cat_dir,
+        out,
+        steps=3,
+        formats=["diffusers", "safetensors"],
+        training={"method": "full", "learningRate": 1e-3, "trainTextEncoder": True},
+    )
     outcome = run(config, tmp_path / "w", metrics=TrainerMetrics())
     assert outcome.outputs["safetensors"] == (out / "model.safetensors").as_uri()
     with safe_open(out / "model.safetensors", "pt") as file:
@@ -176,8 +200,9 @@ def test_sdxl_single_file_reads_back_to_the_trained_weights(tiny_sdxl_wide_dir, 
 
     trained = StableDiffusionXLPipeline.from_pretrained(out / "model")
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_wide_dir)
-    loaded = StableDiffusionXLPipeline.from_single_file(str(out / "model.safetensors"),
-                                                        config=str(tiny_sdxl_wide_dir), local_files_only=True)
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(out / "model.safetensors"), config=str(tiny_sdxl_wide_dir), local_files_only=True
+    )
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         want, got = getattr(trained, part).state_dict(), getattr(loaded, part).state_dict()
         assert want.keys() == got.keys(), part
@@ -193,10 +218,16 @@ def test_sdxl_single_file_reads_back_to_the_trained_weights(tiny_sdxl_wide_dir, 
 OPTIONS = {
     "EMA": {"method": "full", "ema": True},
     "8-bit AdamW": {"method": "full", "optimizer": "adamw8bit"},
-    "gradient checkpointing, both encoders": {"method": "full", "trainTextEncoder": True,
-                                              "gradientCheckpointing": True},
-    "LoRA on both encoders, gradient checkpointing": {"method": "lora", "lora": {"textEncoder": True},
-                                                      "gradientCheckpointing": True},
+    "gradient checkpointing, both encoders": {
+        "method": "full",
+        "trainTextEncoder": True,
+        "gradientCheckpointing": True,
+    },
+    "LoRA on both encoders, gradient checkpointing": {
+        "method": "lora",
+        "lora": {"textEncoder": True},
+        "gradientCheckpointing": True,
+    },
     "SNR gamma and offset noise": {"method": "full", "snrGamma": 5.0, "noiseOffset": 0.1},
 }
 
@@ -207,8 +238,11 @@ def test_the_recipes_options_train_sdxl(option, tiny_sdxl_dir, toy_cat_dir, tmp_
     out = tmp_path / "out"
     metrics = TrainerMetrics()
     formats = ("lora",) if training["method"] == "lora" else ("diffusers",)
-    run(sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=3, every=2, training=training, formats=list(formats)),
-        tmp_path / "w", metrics=metrics)
+    run(
+        sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=3, every=2, training=training, formats=list(formats)),
+        tmp_path / "w",
+        metrics=metrics,
+    )
     assert metrics.step._value.get() == 3 and torch.isfinite(torch.tensor(metrics.loss._value.get()))
     checkpoint = out / "checkpoints" / "checkpoint-2"
     if training.get("ema"):
@@ -228,11 +262,19 @@ def test_both_text_encoders_train_until_text_encoder_steps_then_freeze(tiny_sdxl
 
     out = tmp_path / "out"
     training = {"method": "full", "trainTextEncoder": True, "textEncoderSteps": 2, "textEncoderLearningRate": 5e-4}
-    config = sdxl_job(tiny_sdxl_dir, toy_cat_dir, out, steps=5, training=training, formats=["diffusers"],
-                      checkpointing={"everySteps": 1, "keep": 10})
+    config = sdxl_job(
+        tiny_sdxl_dir,
+        toy_cat_dir,
+        out,
+        steps=5,
+        training=training,
+        formats=["diffusers"],
+        checkpointing={"everySteps": 1, "keep": 10},
+    )
     run(config, tmp_path / "w", metrics=TrainerMetrics())
-    saved = {step: load_file(out / "checkpoints" / f"checkpoint-{step}" / "trainable.safetensors")
-             for step in (1, 2, 4)}
+    saved = {
+        step: load_file(out / "checkpoints" / f"checkpoint-{step}" / "trainable.safetensors") for step in (1, 2, 4)
+    }
     for encoder in ("text_encoder", "text_encoder_2"):
         te = {s: {k: v for k, v in t.items() if k.startswith(encoder + ".")} for s, t in saved.items()}
         assert te[1] and te[1].keys() == te[2].keys() == te[4].keys()
@@ -268,9 +310,14 @@ def test_what_sdxl_cannot_take_is_refused_before_training(tiny_sdxl_dir, toy_cat
     from dreambooth.api import SpecError, validate_job
     from dreambooth.trainer.errors import ConfigError
 
-    doc = job_document(tiny_sdxl_dir.as_uri(), toy_cat_dir.as_uri(), (tmp_path / "o").as_uri(), steps=2, every=2,
-                       training={"method": "full",
-                                 "textualInversion": {"placeholderToken": "<zwx>", "initializerToken": "cat"}})
+    doc = job_document(
+        tiny_sdxl_dir.as_uri(),
+        toy_cat_dir.as_uri(),
+        (tmp_path / "o").as_uri(),
+        steps=2,
+        every=2,
+        training={"method": "full", "textualInversion": {"placeholderToken": "<zwx>", "initializerToken": "cat"}},
+    )
     doc["spec"]["instance"]["prompt"] = "a photo of <zwx> toy cat"
     doc["spec"]["baseModel"]["family"] = "sdxl"
     with pytest.raises(SpecError) as err:

@@ -42,9 +42,7 @@ def exported(pipeline, tmp_path_factory):
 def load_single_file(path, config):
     """diffusers' own reader; ``config`` (a local diffusers folder) supplies every component
     config, so nothing is fetched from the Hub."""
-    return StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config), local_files_only=True
-    )
+    return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
 
 
 def assert_same_weights(expected, actual, parts=PARTS):

@@ -137,9 +137,7 @@ def test_multipart_upload_of_a_large_file(backend: Backend, tmp_path: Path) -> N
     digest = hashlib.sha256(big.read_bytes()).hexdigest()
 
     backend.storage.upload_file(big, "checkpoints/step-10/model.safetensors")
-    out = backend.storage.download(
-        "checkpoints/step-10/model.safetensors", tmp_path / "back" / "model.safetensors"
-    )
+    out = backend.storage.download("checkpoints/step-10/model.safetensors", tmp_path / "back" / "model.safetensors")
 
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
     if backend.etag:  # a multipart upload's ETag ends in -<number of parts>
@@ -151,9 +149,7 @@ def test_listing_is_recursive_sorted_and_prefix_is_a_directory(backend: Backend)
     for key in ["b/2", "a/x/1", "a/0", "ab/not-under-a", "top"]:
         storage.write_bytes(key, key.encode())
 
-    assert storage.list() == [
-        ObjectInfo(k, len(k)) for k in ["a/0", "a/x/1", "ab/not-under-a", "b/2", "top"]
-    ]
+    assert storage.list() == [ObjectInfo(k, len(k)) for k in ["a/0", "a/x/1", "ab/not-under-a", "b/2", "top"]]
     assert [o.key for o in storage.list("a")] == ["a/0", "a/x/1"]
     assert [o.key for o in storage.list("/a/")] == ["a/0", "a/x/1"]
     assert storage.list("nothing-here") == []
@@ -167,8 +163,9 @@ def test_download_prefix_recreates_the_tree(backend: Backend, tmp_path: Path) ->
     paths = backend.storage.download_prefix("instance", tmp_path / "dst")
 
     assert sorted(paths) == sorted(tmp_path / "dst" / rel for rel in TREE)
-    got = {p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes()
-           for p in (tmp_path / "dst").rglob("*") if p.is_file()}
+    got = {
+        p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes() for p in (tmp_path / "dst").rglob("*") if p.is_file()
+    }
     assert got == TREE  # no stray temporary files either
 
 
@@ -193,7 +190,8 @@ def test_corrupted_object_is_detected(backend: Backend, tmp_path: Path) -> None:
 
 
 def test_a_digest_the_caller_knows_is_recorded_and_downloads_check_the_one_expected(
-        backend: Backend, tmp_path: Path) -> None:
+    backend: Backend, tmp_path: Path
+) -> None:
     storage, data = backend.storage, os.urandom(50_000)
     (tmp_path / "state.pt").write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
@@ -247,8 +245,7 @@ def test_missing_object_is_not_found(backend: Backend, tmp_path: Path) -> None:
 
 def test_local_missing_directory_is_not_found(tmp_path: Path) -> None:
     storage = open_storage(f"file://{tmp_path}/nope")
-    for read in (lambda: storage.download_prefix("", tmp_path / "dst"),
-                 lambda: storage.read_bytes("k")):
+    for read in (lambda: storage.download_prefix("", tmp_path / "dst"), lambda: storage.read_bytes("k")):
         with pytest.raises(NotFoundError, match=f"directory {tmp_path}/nope does not exist"):
             read()
     assert storage.list() == []  # like an empty S3 prefix: a new output directory

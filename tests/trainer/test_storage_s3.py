@@ -27,8 +27,7 @@ FAST = RetryPolicy(attempts=3, initial_delay_s=0.01, max_delay_s=0.05, connect_t
 
 
 def _s3(settings: S3Settings, bucket: str, **changes: object) -> Storage:
-    return open_storage(f"s3://{bucket}/p", S3Settings(**{**vars(settings), **changes}),
-                        retry=FAST)
+    return open_storage(f"s3://{bucket}/p", S3Settings(**{**vars(settings), **changes}), retry=FAST)
 
 
 def test_wrong_secret_is_an_auth_error_without_the_secret(
@@ -38,8 +37,12 @@ def test_wrong_secret_is_an_auth_error_without_the_secret(
     wrong = "wrong-" + "s" * 30
     storage = _s3(settings, bucket, secret_key=wrong)
 
-    for operation in (storage.list, lambda: storage.read_bytes("k"),
-                      lambda: storage.write_bytes("k", b"x"), lambda: storage.exists("k")):
+    for operation in (
+        storage.list,
+        lambda: storage.read_bytes("k"),
+        lambda: storage.write_bytes("k", b"x"),
+        lambda: storage.exists("k"),
+    ):
         with pytest.raises(StorageAuthError) as info:
             operation()
         message = str(info.value)
@@ -62,8 +65,11 @@ def test_unknown_access_key_is_an_auth_error(s3_bucket: tuple[S3Settings, str]) 
 def test_missing_bucket_is_not_found(s3_bucket: tuple[S3Settings, str], tmp_path: Path) -> None:  # noqa: F811
     settings, _ = s3_bucket
     storage = _s3(settings, "no-such-bucket-here")
-    for operation in (storage.list, lambda: storage.download_prefix("", tmp_path),
-                      lambda: storage.write_bytes("k", b"x")):
+    for operation in (
+        storage.list,
+        lambda: storage.download_prefix("", tmp_path),
+        lambda: storage.write_bytes("k", b"x"),
+    ):
         with pytest.raises(NotFoundError, match="bucket 'no-such-bucket-here' does not exist"):
             operation()
 
@@ -93,9 +99,11 @@ class _FlakyS3(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         type(self).requests.append(self.path)
         failing = len(self.requests) <= self.failures
-        body = (b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>" if failing
-                else b"<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>"
-                     b"</ListBucketResult>")
+        body = (
+            b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
+            if failing
+            else b"<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated></ListBucketResult>"
+        )
         self.send_response(503 if failing else 200)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -133,8 +141,7 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
     settings = S3Settings.from_env()
 
-    assert settings == S3Settings("minio.storage:9000", False, "eu-west-1",
-                                  "AKIAEXAMPLE", "very-secret")
+    assert settings == S3Settings("minio.storage:9000", False, "eu-west-1", "AKIAEXAMPLE", "very-secret")
     assert "very-secret" not in repr(settings)
     assert S3Settings.from_env(endpoint="s3.example.com", secure=True).secure
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")

@@ -16,9 +16,21 @@ TI_STEPS, DB_STEPS = 4, 4
 
 
 def ti_config(model, photos, out):
-    doc = job_document(model.as_uri(), photos.as_uri(), out.as_uri(), steps=DB_STEPS, every=2,
-                       training={"textualInversion": {"steps": TI_STEPS, "placeholderToken": "<zwx>",
-                                                      "initializerToken": "cat", "learningRate": 5e-2}})
+    doc = job_document(
+        model.as_uri(),
+        photos.as_uri(),
+        out.as_uri(),
+        steps=DB_STEPS,
+        every=2,
+        training={
+            "textualInversion": {
+                "steps": TI_STEPS,
+                "placeholderToken": "<zwx>",
+                "initializerToken": "cat",
+                "learningRate": 5e-2,
+            }
+        },
+    )
     doc["spec"]["instance"]["prompt"] = "a photo of <zwx> toy cat"
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["checkpointing"]["keep"] = 10
@@ -95,8 +107,9 @@ def fp16_loss_scaling(monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_fp16_loss_scaling_with_textual_inversion_trains_past_step_one(tiny_model_dir, toy_cat_dir, tmp_path,
-                                                                       fp16_loss_scaling):
+def test_fp16_loss_scaling_with_textual_inversion_trains_past_step_one(
+    tiny_model_dir, toy_cat_dir, tmp_path, fp16_loss_scaling
+):
     """Defect: the textual-inversion optimizer bypassed accelerate, so with fp16 the scaler's
     step/update never ran and the second step's unscale_ raised. Both phases now step and
     update the scaler."""
@@ -107,19 +120,23 @@ def test_fp16_loss_scaling_with_textual_inversion_trains_past_step_one(tiny_mode
     [scaler] = fp16_loss_scaling
     assert scaler._scale is not None and scaler.get_scale() > 0, "the scaler was never used"
     key = "text_encoder.embeddings.token_embedding.weight"
-    rows = [load_file(tmp_path / "out" / "checkpoints" / f"checkpoint-{s}" / "trainable.safetensors")[key][-1]
-            for s in (2, TI_STEPS)]
+    rows = [
+        load_file(tmp_path / "out" / "checkpoints" / f"checkpoint-{s}" / "trainable.safetensors")[key][-1]
+        for s in (2, TI_STEPS)
+    ]
     assert not torch.equal(*rows), "the token did not learn between phase 1's checkpoints (every step skipped?)"
 
 
-def test_half_precision_never_rounds_the_weights_it_does_not_train(tiny_model_dir, toy_cat_dir, tmp_path,
-                                                                  fp16_loss_scaling):
+def test_half_precision_never_rounds_the_weights_it_does_not_train(
+    tiny_model_dir, toy_cat_dir, tmp_path, fp16_loss_scaling
+):
     """Defect: phase 1 cast the fp32 UNet to fp16 in place and phase 2 cast it back, so every
     base weight was rounded before DreamBooth started; the VAE was exported in fp16. Now
     phase 2 starts from the base UNet bit for bit and the export's VAE is the base VAE."""
     doc_config = ti_config(tiny_model_dir, toy_cat_dir, tmp_path / "out")
-    spec = doc_config.spec.model_copy(update={"training": doc_config.spec.training.model_copy(
-        update={"learning_rate": 0.0, "lr_warmup_steps": 0})})
+    spec = doc_config.spec.model_copy(
+        update={"training": doc_config.spec.training.model_copy(update={"learning_rate": 0.0, "lr_warmup_steps": 0})}
+    )
     config = doc_config.model_copy(update={"spec": spec})
     run(config, tmp_path / "w", metrics=TrainerMetrics())
     for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
@@ -127,4 +144,6 @@ def test_half_precision_never_rounds_the_weights_it_does_not_train(tiny_model_di
         exported = load_file(tmp_path / "out" / "model" / part / name)
         assert all(exported[k].dtype == torch.float32 for k in exported), f"{part} exported in half precision"
         changed = [k for k in base if not torch.equal(base[k], exported[k])]
-        assert not changed, f"{part}: {len(changed)} tensors differ from the base after a run at LR 0, e.g. {changed[:3]}"
+        assert not changed, (
+            f"{part}: {len(changed)} tensors differ from the base after a run at LR 0, e.g. {changed[:3]}"
+        )

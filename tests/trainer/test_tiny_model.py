@@ -39,9 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # model, pipeline: tests/tra
 
 
 def test_layout_is_a_sd15_snapshot(model):
-    assert sorted(str(p.relative_to(model)) for p in model.rglob("*") if p.is_file()) == sorted(
-        LAYOUT
-    )
+    assert sorted(str(p.relative_to(model)) for p in model.rglob("*") if p.is_file()) == sorted(LAYOUT)
     index = json.loads((model / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["requires_safety_checker"] is False

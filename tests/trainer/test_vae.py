@@ -22,8 +22,9 @@ def test_another_vae_replaces_the_models_own(family, request, toy_cat_dir, tmp_p
     model = request.getfixturevalue(MODELS[family])
     vae = build_tiny_vae(tmp_path / "fp16-fix-vae", seed=7)  # other weights than the model's vae/
     out = tmp_path / "out"
-    doc = job_document(model.as_uri(), toy_cat_dir.as_uri(), out.as_uri(), steps=2, every=2,
-                       training={"method": "full"})
+    doc = job_document(
+        model.as_uri(), toy_cat_dir.as_uri(), out.as_uri(), steps=2, every=2, training={"method": "full"}
+    )
     doc["spec"]["baseModel"].update(family=family, vae=vae.as_uri())
     doc["spec"]["validation"] = {"enabled": False}
     doc["spec"]["output"]["formats"] = ["diffusers"]

@@ -22,18 +22,26 @@ def family_violations(eff: DreamBoothJobSpec, family: ModelFamily) -> Iterator[V
     unsupported = [f.value for f in eff.output.formats or () if f not in facts.formats]
     if unsupported:
         allowed = ", ".join(sorted(f.value for f in facts.formats))
-        yield Violation("output.formats", f"{', '.join(unsupported)} cannot be written for {facts.title} "
-                        f"models yet: use {allowed}")
+        yield Violation(
+            "output.formats", f"{', '.join(unsupported)} cannot be written for {facts.title} models yet: use {allowed}"
+        )
     if eff.training.textual_inversion is not None and not facts.textual_inversion:
-        yield Violation("training.textualInversion", f"textual inversion is not supported for {facts.title} "
-                        "models: drop it, or train the text encoders (training.trainTextEncoder)")
+        yield Violation(
+            "training.textualInversion",
+            f"textual inversion is not supported for {facts.title} "
+            "models: drop it, or train the text encoders (training.trainTextEncoder)",
+        )
     buckets = eff.training.buckets
     if buckets is not None and buckets.enabled and buckets.min_side < facts.min_bucket_side:
-        yield Violation("training.buckets.minSide", f"{facts.title} takes bucket sides of "
-                        f"{facts.min_bucket_side} pixels or more, got {buckets.min_side}")
+        yield Violation(
+            "training.buckets.minSide",
+            f"{facts.title} takes bucket sides of {facts.min_bucket_side} pixels or more, got {buckets.min_side}",
+        )
     if eff.training.resolution < facts.min_resolution:
-        yield Violation("training.resolution", f"{facts.title} trains at {facts.min_resolution} pixels or more, "
-                        f"got {eff.training.resolution}")
+        yield Violation(
+            "training.resolution",
+            f"{facts.title} trains at {facts.min_resolution} pixels or more, got {eff.training.resolution}",
+        )
     yield from _family_training(eff, facts)
 
 
@@ -46,21 +54,29 @@ def _family_training(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
     for i, extra in enumerate(eff.validation.compare_schedulers):
         if extra not in facts.samplers:
             allowed = ", ".join(sorted(s.value for s in facts.samplers))
-            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} does not sample {title} models: "
-                            f"use {allowed}")
+            yield Violation(
+                f"validation.compareSchedulers[{i}]", f"{extra.value} does not sample {title} models: use {allowed}"
+            )
     if not facts.t5:
         for path, value in (("training.t5", t.t5), ("training.maxSequenceLength", t.max_sequence_length)):
             if value is not None:
                 yield Violation(path, f"only applies to models with a T5 text encoder (SD3); {title} has none")
     if t.flow_matching is not None and not facts.flow_matching:
-        yield Violation("training.flowMatching", f"only applies to flow-matching models (SD3); {title} trains "
-                        "with DDPM noise")
+        yield Violation(
+            "training.flowMatching", f"only applies to flow-matching models (SD3); {title} trains with DDPM noise"
+        )
     if t.snr_gamma and facts.flow_matching:
-        yield Violation("training.snrGamma", f"Min-SNR weighting is for DDPM models; {title} trains with flow "
-                        "matching: weigh its loss with training.flowMatching.weighting instead")
+        yield Violation(
+            "training.snrGamma",
+            f"Min-SNR weighting is for DDPM models; {title} trains with flow "
+            "matching: weigh its loss with training.flowMatching.weighting instead",
+        )
     if t.train_text_encoder and not facts.full_text_encoder:
-        yield Violation("training.trainTextEncoder", f"{title}'s text encoders are not fine-tuned whole here: "
-                        "use training.method: lora with training.lora.textEncoder: true (its CLIP encoders)")
+        yield Violation(
+            "training.trainTextEncoder",
+            f"{title}'s text encoders are not fine-tuned whole here: "
+            "use training.method: lora with training.lora.textEncoder: true (its CLIP encoders)",
+        )
     if eff.base_model.quantization is Quantization.NF4:
         yield from _nf4(eff, facts)
 
@@ -72,11 +88,17 @@ def _nf4(eff: DreamBoothJobSpec, facts) -> Iterator[Violation]:
     elif eff.resources.gpus_per_node == 0:
         yield Violation(path, "nf4 (bitsandbytes 4-bit) needs GPUs (resources.gpusPerNode >= 1)")
     elif eff.training.method is not Method.LORA:
-        yield Violation(path, "nf4 quantizes the frozen transformer of a LoRA run: use training.method: lora, "
-                        "or quantization: none for a full fine-tune")
+        yield Violation(
+            path,
+            "nf4 quantizes the frozen transformer of a LoRA run: use training.method: lora, "
+            "or quantization: none for a full fine-tune",
+        )
     else:
-        yield Violation(path, "nf4 is not supported yet: use quantization: none (with t5: drop, "
-                        "gradientCheckpointing and adamw8bit to save memory)")
+        yield Violation(
+            path,
+            "nf4 is not supported yet: use quantization: none (with t5: drop, "
+            "gradientCheckpointing and adamw8bit to save memory)",
+        )
 
 
 def named_family(spec, eff):

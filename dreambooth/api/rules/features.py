@@ -27,8 +27,11 @@ def prior_needs_class_prompt(spec, eff):
 #: CRD defaults counts only when it differs from its default)
 _PRIOR_SETTINGS = (("class_prompt", "classPrompt"), ("num_images", "numImages"))
 #: (validation.scheduler is not one: it is also the exported pipeline's scheduler)
-_VALIDATION_SETTINGS = (("every_steps", "everySteps"), ("inference_steps", "inferenceSteps"),
-                        ("negative_prompt", "negativePrompt"))
+_VALIDATION_SETTINGS = (
+    ("every_steps", "everySteps"),
+    ("inference_steps", "inferenceSteps"),
+    ("negative_prompt", "negativePrompt"),
+)
 
 
 def prior_settings_need_prior(spec, eff):
@@ -39,11 +42,13 @@ def prior_settings_need_prior(spec, eff):
         yield Violation("prior.uri", "class images are only used when prior.enabled is true")
     for name, wire in _PRIOR_SETTINGS:
         if getattr(spec.prior, name) is not None:
-            yield Violation(f"prior.{wire}", "only used when prior.enabled is true: remove it, "
-                            "or set prior.enabled: true")
+            yield Violation(
+                f"prior.{wire}", "only used when prior.enabled is true: remove it, or set prior.enabled: true"
+            )
     if spec.prior.loss_weight != 1.0:
-        yield Violation("prior.lossWeight", "only used when prior.enabled is true: remove it, "
-                        "or set prior.enabled: true")
+        yield Violation(
+            "prior.lossWeight", "only used when prior.enabled is true: remove it, or set prior.enabled: true"
+        )
 
 
 def compare_schedulers_once(spec, eff):
@@ -51,8 +56,10 @@ def compare_schedulers_once(spec, eff):
     extras = eff.validation.compare_schedulers
     for i, extra in enumerate(extras):
         if extra == eff.validation.scheduler or extra in extras[:i]:
-            yield Violation(f"validation.compareSchedulers[{i}]", f"{extra.value} is sampled already: list "
-                            "each scheduler once, and not validation.scheduler")
+            yield Violation(
+                f"validation.compareSchedulers[{i}]",
+                f"{extra.value} is sampled already: list each scheduler once, and not validation.scheduler",
+            )
 
 
 def validation_settings_need_validation(spec, eff):
@@ -64,8 +71,10 @@ def validation_settings_need_validation(spec, eff):
     if spec.validation.compare_schedulers:
         found.append("compareSchedulers")
     for wire in found:
-        yield Violation(f"validation.{wire}", "only used when validation.enabled is true: "
-                        "remove it, or set validation.enabled: true")
+        yield Violation(
+            f"validation.{wire}",
+            "only used when validation.enabled is true: remove it, or set validation.enabled: true",
+        )
 
 
 def class_prompt_differs(spec, eff):
@@ -91,9 +100,12 @@ def no_credentials_in_prompts(spec, eff):
     for path, prompt in _prompts(spec):
         kind = secret_shape(prompt)
         if kind:
-            yield Violation(path, f"looks like it holds {kind} (not shown): prompts are stored in "
-                            "the job, the trainer's config and its logs; remove it (credentials "
-                            "reach pods only from Secrets, spec.storage.credentialsSecret)")
+            yield Violation(
+                path,
+                f"looks like it holds {kind} (not shown): prompts are stored in "
+                "the job, the trainer's config and its logs; remove it (credentials "
+                "reach pods only from Secrets, spec.storage.credentialsSecret)",
+            )
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -103,8 +115,7 @@ def _inside(inner: str, outer: str) -> bool:
     except UriError:  # reported on the field itself
         return False
     parts = lambda u: [s for s in u.path.split("/") if s]
-    return (a.scheme, a.authority) == (b.scheme, b.authority) and \
-        parts(a)[:len(parts(b))] == parts(b)
+    return (a.scheme, a.authority) == (b.scheme, b.authority) and parts(a)[: len(parts(b))] == parts(b)
 
 
 def outputs_outside_the_photos(spec, eff):
@@ -112,8 +123,11 @@ def outputs_outside_the_photos(spec, eff):
     for path, uri in (("output.uri", spec.output.uri), ("prior.uri", spec.prior.uri)):
         if uri and _inside(uri, photos):
             what = "checkpoints, samples and models" if path == "output.uri" else "class images"
-            yield Violation(path, f"is inside instance.uri ({shown(photos)}): the {what} there would "
-                            "be read as photos of the subject; use a prefix outside it")
+            yield Violation(
+                path,
+                f"is inside instance.uri ({shown(photos)}): the {what} there would "
+                "be read as photos of the subject; use a prefix outside it",
+            )
 
 
 def revision_only_for_hub(spec, eff):
@@ -123,9 +137,7 @@ def revision_only_for_hub(spec, eff):
     if uri.scheme is not Scheme.HF:
         yield Violation("baseModel.revision", "only applies to hf:// models")
     elif uri.revision:
-        yield Violation(
-            "baseModel.revision", "given twice: drop it or the @revision in baseModel.uri"
-        )
+        yield Violation("baseModel.revision", "given twice: drop it or the @revision in baseModel.uri")
 
 
 def evaluation_settings(spec, eff):
@@ -139,5 +151,6 @@ def evaluation_settings(spec, eff):
         if uri is None or uri.scheme is not Scheme.HF:
             yield Violation("evaluation.model.revision", "only applies to an hf:// evaluation.model.uri")
         elif uri.revision:
-            yield Violation("evaluation.model.revision",
-                            "given twice: drop it or the @revision in evaluation.model.uri")
+            yield Violation(
+                "evaluation.model.revision", "given twice: drop it or the @revision in evaluation.model.uri"
+            )

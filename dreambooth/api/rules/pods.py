@@ -19,14 +19,21 @@ def tolerations(spec, eff):
     for i, t in enumerate(spec.resources.tolerations):
         at = f"resources.tolerations[{i}]"
         if t.operator == "Exists" and t.value:
-            yield Violation(f"{at}.value", "operator Exists takes no value (it matches any value "
-                            "of the key): remove value, or use operator: Equal")
+            yield Violation(
+                f"{at}.value",
+                "operator Exists takes no value (it matches any value "
+                "of the key): remove value, or use operator: Equal",
+            )
         if not t.key and t.operator != "Exists":
-            yield Violation(f"{at}.operator", "a toleration without a key matches every taint and "
-                            "needs operator: Exists; or set key")
+            yield Violation(
+                f"{at}.operator",
+                "a toleration without a key matches every taint and needs operator: Exists; or set key",
+            )
         if t.toleration_seconds is not None and t.effect != "NoExecute":
-            yield Violation(f"{at}.tolerationSeconds", "only applies to effect NoExecute: set "
-                            "effect: NoExecute, or remove tolerationSeconds")
+            yield Violation(
+                f"{at}.tolerationSeconds",
+                "only applies to effect NoExecute: set effect: NoExecute, or remove tolerationSeconds",
+            )
 
 
 def mig_is_one_device(spec, eff):
@@ -54,8 +61,7 @@ def pod_env(spec, eff):
 def extra_resources(spec, eff):
     res = spec.resources
     for name, quantity in res.extra_resources.items():
-        problem = resource_name_problem(name, res.gpu.resource_name) or quantity_problem(
-            name, quantity)
+        problem = resource_name_problem(name, res.gpu.resource_name) or quantity_problem(name, quantity)
         if problem:
             yield Violation(f"resources.extraResources.{name}", problem)
     hugepages = [n for n, q in res.extra_resources.items() if is_hugepages(n) and not is_zero(q)]

@@ -41,8 +41,7 @@ def lora_settings(spec, eff):
         if spec.training.train_text_encoder:
             yield Violation(
                 "training.trainTextEncoder",
-                "with method lora, train text-encoder adapters with training.lora.textEncoder: "
-                "true instead",
+                "with method lora, train text-encoder adapters with training.lora.textEncoder: true instead",
             )
         if t.ema:
             yield Violation("training.ema", "EMA is only supported with training.method: full")
@@ -117,25 +116,35 @@ def bucket_settings(spec, eff):
     if b is None or not b.enabled:
         for name, side in (("minSide", b and b.min_side), ("maxSide", b and b.max_side)):
             if side is not None:
-                yield Violation(f"{where}.{name}", "only applies when training.buckets.enabled is true (off "
-                                "by default for Stable Diffusion 1.x/2.x)")
+                yield Violation(
+                    f"{where}.{name}",
+                    "only applies when training.buckets.enabled is true (off by default for Stable Diffusion 1.x/2.x)",
+                )
         return
     for name, side in (("minSide", b.min_side), ("maxSide", b.max_side)):
         if side % b.step:
-            yield Violation(f"{where}.{name}", f"must be a multiple of training.buckets.step ({b.step}), got "
-                            f"{side}: e.g. {max(b.step, side // b.step * b.step)}")
+            yield Violation(
+                f"{where}.{name}",
+                f"must be a multiple of training.buckets.step ({b.step}), got "
+                f"{side}: e.g. {max(b.step, side // b.step * b.step)}",
+            )
     if b.min_side > b.max_side:
-        yield Violation(f"{where}.minSide", f"must be at most training.buckets.maxSide ({b.max_side}), "
-                        f"got {b.min_side}")
+        yield Violation(
+            f"{where}.minSide", f"must be at most training.buckets.maxSide ({b.max_side}), got {b.min_side}"
+        )
     if resolution % b.step:
-        yield Violation(f"{where}.step", f"must divide training.resolution ({resolution}), the side of the "
-                        f"square bucket; got {b.step}")
+        yield Violation(
+            f"{where}.step",
+            f"must divide training.resolution ({resolution}), the side of the square bucket; got {b.step}",
+        )
     elif b.max_side < resolution:
-        yield Violation(f"{where}.maxSide", f"must be at least training.resolution ({resolution}): buckets "
-                        f"hold about {resolution}x{resolution} pixels; got {b.max_side}")
+        yield Violation(
+            f"{where}.maxSide",
+            f"must be at least training.resolution ({resolution}): buckets "
+            f"hold about {resolution}x{resolution} pixels; got {b.max_side}",
+        )
     elif b.min_side > resolution:
-        yield Violation(f"{where}.minSide", f"must be at most training.resolution ({resolution}), got "
-                        f"{b.min_side}")
+        yield Violation(f"{where}.minSide", f"must be at most training.resolution ({resolution}), got {b.min_side}")
 
 
 def textual_inversion_token(spec, eff):
@@ -151,12 +160,13 @@ def textual_inversion_token(spec, eff):
     elif f" {ti.placeholder_token} " not in f" {eff.instance.prompt} ":  # words split by spaces
         yield Violation(
             "training.textualInversion.placeholderToken",
-            f"{shown(ti.placeholder_token)} must appear as a word in instance.prompt "
-            f"({shown(eff.instance.prompt)})",
+            f"{shown(ti.placeholder_token)} must appear as a word in instance.prompt ({shown(eff.instance.prompt)})",
         )
 
 
 def t5_length_needs_t5(spec, eff):
     if spec.training.max_sequence_length is not None and eff.training.t5 is T5Mode.DROP:
-        yield Violation("training.maxSequenceLength", "is the prompt length T5 reads, and training.t5 is drop: "
-                        "remove maxSequenceLength, or keep T5")
+        yield Violation(
+            "training.maxSequenceLength",
+            "is the prompt length T5 reads, and training.t5 is drop: remove maxSequenceLength, or keep T5",
+        )

@@ -14,10 +14,20 @@ def job_href(namespace: str, name: str) -> str:
 
 
 def row_html(row: JobRow, now: datetime | None = None) -> str:
-    return render("job_row.html", key=row.key, href=job_href(row.namespace, row.name), namespace=row.namespace,
-                  name=row.name, phase=row.phase, percent=f"{row.percent:g}", summary=row.summary,
-                  loss=loss_text(row.loss), eta=duration(row.eta_seconds), family=row.family,
-                  age=age(row.created, now))
+    return render(
+        "job_row.html",
+        key=row.key,
+        href=job_href(row.namespace, row.name),
+        namespace=row.namespace,
+        name=row.name,
+        phase=row.phase,
+        percent=f"{row.percent:g}",
+        summary=row.summary,
+        loss=loss_text(row.loss),
+        eta=duration(row.eta_seconds),
+        family=row.family,
+        age=age(row.created, now),
+    )
 
 
 def rows_html(rows: list[JobRow], now: datetime | None = None) -> str:
@@ -32,12 +42,15 @@ def _options(values: list[str], chosen: str, everything: str) -> str:
     return "".join(out)
 
 
-def jobs_page(rows: list[JobRow], namespaces: list[str], only: Filter, where: str,
-              now: datetime | None = None) -> str:
+def jobs_page(rows: list[JobRow], namespaces: list[str], only: Filter, where: str, now: datetime | None = None) -> str:
     phases = list(PHASES) + sorted({r.phase for r in rows} - set(PHASES))
-    body = render("jobs.html", count=f"{len(rows)}", html={
-        "namespace_options": _options(sorted(set(namespaces)), only.namespace, "all namespaces"),
-        "phase_options": _options(phases, only.phase, "all phases"),
-        "rows": rows_html(rows, now),
-    })
+    body = render(
+        "jobs.html",
+        count=f"{len(rows)}",
+        html={
+            "namespace_options": _options(sorted(set(namespaces)), only.namespace, "all namespaces"),
+            "phase_options": _options(phases, only.phase, "all phases"),
+            "rows": rows_html(rows, now),
+        },
+    )
     return render("base.html", title="Jobs", page="jobs", live="/live", where=where, html={"body": body})

@@ -44,14 +44,15 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (batch, width): SDXL's and SD3's pooled text embedding
 
     def rows(self) -> list[Conditioning]:
-        return [Conditioning(self.embeds[i], None if self.pooled is None else self.pooled[i])
-                for i in range(self.embeds.shape[0])]
+        return [
+            Conditioning(self.embeds[i], None if self.pooled is None else self.pooled[i])
+            for i in range(self.embeds.shape[0])
+        ]
 
     @staticmethod
     def stack(rows: Sequence[Conditioning]) -> Conditioning:
         pooled = [r.pooled for r in rows]
-        return Conditioning(torch.stack([r.embeds for r in rows]),
-                            None if pooled[0] is None else torch.stack(pooled))
+        return Conditioning(torch.stack([r.embeds for r in rows]), None if pooled[0] is None else torch.stack(pooled))
 
 
 @dataclass
@@ -104,15 +105,18 @@ class Family(ABC):
     # --- the folder --------------------------------------------------------------------
 
     def layout_hint(self) -> str:
-        return (f"expected a diffusers {self.title} folder as written by "
-                f"{self.pipeline_name}.save_pretrained ({', '.join(self.required_files)}) "
-                "with safetensors weights")
+        return (
+            f"expected a diffusers {self.title} folder as written by "
+            f"{self.pipeline_name}.save_pretrained ({', '.join(self.required_files)}) "
+            "with safetensors weights"
+        )
 
     def check_layout(self, path: Path, source: str) -> None:
         missing = [name for name in self.required_files if not (path / name).is_file()]
         if missing:
-            raise ModelError(f"{source} is not a {self.title} model we can train: missing "
-                             f"{', '.join(missing)}; {self.layout_hint()}")
+            raise ModelError(
+                f"{source} is not a {self.title} model we can train: missing {', '.join(missing)}; {self.layout_hint()}"
+            )
         if not any((path / self.denoiser_name).glob("*.safetensors")):
             raise ModelError(f"{source}/{self.denoiser_name} has no .safetensors weights; {self.layout_hint()}")
 
@@ -133,7 +137,8 @@ class Family(ABC):
             raise ConfigError(
                 f"training.resolution {resolution} is below what this {self.title} model takes: it is made "
                 f"for {native} px ({self.denoiser_name}/config.json sample_size {sample_size} x VAE factor "
-                f"{factor}); train at {floor} px or more")
+                f"{factor}); train at {floor} px or more"
+            )
 
     def configure(self, components: Components, training: TrainingSpec, source: str) -> None:
         """Fit the loaded parts to the job's training settings (SD3: T5's sequence length, or
@@ -146,8 +151,9 @@ class Family(ABC):
     # --- conditioning ------------------------------------------------------------------
 
     @abstractmethod
-    def encode(self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module],
-               prompts: list[str], device) -> Conditioning:
+    def encode(
+        self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: list[str], device
+    ) -> Conditioning:
         """The conditioning of ``prompts`` (gradients flow when the encoders train)."""
 
     def unread_parameters(self, text_encoders: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -156,12 +162,14 @@ class Family(ABC):
         return []
 
     @abstractmethod
-    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                sizes: Sequence[SampleSize]) -> torch.Tensor:
+    def predict(
+        self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, sizes: Sequence[SampleSize]
+    ) -> torch.Tensor:
         """The denoiser's output for a batch (what the training target is compared with)."""
 
-    def noised(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator],
-               training: TrainingSpec) -> Noised:
+    def noised(
+        self, scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator], training: TrainingSpec
+    ) -> Noised:
         """The noisy input, timesteps, training target and loss weights for ``latents`` and
         ``noise`` (one generator per sample draws the rest). Default: DDPM."""
         return noising.ddpm(scheduler, latents, noise, gens, training)

@@ -47,8 +47,9 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_typ
     return weights * snr / (snr + 1) if prediction_type == "v_prediction" else weights
 
 
-def ddpm(scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator],
-         training: TrainingSpec) -> Noised:
+def ddpm(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator], training: TrainingSpec
+) -> Noised:
     device = latents.device
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in gens])
@@ -83,8 +84,9 @@ def loss_weights(flow: FlowMatchingSpec, sigmas: torch.Tensor) -> torch.Tensor:
     return weights * sigmas**2 if flow.precondition else weights
 
 
-def flow_matching(scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator],
-                  training: TrainingSpec) -> Noised:
+def flow_matching(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, gens: list[torch.Generator], training: TrainingSpec
+) -> Noised:
     flow = training.flow_matching or FlowMatchingSpec()
     steps = scheduler.config.num_train_timesteps
     u = density(flow, gens, latents.device)

@@ -47,8 +47,14 @@ class T5Part(torch.nn.Module):
     def forward(self, tokenizer, prompts: list[str], device) -> torch.Tensor:
         if self.encoder is None:
             return torch.zeros(len(prompts), self.max_length, self.width, device=device)
-        ids = tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                        add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         return self.encoder(ids)[0]
 
 
@@ -57,9 +63,16 @@ class StableDiffusion3(Family):
     title = "Stable Diffusion 3"
     pipelines = frozenset({"StableDiffusion3Pipeline"})
     #: text_encoder_3 and tokenizer_3 are checked by :meth:`configure`: ``t5: drop`` needs neither
-    required_files = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
-                      "text_encoder_2/config.json", "tokenizer/tokenizer_config.json",
-                      "tokenizer_2/tokenizer_config.json", "scheduler/scheduler_config.json")
+    required_files = (
+        "model_index.json",
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer_2/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    )
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -80,13 +93,18 @@ class StableDiffusion3(Family):
             transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
             t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3") if has_t5 else None
             components = Components(
-                family=self, path=path,
-                tokenizers=[CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                            CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-                            T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3") if has_t5 else None],
-                text_encoders=[CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
-                               CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
-                               T5Part(t5, transformer.config.joint_attention_dim)],
+                family=self,
+                path=path,
+                tokenizers=[
+                    CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                    CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                    T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3") if has_t5 else None,
+                ],
+                text_encoders=[
+                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
+                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+                    T5Part(t5, transformer.config.joint_attention_dim),
+                ],
                 vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
                 denoiser=transformer,
                 noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
@@ -107,12 +125,15 @@ class StableDiffusion3(Family):
         if config.pooled_projection_dim != pooled:
             problems.append(f"pooled_projection_dim {config.pooled_projection_dim}, the CLIP projections give {pooled}")
         if hidden > config.joint_attention_dim:
-            problems.append(f"joint_attention_dim {config.joint_attention_dim} is narrower than the CLIP states ({hidden})")
+            problems.append(
+                f"joint_attention_dim {config.joint_attention_dim} is narrower than the CLIP states ({hidden})"
+            )
         if t5 is not None and t5.config.d_model != config.joint_attention_dim:
             problems.append(f"joint_attention_dim {config.joint_attention_dim}, T5 gives {t5.config.d_model}")
         if problems:
-            raise ModelError(f"{source}/transformer does not fit these text encoders ({'; '.join(problems)}); "
-                             f"{self.layout_hint()}")
+            raise ModelError(
+                f"{source}/transformer does not fit these text encoders ({'; '.join(problems)}); {self.layout_hint()}"
+            )
 
     def configure(self, components: Components, training: TrainingSpec, source: str) -> None:
         t5 = components.text_encoders[2]
@@ -121,16 +142,19 @@ class StableDiffusion3(Family):
             components.tokenizers[2] = None
             return
         if t5.encoder is None:
-            raise ModelError(f"{source} has no T5 text encoder (text_encoder_3/ and tokenizer_3/) and training.t5 "
-                             "is keep: add them to the folder, or set training.t5: drop")
+            raise ModelError(
+                f"{source} has no T5 text encoder (text_encoder_3/ and tokenizer_3/) and training.t5 "
+                "is keep: add them to the folder, or set training.t5: drop"
+            )
         t5.max_length = training.max_sequence_length or DEFAULT_T5_LENGTH
 
     def resolution_multiple(self, components: Components) -> int:
         vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         return vae_factor * components.denoiser.config.patch_size
 
-    def encode(self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: list[str],
-               device) -> Conditioning:
+    def encode(
+        self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: list[str], device
+    ) -> Conditioning:
         hidden, pooled = [], []
         for tokenizer, text_encoder in zip(tokenizers[:2], text_encoders[:2], strict=True):
             out = text_encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
@@ -145,8 +169,9 @@ class StableDiffusion3(Family):
         return noising.flow_matching(scheduler, latents, noise, gens, training)
 
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, sizes: Sequence[SampleSize]) -> torch.Tensor:
-        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.embeds,
-                        pooled_projections=cond.pooled).sample
+        return denoiser(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+        ).sample
 
     def sampling_options(self, training: TrainingSpec) -> dict[str, Any]:
         return {"max_sequence_length": training.max_sequence_length or DEFAULT_T5_LENGTH}
@@ -155,20 +180,31 @@ class StableDiffusion3(Family):
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline(
-            transformer=denoiser, scheduler=scheduler, vae=vae,
-            text_encoder=text_encoders[0], tokenizer=tokenizers[0],
-            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1],
-            text_encoder_3=text_encoders[2].encoder, tokenizer_3=tokenizers[2] if text_encoders[2].encoder else None,
+            transformer=denoiser,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizers[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer_2=tokenizers[1],
+            text_encoder_3=text_encoders[2].encoder,
+            tokenizer_3=tokenizers[2] if text_encoders[2].encoder else None,
         )
 
     def save_single_file(self, pipeline, path: Path) -> None:
         raise NotImplementedError("the SD3 single-file layout")  # refused by the API before a run
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, **lora_parts(peft_names=True, transformer=pipeline.transformer,
-                                                              text_encoder=pipeline.text_encoder,
-                                                              text_encoder_2=pipeline.text_encoder_2),
-                                         safe_serialization=True)
+        type(pipeline).save_lora_weights(
+            folder,
+            **lora_parts(
+                peft_names=True,
+                transformer=pipeline.transformer,
+                text_encoder=pipeline.text_encoder,
+                text_encoder_2=pipeline.text_encoder_2,
+            ),
+            safe_serialization=True,
+        )
         return folder / "pytorch_lora_weights.safetensors"
 
     def save_lora_kohya(self, pipeline, path: Path) -> None:
@@ -177,8 +213,13 @@ class StableDiffusion3(Family):
         # ComfyUI (comfy/lora.py) names SD3's transformer modules lora_transformer_<diffusers
         # path> (OneTrainer's naming) and its CLIP-L/CLIP-G modules lora_te1_/lora_te2_ as for
         # SDXL; T5 never trains, so it has no adapters
-        kohya.save_kohya_lora(pipeline, path, [
-            kohya.Part("lora_transformer", pipeline.transformer),
-            kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
-            kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
-        ], base_model=kohya.SD3)
+        kohya.save_kohya_lora(
+            pipeline,
+            path,
+            [
+                kohya.Part("lora_transformer", pipeline.transformer),
+                kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
+                kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
+            ],
+            base_model=kohya.SD3,
+        )

@@ -26,9 +26,16 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     title = "Stable Diffusion XL"
     pipelines = frozenset({"StableDiffusionXLPipeline"})
-    required_files = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                      "text_encoder_2/config.json", "tokenizer/tokenizer_config.json",
-                      "tokenizer_2/tokenizer_config.json", "scheduler/scheduler_config.json")
+    required_files = (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer_2/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    )
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     vae_in_fp32 = True  # its VAE overflows in fp16 (diffusers upcasts it too)
@@ -41,10 +48,13 @@ class StableDiffusionXL(Family):
 
         try:
             components = Components(
-                family=self, path=path,
+                family=self,
+                path=path,
                 tokenizers=[CLIPTokenizer.from_pretrained(path, subfolder=name) for name in self.tokenizer_names],
-                text_encoders=[CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-                               CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")],
+                text_encoders=[
+                    CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+                ],
                 vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
                 denoiser=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
                 noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
@@ -54,17 +64,22 @@ class StableDiffusionXL(Family):
         unet = components.denoiser.config
         widths = [te.config.hidden_size for te in components.text_encoders]
         if unet.addition_embed_type != "text_time" or unet.cross_attention_dim != sum(widths):
-            raise ModelError(f"{source}/unet is not an SDXL UNet for these text encoders (addition_embed_type "
-                             f"{unet.addition_embed_type!r}, cross_attention_dim {unet.cross_attention_dim}; "
-                             f"the encoders give {' + '.join(map(str, widths))}); {self.layout_hint()}")
+            raise ModelError(
+                f"{source}/unet is not an SDXL UNet for these text encoders (addition_embed_type "
+                f"{unet.addition_embed_type!r}, cross_attention_dim {unet.cross_attention_dim}; "
+                f"the encoders give {' + '.join(map(str, widths))}); {self.layout_hint()}"
+            )
         if components.prediction_type not in ("epsilon", "v_prediction"):
-            raise ModelError(f"{source}: scheduler prediction_type {components.prediction_type!r} is not "
-                             "supported (epsilon or v_prediction)")
+            raise ModelError(
+                f"{source}: scheduler prediction_type {components.prediction_type!r} is not "
+                "supported (epsilon or v_prediction)"
+            )
         log.info("loaded %s (%s, %s prediction)", source, self.title, components.prediction_type)
         return components
 
-    def encode(self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: list[str],
-               device) -> Conditioning:
+    def encode(
+        self, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: list[str], device
+    ) -> Conditioning:
         hidden, pooled = [], None
         for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
             out = text_encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
@@ -85,9 +100,15 @@ class StableDiffusionXL(Family):
     def pipeline(self, *, vae, text_encoders, tokenizers, denoiser, scheduler) -> Any:
         from diffusers import StableDiffusionXLPipeline
 
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=denoiser,
-                                         scheduler=scheduler)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            unet=denoiser,
+            scheduler=scheduler,
+        )
 
     def save_single_file(self, pipeline, path: Path) -> None:
         from dreambooth.trainer.single_file_sdxl import save_sdxl_single_file
@@ -95,9 +116,13 @@ class StableDiffusionXL(Family):
         save_sdxl_single_file(pipeline, path)
 
     def save_lora(self, pipeline, folder: Path) -> Path:
-        type(pipeline).save_lora_weights(folder, **lora_parts(unet=pipeline.unet, text_encoder=pipeline.text_encoder,
-                                                              text_encoder_2=pipeline.text_encoder_2),
-                                         safe_serialization=True)
+        type(pipeline).save_lora_weights(
+            folder,
+            **lora_parts(
+                unet=pipeline.unet, text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2
+            ),
+            safe_serialization=True,
+        )
         return folder / "pytorch_lora_weights.safetensors"
 
     def save_lora_kohya(self, pipeline, path: Path) -> None:
@@ -106,8 +131,13 @@ class StableDiffusionXL(Family):
         from dreambooth.trainer.single_file_sdxl import TEXT_TIME
 
         to_sgm = kohya.ldm_path(unet_rules(pipeline.unet.state_dict(), TEXT_TIME))  # kohya's SDXL UNet
-        kohya.save_kohya_lora(pipeline, path, [
-            kohya.Part("lora_unet", pipeline.unet, to_sgm),
-            kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
-            kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
-        ], base_model=kohya.SDXL)
+        kohya.save_kohya_lora(
+            pipeline,
+            path,
+            [
+                kohya.Part("lora_unet", pipeline.unet, to_sgm),
+                kohya.Part("lora_te1", pipeline.text_encoder, kohya.text_model_path),
+                kohya.Part("lora_te2", pipeline.text_encoder_2, kohya.text_model_path),
+            ],
+            base_model=kohya.SDXL,
+        )

@@ -25,8 +25,17 @@ from dreambooth.trainer.storage.s3 import (
 )
 
 __all__ = [
-    "DEFAULT_PART_SIZE", "DEFAULT_WORKERS", "SECRET_HINT", "LocalStorage", "ObjectInfo",
-    "RetryPolicy", "S3Settings", "S3Storage", "Storage", "open_storage", "parallel",
+    "DEFAULT_PART_SIZE",
+    "DEFAULT_WORKERS",
+    "SECRET_HINT",
+    "LocalStorage",
+    "ObjectInfo",
+    "RetryPolicy",
+    "S3Settings",
+    "S3Storage",
+    "Storage",
+    "open_storage",
+    "parallel",
     "storage_uri",
 ]
 
@@ -62,6 +71,12 @@ def open_storage(
             )
         return LocalStorage(Path(os.path.normpath(parsed.path)), workers=workers)
     if parsed.scheme is Scheme.S3:
-        return S3Storage(s3 or S3Settings.from_env(), parsed.authority, parsed.path,
-                         retry=retry, part_size=part_size, workers=workers)
+        return S3Storage(
+            s3 or S3Settings.from_env(),
+            parsed.authority,
+            parsed.path,
+            retry=retry,
+            part_size=part_size,
+            workers=workers,
+        )
     raise ConfigError(f"{parsed.scheme}:// cannot be opened as storage: use s3:// or file://")

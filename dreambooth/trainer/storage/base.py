@@ -113,7 +113,7 @@ class Storage(ABC):
                 f"nothing found under {self.uri(prefix)}: check the path in the job spec "
                 "and that the data was uploaded there"
             )
-        jobs = [(o.key, Path(local_dir, o.key[len(prefix):])) for o in objects]
+        jobs = [(o.key, Path(local_dir, o.key[len(prefix) :])) for o in objects]
         return parallel(lambda job: self.download(*job), jobs, self.workers)
 
     def _require_root(self) -> None:
@@ -136,8 +136,7 @@ class CorruptError(Exception):
     """A transfer whose size or sha256 does not match what was recorded."""
 
 
-def verify(size: int, digest: str, expected_size: int | None, recorded: str | None,
-            wanted: str | None = None) -> None:
+def verify(size: int, digest: str, expected_size: int | None, recorded: str | None, wanted: str | None = None) -> None:
     if expected_size is not None and size != expected_size:
         raise CorruptError(f"got {size} bytes, expected {expected_size}")
     for known in (recorded, wanted):

@@ -58,8 +58,7 @@ class LocalStorage(Storage):
         # appears on first write. Reading from it raises NotFoundError.
         base = self.root / norm_prefix(prefix)
         found = (p for p in base.rglob("*") if p.is_file() and TMP_MARK not in p.name)
-        return sorted(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size)
-                      for p in found)
+        return sorted(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in found)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -76,8 +75,7 @@ class LocalStorage(Storage):
         try:
             verify(size, digest, expected, recorded, sha256)
         except CorruptError as exc:
-            raise DataError(f"{self.uri(key)}: {exc}: the file is corrupt; write it again") \
-                from None
+            raise DataError(f"{self.uri(key)}: {exc}: the file is corrupt; write it again") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._write(key, [data])
@@ -92,8 +90,10 @@ class LocalStorage(Storage):
         with atomic_write(self._path(key)) as out:
             _, digest = copy_chunks(chunks, out)  # the copy hashes anyway: check what we were told
             if sha256 and digest != sha256:
-                raise DataError(f"{self.uri(key)}: the file changed while it was stored (sha256 "
-                                f"{digest}, expected {sha256}); nothing was written")
+                raise DataError(
+                    f"{self.uri(key)}: the file changed while it was stored (sha256 "
+                    f"{digest}, expected {sha256}); nothing was written"
+                )
             set_xattr(out.fileno(), digest)
 
     def discard_unfinished(self, prefix: str = "") -> int:

@@ -55,12 +55,18 @@ SHA256_META = "sha256"  # S3 user metadata key: sent and returned as x-amz-meta-
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 SECRET_HINT = "check the Secret named in spec.storage.credentialsSecret"
 _AUTH_CODES = frozenset(
-    {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
-     "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"}
+    {
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "AccountProblem",
+    }
 )
-_TRANSIENT_CODES = frozenset(
-    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
-)
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"})
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,7 @@ class S3Settings:
     session_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(
-        cls, endpoint: str | None = None, secure: bool | None = None, region: str | None = None
-    ) -> S3Settings:
+    def from_env(cls, endpoint: str | None = None, secure: bool | None = None, region: str | None = None) -> S3Settings:
         """Arguments first, then the environment the operator fills from the job's Secret.
 
         ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (``http://minio:9000``; default AWS),
@@ -92,8 +96,7 @@ class S3Settings:
         secret_key = env.get("AWS_SECRET_ACCESS_KEY") or None
         if bool(access_key) != bool(secret_key):
             raise ConfigError(
-                "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set: "
-                f"{SECRET_HINT} and give it both keys"
+                f"only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set: {SECRET_HINT} and give it both keys"
             )
         return cls(
             endpoint=parts.netloc,
@@ -134,9 +137,7 @@ class S3Storage(Storage):
         self.settings, self.bucket, self.prefix = settings, bucket, norm_prefix(prefix)
         self.retry, self.part_size, self.workers = retry or RetryPolicy(), part_size, workers
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(
-                connect=self.retry.connect_timeout_s, read=self.retry.read_timeout_s
-            ),
+            timeout=urllib3.Timeout(connect=self.retry.connect_timeout_s, read=self.retry.read_timeout_s),
             maxsize=max(10, workers * 4),
             retries=False,  # we retry whole operations (a GET can fail mid-body)
             cert_reqs="CERT_REQUIRED",
@@ -167,7 +168,7 @@ class S3Storage(Storage):
         def fetch() -> list[ObjectInfo]:
             found = self._client.list_objects(self.bucket, prefix=start, recursive=True)
             return [
-                ObjectInfo(o.object_name[len(self.prefix):], o.size or 0)
+                ObjectInfo(o.object_name[len(self.prefix) :], o.size or 0)
                 for o in found
                 if o.object_name and not o.object_name.endswith("/")
             ]
@@ -197,17 +198,21 @@ class S3Storage(Storage):
         try:
             size, digest = copy_chunks(response.stream(CHUNK), out)
             length = response.headers.get("Content-Length")
-            verify(size, digest, int(length) if length else None,
-                    response.headers.get(f"x-amz-meta-{SHA256_META}"), sha256)
+            verify(
+                size, digest, int(length) if length else None, response.headers.get(f"x-amz-meta-{SHA256_META}"), sha256
+            )
         finally:
             response.close()
             response.release_conn()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         meta = {SHA256_META: hashlib.sha256(data).hexdigest()}
-        self._call(f"PUT {self.uri(key)}", lambda: self._client.put_object(
-            self.bucket, self._name(key), io.BytesIO(data), len(data), metadata=meta,
-            part_size=self.part_size))
+        self._call(
+            f"PUT {self.uri(key)}",
+            lambda: self._client.put_object(
+                self.bucket, self._name(key), io.BytesIO(data), len(data), metadata=meta, part_size=self.part_size
+            ),
+        )
 
     def upload_file(self, local_path: Path, key: str, *, sha256: str | None = None) -> None:
         local_path = Path(local_path)
@@ -218,9 +223,12 @@ class S3Storage(Storage):
         meta = {SHA256_META: sha256 or sha256_file(local_path)}
         if local_path.stat().st_size > self.part_size:  # a multipart upload: drop a dead one's parts
             self._abort_uploads(self._name(key), exact=True)
-        self._call(f"PUT {self.uri(key)}", lambda: self._client.fput_object(
-            self.bucket, self._name(key), str(local_path), metadata=meta,
-            part_size=self.part_size))
+        self._call(
+            f"PUT {self.uri(key)}",
+            lambda: self._client.fput_object(
+                self.bucket, self._name(key), str(local_path), metadata=meta, part_size=self.part_size
+            ),
+        )
 
     def delete_prefix(self, prefix: str = "") -> int:
         names = [self.prefix + o.key for o in self.list(prefix)]
@@ -246,6 +254,7 @@ class S3Storage(Storage):
 
         minio-py has no public call for these two S3 APIs (ListMultipartUploads,
         AbortMultipartUpload); its private ones are used, pinned by the lockfile."""
+
         def abort() -> int:
             count = 0
             for _ in range(100):  # 1,000 a listing; what is aborted leaves the next one
@@ -274,8 +283,14 @@ class S3Storage(Storage):
                     raise
                 if attempt == self.retry.attempts:
                     raise self._give_up(exc, what, attempt, problem) from exc
-                log.warning("%s failed (%s), attempt %d/%d; retrying in %.2f s",
-                            what, problem, attempt, self.retry.attempts, delay)
+                log.warning(
+                    "%s failed (%s), attempt %d/%d; retrying in %.2f s",
+                    what,
+                    problem,
+                    attempt,
+                    self.retry.attempts,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry.max_delay_s)
         raise AssertionError("unreachable")
@@ -296,13 +311,10 @@ class S3Storage(Storage):
                     "create it or fix the bucket name in the storage URI"
                 ) from exc
             if exc.code == "NoSuchKey":
-                raise NotFoundError(f"{what}: no such object; check the path in the job spec") \
-                    from exc
+                raise NotFoundError(f"{what}: no such object; check the path in the job spec") from exc
             if exc.code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return exc.code
-            raise TrainerError(
-                f"storage at {self.settings.endpoint} refused {what} ({exc.code})"
-            ) from exc
+            raise TrainerError(f"storage at {self.settings.endpoint} refused {what} ({exc.code})") from exc
         if isinstance(exc, ServerError):
             status = exc.status_code
         elif isinstance(exc, InvalidResponseError):
@@ -325,8 +337,7 @@ class S3Storage(Storage):
     def _give_up(self, exc: Exception, what: str, attempts: int, problem: str) -> TrainerError:
         if isinstance(exc, CorruptError):
             return DataError(
-                f"{what}: {exc} on each of {attempts} attempts: the stored object is corrupt; "
-                "upload it again"
+                f"{what}: {exc} on each of {attempts} attempts: the stored object is corrupt; upload it again"
             )
         return StorageUnavailableError(
             f"storage at {self.settings.endpoint} is unavailable: {what} failed {attempts} "
